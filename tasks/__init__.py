@@ -1,0 +1,1 @@
+"""bgremoval: background removal for fashion product photos (Airflow-free domain library)."""

@@ -1,0 +1,418 @@
+"""Cleaning: pair studio images with their masks, reject what cannot be trusted, resize the rest.
+
+One pair at a time, so memory does not grow with the batch. Every rejected pair becomes a
+quarantine row with a reason code; nothing in ``raw/`` is modified.
+
+Policies (documented in the README as well):
+
+* **Formats.** Images: JPEG, PNG or WebP, detected from the bytes, not the file name (a BMP behind
+  a ``.jpg`` name is ``unsupported_format``). Masks: PNG only, because a lossy mask is not a mask.
+* **Colour modes.** CMYK is converted to RGB; 16-bit images are scaled to 8 bits; greyscale is
+  replicated to three channels; an alpha channel is flattened onto white. Each conversion is
+  recorded in the manifest's ``conversions`` column. Other modes are ``unsupported_mode``.
+* **EXIF orientation.** The image is turned upright. A mask that carries its own orientation tag is
+  turned upright too. A mask whose size matches the image's *stored* (un-rotated) size and not the
+  upright size was drawn on the stored pixels, so it receives the image's rotation.
+* **Size mismatch.** A mask with the image's aspect ratio (within ``max_aspect_mismatch``) but another
+  size is rescaled to the image (``mask_resized``); any other mismatch is ``size_mismatch``.
+* **Binarisation.** Mask values ``>= mask_threshold`` are foreground. Values strictly inside
+  ``ambiguous_band`` are ambiguous; past ``max_ambiguous_fraction`` of the pixels the pair is
+  ``mask_not_binary``. Masks below ``min_foreground`` or above ``max_foreground`` are
+  ``mask_empty`` / ``mask_full``.
+* **Decompression bombs.** The pixel count is read from the header before decoding; more than
+  ``max_pixels`` is ``image_too_large``. Images with a side under ``min_side`` are
+  ``image_too_small``.
+* **Resize.** The aspect ratio is kept: the longer side becomes ``working_size`` (area
+  interpolation when shrinking). The mask is resized as a fraction of coverage and re-thresholded
+  at one half, so edges stay where they were. Training later pads or resizes to its square input.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import re
+import struct
+import unicodedata
+import warnings
+from dataclasses import asdict, dataclass, field
+from enum import StrEnum
+
+import cv2
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
+MASK_EXTENSIONS = (".png",)
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "MPO")
+MASK_FORMATS = ("PNG",)
+SYSTEM_FILE_NAMES = ("thumbs.db", "desktop.ini")
+_ORIENTATION_TAG = 0x0112
+_TRANSPOSE_FOR_ORIENTATION = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+class Reason(StrEnum):
+    """Why a pair was quarantined. The values are the codes stored in ``quarantine.parquet``."""
+
+    MISSING_MASK = "missing_mask"
+    MISSING_IMAGE = "missing_image"
+    DUPLICATE_STEM = "duplicate_stem"
+    SYSTEM_FILE = "system_file"
+    UNEXPECTED_LOCATION = "unexpected_location"
+    EMPTY_FILE = "empty_file"
+    UNDECODABLE = "undecodable"
+    TRUNCATED = "truncated"
+    UNSUPPORTED_FORMAT = "unsupported_format"
+    UNSUPPORTED_MODE = "unsupported_mode"
+    IMAGE_TOO_LARGE = "image_too_large"
+    IMAGE_TOO_SMALL = "image_too_small"
+    SIZE_MISMATCH = "size_mismatch"
+    MASK_NOT_BINARY = "mask_not_binary"
+    MASK_EMPTY = "mask_empty"
+    MASK_FULL = "mask_full"
+    DUPLICATE = "duplicate"
+    READ_ERROR = "read_error"
+    INTERNAL_ERROR = "internal_error"
+
+
+@dataclass(frozen=True)
+class CleaningConfig:
+    """Cleaning thresholds; each one is a DAG ``Param`` of ``bgremoval_training``."""
+
+    working_size: int = 320
+    max_pixels: int = 50_000_000
+    min_side: int = 32
+    mask_threshold: int = 128
+    ambiguous_band: tuple[int, int] = (16, 240)
+    max_ambiguous_fraction: float = 0.05
+    min_foreground: float = 0.001
+    max_foreground: float = 0.995
+    max_aspect_mismatch: float = 0.01
+    jpeg_quality: int = 95
+
+    def __post_init__(self) -> None:
+        if self.working_size < 32:
+            raise ValueError(f"working_size must be at least 32 px, got {self.working_size}")
+        low, high = self.ambiguous_band
+        if not 0 <= low < self.mask_threshold < high <= 255:
+            raise ValueError(
+                f"ambiguous_band {self.ambiguous_band} must surround mask_threshold {self.mask_threshold} within 0..255"
+            )
+        if not 0.0 <= self.min_foreground < self.max_foreground <= 1.0:
+            raise ValueError("need 0 <= min_foreground < max_foreground <= 1")
+
+    def to_dict(self) -> dict:
+        """Return the config as a JSON-friendly dict (it feeds the dataset version hash)."""
+        return asdict(self)
+
+
+class Rejected(Exception):
+    """Raised inside cleaning when a pair must be quarantined; carries the reason and a detail."""
+
+    def __init__(self, reason: Reason, detail: str = "") -> None:
+        super().__init__(f"{reason.value}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass
+class CleanPair:
+    """A pair that passed cleaning: the resized image (RGB) and binary mask, and what was measured."""
+
+    image: np.ndarray
+    mask: np.ndarray
+    orig_width: int
+    orig_height: int
+    fg_fraction: float
+    ambiguous_fraction: float
+    conversions: list[str] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------------------- names
+
+
+def normalise_stem(name: str) -> str:
+    """Return the Unicode-NFC form of a file stem, so NFD names (macOS) pair with NFC ones."""
+    return unicodedata.normalize("NFC", name)
+
+
+def safe_stem(stem: str) -> str:
+    """Return a storage-safe key for ``stem``: ASCII letters, digits, ``._-``.
+
+    A stem that had to change gets a short hash of the original appended, so two odd names that
+    fold to the same ASCII never collide.
+    """
+    ascii_form = unicodedata.normalize("NFKD", stem).encode("ascii", "ignore").decode("ascii")
+    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "_", ascii_form).strip("._-") or "item"
+    if cleaned == stem:
+        return stem
+    digest = hashlib.sha1(stem.encode("utf-8")).hexdigest()[:8]
+    return f"{cleaned[:80]}-{digest}"
+
+
+def is_system_file(basename: str) -> bool:
+    """True for hidden and OS bookkeeping files (``.DS_Store``, ``._x.jpg``, ``Thumbs.db``)."""
+    return basename.startswith(".") or basename.lower() in SYSTEM_FILE_NAMES
+
+
+# --------------------------------------------------------------------------------------- pairing
+
+
+@dataclass
+class PairingResult:
+    """Output of :func:`pair_files`: pairs to clean and rows rejected from the listing alone."""
+
+    pairs: list[dict]
+    rejects: list[dict]
+
+
+def pair_files(relpaths: list[str]) -> PairingResult:
+    """Pair ``images/<stem>.<ext>`` with ``masks/<stem>.png`` from a batch listing.
+
+    Takes paths relative to the batch folder. Files outside ``images/`` and ``masks/`` at the batch
+    root (``_READY``, notes) are metadata and ignored; anything deeper is ``unexpected_location``.
+    Returns pairs ``{"stem", "image_relpath", "mask_relpath"}`` sorted by stem, and reject rows
+    ``{"stem", "image_relpath", "mask_relpath", "reason", "detail"}``.
+    """
+    images: dict[str, list[str]] = {}
+    masks: dict[str, list[str]] = {}
+    rejects: list[dict] = []
+
+    def reject(stem: str, reason: Reason, detail: str, image: str | None = None, mask: str | None = None) -> None:
+        rejects.append({"stem": stem, "image_relpath": image, "mask_relpath": mask, "reason": reason.value, "detail": detail})
+
+    for rel in sorted(relpaths):
+        parts = rel.split("/")
+        if len(parts) == 1:
+            continue
+        folder, basename = parts[0], parts[-1]
+        if folder not in ("images", "masks"):
+            continue
+        role_image = folder == "images"
+        stem_raw, dot, ext = basename.rpartition(".")
+        stem = normalise_stem(stem_raw if dot and stem_raw else basename)
+        kw = {"image": rel} if role_image else {"mask": rel}
+        if len(parts) > 2:
+            reject(stem, Reason.UNEXPECTED_LOCATION, f"nested folder {'/'.join(parts[1:-1])!r}", **kw)
+            continue
+        if is_system_file(basename):
+            reject(stem, Reason.SYSTEM_FILE, f"system or hidden file {basename!r} ignored", **kw)
+            continue
+        allowed = IMAGE_EXTENSIONS if role_image else MASK_EXTENSIONS
+        if not dot or f".{ext.lower()}" not in allowed:
+            reject(stem, Reason.UNSUPPORTED_FORMAT, f"extension {('.' + ext) if dot else '(none)'} not in {allowed}", **kw)
+            continue
+        (images if role_image else masks).setdefault(stem, []).append(rel)
+
+    pairs = []
+    for stem in sorted(set(images) | set(masks)):
+        image_list, mask_list = images.get(stem, []), masks.get(stem, [])
+        for extra in image_list[1:]:
+            reject(stem, Reason.DUPLICATE_STEM, f"another image has stem {stem!r}: kept {image_list[0]}", image=extra)
+        for extra in mask_list[1:]:
+            reject(stem, Reason.DUPLICATE_STEM, f"another mask has stem {stem!r}: kept {mask_list[0]}", mask=extra)
+        if not mask_list:
+            reject(stem, Reason.MISSING_MASK, "no masks/<stem>.png for this image", image=image_list[0])
+        elif not image_list:
+            reject(stem, Reason.MISSING_IMAGE, "no images/<stem>.* for this mask", mask=mask_list[0])
+        else:
+            pairs.append({"stem": stem, "image_relpath": image_list[0], "mask_relpath": mask_list[0]})
+    return PairingResult(pairs=pairs, rejects=rejects)
+
+
+# --------------------------------------------------------------------------------------- decoding
+
+
+def _open(data: bytes, what: str, formats: tuple[str, ...], config: CleaningConfig) -> Image.Image:
+    """Open ``data`` lazily, check format and header size, then decode fully."""
+    if not data:
+        raise Rejected(Reason.EMPTY_FILE, f"{what} file has zero bytes")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise Rejected(Reason.IMAGE_TOO_LARGE, f"{what}: {exc}") from None
+    except UnidentifiedImageError:
+        raise Rejected(Reason.UNDECODABLE, f"{what}: bytes are not a recognised image") from None
+    if img.format not in formats:
+        raise Rejected(Reason.UNSUPPORTED_FORMAT, f"{what} is {img.format}, expected one of {formats}")
+    width, height = img.size
+    if width * height > config.max_pixels:
+        raise Rejected(Reason.IMAGE_TOO_LARGE, f"{what} is {width}x{height}, over max_pixels={config.max_pixels}")
+    if min(width, height) < config.min_side:
+        raise Rejected(Reason.IMAGE_TOO_SMALL, f"{what} is {width}x{height}, a side under min_side={config.min_side}")
+    try:
+        img.load()
+    except OSError as exc:
+        reason = Reason.TRUNCATED if "truncated" in str(exc).lower() else Reason.UNDECODABLE
+        raise Rejected(reason, f"{what}: {exc}") from None
+    except (ValueError, SyntaxError, struct.error) as exc:
+        raise Rejected(Reason.UNDECODABLE, f"{what}: {exc}") from None
+    return img
+
+
+def _orientation(img: Image.Image) -> int:
+    try:
+        return int(img.getexif().get(_ORIENTATION_TAG, 1) or 1)
+    except Exception:  # a malformed EXIF block must not reject an otherwise good photo
+        return 1
+
+
+def _to_rgb(img: Image.Image, conversions: list[str]) -> np.ndarray:
+    """Convert any supported mode to an RGB uint8 array, recording what was done."""
+    mode = img.mode
+    if mode == "RGB":
+        return np.asarray(img)
+    if mode == "CMYK":
+        conversions.append("cmyk->rgb")
+        return np.asarray(img.convert("RGB"))
+    if mode in ("I;16", "I;16B", "I;16L", "I"):
+        conversions.append("16bit->8bit")
+        arr = np.asarray(img).astype(np.float64)
+        top = 65535.0 if arr.max() > 255 or mode.startswith("I;16") else 255.0
+        grey = np.clip(np.round(arr / top * 255.0), 0, 255).astype(np.uint8)
+        conversions.append("grey->rgb")
+        return np.repeat(grey[..., None], 3, axis=2)
+    if mode in ("L", "1"):
+        conversions.append("grey->rgb")
+        return np.asarray(img.convert("RGB"))
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in img.info):
+        conversions.append("alpha->white")
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return np.asarray(Image.alpha_composite(white, rgba).convert("RGB"))
+    if mode in ("P", "YCbCr", "LAB", "HSV"):
+        conversions.append(f"{mode.lower()}->rgb")
+        return np.asarray(img.convert("RGB"))
+    raise Rejected(Reason.UNSUPPORTED_MODE, f"image mode {mode} is not supported")
+
+
+def _to_grey(img: Image.Image, conversions: list[str]) -> np.ndarray:
+    """Convert a mask of any supported mode to a uint8 greyscale array."""
+    mode = img.mode
+    if mode == "L":
+        return np.asarray(img)
+    if mode == "1":
+        return np.asarray(img.convert("L"))
+    if mode in ("I;16", "I;16B", "I;16L", "I"):
+        conversions.append("mask16bit->8bit")
+        arr = np.asarray(img).astype(np.float64)
+        top = max(float(arr.max()), 1.0)
+        top = 65535.0 if top > 255 else 255.0
+        return np.clip(np.round(arr / top * 255.0), 0, 255).astype(np.uint8)
+    if mode == "LA":
+        conversions.append("mask_la->l")
+        return np.asarray(img.convert("L"))
+    if mode in ("RGB", "RGBA", "P"):
+        conversions.append(f"mask_{mode.lower()}->l")
+        return np.asarray(img.convert("L"))
+    raise Rejected(Reason.UNSUPPORTED_MODE, f"mask mode {mode} is not supported")
+
+
+def _resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    width, height = size
+    shrinking = width < image.shape[1]
+    interp = cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR
+    return cv2.resize(image, (width, height), interpolation=interp)
+
+
+def _resize_mask(binary: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resize a boolean mask by coverage and re-threshold at one half; returns uint8 {0, 255}."""
+    width, height = size
+    coverage = cv2.resize(binary.astype(np.float32), (width, height), interpolation=cv2.INTER_AREA)
+    return np.where(coverage >= 0.5, 255, 0).astype(np.uint8)
+
+
+def working_size_for(width: int, height: int, working_size: int) -> tuple[int, int]:
+    """Return ``(width, height)`` with the longer side equal to ``working_size`` and the aspect kept."""
+    scale = working_size / max(width, height)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def clean_pair(image_bytes: bytes, mask_bytes: bytes, config: CleaningConfig) -> CleanPair:
+    """Validate and normalise one image/mask pair.
+
+    Takes the raw bytes of both files and the config. Returns a :class:`CleanPair` at working
+    resolution, or raises :class:`Rejected` with the reason code.
+    """
+    conversions: list[str] = []
+    img = _open(image_bytes, "image", IMAGE_FORMATS, config)
+    stored_size = img.size
+    orientation = _orientation(img)
+    if orientation in _TRANSPOSE_FOR_ORIENTATION:
+        img = ImageOps.exif_transpose(img)
+        conversions.append(f"exif_orientation_{orientation}")
+    rgb = _to_rgb(img, conversions)
+    height, width = rgb.shape[:2]
+
+    mask_img = _open(mask_bytes, "mask", MASK_FORMATS, config)
+    mask_orientation = _orientation(mask_img)
+    if mask_orientation in _TRANSPOSE_FOR_ORIENTATION:
+        mask_img = ImageOps.exif_transpose(mask_img)
+        conversions.append(f"mask_exif_orientation_{mask_orientation}")
+    elif orientation in _TRANSPOSE_FOR_ORIENTATION and mask_img.size == stored_size and mask_img.size != (width, height):
+        mask_img = mask_img.transpose(_TRANSPOSE_FOR_ORIENTATION[orientation])
+        conversions.append("mask_rotated_like_image")
+    grey = _to_grey(mask_img, conversions)
+
+    if grey.shape != (height, width):
+        mask_h, mask_w = grey.shape
+        mismatch = abs((mask_w / mask_h) - (width / height)) / (width / height)
+        if mismatch > config.max_aspect_mismatch:
+            raise Rejected(
+                Reason.SIZE_MISMATCH,
+                f"image {width}x{height} vs mask {mask_w}x{mask_h}: aspect differs by {mismatch:.1%}",
+            )
+        grey = cv2.resize(grey, (width, height), interpolation=cv2.INTER_LINEAR)
+        conversions.append(f"mask_resized_from_{mask_w}x{mask_h}")
+
+    low, high = config.ambiguous_band
+    ambiguous_fraction = float(np.count_nonzero((grey > low) & (grey < high))) / grey.size
+    if ambiguous_fraction > config.max_ambiguous_fraction:
+        raise Rejected(
+            Reason.MASK_NOT_BINARY,
+            f"{ambiguous_fraction:.1%} of mask pixels are between {low} and {high} "
+            f"(limit {config.max_ambiguous_fraction:.1%})",
+        )
+    binary = grey >= config.mask_threshold
+    fg_fraction = float(np.count_nonzero(binary)) / binary.size
+    if fg_fraction < config.min_foreground:
+        raise Rejected(Reason.MASK_EMPTY, f"foreground is {fg_fraction:.3%} of the mask")
+    if fg_fraction > config.max_foreground:
+        raise Rejected(Reason.MASK_FULL, f"foreground is {fg_fraction:.3%} of the mask")
+
+    target = working_size_for(width, height, config.working_size)
+    return CleanPair(
+        image=_resize_image(rgb, target),
+        mask=_resize_mask(binary, target),
+        orig_width=width,
+        orig_height=height,
+        fg_fraction=fg_fraction,
+        ambiguous_fraction=ambiguous_fraction,
+        conversions=conversions,
+    )
+
+
+def encode_clean_pair(pair: CleanPair, jpeg_quality: int) -> tuple[bytes, bytes]:
+    """Encode a clean pair for storage: ``(JPEG image bytes, PNG mask bytes)``."""
+    ok_image, image_buf = cv2.imencode(
+        ".jpg", cv2.cvtColor(pair.image, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality]
+    )
+    ok_mask, mask_buf = cv2.imencode(".png", pair.mask)
+    if not (ok_image and ok_mask):
+        raise RuntimeError("OpenCV failed to encode a clean pair")
+    return image_buf.tobytes(), mask_buf.tobytes()
+
+
+def sha256(data: bytes) -> str:
+    """Hex SHA-256 of ``data``."""
+    return hashlib.sha256(data).hexdigest()

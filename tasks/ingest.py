@@ -1,0 +1,277 @@
+"""Ingest stage: a studio batch in ``raw/<batch>/`` becomes a cleaned dataset version.
+
+Three steps, each a plain function the DAG maps or chains:
+
+1. :func:`plan_batch` lists the batch, pairs images with masks, fixes the dataset version and
+   writes shard lists (Parquet) so that only URLs travel between tasks;
+2. :func:`clean_shard` cleans one shard, pair by pair, writing clean pairs and a result table;
+3. :func:`finalize_dataset` merges the shard results, collapses duplicate content and writes
+   ``manifest.parquet``, ``quarantine.parquet`` and ``summary.json``.
+
+Layout under ``datasets/<version>/``: ``clean/images/<key>.jpg``, ``clean/masks/<key>.png``,
+``manifest.parquet``, ``quarantine.parquet``, ``summary.json``, and ``_work/`` for the plan and the
+shard results.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import posixpath
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+
+import pandas as pd
+
+from tasks import storage
+from tasks.cleaning import CleaningConfig, Reason, Rejected, clean_pair, encode_clean_pair, pair_files, safe_stem, sha256
+from tasks.manifest import (
+    MANIFEST_COLUMNS,
+    QUARANTINE_COLUMNS,
+    STATUS_OK,
+    STATUS_QUARANTINED,
+    dataset_version,
+    read_table,
+    to_frame,
+    write_table,
+)
+
+log = logging.getLogger(__name__)
+
+SHARD_COLUMNS = ("stem", "key", "image_source", "mask_source")
+
+
+def raw_batch_url(bucket_url: str, batch: str) -> str:
+    """URL of a studio batch: ``<bucket_url>/raw/<batch>``."""
+    return storage.join(bucket_url, "raw", batch)
+
+
+def plan_batch(
+    bucket_url: str,
+    batch: str,
+    config: CleaningConfig,
+    shard_size: int = 250,
+    storage_options: dict | None = None,
+) -> dict:
+    """List ``raw/<batch>/``, pair its files and write the shard lists of a dataset version.
+
+    Takes the bucket URL (``s3://bucket`` or a local folder), the batch name, the cleaning config
+    and the number of pairs per shard. Returns ``{"version", "dataset_url", "batch", "shard_urls",
+    "listing_rejects_url", "n_files", "n_pairs", "n_listing_rejects"}``.
+    Raises ``FileNotFoundError`` when the batch holds no files.
+    """
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be at least 1, got {shard_size}")
+    raw_url = raw_batch_url(bucket_url, batch)
+    objects = [o for o in storage.list_objects(raw_url, storage_options) if o.relpath.startswith(("images/", "masks/"))]
+    if not objects:
+        raise FileNotFoundError(f"no images/ or masks/ files under {raw_url}")
+    by_relpath = {o.relpath: o for o in objects}
+    pairing = pair_files(list(by_relpath))
+    version = dataset_version(batch, [(o.relpath, o.size, o.etag) for o in objects], config.to_dict())
+    dataset_url = storage.join(bucket_url, "datasets", version)
+    work_url = storage.join(dataset_url, "_work")
+
+    def source(relpath: str | None) -> str | None:
+        return by_relpath[relpath].url if relpath else None
+
+    rejects = [
+        {
+            "stem": r["stem"],
+            "key": safe_stem(r["stem"]),
+            "batch": batch,
+            "image_source": source(r["image_relpath"]),
+            "mask_source": source(r["mask_relpath"]),
+            "status": STATUS_QUARANTINED,
+            "reason": r["reason"],
+            "detail": r["detail"],
+        }
+        for r in pairing.rejects
+    ]
+    rejects_url = write_table(to_frame(rejects, MANIFEST_COLUMNS), storage.join(work_url, "listing_rejects.parquet"), storage_options)
+
+    shard_urls = []
+    pairs = pairing.pairs
+    for index, start in enumerate(range(0, len(pairs), shard_size)):
+        rows = [
+            {
+                "stem": p["stem"],
+                "key": safe_stem(p["stem"]),
+                "image_source": source(p["image_relpath"]),
+                "mask_source": source(p["mask_relpath"]),
+            }
+            for p in pairs[start : start + shard_size]
+        ]
+        url = storage.join(work_url, "shards", f"shard-{index:05d}.parquet")
+        shard_urls.append(write_table(to_frame(rows, SHARD_COLUMNS), url, storage_options))
+    log.info("batch %s: %d files, %d pairs in %d shards, %d rejected while pairing; version %s",
+             batch, len(objects), len(pairs), len(shard_urls), len(rejects), version)
+    return {
+        "version": version,
+        "dataset_url": dataset_url,
+        "batch": batch,
+        "shard_urls": shard_urls,
+        "listing_rejects_url": rejects_url,
+        "n_files": len(objects),
+        "n_pairs": len(pairs),
+        "n_listing_rejects": len(rejects),
+    }
+
+
+def clean_urls(dataset_url: str, key: str) -> tuple[str, str]:
+    """URLs of a clean pair inside a dataset version: ``(image .jpg, mask .png)``."""
+    return (
+        storage.join(dataset_url, "clean", "images", f"{key}.jpg"),
+        storage.join(dataset_url, "clean", "masks", f"{key}.png"),
+    )
+
+
+def _clean_one(row: dict, batch: str, dataset_url: str, config: CleaningConfig, storage_options: dict | None) -> dict:
+    """Clean one pair end to end; never raises: failures become a quarantined row."""
+    out = {
+        "stem": row["stem"],
+        "key": row["key"],
+        "batch": batch,
+        "image_source": row["image_source"],
+        "mask_source": row["mask_source"],
+    }
+    try:
+        image_bytes = storage.read_bytes(row["image_source"], storage_options)
+        mask_bytes = storage.read_bytes(row["mask_source"], storage_options)
+    except Exception as exc:  # a vanished or unreadable object quarantines one pair, not the batch
+        return {**out, "status": STATUS_QUARANTINED, "reason": Reason.READ_ERROR.value, "detail": repr(exc)[:500]}
+    out.update(image_sha256=sha256(image_bytes), mask_sha256=sha256(mask_bytes), image_bytes=len(image_bytes))
+    try:
+        pair = clean_pair(image_bytes, mask_bytes, config)
+        image_data, mask_data = encode_clean_pair(pair, config.jpeg_quality)
+        image_url, mask_url = clean_urls(dataset_url, row["key"])
+        storage.write_bytes(image_url, image_data, storage_options)
+        storage.write_bytes(mask_url, mask_data, storage_options)
+    except Rejected as rejected:
+        return {**out, "status": STATUS_QUARANTINED, "reason": rejected.reason.value, "detail": rejected.detail}
+    except Exception as exc:  # an unforeseen decoder failure must not stop the batch
+        log.exception("internal error while cleaning %s", row["stem"])
+        return {**out, "status": STATUS_QUARANTINED, "reason": Reason.INTERNAL_ERROR.value, "detail": repr(exc)[:500]}
+    height, width = pair.mask.shape
+    return {
+        **out,
+        "orig_width": pair.orig_width,
+        "orig_height": pair.orig_height,
+        "width": width,
+        "height": height,
+        "fg_fraction": pair.fg_fraction,
+        "ambiguous_fraction": pair.ambiguous_fraction,
+        "conversions": ",".join(pair.conversions),
+        "image_url": image_url,
+        "mask_url": mask_url,
+        "status": STATUS_OK,
+        "reason": "",
+        "detail": "",
+    }
+
+
+def clean_shard(
+    shard_url: str,
+    dataset_url: str,
+    batch: str,
+    config: CleaningConfig,
+    storage_options: dict | None = None,
+    io_threads: int = 4,
+) -> dict:
+    """Clean every pair of one shard list and write its result table next to the plan.
+
+    Takes the shard list's URL (from :func:`plan_batch`), the dataset URL and batch name, the
+    config, and how many pairs to read/decode at once. Returns ``{"result_url", "n_pairs",
+    "n_ok", "n_quarantined", "reasons"}``. Pairs are processed one at a time per thread, so memory
+    stays flat however large the shard.
+    """
+    shard = read_table(shard_url, storage_options)
+    rows = shard.astype(object).where(shard.notna(), None).to_dict("records")
+    with ThreadPoolExecutor(max_workers=max(1, io_threads)) as pool:
+        results = list(pool.map(lambda r: _clean_one(r, batch, dataset_url, config, storage_options), rows))
+    name = posixpath.basename(shard_url)
+    result_url = write_table(
+        to_frame(results, MANIFEST_COLUMNS), storage.join(dataset_url, "_work", "results", name), storage_options
+    )
+    reasons = Counter(r["reason"] for r in results if r["status"] == STATUS_QUARANTINED)
+    n_ok = sum(r["status"] == STATUS_OK for r in results)
+    log.info("shard %s: %d pairs, %d clean, quarantined %s", name, len(results), n_ok, dict(reasons))
+    return {
+        "result_url": result_url,
+        "n_pairs": len(results),
+        "n_ok": n_ok,
+        "n_quarantined": len(results) - n_ok,
+        "reasons": dict(reasons),
+    }
+
+
+def _collapse_duplicates(manifest: pd.DataFrame, dataset_url: str, storage_options: dict | None) -> pd.DataFrame:
+    """Quarantine every clean pair whose image bytes equal an earlier (by stem) clean pair's."""
+    manifest = manifest.sort_values("stem", kind="stable").reset_index(drop=True)
+    ok = manifest["status"] == STATUS_OK
+    first_stem: dict[str, str] = {}
+    for index in manifest.index[ok]:
+        digest = manifest.at[index, "image_sha256"]
+        if digest not in first_stem:
+            first_stem[digest] = manifest.at[index, "stem"]
+            continue
+        for url in (manifest.at[index, "image_url"], manifest.at[index, "mask_url"]):
+            storage.remove(url, storage_options)  # our own derived file, never an input
+        manifest.loc[index, ["status", "reason", "detail", "image_url", "mask_url"]] = [
+            STATUS_QUARANTINED,
+            Reason.DUPLICATE.value,
+            f"same image bytes as {first_stem[digest]}",
+            None,
+            None,
+        ]
+    return manifest
+
+
+def finalize_dataset(
+    dataset_url: str,
+    batch: str,
+    result_urls: list[str],
+    listing_rejects_url: str,
+    storage_options: dict | None = None,
+) -> dict:
+    """Merge shard results into ``manifest.parquet``, ``quarantine.parquet`` and ``summary.json``.
+
+    Takes the dataset URL, the batch name, the result URLs returned by :func:`clean_shard` and the
+    listing-rejects URL from :func:`plan_batch`. Returns the summary: ``{"version", "dataset_url",
+    "batch", "pairs_in", "clean", "quarantined", "by_reason", "manifest_url", "quarantine_url"}``.
+    """
+    frames = [read_table(url, storage_options) for url in [listing_rejects_url, *result_urls]]
+    frames = [f for f in frames if len(f)]
+    manifest = pd.concat(frames, ignore_index=True) if frames else to_frame([], MANIFEST_COLUMNS)
+    manifest = _collapse_duplicates(manifest, dataset_url, storage_options)
+    manifest = to_frame(manifest.astype(object).where(manifest.notna(), None).to_dict("records"), MANIFEST_COLUMNS)
+    quarantine = manifest.loc[manifest["status"] == STATUS_QUARANTINED, list(QUARANTINE_COLUMNS)].reset_index(drop=True)
+
+    manifest_url = write_table(manifest, storage.join(dataset_url, "manifest.parquet"), storage_options)
+    quarantine_url = write_table(quarantine, storage.join(dataset_url, "quarantine.parquet"), storage_options)
+    by_reason = dict(sorted(Counter(quarantine["reason"].tolist()).items(), key=lambda kv: (-kv[1], kv[0])))
+    summary = {
+        "version": posixpath.basename(dataset_url.rstrip("/")),
+        "dataset_url": dataset_url,
+        "batch": batch,
+        "pairs_in": int(len(manifest)),
+        "clean": int((manifest["status"] == STATUS_OK).sum()),
+        "quarantined": int(len(quarantine)),
+        "by_reason": by_reason,
+        "manifest_url": manifest_url,
+        "quarantine_url": quarantine_url,
+    }
+    storage.write_text(storage.join(dataset_url, "summary.json"), json.dumps(summary, indent=2), storage_options)
+    return summary
+
+
+def format_summary(summary: dict) -> str:
+    """Render a cleaning summary as the short table the CLI and the demo print."""
+    lines = [
+        f"dataset {summary['version']}  (batch {summary['batch']})",
+        f"  pairs in      {summary['pairs_in']:>6}",
+        f"  clean         {summary['clean']:>6}",
+        f"  quarantined   {summary['quarantined']:>6}",
+    ]
+    lines += [f"    {reason:<22}{count:>6}" for reason, count in summary["by_reason"].items()]
+    return "\n".join(lines)

@@ -1,0 +1,89 @@
+"""The dataset manifest and quarantine tables (Parquet), and the dataset version.
+
+``manifest.parquet`` has one row per candidate pair (kept or quarantined); ``quarantine.parquet``
+holds the rejected rows only, each with a reason code. Both are read and written through fsspec.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+
+import pandas as pd
+
+from tasks import storage
+
+#: Columns of ``manifest.parquet`` in order; ``cluster`` and ``split`` are filled by later stages.
+MANIFEST_COLUMNS = (
+    "stem",
+    "key",
+    "batch",
+    "image_source",
+    "mask_source",
+    "image_sha256",
+    "mask_sha256",
+    "image_bytes",
+    "orig_width",
+    "orig_height",
+    "width",
+    "height",
+    "fg_fraction",
+    "ambiguous_fraction",
+    "conversions",
+    "image_url",
+    "mask_url",
+    "status",
+    "reason",
+    "detail",
+    "cluster",
+    "split",
+)
+
+#: Columns of ``quarantine.parquet``.
+QUARANTINE_COLUMNS = ("stem", "batch", "image_source", "mask_source", "reason", "detail")
+
+STATUS_OK = "ok"
+STATUS_QUARANTINED = "quarantined"
+
+_INT_COLUMNS = ("image_bytes", "orig_width", "orig_height", "width", "height")
+_FLOAT_COLUMNS = ("fg_fraction", "ambiguous_fraction")
+
+
+def to_frame(rows: list[dict], columns: tuple[str, ...]) -> pd.DataFrame:
+    """Build a DataFrame with exactly ``columns`` (missing values as nulls, stable dtypes)."""
+    frame = pd.DataFrame([{col: row.get(col) for col in columns} for row in rows], columns=list(columns))
+    for col in columns:
+        if col in _INT_COLUMNS:
+            frame[col] = frame[col].astype("Int64")
+        elif col in _FLOAT_COLUMNS:
+            frame[col] = frame[col].astype("Float64")
+        else:
+            frame[col] = frame[col].astype("string")
+    return frame
+
+
+def write_table(frame: pd.DataFrame, url: str, storage_options: dict | None = None) -> str:
+    """Write ``frame`` as Parquet to ``url`` atomically and return ``url``."""
+    buf = io.BytesIO()
+    frame.to_parquet(buf, index=False)
+    return storage.write_bytes(url, buf.getvalue(), storage_options)
+
+
+def read_table(url: str, storage_options: dict | None = None) -> pd.DataFrame:
+    """Read the Parquet table at ``url``."""
+    return pd.read_parquet(io.BytesIO(storage.read_bytes(url, storage_options)))
+
+
+def dataset_version(batch: str, listing: list[tuple[str, int, str]], config: dict) -> str:
+    """Return a version id that changes only when the batch's files or the cleaning config change.
+
+    ``listing`` holds ``(relative path, size, etag or "")`` for every file of the batch. The same
+    batch cleaned twice with the same config gets the same version, so a re-run overwrites its own
+    outputs instead of adding a second dataset.
+    """
+    payload = json.dumps({"listing": sorted(listing), "config": config}, sort_keys=True, default=str)
+    digest = hashlib.sha256(payload.encode("utf-8")).hexdigest()[:12]
+    slug = re.sub(r"[^A-Za-z0-9_-]+", "-", batch).strip("-") or "batch"
+    return f"{slug}-{digest}"

@@ -1,0 +1,158 @@
+"""URL-addressed storage through fsspec: the same calls for ``s3://`` and local paths.
+
+Every stage reads and writes through these helpers so it runs unchanged in Airflow, in a test
+and on a Databricks cluster. ``storage_options`` is the dict fsspec passes to the filesystem
+(for ``s3fs``: ``key``, ``secret``, ``client_kwargs={"endpoint_url": ...}``); the DAG layer builds
+it from an Airflow connection, a test or the CLI builds it from the environment.
+
+Writes are atomic: the bytes go to a temporary key next to the target, which is then moved into
+place, so a reader never sees half an object.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import fsspec
+from fsspec.core import url_to_fs
+from fsspec.implementations.local import LocalFileSystem
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    """One listed object: its full URL, its path relative to the listed prefix, size and ETag."""
+
+    url: str
+    relpath: str
+    size: int
+    etag: str = ""
+
+
+def filesystem(url: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """Return ``(filesystem, path-without-protocol)`` for ``url``."""
+    fs, path = url_to_fs(url, **(storage_options or {}))
+    return fs, path
+
+
+def join(base: str, *parts: str) -> str:
+    """Join URL parts with ``/`` whatever the protocol (``join("s3://b/raw", "x.jpg")``)."""
+    out = base.rstrip("/")
+    for part in parts:
+        out = f"{out}/{part.strip('/')}"
+    return out
+
+
+def _url_for(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    if isinstance(fs, LocalFileSystem):
+        return path
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return f"{protocol}://{path}"
+
+
+def exists(url: str, storage_options: dict | None = None) -> bool:
+    """True when an object (or a local file) exists at ``url``."""
+    fs, path = filesystem(url, storage_options)
+    return fs.exists(path)
+
+
+def read_bytes(url: str, storage_options: dict | None = None) -> bytes:
+    """Return the whole object at ``url``."""
+    fs, path = filesystem(url, storage_options)
+    return fs.cat_file(path)
+
+
+def write_bytes(url: str, data: bytes, storage_options: dict | None = None) -> str:
+    """Write ``data`` to ``url`` atomically (temporary key, then move) and return ``url``."""
+    fs, path = filesystem(url, storage_options)
+    parent = posixpath.dirname(path)
+    tmp = posixpath.join(parent, f".tmp-{uuid.uuid4().hex}-{posixpath.basename(path)}")
+    if isinstance(fs, LocalFileSystem):
+        os.makedirs(parent, exist_ok=True)
+    try:
+        fs.pipe_file(tmp, data)
+        fs.mv(tmp, path)
+    finally:
+        if fs.exists(tmp):
+            fs.rm(tmp)
+    return url
+
+
+def write_text(url: str, text: str, storage_options: dict | None = None) -> str:
+    """Write UTF-8 ``text`` to ``url`` atomically and return ``url``."""
+    return write_bytes(url, text.encode("utf-8"), storage_options)
+
+
+def list_objects(prefix_url: str, storage_options: dict | None = None) -> Iterator[ObjectInfo]:
+    """Yield every object below ``prefix_url`` (recursively), sorted by relative path.
+
+    Temporary keys left by an interrupted atomic write are skipped.
+    """
+    fs, root = filesystem(prefix_url, storage_options)
+    root = root.rstrip("/")
+    if not fs.exists(root):
+        return
+    found = fs.find(root, detail=True)
+    for path in sorted(found):
+        info = found[path]
+        if info.get("type") == "directory":
+            continue
+        rel = path[len(root):].lstrip("/")
+        if posixpath.basename(rel).startswith(".tmp-"):
+            continue
+        etag = str(info.get("ETag") or info.get("etag") or "").strip('"')
+        yield ObjectInfo(url=_url_for(fs, path), relpath=rel, size=int(info.get("size") or 0), etag=etag)
+
+
+def remove(url: str, storage_options: dict | None = None) -> None:
+    """Delete the object at ``url`` if it exists (used only on a stage's own outputs)."""
+    fs, path = filesystem(url, storage_options)
+    if fs.exists(path):
+        fs.rm(path)
+
+
+def ensure_bucket(url: str, storage_options: dict | None = None) -> None:
+    """Create the bucket of an ``s3://`` URL when it is missing; a no-op for local paths."""
+    fs, path = filesystem(url, storage_options)
+    if isinstance(fs, LocalFileSystem):
+        os.makedirs(path, exist_ok=True)
+        return
+    bucket = path.split("/", 1)[0]
+    if not fs.exists(bucket):
+        fs.mkdir(bucket)
+
+
+def s3_storage_options(
+    endpoint_url: str | None = None,
+    key: str | None = None,
+    secret: str | None = None,
+    region: str | None = None,
+) -> dict:
+    """Build s3fs ``storage_options`` from explicit values; ``None`` values are left out."""
+    options: dict = {}
+    if key:
+        options["key"] = key
+    if secret:
+        options["secret"] = secret
+    client_kwargs: dict = {}
+    if endpoint_url:
+        client_kwargs["endpoint_url"] = endpoint_url
+    if region:
+        client_kwargs["region_name"] = region
+    if client_kwargs:
+        options["client_kwargs"] = client_kwargs
+    return options
+
+
+def storage_options_from_env(environ: dict | None = None) -> dict:
+    """Build s3fs ``storage_options`` from ``AWS_ENDPOINT_URL``/``AWS_ACCESS_KEY_ID``/... (CLI use)."""
+    env = os.environ if environ is None else environ
+    return s3_storage_options(
+        endpoint_url=env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL"),
+        key=env.get("AWS_ACCESS_KEY_ID"),
+        secret=env.get("AWS_SECRET_ACCESS_KEY"),
+        region=env.get("AWS_DEFAULT_REGION"),
+    )

@@ -1,0 +1,267 @@
+"""Every cleaning rule, on a bad-input corpus the tests build themselves (tasks.badinputs)."""
+
+from __future__ import annotations
+
+import io
+import time
+import unicodedata
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tasks.badinputs import BAD_KINDS, _png_header_only, make_bad_inputs
+from tasks.cleaning import (
+    CleaningConfig,
+    Reason,
+    Rejected,
+    clean_pair,
+    pair_files,
+    safe_stem,
+    working_size_for,
+)
+
+CONFIG = CleaningConfig()
+
+
+def _case(kind: str):
+    """Return the (image bytes, mask bytes) of the first case of ``kind`` in the corpus."""
+    index = list(BAD_KINDS).index(kind)
+    case = make_bad_inputs(index + 1, seed=3)[index]
+    images = [v for k, v in case.files.items() if k.startswith("images/")]
+    masks = [v for k, v in case.files.items() if k.startswith("masks/")]
+    return images[0], masks[0]
+
+
+def _png(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _jpeg(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="JPEG", quality=95)
+    return buf.getvalue()
+
+
+def _product(width=240, height=320, colour=(30, 60, 120)):
+    image = np.full((height, width, 3), 245, np.uint8)
+    mask = np.zeros((height, width), np.uint8)
+    mask[height // 4 : 3 * height // 4, width // 4 : 3 * width // 4] = 255
+    image[mask > 0] = colour
+    return image, mask
+
+
+def _reject_reason(image: bytes, mask: bytes, config: CleaningConfig = CONFIG) -> str:
+    with pytest.raises(Rejected) as info:
+        clean_pair(image, mask, config)
+    return info.value.reason.value
+
+
+def _aligned(pair) -> float:
+    """Mean brightness outside the mask minus inside (large when a dark product is aligned)."""
+    grey = pair.image.mean(axis=2)
+    inside = pair.mask > 0
+    return float(grey[~inside].mean() - grey[inside].mean())
+
+
+def test_corpus_has_at_least_15_kinds_and_every_reason_is_a_known_code():
+    rejected_kinds = [k for k, (reason, _) in BAD_KINDS.items() if reason]
+    assert len(BAD_KINDS) >= 15 and len(rejected_kinds) >= 15
+    codes = {r.value for r in Reason}
+    assert {reason for reason, _ in BAD_KINDS.values() if reason} <= codes
+
+
+@pytest.mark.parametrize(
+    "kind",
+    ["zero_byte", "truncated", "undecodable", "disguised_format", "too_large", "too_small", "size_mismatch",
+     "mask_not_binary", "mask_empty", "mask_full"],
+)
+def test_pair_level_rejections(kind):
+    image, mask = _case(kind)
+    assert _reject_reason(image, mask) == BAD_KINDS[kind][0]
+
+
+def test_zero_byte_mask_is_rejected_too():
+    image, mask = _product()
+    assert _reject_reason(_jpeg(image), b"") == "empty_file"
+
+
+def test_decompression_bomb_is_rejected_from_the_header_without_decoding():
+    _, mask = _product()
+    started = time.perf_counter()
+    reason = _reject_reason(_png_header_only(30_000, 20_000), _png(mask))
+    assert reason == "image_too_large"
+    assert time.perf_counter() - started < 1.0
+    # Under PIL's own bomb limit but over ours: our header check catches it.
+    assert _reject_reason(_png_header_only(9000, 8000), _png(mask), CleaningConfig(max_pixels=50_000_000)) == "image_too_large"
+
+
+def test_mask_must_be_png():
+    image, mask = _product()
+    assert _reject_reason(_jpeg(image), _jpeg(mask)) == "unsupported_format"
+
+
+@pytest.mark.parametrize(
+    "kind, conversion",
+    [("cmyk", "cmyk->rgb"), ("sixteen_bit", "16bit->8bit"), ("grayscale", "grey->rgb"), ("alpha", "alpha->white")],
+)
+def test_colour_modes_are_converted_and_recorded(kind, conversion):
+    image, mask = _case(kind)
+    pair = clean_pair(image, mask, CONFIG)
+    assert conversion in pair.conversions
+    assert pair.image.dtype == np.uint8 and pair.image.ndim == 3 and pair.image.shape[2] == 3
+    assert _aligned(pair) > 60
+
+
+def test_cmyk_keeps_colours():
+    image, mask = _product(colour=(200, 40, 40))
+    buf = io.BytesIO()
+    Image.fromarray(image).convert("CMYK").save(buf, format="JPEG", quality=95)
+    pair = clean_pair(buf.getvalue(), _png(mask), CONFIG)
+    inside = pair.image[pair.mask > 0].mean(axis=0)
+    assert np.allclose(inside, (200, 40, 40), atol=12)
+
+
+def test_sixteen_bit_is_scaled_not_clipped():
+    grey = np.full((64, 64), 40000, np.uint16)
+    mask = np.zeros((64, 64), np.uint8)
+    mask[16:48, 16:48] = 255
+    buf = io.BytesIO()
+    Image.fromarray(grey).save(buf, format="PNG")
+    pair = clean_pair(buf.getvalue(), _png(mask), CONFIG)
+    assert abs(int(pair.image[0, 0, 0]) - round(40000 / 65535 * 255)) <= 1
+
+
+def test_alpha_is_flattened_onto_white():
+    image, mask = _product()
+    rgba = np.dstack([image, np.full(image.shape[:2], 255, np.uint8)])
+    rgba[:40, :40, :3] = 0
+    rgba[:40, :40, 3] = 0  # transparent black corner
+    pair = clean_pair(_png(rgba), _png(mask), CleaningConfig(working_size=320))
+    assert pair.image[:10, :10].min() >= 250
+
+
+@pytest.mark.parametrize("kind", ["exif_mask_upright", "exif_mask_stored"])
+def test_exif_orientation_applied_to_image_and_mask_consistently(kind):
+    image, mask = _case(kind)
+    pair = clean_pair(image, mask, CONFIG)
+    assert "exif_orientation_6" in pair.conversions
+    assert (pair.orig_width, pair.orig_height) == (200, 300)  # upright portrait
+    assert pair.image.shape[:2] == pair.mask.shape == (320, 213)
+    assert _aligned(pair) > 60
+
+
+def test_mask_with_own_orientation_tag_is_turned_upright():
+    image, mask = _product(200, 300)
+    stored_mask = np.ascontiguousarray(np.rot90(mask, k=1))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    Image.fromarray(stored_mask).save(buf, format="PNG", exif=exif.tobytes())
+    pair = clean_pair(_jpeg(image), buf.getvalue(), CONFIG)
+    assert "mask_exif_orientation_6" in pair.conversions
+    assert _aligned(pair) > 60
+
+
+def test_same_aspect_mask_is_rescaled_other_aspect_rejected():
+    image, mask = _case("mask_half_size")
+    pair = clean_pair(image, mask, CONFIG)
+    assert "mask_resized_from_120x160" in pair.conversions
+    assert _aligned(pair) > 60
+    image, mask = _case("size_mismatch")
+    assert _reject_reason(image, mask) == "size_mismatch"
+
+
+def test_non_binary_mask_threshold_and_ambiguity_limit():
+    image, mask = _product()
+    soft = mask.copy()
+    soft[mask > 0] = 200  # a quarter of the pixels inside the ambiguous band
+    assert _reject_reason(_jpeg(image), _png(soft), CONFIG) == "mask_not_binary"
+    lenient = clean_pair(_jpeg(image), _png(soft), CleaningConfig(max_ambiguous_fraction=0.5))
+    assert lenient.ambiguous_fraction == pytest.approx(0.25)
+    assert (lenient.mask > 0).mean() == pytest.approx(0.25, abs=0.01)  # 200 >= threshold 128: foreground
+    strict = CleaningConfig(max_ambiguous_fraction=0.01)
+    edges = mask.copy()
+    edges[mask.shape[0] // 4, :] = 128  # one grey row: under 1 % ambiguous, kept, thresholded
+    pair = clean_pair(_jpeg(image), _png(edges), strict)
+    assert 0 < pair.ambiguous_fraction < 0.01
+    assert set(np.unique(pair.mask)) <= {0, 255}
+
+
+def test_soft_edged_mask_is_kept():
+    image, mask = _case("mask_soft_edges")
+    pair = clean_pair(image, mask, CONFIG)
+    assert 0 < pair.ambiguous_fraction <= CONFIG.max_ambiguous_fraction
+
+
+def test_empty_and_full_mask_limits():
+    image, mask = _product()
+    tiny = np.zeros_like(mask)
+    tiny[0, 0] = 255
+    assert _reject_reason(_jpeg(image), _png(tiny)) == "mask_empty"
+    nearly_full = np.full_like(mask, 255)
+    nearly_full[0, :10] = 0
+    assert _reject_reason(_jpeg(image), _png(nearly_full)) == "mask_full"
+
+
+def test_resize_keeps_aspect_and_mask_stays_binary_and_aligned():
+    image, mask = _product(900, 1200)
+    pair = clean_pair(_jpeg(image), _png(mask), CleaningConfig(working_size=320))
+    assert pair.image.shape[:2] == pair.mask.shape == (320, 240)
+    assert set(np.unique(pair.mask)) == {0, 255}
+    assert abs((pair.mask > 0).mean() - (mask > 0).mean()) < 0.01
+    assert _aligned(pair) > 100
+    assert working_size_for(1333, 1000, 320) == (320, 240)
+    assert working_size_for(100, 400, 320) == (80, 320)
+
+
+def test_pairing_rules():
+    nfd = unicodedata.normalize("NFD", "café")
+    result = pair_files(
+        [
+            "_READY",
+            "truth.csv",
+            "images/a.jpg",
+            "masks/a.png",
+            "images/B.JPEG",
+            "masks/B.png",
+            f"images/{unicodedata.normalize('NFC', 'café')}.jpg",
+            f"masks/{nfd}.png",
+            "images/lonely.jpg",
+            "masks/orphan.png",
+            "images/dup.jpg",
+            "images/dup.png",
+            "masks/dup.png",
+            "images/.DS_Store",
+            "images/sub/x.jpg",
+            "images/notes.txt",
+            "masks/a2.jpg",
+        ]
+    )
+    assert [p["stem"] for p in result.pairs] == ["B", "a", "café", "dup"]
+    reasons = {(r["stem"], r["reason"]) for r in result.rejects}
+    assert ("lonely", "missing_mask") in reasons
+    assert ("orphan", "missing_image") in reasons
+    assert ("dup", "duplicate_stem") in reasons
+    assert (".DS_Store", "system_file") in reasons
+    assert ("x", "unexpected_location") in reasons
+    assert ("notes", "unsupported_format") in reasons
+    assert ("a2", "unsupported_format") in reasons
+    assert len(result.rejects) == 7
+
+
+def test_safe_stem():
+    assert safe_stem("sku-1_a.b") == "sku-1_a.b"
+    odd = safe_stem("Sommerkleid (1) – blå")
+    assert odd.startswith("Sommerkleid_1_bla-") and all(c.isalnum() or c in "._-" for c in odd)
+    assert safe_stem("a b") != safe_stem("a_b")
+    assert safe_stem("日本") != safe_stem("中国")
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="working_size"):
+        CleaningConfig(working_size=8)
+    with pytest.raises(ValueError, match="ambiguous_band"):
+        CleaningConfig(mask_threshold=10, ambiguous_band=(16, 240))

@@ -1,0 +1,142 @@
+"""The ingest stage end to end on storage: plan, mapped shards, finalize; local and on moto S3."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tasks import ingest, storage
+from tasks.badinputs import BAD_KINDS, write_bad_inputs
+from tasks.cleaning import CleaningConfig
+from tasks.manifest import MANIFEST_COLUMNS, QUARANTINE_COLUMNS, read_table
+
+CONFIG = CleaningConfig(working_size=128)
+
+
+def _run(bucket_url: str, batch: str, options=None, shard_size: int = 7) -> dict:
+    plan = ingest.plan_batch(bucket_url, batch, CONFIG, shard_size=shard_size, storage_options=options)
+    results = [ingest.clean_shard(u, plan["dataset_url"], batch, CONFIG, options) for u in plan["shard_urls"]]
+    return ingest.finalize_dataset(
+        plan["dataset_url"], batch, [r["result_url"] for r in results], plan["listing_rejects_url"], options
+    )
+
+
+def _snapshot(url: str, options=None) -> dict[str, bytes]:
+    return {o.relpath: storage.read_bytes(o.url, options) for o in storage.list_objects(url, options)}
+
+
+@pytest.fixture()
+def corpus_batch(tmp_path):
+    bucket = str(tmp_path / "bucket")
+    rows = write_bad_inputs(storage.join(bucket, "raw", "b1"), len(BAD_KINDS), seed=1)
+    storage.write_bytes(storage.join(bucket, "raw", "b1", "_READY"), b"")
+    return bucket, rows
+
+
+def test_every_bad_kind_ends_with_its_reason_and_good_ones_are_kept(corpus_batch):
+    bucket, rows = corpus_batch
+    summary = _run(bucket, "b1")
+    manifest = read_table(summary["manifest_url"])
+    assert list(manifest.columns) == list(MANIFEST_COLUMNS)
+    for row in rows:
+        mine = manifest[manifest["stem"].str.contains(row["stem"], regex=False)]
+        assert len(mine), f"{row['stem']} missing from the manifest"
+        if row["expected_reason"]:
+            assert row["expected_reason"] in set(mine["reason"]), (row, mine[["stem", "reason", "detail"]])
+        else:
+            assert set(mine["status"]) == {"ok"}, (row, mine[["stem", "reason", "detail"]])
+    quarantine = read_table(summary["quarantine_url"])
+    assert list(quarantine.columns) == list(QUARANTINE_COLUMNS)
+    assert summary["quarantined"] == len(quarantine) == int((manifest["status"] == "quarantined").sum())
+    assert summary["clean"] + summary["quarantined"] == summary["pairs_in"] == len(manifest)
+    assert quarantine["reason"].notna().all() and (quarantine["detail"].str.len() > 0).all()
+
+
+def test_clean_pairs_are_written_at_working_size(corpus_batch):
+    bucket, _ = corpus_batch
+    summary = _run(bucket, "b1")
+    manifest = read_table(summary["manifest_url"])
+    ok = manifest[manifest["status"] == "ok"]
+    assert len(ok) >= 10
+    import io
+
+    from PIL import Image
+
+    for row in ok.itertuples():
+        image = Image.open(io.BytesIO(storage.read_bytes(row.image_url)))
+        mask = Image.open(io.BytesIO(storage.read_bytes(row.mask_url)))
+        assert image.size == mask.size == (row.width, row.height)
+        assert max(image.size) == CONFIG.working_size
+        assert mask.mode == "L" and image.mode == "RGB"
+        assert "/clean/" in row.image_url and row.key in row.image_url
+
+
+def test_duplicates_collapse_and_their_outputs_are_removed(corpus_batch):
+    bucket, _ = corpus_batch
+    summary = _run(bucket, "b1")
+    manifest = read_table(summary["manifest_url"]).set_index("stem")
+    kept = manifest.loc["bad-1-013-duplicate_content-a"]
+    dropped = manifest.loc["bad-1-013-duplicate_content-b"]
+    assert kept["status"] == "ok" and dropped["reason"] == "duplicate"
+    assert "duplicate_content-a" in dropped["detail"]
+    clean_files = [o.relpath for o in storage.list_objects(storage.join(summary["dataset_url"], "clean"))]
+    assert not any("duplicate_content-b" in f for f in clean_files)
+    assert len(clean_files) == 2 * summary["clean"]
+
+
+def test_rerun_gives_same_version_and_no_duplicates_and_raw_is_untouched(corpus_batch):
+    bucket, _ = corpus_batch
+    raw_before = _snapshot(storage.join(bucket, "raw"))
+    first = _run(bucket, "b1", shard_size=5)
+    second = _run(bucket, "b1", shard_size=11)
+    assert first["version"] == second["version"]
+    assert _snapshot(storage.join(bucket, "raw")) == raw_before
+    versions = {o.relpath.split("/")[0] for o in storage.list_objects(storage.join(bucket, "datasets"))}
+    assert versions == {first["version"]}
+    manifest = read_table(second["manifest_url"])
+    for column in ("image_source", "mask_source"):  # every raw file is accounted for exactly once
+        assert manifest[column].dropna().is_unique
+    assert len(manifest) == first["pairs_in"]
+    # a changed file is a new version
+    storage.write_bytes(storage.join(bucket, "raw", "b1", "masks", "extra.png"), b"not really a png")
+    assert _run(bucket, "b1")["version"] != first["version"]
+
+
+def test_a_file_that_vanishes_mid_run_is_quarantined_not_fatal(corpus_batch):
+    bucket, _ = corpus_batch
+    plan = ingest.plan_batch(bucket, "b1", CONFIG, shard_size=100)
+    shard = read_table(plan["shard_urls"][0])
+    victim = shard.iloc[0]
+    import os
+
+    os.remove(victim["image_source"])  # simulates a concurrent delete on the bucket, not our code
+    result = ingest.clean_shard(plan["shard_urls"][0], plan["dataset_url"], "b1", CONFIG)
+    assert result["reasons"].get("read_error") == 1
+    assert result["n_pairs"] == len(shard)
+
+
+def test_empty_batch_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no images/ or masks/"):
+        ingest.plan_batch(str(tmp_path), "nothing", CONFIG)
+
+
+def test_summary_json_and_table(corpus_batch):
+    bucket, _ = corpus_batch
+    summary = _run(bucket, "b1")
+    on_disk = json.loads(storage.read_bytes(storage.join(summary["dataset_url"], "summary.json")))
+    assert on_disk == summary
+    text = ingest.format_summary(summary)
+    assert "quarantined" in text and "mask_not_binary" in text
+
+
+def test_ingest_on_s3(s3_bucket):
+    bucket_url, options = s3_bucket
+    write_bad_inputs(storage.join(bucket_url, "raw", "s3b"), len(BAD_KINDS), seed=2, storage_options=options)
+    raw_before = _snapshot(storage.join(bucket_url, "raw"), options)
+    summary = _run(bucket_url, "s3b", options)
+    assert summary["dataset_url"].startswith(f"{bucket_url}/datasets/s3b-")
+    assert summary["clean"] >= 10 and summary["quarantined"] >= 15
+    manifest = read_table(summary["manifest_url"], options)
+    assert all(u.startswith("s3://") for u in manifest["image_url"].dropna())
+    assert _snapshot(storage.join(bucket_url, "raw"), options) == raw_before

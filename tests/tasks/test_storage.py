@@ -1,0 +1,53 @@
+"""URL storage helpers on a local folder and on a real S3 API (moto_server)."""
+
+from __future__ import annotations
+
+import pytest
+
+from tasks import storage
+
+
+@pytest.fixture(params=["local", "s3"])
+def root(request, tmp_path):
+    if request.param == "local":
+        return str(tmp_path / "root"), None
+    bucket_url, options = request.getfixturevalue("s3_bucket")
+    return bucket_url, options
+
+
+def test_write_read_list_remove(root):
+    base, options = root
+    url = storage.join(base, "a", "b c.txt")
+    storage.write_bytes(url, b"hello", options)
+    storage.write_text(storage.join(base, "a", "z.txt"), "zz", options)
+    assert storage.exists(url, options)
+    assert storage.read_bytes(url, options) == b"hello"
+    listed = list(storage.list_objects(storage.join(base, "a"), options))
+    assert [o.relpath for o in listed] == ["b c.txt", "z.txt"]
+    assert listed[0].size == 5
+    storage.remove(url, options)
+    assert not storage.exists(url, options)
+    assert list(storage.list_objects(storage.join(base, "missing"), options)) == []
+
+
+def test_atomic_write_leaves_no_temporary_keys(root):
+    base, options = root
+    for i in range(3):
+        storage.write_bytes(storage.join(base, "x", f"{i}.bin"), bytes([i]) * 10, options)
+    fs, path = storage.filesystem(storage.join(base, "x"), options)
+    names = [p.rsplit("/", 1)[-1] for p in fs.find(path)]
+    assert sorted(names) == ["0.bin", "1.bin", "2.bin"]
+
+
+def test_listing_skips_interrupted_temporary_writes(tmp_path):
+    (tmp_path / ".tmp-1234-a.jpg").write_bytes(b"half")
+    (tmp_path / "a.jpg").write_bytes(b"whole")
+    assert [o.relpath for o in storage.list_objects(str(tmp_path))] == ["a.jpg"]
+
+
+def test_join_and_options():
+    assert storage.join("s3://b/", "/raw/", "x.jpg") == "s3://b/raw/x.jpg"
+    options = storage.storage_options_from_env(
+        {"AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s"}
+    )
+    assert options == {"key": "k", "secret": "s", "client_kwargs": {"endpoint_url": "http://127.0.0.1:9"}}
