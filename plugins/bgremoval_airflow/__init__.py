@@ -1,0 +1,1 @@
+"""Airflow-specific glue shared by the bgremoval DAGs (connections, params, review web app)."""

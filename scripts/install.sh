@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Create .venv and install the project with pinned dependencies (constraints.txt).
+# torch is installed first, alone, so that pip takes the CPU build of torch==2.13.0 and no other
+# package can pull a multi-GB CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python3.11}
+command -v "$PYTHON" >/dev/null || PYTHON=python3
+if [ ! -x .venv/bin/python ]; then
+  echo "creating .venv with $("$PYTHON" --version)"
+  "$PYTHON" -m venv .venv
+fi
+PIP=(.venv/bin/python -m pip install --disable-pip-version-check -q)
+echo "installing torch==2.13.0 (CPU)"
+"${PIP[@]}" "torch==2.13.0"
+echo "installing bgremoval and its pinned dependencies"
+"${PIP[@]}" -c constraints.txt -e '.[dev]'
+touch .venv/.installed
+echo "installed into .venv"

@@ -1,0 +1,125 @@
+"""The ``bgremoval`` command line: synthetic data, local cleaning, the embedded stack and the demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+
+def _storage_options(url: str) -> dict | None:
+    """s3fs options from the environment (or a running embedded stack) for ``s3://`` URLs."""
+    if not url.startswith("s3://"):
+        return None
+    from tasks import stack, storage
+
+    return storage.storage_options_from_env({**stack.read_env_file(), **os.environ})
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from tasks import storage
+    from tasks.synth import SynthConfig, generate_catalogue
+
+    options = _storage_options(args.out)
+    if storage.exists(storage.join(args.out, "_READY"), options) and not args.force:
+        print(f"{args.out} already holds a finished batch (_READY exists); use --force to write it again", file=sys.stderr)
+        return 2
+    config = SynthConfig(n=args.n, seed=args.seed, bad=args.bad, max_side=args.max_side)
+    summary = generate_catalogue(args.out, config, storage_options=options, progress=True)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_clean(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from tasks import ingest
+    from tasks.cleaning import CleaningConfig
+
+    options = _storage_options(args.bucket)
+    config = CleaningConfig(working_size=args.working_size)
+    plan = ingest.plan_batch(args.bucket, args.batch, config, shard_size=args.shard_size, storage_options=options)
+    results = [
+        ingest.clean_shard(url, plan["dataset_url"], args.batch, config, storage_options=options)
+        for url in tqdm(plan["shard_urls"], desc="cleaning shards", unit="shard")
+    ]
+    summary = ingest.finalize_dataset(
+        plan["dataset_url"], args.batch, [r["result_url"] for r in results], plan["listing_rejects_url"], options
+    )
+    print(ingest.format_summary(summary))
+    return 0
+
+
+def cmd_stack(args: argparse.Namespace) -> int:
+    from tasks import stack
+
+    state = Path(args.state).resolve() if args.state else None
+    if args.action == "up":
+        info = stack.up(state, with_airflow=args.airflow)
+        print(f"S3 (moto):   {info['s3_endpoint']}  bucket {info['bucket']}")
+        print(f"environment: source {info['env_file']}")
+        if args.airflow:
+            print(f"Airflow UI:  {info['airflow_url']}")
+            for user, password in info["login"].items():
+                print(f"login:       {user} / {password}")
+    elif args.action == "down":
+        stopped = stack.down(state)
+        print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
+    elif args.action == "status":
+        print(json.dumps(stack.status(state), indent=2))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from tasks.demo import DemoConfig, run_demo
+
+    return run_demo(DemoConfig(n=args.n, bad=args.bad, seed=args.seed, max_side=args.max_side, keep=args.keep))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the argument parser of the ``bgremoval`` command."""
+    parser = argparse.ArgumentParser(prog="bgremoval", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    synth = sub.add_parser("synth", help="write a synthetic fashion catalogue batch (images, masks, _READY)")
+    synth.add_argument("--n", type=int, default=120, help="number of good products")
+    synth.add_argument("--out", required=True, help="batch URL, e.g. s3://bgremoval/raw/demo or ./data/raw/demo")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--bad", type=int, default=0, help="number of bad inputs to add (one per kind, cycling)")
+    synth.add_argument("--max-side", type=int, default=1333, help="longest image side in pixels")
+    synth.add_argument("--force", action="store_true", help="write even if the batch is already finished")
+    synth.set_defaults(func=cmd_synth)
+
+    clean = sub.add_parser("clean", help="clean a batch without Airflow (same stage functions as the DAG)")
+    clean.add_argument("--bucket", required=True, help="bucket URL holding raw/<batch>, e.g. s3://bgremoval")
+    clean.add_argument("--batch", required=True)
+    clean.add_argument("--working-size", type=int, default=320)
+    clean.add_argument("--shard-size", type=int, default=250)
+    clean.set_defaults(func=cmd_clean)
+
+    stack_parser = sub.add_parser("stack", help="the embedded stack: moto S3, Airflow (SQLite), MLflow (SQLite)")
+    stack_parser.add_argument("action", choices=["up", "down", "status"])
+    stack_parser.add_argument("--airflow", action="store_true", help="also start `airflow standalone` (the UI)")
+    stack_parser.add_argument("--state", help="state folder (default: .bgremoval in the project)")
+    stack_parser.set_defaults(func=cmd_stack)
+
+    demo = sub.add_parser("demo", help="start the stack, generate a catalogue, run the training DAG, print results")
+    demo.add_argument("--n", type=int, default=120)
+    demo.add_argument("--bad", type=int, default=26)
+    demo.add_argument("--seed", type=int, default=7)
+    demo.add_argument("--max-side", type=int, default=800)
+    demo.add_argument("--keep", action="store_true", help="leave the stack running afterwards")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``bgremoval`` console script; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,79 @@
+"""The training DAG from the S3 sensor to the cleaned dataset, with dag.test() against moto_server."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from tasks import storage
+from tasks.badinputs import BAD_KINDS, write_bad_inputs
+from tasks.manifest import read_table
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.integration
+
+
+def _load_dag():
+    from airflow.dag_processing.dagbag import DagBag
+
+    bag = DagBag(dag_folder=str(PROJECT_ROOT / "dags" / "bgremoval_training.py"))
+    assert bag.import_errors == {}
+    return bag.dags["bgremoval_training"]
+
+
+def _snapshot(url, options):
+    return {o.relpath: (o.size, o.etag) for o in storage.list_objects(url, options)}
+
+
+def test_sensor_waits_then_cleaning_runs_mapped_and_reads_back(airflow_db, s3_bucket):
+    bucket_url, options = s3_bucket
+    bucket = bucket_url.removeprefix("s3://")
+    batch_url = storage.join(bucket_url, "raw", "shoot-1")
+    write_bad_inputs(batch_url, len(BAD_KINDS), seed=5, storage_options=options)
+    raw_before = _snapshot(storage.join(bucket_url, "raw"), options)
+
+    # The studio finishes its upload a few seconds after the run starts: the sensor must wait.
+    ready_at = {}
+
+    def finish_upload():
+        time.sleep(4)
+        storage.write_bytes(storage.join(batch_url, "_READY"), b"", options)
+        ready_at["t"] = time.monotonic()
+
+    dag = _load_dag()
+    uploader = threading.Thread(target=finish_upload)
+    started = time.monotonic()
+    uploader.start()
+    run = dag.test(run_conf={"batch": "shoot-1", "bucket": bucket, "shard_size": 8, "working_size": 160})
+    uploader.join()
+
+    assert run.state == "success"
+    states = {(ti.task_id, ti.map_index): ti.state for ti in run.get_task_instances()}
+    assert states[("wait_for_batch", -1)] == "success"
+    mapped = [k for k in states if k[0] == "clean_shard"]
+    assert len(mapped) == 3 and all(states[k] == "success" for k in mapped)
+    assert ready_at["t"] - started >= 3.5  # the run really waited for _READY
+
+    summaries = [o for o in storage.list_objects(storage.join(bucket_url, "datasets"), options) if o.relpath.endswith("summary.json")]
+    assert len(summaries) == 1
+    version = summaries[0].relpath.split("/")[0]
+    manifest = read_table(storage.join(bucket_url, "datasets", version, "manifest.parquet"), options)
+    quarantine = read_table(storage.join(bucket_url, "datasets", version, "quarantine.parquet"), options)
+    assert len(quarantine) == int((manifest["status"] == "quarantined").sum()) >= 15
+    assert {"missing_mask", "truncated", "image_too_large", "mask_not_binary", "duplicate"} <= set(quarantine["reason"])
+    ok = manifest[manifest["status"] == "ok"]
+    assert len(ok) >= 10 and (ok[["width", "height"]].max(axis=1) == 160).all()
+
+    raw_after = _snapshot(storage.join(bucket_url, "raw"), options)
+    assert raw_after.pop("shoot-1/_READY")
+    assert raw_after == raw_before  # raw/ is never modified
+
+    # Re-running the same batch: same version, nothing duplicated.
+    again = dag.test(run_conf={"batch": "shoot-1", "bucket": bucket, "shard_size": 5, "working_size": 160})
+    assert again.state == "success"
+    versions = {o.relpath.split("/")[0] for o in storage.list_objects(storage.join(bucket_url, "datasets"), options)}
+    assert versions == {version}
+    assert len(read_table(storage.join(bucket_url, "datasets", version, "manifest.parquet"), options)) == len(manifest)
