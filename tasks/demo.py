@@ -45,12 +45,9 @@ def _check_expected(truth_url: str, manifest, options: dict) -> tuple[int, list[
 
     truth = pd.read_csv(io.BytesIO(storage.read_bytes(truth_url, options)), keep_default_na=False)
     bad = truth[truth["expected_reason"] != ""]
-    reasons_by_stem: dict[str, set[str]] = {}
-    for row in manifest.itertuples():
-        reasons_by_stem.setdefault(row.stem.split(" ")[0], set()).add(row.reason or "")
     matched, mismatches = 0, []
     for row in bad.itertuples():
-        seen = {r for stem, rs in reasons_by_stem.items() if stem.startswith(row.stem) for r in rs}
+        seen = set(manifest.loc[manifest["stem"].str.contains(row.stem, regex=False), "reason"].dropna())
         if row.expected_reason in seen:
             matched += 1
         else:

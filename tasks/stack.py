@@ -101,9 +101,26 @@ def _recorded_process(pid_file: Path) -> psutil.Process | None:
         proc = psutil.Process(int(record["pid"]))
         if abs(proc.create_time() - float(record["create_time"])) > 1.0:
             return None
-        return proc if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE else None
+        return proc if _alive(proc) else None
     except (FileNotFoundError, ValueError, KeyError, psutil.NoSuchProcess, psutil.AccessDenied):
         return None
+
+
+def _alive(proc: psutil.Process) -> bool:
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _wait_gone(procs: list[psutil.Process], timeout: float) -> list[psutil.Process]:
+    """Wait until every process has exited (zombies count as exited); return those still alive."""
+    deadline = time.monotonic() + timeout
+    alive = [p for p in procs if _alive(p)]
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.1)
+        alive = [p for p in alive if _alive(p)]
+    return alive
 
 
 def stop_process_tree(proc: psutil.Process, timeout: float = 20.0) -> None:
@@ -118,13 +135,16 @@ def stop_process_tree(proc: psutil.Process, timeout: float = 20.0) -> None:
                 p.send_signal(signal.SIGTERM)
             except psutil.NoSuchProcess:
                 pass
-        _, alive = psutil.wait_procs(group, timeout=timeout / 2)
-        for p in alive:
+        for p in _wait_gone(group, timeout / 2):
             try:
                 p.kill()
             except psutil.NoSuchProcess:
                 pass
-        psutil.wait_procs(alive, timeout=timeout / 2)
+        _wait_gone(group, timeout / 2)
+    try:
+        proc.wait(timeout=1)  # reap it when it is our own child
+    except (psutil.TimeoutExpired, psutil.NoSuchProcess, ChildProcessError):
+        pass
 
 
 def start_process(paths: StackPaths, name: str, argv: list[str], env: dict[str, str]) -> psutil.Process:
