@@ -210,6 +210,7 @@ def stack_environment(paths: StackPaths, s3_port: int, api_port: int | None = No
     }
     if api_port:
         env["AIRFLOW__API__PORT"] = str(api_port)
+        env["AIRFLOW__API__HOST"] = "127.0.0.1"
         env["AIRFLOW__API__BASE_URL"] = f"http://127.0.0.1:{api_port}"
     return env
 

@@ -1,0 +1,19 @@
+"""Registers the bgremoval review web app with the Airflow api-server, and a menu link to it."""
+
+from __future__ import annotations
+
+from airflow.plugins_manager import AirflowPlugin
+
+
+def _review_app():
+    from bgremoval_airflow.review_app import create_app
+
+    return create_app()
+
+
+class BgremovalPlugin(AirflowPlugin):
+    """Serves the review pages at ``/bgremoval`` (same login as the Airflow UI)."""
+
+    name = "bgremoval"
+    fastapi_apps = [{"app": _review_app(), "url_prefix": "/bgremoval", "name": "bgremoval review"}]
+    external_views = [{"name": "Review clusters", "href": "/bgremoval/", "destination": "nav", "url_route": "bgremoval"}]
