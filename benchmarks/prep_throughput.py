@@ -27,11 +27,12 @@ What it measures, on local storage in a temporary folder (nothing is written to 
    ``os.wait4`` once it exits. The peak must not grow with the batch size; the ratio is printed.
 
 All inputs come from the page cache (they were just written), so the numbers are CPU-bound; with
-S3 the network adds to them. Every throughput is the median of ``--repeats`` runs.
+S3 the network adds to them. Every throughput is the median of ``--repeats`` runs. The load
+average at start and end is printed: other work on the machine shows up in the numbers.
 
 Run it from the project root:
 
-    .venv/bin/python benchmarks/prep_throughput.py            # full run, about 5 minutes on 2 cores
+    .venv/bin/python benchmarks/prep_throughput.py            # full run, 4-6 minutes on 2 cores
     .venv/bin/python benchmarks/prep_throughput.py --quick    # smaller sizes, about 1 minute
     .venv/bin/python benchmarks/prep_throughput.py --json benchmarks/results/prep.json
 """
@@ -531,12 +532,15 @@ def run_benchmark(args: argparse.Namespace, work: Path) -> dict:
     print(f"measuring peak memory for batches of {', '.join(map(str, args.mem_n))} pairs (child processes) ...", flush=True)
     memory = benchmark_memory(work, catalogue, args)
 
+    load_end = os.getloadavg() if hasattr(os, "getloadavg") else None
+    if load_end:
+        notes.append(f"load average at end: {load_end[0]:.2f} (1 min), {load_end[1]:.2f} (5 min) on {facts['cores']} cores")
     report = "\n\n".join([format_header(facts, args), format_throughput(results), format_stages(results),
-                          format_memory(memory, args), *notes])
+                          format_memory(memory, args), *(["\n".join(notes)] if notes else [])])
     print("\n" + report, flush=True)
     return {"machine": facts, "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
                                            if not k.startswith("child")},
-            "throughput": results, "memory": memory, "notes": notes, "table": report}
+            "throughput": results, "memory": memory, "notes": notes, "load_average_at_end": load_end, "table": report}
 
 
 def main(argv: list[str] | None = None) -> int:
