@@ -1,17 +1,32 @@
-"""bgremoval_training: a studio batch in S3 becomes a cleaned, versioned training dataset.
+"""bgremoval_training: a studio batch in S3 becomes a reviewed, split and augmented training set.
 
-    wait_for_batch ──► plan_shards ──► shards ──► clean_shard (mapped, one per shard) ──► finalize_dataset
+    wait_for_batch ─► plan_shards ─► clean_shard ×N ─► finalize_dataset
+      ─► feature_shards ─► extract_features ×N ─► cluster_products
+      ─► review_clusters (human in the loop: Approve / Reject)
+      ─► apply_review ─► split_dataset ─► plan_augmentation ─► augment_cluster ×clusters ─► finalize_augmentation
 
-Trigger it from the UI with the parameter form (batch name, bucket, working resolution, ...).
+Trigger it from the UI with the parameter form (batch name, bucket, working resolution, clusters,
+split shares, augmentation target). The run stops at ``review_clusters`` until a reviewer has
+corrected the clusters on the review page and chosen Approve or Reject in Required Actions; Reject
+ends the run without training.
 """
 
 from __future__ import annotations
 
 import pendulum
 from airflow.providers.amazon.aws.sensors.s3 import S3KeySensor
+from airflow.providers.standard.operators.hitl import ApprovalOperator
 from airflow.sdk import dag, task
 from bgremoval_airflow.connections import AWS_CONN_ID, s3_storage_options
-from bgremoval_airflow.params import batch_params, cleaning_config, cleaning_params
+from bgremoval_airflow.params import (
+    augment_config,
+    batch_params,
+    cleaning_config,
+    cleaning_params,
+    review_page_url,
+    review_params,
+    split_config,
+)
 
 
 @dag(
@@ -20,7 +35,7 @@ from bgremoval_airflow.params import batch_params, cleaning_config, cleaning_par
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=4,
-    params={**batch_params(), **cleaning_params()},
+    params={**batch_params(), **cleaning_params(), **review_params()},
     tags=["bgremoval", "training"],
     doc_md=__doc__,
 )
@@ -78,10 +93,102 @@ def bgremoval_training():
         print(format_summary(summary))
         return summary
 
+    @task
+    def feature_shards(dataset: dict, params=None) -> list[dict]:
+        from tasks.features import plan_feature_shards
+
+        return plan_feature_shards(dataset["dataset_url"], int(params["shard_size"]), s3_storage_options())
+
+    @task(max_active_tis_per_dagrun=4)
+    def extract_features(dataset_url: str, shard: int, start: int, stop: int) -> dict:
+        from tasks.features import extract_shard_features
+
+        return extract_shard_features(dataset_url, shard, start, stop, s3_storage_options())
+
+    @task
+    def cluster_products(dataset: dict, features: list[dict], params=None) -> dict:
+        from tasks import storage
+        from tasks.clustering import ClusteringConfig, cluster_dataset, format_clusters
+
+        options = s3_storage_options()
+        truth_url = f"s3://{params['bucket']}/raw/{params['batch']}/truth.csv"
+        summary = cluster_dataset(
+            dataset["dataset_url"],
+            [f["features_url"] for f in features],
+            ClusteringConfig(k=int(params["clusters"]), seed=int(params["seed"]), n_init=30),
+            truth_url=truth_url if storage.exists(truth_url, options) else None,
+            storage_options=options,
+        )
+        table = format_clusters(summary)
+        print(table)
+        link = review_page_url(dataset["version"], params["bucket"])
+        summary["review_markdown"] = (
+            f"**{dataset['clean']} clean images** of batch `{params['batch']}` were grouped into "
+            f"{summary['k']} proposed product clusters.\n\n"
+            f"Open the [review page]({link}) to rename clusters and move misplaced images; every change is "
+            "saved with your name. Then choose **Approve** to continue to splitting and augmentation, or "
+            "**Reject** to end this run without training.\n\n"
+            f"```\n{table}\n```"
+        )
+        return summary
+
+    review_clusters = ApprovalOperator(
+        task_id="review_clusters",
+        subject="Review the product clusters of batch {{ params.batch }}",
+        body="{{ ti.xcom_pull(task_ids='cluster_products')['review_markdown'] }}",
+        ignore_downstream_trigger_rules=True,
+    )
+
+    @task
+    def apply_review(dataset: dict) -> dict:
+        from tasks.review import apply_review as apply
+
+        return apply(dataset["dataset_url"], s3_storage_options())
+
+    @task
+    def split_dataset(dataset: dict, reviewed: dict, params=None) -> dict:
+        from tasks.splits import split_dataset as split
+
+        previous = params["previous_dataset"].strip()
+        previous_url = f"s3://{params['bucket']}/datasets/{previous}/manifest.parquet" if previous else None
+        return split(dataset["dataset_url"], split_config(params), previous_url, s3_storage_options())
+
+    @task
+    def plan_augmentation(dataset: dict, splits: dict, params=None) -> list[dict]:
+        from tasks.augment import plan_augmentation as plan
+        from tasks.manifest import read_table
+
+        options = s3_storage_options()
+        manifest = read_table(f"{dataset['dataset_url']}/manifest.parquet", options)
+        todo = plan(manifest, augment_config(params, int(params["working_size"])))
+        return [{"cluster": cluster, "n": n} for cluster, n in sorted(todo.items())]
+
+    @task(max_active_tis_per_dagrun=4)
+    def augment_cluster(cluster: str, n: int, dataset: dict, params=None) -> dict:
+        from tasks.augment import augment_cluster as augment
+
+        config = augment_config(params, int(params["working_size"]))
+        return augment(dataset["dataset_url"], cluster, n, config, s3_storage_options())
+
+    @task(trigger_rule="none_failed")
+    def finalize_augmentation(dataset: dict, parts: list[dict]) -> dict:
+        from tasks.augment import finalize_augmentation as finalize
+
+        return finalize(dataset["dataset_url"], [p["part_url"] for p in parts], s3_storage_options())
+
     plan = plan_shards()
-    cleaned = clean_shard.partial(plan=plan).expand(shard_url=shards(plan))
     wait_for_batch >> plan
-    finalize_dataset(plan=plan, shard_results=cleaned)
+    cleaned = clean_shard.partial(plan=plan).expand(shard_url=shards(plan))
+    dataset = finalize_dataset(plan=plan, shard_results=cleaned)
+
+    features = extract_features.expand_kwargs(feature_shards(dataset))
+    clusters = cluster_products(dataset, features)
+    clusters >> review_clusters
+    reviewed = apply_review(dataset)
+    review_clusters >> reviewed
+    splits = split_dataset(dataset, reviewed)
+    parts = augment_cluster.partial(dataset=dataset).expand_kwargs(plan_augmentation(dataset, splits))
+    finalize_augmentation(dataset, parts)
 
 
 bgremoval_training()

@@ -57,10 +57,10 @@ def cmd_stack(args: argparse.Namespace) -> int:
 
     state = Path(args.state).resolve() if args.state else None
     if args.action == "up":
-        info = stack.up(state, with_airflow=args.airflow)
+        info = stack.up(state, airflow="standalone" if args.airflow else args.services)
         print(f"S3 (moto):   {info['s3_endpoint']}  bucket {info['bucket']}")
         print(f"environment: source {info['env_file']}")
-        if args.airflow:
+        if "airflow_url" in info:
             print(f"Airflow UI:  {info['airflow_url']}")
             for user, password in info["login"].items():
                 print(f"login:       {user} / {password}")
@@ -102,6 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
     stack_parser = sub.add_parser("stack", help="the embedded stack: moto S3, Airflow (SQLite), MLflow (SQLite)")
     stack_parser.add_argument("action", choices=["up", "down", "status"])
     stack_parser.add_argument("--airflow", action="store_true", help="also start `airflow standalone` (the UI)")
+    stack_parser.add_argument(
+        "--services", choices=["none", "api-server", "standalone"], default="none",
+        help="which Airflow processes to start besides S3 (default none; --airflow means standalone)",
+    )
     stack_parser.add_argument("--state", help="state folder (default: .bgremoval in the project)")
     stack_parser.set_defaults(func=cmd_stack)
 

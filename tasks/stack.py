@@ -278,13 +278,20 @@ def status(state_dir: Path | None = None) -> dict:
     return {"running": running, "info": info}
 
 
-def up(state_dir: Path | None = None, with_airflow: bool = False, bucket: str = DEFAULT_BUCKET) -> dict:
+AIRFLOW_MODES = ("none", "api-server", "standalone")
+
+
+def up(state_dir: Path | None = None, airflow: str = "none", bucket: str = DEFAULT_BUCKET) -> dict:
     """Start the embedded stack (idempotent) and return its info.
 
-    Takes the state folder, whether to start ``airflow standalone`` (the UI) too, and the bucket
-    to create. Returns ``{"s3_endpoint", "env_file", "airflow_url", "login"}`` (the last two only
-    with the UI).
+    Takes the state folder; ``airflow``: ``"none"`` (S3 and the prepared Airflow home only),
+    ``"api-server"`` (the REST API, the UI and the review pages, no scheduler: runs are executed
+    by ``airflow dags test``) or ``"standalone"`` (everything, for ``make up``); and the bucket to
+    create. Returns ``{"s3_endpoint", "bucket", "env_file"}`` plus ``"airflow_url"`` and
+    ``"login"`` when Airflow serves HTTP.
     """
+    if airflow not in AIRFLOW_MODES:
+        raise ValueError(f"airflow must be one of {AIRFLOW_MODES}, got {airflow!r}")
     paths = StackPaths(state_dir or default_state_dir())
     paths.root.mkdir(parents=True, exist_ok=True)
     paths.logs.mkdir(exist_ok=True)
@@ -302,18 +309,18 @@ def up(state_dir: Path | None = None, with_airflow: bool = False, bucket: str = 
     endpoint = f"http://127.0.0.1:{s3_port}"
     create_bucket(endpoint, bucket)
 
-    api_port = int(info["api_port"]) if with_airflow and "airflow" in current["running"] and info.get("api_port") else None
-    if with_airflow and api_port is None:
-        api_port = free_port()
+    airflow_running = "airflow" in current["running"] and info.get("api_port")
+    api_port = int(info["api_port"]) if airflow_running else (free_port() if airflow != "none" else None)
     env = stack_environment(paths, s3_port, api_port, bucket)
     write_env_file(paths, env)
     full_env = {**os.environ, **env}
     _migrate_airflow(paths, full_env)
 
     info = {"s3_port": s3_port, "s3_endpoint": endpoint, "bucket": bucket, "env_file": str(paths.env_file)}
-    if with_airflow:
-        if "airflow" not in current["running"]:
-            proc = start_process(paths, "airflow", [venv_bin("airflow"), "standalone"], full_env)
+    if api_port:
+        if not airflow_running:
+            argv = [venv_bin("airflow"), "standalone"] if airflow == "standalone" else [venv_bin("airflow"), "api-server"]
+            proc = start_process(paths, "airflow", argv, full_env)
             wait_http(f"http://127.0.0.1:{api_port}/api/v2/monitor/health", 240, proc, paths.logs / "airflow.log")
         info.update(api_port=api_port, airflow_url=f"http://127.0.0.1:{api_port}", login=airflow_login(paths))
     paths.info_file.write_text(json.dumps(info, indent=2))

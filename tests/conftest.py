@@ -6,6 +6,7 @@ gets a private AIRFLOW_HOME under a temporary folder, examples off and paralleli
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -31,9 +32,13 @@ AIRFLOW_ENV = {
     "AIRFLOW__OPERATORS__DEFAULT_DEFERRABLE": "True",
     "AIRFLOW__LOGGING__LOGGING_LEVEL": "WARNING",
     "BGREMOVAL_STATE": str(_STATE / "stack"),
+    "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin,reviewer:user,viewer:viewer",
+    "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(_AIRFLOW_HOME / "passwords.json"),
 }
+PASSWORDS = {"admin": "admin-password", "reviewer": "reviewer-password", "viewer": "viewer-password"}
 os.environ.update(AIRFLOW_ENV)
 _AIRFLOW_HOME.mkdir(parents=True, exist_ok=True)
+(_AIRFLOW_HOME / "passwords.json").write_text(json.dumps(PASSWORDS))
 sys.path.insert(0, str(PROJECT_ROOT / "plugins"))
 
 
@@ -65,9 +70,9 @@ def s3_bucket(moto_endpoint, monkeypatch):
     """
     from tasks import stack, storage
 
-    env = stack.stack_environment(stack.StackPaths(_STATE / "stack"), int(moto_endpoint.rsplit(":", 1)[1]))
-    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "AIRFLOW_CONN_AWS_DEFAULT"):
-        monkeypatch.setenv(key, env[key])
+    env = moto_connection_env(moto_endpoint)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
     bucket = f"t-{uuid.uuid4().hex[:12]}"
     options = storage.storage_options_from_env(env)
     stack.create_bucket(moto_endpoint, bucket)
@@ -84,3 +89,113 @@ def airflow_db():
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     yield _AIRFLOW_HOME
+
+
+def moto_connection_env(endpoint: str) -> dict[str, str]:
+    """Environment variables that point boto, the CLI and ``aws_default`` at a moto endpoint."""
+    from tasks import stack
+
+    env = stack.stack_environment(stack.StackPaths(_STATE / "stack"), int(endpoint.rsplit(":", 1)[1]))
+    keys = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "AIRFLOW_CONN_AWS_DEFAULT")
+    return {k: env[k] for k in keys}
+
+
+@pytest.fixture(scope="session")
+def api_server(airflow_db, moto_endpoint):
+    """``airflow api-server`` (REST API, UI and the review plugin) on the session's metadata DB.
+
+    Yields its base URL. No scheduler runs: DAG runs are executed by ``airflow dags test``.
+    """
+    from tasks import stack
+
+    port = stack.free_port()
+    env = {
+        **os.environ,
+        **moto_connection_env(moto_endpoint),
+        "AIRFLOW__API__PORT": str(port),
+        "AIRFLOW__API__HOST": "127.0.0.1",
+        "AIRFLOW__API__BASE_URL": f"http://127.0.0.1:{port}",
+    }
+    paths = stack.StackPaths(_STATE / "api")
+    proc = stack.start_process(paths, "api-server", [stack.venv_bin("airflow"), "api-server", "--port", str(port)], env)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        stack.wait_http(f"{base}/api/v2/monitor/health", 180, proc, paths.logs / "api-server.log")
+        yield base
+    finally:
+        stack.stop_process_tree(proc)
+
+
+def bearer_token(base_url: str, user: str) -> str:
+    """Log ``user`` in through ``POST /auth/token`` and return the JWT."""
+    import urllib.request
+
+    request = urllib.request.Request(
+        f"{base_url}/auth/token",
+        data=json.dumps({"username": user, "password": PASSWORDS[user]}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.load(response)["access_token"]
+
+
+class AirflowClient:
+    """A small HTTP client for the api-server: REST API and the review plugin, as one user."""
+
+    def __init__(self, base_url: str, user: str | None):
+        self.base_url = base_url
+        self.token = bearer_token(base_url, user) if user else None
+
+    def request(self, method: str, path: str, body: dict | None = None) -> tuple[int, object]:
+        """Send a request; returns ``(status, parsed JSON or raw bytes)``."""
+        import urllib.error
+        import urllib.request
+
+        headers = {"Content-Type": "application/json"}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(f"{self.base_url}{path}", data=data, headers=headers, method=method)
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                status, payload, kind = response.status, response.read(), response.headers.get("Content-Type", "")
+        except urllib.error.HTTPError as error:
+            status, payload, kind = error.code, error.read(), error.headers.get("Content-Type", "")
+        return status, (json.loads(payload) if "json" in kind and payload else payload)
+
+    def pending_hitl(self, dag_id: str, timeout: float = 300) -> dict:
+        """Wait until a task of ``dag_id`` waits for a human answer; return its HITL detail."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            status, body = self.request("GET", f"/api/v2/dags/{dag_id}/dagRuns/~/hitlDetails")
+            assert status == 200, body
+            waiting = [d for d in body["hitl_details"] if not d.get("response_received")]
+            if waiting:
+                return waiting[0]
+            time.sleep(1)
+        raise TimeoutError(f"no task of {dag_id} asked for a human answer within {timeout} s")
+
+    def answer(self, detail: dict, option: str) -> dict:
+        """Answer a waiting HITL task the way Required Actions does (PATCH hitlDetails)."""
+        ti = detail["task_instance"]
+        path = (
+            f"/api/v2/dags/{ti['dag_id']}/dagRuns/{ti['dag_run_id']}/taskInstances/"
+            f"{ti['task_id']}/{ti['map_index']}/hitlDetails"
+        )
+        status, body = self.request("PATCH", path, {"chosen_options": [option], "params_input": {}})
+        assert status == 200, body
+        return body
+
+
+@pytest.fixture()
+def reviewer(api_server):
+    """An :class:`AirflowClient` logged in as the reviewer."""
+    return AirflowClient(api_server, "reviewer")
+
+
+@pytest.fixture()
+def client_for(api_server):
+    """Factory: ``client_for("viewer")`` or ``client_for(None)`` (anonymous) gives an :class:`AirflowClient`."""
+    return lambda user: AirflowClient(api_server, user)

@@ -74,3 +74,77 @@ def cleaning_config(params: dict):
         max_ambiguous_fraction=float(params["max_ambiguous_fraction"]),
         max_pixels=int(float(params["max_megapixels"]) * 1_000_000),
     )
+
+
+def review_params() -> dict[str, Param]:
+    """Params of clustering, the review gate, splits and augmentation."""
+    return {
+        "clusters": Param(
+            6,
+            type="integer",
+            minimum=2,
+            maximum=20,
+            title="Product clusters (k)",
+            description="k-means proposes this many product clusters for the reviewers to correct.",
+        ),
+        "seed": Param(
+            0,
+            type="integer",
+            minimum=0,
+            title="Random seed",
+            description="Seeds clustering, splits and augmentation so a run can be repeated exactly.",
+        ),
+        "val_fraction": Param(
+            0.1,
+            type="number",
+            minimum=0,
+            maximum=0.5,
+            title="Validation share",
+            description="Share of each product cluster held out for validation.",
+        ),
+        "test_fraction": Param(
+            0.1,
+            type="number",
+            minimum=0,
+            maximum=0.5,
+            title="Test share",
+            description="Share of each product cluster held out for the final test (kept stable across versions).",
+        ),
+        "previous_dataset": Param(
+            "",
+            type="string",
+            title="Previous dataset version",
+            description="Optional: an earlier dataset version under datasets/ whose train/val/test assignment is kept, "
+            "so no image moves between splits when the dataset grows.",
+        ),
+        "target_per_cluster": Param(
+            200,
+            type="integer",
+            minimum=0,
+            title="Training images per cluster",
+            description="Augmentation tops up the train split of each rarer cluster to this many images.",
+        ),
+    }
+
+
+def split_config(params: dict):
+    """Build a ``SplitConfig`` from a run's params; returns the dataclass."""
+    from tasks.splits import SplitConfig
+
+    val, test = float(params["val_fraction"]), float(params["test_fraction"])
+    return SplitConfig(train=round(1.0 - val - test, 10), val=val, test=test, seed=int(params["seed"]))
+
+
+def augment_config(params: dict, working_size: int):
+    """Build an ``AugmentConfig`` from a run's params; returns the dataclass."""
+    from tasks.augment import AugmentConfig
+
+    return AugmentConfig(target_per_cluster=int(params["target_per_cluster"]), seed=int(params["seed"]), working_size=working_size)
+
+
+def review_page_url(version: str, bucket: str) -> str:
+    """Absolute URL of the review page of a dataset version (from ``[api] base_url``)."""
+    from airflow.configuration import conf
+
+    base = conf.get("api", "base_url", fallback="").rstrip("/")
+    return f"{base}/bgremoval/review/{version}?bucket={bucket}"

@@ -28,7 +28,18 @@ def _snapshot(url, options):
     return {o.relpath: (o.size, o.etag) for o in storage.list_objects(url, options)}
 
 
-def test_sensor_waits_then_cleaning_runs_mapped_and_reads_back(airflow_db, s3_bucket):
+def _reject_review_when_asked(reviewer) -> threading.Thread:
+    """The review gate is not under test here: a reviewer rejects, which ends the run after clustering."""
+
+    def reject():
+        reviewer.answer(reviewer.pending_hitl("bgremoval_training"), "Reject")
+
+    thread = threading.Thread(target=reject, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_sensor_waits_then_cleaning_runs_mapped_and_reads_back(airflow_db, s3_bucket, reviewer):
     bucket_url, options = s3_bucket
     bucket = bucket_url.removeprefix("s3://")
     batch_url = storage.join(bucket_url, "raw", "shoot-1")
@@ -47,7 +58,10 @@ def test_sensor_waits_then_cleaning_runs_mapped_and_reads_back(airflow_db, s3_bu
     uploader = threading.Thread(target=finish_upload)
     started = time.monotonic()
     uploader.start()
-    run = dag.test(run_conf={"batch": "shoot-1", "bucket": bucket, "shard_size": 8, "working_size": 160})
+    _reject_review_when_asked(reviewer)
+    run = dag.test(
+        run_conf={"batch": "shoot-1", "bucket": bucket, "shard_size": 8, "working_size": 160},
+    )
     uploader.join()
 
     assert run.state == "success"
@@ -72,8 +86,12 @@ def test_sensor_waits_then_cleaning_runs_mapped_and_reads_back(airflow_db, s3_bu
     assert raw_after == raw_before  # raw/ is never modified
 
     # Re-running the same batch: same version, nothing duplicated.
-    again = dag.test(run_conf={"batch": "shoot-1", "bucket": bucket, "shard_size": 5, "working_size": 160})
+    _reject_review_when_asked(reviewer)
+    again = dag.test(
+        run_conf={"batch": "shoot-1", "bucket": bucket, "shard_size": 5, "working_size": 160},
+    )
     assert again.state == "success"
     versions = {o.relpath.split("/")[0] for o in storage.list_objects(storage.join(bucket_url, "datasets"), options)}
+    assert states[("apply_review", -1)] == "skipped"
     assert versions == {version}
     assert len(read_table(storage.join(bucket_url, "datasets", version, "manifest.parquet"), options)) == len(manifest)

@@ -1,0 +1,91 @@
+"""The review gate end to end: the DAG waits, a reviewer corrects clusters on the review page's HTTP
+API and approves in Airflow's REST API (the paths a person's clicks take), the run finishes."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tasks import storage
+from tasks.manifest import read_table
+from tasks.synth import SynthConfig, generate_catalogue
+
+pytestmark = pytest.mark.integration
+AIRFLOW = str(Path(sys.executable).parent / "airflow")
+
+
+def _start_run(conf: dict, log_path: Path) -> subprocess.Popen:
+    log = open(log_path, "wb")
+    return subprocess.Popen(
+        [AIRFLOW, "dags", "test", "bgremoval_training", "--conf", json.dumps(conf)],
+        stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ),
+    )
+
+
+def test_reviewer_moves_an_image_renames_a_cluster_and_approves(s3_bucket, reviewer, client_for, tmp_path):
+    bucket_url, options = s3_bucket
+    bucket = bucket_url.removeprefix("s3://")
+    generate_catalogue(storage.join(bucket_url, "raw", "rev-1"), SynthConfig(n=60, seed=11, max_side=360), options)
+    run = _start_run(
+        {"batch": "rev-1", "bucket": bucket, "working_size": 128, "shard_size": 30, "target_per_cluster": 14},
+        tmp_path / "run.log",
+    )
+    try:
+        detail = reviewer.pending_hitl("bgremoval_training", timeout=400)
+        assert detail["subject"] == "Review the product clusters of batch rev-1"
+        assert detail["options"] == ["Approve", "Reject"]
+        link = re.search(r"/bgremoval/review/([A-Za-z0-9_-]+)\?bucket=([a-z0-9.-]+)", detail["body"])
+        assert link and link.group(2) == bucket, detail["body"]
+        version = link.group(1)
+        api = f"/bgremoval/api/datasets/{version}"
+
+        # Anonymous requests can neither read nor write; a viewer can read but not write.
+        anonymous, viewer = client_for(None), client_for("viewer")
+        assert anonymous.request("GET", f"{api}/clusters?bucket={bucket}")[0] == 401
+        assert anonymous.request("POST", f"{api}/corrections?bucket={bucket}", {"action": "rename", "cluster": 0, "name": "x"})[0] == 401
+        assert anonymous.request("GET", f"/bgremoval/review/{version}?bucket={bucket}")[0] in (200, 401)  # redirected to login
+        assert viewer.request("GET", f"{api}/clusters?bucket={bucket}")[0] == 200
+        assert viewer.request("POST", f"{api}/corrections?bucket={bucket}", {"action": "rename", "cluster": 0, "name": "x"})[0] == 403
+
+        status, state = reviewer.request("GET", f"{api}/clusters?bucket={bucket}")
+        assert status == 200 and len(state["clusters"]) == 6
+        source, target = state["clusters"][0], state["clusters"][1]
+        moved_key = source["members"][0]["key"]
+        status, thumb = reviewer.request("GET", f"{api}/thumbnails/{moved_key}?bucket={bucket}")
+        assert status == 200 and thumb[:2] == b"\xff\xd8"
+
+        status, state = reviewer.request(
+            "POST", f"{api}/corrections?bucket={bucket}", {"action": "move", "key": moved_key, "to_cluster": target["cluster"]}
+        )
+        assert status == 200 and state["moved"] == 1
+        status, state = reviewer.request(
+            "POST", f"{api}/corrections?bucket={bucket}", {"action": "rename", "cluster": target["cluster"], "name": "Trousers & co"}
+        )
+        assert status == 200
+        status, body = reviewer.request("POST", f"{api}/corrections?bucket={bucket}", {"action": "move", "key": "nope", "to_cluster": 0})
+        assert status == 422 and "unknown image key" in body["detail"]
+
+        log = storage.read_bytes(f"{bucket_url}/datasets/{version}/review/corrections.jsonl", options).decode().splitlines()
+        assert [json.loads(line)["user"] for line in log] == ["reviewer", "reviewer"]
+
+        reviewer.answer(detail, "Approve")
+        assert run.wait(timeout=600) == 0, (tmp_path / "run.log").read_text()[-4000:]
+    finally:
+        if run.poll() is None:
+            run.kill()
+
+    manifest = read_table(f"{bucket_url}/datasets/{version}/manifest.parquet", options).set_index("key")
+    assert manifest.loc[moved_key, "cluster"] == "Trousers & co"
+    ok = manifest[manifest["status"] == "ok"]
+    assert ok["cluster"].notna().all() and set(ok["split"]) == {"train", "val", "test"}
+    augmented = read_table(f"{bucket_url}/datasets/{version}/augmented/manifest.parquet", options)
+    assert len(augmented) > 0 and set(augmented["split"]) == {"train"}
+    originals = ok[ok["split"] == "train"]["cluster"].value_counts()
+    added = augmented["cluster"].value_counts().reindex(originals.index, fill_value=0)
+    assert ((originals + added) == originals.clip(lower=14)).all()  # rare clusters topped up to the target
