@@ -75,7 +75,12 @@ def cmd_stack(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from tasks.demo import DemoConfig, run_demo
 
-    return run_demo(DemoConfig(n=args.n, bad=args.bad, seed=args.seed, max_side=args.max_side, keep=args.keep))
+    return run_demo(
+        DemoConfig(
+            n=args.n, bad=args.bad, seed=args.seed, max_side=args.max_side,
+            target_per_cluster=args.target_per_cluster, keep=args.keep,
+        )
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -114,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--bad", type=int, default=26)
     demo.add_argument("--seed", type=int, default=7)
     demo.add_argument("--max-side", type=int, default=800)
+    demo.add_argument("--target-per-cluster", type=int, default=40, help="augmentation target per product cluster")
     demo.add_argument("--keep", action="store_true", help="leave the stack running afterwards")
     demo.set_defaults(func=cmd_demo)
     return parser

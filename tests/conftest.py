@@ -126,76 +126,23 @@ def api_server(airflow_db, moto_endpoint):
         stack.stop_process_tree(proc)
 
 
-def bearer_token(base_url: str, user: str) -> str:
-    """Log ``user`` in through ``POST /auth/token`` and return the JWT."""
-    import urllib.request
-
-    request = urllib.request.Request(
-        f"{base_url}/auth/token",
-        data=json.dumps({"username": user, "password": PASSWORDS[user]}).encode(),
-        headers={"Content-Type": "application/json"},
-    )
-    with urllib.request.urlopen(request, timeout=30) as response:
-        return json.load(response)["access_token"]
-
-
-class AirflowClient:
-    """A small HTTP client for the api-server: REST API and the review plugin, as one user."""
-
-    def __init__(self, base_url: str, user: str | None):
-        self.base_url = base_url
-        self.token = bearer_token(base_url, user) if user else None
-
-    def request(self, method: str, path: str, body: dict | None = None) -> tuple[int, object]:
-        """Send a request; returns ``(status, parsed JSON or raw bytes)``."""
-        import urllib.error
-        import urllib.request
-
-        headers = {"Content-Type": "application/json"}
-        if self.token:
-            headers["Authorization"] = f"Bearer {self.token}"
-        data = json.dumps(body).encode() if body is not None else None
-        request = urllib.request.Request(f"{self.base_url}{path}", data=data, headers=headers, method=method)
-        try:
-            with urllib.request.urlopen(request, timeout=60) as response:
-                status, payload, kind = response.status, response.read(), response.headers.get("Content-Type", "")
-        except urllib.error.HTTPError as error:
-            status, payload, kind = error.code, error.read(), error.headers.get("Content-Type", "")
-        return status, (json.loads(payload) if "json" in kind and payload else payload)
-
-    def pending_hitl(self, dag_id: str, timeout: float = 300) -> dict:
-        """Wait until a task of ``dag_id`` waits for a human answer; return its HITL detail."""
-        import time
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            status, body = self.request("GET", f"/api/v2/dags/{dag_id}/dagRuns/~/hitlDetails")
-            assert status == 200, body
-            waiting = [d for d in body["hitl_details"] if not d.get("response_received")]
-            if waiting:
-                return waiting[0]
-            time.sleep(1)
-        raise TimeoutError(f"no task of {dag_id} asked for a human answer within {timeout} s")
-
-    def answer(self, detail: dict, option: str) -> dict:
-        """Answer a waiting HITL task the way Required Actions does (PATCH hitlDetails)."""
-        ti = detail["task_instance"]
-        path = (
-            f"/api/v2/dags/{ti['dag_id']}/dagRuns/{ti['dag_run_id']}/taskInstances/"
-            f"{ti['task_id']}/{ti['map_index']}/hitlDetails"
-        )
-        status, body = self.request("PATCH", path, {"chosen_options": [option], "params_input": {}})
-        assert status == 200, body
-        return body
-
-
 @pytest.fixture()
 def reviewer(api_server):
-    """An :class:`AirflowClient` logged in as the reviewer."""
-    return AirflowClient(api_server, "reviewer")
+    """A :class:`tasks.airflow_client.AirflowClient` logged in as the reviewer."""
+    from tasks.airflow_client import AirflowClient
+
+    return AirflowClient(api_server, "reviewer", PASSWORDS["reviewer"])
 
 
 @pytest.fixture()
 def client_for(api_server):
-    """Factory: ``client_for("viewer")`` or ``client_for(None)`` (anonymous) gives an :class:`AirflowClient`."""
-    return lambda user: AirflowClient(api_server, user)
+    """Factory: ``client_for("viewer")``, or ``client_for(None)`` for an anonymous client."""
+    from tasks.airflow_client import AirflowClient
+
+    return lambda user: AirflowClient(api_server, user, PASSWORDS.get(user))
+
+
+@pytest.fixture()
+def passwords():
+    """The test users' passwords (the simple auth manager reads them from the passwords file)."""
+    return dict(PASSWORDS)

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tasks import storage
+from tasks.airflow_client import AirflowHTTPError
 from tasks.manifest import read_table
 from tasks.synth import SynthConfig, generate_catalogue
 
@@ -37,7 +38,7 @@ def test_reviewer_moves_an_image_renames_a_cluster_and_approves(s3_bucket, revie
         tmp_path / "run.log",
     )
     try:
-        detail = reviewer.pending_hitl("bgremoval_training", timeout=400)
+        detail = reviewer.wait_for_human_task("bgremoval_training", timeout=400)
         assert detail["subject"] == "Review the product clusters of batch rev-1"
         assert detail["options"] == ["Approve", "Reject"]
         link = re.search(r"/bgremoval/review/([A-Za-z0-9_-]+)\?bucket=([a-z0-9.-]+)", detail["body"])
@@ -47,29 +48,28 @@ def test_reviewer_moves_an_image_renames_a_cluster_and_approves(s3_bucket, revie
 
         # Anonymous requests can neither read nor write; a viewer can read but not write.
         anonymous, viewer = client_for(None), client_for("viewer")
-        assert anonymous.request("GET", f"{api}/clusters?bucket={bucket}")[0] == 401
-        assert anonymous.request("POST", f"{api}/corrections?bucket={bucket}", {"action": "rename", "cluster": 0, "name": "x"})[0] == 401
-        assert anonymous.request("GET", f"/bgremoval/review/{version}?bucket={bucket}")[0] in (200, 401)  # redirected to login
-        assert viewer.request("GET", f"{api}/clusters?bucket={bucket}")[0] == 200
-        assert viewer.request("POST", f"{api}/corrections?bucket={bucket}", {"action": "rename", "cluster": 0, "name": "x"})[0] == 403
+        rename = {"action": "rename", "cluster": 0, "name": "x"}
+        assert anonymous.status("GET", f"{api}/clusters?bucket={bucket}") == 401
+        assert anonymous.status("GET", f"{api}/thumbnails/any?bucket={bucket}") == 401
+        assert anonymous.status("POST", f"{api}/corrections?bucket={bucket}", rename) == 401
+        assert viewer.status("GET", f"{api}/clusters?bucket={bucket}") == 200
+        assert viewer.status("POST", f"{api}/corrections?bucket={bucket}", rename) == 403
 
-        status, state = reviewer.request("GET", f"{api}/clusters?bucket={bucket}")
-        assert status == 200 and len(state["clusters"]) == 6
+        state = reviewer.request("GET", f"{api}/clusters?bucket={bucket}")
+        assert len(state["clusters"]) == 6
         source, target = state["clusters"][0], state["clusters"][1]
         moved_key = source["members"][0]["key"]
-        status, thumb = reviewer.request("GET", f"{api}/thumbnails/{moved_key}?bucket={bucket}")
-        assert status == 200 and thumb[:2] == b"\xff\xd8"
+        thumb = reviewer.request("GET", f"{api}/thumbnails/{moved_key}?bucket={bucket}")
+        assert thumb[:2] == b"\xff\xd8"
 
-        status, state = reviewer.request(
-            "POST", f"{api}/corrections?bucket={bucket}", {"action": "move", "key": moved_key, "to_cluster": target["cluster"]}
-        )
-        assert status == 200 and state["moved"] == 1
-        status, state = reviewer.request(
-            "POST", f"{api}/corrections?bucket={bucket}", {"action": "rename", "cluster": target["cluster"], "name": "Trousers & co"}
-        )
-        assert status == 200
-        status, body = reviewer.request("POST", f"{api}/corrections?bucket={bucket}", {"action": "move", "key": "nope", "to_cluster": 0})
-        assert status == 422 and "unknown image key" in body["detail"]
+        move = {"action": "move", "key": moved_key, "to_cluster": target["cluster"]}
+        state = reviewer.request("POST", f"{api}/corrections?bucket={bucket}", move)
+        assert state["moved"] == 1
+        rename = {"action": "rename", "cluster": target["cluster"], "name": "Trousers & co"}
+        reviewer.request("POST", f"{api}/corrections?bucket={bucket}", rename)
+        with pytest.raises(AirflowHTTPError) as refused:
+            reviewer.request("POST", f"{api}/corrections?bucket={bucket}", {"action": "move", "key": "nope", "to_cluster": 0})
+        assert refused.value.status == 422 and "unknown image key" in refused.value.body["detail"]
 
         log = storage.read_bytes(f"{bucket_url}/datasets/{version}/review/corrections.jsonl", options).decode().splitlines()
         assert [json.loads(line)["user"] for line in log] == ["reviewer", "reviewer"]

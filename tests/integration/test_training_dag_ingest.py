@@ -32,7 +32,7 @@ def _reject_review_when_asked(reviewer) -> threading.Thread:
     """The review gate is not under test here: a reviewer rejects, which ends the run after clustering."""
 
     def reject():
-        reviewer.answer(reviewer.pending_hitl("bgremoval_training"), "Reject")
+        reviewer.answer(reviewer.wait_for_human_task("bgremoval_training"), "Reject")
 
     thread = threading.Thread(target=reject, daemon=True)
     thread.start()
