@@ -33,10 +33,12 @@ class SimulatedMemory:
 def test_finder_returns_the_largest_size_under_the_limit(limit: int) -> None:
     step = SimulatedMemory(limit)
     assert find_batch_size(step, start=32) == min(limit, 32)
-    assert step.tried[0] == 32
-    if limit < 32:
-        halvings = [n for n in step.tried if n & (n - 1) == 0]  # powers of two: the halving phase
-        assert halvings[: len(halvings)] == sorted(halvings, reverse=True)
+    # First the halvings from 32 down to the first size that fits, then bisection above it.
+    halvings = [32]
+    while halvings[-1] > limit:
+        halvings.append(halvings[-1] // 2)
+    assert step.tried[: len(halvings)] == halvings
+    assert all(halvings[-1] < n < halvings[-2] for n in step.tried[len(halvings):])
 
 
 def test_finder_without_refinement_halves_only() -> None:

@@ -1,0 +1,173 @@
+"""The ``torch.distributed`` backend: :func:`train` under ``torchrun``, one process per worker.
+
+Worker entry point (what ``torchrun`` starts on every process)::
+
+    torchrun --standalone --nproc_per_node 2 -m tasks.train.ddp --config config.json
+
+reads the :class:`~tasks.train.config.TrainConfig` (a JSON file, or ``--config-json`` text),
+initialises the default process group from torchrun's environment (``RANK``, ``WORLD_SIZE``,
+``MASTER_ADDR``…; NCCL when the run uses CUDA, gloo on the CPU), trains with the model wrapped in
+DistributedDataParallel (:class:`~tasks.train.collectives.TorchCollectives`), and destroys the
+group. :func:`launch_local` runs exactly that on this machine and returns rank 0's result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from tasks import storage
+from tasks.train.collectives import RankInfo, TorchCollectives
+from tasks.train.config import TrainConfig
+from tasks.train.loop import TrainResult, resolve_device, train
+
+__all__ = ["launch_local", "main", "run_worker", "torchrun_executable"]
+
+log = logging.getLogger(__name__)
+
+_PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _uses_cuda(config: TrainConfig) -> bool:
+    return config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
+
+
+def run_worker(config: TrainConfig, timeout_s: float = 1800.0) -> TrainResult:
+    """Train as one ``torchrun`` worker: initialise the process group from the environment, run
+    :func:`~tasks.train.loop.train` with DDP collectives, and always destroy the group.
+
+    ``timeout_s`` bounds every collective, so a worker whose peer died fails instead of hanging.
+    Returns this worker's :class:`TrainResult`. Raises ``RuntimeError`` outside ``torchrun``
+    (no ``RANK``/``WORLD_SIZE`` in the environment).
+    """
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        raise RuntimeError("tasks.train.ddp runs under torchrun (RANK/WORLD_SIZE unset): use "
+                           "`torchrun --nproc_per_node N -m tasks.train.ddp --config ...` or launch_local()")
+    info = RankInfo.from_env()
+    device = resolve_device(config, info)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    kwargs = {"device_id": device} if backend == "nccl" else {}
+    dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s), **kwargs)
+    try:
+        info.collectives = TorchCollectives(device if backend == "nccl" else "cpu")
+        return train(config, info)
+    finally:
+        dist.destroy_process_group()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line of one ``torchrun`` worker: ``--config FILE_OR_URL`` or ``--config-json TEXT``.
+
+    Returns 0 on success (rank 0 prints the result JSON on its last line of stdout)."""
+    parser = argparse.ArgumentParser(prog="python -m tasks.train.ddp", description=__doc__.splitlines()[0])
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--config", help="path or URL of a TrainConfig JSON file")
+    source.add_argument("--config-json", help="the TrainConfig as JSON text")
+    parser.add_argument("--timeout", type=float, default=1800.0, help="seconds a collective may wait")
+    args = parser.parse_args(argv)
+    text = args.config_json if args.config_json is not None else storage.read_bytes(args.config).decode("utf-8")
+    config = TrainConfig.from_json(text)
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"[rank {rank}] %(asctime)s %(levelname)s %(name)s: %(message)s")
+    result = run_worker(config, args.timeout)
+    if rank == 0:
+        print(json.dumps(result.to_dict()), flush=True)
+    return 0
+
+
+def torchrun_executable() -> str:
+    """Return the path of the ``torchrun`` script next to this interpreter (the venv's).
+
+    Raises ``FileNotFoundError`` when torch's scripts are not installed beside ``sys.executable``."""
+    candidate = Path(sys.executable).with_name("torchrun")
+    if not candidate.exists():
+        raise FileNotFoundError(f"no torchrun next to {sys.executable}; install torch into this environment")
+    return str(candidate)
+
+
+def _stop_group(process: subprocess.Popen) -> None:
+    """Terminate the process group of ``process`` (torchrun and its workers), then kill it."""
+    for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            process.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def launch_local(config: TrainConfig, nproc: int, timeout_s: float | None = None,
+                 log_path: str | None = None, env: dict[str, str] | None = None) -> TrainResult:
+    """Run ``torchrun --standalone --nproc_per_node=nproc -m tasks.train.ddp`` here and wait.
+
+    Args:
+        config: the run's config (written to a temporary JSON file for the workers).
+        nproc: worker processes on this machine (one per GPU on a GPU machine).
+        timeout_s: kill the run after this many seconds (None: no limit).
+        log_path: where the workers' combined output goes (default: a temporary file, deleted
+            after a successful run).
+        env: extra environment variables for the workers.
+
+    On the CPU each worker gets ``OMP_NUM_THREADS=1`` (unless ``env`` sets it), so N workers do
+    not fight over the cores. Returns rank 0's :class:`TrainResult`, read from
+    ``<output_url>/result.json``. Raises ``RuntimeError`` with the exit status and the tail of
+    the log when torchrun fails (or times out).
+    """
+    if nproc < 1:
+        raise ValueError(f"nproc must be >= 1, got {nproc}")
+    workdir = tempfile.mkdtemp(prefix="bgremoval-ddp-")
+    config_path = os.path.join(workdir, "config.json")
+    with open(config_path, "w", encoding="utf-8") as handle:
+        handle.write(config.to_json())
+    log_file = log_path or os.path.join(workdir, "torchrun.log")
+    child_env = dict(os.environ)
+    child_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_PROJECT_ROOT), child_env.get("PYTHONPATH")) if p)
+    if not _uses_cuda(config):
+        child_env["OMP_NUM_THREADS"] = "1"
+    child_env.update(env or {})
+    command = [torchrun_executable(), "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "tasks.train.ddp", "--config", config_path]
+    log.info("launching %s (log: %s)", " ".join(command), log_file)
+    with open(log_file, "wb") as output:
+        # A session of its own, so a timeout can stop torchrun and every worker it started.
+        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=child_env,
+                                   cwd=str(_PROJECT_ROOT), start_new_session=True)
+        try:
+            returncode: int | None = process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            returncode = None
+            _stop_group(process)
+        except BaseException:
+            _stop_group(process)
+            raise
+    if returncode != 0:
+        with open(log_file, "rb") as handle:
+            tail = handle.read()[-6000:].decode("utf-8", "replace")
+        what = f"timed out after {timeout_s} s" if returncode is None else f"exited with status {returncode}"
+        raise RuntimeError(f"torchrun ({nproc} workers) {what}; full log: {log_file}\n--- log tail ---\n{tail}")
+    result_url = storage.join(config.output_url, "result.json")
+    result = TrainResult.from_dict(json.loads(storage.read_bytes(result_url, config.storage_options or None)))
+    if log_path is None:
+        for name in (config_path, log_file):
+            os.remove(name)
+        os.rmdir(workdir)
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main())
