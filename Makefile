@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml constraints.txt scripts/install.sh
+$(VENV)/.installed: pyproject.toml constraints.txt scripts/install.sh scripts/install-horovod.sh
 	PYTHON=$(PYTHON) scripts/install.sh
 
 demo: install

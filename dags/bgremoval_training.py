@@ -4,6 +4,7 @@
       ─► feature_shards ─► extract_features ×N ─► cluster_products
       ─► review_clusters (human in the loop: Approve / Reject)
       ─► apply_review ─► split_dataset ─► plan_augmentation ─► augment_cluster ×clusters ─► finalize_augmentation
+      ─► train_model (torch.distributed workers; checkpoints every epoch, resumes on retry)
 
 Trigger it from the UI with the parameter form (batch name, bucket, working resolution, clusters,
 split shares, augmentation target). The run stops at ``review_clusters`` until a reviewer has
@@ -26,6 +27,8 @@ from bgremoval_airflow.params import (
     review_page_url,
     review_params,
     split_config,
+    train_config,
+    training_params,
 )
 
 
@@ -35,7 +38,7 @@ from bgremoval_airflow.params import (
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=4,
-    params={**batch_params(), **cleaning_params(), **review_params()},
+    params={**batch_params(), **cleaning_params(), **review_params(), **training_params()},
     tags=["bgremoval", "training"],
     doc_md=__doc__,
 )
@@ -176,6 +179,19 @@ def bgremoval_training():
 
         return finalize(dataset["dataset_url"], [p["part_url"] for p in parts], s3_storage_options())
 
+    @task(retries=2)
+    def train_model(dataset: dict, augmented: dict, params=None, run_id=None) -> dict:
+        import re
+
+        from tasks.train.ddp import launch_local
+
+        safe_run = re.sub(r"[^A-Za-z0-9_-]+", "-", run_id).strip("-")
+        output_url = f"s3://{params['bucket']}/training/{dataset['version']}/{safe_run}"
+        config = train_config(params, dataset["dataset_url"], output_url, s3_storage_options())
+        result = launch_local(config, nproc=int(params["workers"]))
+        print(f"trained {result.model}: val IoU {result.metrics.get('val_iou')}, MLflow run {result.mlflow_run_id}")
+        return {k: v for k, v in result.to_dict().items() if k not in ("history", "config")}
+
     plan = plan_shards()
     wait_for_batch >> plan
     cleaned = clean_shard.partial(plan=plan).expand(shard_url=shards(plan))
@@ -188,7 +204,8 @@ def bgremoval_training():
     review_clusters >> reviewed
     splits = split_dataset(dataset, reviewed)
     parts = augment_cluster.partial(dataset=dataset).expand_kwargs(plan_augmentation(dataset, splits))
-    finalize_augmentation(dataset, parts)
+    augmented = finalize_augmentation(dataset, parts)
+    train_model(dataset, augmented)
 
 
 bgremoval_training()

@@ -15,5 +15,7 @@ echo "installing torch==2.13.0 (CPU)"
 "${PIP[@]}" "torch==2.13.0"
 echo "installing bgremoval and its pinned dependencies"
 "${PIP[@]}" -c constraints.txt -e '.[dev]'
+echo "installing horovod 0.28.1 (built from its sdist once, then from the wheel cache)"
+scripts/install-horovod.sh
 touch .venv/.installed
 echo "installed into .venv"

@@ -32,6 +32,8 @@ AIRFLOW_ENV = {
     "AIRFLOW__OPERATORS__DEFAULT_DEFERRABLE": "True",
     "AIRFLOW__LOGGING__LOGGING_LEVEL": "WARNING",
     "BGREMOVAL_STATE": str(_STATE / "stack"),
+    "MLFLOW_TRACKING_URI": f"sqlite:///{_STATE / 'mlflow.db'}",
+    "BGREMOVAL_MLFLOW_ARTIFACTS": str(_STATE / "mlflow-artifacts"),
     "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin,reviewer:user,viewer:viewer",
     "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(_AIRFLOW_HOME / "passwords.json"),
 }

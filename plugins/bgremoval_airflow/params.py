@@ -148,3 +148,83 @@ def review_page_url(version: str, bucket: str) -> str:
 
     base = conf.get("api", "base_url", fallback="").rstrip("/")
     return f"{base}/bgremoval/review/{version}?bucket={bucket}"
+
+
+def training_params() -> dict[str, Param]:
+    """Params of the training step (see ``tasks.train.config.TrainConfig``)."""
+    return {
+        "model": Param(
+            "u2netp",
+            type="string",
+            enum=["u2netp", "u2net"],
+            title="Model",
+            description="U2-NetP (1.1 M parameters, fast) or U2-Net (44 M parameters, the seed's model).",
+        ),
+        "epochs": Param(10, type="integer", minimum=1, title="Epochs", description="Training epochs over the balanced train split."),
+        "batch_size": Param(
+            8,
+            type="integer",
+            minimum=1,
+            title="Batch size per worker",
+            description="Images per worker and step; the effective batch is this times the number of workers.",
+        ),
+        "learning_rate": Param(
+            0.001, type="number", exclusiveMinimum=0, title="Learning rate", description="Peak Adam learning rate (cosine schedule with warm-up)."
+        ),
+        "train_input_size": Param(
+            320,
+            type="integer",
+            minimum=32,
+            maximum=1024,
+            title="Training input size (px)",
+            description="Images are resized to this square size for training (U2-Net's own size is 320).",
+        ),
+        "workers": Param(
+            2,
+            type="integer",
+            minimum=1,
+            maximum=64,
+            title="Local worker processes",
+            description="compute=local: torch.distributed worker processes on the Airflow worker (gloo on CPU, NCCL on GPU).",
+        ),
+        "max_steps_per_epoch": Param(
+            0,
+            type="integer",
+            minimum=0,
+            title="Max. steps per epoch",
+            description="Cap on optimiser steps per epoch for quick trial runs; 0 means no cap.",
+        ),
+        "init_from": Param(
+            "",
+            type="string",
+            title="Initial weights",
+            description="Optional URL of a model.pt / checkpoint to start from (retraining starts from the champion).",
+        ),
+    }
+
+
+def train_config(params: dict, dataset_url: str, output_url: str, storage_options: dict):
+    """Build the ``TrainConfig`` of a run; returns the dataclass.
+
+    The MLflow tracking URI comes from the worker's ``MLFLOW_TRACKING_URI``.
+    """
+    import os
+
+    from tasks.train.config import TrainConfig
+
+    return TrainConfig(
+        dataset_url=dataset_url,
+        output_url=output_url,
+        model=params["model"],
+        epochs=int(params["epochs"]),
+        batch_size=int(params["batch_size"]),
+        lr=float(params["learning_rate"]),
+        input_size=int(params["train_input_size"]),
+        seed=int(params["seed"]),
+        channels_last=True,
+        init_from=params["init_from"].strip() or None,
+        max_steps_per_epoch=int(params["max_steps_per_epoch"]) or None,
+        storage_options=storage_options,
+        mlflow_tracking_uri=os.environ.get("MLFLOW_TRACKING_URI"),
+        mlflow_run_name=f"{params['batch']}",
+    )

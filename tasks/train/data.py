@@ -97,10 +97,12 @@ def _read_rows(dataset_url: str, split: str, include_augmented: bool, storage_op
         frames.append((read_table(augmented_url, storage_options), storage.join(dataset_url, "augmented")))
     parts = []
     for frame, base in frames:
-        missing = {"key", "image_url", "mask_url", "status"} - set(frame.columns)
+        missing = {"key", "image_url", "mask_url"} - set(frame.columns)
         if missing:
             raise ValueError(f"manifest under {base} lacks column(s) {sorted(missing)}")
-        frame = frame[frame["status"] == STATUS_OK].copy()
+        if "status" in frame:  # the augmented manifest holds generated samples only, all usable
+            frame = frame[frame["status"] == STATUS_OK]
+        frame = frame.copy()
         frame["split"] = frame["split"].fillna("train") if "split" in frame else "train"
         frame["cluster"] = frame["cluster"].fillna(DEFAULT_CLUSTER) if "cluster" in frame else DEFAULT_CLUSTER
         frame = frame[frame["split"] == split]

@@ -13,6 +13,8 @@ group. :func:`launch_local` runs exactly that on this machine and returns rank 0
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import argparse
 import json
 import logging
@@ -111,41 +113,41 @@ def _stop_group(process: subprocess.Popen) -> None:
             continue
 
 
-def launch_local(config: TrainConfig, nproc: int, timeout_s: float | None = None,
-                 log_path: str | None = None, env: dict[str, str] | None = None) -> TrainResult:
-    """Run ``torchrun --standalone --nproc_per_node=nproc -m tasks.train.ddp`` here and wait.
+def run_launcher(name: str, nproc: int, command: Callable[[str], list[str]], config: TrainConfig,
+                 timeout_s: float | None = None, log_path: str | None = None,
+                 env: dict[str, str] | None = None) -> TrainResult:
+    """Run a multi-worker launcher (``torchrun``, ``horovodrun``) over ``config`` and wait.
 
     Args:
+        name: the launcher's name, for messages and the temporary folder.
+        nproc: how many workers it starts (for messages).
+        command: builds the launcher's argv from the path of the config JSON it must pass on.
         config: the run's config (written to a temporary JSON file for the workers).
-        nproc: worker processes on this machine (one per GPU on a GPU machine).
         timeout_s: kill the run after this many seconds (None: no limit).
         log_path: where the workers' combined output goes (default: a temporary file, deleted
             after a successful run).
         env: extra environment variables for the workers.
 
-    On the CPU each worker gets ``OMP_NUM_THREADS=1`` (unless ``env`` sets it), so N workers do
+    On the CPU each worker gets ``OMP_NUM_THREADS=1`` (unless ``env`` sets it), so workers do
     not fight over the cores. Returns rank 0's :class:`TrainResult`, read from
     ``<output_url>/result.json``. Raises ``RuntimeError`` with the exit status and the tail of
-    the log when torchrun fails (or times out).
+    the log when the launcher fails (or times out).
     """
-    if nproc < 1:
-        raise ValueError(f"nproc must be >= 1, got {nproc}")
-    workdir = tempfile.mkdtemp(prefix="bgremoval-ddp-")
+    workdir = tempfile.mkdtemp(prefix=f"bgremoval-{name}-")
     config_path = os.path.join(workdir, "config.json")
     with open(config_path, "w", encoding="utf-8") as handle:
         handle.write(config.to_json())
-    log_file = log_path or os.path.join(workdir, "torchrun.log")
+    log_file = log_path or os.path.join(workdir, f"{name}.log")
     child_env = dict(os.environ)
     child_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_PROJECT_ROOT), child_env.get("PYTHONPATH")) if p)
     if not _uses_cuda(config):
         child_env["OMP_NUM_THREADS"] = "1"
     child_env.update(env or {})
-    command = [torchrun_executable(), "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "tasks.train.ddp", "--config", config_path]
-    log.info("launching %s (log: %s)", " ".join(command), log_file)
+    argv = command(config_path)
+    log.info("launching %s (log: %s)", " ".join(argv), log_file)
     with open(log_file, "wb") as output:
-        # A session of its own, so a timeout can stop torchrun and every worker it started.
-        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=child_env,
+        # A session of its own, so a timeout can stop the launcher and every worker it started.
+        process = subprocess.Popen(argv, stdout=output, stderr=subprocess.STDOUT, env=child_env,
                                    cwd=str(_PROJECT_ROOT), start_new_session=True)
         try:
             returncode: int | None = process.wait(timeout=timeout_s)
@@ -159,14 +161,31 @@ def launch_local(config: TrainConfig, nproc: int, timeout_s: float | None = None
         with open(log_file, "rb") as handle:
             tail = handle.read()[-6000:].decode("utf-8", "replace")
         what = f"timed out after {timeout_s} s" if returncode is None else f"exited with status {returncode}"
-        raise RuntimeError(f"torchrun ({nproc} workers) {what}; full log: {log_file}\n--- log tail ---\n{tail}")
+        raise RuntimeError(f"{name} ({nproc} workers) {what}; full log: {log_file}\n--- log tail ---\n{tail}")
     result_url = storage.join(config.output_url, "result.json")
     result = TrainResult.from_dict(json.loads(storage.read_bytes(result_url, config.storage_options or None)))
     if log_path is None:
-        for name in (config_path, log_file):
-            os.remove(name)
+        for path in (config_path, log_file):
+            os.remove(path)
         os.rmdir(workdir)
     return result
+
+
+def launch_local(config: TrainConfig, nproc: int, timeout_s: float | None = None,
+                 log_path: str | None = None, env: dict[str, str] | None = None) -> TrainResult:
+    """Run ``torchrun --standalone --nproc_per_node=nproc -m tasks.train.ddp`` here and wait.
+
+    ``nproc`` is the number of worker processes on this machine (one per GPU on a GPU machine);
+    the other arguments and the result are those of :func:`run_launcher`.
+    """
+    if nproc < 1:
+        raise ValueError(f"nproc must be >= 1, got {nproc}")
+
+    def command(config_path: str) -> list[str]:
+        return [torchrun_executable(), "--standalone", f"--nproc_per_node={nproc}",
+                "-m", "tasks.train.ddp", "--config", config_path]
+
+    return run_launcher("torchrun", nproc, command, config, timeout_s, log_path, env)
 
 
 if __name__ == "__main__":

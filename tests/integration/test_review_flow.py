@@ -34,7 +34,10 @@ def test_reviewer_moves_an_image_renames_a_cluster_and_approves(s3_bucket, revie
     bucket = bucket_url.removeprefix("s3://")
     generate_catalogue(storage.join(bucket_url, "raw", "rev-1"), SynthConfig(n=60, seed=11, max_side=360), options)
     run = _start_run(
-        {"batch": "rev-1", "bucket": bucket, "working_size": 128, "shard_size": 30, "target_per_cluster": 14},
+        {
+            "batch": "rev-1", "bucket": bucket, "working_size": 128, "shard_size": 30, "target_per_cluster": 14,
+            "epochs": 1, "train_input_size": 64, "batch_size": 4, "workers": 2, "max_steps_per_epoch": 2,
+        },
         tmp_path / "run.log",
     )
     try:
@@ -86,6 +89,11 @@ def test_reviewer_moves_an_image_renames_a_cluster_and_approves(s3_bucket, revie
     assert ok["cluster"].notna().all() and set(ok["split"]) == {"train", "val", "test"}
     augmented = read_table(f"{bucket_url}/datasets/{version}/augmented/manifest.parquet", options)
     assert len(augmented) > 0 and set(augmented["split"]) == {"train"}
+    results = [o for o in storage.list_objects(f"{bucket_url}/training/{version}", options) if o.relpath.endswith("/result.json")]
+    assert len(results) == 1  # the approved run went on to train
+    trained = json.loads(storage.read_bytes(results[0].url, options))
+    assert trained["world_size"] == 2 and trained["epochs_completed"] == 1 and trained["mlflow_run_id"]
+
     originals = ok[ok["split"] == "train"]["cluster"].value_counts()
     added = augmented["cluster"].value_counts().reindex(originals.index, fill_value=0)
     assert ((originals + added) == originals.clip(lower=14)).all()  # rare clusters topped up to the target

@@ -92,6 +92,6 @@ def test_sensor_waits_then_cleaning_runs_mapped_and_reads_back(airflow_db, s3_bu
     )
     assert again.state == "success"
     versions = {o.relpath.split("/")[0] for o in storage.list_objects(storage.join(bucket_url, "datasets"), options)}
-    assert states[("apply_review", -1)] == "skipped"
+    assert states[("apply_review", -1)] == "skipped" and states[("train_model", -1)] == "skipped"
     assert versions == {version}
     assert len(read_table(storage.join(bucket_url, "datasets", version, "manifest.parquet"), options)) == len(manifest)
