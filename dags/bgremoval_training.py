@@ -4,7 +4,9 @@
       ─► feature_shards ─► extract_features ×N ─► cluster_products
       ─► review_clusters (human in the loop: Approve / Reject)
       ─► apply_review ─► split_dataset ─► plan_augmentation ─► augment_cluster ×clusters ─► finalize_augmentation
-      ─► train_model (torch.distributed workers; checkpoints every epoch, resumes on retry)
+      ─► choose_compute ─┬► train_model (local torch.distributed workers; resumes on retry)
+                         └► databricks_run ─► train_on_databricks (GPU job cluster, TorchDistributor)
+                                           ─► databricks_result (MLflow run id back to Airflow)
 
 Trigger it from the UI with the parameter form (batch name, bucket, working resolution, clusters,
 split shares, augmentation target). The run stops at ``review_clusters`` until a reviewer has
@@ -16,9 +18,11 @@ from __future__ import annotations
 
 import pendulum
 from airflow.providers.amazon.aws.sensors.s3 import S3KeySensor
+from airflow.providers.databricks.operators.databricks import DatabricksSubmitRunOperator
 from airflow.providers.standard.operators.hitl import ApprovalOperator
 from airflow.sdk import dag, task
 from bgremoval_airflow.connections import AWS_CONN_ID, s3_storage_options
+from bgremoval_airflow.databricks import DATABRICKS_CONN_ID, databricks_params, submit_run_json
 from bgremoval_airflow.params import (
     augment_config,
     batch_params,
@@ -38,7 +42,7 @@ from bgremoval_airflow.params import (
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=4,
-    params={**batch_params(), **cleaning_params(), **review_params(), **training_params()},
+    params={**batch_params(), **cleaning_params(), **review_params(), **training_params(), **databricks_params()},
     tags=["bgremoval", "training"],
     doc_md=__doc__,
 )
@@ -179,18 +183,41 @@ def bgremoval_training():
 
         return finalize(dataset["dataset_url"], [p["part_url"] for p in parts], s3_storage_options())
 
-    @task(retries=2)
-    def train_model(dataset: dict, augmented: dict, params=None, run_id=None) -> dict:
+    def _output_url(params: dict, dataset: dict, run_id: str) -> str:
         import re
 
+        safe_run = re.sub(r"[^A-Za-z0-9_-]+", "-", run_id).strip("-")
+        return f"s3://{params['bucket']}/training/{dataset['version']}/{safe_run}"
+
+    @task.branch
+    def choose_compute(augmented: dict, params=None) -> str:
+        return "train_model" if params["compute"] == "local" else "databricks_run"
+
+    @task(retries=2)
+    def train_model(dataset: dict, params=None, run_id=None) -> dict:
         from tasks.train.ddp import launch_local
 
-        safe_run = re.sub(r"[^A-Za-z0-9_-]+", "-", run_id).strip("-")
-        output_url = f"s3://{params['bucket']}/training/{dataset['version']}/{safe_run}"
-        config = train_config(params, dataset["dataset_url"], output_url, s3_storage_options())
+        config = train_config(params, dataset["dataset_url"], _output_url(params, dataset, run_id), s3_storage_options())
         result = launch_local(config, nproc=int(params["workers"]))
         print(f"trained {result.model}: val IoU {result.metrics.get('val_iou')}, MLflow run {result.mlflow_run_id}")
         return {k: v for k, v in result.to_dict().items() if k not in ("history", "config")}
+
+    @task
+    def databricks_run(dataset: dict, params=None, run_id=None) -> dict:
+        from dataclasses import replace
+
+        # The cluster reaches S3 through its instance profile (no credentials in the run's parameters)
+        # and MLflow through the cluster's MLFLOW_TRACKING_URI, not the Airflow worker's.
+        config = train_config(params, dataset["dataset_url"], _output_url(params, dataset, run_id), {})
+        return submit_run_json(params, replace(config, mlflow_tracking_uri=None).to_json())
+
+    @task
+    def databricks_result(dataset: dict, params=None, run_id=None) -> dict:
+        from bgremoval_airflow.databricks import mlflow_run_id_from_result, read_train_result
+
+        result = read_train_result(_output_url(params, dataset, run_id), s3_storage_options())
+        print(f"trained on Databricks: val IoU {result['metrics'].get('val_iou')}, MLflow run {mlflow_run_id_from_result(result)}")
+        return {k: v for k, v in result.items() if k not in ("history", "config")}
 
     plan = plan_shards()
     wait_for_batch >> plan
@@ -205,7 +232,13 @@ def bgremoval_training():
     splits = split_dataset(dataset, reviewed)
     parts = augment_cluster.partial(dataset=dataset).expand_kwargs(plan_augmentation(dataset, splits))
     augmented = finalize_augmentation(dataset, parts)
-    train_model(dataset, augmented)
+    compute = choose_compute(augmented)
+    compute >> train_model(dataset)
+    payload = databricks_run(dataset)
+    train_on_databricks = DatabricksSubmitRunOperator(
+        task_id="train_on_databricks", json=payload, databricks_conn_id=DATABRICKS_CONN_ID, deferrable=True
+    )
+    compute >> payload >> train_on_databricks >> databricks_result(dataset)
 
 
 bgremoval_training()

@@ -35,6 +35,8 @@ class DemoConfig:
     seed: int = 7
     max_side: int = 800
     target_per_cluster: int = 40
+    epochs: int = 3
+    train_input_size: int = 128
     max_moves: int = 12
     keep: bool = False
 
@@ -135,6 +137,17 @@ def _print_results(dataset_url: str, batch: str, truth, options: dict, log_path:
     print("\n== augmentation (train split, rare clusters topped up)")
     for cluster in train.index:
         print(f"  {cluster:<24} {train[cluster]:>4} originals + {added[cluster]:>4} augmented")
+    results = [o for o in storage.list_objects(dataset_url.replace("/datasets/", "/training/"), options) if o.relpath.endswith("/result.json")]
+    if results:
+        trained = json.loads(storage.read_bytes(results[-1].url, options))
+        print(f"\n== training ({trained['model']}, {trained['world_size']} torch.distributed workers, {trained['device']}, amp {trained['amp']})")
+        for epoch in trained.get("history", []):
+            print(
+                f"  epoch {epoch['epoch']}: train loss {epoch['train_loss']:.3f}  "
+                f"val IoU {epoch['val_iou'] if epoch['val_iou'] is not None else float('nan'):.3f}"
+            )
+        print(f"  {trained.get('images_per_s') or 0:.1f} images/s; MLflow run {trained['mlflow_run_id']}")
+        print(f"  model: {trained['model_url']}")
     print(f"\n  dataset:  {dataset_url}")
     print(f"  gallery:  {storage.join(dataset_url, 'augmented', 'gallery.jpg')}")
     print(f"  contact sheets: {storage.join(dataset_url, 'clusters')}/sheet-<n>.jpg")
@@ -167,7 +180,17 @@ def run_demo(config: DemoConfig) -> int:
                 storage_options=options,
                 progress=True,
             )
-        conf = {"batch": batch, "bucket": bucket, "target_per_cluster": config.target_per_cluster, "seed": config.seed}
+        conf = {
+            "batch": batch,
+            "bucket": bucket,
+            "target_per_cluster": config.target_per_cluster,
+            "seed": config.seed,
+            "model": "u2netp",
+            "epochs": config.epochs,
+            "train_input_size": config.train_input_size,
+            "batch_size": 8,
+            "workers": 2,
+        }
         print(f"== running {DAG_ID} with `airflow dags test` (sensor, cleaning, features, clusters, review gate, ...)")
         run = _start_dag_run(conf, env, log_path)
         user, password = next((u, p) for u, p in info["login"].items() if u == "reviewer")

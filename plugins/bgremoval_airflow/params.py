@@ -153,6 +153,14 @@ def review_page_url(version: str, bucket: str) -> str:
 def training_params() -> dict[str, Param]:
     """Params of the training step (see ``tasks.train.config.TrainConfig``)."""
     return {
+        "compute": Param(
+            "local",
+            type="string",
+            enum=["local", "databricks"],
+            title="Where to train",
+            description="local: torch.distributed workers on the Airflow worker. databricks: a new GPU job "
+            "cluster trains with Spark's TorchDistributor (see the databricks_* parameters).",
+        ),
         "model": Param(
             "u2netp",
             type="string",
