@@ -99,7 +99,7 @@ def torchrun_executable() -> str:
     return str(candidate)
 
 
-def _stop_group(process: subprocess.Popen) -> None:
+def stop_process_group(process: subprocess.Popen) -> None:
     """Terminate the process group of ``process`` (torchrun and its workers), then kill it."""
     for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
         try:
@@ -153,9 +153,9 @@ def run_launcher(name: str, nproc: int, command: Callable[[str], list[str]], con
             returncode: int | None = process.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             returncode = None
-            _stop_group(process)
+            stop_process_group(process)
         except BaseException:
-            _stop_group(process)
+            stop_process_group(process)
             raise
     if returncode != 0:
         with open(log_file, "rb") as handle:

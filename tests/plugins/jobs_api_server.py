@@ -21,7 +21,6 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import signal
 import subprocess
 import sys
 import threading
@@ -30,6 +29,8 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
+
+from tasks.train.ddp import stop_process_group
 
 API = "/api/2.2/jobs"
 
@@ -158,7 +159,7 @@ class FakeJobsServer:
         """Stop serving and kill any entry point still running."""
         for run in list(self.runs.values()):
             if run.process is not None and run.process.poll() is None:
-                _kill_group(run.process)
+                stop_process_group(run.process)
         self._httpd.shutdown()
         self._httpd.server_close()
 
@@ -234,7 +235,7 @@ class FakeJobsServer:
     def _cancel(self, run: FakeRun) -> None:
         run.cancel_requested = True
         if run.process is not None and run.process.poll() is None:
-            _kill_group(run.process)
+            stop_process_group(run.process)
 
     def _run_json(self, run: FakeRun) -> dict[str, Any]:
         task = run.payload["tasks"][0]
@@ -384,15 +385,3 @@ class FakeJobsServer:
         return Handler
 
 
-def _kill_group(process: subprocess.Popen) -> None:
-    """Stop an entry point and everything it started (Spark's JVM, torchrun workers)."""
-    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
-        try:
-            os.killpg(process.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            process.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
