@@ -52,6 +52,21 @@ def cmd_clean(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from tasks.evaluate import evaluate_folder
+    from tasks.metrics import format_summary
+
+    options = _storage_options(args.model) or _storage_options(args.images)
+    summary = evaluate_folder(args.model, args.images, args.masks, storage_options=options, threshold=args.threshold)
+    print(format_summary(summary))
+    if summary.get("skipped"):
+        print(f"images without a mask (not scored): {len(summary['skipped'])}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(summary, indent=2, default=str))
+        print(f"written to {args.json}")
+    return 0
+
+
 def cmd_stack(args: argparse.Namespace) -> int:
     from tasks import stack
 
@@ -103,6 +118,14 @@ def build_parser() -> argparse.ArgumentParser:
     clean.add_argument("--working-size", type=int, default=320)
     clean.add_argument("--shard-size", type=int, default=250)
     clean.set_defaults(func=cmd_clean)
+
+    evaluate = sub.add_parser("evaluate", help="score a trained model on any labelled folder (the seed's IoU table)")
+    evaluate.add_argument("--model", required=True, help="model.pt (or its run folder) written by training; s3:// or local")
+    evaluate.add_argument("--images", required=True, help="folder or URL with <stem>.jpg|png images")
+    evaluate.add_argument("--masks", required=True, help="folder or URL with <stem>.png masks (any resolution)")
+    evaluate.add_argument("--threshold", type=float, default=0.5, help="probability threshold for the masks")
+    evaluate.add_argument("--json", help="also write the summary as JSON to this file")
+    evaluate.set_defaults(func=cmd_evaluate)
 
     stack_parser = sub.add_parser("stack", help="the embedded stack: moto S3, Airflow (SQLite), MLflow (SQLite)")
     stack_parser.add_argument("action", choices=["up", "down", "status"])

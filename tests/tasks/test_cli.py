@@ -1,0 +1,46 @@
+"""The ``bgremoval`` command line on local folders (no servers needed)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+
+from tasks.cli import main
+from tasks.model.u2net import U2Net, U2NetConfig, StageWidths
+from tasks.synth import SynthConfig, generate_catalogue
+from tasks.train.config import TrainConfig
+
+TINY = [[4, 8]] * 6, [[4, 8]] * 5
+
+
+def test_synth_then_clean_prints_the_summary(tmp_path, capsys):
+    batch = tmp_path / "bucket" / "raw" / "b"
+    assert main(["synth", "--n", "8", "--bad", "5", "--max-side", "200", "--out", str(batch)]) == 0
+    assert (batch / "_READY").exists()
+    assert main(["synth", "--n", "8", "--out", str(batch)]) == 2  # a finished batch is not overwritten
+    assert main(["clean", "--bucket", str(tmp_path / "bucket"), "--batch", "b", "--working-size", "96"]) == 0
+    out = capsys.readouterr().out
+    assert "pairs in" in out and "quarantined" in out and "missing_mask" in out
+
+
+def test_evaluate_prints_the_seed_table_and_writes_json(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    widths = {"encoder": TINY[0], "decoder": TINY[1]}
+    model = U2Net(U2NetConfig(encoder=tuple(StageWidths(*w) for w in TINY[0]), decoder=tuple(StageWidths(*w) for w in TINY[1])))
+    torch.save(model.state_dict(), run / "model.pt")
+    config = TrainConfig(dataset_url="unused", output_url=str(run), model_widths=widths, input_size=64)
+    (run / "config.json").write_text(json.dumps(config.to_dict()))
+    generate_catalogue(str(tmp_path / "labelled"), SynthConfig(n=3, seed=2, max_side=120))
+    out_json = tmp_path / "scores.json"
+    code = main([
+        "evaluate", "--model", str(run / "model.pt"), "--images", str(tmp_path / "labelled" / "images"),
+        "--masks", str(tmp_path / "labelled" / "masks"), "--json", str(out_json),
+    ])
+    assert code == 0
+    summary = json.loads(out_json.read_text())
+    assert summary["n"] == 3 and 0.0 <= summary["mean_iou"] <= 1.0
+    assert "mean IoU" in capsys.readouterr().out
+    assert np.isfinite(summary["mean_mae"])
