@@ -68,11 +68,15 @@ def run_worker(config: TrainConfig, timeout_s: float = 1800.0) -> TrainResult:
         dist.destroy_process_group()
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Command line of one ``torchrun`` worker: ``--config FILE_OR_URL`` or ``--config-json TEXT``.
+def worker_main(prog: str, description: str, run: Callable[[TrainConfig, float], TrainResult],
+                rank_variables: tuple[str, ...], argv: list[str] | None = None) -> int:
+    """The command line every backend's worker shares: ``--config FILE_OR_URL`` or ``--config-json``.
 
-    Returns 0 on success (rank 0 prints the result JSON on its last line of stdout)."""
-    parser = argparse.ArgumentParser(prog="python -m tasks.train.ddp", description=__doc__.splitlines()[0])
+    Takes the program name and description for ``--help``, the backend's ``run(config, timeout)``,
+    and the environment variables that hold this worker's rank (the first one set wins). Returns 0
+    on success; rank 0 prints the result JSON on its last line of stdout.
+    """
+    parser = argparse.ArgumentParser(prog=prog, description=description)
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--config", help="path or URL of a TrainConfig JSON file")
     source.add_argument("--config-json", help="the TrainConfig as JSON text")
@@ -80,13 +84,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     text = args.config_json if args.config_json is not None else storage.read_bytes(args.config).decode("utf-8")
     config = TrainConfig.from_json(text)
-    rank = int(os.environ.get("RANK", "0"))
+    rank = int(next((os.environ[v] for v in rank_variables if v in os.environ), "0"))
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format=f"[rank {rank}] %(asctime)s %(levelname)s %(name)s: %(message)s")
-    result = run_worker(config, args.timeout)
+    result = run(config, args.timeout)
     if rank == 0:
         print(json.dumps(result.to_dict()), flush=True)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line of one ``torchrun`` worker (see :func:`worker_main`)."""
+    return worker_main("python -m tasks.train.ddp", __doc__.splitlines()[0], run_worker, ("RANK",), argv)
 
 
 def torchrun_executable() -> str:

@@ -18,8 +18,6 @@ build that script makes has CPU (Gloo) collectives only: train with ``device="cp
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
 import os
 import sys
@@ -29,10 +27,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from tasks import storage
 from tasks.train.collectives import Collectives, RankInfo
 from tasks.train.config import TrainConfig
-from tasks.train.ddp import run_launcher
+from tasks.train.ddp import run_launcher, worker_main
 from tasks.train.loop import TrainResult, train
 
 __all__ = ["HorovodCollectives", "horovodrun_executable", "import_horovod", "launch_local", "main", "run_worker"]
@@ -199,22 +196,8 @@ def main(argv: list[str] | None = None) -> int:
     """Command line of one ``horovodrun`` worker: ``--config FILE_OR_URL`` or ``--config-json TEXT``.
 
     Returns 0 on success (rank 0 prints the result JSON on its last line of stdout)."""
-    parser = argparse.ArgumentParser(prog="python -m tasks.train.horovod_backend",
-                                     description=__doc__.splitlines()[0])
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--config", help="path or URL of a TrainConfig JSON file")
-    source.add_argument("--config-json", help="the TrainConfig as JSON text")
-    parser.add_argument("--timeout", type=float, default=1800.0, help="seconds a collective may wait")
-    args = parser.parse_args(argv)
-    text = args.config_json if args.config_json is not None else storage.read_bytes(args.config).decode("utf-8")
-    config = TrainConfig.from_json(text)
-    rank = int(os.environ.get("HOROVOD_RANK", os.environ.get("RANK", "0")))
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format=f"[rank {rank}] %(asctime)s %(levelname)s %(name)s: %(message)s")
-    result = run_worker(config, args.timeout)
-    if rank == 0:
-        print(json.dumps(result.to_dict()), flush=True)
-    return 0
+    return worker_main("python -m tasks.train.horovod_backend", __doc__.splitlines()[0], run_worker,
+                       ("HOROVOD_RANK", "RANK"), argv)
 
 
 # ----------------------------------------------------------------------------------------------
