@@ -9,56 +9,19 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tasks.model import U2Net
 from tasks.train.checkpoint import load_checkpoint, state_dict_sha256
-from tasks.train.config import TrainConfig
-from tasks.train.data import SegmentationDataset, prepare_split
 from tasks.train.ddp import launch_local
-from tasks.train.synthetic import write_synthetic_dataset
 
 torch.set_num_threads(1)
-
-TINY = {"encoder": [[4, 8]] * 6, "decoder": [[4, 8]] * 5}
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> str:
-    """Ten 64-px products: eight train, two val."""
-    url = str(tmp_path_factory.mktemp("data") / "datasets" / "v1")
-    write_synthetic_dataset(url, 10, seed=21, max_side=64, split_for=lambda i: "val" if i in (2, 7) else "train")
-    return url
-
-
-def _config(dataset: str, tmp_path, **changes) -> TrainConfig:
-    values = dict(dataset_url=dataset, output_url=str(tmp_path / "run"), model="u2netp", model_widths=TINY,
-                  epochs=2, batch_size=2, input_size=64, lr=3e-3, cache_dir=str(tmp_path / "cache"),
-                  mlflow_tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", mlflow_experiment="ddp-test")
-    values.update(changes)
-    return TrainConfig(**values)
 
 
 def _weights_hashes(tmp_path) -> list[str]:
     return [(tmp_path / "run" / f"weights-rank{r}.sha256").read_text().strip() for r in range(2)]
 
 
-def _val_iou_of(model_path, dataset: str, cache: str) -> float:
-    """Mean per-image IoU of the saved model on the whole val split, computed in this process."""
-    config = TrainConfig(dataset_url=dataset, output_url="unused", model_widths=TINY)
-    model = U2Net(config.model_config())
-    model.load_state_dict(torch.load(model_path, weights_only=True))
-    model.eval()
-    ious = []
-    for image, mask in SegmentationDataset(prepare_split(dataset, "val", cache), 64):
-        with torch.no_grad():
-            predicted = model(image[None]).fused[0] > 0
-        truth = mask > 0.5
-        union = (predicted | truth).sum().item()
-        ious.append((predicted & truth).sum().item() / union if union else 1.0)
-    return sum(ious) / len(ious)
-
-
-def test_two_workers_end_with_identical_weights_and_log_averaged_metrics_once(dataset, tmp_path) -> None:
-    result = launch_local(_config(dataset, tmp_path, amp="off"), nproc=2, timeout_s=240)
+def test_two_workers_end_with_identical_weights_and_log_averaged_metrics_once(
+        two_split_dataset, tiny_config, val_iou_of, tmp_path) -> None:
+    result = launch_local(tiny_config("ddp-test", amp="off"), nproc=2, timeout_s=240)
 
     assert (result.world_size, result.epochs_run, result.start_epoch) == (2, 2, 1)
     hashes = _weights_hashes(tmp_path)
@@ -81,20 +44,21 @@ def test_two_workers_end_with_identical_weights_and_log_averaged_metrics_once(da
     # The logged IoU covers both val images although each worker validated only one of them.
     logged = {m.step: m.value for m in history}
     assert logged[2] == pytest.approx(result.metrics["val_iou"])
-    expected = _val_iou_of(tmp_path / "run" / "model.pt", dataset, str(tmp_path / "cache"))
+    expected = val_iou_of(tmp_path / "run" / "model.pt", two_split_dataset, str(tmp_path / "cache"))
     assert logged[2] == pytest.approx(expected, abs=1e-6)
 
 
-def test_a_killed_worker_fails_the_run_and_the_next_launch_resumes(dataset, tmp_path) -> None:
+def test_a_killed_worker_fails_the_run_and_the_next_launch_resumes(
+        two_split_dataset, tiny_config, val_iou_of, tmp_path) -> None:
     # amp="auto": bf16 autocast on a CPU with native bf16, float32 elsewhere.
     with pytest.raises(RuntimeError, match=r"torchrun \(2 workers\) exited with status") as failure:
-        launch_local(_config(dataset, tmp_path, epochs=3, fail_after_epoch=1, fail_rank=1), nproc=2, timeout_s=240)
+        launch_local(tiny_config("ddp-test", epochs=3, fail_after_epoch=1, fail_rank=1), nproc=2, timeout_s=240)
     assert "log tail" in str(failure.value)
     checkpoint = load_checkpoint(str(tmp_path / "run" / "checkpoint.pt"))
     assert checkpoint["epoch"] == 1
     assert not (tmp_path / "run" / "result.json").exists()
 
-    result = launch_local(_config(dataset, tmp_path, epochs=3), nproc=2, timeout_s=240)
+    result = launch_local(tiny_config("ddp-test", epochs=3), nproc=2, timeout_s=240)
     assert (result.start_epoch, result.epochs_run, result.epochs_completed, result.resumed) == (2, 2, 3, True)
     assert result.mlflow_run_id == checkpoint["mlflow_run_id"]
     hashes = _weights_hashes(tmp_path)

@@ -12,15 +12,9 @@ import os
 import pytest
 import torch
 
-from tasks.model import U2Net
 from tasks.train.checkpoint import state_dict_sha256
-from tasks.train.config import TrainConfig
-from tasks.train.data import SegmentationDataset, prepare_split
-from tasks.train.synthetic import write_synthetic_dataset
 
 torch.set_num_threads(1)
-
-TINY = {"encoder": [[4, 8]] * 6, "decoder": [[4, 8]] * 5}
 
 
 def _horovod_missing() -> str | None:
@@ -48,44 +42,14 @@ def _require_horovod() -> None:
     pytest.skip(reason)
 
 
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> str:
-    """Ten 64-px products: eight train, two val."""
-    url = str(tmp_path_factory.mktemp("data") / "datasets" / "v1")
-    write_synthetic_dataset(url, 10, seed=21, max_side=64, split_for=lambda i: "val" if i in (2, 7) else "train")
-    return url
-
-
-def _config(dataset: str, tmp_path, **changes) -> TrainConfig:
-    values = dict(dataset_url=dataset, output_url=str(tmp_path / "run"), model="u2netp", model_widths=TINY,
-                  epochs=2, batch_size=2, input_size=64, lr=3e-3, cache_dir=str(tmp_path / "cache"), device="cpu",
-                  mlflow_tracking_uri=f"sqlite:///{tmp_path}/mlflow.db", mlflow_experiment="horovod-test")
-    values.update(changes)
-    return TrainConfig(**values)
-
-
-def _val_iou_of(model_path, dataset: str, cache: str) -> float:
-    """Mean per-image IoU of the saved model on the whole val split, computed in this process."""
-    config = TrainConfig(dataset_url=dataset, output_url="unused", model_widths=TINY)
-    model = U2Net(config.model_config())
-    model.load_state_dict(torch.load(model_path, weights_only=True))
-    model.eval()
-    ious = []
-    for image, mask in SegmentationDataset(prepare_split(dataset, "val", cache), 64):
-        with torch.no_grad():
-            predicted = model(image[None]).fused[0] > 0
-        truth = mask > 0.5
-        union = (predicted | truth).sum().item()
-        ious.append((predicted & truth).sum().item() / union if union else 1.0)
-    return sum(ious) / len(ious)
-
-
-def test_two_horovod_workers_end_with_identical_weights_and_log_averaged_metrics_once(dataset, tmp_path) -> None:
+def test_two_horovod_workers_end_with_identical_weights_and_log_averaged_metrics_once(
+        two_split_dataset, tiny_config, val_iou_of, tmp_path) -> None:
     _require_horovod()
     from tasks.train.horovod_backend import launch_local
 
     # channels_last: the gradients Horovod averages are then dense but not contiguous.
-    result = launch_local(_config(dataset, tmp_path, amp="off", channels_last=True), nproc=2, timeout_s=300)
+    config = tiny_config("horovod-test", device="cpu", amp="off", channels_last=True)
+    result = launch_local(config, nproc=2, timeout_s=300)
 
     assert (result.world_size, result.epochs_run, result.start_epoch) == (2, 2, 1)
     hashes = [(tmp_path / "run" / f"weights-rank{r}.sha256").read_text().strip() for r in range(2)]
@@ -107,5 +71,5 @@ def test_two_horovod_workers_end_with_identical_weights_and_log_averaged_metrics
     # The logged IoU covers both val images although each worker validated only one of them.
     logged = {m.step: m.value for m in history}
     assert logged[2] == pytest.approx(result.metrics["val_iou"])
-    expected = _val_iou_of(tmp_path / "run" / "model.pt", dataset, str(tmp_path / "cache"))
+    expected = val_iou_of(tmp_path / "run" / "model.pt", two_split_dataset, str(tmp_path / "cache"))
     assert logged[2] == pytest.approx(expected, abs=1e-6)

@@ -1,0 +1,61 @@
+"""Fixtures shared by the multi-worker training tests (DDP, Horovod): a tiny model and data set,
+and the validation IoU of a saved model recomputed in the test process."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tasks.model import U2Net
+from tasks.train.config import TrainConfig
+from tasks.train.data import SegmentationDataset, prepare_split
+from tasks.train.synthetic import write_synthetic_dataset
+
+#: Channel widths of a tiny U2-Net: the real architecture, a run takes seconds.
+TINY_WIDTHS = {"encoder": [[4, 8]] * 6, "decoder": [[4, 8]] * 5}
+
+
+@pytest.fixture(scope="module")
+def two_split_dataset(tmp_path_factory) -> str:
+    """Ten 64-px products: eight train, two val; yields the dataset URL."""
+    url = str(tmp_path_factory.mktemp("data") / "datasets" / "v1")
+    write_synthetic_dataset(url, 10, seed=21, max_side=64, split_for=lambda i: "val" if i in (2, 7) else "train")
+    return url
+
+
+@pytest.fixture()
+def val_iou_of():
+    """``val_iou_of(model_path, dataset_url, cache_dir)``: mean per-image IoU of a saved tiny model
+    on the whole val split at 64 px, computed in this process."""
+
+    def compute(model_path, dataset: str, cache: str) -> float:
+        config = TrainConfig(dataset_url=dataset, output_url="unused", model_widths=TINY_WIDTHS)
+        model = U2Net(config.model_config())
+        model.load_state_dict(torch.load(model_path, weights_only=True))
+        model.eval()
+        ious = []
+        for image, mask in SegmentationDataset(prepare_split(dataset, "val", cache), 64):
+            with torch.no_grad():
+                predicted = model(image[None]).fused[0] > 0
+            truth = mask > 0.5
+            union = (predicted | truth).sum().item()
+            ious.append((predicted & truth).sum().item() / union if union else 1.0)
+        return sum(ious) / len(ious)
+
+    return compute
+
+
+@pytest.fixture()
+def tiny_config(two_split_dataset, tmp_path):
+    """``tiny_config(experiment, **changes)``: a 2-epoch TrainConfig of the tiny model on the
+    two-split data set, writing to ``tmp_path/run`` and an SQLite MLflow store in ``tmp_path``."""
+
+    def build(experiment: str, **changes) -> TrainConfig:
+        values = dict(dataset_url=two_split_dataset, output_url=str(tmp_path / "run"), model="u2netp",
+                      model_widths=TINY_WIDTHS, epochs=2, batch_size=2, input_size=64, lr=3e-3,
+                      cache_dir=str(tmp_path / "cache"), mlflow_tracking_uri=f"sqlite:///{tmp_path}/mlflow.db",
+                      mlflow_experiment=experiment)
+        values.update(changes)
+        return TrainConfig(**values)
+
+    return build
