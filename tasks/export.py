@@ -1,0 +1,125 @@
+"""Export a trained U2-Net to ONNX, the format production inference runs on CPUs.
+
+The exported graph takes what :func:`tasks.evaluate.preprocess` produces — ``input``: float32
+``B×3×S×S``, RGB scaled to [0, 1] and normalised with the ImageNet mean/std — and returns
+``mask``: float32 ``B×1×S×S`` foreground probabilities (the sigmoid of the fused output). The
+batch axis is dynamic; ``S`` is the model's training input size. This is also the layout rembg's
+``u2net_custom`` session expects (first output, channel 0), so the same file runs there.
+
+The file carries its preprocessing as ONNX metadata (``input_size``, ``resize``, ``mean``, ``std``,
+``model``), so :func:`read_onnx_metadata` tells an inference engine how to feed it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from tasks.train.data import IMAGENET_MEAN, IMAGENET_STD
+
+__all__ = ["ONNX_INPUT", "ONNX_OPSET", "ONNX_OUTPUT", "export_onnx", "read_onnx_metadata"]
+
+ONNX_INPUT = "input"
+ONNX_OUTPUT = "mask"
+ONNX_OPSET = 18
+
+
+class _Probabilities(nn.Module):
+    """The fused logits through a sigmoid: what an inference engine wants from U2-Net."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.model(x)
+        fused = out.fused if hasattr(out, "fused") else out[0] if isinstance(out, (tuple, list)) else out
+        return torch.sigmoid(fused)
+
+
+def export_onnx(model: nn.Module, onnx_path: str, input_size: int, resize: str = "stretch",
+                model_name: str | None = None, check: bool = True, tolerance: float = 1e-3) -> dict[str, Any]:
+    """Write ``model`` as an ONNX file with a dynamic batch axis.
+
+    Args:
+        model: a U2-Net (any module returning ``U2NetOutput``, a tuple whose first item is the
+            fused logits, or logits); exported on the CPU in eval mode (the caller's module is
+            not changed: a copy is moved).
+        onnx_path: local path of the ``.onnx`` file to write (its folder must exist).
+        input_size: the square input size ``S`` the model was trained at.
+        resize: the preprocessing resize mode (``"stretch"`` or ``"letterbox"``), stored as metadata.
+        model_name: stored as metadata (e.g. ``"u2netp"``).
+        check: run the file with ONNX Runtime on two random images and compare with PyTorch.
+        tolerance: the largest absolute probability difference ``check`` accepts.
+
+    Returns ``{"path", "opset", "input_size", "bytes", "max_abs_diff"}`` (``max_abs_diff`` is None
+    without ``check``). Raises ``RuntimeError`` when ONNX Runtime disagrees with PyTorch by more
+    than ``tolerance``.
+    """
+    import copy
+
+    import onnx
+
+    wrapped = _Probabilities(copy.deepcopy(model).float().cpu().to(memory_format=torch.contiguous_format)).eval()
+    size = int(input_size)
+    example = torch.zeros(1, 3, size, size)
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = os.path.join(tmp, "model.onnx")
+        torch.onnx.export(wrapped, (example,), raw, input_names=[ONNX_INPUT], output_names=[ONNX_OUTPUT],
+                          dynamic_shapes={"x": {0: batch}}, opset_version=ONNX_OPSET, dynamo=True,
+                          external_data=False, verbose=False)
+        proto = onnx.load(raw)
+    metadata = {"input_size": str(size), "resize": resize, "mean": json.dumps(list(IMAGENET_MEAN)),
+                "std": json.dumps(list(IMAGENET_STD)), "model": model_name or "",
+                "output": "probability of foreground, sigmoid of the fused output"}
+    del proto.metadata_props[:]
+    for key, value in metadata.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(proto, onnx_path)
+    diff = _check_against_torch(wrapped, onnx_path, size) if check else None
+    if diff is not None and diff > tolerance:
+        raise RuntimeError(f"the ONNX export at {onnx_path} differs from PyTorch by {diff:.2e} (> {tolerance:.0e})")
+    return {"path": onnx_path, "opset": ONNX_OPSET, "input_size": size, "bytes": os.path.getsize(onnx_path),
+            "max_abs_diff": diff}
+
+
+def _check_against_torch(wrapped: nn.Module, onnx_path: str, size: int) -> float:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).standard_normal((2, 3, size, size)).astype(np.float32)
+    got = session.run([ONNX_OUTPUT], {ONNX_INPUT: x})[0]
+    with torch.inference_mode():
+        want = wrapped(torch.from_numpy(x)).numpy()
+    return float(np.abs(got - want).max())
+
+
+def read_onnx_metadata(onnx_path: str) -> dict[str, Any]:
+    """Read the preprocessing an exported file needs: ``{"input_size": int, "resize": str,
+    "mean": [3 floats], "std": [3 floats], "model": str}``. Files exported elsewhere (e.g. the
+    original U-2-Net weights) have no metadata: their fixed input size is read from the graph and
+    the defaults are ``resize="stretch"`` and the ImageNet mean/std. Raises ``ValueError`` when
+    the input size is neither in the metadata nor fixed in the graph."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
+    props = session.get_modelmeta().custom_metadata_map
+    shape = session.get_inputs()[0].shape
+    size = props.get("input_size") or (shape[-1] if isinstance(shape[-1], int) else None)
+    if size is None:
+        raise ValueError(f"{onnx_path} has no input_size metadata and a dynamic input width {shape}")
+    return {
+        "input_size": int(size),
+        "resize": props.get("resize", "stretch"),
+        "mean": json.loads(props["mean"]) if "mean" in props else list(IMAGENET_MEAN),
+        "std": json.loads(props["std"]) if "std" in props else list(IMAGENET_STD),
+        "model": props.get("model", ""),
+    }

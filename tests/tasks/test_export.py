@@ -1,0 +1,46 @@
+"""ONNX export: the file runs in ONNX Runtime, agrees with PyTorch and carries its preprocessing."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from tasks.evaluate import preprocess
+from tasks.export import ONNX_INPUT, ONNX_OUTPUT, export_onnx, read_onnx_metadata
+from tasks.model import build_model
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    torch.manual_seed(0)
+    model = build_model("u2netp").eval()
+    path = str(tmp_path_factory.mktemp("onnx") / "model.onnx")
+    return model, export_onnx(model, path, 64, resize="stretch", model_name="u2netp")
+
+
+def test_export_matches_pytorch_for_any_batch(exported):
+    model, info = exported
+    assert info["max_abs_diff"] < 1e-3 and info["input_size"] == 64 and info["bytes"] > 1_000_000
+    session = ort.InferenceSession(info["path"], providers=["CPUExecutionProvider"])
+    images = [np.random.default_rng(i).integers(0, 256, (50 + 10 * i, 70, 3), dtype=np.uint8) for i in range(3)]
+    batch = np.stack([preprocess(im, 64) for im in images])
+    got = session.run([ONNX_OUTPUT], {ONNX_INPUT: batch})[0]
+    with torch.inference_mode():
+        want = torch.sigmoid(model(torch.from_numpy(batch)).fused).numpy()
+    assert got.shape == (3, 1, 64, 64)
+    assert np.abs(got - want).max() < 1e-3
+    assert 0.0 <= got.min() and got.max() <= 1.0
+
+
+def test_export_leaves_the_callers_model_alone(exported):
+    model, _ = exported
+    assert not model.training and next(model.parameters()).dtype == torch.float32
+
+
+def test_metadata_names_the_preprocessing(exported):
+    _, info = exported
+    meta = read_onnx_metadata(info["path"])
+    assert meta == {"input_size": 64, "resize": "stretch", "mean": [0.485, 0.456, 0.406],
+                    "std": [0.229, 0.224, 0.225], "model": "u2netp"}
