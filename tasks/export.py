@@ -2,9 +2,11 @@
 
 The exported graph takes what :func:`tasks.evaluate.preprocess` produces — ``input``: float32
 ``B×3×S×S``, RGB scaled to [0, 1] and normalised with the ImageNet mean/std — and returns
-``mask``: float32 ``B×1×S×S`` foreground probabilities (the sigmoid of the fused output). The
-batch axis is dynamic; ``S`` is the model's training input size. This is also the layout rembg's
-``u2net_custom`` session expects (first output, channel 0), so the same file runs there.
+``mask``: float32 ``B×1×S×S`` foreground probabilities (the sigmoid of the fused output), and by
+default a second output ``sides``: float32 ``B×6×S×S``, the sigmoid of the six side outputs
+(shallowest first), which :mod:`tasks.quality` compares with the fused map. The batch axis is
+dynamic; ``S`` is the model's training input size. Output 0 is what rembg's ``u2net_custom``
+session reads (first output, channel 0), so the same file runs there.
 
 The file carries its preprocessing as ONNX metadata (``input_size``, ``resize``, ``mean``, ``std``,
 ``model``), so :func:`read_onnx_metadata` tells an inference engine how to feed it.
@@ -23,28 +25,41 @@ from torch import nn
 
 from tasks.train.data import IMAGENET_MEAN, IMAGENET_STD
 
-__all__ = ["ONNX_INPUT", "ONNX_OPSET", "ONNX_OUTPUT", "export_onnx", "read_onnx_metadata"]
+__all__ = ["ONNX_INPUT", "ONNX_OPSET", "ONNX_OUTPUT", "ONNX_SIDES", "export_onnx", "read_onnx_metadata"]
 
 ONNX_INPUT = "input"
 ONNX_OUTPUT = "mask"
+ONNX_SIDES = "sides"
 ONNX_OPSET = 18
 
 
 class _Probabilities(nn.Module):
-    """The fused logits through a sigmoid: what an inference engine wants from U2-Net."""
+    """The fused logits through a sigmoid (and, with ``sides``, the six side maps concatenated
+    on the channel axis): what an inference engine wants from U2-Net."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, sides: bool = False) -> None:
         super().__init__()
         self.model = model
+        self.sides = sides
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         out = self.model(x)
         fused = out.fused if hasattr(out, "fused") else out[0] if isinstance(out, (tuple, list)) else out
-        return torch.sigmoid(fused)
+        if not self.sides:
+            return torch.sigmoid(fused)
+        return torch.sigmoid(fused), torch.sigmoid(torch.cat([s[:, :1] for s in out.sides], dim=1))
+
+
+def _has_sides(model: nn.Module, size: int) -> bool:
+    """True when ``model`` returns a ``U2NetOutput`` with side outputs (checked on one image)."""
+    with torch.inference_mode():
+        out = model(torch.zeros(1, 3, size, size))
+    return bool(getattr(out, "sides", None))
 
 
 def export_onnx(model: nn.Module, onnx_path: str, input_size: int, resize: str = "stretch",
-                model_name: str | None = None, check: bool = True, tolerance: float = 1e-3) -> dict[str, Any]:
+                model_name: str | None = None, check: bool = True, tolerance: float = 1e-3,
+                sides: bool | None = None) -> dict[str, Any]:
     """Write ``model`` as an ONNX file with a dynamic batch axis.
 
     Args:
@@ -57,8 +72,10 @@ def export_onnx(model: nn.Module, onnx_path: str, input_size: int, resize: str =
         model_name: stored as metadata (e.g. ``"u2netp"``).
         check: run the file with ONNX Runtime on two random images and compare with PyTorch.
         tolerance: the largest absolute probability difference ``check`` accepts.
+        sides: add the second output ``sides`` (B×6×S×S side probabilities); ``None`` (default)
+            adds it when the model returns side outputs (a ``U2NetOutput``).
 
-    Returns ``{"path", "opset", "input_size", "bytes", "max_abs_diff"}`` (``max_abs_diff`` is None
+    Returns ``{"path", "opset", "input_size", "bytes", "max_abs_diff", "outputs"}`` (``max_abs_diff`` is None
     without ``check``). Raises ``RuntimeError`` when ONNX Runtime disagrees with PyTorch by more
     than ``tolerance``.
     """
@@ -66,19 +83,24 @@ def export_onnx(model: nn.Module, onnx_path: str, input_size: int, resize: str =
 
     import onnx
 
-    wrapped = _Probabilities(copy.deepcopy(model).float().cpu().to(memory_format=torch.contiguous_format)).eval()
     size = int(input_size)
+    base = copy.deepcopy(model).float().cpu().to(memory_format=torch.contiguous_format).eval()
+    if sides is None:
+        sides = _has_sides(base, size)
+    wrapped = _Probabilities(base, sides=sides).eval()
+    outputs = [ONNX_OUTPUT, ONNX_SIDES] if sides else [ONNX_OUTPUT]
     example = torch.zeros(1, 3, size, size)
     batch = torch.export.Dim("batch", min=1, max=1024)
     with tempfile.TemporaryDirectory() as tmp:
         raw = os.path.join(tmp, "model.onnx")
-        torch.onnx.export(wrapped, (example,), raw, input_names=[ONNX_INPUT], output_names=[ONNX_OUTPUT],
+        torch.onnx.export(wrapped, (example,), raw, input_names=[ONNX_INPUT], output_names=outputs,
                           dynamic_shapes={"x": {0: batch}}, opset_version=ONNX_OPSET, dynamo=True,
                           external_data=False, verbose=False)
         proto = onnx.load(raw)
     metadata = {"input_size": str(size), "resize": resize, "mean": json.dumps(list(IMAGENET_MEAN)),
                 "std": json.dumps(list(IMAGENET_STD)), "model": model_name or "",
-                "output": "probability of foreground, sigmoid of the fused output"}
+                "output": "probability of foreground, sigmoid of the fused output",
+                "outputs": json.dumps(outputs)}
     del proto.metadata_props[:]
     for key, value in metadata.items():
         entry = proto.metadata_props.add()
@@ -88,7 +110,7 @@ def export_onnx(model: nn.Module, onnx_path: str, input_size: int, resize: str =
     if diff is not None and diff > tolerance:
         raise RuntimeError(f"the ONNX export at {onnx_path} differs from PyTorch by {diff:.2e} (> {tolerance:.0e})")
     return {"path": onnx_path, "opset": ONNX_OPSET, "input_size": size, "bytes": os.path.getsize(onnx_path),
-            "max_abs_diff": diff}
+            "max_abs_diff": diff, "outputs": outputs}
 
 
 def _check_against_torch(wrapped: nn.Module, onnx_path: str, size: int) -> float:
@@ -96,17 +118,19 @@ def _check_against_torch(wrapped: nn.Module, onnx_path: str, size: int) -> float
 
     session = ort.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
     x = np.random.default_rng(0).standard_normal((2, 3, size, size)).astype(np.float32)
-    got = session.run([ONNX_OUTPUT], {ONNX_INPUT: x})[0]
+    got = session.run(None, {ONNX_INPUT: x})
     with torch.inference_mode():
-        want = wrapped(torch.from_numpy(x)).numpy()
-    return float(np.abs(got - want).max())
+        want = wrapped(torch.from_numpy(x))
+    want = list(want) if isinstance(want, tuple) else [want]
+    return max(float(np.abs(g - w.numpy()).max()) for g, w in zip(got, want, strict=True))
 
 
 def read_onnx_metadata(onnx_path: str) -> dict[str, Any]:
     """Read the preprocessing an exported file needs: ``{"input_size": int, "resize": str,
-    "mean": [3 floats], "std": [3 floats], "model": str}``. Files exported elsewhere (e.g. the
+    "mean": [3 floats], "std": [3 floats], "model": str, "sides": bool}``. Files exported elsewhere (e.g. the
     original U-2-Net weights) have no metadata: their fixed input size is read from the graph and
-    the defaults are ``resize="stretch"`` and the ImageNet mean/std. Raises ``ValueError`` when
+    the defaults are ``resize="stretch"`` and the ImageNet mean/std. ``"sides"`` is True when the
+    file has the ``sides`` output (:func:`export_onnx`'s second output). Raises ``ValueError`` when
     the input size is neither in the metadata nor fixed in the graph."""
     import onnxruntime as ort
 
@@ -122,4 +146,5 @@ def read_onnx_metadata(onnx_path: str) -> dict[str, Any]:
         "mean": json.loads(props["mean"]) if "mean" in props else list(IMAGENET_MEAN),
         "std": json.loads(props["std"]) if "std" in props else list(IMAGENET_STD),
         "model": props.get("model", ""),
+        "sides": any(o.name == ONNX_SIDES for o in session.get_outputs()),
     }

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tasks.evaluate import preprocess
-from tasks.export import ONNX_INPUT, ONNX_OUTPUT, export_onnx, read_onnx_metadata
+from tasks.export import ONNX_INPUT, ONNX_OUTPUT, ONNX_SIDES, export_onnx, read_onnx_metadata
 from tasks.model import build_model
 
 
@@ -43,4 +43,26 @@ def test_metadata_names_the_preprocessing(exported):
     _, info = exported
     meta = read_onnx_metadata(info["path"])
     assert meta == {"input_size": 64, "resize": "stretch", "mean": [0.485, 0.456, 0.406],
-                    "std": [0.229, 0.224, 0.225], "model": "u2netp"}
+                    "std": [0.229, 0.224, 0.225], "model": "u2netp", "sides": True}
+
+
+def test_side_outputs_follow_the_mask_output(exported):
+    model, info = exported
+    assert info["outputs"] == [ONNX_OUTPUT, ONNX_SIDES]
+    session = ort.InferenceSession(info["path"], providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == [ONNX_OUTPUT, ONNX_SIDES]
+    x = np.stack([preprocess(np.full((64, 64, 3), 200, np.uint8), 64)] * 2)
+    mask, sides = session.run(None, {ONNX_INPUT: x})  # rembg reads output 0 this way
+    with torch.inference_mode():
+        out = model(torch.from_numpy(x))
+    assert sides.shape == (2, 6, 64, 64)
+    for k in range(6):
+        assert np.abs(sides[:, k] - torch.sigmoid(out.sides[k][:, 0]).numpy()).max() < 1e-3
+    assert np.abs(mask[:, 0] - torch.sigmoid(out.fused[:, 0]).numpy()).max() < 1e-3
+
+
+def test_export_without_sides_has_one_output(tmp_path):
+    torch.manual_seed(1)
+    info = export_onnx(build_model("u2netp").eval(), str(tmp_path / "m.onnx"), 64, sides=False, check=True)
+    assert info["outputs"] == [ONNX_OUTPUT] and info["max_abs_diff"] < 1e-3
+    assert read_onnx_metadata(info["path"])["sides"] is False
