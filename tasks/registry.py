@@ -1,0 +1,291 @@
+"""The MLflow model registry: register a trained model, promote it, roll back, fetch it.
+
+A registered version holds one MLflow model (PyTorch flavour: the network wrapped so that it
+returns foreground probabilities, with a signature and an input example) and, as extra files, the
+three files production needs without MLflow's loader: ``model.pt`` (the state dict),
+``config.json`` (model name, widths, input size, resize mode) and ``model.onnx`` (see
+:mod:`tasks.export`). :func:`download_model` puts those three in one folder, which
+:func:`tasks.evaluate.load_model` and :mod:`tasks.inference` read.
+
+Promotion uses registered-model **aliases**, never the deprecated stages: ``champion`` is the
+model in production and ``previous`` the one it replaced. Every promotion is appended to the
+registered model's ``champion_history`` tag, so :func:`rollback` can step back more than once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from tasks import storage
+
+__all__ = [
+    "CHAMPION",
+    "DEFAULT_MODEL_NAME",
+    "PREVIOUS",
+    "ForegroundProbability",
+    "alias_version",
+    "download_model",
+    "is_model_uri",
+    "model_uri",
+    "promote",
+    "register_model",
+    "resolve_model_folder",
+    "rollback",
+]
+
+DEFAULT_MODEL_NAME = "bgremoval-u2net"
+CHAMPION = "champion"
+PREVIOUS = "previous"
+_HISTORY_TAG = "champion_history"
+_EXTRA_FILES = ("model.pt", "config.json", "model.onnx")
+
+
+class ForegroundProbability(nn.Module):
+    """Wrap a U2-Net so that it returns what a user wants: ``B×1×S×S`` foreground probabilities
+    (the sigmoid of the fused output) for a normalised ``B×3×S×S`` input."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.model(x)
+        fused = out.fused if hasattr(out, "fused") else out[0] if isinstance(out, (tuple, list)) else out
+        return torch.sigmoid(fused)
+
+
+def _client(tracking_uri: str | None = None):
+    import mlflow
+
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+    return mlflow.MlflowClient()
+
+
+def model_uri(name: str = DEFAULT_MODEL_NAME, alias: str | None = CHAMPION, version: str | int | None = None) -> str:
+    """Return ``models:/<name>@<alias>`` or, with ``version``, ``models:/<name>/<version>``."""
+    return f"models:/{name}/{version}" if version is not None else f"models:/{name}@{alias}"
+
+
+def alias_version(name: str = DEFAULT_MODEL_NAME, alias: str = CHAMPION, tracking_uri: str | None = None) -> str | None:
+    """Return the version number (as a string) that ``alias`` points at, or None when the
+    registered model or the alias does not exist."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return str(_client(tracking_uri).get_model_version_by_alias(name, alias).version)
+    except MlflowException:
+        return None
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _tag_value(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.6f}"
+    return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+
+
+def register_model(model_url: str, name: str = DEFAULT_MODEL_NAME, run_id: str | None = None,
+                   tags: dict[str, Any] | None = None, storage_options: dict | None = None,
+                   tracking_uri: str | None = None, experiment: str = "bgremoval",
+                   description: str | None = None) -> dict[str, Any]:
+    """Register a trained model as a new version of ``name``.
+
+    Args:
+        model_url: a training output folder (or its ``model.pt``), local or ``s3://``, as written
+            by :func:`tasks.train.loop.train`.
+        name: the registered model's name (created when missing).
+        run_id: the MLflow run to log the model into (the training run); None starts a new run
+            in ``experiment``.
+        tags: set on the model version (numbers are written with 6 decimals, others as JSON),
+            e.g. the test metrics and the dataset version.
+        storage_options: fsspec options for ``model_url``.
+        tracking_uri: MLflow tracking URI (None: ``MLFLOW_TRACKING_URI``).
+        description: the version's description.
+
+    Returns ``{"name", "version", "model_uri", "run_id", "onnx_sha256", "input_size"}``.
+    The ONNX export is checked against PyTorch before anything is logged.
+    """
+    import mlflow
+    from mlflow.models import infer_signature
+
+    from tasks.evaluate import load_model
+    from tasks.export import export_onnx
+
+    client = _client(tracking_uri)
+    model, meta = load_model(model_url, storage_options=storage_options)
+    size = int(meta["input_size"])
+    config = {"model": meta["model"], "model_widths": meta["model_widths"], "input_size": size,
+              "resize": meta["resize"]}
+    with tempfile.TemporaryDirectory(prefix="bgremoval-register-") as tmp:
+        torch.save(model.state_dict(), os.path.join(tmp, "model.pt"))
+        with open(os.path.join(tmp, "config.json"), "w") as fh:
+            json.dump(config, fh, indent=2)
+        onnx_info = export_onnx(model, os.path.join(tmp, "model.onnx"), size, meta["resize"], meta["model"])
+        onnx_sha = _sha256(onnx_info["path"])
+        wrapped = ForegroundProbability(model).eval()
+        example = np.zeros((1, 3, size, size), np.float32)
+        with torch.inference_mode():
+            signature = infer_signature(example, wrapped(torch.from_numpy(example)).numpy())
+        if run_id is None:
+            experiment_id = (client.get_experiment_by_name(experiment) or None)
+            experiment_id = experiment_id.experiment_id if experiment_id else mlflow.create_experiment(experiment)
+            active = mlflow.start_run(experiment_id=experiment_id, run_name=f"register-{name}")
+        else:
+            active = mlflow.start_run(run_id=run_id)
+        with active as run:
+            info = mlflow.pytorch.log_model(
+                wrapped, name="model", signature=signature, input_example=example,
+                extra_files=[os.path.join(tmp, f) for f in _EXTRA_FILES],
+                registered_model_name=name, serialization_format="pickle",
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy", "onnxruntime"],
+                await_registration_for=60,
+            )
+            run_id = run.info.run_id
+    version = str(info.registered_model_version)
+    version_tags = {"dataset_version": None, **(tags or {}), "onnx_sha256": onnx_sha, "input_size": size,
+                    "model": meta["model"], "source": model_url}
+    for key, value in version_tags.items():
+        if value is not None:
+            client.set_model_version_tag(name, version, key, _tag_value(value))
+    if description:
+        client.update_model_version(name, version, description=description)
+    return {"name": name, "version": version, "model_uri": model_uri(name, version=version), "run_id": run_id,
+            "onnx_sha256": onnx_sha, "input_size": size}
+
+
+def _history(client, name: str) -> list[str]:
+    tags = client.get_registered_model(name).tags or {}
+    return [str(v) for v in json.loads(tags.get(_HISTORY_TAG, "[]"))]
+
+
+def _set_history(client, name: str, history: list[str]) -> None:
+    client.set_registered_model_tag(name, _HISTORY_TAG, json.dumps(history))
+
+
+def promote(name: str, version: str | int, user: str | None = None, reason: str | None = None,
+            tracking_uri: str | None = None) -> dict[str, str | None]:
+    """Make ``version`` the champion: the alias ``champion`` moves to it and the version that held
+    it gets the alias ``previous``. Promoting the current champion again changes nothing.
+
+    Records ``promoted_at``/``promoted_by``/``promotion_reason`` tags on the version. Returns
+    ``{"champion": version, "previous": the former champion or None}``.
+    """
+    client = _client(tracking_uri)
+    version = str(version)
+    client.get_model_version(name, version)  # fails clearly for an unknown version
+    current = alias_version(name, CHAMPION, tracking_uri)
+    if current == version:
+        return {"champion": version, "previous": alias_version(name, PREVIOUS, tracking_uri)}
+    history = _history(client, name)
+    if current is not None and (not history or history[-1] != current):
+        history.append(current)  # a champion set by hand before any promotion
+    client.set_registered_model_alias(name, CHAMPION, version)
+    if current is not None:
+        client.set_registered_model_alias(name, PREVIOUS, current)
+    _set_history(client, name, [*history, version])
+    stamp = {"promoted_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+             "promoted_by": user or "bgremoval", "promotion_reason": reason or "passed the gate"}
+    for key, value in stamp.items():
+        client.set_model_version_tag(name, version, key, value)
+    return {"champion": version, "previous": current}
+
+
+def rollback(name: str = DEFAULT_MODEL_NAME, user: str | None = None,
+             tracking_uri: str | None = None) -> dict[str, str | None]:
+    """Give the champion alias back to the version that held it before.
+
+    The current champion is tagged ``rolled_back_at``/``rolled_back_by``; ``champion`` moves to
+    the ``previous`` version and ``previous`` to the one before it in the promotion history (or
+    is removed). Returns ``{"champion": restored, "demoted": former champion, "previous": …}``.
+    Raises ``ValueError`` when there is no champion or nothing to roll back to.
+    """
+    client = _client(tracking_uri)
+    current = alias_version(name, CHAMPION, tracking_uri)
+    if current is None:
+        raise ValueError(f"registered model {name!r} has no {CHAMPION!r} alias: nothing to roll back")
+    history = _history(client, name)
+    if not history or history[-1] != current:
+        history.append(current)
+    earlier = history[:-1]
+    if not earlier:
+        previous = alias_version(name, PREVIOUS, tracking_uri)
+        if previous is None:
+            raise ValueError(f"registered model {name!r} has no {PREVIOUS!r} version to roll back to "
+                             f"(champion is version {current})")
+        earlier = [previous]
+    restored = earlier[-1]
+    client.set_registered_model_alias(name, CHAMPION, restored)
+    before = earlier[-2] if len(earlier) >= 2 else None
+    if before is not None:
+        client.set_registered_model_alias(name, PREVIOUS, before)
+    else:
+        client.delete_registered_model_alias(name, PREVIOUS)
+    _set_history(client, name, earlier)
+    client.set_model_version_tag(name, current, "rolled_back_at", datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    client.set_model_version_tag(name, current, "rolled_back_by", user or "bgremoval")
+    return {"champion": restored, "demoted": current, "previous": before}
+
+
+def download_model(uri: str, dst_dir: str | None = None, tracking_uri: str | None = None) -> str:
+    """Fetch a registered model's production files into one local folder.
+
+    Args:
+        uri: ``models:/<name>@<alias>`` or ``models:/<name>/<version>`` (any MLflow model URI whose
+            model was logged by :func:`register_model`).
+        dst_dir: the folder to fill (created; default: a new temporary folder).
+
+    Returns the folder, holding ``model.pt``, ``config.json`` and ``model.onnx``. Raises
+    ``FileNotFoundError`` when the model lacks them (it was not logged by this project).
+    """
+    import mlflow
+
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+    dst = dst_dir or tempfile.mkdtemp(prefix="bgremoval-model-")
+    os.makedirs(dst, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="bgremoval-download-") as tmp:
+        local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp)
+        missing = []
+        for name in _EXTRA_FILES:
+            src = os.path.join(local, "extra_files", name)
+            if not os.path.exists(src):
+                missing.append(name)
+                continue
+            shutil.copyfile(src, os.path.join(dst, name))
+    if missing:
+        raise FileNotFoundError(f"{uri} has no {', '.join(missing)} among its extra files: "
+                                "register it with tasks.registry.register_model")
+    return dst
+
+
+def is_model_uri(url: str) -> bool:
+    """True for an MLflow registry URI (``models:/…``)."""
+    return str(url).startswith("models:/")
+
+
+def resolve_model_folder(url: str, storage_options: dict | None = None) -> tuple[str, dict | None]:
+    """Turn a model reference into something :func:`tasks.evaluate.load_model` reads: a registry
+    URI is downloaded to a temporary folder (returned with no storage options), anything else is
+    returned unchanged with ``storage_options``."""
+    if is_model_uri(url):
+        return download_model(url), None
+    return url, storage_options
+

@@ -1,0 +1,120 @@
+"""Registry: register (PyTorch + ONNX), promote with aliases, roll back, download — on a real
+MLflow SQLite store."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import mlflow
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from tasks import registry
+from tasks.evaluate import load_model
+from tasks.model import U2Net
+from tasks.train.config import TrainConfig
+
+TINY = {"encoder": [[4, 8]] * 6, "decoder": [[4, 8]] * 5}
+SIZE = 32
+
+
+def _write_run(folder, seed: int) -> str:
+    config = TrainConfig(dataset_url="unused", output_url=str(folder), model="u2netp", model_widths=TINY,
+                         input_size=SIZE)
+    torch.manual_seed(seed)
+    os.makedirs(folder, exist_ok=True)
+    torch.save(U2Net(config.model_config()).state_dict(), os.path.join(folder, "model.pt"))
+    with open(os.path.join(folder, "config.json"), "w") as fh:
+        json.dump({"model": "u2netp", "model_widths": TINY, "input_size": SIZE, "resize": "stretch"}, fh)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def tracking(tmp_path_factory):
+    """A private SQLite tracking store for this module; yields ``(uri, run_id, folder)``."""
+    folder = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{folder}/mlflow.db"
+    saved = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    mlflow.set_tracking_uri(uri)
+    exp = mlflow.create_experiment("t", artifact_location=str(folder / "artifacts"))
+    with mlflow.start_run(experiment_id=exp) as run:
+        pass
+    yield uri, run.info.run_id, folder
+    if saved is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = saved
+    mlflow.set_tracking_uri(saved or "")
+
+
+@pytest.fixture(scope="module")
+def three_versions(tracking):
+    """Three tiny models registered as versions 1-3 of ``m`` (registering exports ONNX: ~10 s each)."""
+    _, run_id, folder = tracking
+    return [registry.register_model(_write_run(folder / f"run{i}", seed=i), "m", run_id=run_id,
+                                    tags={"mean_iou": 0.5 + i / 10, "dataset_version": f"d{i}"})
+            for i in range(3)]
+
+
+def test_register_logs_pytorch_and_onnx_with_tags(tmp_path, tracking, three_versions):
+    first = three_versions[0]
+    assert [v["version"] for v in three_versions] == ["1", "2", "3"]
+    client = mlflow.MlflowClient()
+    tags = client.get_model_version("m", "1").tags
+    assert tags["mean_iou"] == "0.500000" and tags["dataset_version"] == "d0" and tags["onnx_sha256"] == first["onnx_sha256"]
+    assert tags["input_size"] == str(SIZE)
+
+    folder = registry.download_model(registry.model_uri("m", version="1"), str(tmp_path / "dl"))
+    assert sorted(os.listdir(folder)) == ["config.json", "model.onnx", "model.pt"]
+    model, meta = load_model(folder)
+    original, _ = load_model(str(tracking[2] / "run0"))
+    for a, b in zip(model.state_dict().values(), original.state_dict().values()):
+        assert torch.equal(a, b)
+    assert meta["input_size"] == SIZE and meta["model_widths"] == TINY
+
+    x = np.random.default_rng(0).standard_normal((2, 3, SIZE, SIZE)).astype(np.float32)
+    onnx_out = ort.InferenceSession(os.path.join(folder, "model.onnx")).run(None, {"input": x})[0]
+    pyfunc = mlflow.pyfunc.load_model("models:/m/1")
+    assert pyfunc.metadata.get_input_schema() is not None
+    pyfunc_out = pyfunc.predict(x)
+    assert np.abs(np.asarray(pyfunc_out) - onnx_out).max() < 1e-3
+    assert onnx_out.shape == (2, 1, SIZE, SIZE)
+
+
+def test_promotion_moves_champion_and_previous_then_rollback_walks_back(three_versions):
+    assert registry.alias_version("m", registry.CHAMPION) is None
+    assert registry.promote("m", "1") == {"champion": "1", "previous": None}
+    assert registry.promote("m", "2", user="ana") == {"champion": "2", "previous": "1"}
+    assert registry.promote("m", "2") == {"champion": "2", "previous": "1"}  # idempotent
+    assert registry.promote("m", "3") == {"champion": "3", "previous": "2"}
+    tags = mlflow.MlflowClient().get_model_version("m", "2").tags
+    assert tags["promoted_by"] == "ana" and "promoted_at" in tags
+
+    assert registry.rollback("m", user="ops") == {"champion": "2", "demoted": "3", "previous": "1"}
+    assert registry.alias_version("m", registry.CHAMPION) == "2"
+    assert registry.alias_version("m", registry.PREVIOUS) == "1"
+    assert mlflow.MlflowClient().get_model_version("m", "3").tags["rolled_back_by"] == "ops"
+    assert registry.rollback("m") == {"champion": "1", "demoted": "2", "previous": None}
+    assert registry.alias_version("m", registry.PREVIOUS) is None
+    with pytest.raises(ValueError, match="no 'previous' version"):
+        registry.rollback("m")
+    # never the deprecated stages
+    assert all(v.current_stage in ("None", None) for v in mlflow.MlflowClient().search_model_versions("name='m'"))
+
+
+def test_rollback_without_champion_is_a_clear_error(tracking):
+    with pytest.raises(ValueError, match="no 'champion' alias"):
+        registry.rollback("nothing-here")
+
+
+def test_download_of_a_foreign_model_names_the_missing_files(tmp_path, tracking):
+    _, run_id, _ = tracking
+    with mlflow.start_run(run_id=run_id):
+        mlflow.pytorch.log_model(torch.nn.Linear(2, 1), name="plain", registered_model_name="plain",
+                                 serialization_format="pickle", pip_requirements=["torch"])
+    with pytest.raises(FileNotFoundError, match="model.pt, config.json, model.onnx"):
+        registry.download_model("models:/plain/1", str(tmp_path / "x"))
