@@ -1,7 +1,7 @@
 """The quality gate a challenger model must pass before it may become the champion.
 
 Three checks, all on the same test split (the challenger and the champion are evaluated in the
-same task, see :func:`tasks.evaluation_stage.evaluate_challenger`):
+same task, see :func:`tasks.assessment.assess_challenger`):
 
 1. ``mean_iou``: the challenger's mean IoU is at least ``iou_gate``;
 2. ``cluster_iou``: every product cluster's mean IoU is at least ``cluster_iou_gate``
