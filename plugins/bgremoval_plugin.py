@@ -16,4 +16,7 @@ class BgremovalPlugin(AirflowPlugin):
 
     name = "bgremoval"
     fastapi_apps = [{"app": _review_app(), "url_prefix": "/bgremoval", "name": "bgremoval review"}]
-    external_views = [{"name": "Review clusters", "href": "/bgremoval/", "destination": "nav", "url_route": "bgremoval"}]
+    external_views = [
+        {"name": "Review clusters", "href": "/bgremoval/", "destination": "nav", "url_route": "bgremoval"},
+        {"name": "Correct masks", "href": "/bgremoval/corrections", "destination": "nav", "url_route": "bgremoval-corrections"},
+    ]

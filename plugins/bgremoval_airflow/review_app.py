@@ -122,6 +122,10 @@ def create_app() -> FastAPI:
             return RedirectResponse(get_auth_manager().get_url_login(next_url=str(request.url)), status_code=303)
         return JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
 
+    from bgremoval_airflow.correction_app import correction_router
+
+    app.include_router(correction_router())  # the mask-correction page and its API
+
     @app.get("/", response_class=HTMLResponse, dependencies=[can_read])
     def index(bucket: str = Query(DEFAULT_BUCKET)) -> str:
         from tasks import storage
