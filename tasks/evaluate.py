@@ -30,6 +30,8 @@ from tasks.train.data import DEFAULT_CLUSTER, IMAGENET_MEAN, IMAGENET_STD, load_
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "decode_image",
+    "decode_mask",
     "evaluate_dataset",
     "evaluate_folder",
     "evaluate_pairs",
@@ -37,6 +39,7 @@ __all__ = [
     "predict_batch",
     "predict_probabilities",
     "preprocess",
+    "score_dataset",
 ]
 
 #: Image file extensions :func:`evaluate_folder` pairs with masks (case-insensitive).
@@ -279,7 +282,8 @@ def evaluate_pairs(model: nn.Module, pairs: Iterable[tuple[str, str | None, np.n
     return scores
 
 
-def _decode_image(url: str, storage_options: dict | None) -> np.ndarray:
+def decode_image(url: str, storage_options: dict | None) -> np.ndarray:
+    """Read and decode an image file into ``H×W×3`` RGB ``uint8``; ``ValueError`` when undecodable."""
     data = np.frombuffer(storage.read_bytes(url, storage_options), np.uint8)
     image = cv2.imdecode(data, cv2.IMREAD_COLOR)
     if image is None:
@@ -287,7 +291,8 @@ def _decode_image(url: str, storage_options: dict | None) -> np.ndarray:
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
-def _decode_mask(url: str, storage_options: dict | None) -> np.ndarray:
+def decode_mask(url: str, storage_options: dict | None) -> np.ndarray:
+    """Read and decode a mask file into ``H×W`` ``uint8``; ``ValueError`` when undecodable."""
     data = np.frombuffer(storage.read_bytes(url, storage_options), np.uint8)
     mask = cv2.imdecode(data, cv2.IMREAD_GRAYSCALE)
     if mask is None:
@@ -295,24 +300,38 @@ def _decode_mask(url: str, storage_options: dict | None) -> np.ndarray:
     return mask
 
 
-def evaluate_dataset(model_url: str, dataset_url: str, split: str = "test", storage_options: dict | None = None,
-                     threshold: float = 0.5, model_name: str | None = None) -> dict[str, Any]:
-    """Evaluate the model at ``model_url`` on the ``status == "ok"`` rows of ``split`` of a dataset.
+def score_dataset(model_url: str, dataset_url: str, split: str = "test", storage_options: dict | None = None,
+                  threshold: float = 0.5, model_name: str | None = None,
+                  model_storage_options: dict | None = None) -> tuple[list[ImageScore], dict[str, Any]]:
+    """Score the model at ``model_url`` on every ``status == "ok"`` row of ``split`` of a dataset.
 
     Reads ``<dataset_url>/manifest.parquet`` (augmented samples are not evaluated; a null
     cluster counts as ``"all"``), loads each clean image/mask pair and scores it with
     :func:`evaluate_pairs`, using the model's own ``input_size`` and resize mode
-    (:func:`load_model`). Returns :func:`tasks.metrics.summarise` of the scores plus ``split``,
-    ``model_url``, ``dataset_url``, ``threshold`` and ``input_size``. Raises ``ValueError`` when
-    the split has no rows and ``FileNotFoundError`` when the manifest or model is missing.
+    (:func:`load_model`; ``model_storage_options`` for the model when it lives elsewhere than
+    the data, default ``storage_options``). Returns ``(scores, model metadata)``. Raises
+    ``ValueError`` when the split has no rows and ``FileNotFoundError`` when the manifest or
+    model is missing.
     """
     rows = load_samples(dataset_url, split, storage_options, include_augmented=False)
     if not rows:
         raise ValueError(f"the manifest at {dataset_url} has no usable rows in split {split!r}")
-    model, meta = load_model(model_url, model_name, storage_options)
-    pairs = ((key, cluster, _decode_image(image_url, storage_options), _decode_mask(mask_url, storage_options))
+    model_options = storage_options if model_storage_options is None else model_storage_options
+    model, meta = load_model(model_url, model_name, model_options)
+    pairs = ((key, cluster, decode_image(image_url, storage_options), decode_mask(mask_url, storage_options))
              for key, image_url, mask_url, cluster in rows)
-    scores = evaluate_pairs(model, pairs, meta["input_size"], threshold, meta["resize"])
+    return evaluate_pairs(model, pairs, meta["input_size"], threshold, meta["resize"]), meta
+
+
+def evaluate_dataset(model_url: str, dataset_url: str, split: str = "test", storage_options: dict | None = None,
+                     threshold: float = 0.5, model_name: str | None = None) -> dict[str, Any]:
+    """Evaluate the model at ``model_url`` on the ``status == "ok"`` rows of ``split`` of a dataset.
+
+    Returns :func:`tasks.metrics.summarise` of :func:`score_dataset`'s scores plus ``split``,
+    ``model_url``, ``dataset_url``, ``threshold`` and ``input_size``. Raises ``ValueError`` when
+    the split has no rows and ``FileNotFoundError`` when the manifest or model is missing.
+    """
+    scores, meta = score_dataset(model_url, dataset_url, split, storage_options, threshold, model_name)
     summary = summarise(scores)
     summary.update(split=split, model_url=model_url, dataset_url=dataset_url, threshold=float(threshold),
                    input_size=meta["input_size"])
@@ -355,8 +374,8 @@ def evaluate_folder(model_url: str, images_dir_or_url: str, masks_dir_or_url: st
         raise ValueError(f"no image in {images_dir_or_url} has a mask <stem>.png in {masks_dir_or_url} "
                          f"({len(images)} images, {len(masks)} masks)")
     model, meta = load_model(model_url, model_name, storage_options)
-    pairs = ((stem, DEFAULT_CLUSTER, _decode_image(images[stem], storage_options),
-              _decode_mask(masks[stem], storage_options)) for stem in stems)
+    pairs = ((stem, DEFAULT_CLUSTER, decode_image(images[stem], storage_options),
+              decode_mask(masks[stem], storage_options)) for stem in stems)
     scores = evaluate_pairs(model, pairs, meta["input_size"], threshold, meta["resize"])
     summary = summarise(scores)
     summary.update(model_url=model_url, images_url=images_dir_or_url, masks_url=masks_dir_or_url,

@@ -39,7 +39,6 @@ __all__ = [
     "model_uri",
     "promote",
     "register_model",
-    "resolve_model_folder",
     "rollback",
 ]
 
@@ -279,13 +278,4 @@ def download_model(uri: str, dst_dir: str | None = None, tracking_uri: str | Non
 def is_model_uri(url: str) -> bool:
     """True for an MLflow registry URI (``models:/…``)."""
     return str(url).startswith("models:/")
-
-
-def resolve_model_folder(url: str, storage_options: dict | None = None) -> tuple[str, dict | None]:
-    """Turn a model reference into something :func:`tasks.evaluate.load_model` reads: a registry
-    URI is downloaded to a temporary folder (returned with no storage options), anything else is
-    returned unchanged with ``storage_options``."""
-    if is_model_uri(url):
-        return download_model(url), None
-    return url, storage_options
 

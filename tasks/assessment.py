@@ -1,0 +1,181 @@
+"""The evaluation stage of the training DAG: score the challenger and the champion on the same
+test split, judge the gate, write the report, log it all to the training run in MLflow.
+
+:func:`assess_challenger` is the stage function; registration and promotion follow in
+:func:`register_and_promote` only when the gate passed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any
+
+from tasks import registry, storage
+from tasks.evaluate import decode_image, decode_mask, load_model, predict_probabilities, score_dataset
+from tasks.gate import GateConfig, decide, format_decision
+from tasks.metrics import format_summary, summarise
+from tasks.report import GalleryItem, write_report
+from tasks.train.data import load_samples
+
+__all__ = ["AssessmentConfig", "assess_challenger", "register_and_promote"]
+
+
+@dataclass(frozen=True)
+class AssessmentConfig:
+    """How a challenger is judged.
+
+    ``split``: the manifest split scored (``"test"``); ``threshold``: probability → mask;
+    ``gate``: the thresholds; ``registered_model``: the MLflow registered model whose
+    ``champion`` alias is the comparison; ``worst``: images in the gallery.
+    """
+
+    split: str = "test"
+    threshold: float = 0.5
+    gate: GateConfig = field(default_factory=GateConfig)
+    registered_model: str = registry.DEFAULT_MODEL_NAME
+    worst: int = 16
+
+
+def _metrics_for_mlflow(summary: dict, prefix: str) -> dict[str, float]:
+    metrics = {f"{prefix}mean_iou": summary["mean_iou"], f"{prefix}mean_mae": summary["mean_mae"],
+               f"{prefix}mean_boundary_f": summary["mean_boundary_f"]}
+    for th, share in summary["share_at_least"].items():
+        metrics[f"{prefix}share_iou_ge_{round(float(th) * 100)}"] = share
+    for cluster, row in summary["clusters"].items():
+        metrics[f"{prefix}iou_{cluster}"] = row["mean_iou"]
+    return {k: float(v) for k, v in metrics.items()}
+
+
+def _history(model_url: str, storage_options: dict | None) -> list[dict]:
+    url = storage.join(model_url, "result.json")
+    if not storage.exists(url, storage_options):
+        return []
+    return list(json.loads(storage.read_bytes(url, storage_options)).get("history") or [])
+
+
+def _gallery(model_url: str, dataset_url: str, split: str, worst: list[dict], threshold: float,
+             storage_options: dict | None) -> list[GalleryItem]:
+    if not worst:
+        return []
+    rows = {key: (image_url, mask_url) for key, image_url, mask_url, _ in
+            load_samples(dataset_url, split, storage_options, include_augmented=False)}
+    model, meta = load_model(model_url, storage_options=storage_options)
+    items = []
+    for entry in worst:
+        image_url, mask_url = rows[entry["stem"]]
+        image, truth = decode_image(image_url, storage_options), decode_mask(mask_url, storage_options)
+        prob = predict_probabilities(model, image, meta["input_size"], meta["resize"], (truth.shape[1], truth.shape[0]))
+        if prob.shape != image.shape[:2]:
+            import cv2
+
+            image = cv2.resize(image, (truth.shape[1], truth.shape[0]), interpolation=cv2.INTER_AREA)
+        items.append(GalleryItem(entry["stem"], str(entry["cluster"]), float(entry["iou"]), image, truth, prob))
+    return items
+
+
+def assess_challenger(model_url: str, dataset_url: str, report_url: str, config: AssessmentConfig,
+                      storage_options: dict | None = None, mlflow_run_id: str | None = None,
+                      champion_uri: str | None = None, facts: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Evaluate a freshly trained model, compare it with the champion and write the report.
+
+    Args:
+        model_url: the challenger's training output folder (``model.pt`` + ``config.json``).
+        dataset_url: the dataset version whose ``split`` is scored.
+        report_url: folder (local or ``s3://``) that receives ``report.html``, the plots,
+            the gallery and ``assessment.json``.
+        config: split, threshold, gate thresholds, registered model name.
+        storage_options: fsspec options for the three URLs.
+        mlflow_run_id: the training run; when given, the test metrics (``test_*``), the gate
+            verdict and the report (under ``report/``) are logged to it.
+        champion_uri: the model to beat (default: ``models:/<registered_model>@champion`` when
+            that alias exists); it is scored on the same split in this call.
+        facts: extra lines for the report's header.
+
+    Returns an XCom-sized dict: ``summary`` (the challenger's :func:`tasks.metrics.summarise`),
+    ``champion`` (the champion's summary and ``version``, or None), ``gate``
+    (:meth:`GateDecision.to_dict`), ``table`` (the seed-style text table), ``report_url``,
+    ``report_html`` and ``mlflow_run_id``.
+    """
+    scores, meta = score_dataset(model_url, dataset_url, config.split, storage_options, config.threshold)
+    summary = summarise(scores, worst=config.worst)
+    champion_summary, champion_version = None, None
+    if champion_uri is None and registry.alias_version(config.registered_model, registry.CHAMPION) is not None:
+        champion_uri = registry.model_uri(config.registered_model, registry.CHAMPION)
+        champion_version = registry.alias_version(config.registered_model, registry.CHAMPION)
+    if champion_uri is not None:
+        with tempfile.TemporaryDirectory(prefix="bgremoval-champion-") as tmp:
+            if registry.is_model_uri(champion_uri):
+                folder, champion_options = registry.download_model(champion_uri, tmp), {}
+            else:
+                folder, champion_options = champion_uri, storage_options
+            champion_scores, _ = score_dataset(folder, dataset_url, config.split, storage_options, config.threshold,
+                                               model_storage_options=champion_options)
+        champion_summary = summarise(champion_scores, worst=0)
+    decision = decide(summary, champion_summary, config.gate)
+    table = format_summary(summary)
+    verdict = format_decision(decision)
+
+    header = {"challenger": model_url, "dataset": dataset_url, "split": config.split,
+              "input size": meta["input_size"], "threshold": config.threshold,
+              "champion": f"{champion_uri} (version {champion_version})" if champion_uri else "none yet",
+              **({"MLflow run": mlflow_run_id} if mlflow_run_id else {}), **(facts or {})}
+    with tempfile.TemporaryDirectory(prefix="bgremoval-report-") as tmp:
+        gallery = _gallery(model_url, dataset_url, config.split, summary["worst"], config.threshold, storage_options)
+        files = write_report(tmp, summary, [s.iou for s in scores], gallery, decision.to_dict(), champion_summary,
+                             _history(model_url, storage_options), config.gate.cluster_iou_gate,
+                             title="bgremoval: challenger evaluation", facts=header)
+        result = {"summary": summary, "gate": decision.to_dict(), "table": table, "verdict": verdict,
+                  "champion": None if champion_summary is None else {
+                      "uri": champion_uri, "version": champion_version, "mean_iou": champion_summary["mean_iou"],
+                      "clusters": champion_summary["clusters"], "share_at_least": champion_summary["share_at_least"]},
+                  "report_url": report_url, "report_html": storage.join(report_url, "report.html"),
+                  "mlflow_run_id": mlflow_run_id, "model_url": model_url, "input_size": meta["input_size"]}
+        with open(os.path.join(tmp, "assessment.json"), "w") as fh:
+            json.dump(result, fh, indent=2, default=str)
+        files["assessment.json"] = os.path.join(tmp, "assessment.json")
+        for name, path in files.items():
+            with open(path, "rb") as fh:
+                storage.write_bytes(storage.join(report_url, name), fh.read(), storage_options)
+        if mlflow_run_id:
+            _log_to_mlflow(mlflow_run_id, summary, champion_summary, decision.passed, tmp)
+    return json.loads(json.dumps(result, default=str))
+
+
+def _log_to_mlflow(run_id: str, summary: dict, champion: dict | None, passed: bool, folder: str) -> None:
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    metrics = _metrics_for_mlflow(summary, "test_")
+    if champion is not None:
+        metrics["champion_test_mean_iou"] = float(champion["mean_iou"])
+    for key, value in metrics.items():
+        client.log_metric(run_id, key, value)
+    client.set_tag(run_id, "gate", "passed" if passed else "failed")
+    client.log_artifacts(run_id, folder, artifact_path="report")
+
+
+def register_and_promote(assessment: dict[str, Any], dataset_version: str, config: AssessmentConfig,
+                         storage_options: dict | None = None, user: str | None = None) -> dict[str, Any]:
+    """Register the assessed challenger and make it the champion.
+
+    Refuses (``ValueError``) when the assessment's gate did not pass. Registers into the training
+    run (``assessment["mlflow_run_id"]``) with the test metrics and ``dataset_version`` as version
+    tags, then promotes. Returns :func:`tasks.registry.register_model`'s dict plus ``champion``
+    and ``previous`` (versions).
+    """
+    if not assessment["gate"]["passed"]:
+        raise ValueError("the gate did not pass: " + "; ".join(assessment["gate"]["reasons"]))
+    summary = assessment["summary"]
+    tags = {**_metrics_for_mlflow(summary, "test_"), "dataset_version": dataset_version,
+            "gate": "passed", "report": assessment["report_html"]}
+    registered = registry.register_model(assessment["model_url"], config.registered_model,
+                                         run_id=assessment.get("mlflow_run_id"), tags=tags,
+                                         storage_options=storage_options,
+                                         description=f"mean IoU {summary['mean_iou'] * 100:.3f} % on "
+                                                     f"{summary['n']} test images of {dataset_version}")
+    promoted = registry.promote(config.registered_model, registered["version"], user=user,
+                                reason=f"gate passed: mean IoU {summary['mean_iou'] * 100:.3f} %")
+    return {**registered, **promoted}

@@ -1,0 +1,110 @@
+"""The evaluation stage: challenger vs champion on one split, the gate, the report, MLflow."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import mlflow
+import pytest
+import torch
+
+from tasks import registry
+from tasks.assessment import AssessmentConfig, assess_challenger, register_and_promote
+from tasks.gate import GateConfig
+from tasks.model import U2Net
+from tasks.train.config import TrainConfig
+from tasks.train.synthetic import write_synthetic_dataset
+
+TINY = {"encoder": [[4, 8]] * 6, "decoder": [[4, 8]] * 5}
+SIZE = 32
+
+
+def _write_run(folder, seed: int, history: bool = True) -> str:
+    config = TrainConfig(dataset_url="unused", output_url=str(folder), model="u2netp", model_widths=TINY, input_size=SIZE)
+    torch.manual_seed(seed)
+    os.makedirs(folder, exist_ok=True)
+    torch.save(U2Net(config.model_config()).state_dict(), os.path.join(folder, "model.pt"))
+    with open(os.path.join(folder, "config.json"), "w") as fh:
+        json.dump({"model": "u2netp", "model_widths": TINY, "input_size": SIZE, "resize": "stretch"}, fh)
+    if history:
+        epochs = [{"epoch": e, "train_loss": 1.0 / e, "val_loss": 1.2 / e, "val_iou": 0.5 + e / 10} for e in (1, 2, 3)]
+        with open(os.path.join(folder, "result.json"), "w") as fh:
+            json.dump({"history": epochs}, fh)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def setting(tmp_path_factory):
+    """A dataset with a six-image test split, an SQLite MLflow store and a training run."""
+    root = tmp_path_factory.mktemp("assess")
+    dataset = str(root / "datasets" / "v1")
+    write_synthetic_dataset(dataset, 10, seed=3, max_side=48, split_for=lambda i: "test" if i < 6 else "train")
+    uri = f"sqlite:///{root}/mlflow.db"
+    saved = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    mlflow.set_tracking_uri(uri)
+    exp = mlflow.create_experiment("assess", artifact_location=str(root / "artifacts"))
+    with mlflow.start_run(experiment_id=exp) as run:
+        pass
+    yield root, dataset, run.info.run_id
+    os.environ.pop("MLFLOW_TRACKING_URI") if saved is None else os.environ.update(MLFLOW_TRACKING_URI=saved)
+    mlflow.set_tracking_uri(saved or "")
+
+
+LENIENT = AssessmentConfig(gate=GateConfig(iou_gate=0.0, cluster_iou_gate=0.0, tolerance=1.0), registered_model="assess-m")
+
+
+def test_first_challenger_passes_is_registered_and_becomes_champion(setting):
+    root, dataset, run_id = setting
+    model = _write_run(root / "run1", seed=1)
+    result = assess_challenger(model, dataset, str(root / "report1"), LENIENT, mlflow_run_id=run_id)
+    assert result["gate"]["passed"] and result["champion"] is None
+    assert result["summary"]["n"] == 6 and "mean IoU" in result["table"]
+    files = sorted(os.listdir(root / "report1"))
+    assert files == ["assessment.json", "cluster_iou.png", "iou_histogram.png", "report.html",
+                     "training_curves.png", "worst_gallery.jpg"]
+    page = (root / "report1" / "report.html").read_text()
+    assert "Gate PASSED" in page and page.count("data:image/") == 4 and "Per product cluster" in page
+
+    run = mlflow.MlflowClient().get_run(run_id)
+    assert run.data.metrics["test_mean_iou"] == pytest.approx(result["summary"]["mean_iou"])
+    assert run.data.tags["gate"] == "passed"
+    logged = {a.path for a in mlflow.MlflowClient().list_artifacts(run_id, "report")}
+    assert "report/report.html" in logged and "report/worst_gallery.jpg" in logged
+
+    promoted = register_and_promote(result, "v1", LENIENT)
+    assert promoted["champion"] == promoted["version"] == "1" and promoted["previous"] is None
+    tags = mlflow.MlflowClient().get_model_version("assess-m", "1").tags
+    assert tags["dataset_version"] == "v1" and float(tags["test_mean_iou"]) == pytest.approx(result["summary"]["mean_iou"], abs=1e-6)
+
+
+def test_second_challenger_is_compared_with_the_champion_on_the_same_split(setting):
+    root, dataset, run_id = setting
+    strict = AssessmentConfig(gate=GateConfig(iou_gate=0.0, cluster_iou_gate=0.0, tolerance=0.0), registered_model="assess-m")
+    if registry.alias_version("assess-m") is None:
+        pytest.skip("needs the champion registered by the previous test")
+    champion_mean = assess_challenger(str(root / "run1"), dataset, str(root / "same"), strict)["summary"]["mean_iou"]
+    other = _write_run(root / "run2", seed=2, history=False)
+    result = assess_challenger(other, dataset, str(root / "report2"), strict)
+    assert result["champion"]["version"] == "1"
+    assert result["champion"]["mean_iou"] == pytest.approx(champion_mean)
+    worse = result["summary"]["mean_iou"] < champion_mean
+    assert result["gate"]["passed"] is (not worse)
+    page = (root / "report2" / "report.html").read_text()
+    assert "champion" in page and ("Gate FAILED" in page) is worse
+    if worse:
+        assert any("champion" in r for r in result["gate"]["reasons"])
+        with pytest.raises(ValueError, match="gate did not pass"):
+            register_and_promote(result, "v1", strict)
+    else:
+        assert register_and_promote(result, "v1", strict)["previous"] == "1"
+
+
+def test_failing_thresholds_are_explained_in_the_report(setting, tmp_path):
+    root, dataset, _ = setting
+    config = AssessmentConfig(gate=GateConfig(iou_gate=1.0, cluster_iou_gate=1.0), registered_model="nobody")
+    result = assess_challenger(_write_run(tmp_path / "r", seed=5), dataset, str(tmp_path / "report"), config)
+    assert not result["gate"]["passed"]
+    assert result["gate"]["reasons"][0].startswith("mean IoU")
+    assert "Gate FAILED: promotion skipped" in (tmp_path / "report" / "report.html").read_text()
