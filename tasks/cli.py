@@ -67,6 +67,26 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_remove(args: argparse.Namespace) -> int:
+    from tasks.inference import InferenceConfig, load_engine, remove_to
+
+    urls = [*args.inputs, args.out, args.model]
+    options = next((o for o in map(_storage_options, urls) if o is not None), None)
+    try:
+        config = InferenceConfig(background=args.background, canvas=args.canvas, margin=args.margin, mask=args.mask,
+                                 batch_size=args.batch_size, io_threads=args.io_threads,
+                                 jpeg_quality=args.jpeg_quality, png_compression=args.png_compression)
+        engine = load_engine(args.model, options, device=args.device, backend=args.backend, threads=args.threads)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"bgremoval remove: {exc}", file=sys.stderr)
+        return 2
+    print(f"model: {engine.describe()}")
+    summary = remove_to(args.inputs, args.out, engine, config, options, progress=not args.quiet)
+    print(f"{summary['ok']} of {summary['images']} images done, {summary['failed']} failed, "
+          f"{summary['images_per_s']} img/s; outputs in {args.out}")
+    return 0 if summary["failed"] == 0 and summary["images"] > 0 else 1
+
+
 def cmd_stack(args: argparse.Namespace) -> int:
     from tasks import stack
 
@@ -126,6 +146,25 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--threshold", type=float, default=0.5, help="probability threshold for the masks")
     evaluate.add_argument("--json", help="also write the summary as JSON to this file")
     evaluate.set_defaults(func=cmd_evaluate)
+
+    remove = sub.add_parser("remove", help="cut out products: RGBA PNG + JPEG on a background (+ mask) per image")
+    remove.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or s3:// prefixes")
+    remove.add_argument("-o", "--out", required=True, help="output folder or s3:// prefix")
+    remove.add_argument("--model", required=True,
+                        help="model.onnx, a folder/URL with model.onnx and/or model.pt, or models:/<name>@<alias>")
+    remove.add_argument("--background", default="#ffffff", help="JPEG background colour, '#rrggbb'")
+    remove.add_argument("--canvas", help="crop to the product, centred on a WIDTHxHEIGHT canvas (e.g. 1000x1333)")
+    remove.add_argument("--margin", type=float, default=0.05, help="free border on the canvas, share of each side")
+    remove.add_argument("--mask", action="store_true", help="also write the mask (masks/<stem>.png)")
+    remove.add_argument("--batch-size", type=int, default=4)
+    remove.add_argument("--threads", type=int, help="ONNX Runtime threads (default: all cores)")
+    remove.add_argument("--io-threads", type=int, help="decode/encode threads (default: all cores)")
+    remove.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    remove.add_argument("--backend", choices=["auto", "onnx", "torch"], default="auto")
+    remove.add_argument("--jpeg-quality", type=int, default=92)
+    remove.add_argument("--png-compression", type=int, default=1, help="zlib level 0-9 (6 = smaller, slower)")
+    remove.add_argument("--quiet", action="store_true", help="no progress bar")
+    remove.set_defaults(func=cmd_remove)
 
     stack_parser = sub.add_parser("stack", help="the embedded stack: moto S3, Airflow (SQLite), MLflow (SQLite)")
     stack_parser.add_argument("action", choices=["up", "down", "status"])

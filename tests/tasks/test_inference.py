@@ -1,0 +1,262 @@
+"""Tests for ``tasks.inference``: model sources, preprocessing equal to evaluation's, EXIF
+orientation, output geometry from a "perfect" engine, bad inputs, ONNX vs PyTorch agreement."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import sys
+import types
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageOps
+
+import tasks
+from tasks.evaluate import preprocess
+from tasks.export import export_onnx
+from tasks.inference import (
+    CutoutResult,
+    Engine,
+    InferenceConfig,
+    decode_image,
+    iter_remove_backgrounds,
+    list_images,
+    load_engine,
+    parse_background,
+    parse_canvas,
+    prepare_input,
+    remove_backgrounds,
+    write_outputs,
+)
+from tasks.model import U2Net
+from tasks.train.config import TrainConfig
+
+TINY = {"encoder": [[4, 8]] * 6, "decoder": [[4, 8]] * 5}
+SIZE = 64
+
+
+def write_model_dir(folder, onnx: bool = True, pt: bool = True) -> str:
+    """A tiny U2-Net in the training output layout: model.pt, config.json and model.onnx."""
+    config = TrainConfig(dataset_url="unused", output_url=str(folder), model="u2netp", model_widths=TINY,
+                         input_size=SIZE)
+    torch.manual_seed(0)
+    model = U2Net(config.model_config()).eval()
+    folder.mkdir(parents=True, exist_ok=True)
+    if pt:
+        torch.save({k: v.detach() for k, v in model.state_dict().items()}, folder / "model.pt")
+        (folder / "config.json").write_text(json.dumps(config.to_dict()))
+    if onnx:
+        export_onnx(model, str(folder / "model.onnx"), SIZE, model_name="u2netp")
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> str:
+    return write_model_dir(tmp_path_factory.mktemp("models") / "run")
+
+
+class SquareEngine(Engine):
+    """A "perfect" stand-in: probability 1 inside ``[lo:hi, lo:hi]`` of the S×S map, 0 outside
+    (and sides that agree), whatever the image."""
+
+    backend, input_size, resize = "fake", SIZE, "stretch"
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+    def __init__(self, lo: int = 16, hi: int = 48) -> None:
+        self.lo, self.hi, self.batches = lo, hi, []
+
+    def predict(self, batch):
+        self.batches.append(batch.shape[0])
+        p = np.zeros((batch.shape[0], SIZE, SIZE), np.float32)
+        p[:, self.lo:self.hi, self.lo:self.hi] = 1.0
+        return p, np.repeat(p[:, None], 6, axis=1)
+
+
+def _jpeg(image_rgb: np.ndarray, **save) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image_rgb).save(buf, "JPEG", quality=95, **save)
+    return buf.getvalue()
+
+
+def _photo(h: int = 120, w: int = 90, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return cv2.GaussianBlur(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), (7, 7), 0)
+
+
+def _open(data: bytes) -> Image.Image:
+    im = Image.open(io.BytesIO(data))
+    im.load()
+    return im
+
+
+# ----------------------------------------------------------------------------------------------
+
+def test_options_parse_and_validate():
+    assert parse_background("#00ff7F") == (0, 255, 127) and parse_background((1, 2, 3)) == (1, 2, 3)
+    assert parse_canvas("1000x1333") == (1000, 1333) and parse_canvas(None) is None
+    assert InferenceConfig(canvas="30x40").canvas == (30, 40)
+    for bad in ({"background": "white"}, {"canvas": "10by20"}, {"margin": 0.5}, {"batch_size": 0}):
+        with pytest.raises(ValueError):
+            InferenceConfig(**bad)
+
+
+@pytest.mark.parametrize("resize", ["stretch", "letterbox"])
+@pytest.mark.parametrize("shape", [(200, 150), (40, 50)])  # shrinking (area) and enlarging (bilinear)
+def test_prepare_input_equals_evaluation_preprocessing(resize, shape):
+    image = _photo(*shape)
+    np.testing.assert_allclose(prepare_input(image, SIZE, resize), preprocess(image, SIZE, resize), atol=2e-5)
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_decode_applies_exif_orientation_like_pillow(orientation):
+    image = _photo(30, 50, seed=orientation)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, "PNG", exif=exif)
+    want = np.asarray(ImageOps.exif_transpose(_open(buf.getvalue())).convert("RGB"))
+    np.testing.assert_array_equal(decode_image(buf.getvalue()), want)
+
+
+def test_decode_reports_bad_data():
+    for data, reason in [(b"", "empty"), (b"not an image at all", "not an image"),
+                         (_jpeg(_photo())[:40], "decode")]:
+        with pytest.raises(ValueError, match=reason):
+            decode_image(data)
+
+
+def test_outputs_have_the_right_sizes_modes_and_pixels(tmp_path):
+    image = np.full((120, 90, 3), (200, 30, 40), np.uint8)
+    rotated = np.ascontiguousarray(np.rot90(image, 1))  # stored 90×120; EXIF 6 turns it upright
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    (tmp_path / "upright.jpg").write_bytes(_jpeg(image))
+    (tmp_path / "turned.jpg").write_bytes(_jpeg(rotated, exif=exif))
+    engine = SquareEngine()
+    results = remove_backgrounds([str(tmp_path / "upright.jpg"), str(tmp_path / "turned.jpg")], engine,
+                                 InferenceConfig(mask=True, background="#00ff00", batch_size=2))
+    assert engine.batches == [2]
+    for r in results:
+        assert r.ok and (r.width, r.height) == (90, 120) and r.score == pytest.approx(1.0)
+        cut, jpg, mask = _open(r.cutout_png), _open(r.composite_jpeg), _open(r.mask_png)
+        assert (cut.mode, cut.size) == ("RGBA", (90, 120))
+        assert (jpg.mode, jpg.size) == ("RGB", (90, 120))
+        assert (mask.mode, mask.size) == ("L", (90, 120))
+        alpha = np.asarray(cut)[..., 3]
+        # the 64-px square [16:48] is the middle half of the photo
+        assert alpha[60, 45] == 255 and alpha[5, 5] == 0 and alpha[115, 85] == 0
+        assert np.array_equal(alpha, np.asarray(mask))
+        assert np.asarray(cut)[5, 5].tolist() == [0, 0, 0, 0]  # transparent pixels carry no colour
+        pixels = np.asarray(jpg).astype(int)
+        assert np.abs(pixels[5, 5] - [0, 255, 0]).max() <= 8     # the background colour
+        assert np.abs(pixels[60, 45] - [200, 30, 40]).max() <= 8  # the product
+
+
+def test_canvas_crops_and_centres_the_product(tmp_path):
+    image = _photo(200, 100)
+    (tmp_path / "a.png").write_bytes(cv2.imencode(".png", image)[1].tobytes())
+    # product = rows/cols [16:32] of the 64-px map → a 25×50 px box in the 100×200 photo
+    result, = remove_backgrounds([str(tmp_path / "a.png")], SquareEngine(16, 32),
+                                 InferenceConfig(canvas=(300, 300), margin=0.1, mask=True))
+    cut, jpg, mask = _open(result.cutout_png), _open(result.composite_jpeg), _open(result.mask_png)
+    assert cut.size == jpg.size == (300, 300) and cut.mode == "RGBA" and jpg.mode == "RGB"
+    assert mask.size == (100, 200)  # the mask stays aligned with the photo
+    ys, xs = np.nonzero(np.asarray(cut)[..., 3] >= 128)
+    # the box fills the 240-px usable height (10 % margin), aspect 1:2 kept, centred
+    assert ys.min() == pytest.approx(30, abs=2) and ys.max() + 1 == pytest.approx(270, abs=2)
+    assert xs.min() == pytest.approx(90, abs=2) and xs.max() + 1 == pytest.approx(210, abs=2)
+
+
+def test_bad_inputs_are_reported_and_skipped_and_inputs_untouched(tmp_path):
+    good = tmp_path / "good.jpg"
+    good.write_bytes(_jpeg(_photo()))
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    before = hashlib.sha256(good.read_bytes()).hexdigest()
+    urls = [str(tmp_path / n) for n in ("empty.jpg", "good.jpg", "missing.jpg", "broken.jpg", "good.jpg")]
+    results = list(iter_remove_backgrounds(urls, SquareEngine(), InferenceConfig(batch_size=2)))
+    assert [r.source_url for r in results] == urls  # one result per input, in order
+    assert [r.ok for r in results] == [False, True, False, False, True]
+    assert "empty" in results[0].error and "cannot read" in results[2].error and results[3].error
+    assert results[0].cutout_png is None and results[0].summary()["score"] is None
+    assert hashlib.sha256(good.read_bytes()).hexdigest() == before
+
+
+def test_write_outputs_layout_and_refuses_to_overwrite_inputs(tmp_path):
+    src = tmp_path / "in" / "shirt.png"
+    src.parent.mkdir()
+    src.write_bytes(cv2.imencode(".png", _photo())[1].tobytes())
+    result, = remove_backgrounds([str(src)], SquareEngine(), InferenceConfig(mask=True))
+    written = write_outputs(result, str(tmp_path / "out"))
+    assert written == {"cutout_png": str(tmp_path / "out" / "shirt.png"),
+                       "composite_jpeg": str(tmp_path / "out" / "shirt.jpg"),
+                       "mask_png": str(tmp_path / "out" / "masks" / "shirt.png")}
+    with pytest.raises(ValueError, match="overwrite the input"):
+        write_outputs(result, str(tmp_path / "in"))
+    assert write_outputs(CutoutResult("x", "y", error="bad"), str(tmp_path / "out")) == {}
+
+
+def test_list_images_expands_folders_and_reports_clashes(tmp_path):
+    (tmp_path / "d" / "sub").mkdir(parents=True)
+    for name in ("a.jpg", "b.PNG", "notes.txt", "sub/c.webp"):
+        (tmp_path / "d" / name).write_bytes(b"x")
+    (tmp_path / "a.jpg").write_bytes(b"x")
+    items, problems = list_images([str(tmp_path / "d"), str(tmp_path / "a.jpg"), str(tmp_path / "nope")])
+    assert [stem for _, stem in items] == ["a", "b", "sub/c"]
+    assert any("taken by" in p for p in problems) and any("no such" in p for p in problems)
+
+
+# ----------------------------------------------------------------------------------------------
+# Real engines
+# ----------------------------------------------------------------------------------------------
+
+def test_load_engine_picks_the_backend_from_the_source(model_dir, tmp_path):
+    onnx = load_engine(model_dir)
+    assert onnx.backend == "onnx" and onnx.input_size == SIZE and onnx.resize == "stretch"
+    assert load_engine(f"{model_dir}/model.onnx").backend == "onnx"
+    assert load_engine(model_dir, backend="torch").backend == "torch"
+    only_pt = write_model_dir(tmp_path / "pt_only", onnx=False)
+    assert load_engine(only_pt).backend == "torch"
+    assert load_engine(f"{only_pt}/model.pt").backend == "torch"
+    with pytest.raises(FileNotFoundError):
+        load_engine(str(tmp_path / "empty"))
+    with pytest.raises(FileNotFoundError, match="model.pt"):
+        load_engine(f"{model_dir}/model.onnx", backend="torch")
+    with pytest.raises(ValueError, match="CPU"):
+        load_engine(model_dir, device="cuda", backend="onnx")
+
+
+def test_registry_uris_are_downloaded_first(model_dir, monkeypatch):
+    calls = []
+
+    def download_model(uri, dst_dir):
+        calls.append(uri)
+        return model_dir
+
+    fake = types.ModuleType("tasks.registry")
+    fake.download_model = download_model
+    monkeypatch.setitem(sys.modules, "tasks.registry", fake)
+    monkeypatch.setattr(tasks, "registry", fake, raising=False)
+    engine = load_engine("models:/bgremoval@champion")
+    assert calls == ["models:/bgremoval@champion"] and engine.backend == "onnx"
+    assert engine.source == "models:/bgremoval@champion"
+
+
+def test_onnx_and_pytorch_engines_agree(model_dir, tmp_path):
+    urls = []
+    for i, (h, w) in enumerate([(130, 100), (80, 120), (100, 100)]):
+        path = tmp_path / f"p{i}.jpg"
+        path.write_bytes(_jpeg(_photo(h, w, seed=i)))
+        urls.append(str(path))
+    config = InferenceConfig(keep_probability=True, batch_size=2)
+    by_onnx = remove_backgrounds(urls, load_engine(model_dir, backend="onnx"), config)
+    by_torch = remove_backgrounds(urls, load_engine(model_dir, backend="torch"), config)
+    for a, b in zip(by_onnx, by_torch, strict=True):
+        assert a.ok and b.ok and a.probability.shape == (a.height, a.width)
+        assert np.abs(a.probability - b.probability).max() < 1e-3
+        assert a.quality.side_agreement is not None
+        assert a.score == pytest.approx(b.score, abs=1e-2)
