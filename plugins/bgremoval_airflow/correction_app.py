@@ -278,7 +278,7 @@ EDITOR_PAGE = """<!doctype html>
  .panel h2 { font-size: 14px; margin: 0 0 8px; text-transform: uppercase; letter-spacing: .04em; color: #4a5568; }
  dl { display: grid; grid-template-columns: auto 1fr; gap: 2px 10px; margin: 0; } dt { color: #4a5568; } dd { margin: 0; overflow-wrap: anywhere; }
  .row { display: flex; gap: 6px; align-items: center; margin: 6px 0; }
- .row label { flex: none; width: 90px; } .row input[type=range] { flex: 1; }
+ .row > label[for] { flex: none; width: 90px; } .row input[type=range] { flex: 1; }
  button { cursor: pointer; font-size: 14px; padding: 6px 10px; border-radius: 6px; border: 1px solid #c3c9d2; background: #f8f9fb; }
  button:disabled { cursor: not-allowed; opacity: .45; }
  .mode button[aria-pressed=true] { background: #017cee; color: white; border-color: #017cee; }
@@ -304,8 +304,8 @@ EDITOR_PAGE = """<!doctype html>
  <section class="panel"><h2>Photo</h2><dl id="info"></dl></section>
  <section class="panel" id="tools"><h2>Brush</h2>
   <div class="row mode" role="group" aria-label="brush mode">
-   <button id="mode-add" type="button" aria-pressed="true">＋ Add to mask</button>
-   <button id="mode-erase" type="button" aria-pressed="false">－ Erase</button></div>
+   <button id="mode-add" type="button" aria-pressed="true">Add to mask</button>
+   <button id="mode-erase" type="button" aria-pressed="false">Erase</button></div>
   <div class="row"><label for="size">Brush size</label><input id="size" type="range" min="4" max="200" value="40"><span id="size-value">40</span></div>
   <div class="row"><label for="opacity">Overlay</label><input id="opacity" type="range" min="10" max="90" value="50"></div>
   <div class="row"><label><input id="show" type="checkbox" checked> Show mask</label></div>
