@@ -1,5 +1,6 @@
 """The correction page in a real browser: log in, open the queue, open an item, paint the missing part
-of the mask with the brush, save, and find the corrected mask in storage and the pair in the pool.
+of the mask with the brush, save, and find the corrected mask in storage and the pair in the pool;
+then correct the next item by uploading a mask file.
 
 Headless Chromium from Debian's ``chromium`` package, driven by Playwright with ``executable_path``
 (never a downloaded browser). Skips when the binary is missing, except under ``CI=true``.
@@ -131,6 +132,16 @@ def test_log_in_open_an_item_paint_with_the_brush_and_save_the_correction(api_se
             page.get_by_role("link", name="Next open item →").click()
             page.wait_for_url(f"**/bgremoval/corrections/{items[1][0]}?**", timeout=30_000)
             expect(page.get_by_role("status")).to_contain_text("ready", timeout=30_000)
+
+            # The next one is corrected with a mask file: a wrong-sized file is refused, the right one saved.
+            upload = page.get_by_label("Upload a mask file")
+            upload.set_input_files({"name": "small.png", "mimeType": "image/png", "buffer": encode_png(items[1][1][:50, :50])})
+            expect(page.get_by_role("status")).to_contain_text("not used")
+            expect(page.get_by_role("button", name="Save correction")).to_be_disabled()
+            upload.set_input_files({"name": "mask.png", "mimeType": "image/png", "buffer": encode_png(items[1][1])})
+            expect(page.get_by_role("status")).to_contain_text("mask file loaded")
+            page.get_by_role("button", name="Save correction").click()
+            expect(page.get_by_role("note")).to_contain_text("mask: upload", timeout=30_000)
         finally:
             browser.close()
 
@@ -145,6 +156,12 @@ def test_log_in_open_an_item_paint_with_the_brush_and_save_the_correction(api_se
     assert np.array_equal(final[: cut - 20], predicted[: cut - 20])  # nothing far from the strokes changed
     assert _iou(final, truth) > max(0.95, _iou(predicted, truth) + 0.05), (_iou(final, truth), _iou(predicted, truth))
 
-    (pair,) = corrections.list_pool(bucket_url, options)
-    assert (pair["pair_id"], pair["origin"], pair["user"]) == (item_id, "corrected", "reviewer")
-    assert [i["item_id"] for i in corrections.list_queue(bucket_url, options)] == [items[1][0], items[2][0]]
+    uploaded = cv2.imdecode(np.frombuffer(corrections.read_item_file(bucket_url, items[1][0], "final_mask", options), np.uint8),
+                            cv2.IMREAD_UNCHANGED)
+    assert np.array_equal(uploaded, items[1][1])
+    assert corrections.read_decision(bucket_url, items[1][0], options)["mask_source"] == "upload"
+
+    pool = corrections.list_pool(bucket_url, options)
+    assert [(p["pair_id"], p["origin"], p["user"]) for p in pool] == [
+        (item_id, "corrected", "reviewer"), (items[1][0], "corrected", "reviewer")]
+    assert [i["item_id"] for i in corrections.list_queue(bucket_url, options)] == [items[2][0]]
