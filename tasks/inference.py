@@ -230,7 +230,8 @@ class Engine:
 
 class OnnxEngine(Engine):
     """ONNX Runtime on the CPU, tuned for throughput: intra-op threads = ``threads`` (default:
-    the usable cores), sequential execution, all graph optimisations; the preprocessing comes
+    the usable cores), no spin-waiting (the decode/encode threads share the cores), sequential
+    execution, all graph optimisations; the preprocessing comes
     from the file's metadata (:func:`tasks.export.read_onnx_metadata`)."""
 
     backend = "onnx"
@@ -246,6 +247,7 @@ class OnnxEngine(Engine):
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(onnx_path, options, providers=["CPUExecutionProvider"])
         names = [o.name for o in self.session.get_outputs()]
         self._input = self.session.get_inputs()[0].name
@@ -487,24 +489,35 @@ def _on_canvas(rgb: np.ndarray, alpha: np.ndarray, config: InferenceConfig) -> t
     return out_rgb, out_alpha
 
 
+def _png_params(level: int) -> list[int]:
+    """zlib ``level`` and the "up" row filter: on cut-outs as small as adaptive filtering and
+    about twice as fast to encode (OpenCV ≥ 4.10 has the flag; older builds use their default)."""
+    params = [cv2.IMWRITE_PNG_COMPRESSION, int(level)]
+    if hasattr(cv2, "IMWRITE_PNG_FILTER"):
+        params += [cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_UP]
+    return params
+
+
 def _render(rgb: np.ndarray, prob: np.ndarray, config: InferenceConfig) -> dict[str, bytes]:
     """Encode the outputs of one image from its RGB pixels and full-size probability map."""
     alpha = cv2.convertScaleAbs(prob, alpha=255.0)  # rounds and saturates to uint8
+    png = _png_params(config.png_compression)
     out: dict[str, bytes] = {}
     if config.mask:
-        out["mask_png"] = _encode(".png", alpha, [cv2.IMWRITE_PNG_COMPRESSION, config.png_compression])
+        out["mask_png"] = _encode(".png", alpha, png)
     if config.canvas is not None:
         rgb, alpha = _on_canvas(rgb, alpha, config)
-    bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
     weight = alpha.astype(np.float32) * np.float32(1 / 255)
     r, g, b = parse_background(config.background)
-    backdrop = np.empty_like(bgr)
+    backdrop = np.empty_like(rgb)
     backdrop[...] = (b, g, r)
-    composite = cv2.blendLinear(bgr, backdrop, weight, 1.0 - weight)
+    bgra = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGRA)
+    bgr = bgra[..., :3]
+    composite = cv2.blendLinear(np.ascontiguousarray(bgr), backdrop, weight, 1.0 - weight)
     out["composite_jpeg"] = _encode(".jpg", composite, [cv2.IMWRITE_JPEG_QUALITY, config.jpeg_quality])
-    bgra = np.dstack([bgr, alpha])
-    bgra[alpha == 0] = 0  # transparent pixels carry no colour: smaller files
-    out["cutout_png"] = _encode(".png", bgra, [cv2.IMWRITE_PNG_COMPRESSION, config.png_compression])
+    bgra[..., 3] = alpha
+    bgra = cv2.bitwise_and(bgra, bgra, mask=alpha)  # transparent pixels carry no colour: smaller files
+    out["cutout_png"] = _encode(".png", bgra, png)
     return out
 
 
