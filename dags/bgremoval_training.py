@@ -7,11 +7,15 @@
       ─► choose_compute ─┬► train_model (local torch.distributed workers; resumes on retry)
                          └► databricks_run ─► train_on_databricks (GPU job cluster, TorchDistributor)
                                            ─► databricks_result (MLflow run id back to Airflow)
+      ─► evaluate_model (challenger and champion on the same test split; HTML report to S3 and MLflow)
+      ─► check_gate (mean IoU, every cluster, not worse than the champion; a failure skips promotion)
+      ─► promote_model (registers PyTorch + ONNX; alias champion, the former one becomes previous)
 
 Trigger it from the UI with the parameter form (batch name, bucket, working resolution, clusters,
 split shares, augmentation target). The run stops at ``review_clusters`` until a reviewer has
 corrected the clusters on the review page and chosen Approve or Reject in Required Actions; Reject
-ends the run without training.
+ends the run without training. The evaluation report's address is printed in the log of
+``evaluate_model``; a failing gate prints its reasons in ``check_gate`` and skips promotion.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ from bgremoval_airflow.params import (
     batch_params,
     cleaning_config,
     cleaning_params,
+    evaluation_params,
+    assessment_config,
     review_page_url,
     review_params,
     split_config,
@@ -42,7 +48,14 @@ from bgremoval_airflow.params import (
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=4,
-    params={**batch_params(), **cleaning_params(), **review_params(), **training_params(), **databricks_params()},
+    params={
+        **batch_params(),
+        **cleaning_params(),
+        **review_params(),
+        **training_params(),
+        **evaluation_params(),
+        **databricks_params(),
+    },
     tags=["bgremoval", "training"],
     doc_md=__doc__,
 )
@@ -193,11 +206,21 @@ def bgremoval_training():
     def choose_compute(augmented: dict, params=None) -> str:
         return "train_model" if params["compute"] == "local" else "databricks_run"
 
+    def _start_weights(params: dict, output_url: str, options: dict) -> str | None:
+        from tasks.registry import stage_weights
+
+        reference = params["init_from"].strip()
+        return stage_weights(reference, f"{output_url}/init", params["registered_model"], options) if reference else None
+
     @task(retries=2)
     def train_model(dataset: dict, params=None, run_id=None) -> dict:
+        from dataclasses import replace
+
         from tasks.train.ddp import launch_local
 
-        config = train_config(params, dataset["dataset_url"], _output_url(params, dataset, run_id), s3_storage_options())
+        options, output_url = s3_storage_options(), _output_url(params, dataset, run_id)
+        config = train_config(params, dataset["dataset_url"], output_url, options)
+        config = replace(config, init_from=_start_weights(params, output_url, options))
         result = launch_local(config, nproc=int(params["workers"]))
         print(f"trained {result.model}: val IoU {result.metrics.get('val_iou')}, MLflow run {result.mlflow_run_id}")
         return {k: v for k, v in result.to_dict().items() if k not in ("history", "config")}
@@ -208,8 +231,10 @@ def bgremoval_training():
 
         # The cluster reaches S3 through its instance profile (no credentials in the run's parameters)
         # and MLflow through the cluster's MLFLOW_TRACKING_URI, not the Airflow worker's.
-        config = train_config(params, dataset["dataset_url"], _output_url(params, dataset, run_id), {})
-        return submit_run_json(params, replace(config, mlflow_tracking_uri=None).to_json())
+        output_url = _output_url(params, dataset, run_id)
+        config = train_config(params, dataset["dataset_url"], output_url, {})
+        init_from = _start_weights(params, output_url, s3_storage_options())
+        return submit_run_json(params, replace(config, mlflow_tracking_uri=None, init_from=init_from).to_json())
 
     @task
     def databricks_result(dataset: dict, params=None, run_id=None) -> dict:
@@ -218,6 +243,41 @@ def bgremoval_training():
         result = read_train_result(_output_url(params, dataset, run_id), s3_storage_options())
         print(f"trained on Databricks: val IoU {result['metrics'].get('val_iou')}, MLflow run {mlflow_run_id_from_result(result)}")
         return {k: v for k, v in result.items() if k not in ("history", "config")}
+
+    @task(trigger_rule="none_failed_min_one_success")
+    def evaluate_model(dataset: dict, local: dict | None, remote: dict | None, params=None, run_id=None) -> dict:
+        from tasks.assessment import assess_challenger
+
+        trained = local or remote
+        output_url = _output_url(params, dataset, run_id)
+        assessment = assess_challenger(
+            model_url=output_url,
+            dataset_url=dataset["dataset_url"],
+            report_url=f"{output_url}/report",
+            config=assessment_config(params),
+            storage_options=s3_storage_options(),
+            mlflow_run_id=trained.get("mlflow_run_id"),
+            facts={"dataset version": dataset["version"], "Airflow run": run_id},
+        )
+        print(assessment["table"])
+        print(assessment["verdict"])
+        print(f"report: {assessment['report_html']} (also under report/ in MLflow run {assessment['mlflow_run_id']})")
+        return assessment
+
+    @task.short_circuit
+    def check_gate(assessment: dict) -> bool:
+        if not assessment["gate"]["passed"]:
+            print("gate FAILED, promotion skipped:\n  " + "\n  ".join(assessment["gate"]["reasons"]))
+        return bool(assessment["gate"]["passed"])
+
+    @task
+    def promote_model(dataset: dict, assessment: dict, params=None, run_id=None) -> dict:
+        from tasks.assessment import register_and_promote
+
+        promoted = register_and_promote(assessment, dataset["version"], assessment_config(params),
+                                        s3_storage_options(), user=f"airflow:{run_id}")
+        print(f"{promoted['name']} version {promoted['version']} is the champion; previous: {promoted['previous']}")
+        return promoted
 
     plan = plan_shards()
     wait_for_batch >> plan
@@ -233,12 +293,17 @@ def bgremoval_training():
     parts = augment_cluster.partial(dataset=dataset).expand_kwargs(plan_augmentation(dataset, splits))
     augmented = finalize_augmentation(dataset, parts)
     compute = choose_compute(augmented)
-    compute >> train_model(dataset)
+    trained_locally = train_model(dataset)
+    compute >> trained_locally
     payload = databricks_run(dataset)
     train_on_databricks = DatabricksSubmitRunOperator(
         task_id="train_on_databricks", json=payload, databricks_conn_id=DATABRICKS_CONN_ID, deferrable=True
     )
-    compute >> payload >> train_on_databricks >> databricks_result(dataset)
+    trained_remotely = databricks_result(dataset)
+    compute >> payload >> train_on_databricks >> trained_remotely
+
+    assessment = evaluate_model(dataset, trained_locally, trained_remotely)
+    check_gate(assessment) >> promote_model(dataset, assessment)
 
 
 bgremoval_training()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,7 +46,8 @@ def _metrics_for_mlflow(summary: dict, prefix: str) -> dict[str, float]:
     for th, share in summary["share_at_least"].items():
         metrics[f"{prefix}share_iou_ge_{round(float(th) * 100)}"] = share
     for cluster, row in summary["clusters"].items():
-        metrics[f"{prefix}iou_{cluster}"] = row["mean_iou"]
+        # cluster names are the reviewers' words; MLflow keys allow only [A-Za-z0-9_.\-/: ]
+        metrics[f"{prefix}iou_{re.sub(r'[^A-Za-z0-9_.-]+', '_', str(cluster)).strip('_')}"] = row["mean_iou"]
     return {k: float(v) for k, v in metrics.items()}
 
 

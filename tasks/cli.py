@@ -87,6 +87,43 @@ def cmd_remove(args: argparse.Namespace) -> int:
     return 0 if summary["failed"] == 0 and summary["images"] > 0 else 1
 
 
+def _mlflow_environment() -> None:
+    """Point MLflow at the embedded stack's store when no MLFLOW_TRACKING_URI is set."""
+    from tasks import stack
+
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
+        uri = stack.read_env_file().get("MLFLOW_TRACKING_URI")
+        if uri:
+            os.environ["MLFLOW_TRACKING_URI"] = uri
+
+
+def cmd_model(args: argparse.Namespace) -> int:
+    from tasks import registry
+
+    _mlflow_environment()
+    try:
+        if args.action == "rollback":
+            moved = registry.rollback(args.name, user=args.user)
+            print(f"{args.name}: champion is version {moved['champion']} again (version {moved['demoted']} "
+                  f"rolled back); previous: {moved['previous'] or 'none'}")
+        elif args.action == "promote":
+            if not args.version:
+                print("bgremoval model promote needs --version", file=sys.stderr)
+                return 2
+            moved = registry.promote(args.name, args.version, user=args.user, reason="promoted by hand")
+            print(f"{args.name}: champion is version {moved['champion']}; previous: {moved['previous'] or 'none'}")
+        else:
+            for row in registry.list_versions(args.name):
+                aliases = ",".join(row["aliases"]) or "-"
+                iou = f"{float(row['tags']['test_mean_iou']) * 100:.3f} %" if "test_mean_iou" in row["tags"] else "-"
+                print(f"version {row['version']:>4}  {aliases:<18} test mean IoU {iou:>10}  "
+                      f"dataset {row['tags'].get('dataset_version', '-')}  created {row['created']}")
+    except ValueError as exc:
+        print(f"bgremoval model {args.action}: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def cmd_stack(args: argparse.Namespace) -> int:
     from tasks import stack
 
@@ -165,6 +202,13 @@ def build_parser() -> argparse.ArgumentParser:
     remove.add_argument("--png-compression", type=int, default=1, help="zlib level 0-9 (6 = smaller, slower)")
     remove.add_argument("--quiet", action="store_true", help="no progress bar")
     remove.set_defaults(func=cmd_remove)
+
+    model = sub.add_parser("model", help="the MLflow registry: list versions, promote one, roll the champion back")
+    model.add_argument("action", choices=["list", "promote", "rollback"])
+    model.add_argument("--name", default="bgremoval-u2net", help="registered model name")
+    model.add_argument("--version", help="the version to promote (promote only)")
+    model.add_argument("--user", default=os.environ.get("USER", "cli"), help="recorded on the version's tags")
+    model.set_defaults(func=cmd_model)
 
     stack_parser = sub.add_parser("stack", help="the embedded stack: moto S3, Airflow (SQLite), MLflow (SQLite)")
     stack_parser.add_argument("action", choices=["up", "down", "status"])

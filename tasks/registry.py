@@ -36,10 +36,12 @@ __all__ = [
     "alias_version",
     "download_model",
     "is_model_uri",
+    "list_versions",
     "model_uri",
     "promote",
     "register_model",
     "rollback",
+    "stage_weights",
 ]
 
 DEFAULT_MODEL_NAME = "bgremoval-u2net"
@@ -279,3 +281,51 @@ def is_model_uri(url: str) -> bool:
     """True for an MLflow registry URI (``models:/…``)."""
     return str(url).startswith("models:/")
 
+
+
+def stage_weights(reference: str, dst_url: str, name: str = DEFAULT_MODEL_NAME,
+                  storage_options: dict | None = None) -> str:
+    """Turn a model reference into a ``model.pt`` URL that every training worker can read.
+
+    ``reference`` is ``"champion"`` (or any alias name prefixed with ``@``, e.g. ``"@previous"``)
+    of the registered model ``name``, a ``models:/…`` URI, or anything else (a storage URL),
+    which is returned unchanged. Registry models are downloaded and their state dict written to
+    ``<dst_url>/model.pt`` (local or ``s3://``, so Databricks workers read it too); returns that
+    URL. Raises ``ValueError`` when the alias does not exist.
+    """
+    reference = reference.strip()
+    if reference == CHAMPION or reference.startswith("@"):
+        alias = reference.lstrip("@")
+        if alias_version(name, alias) is None:
+            raise ValueError(f"registered model {name!r} has no {alias!r} alias to start from")
+        reference = model_uri(name, alias)
+    if not is_model_uri(reference):
+        return reference
+    with tempfile.TemporaryDirectory(prefix="bgremoval-init-") as tmp:
+        folder = download_model(reference, tmp)
+        target = storage.join(dst_url, "model.pt")
+        with open(os.path.join(folder, "model.pt"), "rb") as fh:
+            storage.write_bytes(target, fh.read(), storage_options)
+        with open(os.path.join(folder, "config.json"), "rb") as fh:
+            storage.write_bytes(storage.join(dst_url, "config.json"), fh.read(), storage_options)
+    return target
+
+
+def list_versions(name: str = DEFAULT_MODEL_NAME, tracking_uri: str | None = None) -> list[dict[str, Any]]:
+    """Every version of ``name``, newest first: ``{"version", "aliases", "tags", "created", "run_id"}``.
+    Raises ``ValueError`` when the registered model does not exist."""
+    from mlflow.exceptions import MlflowException
+
+    client = _client(tracking_uri)
+    try:
+        client.get_registered_model(name)
+    except MlflowException as exc:
+        import mlflow
+
+        raise ValueError(f"no registered model {name!r} on {mlflow.get_tracking_uri()}") from exc
+    rows = []
+    for v in client.search_model_versions(f"name = '{name}'"):
+        created = datetime.fromtimestamp(v.creation_timestamp / 1000, timezone.utc).isoformat(timespec="seconds")
+        rows.append({"version": str(v.version), "aliases": list(v.aliases or []), "tags": dict(v.tags or {}),
+                     "created": created, "run_id": v.run_id})
+    return sorted(rows, key=lambda r: int(r["version"]), reverse=True)

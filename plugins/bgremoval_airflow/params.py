@@ -206,7 +206,8 @@ def training_params() -> dict[str, Param]:
             "",
             type="string",
             title="Initial weights",
-            description="Optional URL of a model.pt / checkpoint to start from (retraining starts from the champion).",
+            description="Optional start weights: 'champion' (the registered model's champion), a models:/ URI, "
+            "or the URL of a model.pt / checkpoint. Retraining starts from the champion.",
         ),
     }
 
@@ -236,3 +237,52 @@ def train_config(params: dict, dataset_url: str, output_url: str, storage_option
         mlflow_tracking_uri=os.environ.get("MLFLOW_TRACKING_URI"),
         mlflow_run_name=f"{params['batch']}",
     )
+
+
+def evaluation_params() -> dict[str, Param]:
+    """Params of the evaluation gate and the registry (see ``tasks.gate.GateConfig``)."""
+    return {
+        "iou_gate": Param(
+            0.97,
+            type="number",
+            minimum=0,
+            maximum=1,
+            title="Gate: mean IoU",
+            description="The new model must reach at least this mean IoU on the test split (0.97 = 97 %).",
+        ),
+        "cluster_iou_gate": Param(
+            0.95,
+            type="number",
+            minimum=0,
+            maximum=1,
+            title="Gate: IoU of every cluster",
+            description="Every product cluster's mean IoU on the test split must reach this.",
+        ),
+        "tolerance": Param(
+            0.002,
+            type="number",
+            minimum=0,
+            maximum=1,
+            title="Gate: tolerance against the champion",
+            description="The new model may score at most this much below the current champion's mean IoU "
+            "(both are evaluated on the same test split in the same task).",
+        ),
+        "registered_model": Param(
+            "bgremoval-u2net",
+            type="string",
+            minLength=1,
+            title="Registered model",
+            description="MLflow registered model: a passing model becomes a new version with the alias 'champion'; "
+            "the former champion gets 'previous'.",
+        ),
+    }
+
+
+def assessment_config(params: dict):
+    """Build the ``AssessmentConfig`` (gate thresholds, registered model) from the run's params."""
+    from tasks.assessment import AssessmentConfig
+    from tasks.gate import GateConfig
+
+    gate = GateConfig(iou_gate=float(params["iou_gate"]), cluster_iou_gate=float(params["cluster_iou_gate"]),
+                      tolerance=float(params["tolerance"]))
+    return AssessmentConfig(gate=gate, registered_model=params["registered_model"])

@@ -60,3 +60,8 @@ def test_training_dag_shape(dagbag):
     assert "clean_shard" in dag.get_task("shards").downstream_task_ids
     assert dag.get_task("finalize_dataset").upstream_task_ids >= {"clean_shard", "plan_shards"}
     assert dag.params["working_size"] == 320
+    evaluate = dag.get_task("evaluate_model")
+    assert evaluate.upstream_task_ids >= {"train_model", "databricks_result", "finalize_dataset"}
+    assert evaluate.trigger_rule == "none_failed_min_one_success"
+    assert dag.get_task("check_gate").downstream_task_ids == {"promote_model"}
+    assert {"iou_gate", "cluster_iou_gate", "tolerance", "registered_model"} <= set(dag.params.keys())

@@ -1,5 +1,7 @@
-"""The review gate end to end: the DAG waits, a reviewer corrects clusters on the review page's HTTP
-API and approves in Airflow's REST API (the paths a person's clicks take), the run finishes."""
+"""The training DAG end to end: the DAG waits, a reviewer corrects clusters on the review page's HTTP
+API and approves in Airflow's REST API (the paths a person's clicks take), the model trains, is
+evaluated against the champion, passes the gate and is promoted; ``bgremoval model rollback``
+gives the champion alias back."""
 
 from __future__ import annotations
 
@@ -10,9 +12,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import mlflow
 import pytest
+import torch
 
-from tasks import storage
+from tasks import registry, storage
 from tasks.airflow_client import AirflowHTTPError
 from tasks.manifest import read_table
 from tasks.synth import SynthConfig, generate_catalogue
@@ -29,14 +33,32 @@ def _start_run(conf: dict, log_path: Path) -> subprocess.Popen:
     )
 
 
+def _register_champion(name: str, folder: Path) -> str:
+    """Register an untrained tiny U2-Net as version 1 of ``name`` and make it the champion."""
+    from tasks.model import U2Net, U2NetConfig, StageWidths
+
+    folder.mkdir(parents=True)
+    torch.manual_seed(0)
+    config = U2NetConfig(encoder=(StageWidths(4, 8),) * 6, decoder=(StageWidths(4, 8),) * 5)
+    torch.save(U2Net(config).state_dict(), folder / "model.pt")
+    widths = {"encoder": [[4, 8]] * 6, "decoder": [[4, 8]] * 5}
+    (folder / "config.json").write_text(json.dumps({"model": "u2netp", "model_widths": widths, "input_size": 32}))
+    version = registry.register_model(str(folder), name, experiment="bgremoval-tests")["version"]
+    registry.promote(name, version)
+    return version
+
+
 def test_reviewer_moves_an_image_renames_a_cluster_and_approves(s3_bucket, reviewer, client_for, tmp_path):
     bucket_url, options = s3_bucket
     bucket = bucket_url.removeprefix("s3://")
+    model_name = f"review-flow-{bucket}"
+    assert _register_champion(model_name, tmp_path / "champion") == "1"
     generate_catalogue(storage.join(bucket_url, "raw", "rev-1"), SynthConfig(n=60, seed=11, max_side=360), options)
     run = _start_run(
         {
             "batch": "rev-1", "bucket": bucket, "working_size": 128, "shard_size": 30, "target_per_cluster": 14,
             "epochs": 1, "train_input_size": 64, "batch_size": 4, "workers": 2, "max_steps_per_epoch": 2,
+            "iou_gate": 0.0, "cluster_iou_gate": 0.0, "tolerance": 1.0, "registered_model": model_name,
         },
         tmp_path / "run.log",
     )
@@ -97,3 +119,30 @@ def test_reviewer_moves_an_image_renames_a_cluster_and_approves(s3_bucket, revie
     originals = ok[ok["split"] == "train"]["cluster"].value_counts()
     added = augmented["cluster"].value_counts().reindex(originals.index, fill_value=0)
     assert ((originals + added) == originals.clip(lower=14)).all()  # rare clusters topped up to the target
+
+    # Evaluated against the champion on the test split, reported, gated and promoted.
+    run_folder = results[0].url.rsplit("/", 1)[0]
+    assessment = json.loads(storage.read_bytes(f"{run_folder}/report/assessment.json", options))
+    assert assessment["gate"]["passed"] and assessment["champion"]["version"] == "1"
+    assert assessment["summary"]["n"] == int((ok["split"] == "test").sum())
+    page = storage.read_bytes(f"{run_folder}/report/report.html", options).decode()
+    assert "Gate PASSED" in page and "worst_gallery.jpg" in page
+    assert registry.alias_version(model_name, "champion") == "2"
+    assert registry.alias_version(model_name, "previous") == "1"
+    version = mlflow.MlflowClient().get_model_version(model_name, "2")
+    assert version.tags["dataset_version"] == version_name(run_folder)
+    assert version.run_id == trained["mlflow_run_id"]
+    run = mlflow.MlflowClient().get_run(trained["mlflow_run_id"])
+    assert run.data.metrics["test_mean_iou"] == pytest.approx(assessment["summary"]["mean_iou"])
+    assert "report/report.html" in {a.path for a in mlflow.MlflowClient().list_artifacts(run.info.run_id, "report")}
+
+    rolled = subprocess.run([str(Path(sys.executable).parent / "bgremoval"), "model", "rollback", "--name", model_name],
+                            capture_output=True, text=True, env=dict(os.environ))
+    assert rolled.returncode == 0, rolled.stderr
+    assert "champion is version 1 again" in rolled.stdout
+    assert registry.alias_version(model_name, "champion") == "1"
+
+
+def version_name(run_folder: str) -> str:
+    """The dataset version in ``s3://b/training/<version>/<run>``."""
+    return run_folder.rstrip("/").split("/")[-2]

@@ -39,7 +39,8 @@ def setting(tmp_path_factory):
     """A dataset with a six-image test split, an SQLite MLflow store and a training run."""
     root = tmp_path_factory.mktemp("assess")
     dataset = str(root / "datasets" / "v1")
-    write_synthetic_dataset(dataset, 10, seed=3, max_side=48, split_for=lambda i: "test" if i < 6 else "train")
+    write_synthetic_dataset(dataset, 10, seed=3, max_side=48, split_for=lambda i: "test" if i < 6 else "train",
+                            cluster_for=lambda i, kind: "Trousers & co" if i == 0 else kind)
     uri = f"sqlite:///{root}/mlflow.db"
     saved = os.environ.get("MLFLOW_TRACKING_URI")
     os.environ["MLFLOW_TRACKING_URI"] = uri
@@ -70,6 +71,7 @@ def test_first_challenger_passes_is_registered_and_becomes_champion(setting):
     run = mlflow.MlflowClient().get_run(run_id)
     assert run.data.metrics["test_mean_iou"] == pytest.approx(result["summary"]["mean_iou"])
     assert run.data.tags["gate"] == "passed"
+    assert run.data.metrics["test_iou_Trousers_co"] == result["summary"]["clusters"]["Trousers & co"]["mean_iou"]
     logged = {a.path for a in mlflow.MlflowClient().list_artifacts(run_id, "report")}
     assert "report/report.html" in logged and "report/worst_gallery.jpg" in logged
 

@@ -118,3 +118,15 @@ def test_download_of_a_foreign_model_names_the_missing_files(tmp_path, tracking)
                                  serialization_format="pickle", pip_requirements=["torch"])
     with pytest.raises(FileNotFoundError, match="model.pt, config.json, model.onnx"):
         registry.download_model("models:/plain/1", str(tmp_path / "x"))
+
+
+def test_stage_weights_writes_the_champions_state_dict(tmp_path, three_versions):
+    registry.promote("m", "1")
+    staged = registry.stage_weights("champion", str(tmp_path / "init"), name="m")
+    assert staged == str(tmp_path / "init" / "model.pt")
+    state = torch.load(staged, weights_only=True)
+    folder = registry.download_model("models:/m/1", str(tmp_path / "dl1"))
+    assert all(torch.equal(a, b) for a, b in zip(state.values(), torch.load(f"{folder}/model.pt", weights_only=True).values()))
+    assert registry.stage_weights("s3://b/x/model.pt", str(tmp_path / "unused")) == "s3://b/x/model.pt"
+    with pytest.raises(ValueError, match="no 'nope' alias"):
+        registry.stage_weights("@nope", str(tmp_path / "x"), name="m")
