@@ -56,8 +56,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from tasks.evaluate import evaluate_folder
     from tasks.metrics import format_summary
 
+    import tempfile
+
+    from tasks import registry
+
     options = _storage_options(args.model) or _storage_options(args.images)
-    summary = evaluate_folder(args.model, args.images, args.masks, storage_options=options, threshold=args.threshold)
+    with tempfile.TemporaryDirectory(prefix="bgremoval-evaluate-") as tmp:
+        model = args.model
+        if registry.is_model_uri(model):
+            _mlflow_environment()
+            model = registry.download_model(model, tmp)
+        summary = evaluate_folder(model, args.images, args.masks, storage_options=options, threshold=args.threshold)
+    summary["model_url"] = args.model
     print(format_summary(summary))
     if summary.get("skipped"):
         print(f"images without a mask (not scored): {len(summary['skipped'])}")
@@ -177,7 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     clean.set_defaults(func=cmd_clean)
 
     evaluate = sub.add_parser("evaluate", help="score a trained model on any labelled folder (the seed's IoU table)")
-    evaluate.add_argument("--model", required=True, help="model.pt (or its run folder) written by training; s3:// or local")
+    evaluate.add_argument("--model", required=True,
+                          help="models:/<name>@<alias> or models:/<name>/<version> from the MLflow registry, or a "
+                               "model.pt (or its run folder) written by training; s3:// or local")
     evaluate.add_argument("--images", required=True, help="folder or URL with <stem>.jpg|png images")
     evaluate.add_argument("--masks", required=True, help="folder or URL with <stem>.png masks (any resolution)")
     evaluate.add_argument("--threshold", type=float, default=0.5, help="probability threshold for the masks")

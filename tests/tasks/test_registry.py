@@ -130,3 +130,19 @@ def test_stage_weights_writes_the_champions_state_dict(tmp_path, three_versions)
     assert registry.stage_weights("s3://b/x/model.pt", str(tmp_path / "unused")) == "s3://b/x/model.pt"
     with pytest.raises(ValueError, match="no 'nope' alias"):
         registry.stage_weights("@nope", str(tmp_path / "x"), name="m")
+
+
+def test_cli_evaluates_and_lists_registered_models(tmp_path, three_versions, capsys):
+    from tasks.cli import main
+    from tasks.synth import SynthConfig, generate_catalogue
+
+    generate_catalogue(str(tmp_path / "labelled"), SynthConfig(n=2, seed=4, max_side=80))
+    out = tmp_path / "scores.json"
+    assert main(["evaluate", "--model", "models:/m/2", "--images", str(tmp_path / "labelled" / "images"),
+                 "--masks", str(tmp_path / "labelled" / "masks"), "--json", str(out)]) == 0
+    summary = json.loads(out.read_text())
+    assert summary["n"] == 2 and summary["model_url"] == "models:/m/2" and summary["input_size"] == SIZE
+    assert main(["model", "list", "--name", "m"]) == 0
+    listing = capsys.readouterr().out
+    assert "version    3" in listing and "dataset d2" in listing
+    assert main(["model", "list", "--name", "absent"]) == 2
