@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -464,15 +463,3 @@ def test_dockerfile_installs_cpu_torch_first_then_the_pinned_project_and_copies_
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert {".venv", ".git", ".env", ".bgremoval"} <= set(ignored)
 
-
-def test_docker_compose_config_accepts_the_file_when_docker_is_installed(tmp_path):
-    docker = shutil.which("docker")
-    if not docker or subprocess.run([docker, "compose", "version"], capture_output=True).returncode != 0:
-        pytest.skip("no docker compose CLI on this machine (the YAML-level checks above still ran)")
-    env_file = tmp_path / ".env"
-    example = read_env_file(ENV_EXAMPLE)
-    example.update({name: "x" * 32 for name in GENERATED})
-    env_file.write_text("".join(f"{k}='{v}'\n" for k, v in example.items()))
-    result = subprocess.run([docker, "compose", "--env-file", str(env_file), "-f", str(COMPOSE), "config", "--quiet"],
-                            capture_output=True, text=True, cwd=ROOT)
-    assert result.returncode == 0, result.stderr
