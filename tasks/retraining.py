@@ -1,0 +1,628 @@
+"""Retraining data: pairs from the retraining pool plus an earlier dataset version become a new one.
+
+The ``bgremoval_retraining`` DAG reads the state (:func:`read_state`), lists the pool pairs added
+since the last run (:func:`new_pool_pairs`), and once there are at least ``min_new_pairs`` of them
+calls :func:`build_retraining_dataset`, triggers ``bgremoval_training`` with
+``dataset_version=<the new version>`` and ``init_from=champion``, and records the run
+(:func:`advance_state` + :func:`write_state`). No Airflow here.
+
+The new version ``datasets/<version>/`` holds:
+
+* ``manifest.parquet`` (:data:`tasks.manifest.MANIFEST_COLUMNS`): every clean (``ok``) row of the
+  base version, copied as it is - cluster, split, and ``image_url``/``mask_url`` still pointing at
+  the base version's clean files (nothing is copied into or rewritten in the base) - followed by
+  one row per new pool pair (batch ``retraining-pool``, the pool URLs as sources);
+* ``clean/images/<key>.jpg`` and ``clean/masks/<key>.png`` for the new pairs that passed
+  cleaning (:func:`tasks.cleaning.clean_pair`, exactly as ingest cleans a studio batch);
+* ``quarantine.parquet``: the new pairs that were rejected, with the reason code;
+* ``summary.json``: what :func:`build_retraining_dataset` returns, plus the config and pair ids.
+
+Rules for the new pairs:
+
+* **Cleaning.** A pair that cannot be read or fails cleaning is quarantined with the cleaning
+  reason (``read_error``, ``mask_full``, ``size_mismatch``...), never an exception.
+* **Duplicates.** A clean pair whose image SHA-256 equals a clean base row's (``image_sha256``)
+  or an earlier new pair's (pool order: ``at``, then pair id) is quarantined as ``duplicate``, the
+  detail naming the row it duplicates. Only byte-identical images are caught: a re-encoded copy
+  of a base photo is not.
+* **Same pair again.** A pool pair whose id is already a ``retraining-pool`` row of the base (a
+  published prediction a person corrected later, which rewrites the pool pair) replaces that row
+  in the new manifest and keeps its split. A pair id equal to a base stem from a studio batch is
+  quarantined as ``duplicate_stem``.
+* **Cluster.** The nearest base-cluster centroid in the k-means feature space
+  (:func:`tasks.features.pair_features`, standardised and weighted like
+  :func:`tasks.clustering.weighted_matrix`, with the base's statistics). Centroids are the mean
+  weighted vectors of each base cluster, from the base's feature shards
+  (``datasets/<base>/features/shard-*.parquet``) when there are any, else from at most
+  :data:`CENTROID_SAMPLE` pairs per cluster decoded on the spot. A base without clusters gives
+  ``all``.
+* **Split.** Base rows keep their split, so the test split is exactly the base's and the gate
+  compares challenger and champion on the same images. New pairs go to ``val`` when
+  ``stem_uniform(stem, seed) < val_fraction``, else to ``train``; never to ``test``.
+
+The version id is ``retrain-<12 hex>``: a hash of the base version, the sorted ``(pair id, at)``
+of the pairs and the config, so the same inputs give the same version and a re-run overwrites
+its own files instead of adding a dataset.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from datetime import datetime
+
+import numpy as np
+import pandas as pd
+
+from tasks import storage
+from tasks.cleaning import CleaningConfig, Reason, Rejected, clean_pair, encode_clean_pair, safe_stem, sha256
+from tasks.clustering import FEATURE_WEIGHTS
+from tasks.corrections import list_pool, now_iso
+from tasks.features import FEATURE_NAMES, decode_pair, pair_features
+from tasks.ingest import clean_urls
+from tasks.manifest import (
+    MANIFEST_COLUMNS,
+    QUARANTINE_COLUMNS,
+    STATUS_OK,
+    STATUS_QUARANTINED,
+    read_table,
+    to_frame,
+    write_table,
+)
+from tasks.splits import SPLITS, stem_uniform
+
+log = logging.getLogger(__name__)
+
+#: The ``batch`` of every manifest row that came from the retraining pool.
+POOL_BATCH = "retraining-pool"
+#: Prefix of the dataset versions this module writes.
+VERSION_PREFIX = "retrain-"
+#: The cluster of new pairs when the base version has no clusters (what training uses for null).
+DEFAULT_CLUSTER = "all"
+#: At most this many pairs per base cluster are decoded when the base has no feature shards.
+CENTROID_SAMPLE = 50
+#: Where the loop's state lives, relative to the bucket.
+STATE_KEY = "retraining/state.json"
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+_VERSION_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def _is_int(value) -> bool:
+    """True for an int or an integral float (not a bool)."""
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and float(value).is_integer()
+
+
+@dataclass(frozen=True)
+class RetrainingConfig:
+    """Settings of the retraining loop (each a DAG ``Param`` of ``bgremoval_retraining``).
+
+    ``min_new_pairs``: pool pairs needed before a new dataset is built; ``working_size``: longer
+    side of the cleaned pairs (the base's working size); ``val_fraction``: share of new pairs that
+    go to ``val`` (the rest to ``train``); ``seed``: the seed of that hash.
+    """
+
+    min_new_pairs: int = 50
+    working_size: int = 320
+    val_fraction: float = 0.1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not _is_int(self.min_new_pairs) or self.min_new_pairs < 1:
+            raise ValueError(f"min_new_pairs must be an integer >= 1, got {self.min_new_pairs!r}")
+        if not _is_int(self.working_size) or self.working_size < 32:
+            raise ValueError(f"working_size must be an integer >= 32 px, got {self.working_size!r}")
+        if not isinstance(self.val_fraction, (int, float)) or not 0.0 <= float(self.val_fraction) < 1.0:
+            raise ValueError(f"val_fraction must be a number in [0, 1), got {self.val_fraction!r}")
+        if not _is_int(self.seed):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        for name in ("min_new_pairs", "working_size", "seed"):
+            object.__setattr__(self, name, int(getattr(self, name)))
+        object.__setattr__(self, "val_fraction", float(self.val_fraction))
+
+    def to_dict(self) -> dict:
+        """The config as a JSON-friendly dict (it feeds the version hash)."""
+        return asdict(self)
+
+    def cleaning_config(self) -> CleaningConfig:
+        """The cleaning config the new pairs are cleaned with (defaults but the working size)."""
+        return CleaningConfig(working_size=self.working_size)
+
+
+# --------------------------------------------------------------------------------------------
+# State
+# --------------------------------------------------------------------------------------------
+
+def empty_state() -> dict:
+    """The state before the first run: ``{"last_pair_at": None, "last_dataset_version": None, "history": []}``."""
+    return {"last_pair_at": None, "last_dataset_version": None, "history": []}
+
+
+def state_url(bucket_url: str) -> str:
+    """``<bucket_url>/retraining/state.json``."""
+    return storage.join(bucket_url, STATE_KEY)
+
+
+def read_state(bucket_url: str, storage_options: dict | None = None) -> dict:
+    """Read the loop's state from ``<bucket>/retraining/state.json``.
+
+    Returns ``{"last_pair_at": ISO timestamp or None, "last_dataset_version": str or None,
+    "history": [...]}`` (other keys kept); a missing file gives :func:`empty_state`. Raises
+    ``ValueError`` when the file is not a JSON object.
+    """
+    url = state_url(bucket_url)
+    try:
+        data = storage.read_bytes(url, storage_options)
+    except FileNotFoundError:
+        return empty_state()
+    try:
+        state = json.loads(data)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{url} is not valid JSON: {exc}") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{url} must hold a JSON object, not {type(state).__name__}")
+    return {**empty_state(), **state}
+
+
+def write_state(bucket_url: str, state: dict, storage_options: dict | None = None) -> str:
+    """Write ``state`` (a dict as :func:`read_state` returns) to ``<bucket>/retraining/state.json``.
+
+    The write is atomic. Returns the URL. Raises ``ValueError`` when ``state`` lacks a key of
+    :func:`empty_state` or ``history`` is not a list.
+    """
+    missing = set(empty_state()) - set(state)
+    if missing:
+        raise ValueError(f"state lacks {sorted(missing)}")
+    if not isinstance(state["history"], list):
+        raise ValueError("state['history'] must be a list")
+    text = json.dumps(state, indent=2, sort_keys=True, default=str)
+    return storage.write_text(state_url(bucket_url), text, storage_options)
+
+
+def advance_state(state: dict, result: dict, at: str | None = None, **extra) -> dict:
+    """The state after a run that built ``result`` (from :func:`build_retraining_dataset`).
+
+    Returns a new dict: ``last_pair_at`` and ``last_dataset_version`` from ``result``, and a
+    history entry ``{"at", "version", "base_version", "n_new", "n_new_ok", "n_quarantined",
+    "last_pair_at", **extra}`` appended (``extra``: e.g. the triggered training run id).
+    ``state`` itself is not changed.
+    """
+    entry = {
+        "at": at or now_iso(),
+        "version": result["version"],
+        "base_version": result["base_version"],
+        "n_new": result["n_new"],
+        "n_new_ok": result["n_new_ok"],
+        "n_quarantined": result["n_quarantined"],
+        "last_pair_at": result["last_pair_at"],
+        **extra,
+    }
+    previous = state.get("last_pair_at")
+    newest = max([t for t in (previous, result["last_pair_at"]) if t], default=None, key=_instant)
+    return {
+        **state,
+        "last_pair_at": newest,
+        "last_dataset_version": result["version"],
+        "history": [*state.get("history", []), entry],
+    }
+
+
+def _instant(timestamp: str) -> datetime:
+    return datetime.fromisoformat(timestamp)
+
+
+def new_pool_pairs(bucket_url: str, state: dict, storage_options: dict | None = None) -> list[dict]:
+    """The retraining-pool pairs added after ``state["last_pair_at"]`` (all of them when it is None).
+
+    Returns :func:`tasks.corrections.list_pool` records (``pair_id``, ``at``, ``origin``,
+    ``image_url``, ``mask_url``...), oldest first.
+    """
+    return list_pool(bucket_url, storage_options, since=state.get("last_pair_at"))
+
+
+# --------------------------------------------------------------------------------------------
+# Versions and the base
+# --------------------------------------------------------------------------------------------
+
+def retraining_version(base_version: str, pairs: list[dict], config: RetrainingConfig) -> str:
+    """``retrain-<12 hex>`` from the base version, the sorted ``(pair_id, at)`` and the config.
+
+    The same inputs always give the same id; another pair, a rewritten pair (new ``at``), another
+    base or config give another one.
+    """
+    payload = json.dumps(
+        {
+            "base": base_version,
+            "pairs": sorted((str(p["pair_id"]), str(p.get("at") or "")) for p in pairs),
+            "config": config.to_dict(),
+        },
+        sort_keys=True,
+    )
+    return VERSION_PREFIX + hashlib.sha256(payload.encode("utf-8")).hexdigest()[:12]
+
+
+def _absolute(url, base_url: str):
+    """A manifest URL made absolute against the base version's folder (absolute ones unchanged)."""
+    if url is None or (isinstance(url, float) and np.isnan(url)) or url is pd.NA:
+        return url
+    url = str(url)
+    if _SCHEME.match(url) or url.startswith("/"):
+        return url
+    return storage.join(base_url, url)
+
+
+def _base_rows(base_url: str, storage_options: dict | None) -> pd.DataFrame:
+    """The base version's clean rows with every MANIFEST_COLUMN (absent ones as nulls)."""
+    manifest_url = storage.join(base_url, "manifest.parquet")
+    if not storage.exists(manifest_url, storage_options):
+        raise ValueError(f"base dataset version has no manifest at {manifest_url}")
+    manifest = read_table(manifest_url, storage_options)
+    for column in ("stem", "key", "image_url", "mask_url", "status"):
+        if column not in manifest.columns:
+            raise ValueError(f"base manifest {manifest_url} lacks column {column!r}")
+    ok = manifest[manifest["status"] == STATUS_OK].copy()
+    for column in MANIFEST_COLUMNS:
+        if column not in ok.columns:
+            ok[column] = None
+    ok["image_url"] = [_absolute(u, base_url) for u in ok["image_url"]]
+    ok["mask_url"] = [_absolute(u, base_url) for u in ok["mask_url"]]
+    return ok[list(MANIFEST_COLUMNS)].reset_index(drop=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Clusters: nearest base centroid
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class Centroids:
+    """Base cluster centroids in the weighted, standardised feature space.
+
+    ``medians``, ``mean`` and ``scale`` are the base statistics (per feature) used to fill
+    missing values and standardise; ``weights`` the feature weights; ``names`` the cluster of
+    each row of ``vectors``; ``source`` is ``"features"`` (shards) or ``"pairs"`` (decoded).
+    """
+
+    names: list[str]
+    vectors: np.ndarray
+    medians: np.ndarray
+    mean: np.ndarray
+    scale: np.ndarray
+    weights: np.ndarray
+    source: str
+    n_used: int
+
+    def transform(self, values: np.ndarray) -> np.ndarray:
+        """Standardise and weight raw feature rows (``n x len(FEATURE_NAMES)``) with the base statistics."""
+        values = np.asarray(values, np.float64).reshape(-1, len(FEATURE_NAMES))
+        values = np.where(np.isfinite(values), values, self.medians)
+        return (values - self.mean) / self.scale * self.weights
+
+    def nearest(self, vector: np.ndarray) -> tuple[str, float]:
+        """``(cluster, distance)`` of the centroid nearest to one raw feature vector."""
+        point = self.transform(vector)[0]
+        distances = np.linalg.norm(self.vectors - point, axis=1)
+        index = int(np.argmin(distances))
+        return self.names[index], float(distances[index])
+
+
+def fit_centroids(frame: pd.DataFrame, source: str = "features") -> Centroids:
+    """Centroids from a table with a ``cluster`` column and the FEATURE_NAMES columns.
+
+    Standardisation and weights are those of :func:`tasks.clustering.weighted_matrix` (median for
+    non-finite values, z-score with the population standard deviation, a constant feature left
+    unscaled, then :data:`tasks.clustering.FEATURE_WEIGHTS`), fitted on ``frame``. Raises
+    ``ValueError`` on an empty frame.
+    """
+    if not len(frame):
+        raise ValueError("no base features to compute cluster centroids from")
+    values = frame[list(FEATURE_NAMES)].to_numpy(np.float64)
+    values = np.where(np.isfinite(values), values, np.nan)
+    medians = np.nan_to_num(np.nanmedian(values, axis=0)) if np.isfinite(values).any() else np.zeros(values.shape[1])
+    values = np.where(np.isnan(values), medians, values)
+    mean = values.mean(axis=0)
+    std = values.std(axis=0)
+    scale = np.where(std > 10 * np.finfo(np.float64).eps * np.maximum(np.abs(mean), 1.0), std, 1.0)
+    weights = np.array([FEATURE_WEIGHTS.get(n, 1.0) for n in FEATURE_NAMES])
+    weighted = (values - mean) / scale * weights
+    clusters = frame["cluster"].astype(str).to_numpy()
+    names = sorted(set(clusters))
+    vectors = np.vstack([weighted[clusters == name].mean(axis=0) for name in names])
+    return Centroids(names=names, vectors=vectors, medians=medians, mean=mean, scale=scale,
+                     weights=weights, source=source, n_used=len(frame))
+
+
+def _feature_shards(base_url: str, storage_options: dict | None) -> list[str]:
+    root = storage.join(base_url, "features")
+    return [o.url for o in storage.list_objects(root, storage_options)
+            if re.fullmatch(r"shard-\d+\.parquet", o.relpath)]
+
+
+def _decoded_features(row: dict, storage_options: dict | None) -> np.ndarray | None:
+    try:
+        image, mask = decode_pair(storage.read_bytes(row["image_url"], storage_options),
+                                  storage.read_bytes(row["mask_url"], storage_options))
+        return pair_features(image, mask)
+    except Exception as exc:  # one unreadable base pair must not stop the build
+        log.warning("centroids: skipping base pair %s: %r", row["stem"], exc)
+        return None
+
+
+def base_centroids(base_url: str, base: pd.DataFrame, seed: int = 0, storage_options: dict | None = None,
+                   io_threads: int = 4) -> Centroids | None:
+    """Cluster centroids of the base version, or None when its clean rows have no cluster.
+
+    Takes the base URL and its clean rows (``stem``, ``cluster``, ``image_url``, ``mask_url``).
+    Uses every clustered row found in the feature shards under ``<base>/features/``; without
+    shards (or when they cover none of the clustered rows) decodes at most
+    :data:`CENTROID_SAMPLE` pairs per cluster, picked by ``stem_uniform(stem, seed)``.
+    """
+    clustered = base[base["cluster"].notna()][["stem", "cluster", "image_url", "mask_url"]].copy()
+    if not len(clustered):
+        return None
+    clustered["cluster"] = clustered["cluster"].astype(str)
+    shard_urls = _feature_shards(base_url, storage_options)
+    if shard_urls:
+        frames = [read_table(url, storage_options) for url in shard_urls]
+        frames = [f for f in frames if len(f) and set(FEATURE_NAMES) <= set(f.columns)]
+        if frames:
+            features = pd.concat(frames, ignore_index=True).drop_duplicates("stem", keep="first")
+            joined = clustered[["stem", "cluster"]].merge(features, on="stem", how="inner")
+            if len(joined):
+                return fit_centroids(joined, source="features")
+        log.warning("feature shards under %s cover no clustered pair; decoding pairs instead", base_url)
+    clustered["u"] = [stem_uniform(str(s), seed) for s in clustered["stem"]]
+    sample = (clustered.sort_values(["cluster", "u", "stem"], kind="stable")
+              .groupby("cluster", sort=True).head(CENTROID_SAMPLE))
+    records = sample.to_dict("records")
+    with ThreadPoolExecutor(max_workers=max(1, io_threads)) as pool:
+        vectors = list(pool.map(lambda r: _decoded_features(r, storage_options), records))
+    kept = [(r, v) for r, v in zip(records, vectors) if v is not None]
+    if not kept:
+        raise ValueError(f"none of the sampled base pairs under {base_url} could be read for cluster centroids")
+    frame = pd.DataFrame(np.vstack([v for _, v in kept]), columns=list(FEATURE_NAMES))
+    frame.insert(0, "cluster", [r["cluster"] for r, _ in kept])
+    return fit_centroids(frame, source="pairs")
+
+
+# --------------------------------------------------------------------------------------------
+# New pairs
+# --------------------------------------------------------------------------------------------
+
+def _clean_pool_pair(pair: dict, config: CleaningConfig, storage_options: dict | None) -> dict:
+    """Read and clean one pool pair (no writes). Never raises: failures give a quarantined row.
+
+    Returns a manifest row dict, plus ``_image``/``_mask`` (encoded clean files) and ``_features``
+    for a clean pair.
+    """
+    pair_id = str(pair["pair_id"])
+    row = {
+        "stem": pair_id,
+        "key": safe_stem(pair_id),
+        "batch": POOL_BATCH,
+        "image_source": pair["image_url"],
+        "mask_source": pair["mask_url"],
+    }
+    try:
+        image_bytes = storage.read_bytes(pair["image_url"], storage_options)
+        mask_bytes = storage.read_bytes(pair["mask_url"], storage_options)
+    except Exception as exc:  # a vanished pool object quarantines one pair, not the run
+        return {**row, "status": STATUS_QUARANTINED, "reason": Reason.READ_ERROR.value, "detail": repr(exc)[:500]}
+    row.update(image_sha256=sha256(image_bytes), mask_sha256=sha256(mask_bytes), image_bytes=len(image_bytes))
+    try:
+        clean = clean_pair(image_bytes, mask_bytes, config)
+        image_data, mask_data = encode_clean_pair(clean, config.jpeg_quality)
+    except Rejected as rejected:
+        return {**row, "status": STATUS_QUARANTINED, "reason": rejected.reason.value, "detail": rejected.detail}
+    except Exception as exc:  # an unforeseen decoder failure must not stop the run
+        log.exception("internal error while cleaning pool pair %s", pair_id)
+        return {**row, "status": STATUS_QUARANTINED, "reason": Reason.INTERNAL_ERROR.value, "detail": repr(exc)[:500]}
+    try:
+        features = pair_features(clean.image, clean.mask)
+    except ValueError as exc:
+        log.warning("features of pool pair %s: %r", pair_id, exc)
+        features = None
+    height, width = clean.mask.shape
+    return {
+        **row,
+        "orig_width": clean.orig_width,
+        "orig_height": clean.orig_height,
+        "width": width,
+        "height": height,
+        "fg_fraction": clean.fg_fraction,
+        "ambiguous_fraction": clean.ambiguous_fraction,
+        "conversions": ",".join(clean.conversions),
+        "status": STATUS_OK,
+        "reason": "",
+        "detail": "",
+        "_image": image_data,
+        "_mask": mask_data,
+        "_features": features,
+    }
+
+
+def _quarantine(row: dict, reason: Reason, detail: str) -> dict:
+    out = {k: v for k, v in row.items() if not k.startswith("_")}
+    for column in ("orig_width", "orig_height", "width", "height", "fg_fraction", "ambiguous_fraction",
+                   "conversions", "image_url", "mask_url", "cluster", "split"):
+        out[column] = None
+    return {**out, "status": STATUS_QUARANTINED, "reason": reason.value, "detail": detail}
+
+
+def _new_split(stem: str, config: RetrainingConfig) -> str:
+    return "val" if stem_uniform(stem, config.seed) < config.val_fraction else "train"
+
+
+def _pair_order(pair: dict) -> tuple:
+    return (str(pair.get("at") or ""), str(pair["pair_id"]))
+
+
+def build_retraining_dataset(
+    bucket_url: str,
+    base_version: str,
+    pairs: list[dict],
+    config: RetrainingConfig | None = None,
+    storage_options: dict | None = None,
+    io_threads: int = 4,
+) -> dict:
+    """Write a new dataset version: the base version's clean rows plus the new pool pairs.
+
+    Takes the bucket URL (``s3://bucket`` or a local folder), the base version id (a folder under
+    ``datasets/``), the pool pairs (records of :func:`new_pool_pairs`: ``pair_id``, ``at``,
+    ``image_url``, ``mask_url``), the config, storage options and how many pairs to read and
+    clean at once. Writes ``datasets/<version>/`` as the module docstring describes; the base
+    version and the pool are only read.
+
+    Returns ``{"version", "dataset_url", "base_version", "n_base", "n_superseded", "n_new",
+    "n_new_ok", "n_quarantined", "reasons": {reason: n}, "splits": {split: n} (all clean rows),
+    "new_splits": {split: n}, "new_clusters": {cluster: n}, "centroids": "features" | "pairs" |
+    None, "last_pair_at", "manifest_url", "quarantine_url"}``. Raises ``ValueError`` when
+    ``pairs`` is empty or the base version has no manifest.
+    """
+    config = config or RetrainingConfig()
+    if not pairs:
+        raise ValueError("no pool pairs given: there is nothing to retrain on")
+    if not isinstance(base_version, str) or not _VERSION_OK.match(base_version):
+        raise ValueError(f"base_version must be a dataset version id (a folder under datasets/), got {base_version!r}")
+    for pair in pairs:
+        missing = {"pair_id", "image_url", "mask_url"} - set(pair)
+        if missing:
+            raise ValueError(f"pool pair {pair.get('pair_id')!r} lacks {sorted(missing)}")
+    base_url = storage.join(bucket_url, "datasets", base_version)
+    base = _base_rows(base_url, storage_options)
+    version = retraining_version(base_version, pairs, config)
+    if version == base_version:
+        raise ValueError("the new version would overwrite its base")
+    dataset_url = storage.join(bucket_url, "datasets", version)
+    ordered = sorted(pairs, key=_pair_order)
+    log.info("retraining dataset %s: base %s (%d clean rows) + %d pool pairs", version, base_version,
+             len(base), len(ordered))
+
+    cleaning = config.cleaning_config()
+    with ThreadPoolExecutor(max_workers=max(1, io_threads)) as pool:
+        rows = list(pool.map(lambda p: _clean_pool_pair(p, cleaning, storage_options), ordered))
+
+    base_by_stem = {str(s): i for i, s in enumerate(base["stem"])}
+    base_sha: dict[str, int] = {}
+    for index, digest in enumerate(base["image_sha256"]):
+        if isinstance(digest, str) and digest and digest not in base_sha:
+            base_sha[digest] = index
+    superseded: dict[int, str] = {}  # base row index -> the new stem that replaces it
+    seen_stems: set[str] = set()
+    new_sha: dict[str, str] = {}
+    for i, row in enumerate(rows):
+        stem = row["stem"]
+        if stem in seen_stems:
+            rows[i] = _quarantine(row, Reason.DUPLICATE_STEM, f"pair id {stem!r} given twice; kept the first")
+            continue
+        seen_stems.add(stem)
+        replaces = base_by_stem.get(stem)
+        if replaces is not None and base.at[replaces, "batch"] != POOL_BATCH:
+            detail = f"base {base_version} already has stem {stem!r} from batch {base.at[replaces, 'batch']}"
+            rows[i] = _quarantine(row, Reason.DUPLICATE_STEM, detail)
+            continue
+        if row["status"] != STATUS_OK:
+            continue  # a failed new version of a pool pair leaves the base row as it was
+        digest = row["image_sha256"]
+        if digest in base_sha and base_sha[digest] != replaces:
+            other = base.iloc[base_sha[digest]]
+            rows[i] = _quarantine(row, Reason.DUPLICATE,
+                                  f"same image bytes as base row {other['stem']} (batch {other['batch']}, "
+                                  f"version {base_version})")
+            continue
+        if digest in new_sha:
+            rows[i] = _quarantine(row, Reason.DUPLICATE, f"same image bytes as pool pair {new_sha[digest]}")
+            continue
+        new_sha[digest] = stem
+        if replaces is not None:
+            superseded[replaces] = stem
+
+    centroids = None
+    if any(r["status"] == STATUS_OK for r in rows):
+        centroids = base_centroids(base_url, base, config.seed, storage_options, io_threads)
+    fallback_cluster = DEFAULT_CLUSTER
+    if centroids is not None:
+        sizes = Counter(base["cluster"].dropna().astype(str))
+        fallback_cluster = min(sizes, key=lambda c: (-sizes[c], c))
+    kept_split = {stem: base.at[index, "split"] for index, stem in superseded.items()}
+
+    def finish(row: dict) -> dict:
+        if row["status"] != STATUS_OK:
+            return {k: v for k, v in row.items() if not k.startswith("_")}
+        image_url, mask_url = clean_urls(dataset_url, row["key"])
+        storage.write_bytes(image_url, row["_image"], storage_options)
+        storage.write_bytes(mask_url, row["_mask"], storage_options)
+        if centroids is None:
+            cluster = DEFAULT_CLUSTER
+        elif row["_features"] is None:
+            cluster = fallback_cluster
+        else:
+            cluster, _ = centroids.nearest(row["_features"])
+        split = kept_split.get(row["stem"])
+        if split is None or (isinstance(split, float) and np.isnan(split)) or split is pd.NA:
+            split = _new_split(row["stem"], config)
+        out = {k: v for k, v in row.items() if not k.startswith("_")}
+        return {**out, "image_url": image_url, "mask_url": mask_url, "cluster": cluster, "split": split}
+
+    with ThreadPoolExecutor(max_workers=max(1, io_threads)) as pool:
+        rows = list(pool.map(finish, rows))
+
+    kept_base = base.drop(index=list(superseded)).reset_index(drop=True) if superseded else base
+    base_records = kept_base.astype(object).where(kept_base.notna(), None).to_dict("records")
+    manifest = to_frame(base_records + rows, MANIFEST_COLUMNS)
+    new_rows = to_frame(rows, MANIFEST_COLUMNS)
+    quarantine = new_rows.loc[new_rows["status"] == STATUS_QUARANTINED, list(QUARANTINE_COLUMNS)].reset_index(drop=True)
+    manifest_url = write_table(manifest, storage.join(dataset_url, "manifest.parquet"), storage_options)
+    quarantine_url = write_table(quarantine, storage.join(dataset_url, "quarantine.parquet"), storage_options)
+
+    ok_new = new_rows[new_rows["status"] == STATUS_OK]
+    ok_all = manifest[manifest["status"] == STATUS_OK]
+    reasons = Counter(quarantine["reason"].astype(str).tolist())
+    stamps = [str(p["at"]) for p in ordered if p.get("at")]
+    result = {
+        "version": version,
+        "dataset_url": dataset_url,
+        "base_version": base_version,
+        "n_base": int(len(kept_base)),
+        "n_superseded": len(superseded),
+        "n_new": len(rows),
+        "n_new_ok": int(len(ok_new)),
+        "n_quarantined": int(len(quarantine)),
+        "reasons": dict(sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0]))),
+        "splits": _counts(ok_all["split"]),
+        "new_splits": _counts(ok_new["split"]),
+        "new_clusters": dict(sorted(Counter(ok_new["cluster"].astype(str)).items())),
+        "centroids": centroids.source if centroids is not None else None,
+        "last_pair_at": max(stamps, key=_instant) if stamps else None,
+        "manifest_url": manifest_url,
+        "quarantine_url": quarantine_url,
+    }
+    summary = {**result, "config": config.to_dict(), "pair_ids": [str(p["pair_id"]) for p in ordered]}
+    storage.write_text(storage.join(dataset_url, "summary.json"), json.dumps(summary, indent=2), storage_options)
+    log.info("retraining dataset %s: %d base rows kept, %d/%d new pairs clean, quarantined %s, splits %s",
+             version, result["n_base"], result["n_new_ok"], result["n_new"], result["reasons"], result["splits"])
+    return result
+
+
+def _counts(splits: pd.Series) -> dict[str, int]:
+    """``{split: n}`` in SPLITS order, then any other value (a null split counts as train)."""
+    values = Counter(splits.fillna("train").astype(str))
+    ordered = {s: int(values.pop(s, 0)) for s in SPLITS}
+    return {**ordered, **{k: int(v) for k, v in sorted(values.items())}}
+
+
+def format_result(result: dict) -> str:
+    """Render a :func:`build_retraining_dataset` result as the short table the DAG log prints."""
+    lines = [
+        f"dataset {result['version']}  (base {result['base_version']})",
+        f"  base rows kept   {result['n_base']:>6}",
+        f"  new pairs        {result['n_new']:>6}",
+        f"  new clean        {result['n_new_ok']:>6}",
+        f"  quarantined      {result['n_quarantined']:>6}",
+    ]
+    lines += [f"    {reason:<22}{count:>6}" for reason, count in result["reasons"].items()]
+    lines.append("  splits  " + "  ".join(f"{k} {v}" for k, v in result["splits"].items()))
+    return "\n".join(lines)
