@@ -1,14 +1,17 @@
 """bgremoval_training: a studio batch in S3 becomes a reviewed, split and augmented training set.
 
-    wait_for_batch ─► plan_shards ─► clean_shard ×N ─► finalize_dataset
+    choose_start ─┬► wait_for_batch ─► plan_shards ─► clean_shard ×N ─► finalize_dataset
       ─► feature_shards ─► extract_features ×N ─► cluster_products
       ─► review_clusters (human in the loop: Approve / Reject)
-      ─► apply_review ─► split_dataset ─► plan_augmentation ─► augment_cluster ×clusters ─► finalize_augmentation
+      ─► apply_review ─► split_dataset ─► training_set
+                  └► reuse_dataset (retraining: an existing version, its splits kept) ─► training_set
+      ─► plan_augmentation ─► augment_cluster ×clusters ─► finalize_augmentation
       ─► choose_compute ─┬► train_model (local torch.distributed workers; resumes on retry)
                          └► databricks_run ─► train_on_databricks (GPU job cluster, TorchDistributor)
                                            ─► databricks_result (MLflow run id back to Airflow)
       ─► evaluate_model (challenger and champion on the same test split; HTML report to S3 and MLflow)
       ─► check_gate (mean IoU, every cluster, not worse than the champion; a failure skips promotion)
+      ─► calibrate_quality (the production quality threshold, on the val split; routing measured on test)
       ─► promote_model (registers PyTorch + ONNX; alias champion, the former one becomes previous)
 
 Trigger it from the UI with the parameter form (batch name, bucket, working resolution, clusters,
@@ -60,6 +63,25 @@ from bgremoval_airflow.params import (
     doc_md=__doc__,
 )
 def bgremoval_training():
+    @task.branch
+    def choose_start(params=None) -> str:
+        return "reuse_dataset" if params["dataset_version"].strip() else "wait_for_batch"
+
+    @task
+    def reuse_dataset(params=None) -> dict:
+        from tasks import storage
+
+        version = params["dataset_version"].strip()
+        dataset_url = f"s3://{params['bucket']}/datasets/{version}"
+        if not storage.exists(f"{dataset_url}/manifest.parquet", s3_storage_options()):
+            raise ValueError(f"dataset version {version!r} has no manifest at {dataset_url}/manifest.parquet")
+        print(f"retraining on the existing dataset version {version}; its splits are kept")
+        return {"version": version, "dataset_url": dataset_url}
+
+    @task(trigger_rule="none_failed_min_one_success")
+    def training_set(fresh: dict | None, splits: dict | None, reused: dict | None) -> dict:
+        return reused or fresh
+
     wait_for_batch = S3KeySensor(
         task_id="wait_for_batch",
         aws_conn_id=AWS_CONN_ID,
@@ -98,7 +120,7 @@ def bgremoval_training():
             storage_options=s3_storage_options(),
         )
 
-    @task(trigger_rule="none_failed")
+    @task(trigger_rule="none_failed_min_one_success")
     def finalize_dataset(plan: dict, shard_results: list[dict]) -> dict:
         from tasks.ingest import finalize_dataset as finalize
         from tasks.ingest import format_summary
@@ -174,7 +196,7 @@ def bgremoval_training():
         return split(dataset["dataset_url"], split_config(params), previous_url, s3_storage_options())
 
     @task
-    def plan_augmentation(dataset: dict, splits: dict, params=None) -> list[dict]:
+    def plan_augmentation(dataset: dict, params=None) -> list[dict]:
         from tasks.augment import plan_augmentation as plan
         from tasks.manifest import read_table
 
@@ -271,6 +293,23 @@ def bgremoval_training():
         return bool(assessment["gate"]["passed"])
 
     @task
+    def calibrate_quality(dataset: dict, assessment: dict) -> dict:
+        from tasks.calibration import calibrate_model
+
+        calibration = calibrate_model(assessment["model_url"], dataset["dataset_url"], s3_storage_options())
+        print(calibration["text"])
+        if assessment.get("mlflow_run_id"):
+            import mlflow
+
+            client = mlflow.MlflowClient()
+            client.log_metric(assessment["mlflow_run_id"], "quality_threshold", calibration["threshold"])
+            for split in ("val", "test"):
+                if calibration[split]:
+                    client.log_metric(assessment["mlflow_run_id"], f"routing_{split}_precision", calibration[split]["precision"])
+                    client.log_metric(assessment["mlflow_run_id"], f"routing_{split}_recall", calibration[split]["recall"])
+        return {k: v for k, v in calibration.items() if k != "text"}
+
+    @task
     def promote_model(dataset: dict, assessment: dict, params=None, run_id=None) -> dict:
         from tasks.assessment import register_and_promote
 
@@ -279,6 +318,9 @@ def bgremoval_training():
         print(f"{promoted['name']} version {promoted['version']} is the champion; previous: {promoted['previous']}")
         return promoted
 
+    start = choose_start()
+    reused = reuse_dataset()
+    start >> [wait_for_batch, reused]
     plan = plan_shards()
     wait_for_batch >> plan
     cleaned = clean_shard.partial(plan=plan).expand(shard_url=shards(plan))
@@ -290,20 +332,21 @@ def bgremoval_training():
     reviewed = apply_review(dataset)
     review_clusters >> reviewed
     splits = split_dataset(dataset, reviewed)
-    parts = augment_cluster.partial(dataset=dataset).expand_kwargs(plan_augmentation(dataset, splits))
-    augmented = finalize_augmentation(dataset, parts)
+    training = training_set(dataset, splits, reused)
+    parts = augment_cluster.partial(dataset=training).expand_kwargs(plan_augmentation(training))
+    augmented = finalize_augmentation(training, parts)
     compute = choose_compute(augmented)
-    trained_locally = train_model(dataset)
+    trained_locally = train_model(training)
     compute >> trained_locally
-    payload = databricks_run(dataset)
+    payload = databricks_run(training)
     train_on_databricks = DatabricksSubmitRunOperator(
         task_id="train_on_databricks", json=payload, databricks_conn_id=DATABRICKS_CONN_ID, deferrable=True
     )
-    trained_remotely = databricks_result(dataset)
+    trained_remotely = databricks_result(training)
     compute >> payload >> train_on_databricks >> trained_remotely
 
-    assessment = evaluate_model(dataset, trained_locally, trained_remotely)
-    check_gate(assessment) >> promote_model(dataset, assessment)
+    assessment = evaluate_model(training, trained_locally, trained_remotely)
+    check_gate(assessment) >> calibrate_quality(training, assessment) >> promote_model(training, assessment)
 
 
 bgremoval_training()

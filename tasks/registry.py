@@ -49,6 +49,7 @@ CHAMPION = "champion"
 PREVIOUS = "previous"
 _HISTORY_TAG = "champion_history"
 _EXTRA_FILES = ("model.pt", "config.json", "model.onnx")
+_OPTIONAL_FILES = ("quality.json",)  # the calibrated routing threshold (tasks.calibration)
 
 
 class ForegroundProbability(nn.Module):
@@ -87,6 +88,11 @@ def alias_version(name: str = DEFAULT_MODEL_NAME, alias: str = CHAMPION, trackin
         return str(_client(tracking_uri).get_model_version_by_alias(name, alias).version)
     except MlflowException:
         return None
+
+
+def _folder_of(model_url: str) -> str:
+    """The run folder of a model reference (the folder itself, or the folder of a ``model.pt``)."""
+    return model_url.rstrip("/").rsplit("/", 1)[0] if model_url.rstrip("/").endswith(".pt") else model_url
 
 
 def _sha256(path: str) -> str:
@@ -140,6 +146,13 @@ def register_model(model_url: str, name: str = DEFAULT_MODEL_NAME, run_id: str |
         with open(os.path.join(tmp, "config.json"), "w") as fh:
             json.dump(config, fh, indent=2)
         onnx_info = export_onnx(model, os.path.join(tmp, "model.onnx"), size, meta["resize"], meta["model"])
+        extra = [os.path.join(tmp, f) for f in _EXTRA_FILES]
+        for name in _OPTIONAL_FILES:
+            url = storage.join(_folder_of(model_url), name)
+            if storage.exists(url, storage_options):
+                with open(os.path.join(tmp, name), "wb") as fh:
+                    fh.write(storage.read_bytes(url, storage_options))
+                extra.append(os.path.join(tmp, name))
         onnx_sha = _sha256(onnx_info["path"])
         wrapped = ForegroundProbability(model).eval()
         example = np.zeros((1, 3, size, size), np.float32)
@@ -154,7 +167,7 @@ def register_model(model_url: str, name: str = DEFAULT_MODEL_NAME, run_id: str |
         with active as run:
             info = mlflow.pytorch.log_model(
                 wrapped, name="model", signature=signature, input_example=example,
-                extra_files=[os.path.join(tmp, f) for f in _EXTRA_FILES],
+                extra_files=extra,
                 registered_model_name=name, serialization_format="pickle",
                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy", "onnxruntime"],
                 await_registration_for=60,
@@ -253,7 +266,8 @@ def download_model(uri: str, dst_dir: str | None = None, tracking_uri: str | Non
             model was logged by :func:`register_model`).
         dst_dir: the folder to fill (created; default: a new temporary folder).
 
-    Returns the folder, holding ``model.pt``, ``config.json`` and ``model.onnx``. Raises
+    Returns the folder, holding ``model.pt``, ``config.json``, ``model.onnx`` and, when the
+    model was calibrated, ``quality.json``. Raises
     ``FileNotFoundError`` when the model lacks them (it was not logged by this project).
     """
     import mlflow
@@ -271,6 +285,10 @@ def download_model(uri: str, dst_dir: str | None = None, tracking_uri: str | Non
                 missing.append(name)
                 continue
             shutil.copyfile(src, os.path.join(dst, name))
+        for name in _OPTIONAL_FILES:
+            src = os.path.join(local, "extra_files", name)
+            if os.path.exists(src):
+                shutil.copyfile(src, os.path.join(dst, name))
     if missing:
         raise FileNotFoundError(f"{uri} has no {', '.join(missing)} among its extra files: "
                                 "register it with tasks.registry.register_model")

@@ -7,8 +7,8 @@ from airflow.sdk import Param
 DEFAULT_BUCKET = "bgremoval"
 
 
-def batch_params() -> dict[str, Param]:
-    """Params that say which studio batch to process and where it lies."""
+def batch_params(folder: str = "raw") -> dict[str, Param]:
+    """Params that say which batch to process (a folder under ``folder``/) and in which bucket."""
     return {
         "batch": Param(
             "demo",
@@ -16,8 +16,8 @@ def batch_params() -> dict[str, Param]:
             minLength=1,
             pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
             title="Studio batch",
-            description="Name of the folder under raw/ that the studio uploaded, e.g. 2026-11-27-shoot-a. "
-            "The run waits until raw/<batch>/_READY exists.",
+            description=f"Name of the folder under {folder}/ that was uploaded, e.g. 2026-11-27-shoot-a. "
+            f"The run waits until {folder}/<batch>/_READY exists.",
         ),
         "bucket": Param(
             DEFAULT_BUCKET,
@@ -202,6 +202,14 @@ def training_params() -> dict[str, Param]:
             title="Max. steps per epoch",
             description="Cap on optimiser steps per epoch for quick trial runs; 0 means no cap.",
         ),
+        "dataset_version": Param(
+            "",
+            type="string",
+            pattern=r"^$|^[A-Za-z0-9][A-Za-z0-9._-]*$",
+            title="Existing dataset version (retraining)",
+            description="Train on this version under datasets/ instead of a new studio batch: the sensor, cleaning, "
+            "clustering and the review gate are skipped; its splits are kept. The retraining DAG sets it.",
+        ),
         "init_from": Param(
             "",
             type="string",
@@ -286,3 +294,59 @@ def assessment_config(params: dict):
     gate = GateConfig(iou_gate=float(params["iou_gate"]), cluster_iou_gate=float(params["cluster_iou_gate"]),
                       tolerance=float(params["tolerance"]))
     return AssessmentConfig(gate=gate, registered_model=params["registered_model"])
+
+
+def production_params() -> dict[str, Param]:
+    """Params of the production pass (see ``tasks.production.ProductionConfig``)."""
+    return {
+        "quality_threshold": Param(
+            0.0,
+            type="number",
+            minimum=0,
+            maximum=1,
+            title="Quality threshold",
+            description="Results scoring at least this are published (and kept for retraining); lower ones go to "
+            "the correction page. 0 means the champion's calibrated threshold (quality.json).",
+        ),
+        "background": Param(
+            "#ffffff",
+            type="string",
+            pattern=r"^#[0-9a-fA-F]{6}$",
+            title="JPEG background",
+            description="Colour behind the product in the published JPEG.",
+        ),
+        "canvas": Param(
+            "",
+            type="string",
+            pattern=r"^$|^[0-9]+x[0-9]+$",
+            title="Canvas (WxH)",
+            description="Crop each product onto a fixed canvas, centred with a margin, e.g. 1000x1333; empty keeps "
+            "the photo's frame.",
+        ),
+        "shard_size": Param(
+            200,
+            type="integer",
+            minimum=1,
+            title="Photos per shard",
+            description="The drop is split into shards of this many photos, processed by parallel mapped tasks.",
+        ),
+        "model_uri": Param(
+            "",
+            type="string",
+            title="Model",
+            description="Empty: the champion of the registered model. Or a models:/ URI, or a folder with model.onnx.",
+        ),
+    }
+
+
+def production_config(params: dict):
+    """Build the ``ProductionConfig`` of a production run from its params."""
+    from tasks.production import ProductionConfig
+
+    threshold = float(params["quality_threshold"])
+    return ProductionConfig(threshold=threshold or None, background=params["background"],
+                            canvas=params["canvas"].strip() or None)
+
+
+#: The Airflow Asset the production DAG updates when pairs enter the retraining pool.
+RETRAINING_POOL_ASSET_NAME = "bgremoval_retraining_pool"

@@ -56,12 +56,16 @@ def test_no_heavy_imports_at_parse_time(dag_file):
 
 def test_training_dag_shape(dagbag):
     dag = dagbag.dags["bgremoval_training"]
+    assert dag.get_task("choose_start").downstream_task_ids == {"wait_for_batch", "reuse_dataset"}
     assert dag.get_task("wait_for_batch").downstream_task_ids == {"plan_shards"}
+    assert dag.get_task("training_set").upstream_task_ids == {"finalize_dataset", "split_dataset", "reuse_dataset"}
+    assert dag.get_task("plan_augmentation").upstream_task_ids == {"training_set"}
     assert "clean_shard" in dag.get_task("shards").downstream_task_ids
     assert dag.get_task("finalize_dataset").upstream_task_ids >= {"clean_shard", "plan_shards"}
     assert dag.params["working_size"] == 320
     evaluate = dag.get_task("evaluate_model")
-    assert evaluate.upstream_task_ids >= {"train_model", "databricks_result", "finalize_dataset"}
+    assert evaluate.upstream_task_ids >= {"train_model", "databricks_result", "training_set"}
     assert evaluate.trigger_rule == "none_failed_min_one_success"
-    assert dag.get_task("check_gate").downstream_task_ids == {"promote_model"}
+    assert dag.get_task("check_gate").downstream_task_ids == {"calibrate_quality"}
+    assert dag.get_task("calibrate_quality").downstream_task_ids == {"promote_model"}
     assert {"iou_gate", "cluster_iou_gate", "tolerance", "registered_model"} <= set(dag.params.keys())

@@ -1,0 +1,91 @@
+"""Calibrate the production quality threshold of a trained model on its dataset's splits.
+
+The quality score (:func:`tasks.quality.quality_score`) is computed from the prediction alone; to
+route well it must be tied to the IoU it stands for. :func:`calibrate_model` scores the model on
+the validation split (score and true IoU per image), picks the threshold below which images go to
+people so that those whose IoU would fall below ``target_iou`` are caught
+(:func:`tasks.quality.calibrate_threshold`), writes it as ``quality.json`` next to ``model.pt`` —
+it travels into the registry with the model — and reports how that threshold routes the test split.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from tasks.evaluate import decode_image, decode_mask
+from tasks.metrics import iou, resize_to_original
+from tasks.train.data import load_samples
+
+__all__ = ["QualityPoint", "calibrate_model", "score_quality"]
+
+
+@dataclass(frozen=True)
+class QualityPoint:
+    """One image's quality score and its true IoU."""
+
+    stem: str
+    score: float
+    iou: float
+
+
+def score_quality(model_url: str, dataset_url: str, split: str, storage_options: dict | None = None,
+                  batch_size: int = 8, threshold: float = 0.5) -> list[QualityPoint]:
+    """Score every clean pair of ``split``: the quality score from the prediction (with the side
+    outputs) and the IoU against the true mask at the mask's resolution. Returns one
+    :class:`QualityPoint` per pair (an empty list for an empty split)."""
+    from tasks.inference import TorchEngine, prepare_input
+    from tasks.quality import quality_score
+
+    rows = load_samples(dataset_url, split, storage_options, include_augmented=False)
+    if not rows:
+        return []
+    engine = TorchEngine(model_url, device="cpu", storage_options=storage_options)
+    points = []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        images = [decode_image(r[1], storage_options) for r in chunk]
+        masks = [decode_mask(r[2], storage_options) for r in chunk]
+        batch = np.stack([prepare_input(im, engine.input_size, engine.resize, engine.mean, engine.std) for im in images])
+        probs, sides = engine.predict(batch)
+        for i, (row, mask) in enumerate(zip(chunk, masks)):
+            score = quality_score(probs[i], None if sides is None else sides[i]).score
+            full = resize_to_original(probs[i], (mask.shape[1], mask.shape[0]))
+            points.append(QualityPoint(stem=row[0], score=float(score), iou=iou(full > threshold, mask > 127)))
+    return points
+
+
+def calibrate_model(model_url: str, dataset_url: str, storage_options: dict | None = None,
+                    target_iou: float = 0.97, target_recall: float = 0.9) -> dict[str, Any]:
+    """Calibrate the routing threshold of the model at ``model_url`` (a training output folder).
+
+    Scores the ``val`` split (falls back to ``train`` when val is empty), chooses the threshold,
+    writes ``<model_url>/quality.json`` and measures the routing on ``test``. Returns
+    ``{"threshold", "target_iou", "target_recall", "calibrated_on", "val": RoutingReport dict,
+    "test": RoutingReport dict or None, "text": a printable summary}``.
+    """
+    from tasks.quality import calibrate_threshold, routing_report, save_calibration
+
+    calibrated_on = "val"
+    points = score_quality(model_url, dataset_url, "val", storage_options)
+    if not points:
+        calibrated_on, points = "train", score_quality(model_url, dataset_url, "train", storage_options)
+    if not points:
+        raise ValueError(f"{dataset_url} has no val or train pairs to calibrate on")
+    calibration = calibrate_threshold([p.score for p in points], [p.iou for p in points], target_iou, target_recall)
+    save_calibration(calibration, model_url, storage_options)
+    test = score_quality(model_url, dataset_url, "test", storage_options)
+    test_report = routing_report([p.score for p in test], [p.iou for p in test], calibration.threshold,
+                                 target_iou) if test else None
+    text = [f"quality threshold {calibration.threshold:.4f}, calibrated on {calibrated_on} ({len(points)} images) "
+            f"to send images below {target_iou * 100:g} % IoU to people (target recall {target_recall:g})",
+            calibration.report.format()]
+    if calibration.note:
+        text.append(f"note: {calibration.note}")
+    if test_report is not None:
+        text += [f"routing on the test split ({len(test)} images):", test_report.format()]
+    return {"threshold": calibration.threshold, "target_iou": target_iou, "target_recall": target_recall,
+            "calibrated_on": calibrated_on, "val": calibration.report.to_dict(),
+            "test": None if test_report is None else test_report.to_dict(), "text": "\n".join(text)}

@@ -1,0 +1,154 @@
+"""The production stage: cut out every photo of an ``incoming/<batch>/`` drop with the champion and
+route each result by its quality score.
+
+* score ≥ threshold → ``published/<stem>.png`` (RGBA cut-out), ``published/<stem>.jpg`` (on the
+  background) and ``published/masks/<stem>.png``, and the pair (photo, predicted mask) goes to
+  the retraining pool (origin ``published``);
+* score < threshold → ``corrections/queue/<batch>--<stem>/`` for a person (the correction page);
+* an image that cannot be processed → ``production/<batch>/failed/<shard>.json`` with the reason.
+
+Inputs are only read. The stage functions are :func:`plan_production` (list and shard the drop),
+:func:`process_shard` (one mapped task) and :func:`summarise_production`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from tasks import storage
+
+__all__ = ["ProductionConfig", "plan_production", "process_shard", "resolve_threshold", "summarise_production"]
+
+
+@dataclass(frozen=True)
+class ProductionConfig:
+    """How a drop is processed.
+
+    ``threshold``: least quality score to publish (None: the champion's calibrated threshold,
+    ``quality.json`` next to the model); ``background``: the JPEG's colour ``'#rrggbb'``;
+    ``canvas``: ``"WxH"`` to crop products onto a fixed canvas with ``margin``; ``batch_size``:
+    images per model call; ``review_max_side``: photos queued for correction are downscaled to
+    this longer side for the page.
+    """
+
+    threshold: float | None = None
+    background: str = "#ffffff"
+    canvas: str | None = None
+    margin: float = 0.05
+    batch_size: int = 4
+    review_max_side: int = 2000
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.threshold is not None and not 0 <= self.threshold <= 1:
+            raise ValueError(f"threshold must lie in [0, 1] (a quality score), got {self.threshold!r}")
+
+
+def plan_production(bucket_url: str, batch: str, shard_size: int = 200,
+                    storage_options: dict | None = None) -> dict[str, Any]:
+    """List the images of ``incoming/<batch>/`` and write them as shard lists.
+
+    Returns ``{"batch", "n_images", "shard_urls", "problems"}``; shard lists are JSON files
+    ``production/<batch>/shards/<nnnn>.json`` of ``[url, stem]`` pairs. Raises ``ValueError``
+    for a drop without images.
+    """
+    from tasks.inference import list_images
+
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    incoming = storage.join(bucket_url, "incoming", batch)
+    items, problems = list_images([incoming], storage_options)
+    if not items:
+        raise ValueError(f"no images under {incoming}/ ({'; '.join(problems) or 'empty'})")
+    shard_urls = []
+    for number, start in enumerate(range(0, len(items), shard_size)):
+        url = storage.join(bucket_url, "production", batch, "shards", f"{number:04d}.json")
+        storage.write_bytes(url, json.dumps(items[start:start + shard_size]).encode(), storage_options)
+        shard_urls.append(url)
+    return {"batch": batch, "n_images": len(items), "shard_urls": shard_urls, "problems": problems}
+
+
+def resolve_threshold(config: ProductionConfig, model_dir: str | None) -> tuple[float, str]:
+    """The publishing threshold and where it came from: the config's, else the calibrated one in
+    ``<model_dir>/quality.json``. Raises ``ValueError`` when neither exists."""
+    from tasks.quality import load_calibration
+
+    if config.threshold is not None:
+        return float(config.threshold), "the run's parameter"
+    calibration = load_calibration(model_dir) if model_dir else None
+    if calibration is None:
+        raise ValueError("the model has no calibrated quality threshold (quality.json): set the threshold parameter")
+    return float(calibration.threshold), f"calibration in {model_dir}/quality.json"
+
+
+def process_shard(bucket_url: str, batch: str, shard_url: str, model_uri: str, config: ProductionConfig,
+                  model_version: str = "", storage_options: dict | None = None) -> dict[str, Any]:
+    """Cut out one shard of a drop and route every image.
+
+    Args:
+        bucket_url: ``s3://bucket`` (or a local folder) holding the storage layout.
+        batch: the drop's name; shard_url: a list written by :func:`plan_production`.
+        model_uri: what :func:`tasks.inference.load_engine` opens (``models:/name/<version>``, so
+            every shard uses the same version even if the champion moves meanwhile).
+        config: threshold and output options; model_version: recorded with queued and pooled pairs.
+
+    Returns ``{"shard", "images", "published", "queued", "failed", "threshold", "threshold_source",
+    "scores": [...], "failed_url"}`` (scores rounded; no pixels).
+    """
+    from tasks.corrections import PoolMeta, QueueItem, add_to_pool, enqueue, make_item_id, prepare_pair
+    from tasks.inference import InferenceConfig, iter_remove_backgrounds, load_engine, write_outputs
+
+    items = [tuple(pair) for pair in json.loads(storage.read_bytes(shard_url, storage_options))]
+    engine = load_engine(model_uri, storage_options)
+    threshold, source = resolve_threshold(config, engine.model_dir)
+    options = InferenceConfig(background=config.background, canvas=config.canvas, margin=config.margin,
+                              mask=True, batch_size=config.batch_size)
+    published_url = storage.join(bucket_url, "published")
+    counts = {"published": 0, "queued": 0, "failed": 0}
+    failed, scores = [], []
+    for result in iter_remove_backgrounds(items, engine, options, storage_options):
+        if not result.ok:
+            counts["failed"] += 1
+            failed.append({"stem": result.stem, "source_url": result.source_url, "reason": result.error})
+            continue
+        score = float(result.score)
+        scores.append(round(score, 4))
+        try:
+            original = storage.read_bytes(result.source_url, storage_options)
+            item_id = make_item_id(batch, result.stem)
+            if score >= threshold:
+                write_outputs(result, published_url, storage_options)
+                image_jpeg, mask_png = prepare_pair(original, result.mask_png)
+                add_to_pool(bucket_url, item_id, image_jpeg, mask_png,
+                            PoolMeta(origin="published", source_url=result.source_url, score=score,
+                                     model_version=model_version, item_id=item_id), storage_options)
+                counts["published"] += 1
+            else:
+                image_jpeg, mask_png = prepare_pair(original, result.mask_png, max_side=config.review_max_side)
+                enqueue(bucket_url, QueueItem(stem=result.stem, batch=batch, source_url=result.source_url,
+                                              score=score, threshold=threshold, model_uri=model_uri,
+                                              model_version=model_version, item_id=item_id),
+                        image_jpeg, mask_png, storage_options)
+                counts["queued"] += 1
+        except (OSError, ValueError) as exc:  # one bad image never stops the shard
+            counts["failed"] += 1
+            failed.append({"stem": result.stem, "source_url": result.source_url, "reason": f"routing: {exc}"})
+    failed_url = None
+    if failed:
+        name = shard_url.rsplit("/", 1)[-1]
+        failed_url = storage.join(bucket_url, "production", batch, "failed", name)
+        storage.write_bytes(failed_url, json.dumps(failed, indent=2).encode(), storage_options)
+    return {"shard": shard_url, "images": len(items), **counts, "threshold": threshold,
+            "threshold_source": source, "scores": scores, "failed_url": failed_url}
+
+
+def summarise_production(batch: str, shard_results: list[dict[str, Any]]) -> dict[str, Any]:
+    """Add up the shards' counts: ``{"batch", "images", "published", "queued", "failed",
+    "threshold", "published_share"}``."""
+    total = {k: sum(int(r[k]) for r in shard_results) for k in ("images", "published", "queued", "failed")}
+    thresholds = sorted({r["threshold"] for r in shard_results})
+    done = total["published"] + total["queued"]
+    return {"batch": batch, **total, "threshold": thresholds[0] if len(thresholds) == 1 else thresholds,
+            "published_share": round(total["published"] / done, 4) if done else 0.0}

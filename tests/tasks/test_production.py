@@ -1,0 +1,109 @@
+"""The production stage on the real moto S3: plan a drop, cut out a shard, route by quality score,
+calibrate a threshold."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from tasks import storage
+from tasks.calibration import calibrate_model, score_quality
+from tasks.corrections import list_pool, list_queue
+from tasks.model import U2Net
+from tasks.production import ProductionConfig, plan_production, process_shard, resolve_threshold, summarise_production
+from tasks.synth import SynthConfig, encode_jpeg, render_item
+from tasks.train.config import TrainConfig
+from tasks.train.synthetic import write_synthetic_dataset
+
+TINY = {"encoder": [[4, 8]] * 6, "decoder": [[4, 8]] * 5}
+SIZE = 32
+
+
+def _model_folder(folder) -> str:
+    config = TrainConfig(dataset_url="unused", output_url=str(folder), model="u2netp", model_widths=TINY, input_size=SIZE)
+    torch.manual_seed(0)
+    os.makedirs(folder, exist_ok=True)
+    torch.save(U2Net(config.model_config()).state_dict(), os.path.join(folder, "model.pt"))
+    with open(os.path.join(folder, "config.json"), "w") as fh:
+        json.dump({"model": "u2netp", "model_widths": TINY, "input_size": SIZE, "resize": "stretch"}, fh)
+    return str(folder)
+
+
+@pytest.fixture()
+def drop(s3_bucket):
+    """Six product photos and one corrupt file in ``incoming/drop-1/``."""
+    bucket_url, options = s3_bucket
+    config = SynthConfig(n=6, seed=5, max_side=160)
+    for i in range(6):
+        item = render_item(i, config)
+        storage.write_bytes(f"{bucket_url}/incoming/drop-1/p{i}.jpg", encode_jpeg(item.image), options)
+    storage.write_bytes(f"{bucket_url}/incoming/drop-1/broken.jpg", b"not a jpeg", options)
+    storage.write_bytes(f"{bucket_url}/incoming/drop-1/_READY", b"", options)
+    return bucket_url, options
+
+
+def test_plan_shards_the_drop(drop):
+    bucket_url, options = drop
+    plan = plan_production(bucket_url, "drop-1", shard_size=3, storage_options=options)
+    assert plan["n_images"] == 7 and len(plan["shard_urls"]) == 3
+    listed = [stem for url in plan["shard_urls"] for _, stem in json.loads(storage.read_bytes(url, options))]
+    assert sorted(listed) == ["broken", "p0", "p1", "p2", "p3", "p4", "p5"]
+    with pytest.raises(ValueError, match="no images"):
+        plan_production(bucket_url, "nothing-here", storage_options=options)
+
+
+def test_shard_routes_by_score_and_reports_failures(drop, tmp_path):
+    bucket_url, options = drop
+    model = _model_folder(tmp_path / "model")
+    plan = plan_production(bucket_url, "drop-1", shard_size=10, storage_options=options)
+    probe = process_shard(bucket_url, "probe", plan["shard_urls"][0], model, ProductionConfig(threshold=0.0), "v1", options)
+    scores = sorted(probe["scores"])
+    assert len(scores) == 6 and probe["failed"] == 1 and probe["published"] == 6
+    threshold = (scores[2] + scores[3]) / 2
+    before = {o.relpath: o.etag for o in storage.list_objects(f"{bucket_url}/incoming", options)}
+
+    result = process_shard(bucket_url, "drop-1", plan["shard_urls"][0], model, ProductionConfig(threshold=threshold),
+                           "v7", options)
+    assert (result["published"], result["queued"], result["failed"]) == (3, 3, 1)
+    failed = json.loads(storage.read_bytes(result["failed_url"], options))
+    assert failed[0]["stem"] == "broken" and failed[0]["reason"]
+
+    queue = [q for q in list_queue(bucket_url, options) if q["batch"] == "drop-1"]
+    assert len(queue) == 3 and all(q["score"] < threshold and q["model_version"] == "v7" for q in queue)
+    pool = [p for p in list_pool(bucket_url, options) if p["pair_id"].startswith("drop-1--")]
+    assert len(pool) == 3 and {p["origin"] for p in pool} == {"published"}
+    published = {o.relpath for o in storage.list_objects(f"{bucket_url}/published", options)}
+    for entry in pool:
+        stem = entry["source_url"].rsplit("/", 1)[-1].removesuffix(".jpg")
+        assert {f"{stem}.png", f"{stem}.jpg", f"masks/{stem}.png"} <= published
+        cutout = cv2.imdecode(np.frombuffer(storage.read_bytes(f"{bucket_url}/published/{stem}.png", options), np.uint8),
+                              cv2.IMREAD_UNCHANGED)
+        assert cutout.shape[2] == 4
+    # inputs untouched; a retried shard adds nothing to the queue or the pool
+    assert {o.relpath: o.etag for o in storage.list_objects(f"{bucket_url}/incoming", options)} == before
+    process_shard(bucket_url, "drop-1", plan["shard_urls"][0], model, ProductionConfig(threshold=threshold), "v7", options)
+    assert len([q for q in list_queue(bucket_url, options) if q["batch"] == "drop-1"]) == 3
+    total = summarise_production("drop-1", [result])
+    assert total["published"] == 3 and total["queued"] == 3 and total["published_share"] == 0.5
+
+
+def test_threshold_comes_from_the_calibration_unless_given(tmp_path):
+    dataset = str(tmp_path / "datasets" / "v1")
+    write_synthetic_dataset(dataset, 9, seed=8, max_side=48,
+                            split_for=lambda i: "val" if i < 4 else "test" if i < 7 else "train")
+    model = _model_folder(tmp_path / "model")
+    with pytest.raises(ValueError, match="no calibrated quality threshold"):
+        resolve_threshold(ProductionConfig(), model)
+    points = score_quality(model, dataset, "val")
+    assert len(points) == 4 and all(0 <= p.score <= 1 and 0 <= p.iou <= 1 for p in points)
+    calibration = calibrate_model(model, dataset, target_iou=0.97, target_recall=0.9)
+    assert calibration["calibrated_on"] == "val" and calibration["test"]["n"] == 3
+    assert calibration["val"]["recall"] >= 0.9 and "routing on the test split" in calibration["text"]
+    assert resolve_threshold(ProductionConfig(), model) == (pytest.approx(calibration["threshold"]),
+                                                            f"calibration in {model}/quality.json")
+    assert resolve_threshold(ProductionConfig(threshold=0.3), model)[0] == 0.3
