@@ -147,12 +147,12 @@ def register_model(model_url: str, name: str = DEFAULT_MODEL_NAME, run_id: str |
             json.dump(config, fh, indent=2)
         onnx_info = export_onnx(model, os.path.join(tmp, "model.onnx"), size, meta["resize"], meta["model"])
         extra = [os.path.join(tmp, f) for f in _EXTRA_FILES]
-        for name in _OPTIONAL_FILES:
-            url = storage.join(_folder_of(model_url), name)
+        for optional in _OPTIONAL_FILES:
+            url = storage.join(_folder_of(model_url), optional)
             if storage.exists(url, storage_options):
-                with open(os.path.join(tmp, name), "wb") as fh:
+                with open(os.path.join(tmp, optional), "wb") as fh:
                     fh.write(storage.read_bytes(url, storage_options))
-                extra.append(os.path.join(tmp, name))
+                extra.append(os.path.join(tmp, optional))
         onnx_sha = _sha256(onnx_info["path"])
         wrapped = ForegroundProbability(model).eval()
         example = np.zeros((1, 3, size, size), np.float32)
