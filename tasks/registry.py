@@ -42,6 +42,7 @@ __all__ = [
     "register_model",
     "rollback",
     "stage_weights",
+    "version_tags",
 ]
 
 DEFAULT_MODEL_NAME = "bgremoval-u2net"
@@ -347,3 +348,8 @@ def list_versions(name: str = DEFAULT_MODEL_NAME, tracking_uri: str | None = Non
         rows.append({"version": str(v.version), "aliases": list(v.aliases or []), "tags": dict(v.tags or {}),
                      "created": created, "run_id": v.run_id})
     return sorted(rows, key=lambda r: int(r["version"]), reverse=True)
+
+
+def version_tags(name: str, version: str | int, tracking_uri: str | None = None) -> dict[str, str]:
+    """The tags of one model version (e.g. ``dataset_version``, ``test_mean_iou``)."""
+    return dict(_client(tracking_uri).get_model_version(name, str(version)).tags or {})

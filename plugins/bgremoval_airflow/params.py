@@ -350,3 +350,46 @@ def production_config(params: dict):
 
 #: The Airflow Asset the production DAG updates when pairs enter the retraining pool.
 RETRAINING_POOL_ASSET_NAME = "bgremoval_retraining_pool"
+
+
+def retraining_params() -> dict[str, Param]:
+    """Params of the retraining loop (see ``tasks.retraining.RetrainingConfig``)."""
+    return {
+        "min_new_pairs": Param(
+            50,
+            type="integer",
+            minimum=1,
+            title="Least new pairs",
+            description="Retrain only when at least this many new pairs (published, accepted or corrected) are in "
+            "the retraining pool since the last retraining.",
+        ),
+        "retrain_epochs": Param(
+            3,
+            type="integer",
+            minimum=1,
+            title="Retraining epochs",
+            description="Epochs of the triggered training run; it starts from the champion's weights.",
+        ),
+        "base_dataset": Param(
+            "",
+            type="string",
+            pattern=r"^$|^[A-Za-z0-9][A-Za-z0-9._-]*$",
+            title="Base dataset version",
+            description="Empty: the champion's dataset version (its registry tag). Its rows and splits are kept; "
+            "the test split does not change.",
+        ),
+        "val_fraction": Param(
+            0.1,
+            type="number",
+            minimum=0,
+            maximum=0.9,
+            title="Validation share of new pairs",
+            description="New pairs go to train or val (hash of the name), never to test.",
+        ),
+        "training_conf": Param(
+            {},
+            type="object",
+            title="Other training parameters",
+            description="Passed to bgremoval_training as they are, e.g. {\"workers\": 4, \"iou_gate\": 0.98}.",
+        ),
+    }

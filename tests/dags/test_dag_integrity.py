@@ -69,3 +69,17 @@ def test_training_dag_shape(dagbag):
     assert dag.get_task("check_gate").downstream_task_ids == {"calibrate_quality"}
     assert dag.get_task("calibrate_quality").downstream_task_ids == {"promote_model"}
     assert {"iou_gate", "cluster_iou_gate", "tolerance", "registered_model"} <= set(dag.params.keys())
+
+
+def test_production_and_retraining_dags_shape(dagbag):
+    inference = dagbag.dags["bgremoval_inference"]
+    assert inference.get_task("wait_for_drop").downstream_task_ids == {"plan_drop"}
+    assert inference.get_task("cut_out_shard").upstream_task_ids == {"shards", "resolve_model"}
+    assert [o.name for o in inference.get_task("report_drop").outlets] == ["bgremoval_retraining_pool"]
+    retraining = dagbag.dags["bgremoval_retraining"]
+    assert "bgremoval_retraining_pool" in repr(retraining.timetable.asset_condition)
+    assert retraining.timetable.timetable.expression == "0 4 * * 1"
+    assert retraining.get_task("enough_new_pairs").downstream_task_ids == {"build_dataset"}
+    trigger = retraining.get_task("trigger_training")
+    assert trigger.trigger_dag_id == "bgremoval_training" and trigger.downstream_task_ids == {"record_state"}
+    assert set(retraining.params.keys()) >= {"min_new_pairs", "retrain_epochs", "registered_model"}

@@ -1,0 +1,120 @@
+"""The production loop end to end, on moto S3, the Airflow api-server and ``airflow dags test``:
+
+champion → ``bgremoval_inference`` publishes confident cut-outs and queues doubtful ones →
+a reviewer accepts and corrects through the correction page's HTTP API → ``bgremoval_retraining``
+builds a new dataset version from the pool and triggers ``bgremoval_training`` with
+``init_from=champion`` → that training run (the same conf) passes the same gate and is promoted.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from tasks import registry, storage
+from tasks.inference import InferenceConfig, iter_remove_backgrounds, load_engine
+from tasks.manifest import read_table
+from tasks.model import build_model
+from tasks.synth import SynthConfig, encode_jpeg, render_item
+from tasks.train.synthetic import write_synthetic_dataset
+
+pytestmark = pytest.mark.integration
+AIRFLOW = str(Path(sys.executable).parent / "airflow")
+
+
+def _dags_test(dag_id: str, conf: dict, log: Path) -> None:
+    with open(log, "wb") as out:
+        code = subprocess.run([AIRFLOW, "dags", "test", dag_id, "--conf", json.dumps(conf)], stdout=out,
+                              stderr=subprocess.STDOUT, env=dict(os.environ), timeout=900).returncode
+    assert code == 0, log.read_text()[-5000:]
+
+
+def _champion(name: str, folder: Path, dataset_version: str) -> str:
+    folder.mkdir(parents=True)
+    torch.manual_seed(0)
+    torch.save(build_model("u2netp").state_dict(), folder / "model.pt")
+    (folder / "config.json").write_text(json.dumps({"model": "u2netp", "input_size": 64, "resize": "stretch"}))
+    version = registry.register_model(str(folder), name, experiment="bgremoval-tests",
+                                      tags={"dataset_version": dataset_version})["version"]
+    registry.promote(name, version)
+    return version
+
+
+def test_publish_correct_retrain_promote(s3_bucket, reviewer, client_for, tmp_path):
+    bucket_url, options = s3_bucket
+    bucket = bucket_url.removeprefix("s3://")
+    name = f"loop-{bucket}"
+    write_synthetic_dataset(f"{bucket_url}/datasets/base-1", 18, seed=31, max_side=96,
+                            split_for=lambda i: ("test", "val", "train", "train", "train", "train")[i % 6],
+                            storage_options=options)
+    assert _champion(name, tmp_path / "champion", "base-1") == "1"
+
+    photos = SynthConfig(n=8, seed=44, max_side=200)
+    for i in range(8):
+        storage.write_bytes(f"{bucket_url}/incoming/drop-1/shot{i}.jpg", encode_jpeg(render_item(i, photos).image), options)
+    storage.write_bytes(f"{bucket_url}/incoming/drop-1/_READY", b"", options)
+    # a threshold between the champion's scores, so that both routes are taken
+    engine = load_engine(registry.download_model(registry.model_uri(name), str(tmp_path / "dl")))
+    urls = [(f"{bucket_url}/incoming/drop-1/shot{i}.jpg", f"shot{i}") for i in range(8)]
+    scores = sorted(r.score for r in iter_remove_backgrounds(urls, engine, InferenceConfig(), options))
+    threshold = (scores[3] + scores[4]) / 2
+
+    _dags_test("bgremoval_inference", {"batch": "drop-1", "bucket": bucket, "registered_model": name,
+                                       "quality_threshold": threshold, "shard_size": 3}, tmp_path / "inference.log")
+    published = {o.relpath for o in storage.list_objects(f"{bucket_url}/published", options)}
+    assert len([p for p in published if p.endswith(".png") and "/" not in p]) == 4
+    queue = reviewer.request("GET", f"/bgremoval/api/corrections?bucket={bucket}")["items"]
+    assert len(queue) == 4 and all(q["model_version"] == "1" for q in queue)
+    events = client_for("admin").request("GET", "/api/v2/assets/events?limit=50")["asset_events"]
+    assert any(e["extra"].get("bucket") == bucket and e["extra"].get("new_pairs") == 4 for e in events)
+
+    # a person accepts one doubtful mask and paints another
+    first, second = queue[0]["item_id"], queue[1]["item_id"]
+    reviewer.request("POST", f"/bgremoval/api/corrections/{first}/decision?bucket={bucket}", {"decision": "accepted"})
+    mask = cv2.imdecode(np.frombuffer(reviewer.request(
+        "GET", f"/bgremoval/api/corrections/{second}/mask?bucket={bucket}"), np.uint8), cv2.IMREAD_GRAYSCALE)
+    painted = mask.copy()
+    painted[mask.shape[0] // 4: 3 * mask.shape[0] // 4, mask.shape[1] // 4: 3 * mask.shape[1] // 4] = 255
+    body = {"decision": "corrected", "mask_source": "brush",
+            "mask_png_base64": base64.b64encode(cv2.imencode(".png", painted)[1].tobytes()).decode()}
+    reviewer.request("POST", f"/bgremoval/api/corrections/{second}/decision?bucket={bucket}", body)
+
+    training_conf = {"epochs": 1, "train_input_size": 64, "batch_size": 4, "workers": 1, "max_steps_per_epoch": 2,
+                     "target_per_cluster": 6, "iou_gate": 0.0, "cluster_iou_gate": 0.0, "tolerance": 1.0}
+    _dags_test("bgremoval_retraining", {"bucket": bucket, "registered_model": name, "min_new_pairs": 6,
+                                        "retrain_epochs": 1, "working_size": 96, "training_conf": training_conf},
+               tmp_path / "retraining.log")
+    state = json.loads(storage.read_bytes(f"{bucket_url}/retraining/state.json", options))
+    version = state["last_dataset_version"]
+    assert version.startswith("retrain-") and state["history"][-1]["n_new"] == 6
+    base = read_table(f"{bucket_url}/datasets/base-1/manifest.parquet", options)
+    new = read_table(f"{bucket_url}/datasets/{version}/manifest.parquet", options)
+    assert sorted(new.loc[new["split"] == "test", "stem"]) == sorted(base.loc[base["split"] == "test", "stem"])
+    added = new[new["batch"] == "retraining-pool"]
+    assert len(added) == 6 and set(added["split"]) <= {"train", "val"}
+
+    runs = client_for("admin").request("GET", "/api/v2/dags/bgremoval_training/dagRuns?limit=100")["dag_runs"]
+    triggered = [r for r in runs if (r.get("conf") or {}).get("dataset_version") == version]
+    assert len(triggered) == 1
+    conf = triggered[0]["conf"]
+    assert conf["init_from"] == "champion" and conf["epochs"] == 1 and conf["registered_model"] == name
+
+    # the triggered run's conf, executed: reuses the dataset, starts from the champion, passes the gate
+    _dags_test("bgremoval_training", conf, tmp_path / "training.log")
+    log = (tmp_path / "training.log").read_text()
+    assert "retraining on the existing dataset version" in log
+    assert registry.alias_version(name, "champion") == "2" and registry.alias_version(name, "previous") == "1"
+    tags = registry.version_tags(name, "2")
+    assert tags["dataset_version"] == version
+    staged = [o for o in storage.list_objects(f"{bucket_url}/training/{version}", options) if o.relpath.endswith("init/model.pt")]
+    assert len(staged) == 1  # the champion's weights were the starting point
+    assert "quality.json" in os.listdir(registry.download_model(registry.model_uri(name), str(tmp_path / "dl2")))
