@@ -37,6 +37,7 @@ from bgremoval_airflow.params import (
     cleaning_params,
     evaluation_params,
     assessment_config,
+    report_page_url,
     review_page_url,
     review_params,
     split_config,
@@ -284,6 +285,9 @@ def bgremoval_training():
         print(assessment["table"])
         print(assessment["verdict"])
         print(f"report: {assessment['report_html']} (also under report/ in MLflow run {assessment['mlflow_run_id']})")
+        page = report_page_url(params["bucket"], assessment["report_url"])
+        if page:
+            print(f"report in the Airflow UI: {page}")
         return assessment
 
     @task.short_circuit
@@ -293,10 +297,11 @@ def bgremoval_training():
         return bool(assessment["gate"]["passed"])
 
     @task
-    def calibrate_quality(dataset: dict, assessment: dict) -> dict:
+    def calibrate_quality(dataset: dict, assessment: dict, params=None) -> dict:
         from tasks.calibration import calibrate_model
 
-        calibration = calibrate_model(assessment["model_url"], dataset["dataset_url"], s3_storage_options())
+        calibration = calibrate_model(assessment["model_url"], dataset["dataset_url"], s3_storage_options(),
+                                      target_iou=float(params["routing_target_iou"]))
         print(calibration["text"])
         if assessment.get("mlflow_run_id"):
             import mlflow

@@ -160,7 +160,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(
         DemoConfig(
             n=args.n, bad=args.bad, seed=args.seed, max_side=args.max_side,
-            target_per_cluster=args.target_per_cluster, keep=args.keep,
+            target_per_cluster=args.target_per_cluster, drop=args.drop, keep=args.keep,
         )
     )
 
@@ -238,6 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=7)
     demo.add_argument("--max-side", type=int, default=800)
     demo.add_argument("--target-per-cluster", type=int, default=40, help="augmentation target per product cluster")
+    demo.add_argument("--drop", type=int, default=24, help="new photos for the production pass at the end")
     demo.add_argument("--keep", action="store_true", help="leave the stack running afterwards")
     demo.set_defaults(func=cmd_demo)
     return parser

@@ -26,7 +26,14 @@ from tasks import storage
 from tasks.metrics import ImageScore, boundary_f, iou, mae, resize_to_original, summarise
 from tasks.model import MODEL_NAMES, TRAINING_SIZE, StageWidths, U2Net, U2NetConfig, build_model
 from tasks.train.checkpoint import load_state_dict_from_url
-from tasks.train.data import DEFAULT_CLUSTER, IMAGENET_MEAN, IMAGENET_STD, load_samples
+from tasks.train.data import (
+    DEFAULT_CLUSTER,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    letterbox_box,
+    load_samples,
+    training_resize,
+)
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -149,18 +156,6 @@ def load_model(model_url: str, model_name: str | None = None,
 # Prediction
 # ----------------------------------------------------------------------------------------------
 
-def _resize(array: np.ndarray, width: int, height: int) -> np.ndarray:
-    """The training resize: area interpolation when shrinking, bilinear otherwise."""
-    shrink = width <= array.shape[1] and height <= array.shape[0]
-    return cv2.resize(array, (width, height), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
-
-
-def _letterbox_box(height: int, width: int, size: int) -> tuple[int, int, int, int]:
-    scale = size / max(height, width)
-    new_w, new_h = max(1, round(width * scale)), max(1, round(height * scale))
-    return (size - new_w) // 2, (size - new_h) // 2, new_w, new_h
-
-
 def _check_image(image_rgb: np.ndarray) -> np.ndarray:
     image = np.asarray(image_rgb)
     if image.ndim != 3 or image.shape[2] != 3 or image.shape[0] == 0 or image.shape[1] == 0:
@@ -183,11 +178,11 @@ def preprocess(image_rgb: np.ndarray, input_size: int, resize: str = "stretch") 
     normed = (scaled - np.asarray(IMAGENET_MEAN, np.float32)) / np.asarray(IMAGENET_STD, np.float32)
     size = int(input_size)
     if resize == "stretch":
-        out = _resize(normed, size, size)
+        out = training_resize(normed, size, size)
     else:
-        x0, y0, new_w, new_h = _letterbox_box(image.shape[0], image.shape[1], size)
+        x0, y0, new_w, new_h = letterbox_box(image.shape[0], image.shape[1], size)
         out = np.zeros((size, size, 3), np.float32)
-        out[y0:y0 + new_h, x0:x0 + new_w] = _resize(normed, new_w, new_h)
+        out[y0:y0 + new_h, x0:x0 + new_w] = training_resize(normed, new_w, new_h)
     return np.ascontiguousarray(out.transpose(2, 0, 1))
 
 
@@ -228,7 +223,7 @@ def predict_batch(model: nn.Module, images_rgb: Sequence[np.ndarray], input_size
     for prob, image, size in zip(probs, images, sizes):
         height, width = image.shape[:2]
         if resize == "letterbox":
-            x0, y0, new_w, new_h = _letterbox_box(height, width, int(input_size))
+            x0, y0, new_w, new_h = letterbox_box(height, width, int(input_size))
             prob = prob[y0:y0 + new_h, x0:x0 + new_w]
         out.append(resize_to_original(np.ascontiguousarray(prob, dtype=np.float32), size or (width, height)))
     return out

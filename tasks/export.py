@@ -25,7 +25,8 @@ from torch import nn
 
 from tasks.train.data import IMAGENET_MEAN, IMAGENET_STD
 
-__all__ = ["ONNX_INPUT", "ONNX_OPSET", "ONNX_OUTPUT", "ONNX_SIDES", "export_onnx", "read_onnx_metadata"]
+__all__ = ["ONNX_INPUT", "ONNX_OPSET", "ONNX_OUTPUT", "ONNX_SIDES", "ProbabilityHead", "export_onnx",
+           "read_onnx_metadata"]
 
 ONNX_INPUT = "input"
 ONNX_OUTPUT = "mask"
@@ -33,7 +34,7 @@ ONNX_SIDES = "sides"
 ONNX_OPSET = 18
 
 
-class _Probabilities(nn.Module):
+class ProbabilityHead(nn.Module):
     """The fused logits through a sigmoid (and, with ``sides``, the six side maps concatenated
     on the channel axis): what an inference engine wants from U2-Net."""
 
@@ -87,7 +88,7 @@ def export_onnx(model: nn.Module, onnx_path: str, input_size: int, resize: str =
     base = copy.deepcopy(model).float().cpu().to(memory_format=torch.contiguous_format).eval()
     if sides is None:
         sides = _has_sides(base, size)
-    wrapped = _Probabilities(base, sides=sides).eval()
+    wrapped = ProbabilityHead(base, sides=sides).eval()
     outputs = [ONNX_OUTPUT, ONNX_SIDES] if sides else [ONNX_OUTPUT]
     example = torch.zeros(1, 3, size, size)
     batch = torch.export.Dim("batch", min=1, max=1024)

@@ -41,7 +41,7 @@ import cv2
 import numpy as np
 
 from tasks import storage
-from tasks.evaluate import _letterbox_box, _resize
+from tasks.train.data import letterbox_box, training_resize
 from tasks.metrics import resize_to_original
 from tasks.quality import QualityConfig, QualityScore, quality_score
 
@@ -440,11 +440,11 @@ def prepare_input(image_rgb: np.ndarray, input_size: int, resize: str = "stretch
     s = np.asarray(std if std is not None else IMAGENET_STD, np.float32) * np.float32(255)
     raw = image_rgb.astype(np.float32)
     if resize == "stretch":
-        out = (_resize(raw, size, size) - m) / s
+        out = (training_resize(raw, size, size) - m) / s
     elif resize == "letterbox":
-        x0, y0, new_w, new_h = _letterbox_box(image_rgb.shape[0], image_rgb.shape[1], size)
+        x0, y0, new_w, new_h = letterbox_box(image_rgb.shape[0], image_rgb.shape[1], size)
         out = np.zeros((size, size, 3), np.float32)
-        out[y0:y0 + new_h, x0:x0 + new_w] = (_resize(raw, new_w, new_h) - m) / s
+        out[y0:y0 + new_h, x0:x0 + new_w] = (training_resize(raw, new_w, new_h) - m) / s
     else:
         raise ValueError(f"resize must be 'stretch' or 'letterbox', got {resize!r}")
     return np.ascontiguousarray(out.transpose(2, 0, 1))
@@ -568,7 +568,7 @@ def _finish(loaded: _Loaded, prob_s: np.ndarray, sides: np.ndarray | None, engin
         assert loaded.rgb is not None
         height, width = loaded.rgb.shape[:2]
         if engine.resize == "letterbox":
-            x0, y0, new_w, new_h = _letterbox_box(height, width, engine.input_size)
+            x0, y0, new_w, new_h = letterbox_box(height, width, engine.input_size)
             prob_s = prob_s[y0:y0 + new_h, x0:x0 + new_w]
             sides = None if sides is None else sides[:, y0:y0 + new_h, x0:x0 + new_w]
         prob_s = np.clip(np.nan_to_num(prob_s, nan=0.0), 0.0, 1.0)

@@ -24,7 +24,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from tasks import storage
 
@@ -32,7 +31,6 @@ __all__ = [
     "CHAMPION",
     "DEFAULT_MODEL_NAME",
     "PREVIOUS",
-    "ForegroundProbability",
     "alias_version",
     "download_model",
     "is_model_uri",
@@ -51,20 +49,6 @@ PREVIOUS = "previous"
 _HISTORY_TAG = "champion_history"
 _EXTRA_FILES = ("model.pt", "config.json", "model.onnx")
 _OPTIONAL_FILES = ("quality.json",)  # the calibrated routing threshold (tasks.calibration)
-
-
-class ForegroundProbability(nn.Module):
-    """Wrap a U2-Net so that it returns what a user wants: ``B×1×S×S`` foreground probabilities
-    (the sigmoid of the fused output) for a normalised ``B×3×S×S`` input."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.model(x)
-        fused = out.fused if hasattr(out, "fused") else out[0] if isinstance(out, (tuple, list)) else out
-        return torch.sigmoid(fused)
 
 
 def _client(tracking_uri: str | None = None):
@@ -135,7 +119,7 @@ def register_model(model_url: str, name: str = DEFAULT_MODEL_NAME, run_id: str |
     from mlflow.models import infer_signature
 
     from tasks.evaluate import load_model
-    from tasks.export import export_onnx
+    from tasks.export import ProbabilityHead, export_onnx
 
     client = _client(tracking_uri)
     model, meta = load_model(model_url, storage_options=storage_options)
@@ -155,7 +139,7 @@ def register_model(model_url: str, name: str = DEFAULT_MODEL_NAME, run_id: str |
                     fh.write(storage.read_bytes(url, storage_options))
                 extra.append(os.path.join(tmp, optional))
         onnx_sha = _sha256(onnx_info["path"])
-        wrapped = ForegroundProbability(model).eval()
+        wrapped = ProbabilityHead(model).eval()
         example = np.zeros((1, 3, size, size), np.float32)
         with torch.inference_mode():
             signature = infer_signature(example, wrapped(torch.from_numpy(example)).numpy())

@@ -150,6 +150,20 @@ def review_page_url(version: str, bucket: str) -> str:
     return f"{base}/bgremoval/review/{version}?bucket={bucket}"
 
 
+def report_page_url(bucket: str, report_url: str) -> str | None:
+    """The Airflow UI address of an evaluation report written at
+    ``s3://<bucket>/training/<version>/<run>/report`` (None for a report stored elsewhere)."""
+    import re
+
+    from airflow.configuration import conf
+
+    match = re.fullmatch(rf"s3://{re.escape(bucket)}/training/([^/]+)/([^/]+)/report/?", report_url)
+    if not match:
+        return None
+    base = conf.get("api", "base_url", fallback="").rstrip("/")
+    return f"{base}/bgremoval/reports/{match.group(1)}/{match.group(2)}?bucket={bucket}"
+
+
 def training_params() -> dict[str, Param]:
     """Params of the training step (see ``tasks.train.config.TrainConfig``)."""
     return {
@@ -274,6 +288,15 @@ def evaluation_params() -> dict[str, Param]:
             title="Gate: tolerance against the champion",
             description="The new model may score at most this much below the current champion's mean IoU "
             "(both are evaluated on the same test split in the same task).",
+        ),
+        "routing_target_iou": Param(
+            0.97,
+            type="number",
+            exclusiveMinimum=0,
+            maximum=1,
+            title="Production: IoU a person should fix below",
+            description="The quality threshold is calibrated on the val split so that results whose IoU would fall "
+            "below this go to the correction page (with 90 % recall).",
         ),
         "registered_model": Param(
             "bgremoval-u2net",

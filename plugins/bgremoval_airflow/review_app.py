@@ -125,6 +125,9 @@ def create_app() -> FastAPI:
     from bgremoval_airflow.correction_app import correction_router
 
     app.include_router(correction_router())  # the mask-correction page and its API
+    from bgremoval_airflow.report_app import report_router
+
+    app.include_router(report_router())  # evaluation reports, linked from evaluate_model's log
 
     @app.get("/", response_class=HTMLResponse, dependencies=[can_read])
     def index(bucket: str = Query(DEFAULT_BUCKET)) -> str:

@@ -175,9 +175,18 @@ def prepare_split(dataset_url: str, split: str, cache_dir: str | None = None,
     return samples
 
 
-def _resize(array: np.ndarray, width: int, height: int) -> np.ndarray:
+def training_resize(array: np.ndarray, width: int, height: int) -> np.ndarray:
+    """Resize as training does: area interpolation when shrinking, bilinear otherwise."""
     shrink = width <= array.shape[1] and height <= array.shape[0]
     return cv2.resize(array, (width, height), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+
+
+def letterbox_box(height: int, width: int, size: int) -> tuple[int, int, int, int]:
+    """Where an ``height×width`` image lands in a ``size`` square, longer side fitted and
+    centred: returns ``(x0, y0, new_width, new_height)``."""
+    scale = size / max(height, width)
+    new_w, new_h = max(1, round(width * scale)), max(1, round(height * scale))
+    return (size - new_w) // 2, (size - new_h) // 2, new_w, new_h
 
 
 class SegmentationDataset(Dataset):
@@ -233,15 +242,12 @@ class SegmentationDataset(Dataset):
         image = (image - self._mean) / self._std
         mask = mask.astype(np.float32) * np.float32(1 / 255)
         if self.resize == "stretch":
-            return _resize(image, size, size), _resize(mask, size, size)
-        height, width = mask.shape
-        scale = size / max(height, width)
-        new_w, new_h = max(1, round(width * scale)), max(1, round(height * scale))
-        x0, y0 = (size - new_w) // 2, (size - new_h) // 2
+            return training_resize(image, size, size), training_resize(mask, size, size)
+        x0, y0, new_w, new_h = letterbox_box(mask.shape[0], mask.shape[1], size)
         out_image = np.zeros((size, size, 3), np.float32)
         out_mask = np.zeros((size, size), np.float32)
-        out_image[y0:y0 + new_h, x0:x0 + new_w] = _resize(image, new_w, new_h)
-        out_mask[y0:y0 + new_h, x0:x0 + new_w] = _resize(mask, new_w, new_h)
+        out_image[y0:y0 + new_h, x0:x0 + new_w] = training_resize(image, new_w, new_h)
+        out_mask[y0:y0 + new_h, x0:x0 + new_w] = training_resize(mask, new_w, new_h)
         return out_image, out_mask
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:

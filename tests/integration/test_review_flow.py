@@ -127,6 +127,11 @@ def test_reviewer_moves_an_image_renames_a_cluster_and_approves(s3_bucket, revie
     assert assessment["summary"]["n"] == int((ok["split"] == "test").sum())
     page = storage.read_bytes(f"{run_folder}/report/report.html", options).decode()
     assert "Gate PASSED" in page and "worst_gallery.jpg" in page
+    report_path = f"/bgremoval/reports/{version_name(run_folder)}/{run_folder.rstrip('/').split('/')[-1]}?bucket={bucket}"
+    assert "Gate PASSED" in reviewer.request("GET", report_path).decode()
+    anonymous_page = client_for(None).request("GET", report_path)  # redirected to the login page
+    assert b"Gate PASSED" not in anonymous_page
+    assert f"report in the Airflow UI: " in (tmp_path / "run.log").read_text()
     assert registry.alias_version(model_name, "champion") == "2"
     assert registry.alias_version(model_name, "previous") == "1"
     version = mlflow.MlflowClient().get_model_version(model_name, "2")
