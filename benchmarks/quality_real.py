@@ -14,7 +14,9 @@ same functions the training DAG calls:
    ``--input-size`` (default 192 px; 320 on a GPU machine);
 5. evaluation of the test split at the photos' own resolution (``tasks.evaluate.score_dataset``)
    and the seed's table beside the seed's numbers;
-6. registration (``tasks.registry``) as ``--model-name`` with the alias ``champion`` in the MLflow
+6. the production quality threshold (``tasks.calibration``), calibrated on val to route photos
+   whose IoU would fall below 97 % to people, and its routing precision/recall on test;
+7. registration (``tasks.registry``) as ``--model-name`` with the alias ``champion`` in the MLflow
    store ``--mlflow`` (default: SQLite under ``--work``), so that
    ``MLFLOW_TRACKING_URI=... bgremoval evaluate --model models:/<name>@champion --images … --masks …``
    scores it on any other labelled folder.
@@ -134,6 +136,11 @@ def main(argv: list[str] | None = None) -> int:
     print(format_summary(summary))
     print("\n" + _seed_comparison(summary))
 
+    from tasks.calibration import calibrate_model
+
+    calibration = calibrate_model(config.output_url, dataset["dataset_url"], target_iou=0.97)
+    print("\n== production routing\n" + calibration["text"])
+
     registered = registry.register_model(
         config.output_url, args.model_name, run_id=result.mlflow_run_id,
         tags={"test_mean_iou": summary["mean_iou"], "dataset_version": dataset["version"], "data": "viton-garments"},
@@ -147,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"time: {json.dumps(timing)}; training {result.images_per_s:.2f} img/s over {result.world_size} workers")
     if args.json:
         Path(args.json).write_text(json.dumps({"summary": summary, "timing": timing, "config": config.to_dict(),
+                                               "routing": {k: v for k, v in calibration.items() if k != "text"},
                                                "splits": dataset["splits"], "model_uri": registered["model_uri"],
                                                "history": result.history}, indent=2, default=str))
     return 0

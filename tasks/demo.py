@@ -39,12 +39,12 @@ class DemoConfig:
     seed: int = 7
     max_side: int = 800
     target_per_cluster: int = 40
-    epochs: int = 3
+    epochs: int = 5
     train_input_size: int = 128
     max_moves: int = 12
     drop: int = 24
-    iou_gate: float = 0.70
-    cluster_iou_gate: float = 0.40
+    iou_gate: float = 0.60
+    cluster_iou_gate: float = 0.30
     tolerance: float = 0.03
     routing_target_iou: float = 0.85
     keep: bool = False

@@ -148,3 +148,68 @@ def client_for(api_server):
 def passwords():
     """The test users' passwords (the simple auth manager reads them from the passwords file)."""
     return dict(PASSWORDS)
+
+
+#: Channel widths of a tiny U2-Net: the real architecture, a forward pass takes milliseconds.
+TINY_WIDTHS = {"encoder": [[4, 8]] * 6, "decoder": [[4, 8]] * 5}
+
+
+@pytest.fixture(scope="session")
+def write_model_folder():
+    """``write_model_folder(folder, seed=0, input_size=32, widths=TINY_WIDTHS, history=False)``:
+    write an untrained model as training does (``model.pt`` state dict + ``config.json``, and with
+    ``history`` a three-epoch ``result.json``); ``widths=None`` writes a full U2-NetP. Returns the
+    folder as a string."""
+    import torch
+
+    from tasks.model import U2Net, build_model
+    from tasks.train.config import TrainConfig
+
+    def write(folder, seed: int = 0, input_size: int = 32, widths: dict | None = TINY_WIDTHS,
+              history: bool = False) -> str:
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(seed)
+        if widths is None:
+            model = build_model("u2netp")
+        else:
+            model = U2Net(TrainConfig(dataset_url="-", output_url="-", model_widths=widths).model_config())
+        torch.save(model.state_dict(), folder / "model.pt")
+        config = {"model": "u2netp", "model_widths": widths, "input_size": input_size, "resize": "stretch"}
+        (folder / "config.json").write_text(json.dumps(config))
+        if history:
+            epochs = [{"epoch": e, "train_loss": 1.0 / e, "val_loss": 1.2 / e, "val_iou": 0.5 + e / 10} for e in (1, 2, 3)]
+            (folder / "result.json").write_text(json.dumps({"history": epochs}))
+        return str(folder)
+
+    return write
+
+
+@pytest.fixture(scope="session")
+def private_mlflow():
+    """``with private_mlflow(folder, experiment) as run_id:`` point MLflow (and MLFLOW_TRACKING_URI)
+    at an SQLite store in ``folder`` with one empty run in ``experiment``; restores the session's
+    store afterwards."""
+    import contextlib
+
+    import mlflow
+
+    @contextlib.contextmanager
+    def store(folder, experiment: str = "tests"):
+        uri = f"sqlite:///{folder}/mlflow.db"
+        saved = os.environ.get("MLFLOW_TRACKING_URI")
+        os.environ["MLFLOW_TRACKING_URI"] = uri
+        mlflow.set_tracking_uri(uri)
+        try:
+            experiment_id = mlflow.create_experiment(experiment, artifact_location=str(Path(folder) / "artifacts"))
+            with mlflow.start_run(experiment_id=experiment_id) as run:
+                pass
+            yield run.info.run_id
+        finally:
+            if saved is None:
+                os.environ.pop("MLFLOW_TRACKING_URI", None)
+            else:
+                os.environ["MLFLOW_TRACKING_URI"] = saved
+            mlflow.set_tracking_uri(saved or "")
+
+    return store

@@ -18,12 +18,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-import torch
 
 from tasks import registry, storage
 from tasks.inference import InferenceConfig, iter_remove_backgrounds, load_engine
 from tasks.manifest import read_table
-from tasks.model import build_model
 from tasks.synth import SynthConfig, encode_jpeg, render_item
 from tasks.train.synthetic import write_synthetic_dataset
 
@@ -38,25 +36,16 @@ def _dags_test(dag_id: str, conf: dict, log: Path) -> None:
     assert code == 0, log.read_text()[-5000:]
 
 
-def _champion(name: str, folder: Path, dataset_version: str) -> str:
-    folder.mkdir(parents=True)
-    torch.manual_seed(0)
-    torch.save(build_model("u2netp").state_dict(), folder / "model.pt")
-    (folder / "config.json").write_text(json.dumps({"model": "u2netp", "input_size": 64, "resize": "stretch"}))
-    version = registry.register_model(str(folder), name, experiment="bgremoval-tests",
-                                      tags={"dataset_version": dataset_version})["version"]
-    registry.promote(name, version)
-    return version
-
-
-def test_publish_correct_retrain_promote(s3_bucket, reviewer, client_for, tmp_path):
+def test_publish_correct_retrain_promote(s3_bucket, reviewer, client_for, tmp_path, write_model_folder):
     bucket_url, options = s3_bucket
     bucket = bucket_url.removeprefix("s3://")
     name = f"loop-{bucket}"
     write_synthetic_dataset(f"{bucket_url}/datasets/base-1", 18, seed=31, max_side=96,
                             split_for=lambda i: ("test", "val", "train", "train", "train", "train")[i % 6],
                             storage_options=options)
-    assert _champion(name, tmp_path / "champion", "base-1") == "1"
+    champion = write_model_folder(tmp_path / "champion", input_size=64, widths=None)  # full U2-NetP: training starts from it
+    registered = registry.register_model(champion, name, experiment="bgremoval-tests", tags={"dataset_version": "base-1"})
+    assert registry.promote(name, registered["version"])["champion"] == "1"
 
     photos = SynthConfig(n=8, seed=44, max_side=200)
     for i in range(8):

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import mlflow
 import pytest
-import torch
 
 from tasks import registry, storage
 from tasks.airflow_client import AirflowHTTPError
@@ -33,26 +32,13 @@ def _start_run(conf: dict, log_path: Path) -> subprocess.Popen:
     )
 
 
-def _register_champion(name: str, folder: Path) -> str:
-    """Register an untrained tiny U2-Net as version 1 of ``name`` and make it the champion."""
-    from tasks.model import U2Net, U2NetConfig, StageWidths
-
-    folder.mkdir(parents=True)
-    torch.manual_seed(0)
-    config = U2NetConfig(encoder=(StageWidths(4, 8),) * 6, decoder=(StageWidths(4, 8),) * 5)
-    torch.save(U2Net(config).state_dict(), folder / "model.pt")
-    widths = {"encoder": [[4, 8]] * 6, "decoder": [[4, 8]] * 5}
-    (folder / "config.json").write_text(json.dumps({"model": "u2netp", "model_widths": widths, "input_size": 32}))
-    version = registry.register_model(str(folder), name, experiment="bgremoval-tests")["version"]
-    registry.promote(name, version)
-    return version
-
-
-def test_reviewer_moves_an_image_renames_a_cluster_and_approves(s3_bucket, reviewer, client_for, tmp_path):
+def test_reviewer_moves_an_image_renames_a_cluster_and_approves(s3_bucket, reviewer, client_for, tmp_path,
+                                                                write_model_folder):
     bucket_url, options = s3_bucket
     bucket = bucket_url.removeprefix("s3://")
     model_name = f"review-flow-{bucket}"
-    assert _register_champion(model_name, tmp_path / "champion") == "1"
+    champion = registry.register_model(write_model_folder(tmp_path / "champion"), model_name, experiment="bgremoval-tests")
+    assert registry.promote(model_name, champion["version"]) == {"champion": "1", "previous": None}
     generate_catalogue(storage.join(bucket_url, "raw", "rev-1"), SynthConfig(n=60, seed=11, max_side=360), options)
     run = _start_run(
         {

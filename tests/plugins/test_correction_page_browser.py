@@ -10,9 +10,6 @@ the brush work) there; ``docs/correction-page.png`` was made that way.
 
 from __future__ import annotations
 
-import os
-import shutil
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -22,19 +19,6 @@ from tasks import corrections, storage
 from tasks.synth import SynthConfig, encode_jpeg, encode_png, render_item
 
 pytestmark = pytest.mark.integration
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
-SCREENSHOT_DIR = os.environ.get("BGREMOVAL_SCREENSHOTS")
-
-if CHROMIUM is None and os.environ.get("CI") != "true":
-    pytestmark = [pytestmark, pytest.mark.skip(reason="Debian package chromium is not installed (apt-get install chromium)")]
 
 
 @pytest.fixture()
@@ -76,74 +60,68 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
     return float(((a > 0) & (b > 0)).sum() / ((a > 0) | (b > 0)).sum())
 
 
-def test_log_in_open_an_item_paint_with_the_brush_and_save_the_correction(api_server, queued_items, passwords, tmp_path):
-    assert CHROMIUM, "CI=true but Debian's chromium is not installed"
-    from playwright.sync_api import expect, sync_playwright
+def test_log_in_open_an_item_paint_with_the_brush_and_save_the_correction(
+    browser, save_screenshot, api_server, queued_items, passwords, tmp_path
+):
+    from playwright.sync_api import expect
 
     bucket, bucket_url, options, items = queued_items
     item_id, truth, predicted, cut = items[0]
     height, width = truth.shape
 
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
-            page.goto(f"{api_server}/bgremoval/corrections?bucket={bucket}")
-            page.get_by_label("Username").fill("reviewer")
-            page.get_by_label("Password").fill(passwords["reviewer"])
-            page.get_by_role("button", name="Sign in").click()
-            page.wait_for_url("**/bgremoval/corrections?**", timeout=30_000)
-            expect(page.locator("#queue a.card")).to_have_count(3, timeout=30_000)
-            expect(page.get_by_role("status")).to_contain_text("3 open")
-            expect(page.locator("#queue img").first).to_have_js_property("complete", True)
-            page.screenshot(path=str(tmp_path / "correction-queue.png"), full_page=False)
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(f"{api_server}/bgremoval/corrections?bucket={bucket}")
+    page.get_by_label("Username").fill("reviewer")
+    page.get_by_label("Password").fill(passwords["reviewer"])
+    page.get_by_role("button", name="Sign in").click()
+    page.wait_for_url("**/bgremoval/corrections?**", timeout=30_000)
+    expect(page.locator("#queue a.card")).to_have_count(3, timeout=30_000)
+    expect(page.get_by_role("status")).to_contain_text("3 open")
+    expect(page.locator("#queue img").first).to_have_js_property("complete", True)
+    page.screenshot(path=str(tmp_path / "correction-queue.png"), full_page=False)
 
-            page.locator(f'a.card[data-item="{item_id}"]').click()
-            page.wait_for_url(f"**/bgremoval/corrections/{item_id}?**", timeout=30_000)
-            expect(page.get_by_role("status")).to_contain_text("ready", timeout=30_000)
-            expect(page.get_by_role("button", name="Save correction")).to_be_disabled()
-            expect(page.get_by_role("button", name="Accept prediction")).to_be_enabled()
+    page.locator(f'a.card[data-item="{item_id}"]').click()
+    page.wait_for_url(f"**/bgremoval/corrections/{item_id}?**", timeout=30_000)
+    expect(page.get_by_role("status")).to_contain_text("ready", timeout=30_000)
+    expect(page.get_by_role("button", name="Save correction")).to_be_disabled()
+    expect(page.get_by_role("button", name="Accept prediction")).to_be_enabled()
 
-            canvas = page.locator("canvas#editor")
-            box = canvas.bounding_box()
-            to_screen = lambda x, y: (box["x"] + (x + 0.5) * box["width"] / width, box["y"] + (y + 0.5) * box["height"] / height)  # noqa: E731
-            page.get_by_label("Brush size").fill("16")
-            strokes = _strokes(truth, cut, radius=8 * width / box["width"])
-            assert len(strokes) >= 3, "the synthetic product should leave a band to paint"
-            for n, (y, xa, xb) in enumerate(strokes):  # paint the band the model missed, as a person would
-                page.mouse.move(*to_screen(xa, y))
-                if n == len(strokes) // 2:  # half-way: the page as a person sees it while correcting
-                    page.screenshot(path=str(tmp_path / "correction-page.png"), full_page=False)
-                    if SCREENSHOT_DIR:
-                        Path(SCREENSHOT_DIR).mkdir(parents=True, exist_ok=True)
-                        page.screenshot(path=str(Path(SCREENSHOT_DIR) / "correction-page.png"), full_page=False)
-                page.mouse.down()
-                page.mouse.move(*to_screen(xb, y), steps=max(2, (xb - xa) // 20))
-                page.mouse.up()
-            expect(page.get_by_role("status")).to_contain_text("edited")
-            expect(page.get_by_role("button", name="Accept prediction")).to_be_disabled()
-            page.get_by_label("Note (optional)").fill("hem was cut off")
-            page.get_by_role("button", name="Save correction").click()
-            expect(page.get_by_role("status")).to_contain_text("saved", timeout=30_000)
-            expect(page.get_by_role("note")).to_contain_text("Corrected by reviewer")
-            expect(page.get_by_role("link", name="Next open item →")).to_be_visible()
-            page.screenshot(path=str(tmp_path / "correction-saved.png"), full_page=False)
+    canvas = page.locator("canvas#editor")
+    box = canvas.bounding_box()
+    to_screen = lambda x, y: (box["x"] + (x + 0.5) * box["width"] / width, box["y"] + (y + 0.5) * box["height"] / height)  # noqa: E731
+    page.get_by_label("Brush size").fill("16")
+    strokes = _strokes(truth, cut, radius=8 * width / box["width"])
+    assert len(strokes) >= 3, "the synthetic product should leave a band to paint"
+    for n, (y, xa, xb) in enumerate(strokes):  # paint the band the model missed, as a person would
+        page.mouse.move(*to_screen(xa, y))
+        if n == len(strokes) // 2:  # half-way: the page as a person sees it while correcting
+            page.screenshot(path=str(tmp_path / "correction-page.png"), full_page=False)
+            save_screenshot(page, "correction-page.png")
+        page.mouse.down()
+        page.mouse.move(*to_screen(xb, y), steps=max(2, (xb - xa) // 20))
+        page.mouse.up()
+    expect(page.get_by_role("status")).to_contain_text("edited")
+    expect(page.get_by_role("button", name="Accept prediction")).to_be_disabled()
+    page.get_by_label("Note (optional)").fill("hem was cut off")
+    page.get_by_role("button", name="Save correction").click()
+    expect(page.get_by_role("status")).to_contain_text("saved", timeout=30_000)
+    expect(page.get_by_role("note")).to_contain_text("Corrected by reviewer")
+    expect(page.get_by_role("link", name="Next open item →")).to_be_visible()
+    page.screenshot(path=str(tmp_path / "correction-saved.png"), full_page=False)
 
-            page.get_by_role("link", name="Next open item →").click()
-            page.wait_for_url(f"**/bgremoval/corrections/{items[1][0]}?**", timeout=30_000)
-            expect(page.get_by_role("status")).to_contain_text("ready", timeout=30_000)
+    page.get_by_role("link", name="Next open item →").click()
+    page.wait_for_url(f"**/bgremoval/corrections/{items[1][0]}?**", timeout=30_000)
+    expect(page.get_by_role("status")).to_contain_text("ready", timeout=30_000)
 
-            # The next one is corrected with a mask file: a wrong-sized file is refused, the right one saved.
-            upload = page.get_by_label("Upload a mask file")
-            upload.set_input_files({"name": "small.png", "mimeType": "image/png", "buffer": encode_png(items[1][1][:50, :50])})
-            expect(page.get_by_role("status")).to_contain_text("not used")
-            expect(page.get_by_role("button", name="Save correction")).to_be_disabled()
-            upload.set_input_files({"name": "mask.png", "mimeType": "image/png", "buffer": encode_png(items[1][1])})
-            expect(page.get_by_role("status")).to_contain_text("mask file loaded")
-            page.get_by_role("button", name="Save correction").click()
-            expect(page.get_by_role("note")).to_contain_text("mask: upload", timeout=30_000)
-        finally:
-            browser.close()
+    # The next one is corrected with a mask file: a wrong-sized file is refused, the right one saved.
+    upload = page.get_by_label("Upload a mask file")
+    upload.set_input_files({"name": "small.png", "mimeType": "image/png", "buffer": encode_png(items[1][1][:50, :50])})
+    expect(page.get_by_role("status")).to_contain_text("not used")
+    expect(page.get_by_role("button", name="Save correction")).to_be_disabled()
+    upload.set_input_files({"name": "mask.png", "mimeType": "image/png", "buffer": encode_png(items[1][1])})
+    expect(page.get_by_role("status")).to_contain_text("mask file loaded")
+    page.get_by_role("button", name="Save correction").click()
+    expect(page.get_by_role("note")).to_contain_text("mask: upload", timeout=30_000)
 
     decision = corrections.read_decision(bucket_url, item_id, options)
     assert (decision["decision"], decision["user"], decision["mask_source"], decision["note"]) == (

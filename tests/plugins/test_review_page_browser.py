@@ -6,9 +6,6 @@ Headless Chromium from Debian's ``chromium`` package, driven by Playwright with 
 
 from __future__ import annotations
 
-import os
-import shutil
-from pathlib import Path
 
 import pytest
 
@@ -20,19 +17,6 @@ from tasks.review import load_review_state
 from tasks.synth import SynthConfig, generate_catalogue
 
 pytestmark = pytest.mark.integration
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
-SCREENSHOT_DIR = os.environ.get("BGREMOVAL_SCREENSHOTS")
-
-if CHROMIUM is None and os.environ.get("CI") != "true":
-    pytestmark = [pytestmark, pytest.mark.skip(reason="Debian package chromium is not installed (apt-get install chromium)")]
 
 
 @pytest.fixture()
@@ -49,9 +33,10 @@ def clustered_dataset(s3_bucket):
     return bucket_url.removeprefix("s3://"), plan["version"], plan["dataset_url"], options
 
 
-def test_log_in_open_review_page_move_one_image_and_see_it_saved(api_server, clustered_dataset, passwords, tmp_path):
-    assert CHROMIUM, "CI=true but Debian's chromium is not installed"
-    from playwright.sync_api import expect, sync_playwright
+def test_log_in_open_review_page_move_one_image_and_see_it_saved(
+    browser, save_screenshot, api_server, clustered_dataset, passwords, tmp_path
+):
+    from playwright.sync_api import expect
 
     bucket, version, dataset_url, options = clustered_dataset
     before = load_review_state(dataset_url, options)
@@ -59,32 +44,25 @@ def test_log_in_open_review_page_move_one_image_and_see_it_saved(api_server, clu
     target = 2
     page_url = f"{api_server}/bgremoval/review/{version}?bucket={bucket}"
 
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1280, "height": 900})
-            page.goto(page_url)
-            page.get_by_label("Username").fill("reviewer")
-            page.get_by_label("Password").fill(passwords["reviewer"])
-            page.get_by_role("button", name="Sign in").click()
-            page.wait_for_url(f"**/bgremoval/review/{version}**", timeout=30_000)
-            expect(page.locator("section.cluster")).to_have_count(6, timeout=30_000)
-            expect(page.get_by_role("status")).to_contain_text("0 corrections")
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    page.goto(page_url)
+    page.get_by_label("Username").fill("reviewer")
+    page.get_by_label("Password").fill(passwords["reviewer"])
+    page.get_by_role("button", name="Sign in").click()
+    page.wait_for_url(f"**/bgremoval/review/{version}**", timeout=30_000)
+    expect(page.locator("section.cluster")).to_have_count(6, timeout=30_000)
+    expect(page.get_by_role("status")).to_contain_text("0 corrections")
 
-            page.locator(f'select[data-key="{key}"]').select_option(str(target))
-            expect(page.get_by_role("status")).to_contain_text("saved", timeout=30_000)
-            moved_card = page.locator(f'section[data-cluster="{target}"] .card.moved[data-key="{key}"]')
-            expect(moved_card).to_be_visible()
-            expect(moved_card.locator("img")).to_have_js_property("complete", True)
-            page.screenshot(path=str(tmp_path / "review-page.png"), full_page=False)
-            if SCREENSHOT_DIR:
-                Path(SCREENSHOT_DIR).mkdir(parents=True, exist_ok=True)
-                page.screenshot(path=str(Path(SCREENSHOT_DIR) / "review-page.png"), full_page=False)
+    page.locator(f'select[data-key="{key}"]').select_option(str(target))
+    expect(page.get_by_role("status")).to_contain_text("saved", timeout=30_000)
+    moved_card = page.locator(f'section[data-cluster="{target}"] .card.moved[data-key="{key}"]')
+    expect(moved_card).to_be_visible()
+    expect(moved_card.locator("img")).to_have_js_property("complete", True)
+    page.screenshot(path=str(tmp_path / "review-page.png"), full_page=False)
+    save_screenshot(page, "review-page.png")
 
-            page.reload()  # what was saved is what the server now serves
-            expect(page.locator(f'section[data-cluster="{target}"] .card.moved[data-key="{key}"]')).to_be_visible()
-        finally:
-            browser.close()
+    page.reload()  # what was saved is what the server now serves
+    expect(page.locator(f'section[data-cluster="{target}"] .card.moved[data-key="{key}"]')).to_be_visible()
 
     after = load_review_state(dataset_url, options)
     assert after.cluster_of[key] == target

@@ -2,63 +2,35 @@
 
 from __future__ import annotations
 
-import json
 import os
 
 import mlflow
 import pytest
-import torch
 
 from tasks import registry
 from tasks.assessment import AssessmentConfig, assess_challenger, register_and_promote
 from tasks.gate import GateConfig
-from tasks.model import U2Net
-from tasks.train.config import TrainConfig
 from tasks.train.synthetic import write_synthetic_dataset
 
-TINY = {"encoder": [[4, 8]] * 6, "decoder": [[4, 8]] * 5}
-SIZE = 32
-
-
-def _write_run(folder, seed: int, history: bool = True) -> str:
-    config = TrainConfig(dataset_url="unused", output_url=str(folder), model="u2netp", model_widths=TINY, input_size=SIZE)
-    torch.manual_seed(seed)
-    os.makedirs(folder, exist_ok=True)
-    torch.save(U2Net(config.model_config()).state_dict(), os.path.join(folder, "model.pt"))
-    with open(os.path.join(folder, "config.json"), "w") as fh:
-        json.dump({"model": "u2netp", "model_widths": TINY, "input_size": SIZE, "resize": "stretch"}, fh)
-    if history:
-        epochs = [{"epoch": e, "train_loss": 1.0 / e, "val_loss": 1.2 / e, "val_iou": 0.5 + e / 10} for e in (1, 2, 3)]
-        with open(os.path.join(folder, "result.json"), "w") as fh:
-            json.dump({"history": epochs}, fh)
-    return str(folder)
 
 
 @pytest.fixture(scope="module")
-def setting(tmp_path_factory):
+def setting(tmp_path_factory, private_mlflow):
     """A dataset with a six-image test split, an SQLite MLflow store and a training run."""
     root = tmp_path_factory.mktemp("assess")
     dataset = str(root / "datasets" / "v1")
     write_synthetic_dataset(dataset, 10, seed=3, max_side=48, split_for=lambda i: "test" if i < 6 else "train",
                             cluster_for=lambda i, kind: "Trousers & co" if i == 0 else kind)
-    uri = f"sqlite:///{root}/mlflow.db"
-    saved = os.environ.get("MLFLOW_TRACKING_URI")
-    os.environ["MLFLOW_TRACKING_URI"] = uri
-    mlflow.set_tracking_uri(uri)
-    exp = mlflow.create_experiment("assess", artifact_location=str(root / "artifacts"))
-    with mlflow.start_run(experiment_id=exp) as run:
-        pass
-    yield root, dataset, run.info.run_id
-    os.environ.pop("MLFLOW_TRACKING_URI") if saved is None else os.environ.update(MLFLOW_TRACKING_URI=saved)
-    mlflow.set_tracking_uri(saved or "")
+    with private_mlflow(root, "assess") as run_id:
+        yield root, dataset, run_id
 
 
 LENIENT = AssessmentConfig(gate=GateConfig(iou_gate=0.0, cluster_iou_gate=0.0, tolerance=1.0), registered_model="assess-m")
 
 
-def test_first_challenger_passes_is_registered_and_becomes_champion(setting):
+def test_first_challenger_passes_is_registered_and_becomes_champion(write_model_folder, setting):
     root, dataset, run_id = setting
-    model = _write_run(root / "run1", seed=1)
+    model = write_model_folder(root / "run1", seed=1, history=True)
     result = assess_challenger(model, dataset, str(root / "report1"), LENIENT, mlflow_run_id=run_id)
     assert result["gate"]["passed"] and result["champion"] is None
     assert result["summary"]["n"] == 6 and "mean IoU" in result["table"]
@@ -81,13 +53,13 @@ def test_first_challenger_passes_is_registered_and_becomes_champion(setting):
     assert tags["dataset_version"] == "v1" and float(tags["test_mean_iou"]) == pytest.approx(result["summary"]["mean_iou"], abs=1e-6)
 
 
-def test_second_challenger_is_compared_with_the_champion_on_the_same_split(setting):
+def test_second_challenger_is_compared_with_the_champion_on_the_same_split(write_model_folder, setting):
     root, dataset, run_id = setting
     strict = AssessmentConfig(gate=GateConfig(iou_gate=0.0, cluster_iou_gate=0.0, tolerance=0.0), registered_model="assess-m")
     if registry.alias_version("assess-m") is None:
         pytest.skip("needs the champion registered by the previous test")
     champion_mean = assess_challenger(str(root / "run1"), dataset, str(root / "same"), strict)["summary"]["mean_iou"]
-    other = _write_run(root / "run2", seed=2, history=False)
+    other = write_model_folder(root / "run2", seed=2)
     result = assess_challenger(other, dataset, str(root / "report2"), strict)
     assert result["champion"]["version"] == "1"
     assert result["champion"]["mean_iou"] == pytest.approx(champion_mean)
@@ -103,10 +75,10 @@ def test_second_challenger_is_compared_with_the_champion_on_the_same_split(setti
         assert register_and_promote(result, "v1", strict)["previous"] == "1"
 
 
-def test_failing_thresholds_are_explained_in_the_report(setting, tmp_path):
+def test_failing_thresholds_are_explained_in_the_report(write_model_folder, setting, tmp_path):
     root, dataset, _ = setting
     config = AssessmentConfig(gate=GateConfig(iou_gate=1.0, cluster_iou_gate=1.0), registered_model="nobody")
-    result = assess_challenger(_write_run(tmp_path / "r", seed=5), dataset, str(tmp_path / "report"), config)
+    result = assess_challenger(write_model_folder(tmp_path / "r", seed=5), dataset, str(tmp_path / "report"), config)
     assert not result["gate"]["passed"]
     assert result["gate"]["reasons"][0].startswith("mean IoU")
     assert "Gate FAILED: promotion skipped" in (tmp_path / "report" / "report.html").read_text()

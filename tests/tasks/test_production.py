@@ -4,34 +4,18 @@ calibrate a threshold."""
 from __future__ import annotations
 
 import json
-import os
 
 import cv2
 import numpy as np
 import pytest
-import torch
 
 from tasks import storage
 from tasks.calibration import calibrate_model, score_quality
 from tasks.corrections import list_pool, list_queue
-from tasks.model import U2Net
 from tasks.production import ProductionConfig, plan_production, process_shard, resolve_threshold, summarise_production
 from tasks.synth import SynthConfig, encode_jpeg, render_item
-from tasks.train.config import TrainConfig
 from tasks.train.synthetic import write_synthetic_dataset
 
-TINY = {"encoder": [[4, 8]] * 6, "decoder": [[4, 8]] * 5}
-SIZE = 32
-
-
-def _model_folder(folder) -> str:
-    config = TrainConfig(dataset_url="unused", output_url=str(folder), model="u2netp", model_widths=TINY, input_size=SIZE)
-    torch.manual_seed(0)
-    os.makedirs(folder, exist_ok=True)
-    torch.save(U2Net(config.model_config()).state_dict(), os.path.join(folder, "model.pt"))
-    with open(os.path.join(folder, "config.json"), "w") as fh:
-        json.dump({"model": "u2netp", "model_widths": TINY, "input_size": SIZE, "resize": "stretch"}, fh)
-    return str(folder)
 
 
 @pytest.fixture()
@@ -57,9 +41,9 @@ def test_plan_shards_the_drop(drop):
         plan_production(bucket_url, "nothing-here", storage_options=options)
 
 
-def test_shard_routes_by_score_and_reports_failures(drop, tmp_path):
+def test_shard_routes_by_score_and_reports_failures(drop, tmp_path, write_model_folder):
     bucket_url, options = drop
-    model = _model_folder(tmp_path / "model")
+    model = write_model_folder(tmp_path / "model")
     plan = plan_production(bucket_url, "drop-1", shard_size=10, storage_options=options)
     probe = process_shard(bucket_url, "probe", plan["shard_urls"][0], model, ProductionConfig(threshold=0.0), "v1", options)
     scores = sorted(probe["scores"])
@@ -92,11 +76,11 @@ def test_shard_routes_by_score_and_reports_failures(drop, tmp_path):
     assert total["published"] == 3 and total["queued"] == 3 and total["published_share"] == 0.5
 
 
-def test_threshold_comes_from_the_calibration_unless_given(tmp_path):
+def test_threshold_comes_from_the_calibration_unless_given(tmp_path, write_model_folder):
     dataset = str(tmp_path / "datasets" / "v1")
     write_synthetic_dataset(dataset, 9, seed=8, max_side=48,
                             split_for=lambda i: "val" if i < 4 else "test" if i < 7 else "train")
-    model = _model_folder(tmp_path / "model")
+    model = write_model_folder(tmp_path / "model")
     with pytest.raises(ValueError, match="no calibrated quality threshold"):
         resolve_threshold(ProductionConfig(), model)
     points = score_quality(model, dataset, "val")

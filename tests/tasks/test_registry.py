@@ -14,48 +14,23 @@ import torch
 
 from tasks import registry
 from tasks.evaluate import load_model
-from tasks.model import U2Net
-from tasks.train.config import TrainConfig
 
-TINY = {"encoder": [[4, 8]] * 6, "decoder": [[4, 8]] * 5}
 SIZE = 32
 
 
-def _write_run(folder, seed: int) -> str:
-    config = TrainConfig(dataset_url="unused", output_url=str(folder), model="u2netp", model_widths=TINY,
-                         input_size=SIZE)
-    torch.manual_seed(seed)
-    os.makedirs(folder, exist_ok=True)
-    torch.save(U2Net(config.model_config()).state_dict(), os.path.join(folder, "model.pt"))
-    with open(os.path.join(folder, "config.json"), "w") as fh:
-        json.dump({"model": "u2netp", "model_widths": TINY, "input_size": SIZE, "resize": "stretch"}, fh)
-    return str(folder)
-
-
 @pytest.fixture(scope="module")
-def tracking(tmp_path_factory):
-    """A private SQLite tracking store for this module; yields ``(uri, run_id, folder)``."""
+def tracking(tmp_path_factory, private_mlflow):
+    """A private SQLite tracking store for this module; yields ``(run_id, folder)``."""
     folder = tmp_path_factory.mktemp("mlflow")
-    uri = f"sqlite:///{folder}/mlflow.db"
-    saved = os.environ.get("MLFLOW_TRACKING_URI")
-    os.environ["MLFLOW_TRACKING_URI"] = uri
-    mlflow.set_tracking_uri(uri)
-    exp = mlflow.create_experiment("t", artifact_location=str(folder / "artifacts"))
-    with mlflow.start_run(experiment_id=exp) as run:
-        pass
-    yield uri, run.info.run_id, folder
-    if saved is None:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-    else:
-        os.environ["MLFLOW_TRACKING_URI"] = saved
-    mlflow.set_tracking_uri(saved or "")
+    with private_mlflow(folder, "t") as run_id:
+        yield run_id, folder
 
 
 @pytest.fixture(scope="module")
-def three_versions(tracking):
+def three_versions(tracking, write_model_folder):
     """Three tiny models registered as versions 1-3 of ``m`` (registering exports ONNX: ~10 s each)."""
-    _, run_id, folder = tracking
-    return [registry.register_model(_write_run(folder / f"run{i}", seed=i), "m", run_id=run_id,
+    run_id, folder = tracking
+    return [registry.register_model(write_model_folder(folder / f"run{i}", seed=i), "m", run_id=run_id,
                                     tags={"mean_iou": 0.5 + i / 10, "dataset_version": f"d{i}"})
             for i in range(3)]
 
@@ -71,10 +46,10 @@ def test_register_logs_pytorch_and_onnx_with_tags(tmp_path, tracking, three_vers
     folder = registry.download_model(registry.model_uri("m", version="1"), str(tmp_path / "dl"))
     assert sorted(os.listdir(folder)) == ["config.json", "model.onnx", "model.pt"]
     model, meta = load_model(folder)
-    original, _ = load_model(str(tracking[2] / "run0"))
+    original, _ = load_model(str(tracking[1] / "run0"))
     for a, b in zip(model.state_dict().values(), original.state_dict().values()):
         assert torch.equal(a, b)
-    assert meta["input_size"] == SIZE and meta["model_widths"] == TINY
+    assert meta["input_size"] == SIZE and meta["model_widths"] == {"encoder": [[4, 8]] * 6, "decoder": [[4, 8]] * 5}
 
     x = np.random.default_rng(0).standard_normal((2, 3, SIZE, SIZE)).astype(np.float32)
     onnx_out = ort.InferenceSession(os.path.join(folder, "model.onnx")).run(None, {"input": x})[0]
@@ -112,7 +87,7 @@ def test_rollback_without_champion_is_a_clear_error(tracking):
 
 
 def test_download_of_a_foreign_model_names_the_missing_files(tmp_path, tracking):
-    _, run_id, _ = tracking
+    run_id, _ = tracking
     with mlflow.start_run(run_id=run_id):
         mlflow.pytorch.log_model(torch.nn.Linear(2, 1), name="plain", registered_model_name="plain",
                                  serialization_format="pickle", pip_requirements=["torch"])
