@@ -188,8 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = sub.add_parser("evaluate", help="score a trained model on any labelled folder (the seed's IoU table)")
     evaluate.add_argument("--model", required=True,
-                          help="models:/<name>@<alias> or models:/<name>/<version> from the MLflow registry, or a "
-                               "model.pt (or its run folder) written by training; s3:// or local")
+                          help="models:/<name>@<alias> or models:/<name>/<version> from the MLflow registry, a "
+                               "model.pt (or its run folder) written by training, or an exported model.onnx; "
+                               "s3:// or local")
     evaluate.add_argument("--images", required=True, help="folder or URL with <stem>.jpg|png images")
     evaluate.add_argument("--masks", required=True, help="folder or URL with <stem>.png masks (any resolution)")
     evaluate.add_argument("--threshold", type=float, default=0.5, help="probability threshold for the masks")

@@ -13,6 +13,7 @@ sigmoid and are resized back to the image's own size with
 from __future__ import annotations
 
 import json
+import os
 import posixpath
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -92,14 +93,46 @@ def _fits(model: nn.Module, state: Mapping[str, torch.Tensor]) -> bool:
     return own.keys() == state.keys() and all(own[k].shape == state[k].shape for k in own)
 
 
+class OnnxModule(nn.Module):
+    """An exported ONNX file (:mod:`tasks.export`) behind the ``nn.Module`` interface evaluation
+    uses: ``forward`` runs ONNX Runtime on the CPU and returns logits ``B×1×S×S`` (the logit of
+    the exported probabilities), so an exported model is scored exactly like a PyTorch one."""
+
+    def __init__(self, onnx_path: str) -> None:
+        super().__init__()
+        from tasks.inference import OnnxEngine
+
+        self.engine = OnnxEngine(onnx_path)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probs, _ = self.engine.predict(x.detach().cpu().float().numpy())
+        return torch.logit(torch.from_numpy(np.clip(probs, 1e-7, 1 - 1e-7)))[:, None]
+
+
+def _load_onnx(model_url: str, storage_options: dict | None) -> tuple[nn.Module, dict[str, Any]]:
+    import tempfile
+
+    from tasks.export import read_onnx_metadata
+
+    with tempfile.TemporaryDirectory(prefix="bgremoval-onnx-") as tmp:
+        path = os.path.join(tmp, "model.onnx")
+        with open(path, "wb") as fh:
+            fh.write(storage.read_bytes(model_url, storage_options))
+        meta = read_onnx_metadata(path)
+        module = OnnxModule(path)  # the session holds the model in memory; the file may go
+    return module.eval(), {"model": meta["model"] or None, "model_widths": None, "input_size": meta["input_size"],
+                           "resize": meta["resize"], "model_url": model_url, "config_source": "onnx metadata"}
+
+
 def load_model(model_url: str, model_name: str | None = None,
                storage_options: dict | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """Load a trained model for inference.
 
     Args:
         model_url: a ``model.pt`` written by :func:`tasks.train.loop.train` (a bare state dict; a
-            training checkpoint or ``{"state_dict": ...}`` file works too), or the run folder
-            holding it.
+            training checkpoint or ``{"state_dict": ...}`` file works too), the run folder
+            holding it, or an exported ``.onnx`` file (run by ONNX Runtime, see
+            :class:`OnnxModule`).
         model_name: ``"u2net"``/``"u2netp"``; overrides the name in the run's config. Channel
             widths saved in the config (``model_widths``) still take precedence, as in training.
             Without a name from either source the architecture whose parameter shapes match
@@ -112,6 +145,10 @@ def load_model(model_url: str, model_name: str | None = None,
     ``"result.json"`` or ``"none"``). Raises ``FileNotFoundError`` when there is no model file and
     ``ValueError`` when the weights fit no architecture or the named one.
     """
+    if model_url.lower().endswith(".onnx"):
+        if not storage.exists(model_url, storage_options):
+            raise FileNotFoundError(f"no ONNX file at {model_url}")
+        return _load_onnx(model_url, storage_options)
     candidate = storage.join(model_url, "model.pt")
     if storage.exists(candidate, storage_options):  # model_url is the run folder
         model_url = candidate

@@ -117,6 +117,12 @@ def test_cli_evaluates_and_lists_registered_models(tmp_path, three_versions, cap
                  "--masks", str(tmp_path / "labelled" / "masks"), "--json", str(out)]) == 0
     summary = json.loads(out.read_text())
     assert summary["n"] == 2 and summary["model_url"] == "models:/m/2" and summary["input_size"] == SIZE
+    onnx_out = tmp_path / "onnx.json"
+    onnx_file = os.path.join(registry.download_model("models:/m/2", str(tmp_path / "m2")), "model.onnx")
+    assert main(["evaluate", "--model", onnx_file, "--images", str(tmp_path / "labelled" / "images"),
+                 "--masks", str(tmp_path / "labelled" / "masks"), "--json", str(onnx_out)]) == 0
+    exported = json.loads(onnx_out.read_text())
+    assert exported["mean_iou"] == pytest.approx(summary["mean_iou"], abs=1e-3)  # the ONNX export scores the same
     assert main(["model", "list", "--name", "m"]) == 0
     listing = capsys.readouterr().out
     assert "version    3" in listing and "dataset d2" in listing
