@@ -117,7 +117,7 @@ def _plots(out_dir: str, ious: Sequence[float], summary: dict, champion: dict | 
     ax.set_xlabel("mean IoU (%)")
     lows = [summary["clusters"][c]["mean_iou"] * 100 for c in clusters] + ([cluster_gate * 100] if cluster_gate else [])
     ax.set_xlim(max(0.0, min(lows) - 5), 100)
-    ax.legend(loc="lower left", fontsize=8)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=3, fontsize=8, frameon=False)
     ax.set_title("mean IoU per product cluster")
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, "cluster_iou.png"), dpi=110)
