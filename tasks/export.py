@@ -32,6 +32,7 @@ ONNX_INPUT = "input"
 ONNX_OUTPUT = "mask"
 ONNX_SIDES = "sides"
 ONNX_OPSET = 18
+TRACED_OPSET = 17  # the tracing exporter's opset (also what rembg's sessions are known to run)
 
 
 class ProbabilityHead(nn.Module):
@@ -60,7 +61,7 @@ def _has_sides(model: nn.Module, size: int) -> bool:
 
 def export_onnx(model: nn.Module, onnx_path: str, input_size: int, resize: str = "stretch",
                 model_name: str | None = None, check: bool = True, tolerance: float = 1e-3,
-                sides: bool | None = None) -> dict[str, Any]:
+                sides: bool | None = None, exporter: str = "torchscript") -> dict[str, Any]:
     """Write ``model`` as an ONNX file with a dynamic batch axis.
 
     Args:
@@ -75,8 +76,12 @@ def export_onnx(model: nn.Module, onnx_path: str, input_size: int, resize: str =
         tolerance: the largest absolute probability difference ``check`` accepts.
         sides: add the second output ``sides`` (B×6×S×S side probabilities); ``None`` (default)
             adds it when the model returns side outputs (a ``U2NetOutput``).
+        exporter: ``"torchscript"`` (default: PyTorch's tracing exporter, about ten times faster
+            than ``torch.export`` on this network — a second instead of ten for U2-NetP on 2 cores —
+            and checked against PyTorch all the same) or ``"dynamo"`` (``torch.export``). When the
+            tracing exporter is missing or fails, the dynamo exporter is used.
 
-    Returns ``{"path", "opset", "input_size", "bytes", "max_abs_diff", "outputs"}`` (``max_abs_diff`` is None
+    Returns ``{"path", "opset", "input_size", "bytes", "max_abs_diff", "outputs", "exporter"}`` (``max_abs_diff`` is None
     without ``check``). Raises ``RuntimeError`` when ONNX Runtime disagrees with PyTorch by more
     than ``tolerance``.
     """
@@ -90,13 +95,13 @@ def export_onnx(model: nn.Module, onnx_path: str, input_size: int, resize: str =
         sides = _has_sides(base, size)
     wrapped = ProbabilityHead(base, sides=sides).eval()
     outputs = [ONNX_OUTPUT, ONNX_SIDES] if sides else [ONNX_OUTPUT]
-    example = torch.zeros(1, 3, size, size)
-    batch = torch.export.Dim("batch", min=1, max=1024)
+    if exporter not in ("torchscript", "dynamo"):
+        raise ValueError(f"exporter must be 'torchscript' or 'dynamo', got {exporter!r}")
     with tempfile.TemporaryDirectory() as tmp:
         raw = os.path.join(tmp, "model.onnx")
-        torch.onnx.export(wrapped, (example,), raw, input_names=[ONNX_INPUT], output_names=outputs,
-                          dynamic_shapes={"x": {0: batch}}, opset_version=ONNX_OPSET, dynamo=True,
-                          external_data=False, verbose=False)
+        exported = exporter == "torchscript" and _export_traced(wrapped, size, outputs, raw)
+        if not exported:
+            _export_dynamo(wrapped, size, outputs, raw)
         proto = onnx.load(raw)
     metadata = {"input_size": str(size), "resize": resize, "mean": json.dumps(list(IMAGENET_MEAN)),
                 "std": json.dumps(list(IMAGENET_STD)), "model": model_name or "",
@@ -110,8 +115,31 @@ def export_onnx(model: nn.Module, onnx_path: str, input_size: int, resize: str =
     diff = _check_against_torch(wrapped, onnx_path, size) if check else None
     if diff is not None and diff > tolerance:
         raise RuntimeError(f"the ONNX export at {onnx_path} differs from PyTorch by {diff:.2e} (> {tolerance:.0e})")
-    return {"path": onnx_path, "opset": ONNX_OPSET, "input_size": size, "bytes": os.path.getsize(onnx_path),
-            "max_abs_diff": diff, "outputs": outputs}
+    return {"path": onnx_path, "opset": TRACED_OPSET if exported else ONNX_OPSET, "input_size": size,
+            "bytes": os.path.getsize(onnx_path), "max_abs_diff": diff, "outputs": outputs,
+            "exporter": "torchscript" if exported else "dynamo"}
+
+
+def _export_traced(wrapped: nn.Module, size: int, outputs: list[str], path: str) -> bool:
+    """PyTorch's tracing exporter; False when it is unavailable or fails (the caller falls back)."""
+    import warnings
+
+    axes = {name: {0: "batch"} for name in [ONNX_INPUT, *outputs]}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the deprecation notice and tracer warnings on shape checks
+            torch.onnx.export(wrapped, (torch.zeros(1, 3, size, size),), path, input_names=[ONNX_INPUT],
+                              output_names=outputs, dynamic_axes=axes, opset_version=TRACED_OPSET, dynamo=False)
+    except Exception:  # noqa: BLE001 - any failure means: use torch.export instead
+        return False
+    return True
+
+
+def _export_dynamo(wrapped: nn.Module, size: int, outputs: list[str], path: str) -> None:
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    torch.onnx.export(wrapped, (torch.zeros(1, 3, size, size),), path, input_names=[ONNX_INPUT], output_names=outputs,
+                      dynamic_shapes={"x": {0: batch}}, opset_version=ONNX_OPSET, dynamo=True,
+                      external_data=False, verbose=False)
 
 
 def _check_against_torch(wrapped: nn.Module, onnx_path: str, size: int) -> float:

@@ -66,3 +66,18 @@ def test_export_without_sides_has_one_output(tmp_path):
     info = export_onnx(build_model("u2netp").eval(), str(tmp_path / "m.onnx"), 64, sides=False, check=True)
     assert info["outputs"] == [ONNX_OUTPUT] and info["max_abs_diff"] < 1e-3
     assert read_onnx_metadata(info["path"])["sides"] is False
+
+
+def test_both_exporters_agree(tmp_path):
+    torch.manual_seed(1)
+    model = build_model("u2netp").eval()
+    traced = export_onnx(model, str(tmp_path / "t.onnx"), 64)
+    dynamo = export_onnx(model, str(tmp_path / "d.onnx"), 64, exporter="dynamo")
+    assert (traced["exporter"], traced["opset"]) == ("torchscript", 17)
+    assert (dynamo["exporter"], dynamo["opset"]) == ("dynamo", 18)
+    x = np.random.default_rng(3).standard_normal((2, 3, 64, 64)).astype(np.float32)
+    a = ort.InferenceSession(traced["path"]).run(None, {ONNX_INPUT: x})
+    b = ort.InferenceSession(dynamo["path"]).run(None, {ONNX_INPUT: x})
+    assert all(np.abs(p - q).max() < 2e-3 for p, q in zip(a, b))
+    with pytest.raises(ValueError, match="exporter"):
+        export_onnx(model, str(tmp_path / "x.onnx"), 64, exporter="tflite")
