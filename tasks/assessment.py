@@ -14,8 +14,10 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
+import cv2
+
 from tasks import registry, storage
-from tasks.evaluate import decode_image, decode_mask, load_model, predict_probabilities, score_dataset
+from tasks.evaluate import decode_image, decode_mask, load_model, predict_probabilities, score_dataset, score_split
 from tasks.gate import GateConfig, decide, format_decision
 from tasks.metrics import format_summary, summarise
 from tasks.report import GalleryItem, write_report
@@ -58,21 +60,18 @@ def _history(model_url: str, storage_options: dict | None) -> list[dict]:
     return list(json.loads(storage.read_bytes(url, storage_options)).get("history") or [])
 
 
-def _gallery(model_url: str, dataset_url: str, split: str, worst: list[dict], threshold: float,
+def _gallery(model, meta: dict, dataset_url: str, split: str, worst: list[dict],
              storage_options: dict | None) -> list[GalleryItem]:
     if not worst:
         return []
     rows = {key: (image_url, mask_url) for key, image_url, mask_url, _ in
             load_samples(dataset_url, split, storage_options, include_augmented=False)}
-    model, meta = load_model(model_url, storage_options=storage_options)
     items = []
     for entry in worst:
         image_url, mask_url = rows[entry["stem"]]
         image, truth = decode_image(image_url, storage_options), decode_mask(mask_url, storage_options)
         prob = predict_probabilities(model, image, meta["input_size"], meta["resize"], (truth.shape[1], truth.shape[0]))
         if prob.shape != image.shape[:2]:
-            import cv2
-
             image = cv2.resize(image, (truth.shape[1], truth.shape[0]), interpolation=cv2.INTER_AREA)
         items.append(GalleryItem(entry["stem"], str(entry["cluster"]), float(entry["iou"]), image, truth, prob))
     return items
@@ -101,7 +100,8 @@ def assess_challenger(model_url: str, dataset_url: str, report_url: str, config:
     (:meth:`GateDecision.to_dict`), ``table`` (the seed-style text table), ``report_url``,
     ``report_html`` and ``mlflow_run_id``.
     """
-    scores, meta = score_dataset(model_url, dataset_url, config.split, storage_options, config.threshold)
+    model, meta = load_model(model_url, storage_options=storage_options)
+    scores = score_split(model, meta, dataset_url, config.split, storage_options, config.threshold)
     summary = summarise(scores, worst=config.worst)
     champion_summary, champion_version = None, None
     if champion_uri is None and registry.alias_version(config.registered_model, registry.CHAMPION) is not None:
@@ -125,7 +125,7 @@ def assess_challenger(model_url: str, dataset_url: str, report_url: str, config:
               "champion": f"{champion_uri} (version {champion_version})" if champion_uri else "none yet",
               **({"MLflow run": mlflow_run_id} if mlflow_run_id else {}), **(facts or {})}
     with tempfile.TemporaryDirectory(prefix="bgremoval-report-") as tmp:
-        gallery = _gallery(model_url, dataset_url, config.split, summary["worst"], config.threshold, storage_options)
+        gallery = _gallery(model, meta, dataset_url, config.split, summary["worst"], storage_options)
         files = write_report(tmp, summary, [s.iou for s in scores], gallery, decision.to_dict(), champion_summary,
                              _history(model_url, storage_options), config.gate.cluster_iou_gate,
                              title="bgremoval: challenger evaluation", facts=header)

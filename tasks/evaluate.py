@@ -48,6 +48,7 @@ __all__ = [
     "predict_probabilities",
     "preprocess",
     "score_dataset",
+    "score_split",
 ]
 
 #: Image file extensions :func:`evaluate_folder` pairs with masks (case-insensitive).
@@ -332,27 +333,34 @@ def decode_mask(url: str, storage_options: dict | None) -> np.ndarray:
     return mask
 
 
-def score_dataset(model_url: str, dataset_url: str, split: str = "test", storage_options: dict | None = None,
-                  threshold: float = 0.5, model_name: str | None = None,
-                  model_storage_options: dict | None = None) -> tuple[list[ImageScore], dict[str, Any]]:
-    """Score the model at ``model_url`` on every ``status == "ok"`` row of ``split`` of a dataset.
+def score_split(model: nn.Module, meta: dict[str, Any], dataset_url: str, split: str = "test",
+                storage_options: dict | None = None, threshold: float = 0.5) -> list[ImageScore]:
+    """Score a loaded model (``(model, meta)`` from :func:`load_model`) on every ``status == "ok"``
+    row of ``split`` of a dataset.
 
     Reads ``<dataset_url>/manifest.parquet`` (augmented samples are not evaluated; a null
     cluster counts as ``"all"``), loads each clean image/mask pair and scores it with
-    :func:`evaluate_pairs`, using the model's own ``input_size`` and resize mode
-    (:func:`load_model`; ``model_storage_options`` for the model when it lives elsewhere than
-    the data, default ``storage_options``). Returns ``(scores, model metadata)``. Raises
-    ``ValueError`` when the split has no rows and ``FileNotFoundError`` when the manifest or
-    model is missing.
+    :func:`evaluate_pairs` at the model's own ``input_size`` and resize mode. Returns one
+    :class:`ImageScore` per pair. Raises ``ValueError`` when the split has no rows and
+    ``FileNotFoundError`` when the manifest is missing.
     """
     rows = load_samples(dataset_url, split, storage_options, include_augmented=False)
     if not rows:
         raise ValueError(f"the manifest at {dataset_url} has no usable rows in split {split!r}")
-    model_options = storage_options if model_storage_options is None else model_storage_options
-    model, meta = load_model(model_url, model_name, model_options)
     pairs = ((key, cluster, decode_image(image_url, storage_options), decode_mask(mask_url, storage_options))
              for key, image_url, mask_url, cluster in rows)
-    return evaluate_pairs(model, pairs, meta["input_size"], threshold, meta["resize"]), meta
+    return evaluate_pairs(model, pairs, meta["input_size"], threshold, meta["resize"])
+
+
+def score_dataset(model_url: str, dataset_url: str, split: str = "test", storage_options: dict | None = None,
+                  threshold: float = 0.5, model_name: str | None = None,
+                  model_storage_options: dict | None = None) -> tuple[list[ImageScore], dict[str, Any]]:
+    """Load the model at ``model_url`` (:func:`load_model`; ``model_storage_options`` for it when it
+    lives elsewhere than the data, default ``storage_options``) and :func:`score_split` it.
+    Returns ``(scores, model metadata)``; raises as those two do."""
+    model_options = storage_options if model_storage_options is None else model_storage_options
+    model, meta = load_model(model_url, model_name, model_options)
+    return score_split(model, meta, dataset_url, split, storage_options, threshold), meta
 
 
 def evaluate_dataset(model_url: str, dataset_url: str, split: str = "test", storage_options: dict | None = None,

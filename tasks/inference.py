@@ -31,6 +31,7 @@ import os
 import posixpath
 import tempfile
 import time
+from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -120,7 +121,9 @@ class InferenceConfig:
     ``background``: the JPEG's background, ``'#rrggbb'``; ``canvas``: ``(width, height)`` to crop
     the product onto, or None for the photo's own frame; ``margin``: free border on the canvas, a
     share of each side; ``mask``: also encode the mask PNG; ``keep_probability``: keep the float
-    probability map in the result (large: 4 bytes per pixel); ``batch_size``: images per model
+    probability map in the result (large: 4 bytes per pixel); ``keep_source``: keep the input
+    file's bytes in the result (spares a second read when the original is stored too);
+    ``batch_size``: images per model
     call; ``io_threads``: decode/encode threads (None: one per core); ``jpeg_quality``;
     ``png_compression``: zlib level 0-9 of the PNGs (1 is fast, 6 is PIL's default);
     ``crop_threshold``: alpha level (0-1) that counts as product when cropping;
@@ -132,6 +135,7 @@ class InferenceConfig:
     margin: float = 0.05
     mask: bool = False
     keep_probability: bool = False
+    keep_source: bool = False
     batch_size: int = 4
     io_threads: int | None = None
     jpeg_quality: int = 92
@@ -163,7 +167,8 @@ class CutoutResult:
     ``stem``: output name (may hold ``/`` for images in sub-folders); ``source_url``;
     ``width``/``height``: the photo's size after EXIF orientation; ``cutout_png``,
     ``composite_jpeg``, ``mask_png``: encoded outputs (None when not made or on error);
-    ``probability``: float32 map at the photo's size when ``keep_probability``; ``quality``;
+    ``probability``: float32 map at the photo's size when ``keep_probability``;
+    ``source_bytes``: the input file when ``keep_source``; ``quality``;
     ``error``: why the image failed (None when it worked); ``seconds``: from the start of its
     read to its outputs being ready.
     """
@@ -176,6 +181,7 @@ class CutoutResult:
     composite_jpeg: bytes | None = None
     mask_png: bytes | None = None
     probability: np.ndarray | None = None
+    source_bytes: bytes | None = None
     quality: QualityScore | None = None
     error: str | None = None
     seconds: float = 0.0
@@ -201,7 +207,7 @@ class CutoutResult:
 # Engines
 # ----------------------------------------------------------------------------------------------
 
-class Engine:
+class Engine(ABC):
     """A model that maps a preprocessed batch to probabilities.
 
     Attributes: ``input_size`` (S), ``resize`` (``"stretch"``/``"letterbox"``), ``mean``/``std``
@@ -218,10 +224,10 @@ class Engine:
     source: str = ""
     model_dir: str | None = None
 
+    @abstractmethod
     def predict(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """Take float32 ``B×3×S×S``; return ``(B×S×S fused probabilities, B×6×S×S side
         probabilities or None)``."""
-        raise NotImplementedError
 
     def describe(self) -> str:
         """One line: backend, device, input size and source."""
@@ -531,6 +537,7 @@ class _Loaded:
     started: float
     rgb: np.ndarray | None = None
     tensor: np.ndarray | None = None
+    data: bytes | None = None
 
 
 def _stem_of(url: str) -> str:
@@ -552,6 +559,7 @@ def _load(item: tuple[str, str], engine: Engine, storage_options: dict | None) -
             data = storage.read_bytes(url, _options_for(url, storage_options))
         except (OSError, FileNotFoundError) as exc:
             raise ValueError(f"cannot read: {exc}") from None
+        loaded.data = data
         rgb = decode_image(data)
         loaded.rgb = rgb
         loaded.result.height, loaded.result.width = rgb.shape[:2]
@@ -578,6 +586,8 @@ def _finish(loaded: _Loaded, prob_s: np.ndarray, sides: np.ndarray | None, engin
             setattr(result, key, value)
         if config.keep_probability:
             result.probability = prob
+        if config.keep_source:
+            result.source_bytes = loaded.data
     except (ValueError, cv2.error) as exc:
         result.error = f"cannot produce outputs: {exc}"
     result.seconds = time.perf_counter() - loaded.started

@@ -104,7 +104,7 @@ def process_shard(bucket_url: str, batch: str, shard_url: str, model_uri: str, c
     engine = load_engine(model_uri, storage_options)
     threshold, source = resolve_threshold(config, engine.model_dir)
     options = InferenceConfig(background=config.background, canvas=config.canvas, margin=config.margin,
-                              mask=True, batch_size=config.batch_size)
+                              mask=True, keep_source=True, batch_size=config.batch_size)
     published_url = storage.join(bucket_url, "published")
     counts = {"published": 0, "queued": 0, "failed": 0}
     failed, scores = [], []
@@ -116,7 +116,7 @@ def process_shard(bucket_url: str, batch: str, shard_url: str, model_uri: str, c
         score = float(result.score)
         scores.append(round(score, 4))
         try:
-            original = storage.read_bytes(result.source_url, storage_options)
+            original = result.source_bytes
             item_id = make_item_id(batch, result.stem)
             if score >= threshold:
                 write_outputs(result, published_url, storage_options)
