@@ -230,9 +230,10 @@ def bgremoval_training():
         return "train_model" if params["compute"] == "local" else "databricks_run"
 
     def _start_weights(params: dict, output_url: str, options: dict) -> str | None:
-        from tasks.registry import stage_weights
+        from tasks.registry import choose_start, stage_weights
 
-        reference = params["init_from"].strip()
+        reference = choose_start(params["init_from"], params["model"], params["registered_model"])
+        print(f"initial weights: {reference or 'random'} (init_from={params['init_from']!r})")
         return stage_weights(reference, f"{output_url}/init", params["registered_model"], options) if reference else None
 
     @task(retries=2)

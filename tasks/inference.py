@@ -44,6 +44,7 @@ import numpy as np
 from tasks import storage
 from tasks.train.data import letterbox_box, training_resize
 from tasks.metrics import resize_to_original
+from tasks.model.pretrained import PRETRAINED, find_pretrained_onnx, require_pretrained_onnx
 from tasks.quality import QualityConfig, QualityScore, quality_score
 
 __all__ = [
@@ -54,6 +55,7 @@ __all__ = [
     "OnnxEngine",
     "TorchEngine",
     "decode_image",
+    "default_model",
     "iter_remove_backgrounds",
     "list_images",
     "load_engine",
@@ -237,15 +239,19 @@ class Engine(ABC):
 class OnnxEngine(Engine):
     """ONNX Runtime on the CPU, tuned for throughput: intra-op threads = ``threads`` (default:
     the usable cores), no spin-waiting (the decode/encode threads share the cores), sequential
-    execution, all graph optimisations; the preprocessing comes
-    from the file's metadata (:func:`tasks.export.read_onnx_metadata`)."""
+    execution, all graph optimisations.
+
+    How to feed the file and read it comes from the file (:func:`tasks.export.read_onnx_metadata`):
+    input size and normalisation, a fixed batch size (rembg's files take one image: a batch is
+    run image by image), the side outputs (this project's ``sides``, or the six extra outputs of
+    a U2-Net file) and whether output 0 is a probability or a logit."""
 
     backend = "onnx"
 
     def __init__(self, onnx_path: str, threads: int | None = None, source: str | None = None) -> None:
         import onnxruntime as ort
 
-        from tasks.export import ONNX_OUTPUT, ONNX_SIDES, read_onnx_metadata
+        from tasks.export import read_onnx_metadata
 
         meta = read_onnx_metadata(onnx_path)
         options = ort.SessionOptions()
@@ -255,19 +261,32 @@ class OnnxEngine(Engine):
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(onnx_path, options, providers=["CPUExecutionProvider"])
-        names = [o.name for o in self.session.get_outputs()]
         self._input = self.session.get_inputs()[0].name
-        self._outputs = [names[0]] + ([ONNX_SIDES] if ONNX_SIDES in names else [])
-        self._sides = ONNX_SIDES in names and names[0] == ONNX_OUTPUT
+        self._outputs = [self.session.get_outputs()[0].name, *meta["side_outputs"]]
+        self._fixed_batch = meta["batch"]
+        self._logits = not meta["probabilities"]
         self.input_size, self.resize = int(meta["input_size"]), str(meta["resize"])
         self.mean, self.std = tuple(meta["mean"]), tuple(meta["std"])
         self.source = source or onnx_path
         self.model_dir = os.path.dirname(os.path.abspath(onnx_path))
 
+    def _run(self, batch: np.ndarray) -> list[np.ndarray]:
+        if self._fixed_batch is None or len(batch) == self._fixed_batch:
+            return self.session.run(self._outputs, {self._input: batch})
+        if self._fixed_batch != 1:
+            raise ValueError(f"{self.source} takes batches of exactly {self._fixed_batch} images, got {len(batch)}")
+        parts = [self.session.run(self._outputs, {self._input: batch[i:i + 1]}) for i in range(len(batch))]
+        return [np.concatenate(column) for column in zip(*parts, strict=True)]
+
     def predict(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        out = self.session.run(self._outputs, {self._input: np.ascontiguousarray(batch, dtype=np.float32)})
-        sides = out[1] if self._sides and len(out) > 1 else None
-        return out[0][:, 0], sides
+        out = self._run(np.ascontiguousarray(batch, dtype=np.float32))
+        if self._logits:
+            out = [1.0 / (1.0 + np.exp(-np.clip(o, -80.0, 80.0))) for o in out]
+        fused = out[0][:, 0]
+        if len(out) == 1:
+            return fused, None
+        sides = out[1] if len(out) == 2 else np.concatenate([o[:, :1] for o in out[1:]], axis=1)
+        return fused, sides
 
 
 class TorchEngine(Engine):
@@ -320,7 +339,8 @@ def load_engine(source: str, storage_options: dict | None = None, device: str = 
     """Open a model for inference.
 
     Args:
-        source: a ``.onnx`` file; a folder or URL holding ``model.onnx`` and/or ``model.pt`` +
+        source: ``"pretrained"`` (the published U2-NetP weights, :mod:`tasks.model.pretrained`); a
+            ``.onnx`` file (this project's export, or any U2-Net-family file rembg runs); a folder or URL holding ``model.onnx`` and/or ``model.pt`` +
             ``config.json``; a ``model.pt``; or ``models:/<name>@<alias>`` /
             ``models:/<name>/<version>`` (downloaded with ``tasks.registry.download_model``).
         storage_options: fsspec options for ``s3://`` sources.
@@ -342,6 +362,9 @@ def load_engine(source: str, storage_options: dict | None = None, device: str = 
     if device == "cuda" and not _cuda_available():
         raise ValueError("device='cuda' but torch sees no CUDA GPU")
     original = source
+    if source == PRETRAINED:
+        source = str(require_pretrained_onnx())
+        original = f"{PRETRAINED} ({source})"
     if source.startswith("models:/"):
         from tasks import registry  # written alongside; imported only for registry URIs
 
@@ -370,6 +393,34 @@ def load_engine(source: str, storage_options: dict | None = None, device: str = 
     if onnx_url is None:
         raise FileNotFoundError(f"no model.onnx at {source} (backend='onnx')")
     return OnnxEngine(_local_copy(onnx_url, storage_options), threads=threads, source=original)
+
+
+def default_model(registered_name: str = "bgremoval-u2net") -> tuple[str, str]:
+    """The model ``bgremoval remove`` uses when none is named: the registered model's champion
+    when an MLflow registry is configured (``MLFLOW_TRACKING_URI``) and has one, otherwise the
+    published U2-NetP weights.
+
+    Returns ``(source for load_engine, a sentence saying which and why)``. Raises
+    ``FileNotFoundError`` saying how to get a model when there is neither.
+    """
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    why = "no MLflow registry is configured (MLFLOW_TRACKING_URI)"
+    if uri:
+        from tasks import registry
+
+        try:
+            version = registry.alias_version(registered_name, registry.CHAMPION, tracking_uri=uri)
+        except Exception as exc:  # noqa: BLE001 - an unreachable or empty registry means: no champion
+            version, why = None, f"the registry at {uri} gave no champion ({type(exc).__name__}: {str(exc)[:120]})"
+        else:
+            why = f"{registered_name!r} has no champion at {uri}"
+        if version is not None:
+            return (registry.model_uri(registered_name, registry.CHAMPION),
+                    f"the champion of {registered_name!r} (version {version}) from {uri}")
+    path = find_pretrained_onnx()
+    if path is None:
+        require_pretrained_onnx()  # raises, saying how to get the file
+    return str(path), f"the published U2-NetP weights, not fine-tuned ({why}): {path}"
 
 
 def _local_copy(url: str, storage_options: dict | None) -> str:

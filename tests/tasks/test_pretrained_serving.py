@@ -1,0 +1,108 @@
+"""Cutting out with no trained model: the published U2-NetP file as it is, and as the default.
+
+rembg's ``u2netp.onnx`` takes exactly one image (fixed batch 1) and returns seven sigmoid maps;
+the engine reads that from the file. Skips without the file, except under ``CI=true``.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tasks.cli import main
+from tasks.export import read_onnx_metadata
+from tasks.inference import InferenceConfig, OnnxEngine, default_model, load_engine, remove_backgrounds
+from tasks.model.pretrained import find_pretrained_onnx
+from tasks.registry import choose_start
+from tasks.synth import SynthConfig, encode_jpeg, render_item
+
+
+@pytest.fixture(scope="module")
+def published():
+    path = find_pretrained_onnx()
+    if path is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("the published u2netp.onnx is missing: the install step (bgremoval pretrained fetch) must fetch it")
+        pytest.skip("the published u2netp.onnx is not on this machine (run `bgremoval pretrained fetch`)")
+    return path
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("photos")
+    items = [render_item(i, SynthConfig(n=5, seed=11, max_side=360)) for i in range(5)]
+    for item in items:
+        (folder / f"{item.stem}.jpg").write_bytes(encode_jpeg(item.image))
+    return folder, items
+
+
+def test_metadata_is_read_from_a_foreign_file(published):
+    meta = read_onnx_metadata(str(published))
+    assert meta["input_size"] == 320 and meta["batch"] == 1 and meta["probabilities"] is True
+    assert meta["sides"] and len(meta["side_outputs"]) == 6
+    assert meta["resize"] == "stretch" and meta["mean"] == [0.485, 0.456, 0.406]
+
+
+def test_a_batch_of_four_runs_through_a_batch_one_file(published, photos):
+    engine = OnnxEngine(str(published), threads=2)
+    batch = np.random.default_rng(0).standard_normal((4, 3, 320, 320)).astype(np.float32)
+    fused, sides = engine.predict(batch)
+    assert fused.shape == (4, 320, 320) and sides.shape == (4, 6, 320, 320)
+    one, _ = engine.predict(batch[2:3])
+    assert np.allclose(one[0], fused[2], atol=1e-6)
+    folder, items = photos
+    results = remove_backgrounds([str(folder / f"{it.stem}.jpg") for it in items], engine,
+                                 InferenceConfig(batch_size=4, keep_probability=True))
+    assert all(r.ok for r in results), [r.error for r in results]
+    for result, item in zip(sorted(results, key=lambda r: r.stem), sorted(items, key=lambda i: i.stem)):
+        truth, pred = item.mask > 127, result.probability > 0.5
+        assert (truth & pred).sum() / (truth | pred).sum() > 0.8
+        assert result.quality is not None and 0 <= result.score <= 1
+
+
+def test_remove_with_no_model_uses_the_published_weights(published, photos, tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)  # no embedded stack's env file here
+    monkeypatch.setattr("tasks.stack.read_env_file", lambda *a, **k: {})
+    folder, items = photos
+    out = tmp_path / "out"
+    assert main(["remove", str(folder), "-o", str(out), "--quiet"]) == 0
+    said = capsys.readouterr().out
+    assert "published U2-NetP weights" in said and "no MLflow registry is configured" in said
+    assert len(list(out.rglob("*.png"))) == len(items)
+    # rembg's own file, from rembg's folder, as it is (the batch size is read from the file)
+    rembg_home = tmp_path / "u2net"
+    rembg_home.mkdir()
+    shutil.copy(published, rembg_home / "u2netp.onnx")
+    out2 = tmp_path / "out2"
+    assert main(["remove", str(folder), "-o", str(out2), "--model", str(rembg_home / "u2netp.onnx"),
+                 "--batch-size", "4", "--quiet"]) == 0
+    cutout = Image.open(io.BytesIO(next(out2.rglob("*.png")).read_bytes()))
+    assert cutout.mode == "RGBA"
+
+
+def test_default_model_prefers_the_champion(published, monkeypatch, tmp_path):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/empty.db")
+    source, why = default_model("no-such-model")
+    assert source == str(published) and "no champion" in why
+    monkeypatch.setattr("tasks.registry.alias_version", lambda name, alias, tracking_uri=None: "3")
+    source, why = default_model("catalogue")
+    assert source == "models:/catalogue@champion" and "version 3" in why
+    assert load_engine("pretrained").source.startswith("pretrained")
+
+
+def test_init_from_keywords(published, monkeypatch):
+    monkeypatch.setattr("tasks.registry.alias_version", lambda name, alias, tracking_uri=None: None)
+    assert choose_start("auto", "u2netp") == "pretrained"
+    assert choose_start("auto", "u2net") is None
+    assert choose_start("scratch", "u2netp") is None and choose_start("", "u2netp") is None
+    assert choose_start("s3://b/model.pt", "u2net") == "s3://b/model.pt"
+    with pytest.raises(ValueError, match="u2netp only"):
+        choose_start("pretrained", "u2net")
+    monkeypatch.setattr("tasks.registry.alias_version", lambda name, alias, tracking_uri=None: "2")
+    assert choose_start("auto", "u2netp") == "champion"
