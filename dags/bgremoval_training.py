@@ -38,6 +38,7 @@ from bgremoval_airflow.params import (
     evaluation_params,
     assessment_config,
     report_page_url,
+    mask_review_page_url,
     review_page_url,
     review_params,
     split_config,
@@ -173,6 +174,12 @@ def bgremoval_training():
             "**Reject** to end this run without training.\n\n"
             f"```\n{table}\n```"
         )
+        flagged = int(dataset.get("audit_flagged") or 0)
+        if flagged:
+            reasons = ", ".join(f"{code} {count}" for code, count in (dataset.get("audit_reasons") or {}).items())
+            summary["review_markdown"] += (
+                f"\n\n**{flagged} masks look broken** ({reasons}): they stay out of training and the test split "
+                f"unless you keep or fix them on the [masks page]({mask_review_page_url(dataset['version'], params['bucket'])}).")
         return summary
 
     review_clusters = ApprovalOperator(

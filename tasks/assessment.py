@@ -77,6 +77,23 @@ def _gallery(model, meta: dict, dataset_url: str, split: str, worst: list[dict],
     return items
 
 
+def _audited_pairs(model, meta: dict, dataset_url: str, config: AssessmentConfig, kept: list,
+                   storage_options: dict | None) -> dict[str, Any] | None:
+    """Score the test pairs the mask audit left out (flagged, not kept or fixed by a reviewer) and
+    give both figures: the gate's (without them) and with them. None when none was left out."""
+    left_out = score_split(model, meta, dataset_url, config.split, storage_options, config.threshold, audit="only")
+    if not left_out:
+        return None
+    both = summarise([*kept, *left_out], worst=0)
+    pairs = sorted(({"stem": s.stem, "iou": s.iou} for s in left_out), key=lambda p: p["iou"])
+    text = (f"mask audit: {len(left_out)} {config.split} pair(s) with a flagged, unreviewed mask are left out of "
+            f"these figures; with them: mean IoU {both['mean_iou'] * 100:.3f} %, "
+            + ", ".join(f"≥{float(th) * 100:g} %: {share * 100:.1f} %" for th, share in both["share_at_least"].items())
+            + "; left out: " + ", ".join(f"{p['stem']} ({p['iou'] * 100:.1f} %)" for p in pairs))
+    return {"left_out": pairs, "mean_iou_with": both["mean_iou"], "share_at_least_with": both["share_at_least"],
+            "n_with": both["n"], "text": text}
+
+
 def assess_challenger(model_url: str, dataset_url: str, report_url: str, config: AssessmentConfig,
                       storage_options: dict | None = None, mlflow_run_id: str | None = None,
                       champion_uri: str | None = None, facts: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -103,6 +120,7 @@ def assess_challenger(model_url: str, dataset_url: str, report_url: str, config:
     model, meta = load_model(model_url, storage_options=storage_options)
     scores = score_split(model, meta, dataset_url, config.split, storage_options, config.threshold)
     summary = summarise(scores, worst=config.worst)
+    audited = _audited_pairs(model, meta, dataset_url, config, scores, storage_options)
     champion_summary, champion_version = None, None
     if champion_uri is None and registry.alias_version(config.registered_model, registry.CHAMPION) is not None:
         champion_uri = registry.model_uri(config.registered_model, registry.CHAMPION)
@@ -117,13 +135,14 @@ def assess_challenger(model_url: str, dataset_url: str, report_url: str, config:
                                                model_storage_options=champion_options)
         champion_summary = summarise(champion_scores, worst=0)
     decision = decide(summary, champion_summary, config.gate)
-    table = format_summary(summary)
+    table = format_summary(summary) + (f"\n{audited['text']}" if audited else "")
     verdict = format_decision(decision)
 
     header = {"challenger": model_url, "dataset": dataset_url, "split": config.split,
               "input size": meta["input_size"], "threshold": config.threshold,
               "champion": f"{champion_uri} (version {champion_version})" if champion_uri else "none yet",
-              **({"MLflow run": mlflow_run_id} if mlflow_run_id else {}), **(facts or {})}
+              **({"MLflow run": mlflow_run_id} if mlflow_run_id else {}),
+              **({"mask audit": audited["text"]} if audited else {}), **(facts or {})}
     with tempfile.TemporaryDirectory(prefix="bgremoval-report-") as tmp:
         gallery = _gallery(model, meta, dataset_url, config.split, summary["worst"], storage_options)
         files = write_report(tmp, summary, [s.iou for s in scores], gallery, decision.to_dict(), champion_summary,
@@ -134,7 +153,8 @@ def assess_challenger(model_url: str, dataset_url: str, report_url: str, config:
                       "uri": champion_uri, "version": champion_version, "mean_iou": champion_summary["mean_iou"],
                       "clusters": champion_summary["clusters"], "share_at_least": champion_summary["share_at_least"]},
                   "report_url": report_url, "report_html": storage.join(report_url, "report.html"),
-                  "mlflow_run_id": mlflow_run_id, "model_url": model_url, "input_size": meta["input_size"]}
+                  "mlflow_run_id": mlflow_run_id, "model_url": model_url, "input_size": meta["input_size"],
+                  "audit": audited}
         with open(os.path.join(tmp, "assessment.json"), "w") as fh:
             json.dump(result, fh, indent=2, default=str)
         files["assessment.json"] = os.path.join(tmp, "assessment.json")

@@ -36,7 +36,7 @@ import pandas as pd
 
 from tasks import storage
 from tasks.cleaning import safe_stem
-from tasks.manifest import STATUS_OK, read_table, write_table
+from tasks.manifest import STATUS_OK, audit_excluded, read_table, write_table
 from tasks.synth import encode_jpeg, encode_png
 
 log = logging.getLogger(__name__)
@@ -549,7 +549,8 @@ def plan_augmentation(manifest: pd.DataFrame, config: AugmentConfig) -> dict[str
     missing = {"status", "cluster", "split"} - set(manifest.columns)
     if missing:
         raise ValueError(f"manifest lacks {sorted(missing)}: run the review and split stages first")
-    train = manifest[(manifest["status"] == STATUS_OK) & (manifest["split"] == "train") & manifest["cluster"].notna()]
+    usable = (manifest["status"] == STATUS_OK) & ~audit_excluded(manifest)
+    train = manifest[usable & (manifest["split"] == "train") & manifest["cluster"].notna()]
     sizes = Counter(train["cluster"].astype(str))
     return {cluster: max(0, config.target_per_cluster - sizes[cluster]) for cluster in sorted(sizes)}
 
@@ -657,7 +658,7 @@ def augment_cluster(
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     manifest = read_table(storage.join(dataset_url, "manifest.parquet"), storage_options)
-    ok = manifest["status"] == STATUS_OK
+    ok = (manifest["status"] == STATUS_OK) & ~audit_excluded(manifest)  # never augment a broken mask
     train = manifest[ok & (manifest["split"] == "train") & (manifest["cluster"] == cluster)]
     sources = train.sort_values("stem", kind="stable").reset_index(drop=True)
     if n and not len(sources):

@@ -85,7 +85,12 @@ class Reason(StrEnum):
 
 @dataclass(frozen=True)
 class CleaningConfig:
-    """Cleaning thresholds; each one is a DAG ``Param`` of ``bgremoval_training``."""
+    """Cleaning thresholds; each one is a DAG ``Param`` of ``bgremoval_training``.
+
+    ``audit_masks``: run the mask audit (:mod:`tasks.data.mask_audit`) on every clean pair and
+    record its reasons in the manifest's ``audit_reasons`` (flagged pairs then wait for a reviewer
+    and stay out of training and the test split unless kept or fixed).
+    """
 
     working_size: int = 320
     max_pixels: int = 50_000_000
@@ -97,6 +102,7 @@ class CleaningConfig:
     max_foreground: float = 0.995
     max_aspect_mismatch: float = 0.01
     jpeg_quality: int = 95
+    audit_masks: bool = True
 
     def __post_init__(self) -> None:
         if self.working_size < 32:

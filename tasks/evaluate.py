@@ -334,17 +334,22 @@ def decode_mask(url: str, storage_options: dict | None) -> np.ndarray:
 
 
 def score_split(model: nn.Module, meta: dict[str, Any], dataset_url: str, split: str = "test",
-                storage_options: dict | None = None, threshold: float = 0.5) -> list[ImageScore]:
+                storage_options: dict | None = None, threshold: float = 0.5,
+                audit: str = "exclude") -> list[ImageScore]:
     """Score a loaded model (``(model, meta)`` from :func:`load_model`) on every ``status == "ok"``
     row of ``split`` of a dataset.
 
     Reads ``<dataset_url>/manifest.parquet`` (augmented samples are not evaluated; a null
     cluster counts as ``"all"``), loads each clean image/mask pair and scores it with
     :func:`evaluate_pairs` at the model's own ``input_size`` and resize mode. Returns one
-    :class:`ImageScore` per pair. Raises ``ValueError`` when the split has no rows and
-    ``FileNotFoundError`` when the manifest is missing.
+    :class:`ImageScore` per pair. ``audit`` selects rows by the mask audit as
+    :func:`tasks.train.data.load_samples` does (default: pairs with an unreviewed broken mask are
+    left out). Raises ``ValueError`` when the split has no rows (except with ``audit="only"``,
+    which may give none) and ``FileNotFoundError`` when the manifest is missing.
     """
-    rows = load_samples(dataset_url, split, storage_options, include_augmented=False)
+    rows = load_samples(dataset_url, split, storage_options, include_augmented=False, audit=audit)
+    if not rows and audit == "only":
+        return []
     if not rows:
         raise ValueError(f"the manifest at {dataset_url} has no usable rows in split {split!r}")
     pairs = ((key, cluster, decode_image(image_url, storage_options), decode_mask(mask_url, storage_options))

@@ -23,6 +23,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pandas as pd
 
+from tasks.data.mask_audit import audit_pair
+
 from tasks import storage
 from tasks.cleaning import CleaningConfig, Reason, Rejected, clean_pair, encode_clean_pair, pair_files, safe_stem, sha256
 from tasks.manifest import (
@@ -34,6 +36,7 @@ from tasks.manifest import (
     read_table,
     to_frame,
     write_table,
+    audit_flagged,
 )
 
 log = logging.getLogger(__name__)
@@ -153,6 +156,7 @@ def _clean_one(row: dict, batch: str, dataset_url: str, config: CleaningConfig, 
         log.exception("internal error while cleaning %s", row["stem"])
         return {**out, "status": STATUS_QUARANTINED, "reason": Reason.INTERNAL_ERROR.value, "detail": repr(exc)[:500]}
     height, width = pair.mask.shape
+    reasons = audit_pair(pair.image, pair.mask).reasons if config.audit_masks else ()
     return {
         **out,
         "orig_width": pair.orig_width,
@@ -167,6 +171,8 @@ def _clean_one(row: dict, batch: str, dataset_url: str, config: CleaningConfig, 
         "status": STATUS_OK,
         "reason": "",
         "detail": "",
+        "audit_reasons": ",".join(reasons),
+        "audit_decision": "",
     }
 
 
@@ -238,7 +244,8 @@ def finalize_dataset(
 
     Takes the dataset URL, the batch name, the result URLs returned by :func:`clean_shard` and the
     listing-rejects URL from :func:`plan_batch`. Returns the summary: ``{"version", "dataset_url",
-    "batch", "pairs_in", "clean", "quarantined", "by_reason", "manifest_url", "quarantine_url"}``.
+    "batch", "pairs_in", "clean", "quarantined", "by_reason", "audit_flagged", "audit_reasons" (counts per
+    reason code of the flagged clean pairs), "manifest_url", "quarantine_url"}``.
     """
     frames = [read_table(url, storage_options) for url in [listing_rejects_url, *result_urls]]
     frames = [f for f in frames if len(f)]
@@ -250,6 +257,8 @@ def finalize_dataset(
     manifest_url = write_table(manifest, storage.join(dataset_url, "manifest.parquet"), storage_options)
     quarantine_url = write_table(quarantine, storage.join(dataset_url, "quarantine.parquet"), storage_options)
     by_reason = dict(sorted(Counter(quarantine["reason"].tolist()).items(), key=lambda kv: (-kv[1], kv[0])))
+    flagged = manifest.loc[(manifest["status"] == STATUS_OK) & audit_flagged(manifest), "audit_reasons"]
+    audit_counts = Counter(code for value in flagged for code in str(value).split(",") if code)
     summary = {
         "version": posixpath.basename(dataset_url.rstrip("/")),
         "dataset_url": dataset_url,
@@ -258,6 +267,8 @@ def finalize_dataset(
         "clean": int((manifest["status"] == STATUS_OK).sum()),
         "quarantined": int(len(quarantine)),
         "by_reason": by_reason,
+        "audit_flagged": int(len(flagged)),
+        "audit_reasons": dict(sorted(audit_counts.items(), key=lambda kv: (-kv[1], kv[0]))),
         "manifest_url": manifest_url,
         "quarantine_url": quarantine_url,
     }
@@ -274,4 +285,8 @@ def format_summary(summary: dict) -> str:
         f"  quarantined   {summary['quarantined']:>6}",
     ]
     lines += [f"    {reason:<22}{count:>6}" for reason, count in summary["by_reason"].items()]
+    if summary.get("audit_flagged") is not None:
+        lines.append(f"  masks flagged by the audit {summary['audit_flagged']:>4} (kept out of training and the test "
+                     "split until a reviewer keeps or fixes them)")
+        lines += [f"    {code:<22}{count:>6}" for code, count in summary.get("audit_reasons", {}).items()]
     return "\n".join(lines)

@@ -39,6 +39,8 @@ MANIFEST_COLUMNS = (
     "detail",
     "cluster",
     "split",
+    "audit_reasons",
+    "audit_decision",
 )
 
 #: Columns of ``quarantine.parquet``.
@@ -46,6 +48,13 @@ QUARANTINE_COLUMNS = ("stem", "batch", "image_source", "mask_source", "reason", 
 
 STATUS_OK = "ok"
 STATUS_QUARANTINED = "quarantined"
+
+#: A reviewer's answers to a flagged mask (``audit_decision``): use it as it is, leave the pair
+#: out of training and the test split, or use the mask the reviewer uploaded instead.
+AUDIT_KEEP = "keep"
+AUDIT_EXCLUDE = "exclude"
+AUDIT_FIXED = "fixed"
+AUDIT_DECISIONS = (AUDIT_KEEP, AUDIT_EXCLUDE, AUDIT_FIXED)
 
 _INT_COLUMNS = ("image_bytes", "orig_width", "orig_height", "width", "height")
 _FLOAT_COLUMNS = ("fg_fraction", "ambiguous_fraction")
@@ -62,6 +71,23 @@ def to_frame(rows: list[dict], columns: tuple[str, ...]) -> pd.DataFrame:
         else:
             frame[col] = frame[col].astype("string")
     return frame
+
+
+def audit_flagged(frame: pd.DataFrame) -> pd.Series:
+    """True for rows whose mask the audit flagged (``audit_reasons`` not empty); manifests written
+    before the audit existed have no flags."""
+    if "audit_reasons" not in frame:
+        return pd.Series(False, index=frame.index)
+    return frame["audit_reasons"].fillna("").astype(str) != ""
+
+
+def audit_excluded(frame: pd.DataFrame) -> pd.Series:
+    """True for rows left out of training and of the gate's test split: flagged by the mask audit
+    and not kept or fixed by a reviewer."""
+    flagged = audit_flagged(frame)
+    if "audit_decision" not in frame:
+        return flagged
+    return flagged & ~frame["audit_decision"].fillna("").astype(str).isin([AUDIT_KEEP, AUDIT_FIXED])
 
 
 def write_table(frame: pd.DataFrame, url: str, storage_options: dict | None = None) -> str:

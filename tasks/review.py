@@ -1,39 +1,65 @@
-"""The reviewers' corrections to the proposed product clusters, and their application.
+"""The reviewers' corrections to the proposed product clusters and flagged masks, and their application.
 
 Clustering proposes a cluster (an integer) and a name per cluster. Reviewers move images between
 clusters and rename clusters; every change is one line of ``review/corrections.jsonl`` (who, when,
 what). The review state is the proposal with the corrections replayed in order, so the log is the
 single source of truth and nothing a reviewer did is lost. After approval, :func:`apply_review`
 writes the final product type of every clean pair into the manifest's ``cluster`` column.
+
+The mask audit flags implausible masks (the manifest's ``audit_reasons``). Reviewers answer each
+flagged pair with a ``mask`` correction in the same log: ``keep`` (the mask is fine), ``exclude``
+(leave the pair out of training and of the test split) or ``fix`` (a corrected mask uploaded with
+:func:`save_fixed_mask`, stored as ``review/masks/<key>.png``). The last answer for a pair wins;
+:func:`apply_review` writes it into the manifest's ``audit_decision`` (and ``mask_url`` for a fix).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import threading
+import warnings
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 
+import numpy as np
 import pandas as pd
 
 from tasks import storage
-from tasks.manifest import STATUS_OK, read_table, write_table
+from tasks.manifest import (
+    AUDIT_EXCLUDE,
+    AUDIT_FIXED,
+    AUDIT_KEEP,
+    STATUS_OK,
+    audit_flagged,
+    read_table,
+    write_table,
+)
 
 CORRECTIONS_PATH = "review/corrections.jsonl"
 ASSIGNMENTS_PATH = "clusters/assignments.parquet"
 FINAL_PATH = "clusters/final.parquet"
+FIXED_MASKS_PATH = "review/masks"
+#: A reviewer's answers to a flagged mask (the ``decision`` of a ``mask`` correction).
+MASK_DECISIONS = ("keep", "exclude", "fix")
+#: ``mask`` decision -> the manifest's ``audit_decision``.
+_AUDIT_DECISION = {"keep": AUDIT_KEEP, "exclude": AUDIT_EXCLUDE, "fix": AUDIT_FIXED}
+#: Largest corrected mask file accepted by :func:`save_fixed_mask`.
+MAX_FIXED_MASK_BYTES = 20 * 2**20
 _NAME_PATTERN = re.compile(r"^[\w][\w &/+.,'()-]{0,59}$")
 _write_lock = threading.Lock()
 
 
 class CorrectionError(ValueError):
-    """A correction that cannot be applied (unknown image or cluster, bad name)."""
+    """A correction that cannot be applied (unknown image or cluster, bad name, unfit mask)."""
 
 
 @dataclass(frozen=True)
 class Correction:
-    """One reviewer action: ``move`` an image to a cluster, or ``rename`` a cluster."""
+    """One reviewer action: ``move`` an image to a cluster, ``rename`` a cluster, or answer a
+    flagged ``mask`` with a ``decision`` (``keep``, ``exclude`` or ``fix``)."""
 
     action: str
     user: str
@@ -42,6 +68,7 @@ class Correction:
     to_cluster: int | None = None
     cluster: int | None = None
     name: str | None = None
+    decision: str | None = None
 
     def to_json(self) -> str:
         """One JSON line for ``corrections.jsonl``."""
@@ -54,6 +81,9 @@ class ReviewState:
 
     ``cluster_of`` maps each image key to its cluster; ``names`` each cluster to its name;
     ``stems`` each key to its original stem; ``proposed`` the clustering's original assignment.
+    ``flagged`` maps each clean key whose mask the audit flagged to its reason codes;
+    ``sizes_of`` such a key to the clean pair's ``(width, height)`` (when the manifest has it);
+    ``mask_decisions`` a flagged key to the reviewers' last answer (``keep``/``exclude``/``fix``).
     """
 
     cluster_of: dict[str, int]
@@ -61,6 +91,9 @@ class ReviewState:
     stems: dict[str, str]
     proposed: dict[str, int]
     corrections: list[Correction] = field(default_factory=list)
+    flagged: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    sizes_of: dict[str, tuple[int, int]] = field(default_factory=dict)
+    mask_decisions: dict[str, str] = field(default_factory=dict)
 
     def members(self, cluster: int) -> list[str]:
         """Keys in ``cluster``, sorted."""
@@ -77,9 +110,37 @@ class ReviewState:
         """Keys whose cluster differs from the proposal: ``key -> (proposed, now)``."""
         return {k: (self.proposed[k], c) for k, c in self.cluster_of.items() if self.proposed[k] != c}
 
+    def flagged_pairs(self) -> list[dict]:
+        """The flagged pairs for the masks page, sorted by key: ``key``, ``stem``, ``reasons``,
+        ``cluster``, ``cluster_name``, ``decision`` ("" while undecided) and who decided when."""
+        last = {c.key: c for c in self.corrections if c.action == "mask"}
+        pairs = []
+        for key in sorted(self.flagged):
+            cluster = self.cluster_of.get(key)
+            decided = last.get(key)
+            pairs.append({
+                "key": key,
+                "stem": self.stems.get(key, key),
+                "reasons": list(self.flagged[key]),
+                "cluster": cluster,
+                "cluster_name": self.names.get(cluster, "") if cluster is not None else "",
+                "decision": self.mask_decisions.get(key, ""),
+                "decided_by": decided.user if decided else "",
+                "decided_at": decided.at if decided else "",
+            })
+        return pairs
+
     def apply(self, correction: Correction) -> None:
         """Apply one correction in place; raises :class:`CorrectionError` when it does not fit."""
-        if correction.action == "move":
+        if correction.action == "mask":
+            if correction.key not in self.flagged:
+                if correction.key in self.cluster_of:
+                    raise CorrectionError(f"the mask of {correction.key!r} is not flagged by the audit: nothing to decide")
+                raise CorrectionError(f"unknown image key {correction.key!r}")
+            if correction.decision not in MASK_DECISIONS:
+                raise CorrectionError(f"mask decision {correction.decision!r} must be one of {list(MASK_DECISIONS)}")
+            self.mask_decisions[correction.key] = correction.decision
+        elif correction.action == "move":
             if correction.key not in self.cluster_of:
                 raise CorrectionError(f"unknown image key {correction.key!r}")
             if correction.to_cluster not in self.names:
@@ -98,7 +159,7 @@ class ReviewState:
                 raise CorrectionError(f"another cluster is already named {name!r}")
             self.names[int(correction.cluster)] = name
         else:
-            raise CorrectionError(f"unknown action {correction.action!r}: use 'move' or 'rename'")
+            raise CorrectionError(f"unknown action {correction.action!r}: use 'move', 'rename' or 'mask'")
         self.corrections.append(correction)
 
 
@@ -108,6 +169,28 @@ def _read_corrections(dataset_url: str, storage_options: dict | None) -> list[Co
         return []
     lines = storage.read_bytes(url, storage_options).decode("utf-8").splitlines()
     return [Correction(**json.loads(line)) for line in lines if line.strip()]
+
+
+def _read_flags(dataset_url: str, storage_options: dict | None) -> tuple[dict, dict]:
+    """``(key -> reason codes, key -> (width, height))`` of the flagged clean pairs in the manifest
+    (empty for a dataset without a manifest or without the audit columns)."""
+    url = storage.join(dataset_url, "manifest.parquet")
+    if not storage.exists(url, storage_options):
+        return {}, {}
+    manifest = read_table(url, storage_options)
+    rows = manifest[manifest["status"].eq(STATUS_OK).fillna(False).astype(bool) & audit_flagged(manifest)]
+    flagged, sizes = {}, {}
+    for row in rows.to_dict("records"):
+        key = str(row["key"])
+        flagged[key] = tuple(code for code in str(row["audit_reasons"]).split(",") if code)
+        if not pd.isna(row.get("width")) and not pd.isna(row.get("height")):
+            sizes[key] = (int(row["width"]), int(row["height"]))
+    return flagged, sizes
+
+
+def fixed_mask_url(dataset_url: str, key: str) -> str:
+    """Where a reviewer's corrected mask of ``key`` is stored: ``review/masks/<key>.png``."""
+    return storage.join(dataset_url, FIXED_MASKS_PATH, f"{key}.png")
 
 
 def load_review_state(dataset_url: str, storage_options: dict | None = None) -> ReviewState:
@@ -121,11 +204,14 @@ def load_review_state(dataset_url: str, storage_options: dict | None = None) -> 
     table = read_table(assignments_url, storage_options)
     proposed = {str(k): int(c) for k, c in zip(table["key"], table["cluster"], strict=True)}
     names = {int(c): str(n) for c, n in table.groupby("cluster")["proposed_name"].first().items()}
+    flagged, sizes_of = _read_flags(dataset_url, storage_options)
     state = ReviewState(
         cluster_of=dict(proposed),
         names=names,
         stems=dict(zip(table["key"].astype(str), table["stem"].astype(str), strict=True)),
         proposed=proposed,
+        flagged=flagged,
+        sizes_of=sizes_of,
     )
     for correction in _read_corrections(dataset_url, storage_options):
         state.apply(correction)
@@ -141,25 +227,120 @@ def record_correction(
 ) -> ReviewState:
     """Validate a reviewer's action against the current state and append it to the log.
 
-    Takes the dataset URL, ``action`` (``move`` with ``key`` and ``to_cluster``, or ``rename`` with
-    ``cluster`` and ``name``) and the reviewer's user name. Returns the new state; raises
-    :class:`CorrectionError` for an action that does not fit (nothing is written then).
+    Takes the dataset URL, ``action`` (``move`` with ``key`` and ``to_cluster``, ``rename`` with
+    ``cluster`` and ``name``, or ``mask`` with ``key`` and ``decision``) and the reviewer's user name.
+    A ``mask`` decision needs a flagged key; ``fix`` also needs the corrected mask already saved
+    (use :func:`save_fixed_mask`). Returns the new state; raises :class:`CorrectionError` for an
+    action that does not fit (nothing is written then).
     """
     correction = Correction(action=action, user=user, at=datetime.now(timezone.utc).isoformat(timespec="seconds"), **fields)
     with _write_lock:  # one api-server process appends at a time; S3 has no append
         state = load_review_state(dataset_url, storage_options)
         state.apply(correction)
+        if correction.decision == "fix" and not storage.exists(fixed_mask_url(dataset_url, correction.key), storage_options):
+            raise CorrectionError(f"no corrected mask was uploaded for {correction.key!r}: upload one to fix it")
         url = storage.join(dataset_url, CORRECTIONS_PATH)
         previous = storage.read_bytes(url, storage_options) if storage.exists(url, storage_options) else b""
         storage.write_bytes(url, previous + (correction.to_json() + "\n").encode("utf-8"), storage_options)
     return state
 
 
+def _mask_array(png_bytes: bytes, size: tuple[int, int]) -> np.ndarray:
+    """Check an uploaded mask's format and size from its header, then decode it to 0/255."""
+    from PIL import Image, UnidentifiedImageError
+
+    if len(png_bytes) > MAX_FIXED_MASK_BYTES:
+        raise CorrectionError(f"the mask file is larger than {MAX_FIXED_MASK_BYTES // 2**20} MiB")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(png_bytes), formats=["PNG"])  # reads the header only
+    except Image.DecompressionBombError:
+        raise CorrectionError(f"the mask is far larger than the clean pair ({size[0]}x{size[1]} pixels)") from None
+    except (UnidentifiedImageError, OSError, SyntaxError):
+        raise CorrectionError("the mask file is not a PNG image") from None
+    with image:
+        if image.size != tuple(size):
+            raise CorrectionError(
+                f"the mask is {image.size[0]}x{image.size[1]} pixels but the clean pair is {size[0]}x{size[1]}: "
+                "they must be the same size"
+            )
+        try:
+            image.load()
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise CorrectionError(f"the PNG does not decode: {exc}") from None
+        if image.mode in ("LA", "RGBA", "PA") or "transparency" in image.info:
+            alpha = np.asarray(image.convert("RGBA"))[..., 3]
+            if alpha.min() < 255:  # a cut-out: its transparency is the mask
+                return np.where(alpha >= 128, 255, 0).astype(np.uint8)
+        if image.mode.startswith("I"):  # 16-bit greyscale: keep the top byte
+            grey = (np.asarray(image).astype(np.int64) >> 8).clip(0, 255)
+        else:
+            grey = np.asarray(image.convert("L"))
+    return np.where(grey >= 128, 255, 0).astype(np.uint8)
+
+
+def save_fixed_mask(
+    dataset_url: str, key: str, png_bytes: bytes, user: str, storage_options: dict | None = None
+) -> ReviewState:
+    """Store a reviewer's corrected mask for a flagged pair and record the ``fix`` decision.
+
+    The upload must be a PNG (at most :data:`MAX_FIXED_MASK_BYTES`) of exactly the clean pair's
+    width × height from the manifest; both are checked from the file's header before any pixel is
+    decoded. It is decoded as greyscale (a not fully opaque alpha channel is the mask), thresholded
+    at 128 to 0/255 and written to ``review/masks/<key>.png``: the clean mask and the inputs are
+    never touched. Returns the new state; raises :class:`CorrectionError` for an unknown or
+    unflagged key and for a file that does not fit (nothing is written then).
+    """
+    import cv2
+
+    state = load_review_state(dataset_url, storage_options)
+    state.apply(Correction(action="mask", user=user, at="", key=key, decision="fix"))  # validates the key
+    if key not in state.sizes_of:
+        raise CorrectionError(f"the manifest has no width/height for {key!r}: cannot check the mask's size")
+    mask = _mask_array(png_bytes, state.sizes_of[key])
+    if not mask.any():
+        raise CorrectionError("the mask is empty (no foreground pixel): choose Exclude instead")
+    ok, encoded = cv2.imencode(".png", mask)
+    if not ok:
+        raise CorrectionError("PNG encoding failed")
+    storage.write_bytes(fixed_mask_url(dataset_url, key), encoded.tobytes(), storage_options)
+    return record_correction(dataset_url, "mask", user, storage_options, key=key, decision="fix")
+
+
+def _apply_mask_decisions(manifest: pd.DataFrame, state: ReviewState, dataset_url: str) -> dict:
+    """Write ``audit_decision`` (and ``mask_url`` of fixed pairs) of the flagged clean rows in place;
+    returns the counts. Rows that are not flagged are left as they are."""
+    flagged = manifest["status"].eq(STATUS_OK).fillna(False).astype(bool) & audit_flagged(manifest)
+    if "audit_decision" not in manifest:
+        manifest["audit_decision"] = pd.Series(pd.NA, index=manifest.index, dtype="string")
+    manifest["audit_decision"] = manifest["audit_decision"].astype("string")
+    counts = dict.fromkeys(("kept", "excluded", "fixed", "undecided"), 0)
+    label = {"keep": "kept", "exclude": "excluded", "fix": "fixed"}
+    for index in manifest.index[flagged]:
+        key = str(manifest.at[index, "key"])
+        decision = state.mask_decisions.get(key, "")
+        manifest.at[index, "audit_decision"] = _AUDIT_DECISION.get(decision, "")
+        counts[label.get(decision, "undecided")] += 1
+        fixed_url = fixed_mask_url(dataset_url, key)
+        if decision == "fix":
+            manifest.at[index, "mask_url"] = fixed_url
+        elif str(manifest.at[index, "mask_url"]) == fixed_url:  # an earlier fix was taken back
+            from tasks.ingest import clean_urls
+
+            manifest.at[index, "mask_url"] = clean_urls(dataset_url, key)[1]
+    return {"flagged": int(flagged.sum()), **counts}
+
+
 def apply_review(dataset_url: str, storage_options: dict | None = None) -> dict:
     """Write the reviewed product type of every clean pair into ``manifest.parquet``.
 
-    Also writes ``clusters/final.parquet`` (stem, key, proposed cluster, final cluster, final name).
-    Returns ``{"sizes": {name: n}, "moved": n, "renamed": n, "corrections": n, "manifest_url"}``.
+    Also writes the reviewers' answer to every flagged mask into ``audit_decision`` (``keep``,
+    ``exclude``, ``fixed`` with ``mask_url`` pointing at ``review/masks/<key>.png``, or "" while
+    undecided: such pairs stay out of training) and ``clusters/final.parquet`` (stem, key,
+    proposed cluster, final cluster, final name). Manifests without the audit columns get no
+    ``audit_decision`` column. Returns ``{"sizes": {name: n}, "moved": n, "renamed": n,
+    "corrections": n, "masks": {"flagged", "kept", "excluded", "fixed", "undecided"}, "manifest_url"}``.
     """
     state = load_review_state(dataset_url, storage_options)
     manifest_url = storage.join(dataset_url, "manifest.parquet")
@@ -171,6 +352,9 @@ def apply_review(dataset_url: str, storage_options: dict | None = None) -> dict:
         raise CorrectionError(f"{len(missing)} clean pairs have no cluster (e.g. {missing[:3]}); re-run clustering")
     manifest["cluster"] = manifest["cluster"].astype("string")
     manifest.loc[ok, "cluster"] = manifest.loc[ok, "key"].map(final_name)
+    masks = dict.fromkeys(("flagged", "kept", "excluded", "fixed", "undecided"), 0)
+    if "audit_reasons" in manifest:
+        masks = _apply_mask_decisions(manifest, state, dataset_url)
     write_table(manifest, manifest_url, storage_options)
 
     final = pd.DataFrame(
@@ -190,14 +374,35 @@ def apply_review(dataset_url: str, storage_options: dict | None = None) -> dict:
         "moved": len(state.moved()),
         "renamed": renamed,
         "corrections": len(state.corrections),
+        "masks": masks,
         "manifest_url": manifest_url,
     }
 
 
-def thumbnail_jpeg(image_bytes: bytes, mask_bytes: bytes, size: int = 160) -> bytes:
-    """A JPEG thumbnail of a clean pair with the mask outline drawn on it (for review pages)."""
+def mask_review_summary(dataset_url: str, storage_options: dict | None = None) -> dict:
+    """What the review gate tells about flagged masks (small and JSON-ready).
+
+    ``{"flagged": n, "reasons": {code: n} (most frequent first; a pair may have several),
+    "decided": {"keep": n, "exclude": n, "fix": n}, "undecided": n}``. Needs the clustered dataset.
+    """
+    state = load_review_state(dataset_url, storage_options)
+    reasons = Counter(code for codes in state.flagged.values() for code in codes)
+    decided = Counter(state.mask_decisions.values())
+    return {
+        "flagged": len(state.flagged),
+        "reasons": dict(sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0]))),
+        "decided": {d: int(decided.get(d, 0)) for d in MASK_DECISIONS},
+        "undecided": len(state.flagged) - len(state.mask_decisions),
+    }
+
+
+def thumbnail_jpeg(image_bytes: bytes, mask_bytes: bytes, size: int = 160, overlay: bool = False) -> bytes:
+    """A JPEG thumbnail of a clean pair with the mask outline drawn on it (for review pages).
+
+    With ``overlay`` the background (outside the mask) is tinted and every contour is drawn,
+    holes and specks included, so a flagged mask's faults show.
+    """
     import cv2
-    import numpy as np
 
     image = cv2.imdecode(np.frombuffer(image_bytes, np.uint8), cv2.IMREAD_COLOR)
     mask = cv2.imdecode(np.frombuffer(mask_bytes, np.uint8), cv2.IMREAD_GRAYSCALE)
@@ -207,7 +412,11 @@ def thumbnail_jpeg(image_bytes: bytes, mask_bytes: bytes, size: int = 160) -> by
     dims = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale)))
     image = cv2.resize(image, dims, interpolation=cv2.INTER_AREA)
     mask = cv2.resize(mask, dims, interpolation=cv2.INTER_NEAREST)
-    contours, _ = cv2.findContours((mask > 127).astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    if overlay:
+        outside = mask <= 127
+        image[outside] = (0.45 * image[outside] + 0.55 * np.array([255, 0, 255])).astype(np.uint8)
+    mode = cv2.RETR_LIST if overlay else cv2.RETR_EXTERNAL
+    contours, _ = cv2.findContours((mask > 127).astype(np.uint8), mode, cv2.CHAIN_APPROX_SIMPLE)
     cv2.drawContours(image, contours, -1, (255, 0, 255), 1, lineType=cv2.LINE_AA)
     ok, buf = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 85])
     if not ok:

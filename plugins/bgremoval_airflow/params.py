@@ -150,6 +150,14 @@ def review_page_url(version: str, bucket: str) -> str:
     return f"{base}/bgremoval/review/{version}?bucket={bucket}"
 
 
+def mask_review_page_url(version: str, bucket: str) -> str:
+    """Absolute URL of the page that lists a dataset version's flagged masks (Keep / Exclude / Fix)."""
+    from airflow.configuration import conf
+
+    base = conf.get("api", "base_url", fallback="").rstrip("/")
+    return f"{base}/bgremoval/review/{version}/masks?bucket={bucket}"
+
+
 def report_page_url(bucket: str, report_url: str) -> str | None:
     """The Airflow UI address of an evaluation report written at
     ``s3://<bucket>/training/<version>/<run>/report`` (None for a report stored elsewhere)."""

@@ -12,6 +12,14 @@ Routes (all below ``/bgremoval``):
 * ``GET  /api/datasets/{version}/thumbnails/{key}?bucket=B`` JPEG thumbnail with the mask outline
 * ``POST /api/datasets/{version}/corrections?bucket=B``    ``{"action": "move", "key", "to_cluster"}``
   or ``{"action": "rename", "cluster", "name"}``
+
+Masks flagged by the mask audit (page rendered from ``templates/mask_review.html``):
+
+* ``GET  /review/{version}/masks?bucket=B``                 the page "Masks to check"
+* ``GET  /api/datasets/{version}/masks?bucket=B``           flagged pairs, reasons, decisions, counts
+* ``GET  /api/datasets/{version}/masks/{key}/thumbnail?bucket=B[&fixed=true]`` JPEG, mask overlaid
+* ``POST /api/datasets/{version}/masks/{key}?bucket=B``     ``{"decision": "keep" | "exclude"}``
+* ``POST /api/datasets/{version}/masks/{key}/fix?bucket=B`` multipart ``file``: the corrected mask PNG
 """
 
 from __future__ import annotations
@@ -20,9 +28,11 @@ import functools
 import html
 import re
 import time
+from pathlib import Path
 from typing import Literal
 
-from fastapi import Depends, FastAPI, HTTPException, Query, Request
+import jinja2
+from fastapi import Depends, FastAPI, File, HTTPException, Query, Request, UploadFile
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from pydantic import BaseModel, Field
 
@@ -38,6 +48,15 @@ _KEY = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
 
 can_read = Depends(requires_access_dag("GET", param_dag_id=TRAINING_DAG_ID))
 can_review = Depends(requires_access_dag("PUT", DagAccessEntity.HITL_DETAIL, param_dag_id=TRAINING_DAG_ID))
+
+
+_TEMPLATES = jinja2.Environment(loader=jinja2.FileSystemLoader(Path(__file__).parent / "templates"), autoescape=True)
+
+
+class MaskDecisionIn(BaseModel):
+    """A reviewer's answer to a flagged mask (``fix`` goes through the upload endpoint)."""
+
+    decision: Literal["keep", "exclude"]
 
 
 class CorrectionIn(BaseModel):
@@ -97,6 +116,25 @@ def _state_json(state, version: str, bucket: str) -> dict:
             {k: v for k, v in vars(c).items() if v is not None} for c in state.corrections[-50:]
         ],
         "n_corrections": len(state.corrections),
+        "masks_flagged": len(state.flagged),
+        "masks_undecided": len(state.flagged) - len(state.mask_decisions),
+    }
+
+
+def _masks_json(state, version: str, bucket: str) -> dict:
+    """The flagged pairs (with thumbnail links relative to ``/bgremoval/``) and the decision counts."""
+    pairs = state.flagged_pairs()
+    for pair in pairs:
+        thumbnail = f"api/datasets/{version}/masks/{pair['key']}/thumbnail?bucket={bucket}"
+        pair["thumbnail"] = thumbnail + ("&fixed=true" if pair["decision"] == "fix" else "")
+    counts = {d: sum(p["decision"] == d for p in pairs) for d in ("keep", "exclude", "fix")}
+    return {
+        "version": version,
+        "bucket": bucket,
+        "pairs": pairs,
+        "flagged": len(pairs),
+        "decided": counts,
+        "undecided": len(pairs) - sum(counts.values()),
     }
 
 
@@ -183,6 +221,74 @@ def create_app() -> FastAPI:
             raise HTTPException(status_code=404, detail=str(exc)) from None
         return _state_json(state, version, bucket)
 
+    @app.get("/api/datasets/{version}/masks", dependencies=[can_read])
+    def get_masks(version: str, bucket: str = Query(DEFAULT_BUCKET)) -> dict:
+        return _masks_json(_load_state(version, bucket), version, bucket)
+
+    @app.get("/api/datasets/{version}/masks/{key}/thumbnail", dependencies=[can_read])
+    def get_mask_thumbnail(version: str, key: str, bucket: str = Query(DEFAULT_BUCKET), fixed: bool = Query(False)) -> Response:
+        from tasks import storage
+        from tasks.ingest import clean_urls
+        from tasks.review import fixed_mask_url, thumbnail_jpeg
+
+        if not _KEY.match(key):
+            raise HTTPException(status_code=400, detail="invalid key")
+        url = dataset_url(version, bucket)
+        image_url, mask_url = clean_urls(url, key)
+        options = _storage_options()
+        try:
+            mask = storage.read_bytes(fixed_mask_url(url, key) if fixed else mask_url, options)
+            data = thumbnail_jpeg(storage.read_bytes(image_url, options), mask, size=240, overlay=True)
+        except FileNotFoundError:
+            raise HTTPException(status_code=404, detail=f"no {'fixed mask' if fixed else 'clean pair'} {key!r}") from None
+        return Response(data, media_type="image/jpeg", headers={"Cache-Control": "no-store" if fixed else "private, max-age=3600"})
+
+    @app.post("/api/datasets/{version}/masks/{key}", dependencies=[can_review])
+    def post_mask_decision(
+        version: str, key: str, body: MaskDecisionIn, user: GetUserDep, bucket: str = Query(DEFAULT_BUCKET)
+    ) -> dict:
+        from tasks.review import CorrectionError, record_correction
+
+        if not _KEY.match(key):
+            raise HTTPException(status_code=400, detail="invalid key")
+        try:
+            state = record_correction(
+                dataset_url(version, bucket), "mask", user.get_name(), _storage_options(), key=key, decision=body.decision
+            )
+        except CorrectionError as exc:
+            raise HTTPException(status_code=422, detail=str(exc)) from None
+        except FileNotFoundError as exc:
+            raise HTTPException(status_code=404, detail=str(exc)) from None
+        return _masks_json(state, version, bucket)
+
+    @app.post("/api/datasets/{version}/masks/{key}/fix", dependencies=[can_review])
+    def post_mask_fix(
+        version: str,
+        key: str,
+        user: GetUserDep,
+        file: UploadFile = File(..., description="the corrected mask: a PNG of the clean pair's size, white = product"),
+        bucket: str = Query(DEFAULT_BUCKET),
+    ) -> dict:
+        from tasks.review import MAX_FIXED_MASK_BYTES, CorrectionError, save_fixed_mask
+
+        if not _KEY.match(key):
+            raise HTTPException(status_code=400, detail="invalid key")
+        data = file.file.read(MAX_FIXED_MASK_BYTES + 1)
+        if len(data) > MAX_FIXED_MASK_BYTES:
+            raise HTTPException(status_code=413, detail=f"mask file larger than {MAX_FIXED_MASK_BYTES // 2**20} MiB")
+        try:
+            state = save_fixed_mask(dataset_url(version, bucket), key, data, user.get_name(), _storage_options())
+        except CorrectionError as exc:
+            raise HTTPException(status_code=422, detail=str(exc)) from None
+        except FileNotFoundError as exc:
+            raise HTTPException(status_code=404, detail=str(exc)) from None
+        return _masks_json(state, version, bucket)
+
+    @app.get("/review/{version}/masks", response_class=HTMLResponse, dependencies=[can_read])
+    def mask_review_page(version: str, user: GetUserDep, bucket: str = Query(DEFAULT_BUCKET)) -> str:
+        masks = _masks_json(_load_state(version, bucket), version, bucket)
+        return _TEMPLATES.get_template("mask_review.html").render(user=user.get_name(), base="../../", **masks)
+
     @app.get("/review/{version}", response_class=HTMLResponse, dependencies=[can_read])
     def review_page(version: str, user: GetUserDep, bucket: str = Query(DEFAULT_BUCKET)) -> str:
         dataset_url(version, bucket)
@@ -223,6 +329,7 @@ REVIEW_PAGE = """<!doctype html>
 <p class="help">Move an image with its <b>Move to</b> menu; rename a cluster and press <b>Rename</b>. Every change is saved at once,
 with your name, to <code>review/corrections.jsonl</code>. When the clusters are right, open Airflow's <b>Required Actions</b>
 and choose <b>Approve</b> (or <b>Reject</b> to end the run without training).</p>
+<p><a id="masks-link" href="{{VERSION}}/masks?bucket={{BUCKET}}">Masks to check</a></p>
 <div id="clusters"></div>
 <h3>Recent corrections</h3><ol id="log"></ol>
 </main>
@@ -237,6 +344,8 @@ async function load() {
   const r = await fetch(api(`api/datasets/${version}/clusters?bucket=${bucket}`), {credentials: "same-origin"});
   if (!r.ok) { status.textContent = `error ${r.status}`; return; }
   state = await r.json(); render(); status.textContent = `${state.n_corrections} corrections · ${state.moved} moved`;
+  document.getElementById("masks-link").textContent =
+    `Masks to check: ${state.masks_flagged} flagged by the audit, ${state.masks_undecided} undecided`;
 }
 
 async function send(body) {
@@ -275,7 +384,8 @@ function render() {
   }
   const log = document.getElementById("log"); log.replaceChildren();
   for (const c of state.corrections.slice().reverse())
-    log.append(el("li", {}, `${c.at} ${c.user}: ` + (c.action === "move" ? `moved ${c.key} to cluster ${c.to_cluster}` : `renamed cluster ${c.cluster} to "${c.name}"`)));
+    log.append(el("li", {}, `${c.at} ${c.user}: ` + (c.action === "move" ? `moved ${c.key} to cluster ${c.to_cluster}` :
+      c.action === "mask" ? `mask of ${c.key}: ${c.decision}` : `renamed cluster ${c.cluster} to "${c.name}"`)));
 }
 load();
 </script></body></html>

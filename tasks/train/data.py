@@ -33,7 +33,7 @@ from fsspec.implementations.local import LocalFileSystem
 from torch.utils.data import Dataset, Sampler
 
 from tasks import storage
-from tasks.manifest import STATUS_OK, read_table
+from tasks.manifest import STATUS_OK, audit_excluded, read_table
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -84,7 +84,13 @@ def _absolute(url: str, base_url: str) -> str:
     return storage.join(base_url, url)
 
 
-def _read_rows(dataset_url: str, split: str, include_augmented: bool, storage_options: dict | None) -> pd.DataFrame:
+#: Which rows the mask audit lets through (:func:`load_samples`'s ``audit``): the default leaves
+#: out flagged masks that no reviewer kept or fixed; ``"only"`` gives just those; ``"all"`` both.
+AUDIT_SELECTIONS = ("exclude", "only", "all")
+
+
+def _read_rows(dataset_url: str, split: str, include_augmented: bool, storage_options: dict | None,
+               audit: str = "exclude") -> pd.DataFrame:
     manifest_url = storage.join(dataset_url, "manifest.parquet")
     if not storage.exists(manifest_url, storage_options):
         raise FileNotFoundError(
@@ -102,6 +108,11 @@ def _read_rows(dataset_url: str, split: str, include_augmented: bool, storage_op
             raise ValueError(f"manifest under {base} lacks column(s) {sorted(missing)}")
         if "status" in frame:  # the augmented manifest holds generated samples only, all usable
             frame = frame[frame["status"] == STATUS_OK]
+        excluded = audit_excluded(frame)
+        if audit == "exclude":
+            frame = frame[~excluded]
+        elif audit == "only":
+            frame = frame[excluded]
         frame = frame.copy()
         frame["split"] = frame["split"].fillna("train") if "split" in frame else "train"
         frame["cluster"] = frame["cluster"].fillna(DEFAULT_CLUSTER) if "cluster" in frame else DEFAULT_CLUSTER
@@ -132,15 +143,21 @@ def _download(url: str, path: str, storage_options: dict | None) -> bool:
 
 
 def load_samples(dataset_url: str, split: str, storage_options: dict | None = None,
-                 include_augmented: bool = True) -> list[tuple[str, str, str, str]]:
+                 include_augmented: bool = True, audit: str = "exclude") -> list[tuple[str, str, str, str]]:
     """Return ``(key, image_url, mask_url, cluster)`` for the ``status == "ok"`` rows of ``split``.
+
+    ``audit`` (one of :data:`AUDIT_SELECTIONS`): ``"exclude"`` (default) leaves out the pairs whose
+    mask the audit flagged and no reviewer kept or fixed (:func:`tasks.manifest.audit_excluded`),
+    ``"only"`` returns just those, ``"all"`` every row.
 
     Reads ``<dataset_url>/manifest.parquet`` (null ``split`` counts as ``"train"``, null
     ``cluster`` as ``"all"``) and, for the train split when ``include_augmented``,
     ``<dataset_url>/augmented/manifest.parquet``. Rows are sorted by key, so every worker sees the
     same order. Raises ``FileNotFoundError`` when the manifest is missing.
     """
-    frame = _read_rows(dataset_url, split, include_augmented, storage_options)
+    if audit not in AUDIT_SELECTIONS:
+        raise ValueError(f"audit must be one of {AUDIT_SELECTIONS}, got {audit!r}")
+    frame = _read_rows(dataset_url, split, include_augmented, storage_options, audit)
     return [(str(r.key), str(r.image_url), str(r.mask_url), str(r.cluster)) for r in frame.itertuples()]
 
 

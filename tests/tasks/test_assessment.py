@@ -82,3 +82,23 @@ def test_failing_thresholds_are_explained_in_the_report(write_model_folder, sett
     assert not result["gate"]["passed"]
     assert result["gate"]["reasons"][0].startswith("mean IoU")
     assert "Gate FAILED: promotion skipped" in (tmp_path / "report" / "report.html").read_text()
+
+
+def test_flagged_test_masks_are_left_out_of_the_gate_and_listed_with_both_figures(write_model_folder, tmp_path):
+    from tasks.manifest import read_table, write_table
+
+    dataset = str(tmp_path / "datasets" / "v2")
+    write_synthetic_dataset(dataset, 6, seed=5, max_side=48, split_for=lambda i: "test")
+    manifest = read_table(f"{dataset}/manifest.parquet")
+    manifest["audit_reasons"] = ["speckle", "", "", "holes", "", ""]
+    manifest["audit_decision"] = ["", "", "", "keep", "", ""]
+    write_table(manifest, f"{dataset}/manifest.parquet")
+    model = write_model_folder(tmp_path / "run", seed=1)
+    config = AssessmentConfig(gate=GateConfig(iou_gate=0.0, cluster_iou_gate=0.0, tolerance=1.0),
+                              registered_model="assess-audit")
+    result = assess_challenger(model, dataset, str(tmp_path / "report"), config)
+    assert result["summary"]["n"] == 5  # the kept one counts, the unreviewed flagged one does not
+    audit = result["audit"]
+    assert [p["stem"] for p in audit["left_out"]] == [manifest["stem"][0]] and audit["n_with"] == 6
+    assert "with them: mean IoU" in result["table"] and manifest["stem"][0] in result["table"]
+    assert "mask audit" in (tmp_path / "report" / "report.html").read_text()

@@ -140,3 +140,28 @@ def test_ingest_on_s3(s3_bucket):
     manifest = read_table(summary["manifest_url"], options)
     assert all(u.startswith("s3://") for u in manifest["image_url"].dropna())
     assert _snapshot(storage.join(bucket_url, "raw"), options) == raw_before
+
+
+def test_the_mask_audit_flags_a_broken_mask_and_counts_it(tmp_path):
+    import cv2
+    import numpy as np
+
+    from tasks.synth import SynthConfig, encode_jpeg, encode_png, render_item
+
+    batch_url = storage.join(str(tmp_path / "bucket"), "raw", "audit")
+    items = [render_item(i, SynthConfig(n=3, seed=2, max_side=200)) for i in range(3)]
+    for index, item in enumerate(items):
+        mask = item.mask.copy()
+        if index == 0:  # a speckled, ragged mask: salt and pepper over the whole frame
+            noise = np.random.default_rng(0).random(mask.shape)
+            mask[noise < 0.04], mask[noise > 0.96] = 0, 255
+        storage.write_bytes(storage.join(batch_url, "images", f"{item.stem}.jpg"), encode_jpeg(item.image))
+        storage.write_bytes(storage.join(batch_url, "masks", f"{item.stem}.png"), encode_png(mask))
+    storage.write_bytes(storage.join(batch_url, "_READY"), b"")
+    summary = _run(str(tmp_path / "bucket"), "audit")
+    manifest = read_table(summary["manifest_url"]).set_index("stem")
+    assert summary["clean"] == 3 and summary["audit_flagged"] == 1
+    assert "speckle" in manifest.loc[items[0].stem, "audit_reasons"]
+    assert manifest.loc[items[1].stem, "audit_reasons"] == "" and manifest.loc[items[2].stem, "audit_reasons"] == ""
+    assert "masks flagged by the audit    1" in ingest.format_summary(summary)
+    assert cv2.imread(str(tmp_path / "bucket" / "raw" / "audit" / "masks" / f"{items[0].stem}.png"), 0) is not None

@@ -3,14 +3,28 @@
 from __future__ import annotations
 
 import json
+import struct
+import zlib
 
+import cv2
 import numpy as np
 import pandas as pd
 import pytest
 
 from tasks import storage
-from tasks.manifest import MANIFEST_COLUMNS, read_table, to_frame, write_table
-from tasks.review import CorrectionError, apply_review, load_review_state, record_correction, thumbnail_jpeg
+from tasks.ingest import clean_urls
+from tasks.manifest import MANIFEST_COLUMNS, audit_excluded, read_table, to_frame, write_table
+from tasks.review import (
+    MAX_FIXED_MASK_BYTES,
+    CorrectionError,
+    apply_review,
+    fixed_mask_url,
+    load_review_state,
+    mask_review_summary,
+    record_correction,
+    save_fixed_mask,
+    thumbnail_jpeg,
+)
 
 
 @pytest.fixture()
@@ -79,6 +93,7 @@ def test_apply_review_writes_final_labels_into_the_manifest(clustered):
         "moved": 1,
         "renamed": 1,
         "corrections": 2,
+        "masks": {"flagged": 0, "kept": 0, "excluded": 0, "fixed": 0, "undecided": 0},
         "manifest_url": storage.join(clustered, "manifest.parquet"),
     }
     manifest = read_table(storage.join(clustered, "manifest.parquet")).set_index("key")
@@ -104,3 +119,211 @@ def test_thumbnail_has_outline_and_size():
     assert decoded.shape[:2] == (160, 120)
     magenta = (decoded[:, :, 0] > 150) & (decoded[:, :, 1] < 120) & (decoded[:, :, 2] > 150)
     assert magenta.sum() > 100
+
+
+# ---------------------------------------------------------------- flagged masks
+
+W, H = 40, 30  # the clean pairs' size in the audited fixture
+
+
+@pytest.fixture()
+def audited(clustered):
+    """``clustered`` with the audit's columns: k1, k4 and k5 flagged, the other clean pairs fine."""
+    url = storage.join(clustered, "manifest.parquet")
+    manifest = read_table(url)
+    ok = manifest["status"] == "ok"
+    manifest.loc[ok, "width"], manifest.loc[ok, "height"] = W, H
+    manifest.loc[ok, "mask_url"] = [clean_urls(clustered, k)[1] for k in manifest.loc[ok, "key"]]
+    manifest.loc[ok, "audit_reasons"] = ""
+    manifest.loc[ok, "audit_decision"] = ""
+    reasons = {"k1": "speckle,ragged", "k4": "holes", "k5": "edges,speckle"}
+    manifest.loc[manifest["key"].isin(list(reasons)), "audit_reasons"] = manifest["key"].map(reasons)
+    write_table(manifest, url)
+    return clustered
+
+
+def png(array: np.ndarray) -> bytes:
+    return cv2.imencode(".png", array)[1].tobytes()
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims ``width`` x ``height`` but whose pixel data does not decode."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"junk")) + chunk(b"IEND", b"")
+
+
+def good_mask() -> np.ndarray:
+    mask = np.zeros((H, W), np.uint8)
+    mask[5:25, 10:30] = 255
+    return mask
+
+
+def test_flagged_pairs_come_from_the_manifest(audited):
+    state = load_review_state(audited)
+    assert state.flagged == {"k1": ("speckle", "ragged"), "k4": ("holes",), "k5": ("edges", "speckle")}
+    assert state.mask_decisions == {}
+    assert state.flagged_pairs()[0] == {
+        "key": "k1", "stem": "s1", "reasons": ["speckle", "ragged"], "cluster": 0, "cluster_name": "long_pants",
+        "decision": "", "decided_by": "", "decided_at": "",
+    }
+
+
+def test_mask_decisions_are_logged_and_the_last_one_wins(audited):
+    record_correction(audited, "mask", "alice", key="k1", decision="keep")
+    record_correction(audited, "mask", "bob", key="k4", decision="keep")
+    record_correction(audited, "mask", "bob", key="k1", decision="exclude")
+    entries = [json.loads(line) for line in storage.read_bytes(storage.join(audited, "review", "corrections.jsonl")).splitlines()]
+    assert [(e["action"], e["user"], e["key"], e["decision"]) for e in entries] == [
+        ("mask", "alice", "k1", "keep"), ("mask", "bob", "k4", "keep"), ("mask", "bob", "k1", "exclude")]
+    state = load_review_state(audited)
+    assert state.mask_decisions == {"k1": "exclude", "k4": "keep"}
+    by_key = {p["key"]: p for p in state.flagged_pairs()}
+    assert (by_key["k1"]["decision"], by_key["k1"]["decided_by"]) == ("exclude", "bob")
+    assert by_key["k5"]["decision"] == ""
+    assert state.moved() == {}  # mask decisions do not touch the clusters
+
+
+@pytest.mark.parametrize(
+    "key, decision, message",
+    [
+        ("nope", "keep", "unknown image key"),
+        ("bad", "keep", "unknown image key"),  # quarantined
+        ("k0", "keep", "not flagged"),
+        ("k1", "maybe", "must be one of"),
+        ("k1", None, "must be one of"),
+        ("k1", "fix", "no corrected mask was uploaded"),
+    ],
+)
+def test_invalid_mask_decisions_are_refused_and_not_written(audited, key, decision, message):
+    with pytest.raises(CorrectionError, match=message):
+        record_correction(audited, "mask", "mallory", key=key, decision=decision)
+    assert not storage.exists(storage.join(audited, "review", "corrections.jsonl"))
+
+
+@pytest.mark.parametrize("sixteen_bit", [False, True])
+def test_fixed_mask_is_thresholded_stored_apart_and_recorded(audited, sixteen_bit):
+    clean_mask_url = clean_urls(audited, "k1")[1]
+    storage.write_bytes(clean_mask_url, png(np.zeros((H, W), np.uint8)))
+    grey = np.zeros((H, W), np.uint8)
+    grey[:, 10:20], grey[:, 20:30], grey[:, 30:] = 127, 128, 200
+    upload = png(grey.astype(np.uint16) * 257) if sixteen_bit else png(grey)
+    state = save_fixed_mask(audited, "k1", upload, "carol")
+    assert state.mask_decisions == {"k1": "fix"}
+    stored = cv2.imdecode(np.frombuffer(storage.read_bytes(fixed_mask_url(audited, "k1")), np.uint8), cv2.IMREAD_UNCHANGED)
+    assert stored.dtype == np.uint8 and stored.shape == (H, W)
+    assert set(np.unique(stored)) == {0, 255}
+    assert (stored[:, :20] == 0).all() and (stored[:, 20:] == 255).all()
+    assert fixed_mask_url(audited, "k1") == storage.join(audited, "review", "masks", "k1.png")
+    assert not cv2.imdecode(np.frombuffer(storage.read_bytes(clean_mask_url), np.uint8), 0).any()  # clean mask untouched
+    [entry] = [json.loads(line) for line in storage.read_bytes(storage.join(audited, "review", "corrections.jsonl")).splitlines()]
+    assert (entry["action"], entry["key"], entry["decision"], entry["user"]) == ("mask", "k1", "fix", "carol")
+
+
+def test_cut_out_with_transparency_uses_its_alpha(audited):
+    rgba = np.zeros((H, W, 4), np.uint8)  # black pixels everywhere: only the alpha says where the product is
+    rgba[..., 3] = good_mask()
+    save_fixed_mask(audited, "k4", png(rgba), "carol")
+    stored = cv2.imdecode(np.frombuffer(storage.read_bytes(fixed_mask_url(audited, "k4")), np.uint8), cv2.IMREAD_UNCHANGED)
+    assert np.array_equal(stored, good_mask())
+
+
+@pytest.mark.parametrize(
+    "upload, message",
+    [
+        (png(np.full((H + 1, W), 255, np.uint8)), "is 40x31 pixels .* same size"),
+        (png_header_only(W + 1, H), "is 41x30 pixels but the clean pair is 40x30"),  # refused before decoding
+        (png_header_only(60_000, 60_000), "far larger than the clean pair"),
+        (png_header_only(W, H), "does not decode"),  # right size, broken pixels: only now decoded
+        (cv2.imencode(".jpg", np.full((H, W, 3), 255, np.uint8))[1].tobytes(), "not a PNG"),
+        (b"GIF89a" + b"\0" * 100, "not a PNG"),
+        (b"", "not a PNG"),
+        (png(np.zeros((H, W), np.uint8)), "empty"),
+        (b"\x89PNG\r\n\x1a\n" + b"\0" * MAX_FIXED_MASK_BYTES, "larger than 20 MiB"),
+    ],
+    ids=["wrong-size", "wrong-size-header", "huge-header", "broken-pixels", "jpeg", "gif", "empty-file", "no-foreground", "too-big"],
+)
+def test_unfit_uploads_are_refused_and_nothing_is_written(audited, upload, message):
+    with pytest.raises(CorrectionError, match=message):
+        save_fixed_mask(audited, "k1", upload, "mallory")
+    assert not storage.exists(fixed_mask_url(audited, "k1"))
+    assert not storage.exists(storage.join(audited, "review", "corrections.jsonl"))
+
+
+@pytest.mark.parametrize("key, message", [("k0", "not flagged"), ("../../raw/x", "unknown image key")])
+def test_fix_needs_a_flagged_key(audited, key, message):
+    with pytest.raises(CorrectionError, match=message):
+        save_fixed_mask(audited, key, png(good_mask()), "mallory")
+    assert list(storage.list_objects(storage.join(audited, "review"))) == []
+
+
+def test_apply_review_writes_audit_decisions_and_fixed_mask_urls(audited):
+    before = read_table(storage.join(audited, "manifest.parquet")).set_index("key")
+    record_correction(audited, "mask", "alice", key="k1", decision="exclude")
+    save_fixed_mask(audited, "k4", png(good_mask()), "alice")
+    summary = apply_review(audited)
+    assert summary["masks"] == {"flagged": 3, "kept": 0, "excluded": 1, "fixed": 1, "undecided": 1}
+    assert summary["corrections"] == 2
+    manifest = read_table(storage.join(audited, "manifest.parquet")).set_index("key")
+    assert manifest.loc[["k1", "k4", "k5"], "audit_decision"].tolist() == ["exclude", "fixed", ""]
+    assert manifest.loc["k4", "mask_url"] == fixed_mask_url(audited, "k4")
+    assert manifest.loc["k1", "mask_url"] == before.loc["k1", "mask_url"]
+    untouched = ["k0", "k2", "k3", "bad"]
+    pd.testing.assert_frame_equal(
+        manifest.loc[untouched, ["audit_reasons", "audit_decision", "mask_url"]],
+        before.loc[untouched, ["audit_reasons", "audit_decision", "mask_url"]],
+    )
+    assert sorted(manifest.index[audit_excluded(manifest.reset_index()).to_numpy()]) == ["k1", "k5"]
+
+    # The reviewer changes their mind: the last answer wins, the fixed mask is no longer used.
+    record_correction(audited, "mask", "bob", key="k4", decision="keep")
+    record_correction(audited, "mask", "bob", key="k5", decision="keep")
+    summary = apply_review(audited)
+    assert summary["masks"] == {"flagged": 3, "kept": 2, "excluded": 1, "fixed": 0, "undecided": 0}
+    manifest = read_table(storage.join(audited, "manifest.parquet")).set_index("key")
+    assert manifest.loc[["k1", "k4", "k5"], "audit_decision"].tolist() == ["exclude", "keep", "keep"]
+    assert manifest.loc["k4", "mask_url"] == clean_urls(audited, "k4")[1] == before.loc["k4", "mask_url"]
+
+
+def test_old_manifest_without_audit_columns_still_works(clustered):
+    url = storage.join(clustered, "manifest.parquet")
+    write_table(read_table(url).drop(columns=["audit_reasons", "audit_decision"]), url)
+    state = load_review_state(clustered)
+    assert state.flagged == {} and state.flagged_pairs() == []
+    with pytest.raises(CorrectionError, match="not flagged"):
+        record_correction(clustered, "mask", "alice", key="k0", decision="keep")
+    summary = apply_review(clustered)
+    assert summary["masks"] == {"flagged": 0, "kept": 0, "excluded": 0, "fixed": 0, "undecided": 0}
+    manifest = read_table(url)
+    assert "audit_decision" not in manifest and "audit_reasons" not in manifest
+    assert mask_review_summary(clustered) == {
+        "flagged": 0, "reasons": {}, "decided": {"keep": 0, "exclude": 0, "fix": 0}, "undecided": 0}
+
+
+def test_mask_review_summary_counts_reasons_and_decisions(audited):
+    record_correction(audited, "mask", "alice", key="k5", decision="exclude")
+    summary = mask_review_summary(audited)
+    assert summary == {
+        "flagged": 3,
+        "reasons": {"speckle": 2, "edges": 1, "holes": 1, "ragged": 1},
+        "decided": {"keep": 0, "exclude": 1, "fix": 0},
+        "undecided": 2,
+    }
+    assert json.loads(json.dumps(summary)) == summary
+
+
+def test_overlay_thumbnail_tints_the_background_holes_included():
+    image = np.full((320, 240, 3), 255, np.uint8)
+    mask = np.zeros((320, 240), np.uint8)
+    mask[40:280, 40:200] = 255
+    mask[140:180, 100:140] = 0  # a hole
+    encoded = cv2.imencode(".jpg", image)[1].tobytes(), png(mask)
+    plain = cv2.imdecode(np.frombuffer(thumbnail_jpeg(*encoded, size=160), np.uint8), cv2.IMREAD_COLOR)
+    tinted = cv2.imdecode(np.frombuffer(thumbnail_jpeg(*encoded, size=160, overlay=True), np.uint8), cv2.IMREAD_COLOR)
+    assert plain[5, 5, 1] > 240 and tinted[5, 5, 1] < 160  # background: white vs tinted magenta
+    assert tinted[50, 60, 1] > 240  # product: untouched
+    hole = tinted[70:90, 50:70]  # the hole is background too
+    assert (hole[:, :, 1] < 160).mean() > 0.5

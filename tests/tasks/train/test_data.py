@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from tasks import storage
-from tasks.manifest import MANIFEST_COLUMNS, to_frame, write_table
+from tasks.manifest import MANIFEST_COLUMNS, read_table, to_frame, write_table
 from tasks.train.config import TrainConfig
 from tasks.train.data import (
     IMAGENET_MEAN,
@@ -246,3 +246,19 @@ def test_null_clusters_in_pandas_count_as_all() -> None:
     frame = pd.Series(["a", None, np.nan, "a"], dtype="object")
     sampler = ClusterBalancedDistributedSampler(list(frame), 1, 0)
     assert sampler.cluster_names == ["a", "all"]
+
+
+def test_flagged_masks_stay_out_of_training_until_kept_or_fixed(tmp_path) -> None:
+    root = tmp_path / "v1"
+    write_synthetic_dataset(str(root), 4, seed=4, max_side=48)
+    manifest = read_table(str(root / "manifest.parquet"))
+    manifest["audit_reasons"] = ["", "speckle", "holes,edges", "ragged"]
+    manifest["audit_decision"] = ["", "", "keep", "fixed"]
+    write_table(manifest, str(root / "manifest.parquet"))
+    keys = list(manifest["key"])
+    assert [k for k, *_ in load_samples(str(root), "train")] == sorted([keys[0], keys[2], keys[3]])
+    assert [k for k, *_ in load_samples(str(root), "train", audit="only")] == [keys[1]]
+    assert len(load_samples(str(root), "train", audit="all")) == 4
+    assert len(prepare_split(str(root), "train", str(tmp_path / "cache"))) == 3
+    with pytest.raises(ValueError, match="audit must be one of"):
+        load_samples(str(root), "train", audit="some")

@@ -1,0 +1,1 @@
+"""Data stages: cleaning, features, clustering, review, splits, augmentation, mask audit."""

@@ -1,0 +1,200 @@
+"""Mask audit on constructed pairs: a clean product shot and its typical breakages."""
+
+from __future__ import annotations
+
+import json
+
+import cv2
+import numpy as np
+import pytest
+
+from tasks.data.mask_audit import AuditConfig, MaskAudit, audit_pair, audit_table, summarise
+
+H, W = 256, 192
+
+
+def _shape() -> np.ndarray:
+    """A T-shirt-like mask: a body and sleeves, 0/255."""
+    mask = np.zeros((H, W), np.uint8)
+    cv2.ellipse(mask, (96, 150), (52, 80), 0, 0, 360, 255, -1)
+    cv2.rectangle(mask, (28, 62), (164, 104), 255, -1)
+    return mask
+
+
+def _photo(mask: np.ndarray, seed: int = 0, colour=(170, 40, 50), background=240, noise=2.0) -> np.ndarray:
+    """The product in ``colour`` on a plain background, with mild sensor noise."""
+    image = np.full((H, W, 3), background, np.float32)
+    image[mask > 0] = colour
+    image += np.random.default_rng(seed).normal(0, noise, image.shape)
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def pair() -> tuple[np.ndarray, np.ndarray]:
+    mask = _shape()
+    return _photo(mask), mask
+
+
+def test_clean_pair_is_not_flagged(pair):
+    image, mask = pair
+    audit = audit_pair(image, mask)
+    assert audit.reasons == () and not audit.flagged
+    assert audit.specks == 0 and audit.components == 1 and audit.holes == 0
+    assert audit.edge_agreement > 0.95
+    assert audit.roughness < 0.01
+    assert audit.foreground_share == pytest.approx(np.mean(mask > 0))
+    assert np.isnan(audit.model_iou) and np.isnan(audit.model_confidence)
+    assert audit_pair(image, mask > 0).reasons == ()  # a bool mask is the same mask
+
+
+def test_salt_and_pepper_mask_is_speckle(pair):
+    image, mask = pair
+    flip = np.random.default_rng(1).random(mask.shape) < 0.01
+    noisy = np.where(flip, 255 - mask, mask).astype(np.uint8)
+    audit = audit_pair(image, noisy)
+    assert "speckle" in audit.reasons
+    assert audit.specks > 100
+    assert "edges" not in audit.reasons  # specks are judged by speckle only
+
+
+def test_few_pinholes_on_a_smooth_mask_are_not_speckle(pair):
+    image, mask = pair
+    dotted = mask.copy()
+    for i in range(20):  # pinholes along a stripe, as a threshold leaves them in a striped garment
+        dotted[150, 60 + 4 * i] = 0
+    audit = audit_pair(image, dotted)
+    assert audit.specks == 20 and audit.roughness < 0.01
+    assert audit.reasons == ()
+
+
+def test_large_hole_inside_the_product_is_holes(pair):
+    image, mask = pair
+    hollow = cv2.circle(mask.copy(), (96, 160), 28, 0, -1)
+    audit = audit_pair(image, hollow)
+    assert audit.holes == 1
+    assert audit.suspect_hole_share == pytest.approx(audit.hole_share) and audit.hole_share > 0.1
+    assert "holes" in audit.reasons
+
+
+def test_real_gap_showing_the_background_is_not_holes():
+    mask = _shape()
+    cv2.circle(mask, (96, 160), 28, 0, -1)  # a cut-out in the product itself: the photo shows it
+    audit = audit_pair(_photo(mask), mask)
+    assert audit.holes == 1 and audit.hole_share > 0.1
+    assert audit.suspect_hole_share == 0
+    assert audit.reasons == ()
+
+
+def test_misaligned_mask_is_edges(pair):
+    image, mask = pair
+    shifted = np.zeros_like(mask)
+    shifted[20:, 20:] = mask[:-20, :-20]
+    audit = audit_pair(image, shifted)
+    assert audit.edge_agreement < 0.8
+    assert "edges" in audit.reasons
+
+
+def test_separate_fragment_is_fragments(pair):
+    image, mask = pair
+    stray = cv2.circle(mask.copy(), (170, 20), 12, 255, -1)
+    audit = audit_pair(image, stray)
+    assert audit.components == 2
+    assert audit.fragment_share > 0.02
+    assert "fragments" in audit.reasons
+
+
+def test_two_main_parts_are_not_fragments():
+    mask = np.zeros((H, W), np.uint8)
+    cv2.ellipse(mask, (50, 128), (30, 60), 0, 0, 360, 255, -1)  # a pair of shoes, say
+    cv2.ellipse(mask, (142, 128), (28, 55), 0, 0, 360, 255, -1)
+    audit = audit_pair(_photo(mask), mask)
+    assert audit.components == 2 and audit.fragment_share == 0
+    assert audit.reasons == ()
+
+
+def test_confident_contradicting_model_disagrees_and_hesitant_model_does_not(pair):
+    image, mask = pair
+    elsewhere = np.zeros((H, W), np.float32)
+    elsewhere[10:90, 10:90] = 1
+    contradicting = np.where(elsewhere > 0, 0.98, 0.02).astype(np.float32)
+    audit = audit_pair(image, mask, probability=contradicting)
+    assert audit.model_confidence > 0.8 and audit.model_iou < 0.2
+    assert audit.reasons == ("model_disagrees",)
+
+    hesitant = (0.5 + np.random.default_rng(2).uniform(-0.05, 0.05, (H, W))).astype(np.float32)
+    audit = audit_pair(image, mask, probability=hesitant)
+    assert audit.model_confidence < 0.5
+    assert audit.reasons == ()
+
+    agreeing = np.where(mask > 0, 0.97, 0.03).astype(np.float32)
+    audit = audit_pair(image, mask, probability=agreeing)
+    assert audit.model_iou == 1.0 and audit.reasons == ()
+
+
+def test_empty_mask_is_empty(pair):
+    image, _ = pair
+    audit = audit_pair(image, np.zeros((H, W), np.uint8))
+    assert audit.reasons == ("empty",)
+    assert np.isnan(audit.edge_agreement)
+
+
+def test_large_photo_is_audited_on_a_downscaled_copy():
+    mask = cv2.resize(_shape(), (1000, 1333), interpolation=cv2.INTER_NEAREST)
+    image = cv2.resize(_photo(_shape()), (1000, 1333), interpolation=cv2.INTER_NEAREST)
+    audit = audit_pair(image, mask)
+    assert audit.reasons == ()
+    flip = np.random.default_rng(3).random(mask.shape) < 0.002
+    blotchy = np.where(cv2.dilate(flip.view(np.uint8), np.ones((5, 5), np.uint8)) > 0, 255 - mask, mask)
+    assert "speckle" in audit_pair(image, blotchy.astype(np.uint8)).reasons
+
+
+def test_shape_mismatch_raises(pair):
+    image, mask = pair
+    with pytest.raises(ValueError, match="mask shape"):
+        audit_pair(image, mask[:-1])
+    with pytest.raises(ValueError, match="probability shape"):
+        audit_pair(image, mask, probability=np.zeros((H, W + 1), np.float32))
+    with pytest.raises(ValueError, match="H×W×3 uint8"):
+        audit_pair(image[..., 0], mask)
+    with pytest.raises(ValueError, match="bool or uint8"):
+        audit_pair(image, mask.astype(np.float32) / 255)
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        audit_pair(image, mask, probability=np.full((H, W), 2.0, np.float32))
+
+
+def test_table_and_summary_count_reasons(pair):
+    image, mask = pair
+    shifted = np.zeros_like(mask)
+    shifted[20:, 20:] = mask[:-20, :-20]
+    audits = [("clean", audit_pair(image, mask)), ("shifted", audit_pair(image, shifted)),
+              ("empty", audit_pair(image, np.zeros_like(mask)))]
+    df = audit_table(audits)
+    assert list(df["stem"]) == ["clean", "shifted", "empty"]
+    assert list(df["flagged"]) == [False, True, True]
+    assert df.loc[0, "reasons"] == "" and "edges" in df.loc[1, "reasons"].split(",")
+    assert {"specks", "edge_agreement", "model_iou"} <= set(df.columns)
+
+    summary = summarise(df)
+    assert summary["pairs"] == 3 and summary["flagged"] == 2
+    assert summary["flagged_share"] == pytest.approx(2 / 3)
+    assert summary["reasons"]["empty"] == 1 and summary["reasons"]["edges"] == 1
+    assert summary["reasons"]["holes"] == 0
+    json.dumps(summary)
+    assert summarise(audit_table([]))["pairs"] == 0
+
+
+def test_to_dict_is_json_ready(pair):
+    image, mask = pair
+    audit = audit_pair(image, mask)
+    record = audit.to_dict()
+    assert record["model_iou"] is None and record["reasons"] == [] and record["flagged"] is False
+    json.dumps(record)
+    assert isinstance(audit, MaskAudit)
+
+
+def test_config_is_frozen_and_changes_the_verdict(pair):
+    image, mask = pair
+    with pytest.raises(AttributeError):
+        AuditConfig().max_specks = 1  # type: ignore[misc]
+    strict = AuditConfig(min_edge_agreement=1.01)
+    assert "edges" in audit_pair(image, mask, strict).reasons
