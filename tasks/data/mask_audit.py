@@ -13,7 +13,8 @@ garment, or simply not where the product is. They mislead training and evaluatio
     threshold. Pinholes in fine stripes or a print, on an otherwise smooth mask, are not enough.
 ``ragged``
     the outline is ragged: a 5×5 opening followed by a closing changes more than ``max_roughness``
-    of the foreground (hand-drawn masks, even of people with fingers and hair, stay well below).
+    of the foreground in small pieces (jags and notches of at most ``max_jag_area`` pixels; a thin
+    strap or a belt that the opening removes whole is one large piece and does not count) (hand-drawn masks, even of people with fingers and hair, stay well below).
 ``fragments``
     more than ``max_fragment_share`` of the foreground lies in pieces apart from the main
     component(s). Components at least ``main_component_ratio`` of the largest one count as main, so
@@ -81,8 +82,12 @@ class AuditConfig:
     max_specks: int = 15
     #: … and a roughness above this.
     min_speckle_roughness: float = 0.01
-    #: ``ragged``: roughness (share of the foreground changed by a 5×5 opening + closing) above this.
+    #: ``ragged``: roughness (share of the foreground changed by a 5×5 opening + closing, counting
+    #: only small changed pieces: jags and notches) above this.
     max_roughness: float = 0.02
+    #: Changed pieces up to this many working pixels are jags; larger ones are thin parts of the
+    #: product (straps, a necklace, a belt) or gaps between them, which the opening removes whole.
+    max_jag_area: int = 48
     #: Non-speck components at least this share of the largest one are main components.
     main_component_ratio: float = 0.25
     #: ``fragments``: share of the foreground in non-main, non-speck components above this.
@@ -119,7 +124,7 @@ class MaskAudit:
     foreground_share: float
     components: int  # non-speck foreground components
     specks: int  # tiny foreground islands + tiny enclosed pinholes
-    roughness: float  # share of the foreground changed by a 5×5 opening + closing
+    roughness: float  # share of the foreground in small pieces changed by a 5×5 opening + closing
     fragment_share: float  # share of the foreground in non-main, non-speck components
     holes: int  # enclosed background components larger than a speck
     hole_share: float  # their area / (foreground + their area)
@@ -185,7 +190,7 @@ def audit_pair(image: np.ndarray, mask: np.ndarray, config: AuditConfig = AuditC
         foreground_share=float(fg.mean()),
         components=int(np.count_nonzero(~tiny)),
         specks=int(tiny.sum() + pinhole.sum()),
-        roughness=int(np.count_nonzero(smooth != fg_u8)) / fg_area,
+        roughness=_jagged_pixels(smooth != fg_u8, config.max_jag_area) / fg_area,
         fragment_share=int(areas[fragment].sum()) / fg_area,
         holes=int(hole.sum()),
         hole_share=hole_area / (fg_area + hole_area),
@@ -214,6 +219,13 @@ def summarise(df: pd.DataFrame) -> dict[str, Any]:
     pairs, flagged = len(df), int(df["flagged"].sum())
     return {"pairs": pairs, "flagged": flagged, "flagged_share": flagged / pairs if pairs else 0.0,
             "reasons": counts}
+
+
+def _jagged_pixels(changed: np.ndarray, max_area: int) -> int:
+    """Pixels of ``changed`` in 8-connected pieces of at most ``max_area`` pixels."""
+    _, _, stats, _ = cv2.connectedComponentsWithStats(changed.view(np.uint8), connectivity=8)
+    areas = stats[1:, cv2.CC_STAT_AREA]
+    return int(areas[areas <= max_area].sum())
 
 
 def _reasons(a: MaskAudit, config: AuditConfig) -> tuple[str, ...]:

@@ -13,8 +13,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from tasks.train.losses import LOSSES
 from tasks.model import MIN_INPUT_SIZE, MODEL_NAMES, TRAINING_SIZE, StageWidths, U2NetConfig
+from tasks.train.losses import LOSSES
 
 __all__ = ["AMP_MODES", "RESIZE_MODES", "SCHEDULES", "TrainConfig"]
 

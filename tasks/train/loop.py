@@ -38,7 +38,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -56,8 +55,8 @@ from tasks.train.checkpoint import (
 )
 from tasks.train.collectives import Collectives, RankInfo, default_collectives
 from tasks.train.config import RESUME_FREE_FIELDS, TrainConfig
-from tasks.train.losses import segmentation_loss
 from tasks.train.data import ClusterBalancedDistributedSampler, SegmentationDataset, ShardSampler, prepare_split
+from tasks.train.losses import segmentation_loss
 
 __all__ = [
     "EpochMetrics",

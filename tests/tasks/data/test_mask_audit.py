@@ -198,3 +198,17 @@ def test_config_is_frozen_and_changes_the_verdict(pair):
         AuditConfig().max_specks = 1  # type: ignore[misc]
     strict = AuditConfig(min_edge_agreement=1.01)
     assert "edges" in audit_pair(image, mask, strict).reasons
+
+
+def test_a_thin_strap_is_not_a_ragged_outline():
+    """Beachwear and accessories have straps a few pixels wide: an opening removes them whole,
+    which is one large changed piece, not the many small jags of a broken mask."""
+    image = np.full((320, 320, 3), 245, np.uint8)
+    mask = np.zeros((320, 320), np.uint8)
+    cv2.ellipse(mask, (160, 200), (70, 50), 0, 0, 360, 255, -1)  # the cup
+    for x in (120, 200):  # two straps, 3 px wide, from the cup up to the frame's top
+        cv2.line(mask, (x, 190), (x + 10, 20), 255, 2)
+    image[mask > 0] = (200, 40, 60)
+    assert audit_pair(image, mask).reasons == ()
+    # counted as jags, the removed straps would have made it "ragged"
+    assert "ragged" in audit_pair(image, mask, AuditConfig(max_jag_area=10**9)).reasons
