@@ -23,6 +23,7 @@ ENV PYTHONUNBUFFERED=1 \
     AIRFLOW__CORE__PLUGINS_FOLDER=/opt/airflow/plugins \
     AIRFLOW__CORE__LOAD_EXAMPLES=False \
     BGREMOVAL_CACHE=/opt/airflow/cache \
+    BGREMOVAL_PRETRAINED_DIR=/opt/bgremoval/pretrained \
     PATH=/opt/bgremoval/.venv/bin:$PATH
 
 # curl for the health checks, tini as PID 1 (forwards SIGTERM: Celery's warm shutdown), procps for
@@ -45,7 +46,8 @@ COPY scripts/ ./scripts/
 COPY tasks/ ./tasks/
 RUN pip install -c constraints.txt . \
  && if [ "$WITH_HOROVOD" = "true" ]; then scripts/install-horovod.sh; fi \
- && python -c "import airflow.providers.celery.executors.celery_executor, airflow.providers.amazon, airflow.providers.databricks, mlflow, psycopg2, torch, tasks; print('image ok: torch', torch.__version__)"
+ && python -c "import airflow.providers.celery.executors.celery_executor, airflow.providers.amazon, airflow.providers.databricks, mlflow, psycopg2, torch, tasks; print('image ok: torch', torch.__version__)" \
+ && bgremoval pretrained fetch
 
 # DAGs and plugins are baked in (docker-compose.yaml also mounts ./dags and ./plugins over them,
 # so an edit is picked up without a rebuild); `tasks` is installed above.

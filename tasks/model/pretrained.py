@@ -250,11 +250,12 @@ def write_pretrained_folder(dst_url: str, path: str | os.PathLike | None = None,
 
 def has_identity_batchnorm(model: nn.Module) -> bool:
     """True when every batch-norm of ``model`` is the identity that :func:`onnx_to_state_dict`
-    writes (and there is at least one)."""
+    writes (and there is at least one). A freshly initialised model (variance 1, not ``1 - eps``)
+    is not taken for one."""
     norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
     return bool(norms) and all(
         bool(torch.all(m.weight == 1)) and bool(torch.all(m.bias == 0)) and bool(torch.all(m.running_mean == 0))
-        and bool(torch.allclose(m.running_var + m.eps, torch.ones_like(m.running_var)))
+        and bool(torch.allclose(m.running_var, torch.full_like(m.running_var, 1.0 - m.eps), rtol=0.0, atol=1e-7))
         for m in norms)
 
 

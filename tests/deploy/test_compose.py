@@ -61,6 +61,8 @@ NOT_FROM_COMPOSE = {
     "PYSPARK_PYTHON": "pyspark (local Spark runs only)",
     "PYSPARK_DRIVER_PYTHON": "pyspark (local Spark runs only)",
     "HOROVOD_STALL_SHUTDOWN_TIME_SECONDS": "set by the Horovod backend itself",
+    "BGREMOVAL_PRETRAINED_DIR": "where the published U2-NetP weights are kept; the image sets it and fetches them at build",
+    "U2NET_HOME": "rembg's model folder, looked at first for the published weights when a user has rembg",
 }
 
 

@@ -114,6 +114,7 @@ def test_converted_model_agrees_on_a_studio_photo_at_any_size(published, convert
 def test_conversion_leaves_identity_batchnorm_and_unfolding_keeps_eval_outputs(converted):
     assert has_identity_batchnorm(converted)
     model = build_model("u2netp")
+    assert not has_identity_batchnorm(model)  # fresh weights: variance 1, nothing to unfold
     model.load_state_dict(converted.state_dict())
     images = [render_item(i, SynthConfig(n=4, seed=5, max_side=300)).image for i in range(4)]
     batch = torch.from_numpy(np.stack([preprocess(im, 160) for im in images]))
