@@ -36,7 +36,7 @@ def queued_items(s3_bucket):
         predicted = synth.mask.copy()
         predicted[cut:] = 0
         item = corrections.QueueItem(stem=synth.stem, batch="shop-3", source_url=f"{bucket_url}/incoming/shop-3/{synth.stem}.jpg",
-                                     score=0.62 - index / 10, threshold=0.8, model_version="5",
+                                     score=0.42 + index / 10, threshold=0.8, model_version="5",  # worst first
                                      created_at=f"2030-02-01T10:00:0{index}+00:00")
         corrections.enqueue(bucket_url, item, encode_jpeg(synth.image), encode_png(predicted), options)
         out.append((item.item_id, synth.mask, predicted, cut))
