@@ -45,6 +45,7 @@ def test_reviewer_moves_an_image_renames_a_cluster_and_approves(s3_bucket, revie
             "batch": "rev-1", "bucket": bucket, "working_size": 128, "shard_size": 30, "target_per_cluster": 14,
             "epochs": 1, "train_input_size": 64, "batch_size": 4, "workers": 2, "max_steps_per_epoch": 2,
             "iou_gate": 0.0, "cluster_iou_gate": 0.0, "tolerance": 1.0, "registered_model": model_name,
+            "init_from": "scratch",  # the champion above is a tiny network: a full U2-NetP cannot start from it
         },
         tmp_path / "run.log",
     )
