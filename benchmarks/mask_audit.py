@@ -15,6 +15,11 @@ Run::
 
     .venv/bin/python benchmarks/mask_audit.py --data ../shared/data/viton-garments
     .venv/bin/python benchmarks/mask_audit.py --data ../shared/data/ccp-people --out /tmp/bgremoval-mask-audit/ccp
+    .venv/bin/python benchmarks/mask_audit.py --model pretrained   # with the model check (model_disagrees)
+
+``--model`` (``pretrained``, a model folder or an ``.onnx`` file) adds the model check: the model's
+probability map at the photo's size is passed to the audit, and the pairs only that check flags
+are counted apart (model time is reported separately from the audit's).
 """
 
 from __future__ import annotations
@@ -71,7 +76,8 @@ def _sheets(data: Path, rows: list[dict], out: Path, name: str, height: int, per
         tiles = []
         for row in rows[start:start + per_sheet]:
             features = (f"sp={row['specks']} ro={row['roughness']:.3f} fr={row['fragment_share']:.3f} "
-                        f"ho={row['suspect_hole_share']:.3f} ed={row['edge_agreement']:.2f}")
+                        f"ho={row['suspect_hole_share']:.3f} ed={row['edge_agreement']:.2f}"
+                        + (f" mi={row['model_iou']:.2f}" if np.isfinite(row.get("model_iou", np.nan)) else ""))
             tiles.append(_tile(*_read(data, row["stem"]), [row["stem"], row["reasons"] or "-", features], height))
         th, tw = max(t.shape[0] for t in tiles), max(t.shape[1] for t in tiles)
         cols = 6
@@ -92,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("/tmp/bgremoval-mask-audit"))
     parser.add_argument("--sample", type=int, default=100, help="random unflagged pairs on the sample sheets")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--model", default=None, help="pretrained, a model folder or an .onnx file: adds the model check")
     parser.add_argument("--tile-height", type=int, default=256)
     parser.add_argument("--per-sheet", type=int, default=36)
     parser.add_argument("--sheet-format", choices=("jpg", "png"), default="jpg")
@@ -109,11 +116,24 @@ def main(argv: list[str] | None = None) -> int:
     config = AuditConfig()
     stems = _pairs(args.data, args.limit)
     load_start = os.getloadavg()
-    audits, seconds, start, cpu_start = [], [], time.perf_counter(), time.process_time()
+    engine = None
+    if args.model:
+        from tasks.inference import load_engine, probability_map
+
+        engine = load_engine(args.model)
+        print(f"model check with {engine.describe()}")
+    audits, seconds, model_seconds = [], [], []
+    start, cpu_start = time.perf_counter(), time.process_time()
     for stem in stems:
         image, mask = _read(args.data, stem)
+        rgb = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+        probability = None
+        if engine is not None:
+            t = time.perf_counter()
+            probability = probability_map(engine, rgb)
+            model_seconds.append(time.perf_counter() - t)
         t = time.perf_counter()
-        audits.append((stem, audit_pair(cv2.cvtColor(image, cv2.COLOR_BGR2RGB), mask, config)))
+        audits.append((stem, audit_pair(rgb, mask, config, probability=probability)))
         seconds.append(time.perf_counter() - t)
     total_s, cpu_s = time.perf_counter() - start, time.process_time() - cpu_start
     load_end = os.getloadavg()
@@ -125,7 +145,9 @@ def main(argv: list[str] | None = None) -> int:
     summary.update(data=str(args.data), audit_ms_per_pair=1000 * sum(seconds) / n,
                    audit_ms_median=1000 * float(np.median(seconds or [0.0])), total_ms_per_pair=1000 * total_s / n,
                    cpu_ms_per_pair=1000 * cpu_s / n, load_start=load_start[0], load_end=load_end[0],
-                   cpus=os.cpu_count(), config=asdict(config))
+                   cpus=os.cpu_count(), config=asdict(config), model=args.model,
+                   model_ms_per_pair=1000 * sum(model_seconds) / n if model_seconds else None,
+                   model_only=int((df["reasons"] == "model_disagrees").sum()))
     (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
 
     flagged = df[df["flagged"]].to_dict("records")
@@ -141,6 +163,9 @@ def main(argv: list[str] | None = None) -> int:
         n = summary["reasons"].get(code, 0)
         print(f"{code:<18}{n:>8}{n / max(summary['pairs'], 1):>9.1%}")
     print(f"{'flagged (any)':<18}{summary['flagged']:>8}{summary['flagged_share']:>9.1%}")
+    if engine is not None:
+        print(f"flagged by the model check alone: {summary['model_only']}; "
+              f"model {summary['model_ms_per_pair']:.1f} ms/pair ({args.model})")
     print(f"audit {summary['audit_ms_per_pair']:.2f} ms/pair, median {summary['audit_ms_median']:.2f} "
           f"(with decoding {summary['total_ms_per_pair']:.2f}; CPU time with decoding "
           f"{summary['cpu_ms_per_pair']:.2f}, all threads); "

@@ -112,14 +112,20 @@ def bgremoval_training():
 
     @task(max_active_tis_per_dagrun=4)
     def clean_shard(shard_url: str, plan: dict, params=None) -> dict:
+        from functools import partial
+
+        from tasks.inference import audit_engine, probability_map
         from tasks.ingest import clean_shard as clean
 
+        engine, why = audit_engine(params["audit_model"], params["registered_model"], s3_storage_options())
+        print(f"mask audit, model check: {why}")
         return clean(
             shard_url=shard_url,
             dataset_url=plan["dataset_url"],
             batch=plan["batch"],
             config=cleaning_config(params),
             storage_options=s3_storage_options(),
+            predict=partial(probability_map, engine) if engine else None,
         )
 
     @task(trigger_rule="none_failed_min_one_success")

@@ -417,10 +417,38 @@ def default_model(registered_name: str = "bgremoval-u2net") -> tuple[str, str]:
         if version is not None:
             return (registry.model_uri(registered_name, registry.CHAMPION),
                     f"the champion of {registered_name!r} (version {version}) from {uri}")
-    path = find_pretrained_onnx()
-    if path is None:
-        require_pretrained_onnx()  # raises, saying how to get the file
+    path = find_pretrained_onnx() or require_pretrained_onnx()  # the latter raises, saying how to get the file
     return str(path), f"the published U2-NetP weights, not fine-tuned ({why}): {path}"
+
+
+#: ``audit_model`` values that turn the mask audit's model check off.
+NO_AUDIT_MODEL = ("", "none")
+
+
+def audit_engine(reference: str, registered_name: str = "bgremoval-u2net",
+                 storage_options: dict | None = None) -> tuple[Engine | None, str]:
+    """The model whose predictions the mask audit compares masks with (``model_disagrees``).
+
+    ``reference``: ``"auto"`` (what :func:`default_model` picks: the champion, else the published
+    weights; no check when neither is there), ``"champion"``, ``"pretrained"``, ``"none"``/``""``
+    (no check), or anything :func:`load_engine` takes. Returns ``(engine or None, a sentence saying
+    which and why)``. An explicitly named model that cannot be loaded raises.
+    """
+    reference = (reference or "").strip()
+    if reference.lower() in NO_AUDIT_MODEL:
+        return None, "no model check (audit_model=none)"
+    if reference == "auto":
+        try:
+            source, why = default_model(registered_name)
+        except FileNotFoundError:
+            return None, "no model check: no champion and no published weights on this machine"
+    elif reference == "champion":
+        from tasks import registry
+
+        source, why = registry.model_uri(registered_name, registry.CHAMPION), f"the champion of {registered_name!r}"
+    else:
+        source, why = reference, reference
+    return load_engine(source, storage_options), why
 
 
 def _local_copy(url: str, storage_options: dict | None) -> str:
@@ -618,6 +646,19 @@ def _load(item: tuple[str, str], engine: Engine, storage_options: dict | None) -
     except (ValueError, cv2.error) as exc:
         loaded.result.error = str(exc)
     return loaded
+
+
+def probability_map(engine: Engine, image_rgb: np.ndarray) -> np.ndarray:
+    """The model's foreground probability for one RGB ``uint8`` photo, at the photo's size
+    (float32 ``H×W`` in [0, 1]): what :func:`remove_backgrounds` cuts out with."""
+    height, width = image_rgb.shape[:2]
+    tensor = prepare_input(image_rgb, engine.input_size, engine.resize, engine.mean, engine.std)
+    prob_s = engine.predict(tensor[None])[0][0]
+    if engine.resize == "letterbox":
+        x0, y0, new_w, new_h = letterbox_box(height, width, engine.input_size)
+        prob_s = prob_s[y0:y0 + new_h, x0:x0 + new_w]
+    prob_s = np.clip(np.nan_to_num(prob_s, nan=0.0), 0.0, 1.0)
+    return resize_to_original(np.ascontiguousarray(prob_s, dtype=np.float32), (width, height))
 
 
 def _finish(loaded: _Loaded, prob_s: np.ndarray, sides: np.ndarray | None, engine: Engine,

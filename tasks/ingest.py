@@ -19,8 +19,10 @@ import json
 import logging
 import posixpath
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pandas as pd
 
 from tasks.data.mask_audit import audit_pair
@@ -42,6 +44,9 @@ from tasks.manifest import (
 log = logging.getLogger(__name__)
 
 SHARD_COLUMNS = ("stem", "key", "image_source", "mask_source")
+
+#: A model's foreground probability (float ``H×W`` in [0, 1]) for an RGB ``uint8`` image.
+Predict = Callable[[np.ndarray], np.ndarray]
 
 
 def raw_batch_url(bucket_url: str, batch: str) -> str:
@@ -129,7 +134,20 @@ def clean_urls(dataset_url: str, key: str) -> tuple[str, str]:
     )
 
 
-def _clean_one(row: dict, batch: str, dataset_url: str, config: CleaningConfig, storage_options: dict | None) -> dict:
+def _audit_reasons(pair, config: CleaningConfig, predict: Predict | None) -> tuple[str, ...]:
+    if not config.audit_masks:
+        return ()
+    probability = None
+    if predict is not None:
+        try:
+            probability = predict(pair.image)
+        except Exception:  # the model check is optional: without it the structural checks still run
+            log.exception("mask audit: the model failed on one image; audited without its check")
+    return audit_pair(pair.image, pair.mask, probability=probability).reasons
+
+
+def _clean_one(row: dict, batch: str, dataset_url: str, config: CleaningConfig, storage_options: dict | None,
+               predict: Predict | None = None) -> dict:
     """Clean one pair end to end; never raises: failures become a quarantined row."""
     out = {
         "stem": row["stem"],
@@ -156,7 +174,7 @@ def _clean_one(row: dict, batch: str, dataset_url: str, config: CleaningConfig, 
         log.exception("internal error while cleaning %s", row["stem"])
         return {**out, "status": STATUS_QUARANTINED, "reason": Reason.INTERNAL_ERROR.value, "detail": repr(exc)[:500]}
     height, width = pair.mask.shape
-    reasons = audit_pair(pair.image, pair.mask).reasons if config.audit_masks else ()
+    reasons = _audit_reasons(pair, config, predict)
     return {
         **out,
         "orig_width": pair.orig_width,
@@ -183,18 +201,22 @@ def clean_shard(
     config: CleaningConfig,
     storage_options: dict | None = None,
     io_threads: int = 4,
+    predict: Predict | None = None,
 ) -> dict:
     """Clean every pair of one shard list and write its result table next to the plan.
 
     Takes the shard list's URL (from :func:`plan_batch`), the dataset URL and batch name, the
-    config, and how many pairs to read/decode at once. Returns ``{"result_url", "n_pairs",
-    "n_ok", "n_quarantined", "reasons"}``. Pairs are processed one at a time per thread, so memory
-    stays flat however large the shard.
+    config, and how many pairs to read/decode at once. ``predict`` (optional) maps a clean RGB
+    image to a model's foreground probability at its size (e.g. :func:`tasks.inference.probability_map`
+    bound to an engine); with it the mask audit also flags masks a confident model disagrees with
+    (``model_disagrees``). Returns ``{"result_url", "n_pairs", "n_ok", "n_quarantined",
+    "reasons"}``. Pairs are processed one at a time per thread, so memory stays flat however large
+    the shard.
     """
     shard = read_table(shard_url, storage_options)
     rows = shard.astype(object).where(shard.notna(), None).to_dict("records")
     with ThreadPoolExecutor(max_workers=max(1, io_threads)) as pool:
-        results = list(pool.map(lambda r: _clean_one(r, batch, dataset_url, config, storage_options), rows))
+        results = list(pool.map(lambda r: _clean_one(r, batch, dataset_url, config, storage_options, predict), rows))
     name = posixpath.basename(shard_url)
     result_url = write_table(
         to_frame(results, MANIFEST_COLUMNS), storage.join(dataset_url, "_work", "results", name), storage_options

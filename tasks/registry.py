@@ -163,7 +163,7 @@ def register_model(model_url: str, name: str = DEFAULT_MODEL_NAME, run_id: str |
             run_id = run.info.run_id
     version = str(info.registered_model_version)
     version_tags = {"dataset_version": None, **(tags or {}), "onnx_sha256": onnx_sha, "input_size": size,
-                    "model": meta["model"], "source": model_url}
+                    "model": meta["model"], "model_widths": meta["model_widths"], "source": model_url}
     for key, value in version_tags.items():
         if value is not None:
             client.set_model_version_tag(name, version, key, _tag_value(value))
@@ -327,22 +327,43 @@ AUTO = "auto"
 SCRATCH = ("", "scratch", "none")
 
 
+def _architecture_key(model: str) -> str:
+    return "".join(c for c in (model or "").lower() if c not in "-_ ")
+
+
+def _champion_mismatch(name: str, key: str) -> str | None:
+    """Why the champion of ``name`` cannot be the start of a ``key`` model; None when it can."""
+    version = alias_version(name, CHAMPION)
+    if version is None:
+        return "it has none"
+    tags = _client().get_model_version(name, version).tags or {}
+    champion = _architecture_key(tags.get("model", ""))
+    if champion and champion != key:
+        return f"version {version} is a {tags['model']}, this run trains a {key}"
+    if tags.get("model_widths") not in (None, "", "null"):
+        return f"version {version} has custom channel widths {tags['model_widths']}"
+    return None
+
+
 def choose_start(reference: str, model: str, name: str = DEFAULT_MODEL_NAME) -> str | None:
     """Resolve ``init_from``'s keywords to what :func:`stage_weights` takes, or None for random
     weights.
 
-    ``"auto"``: ``"champion"`` when ``name`` has one, else ``"pretrained"`` for U2-NetP (the only
-    architecture with published weights) when the file is on this machine, else None. ``""``, ``"scratch"``, ``"none"``: None.
+    ``"auto"``: ``"champion"`` when ``name`` has one of the same architecture (``model``, standard
+    widths), else ``"pretrained"`` for U2-NetP (the only architecture with published weights) when
+    the file is on this machine, else None. ``""``, ``"scratch"``, ``"none"``: None.
     ``"pretrained"`` with another architecture raises ``ValueError``. Anything else is returned as
     it is.
     """
     reference = (reference or "").strip()
-    key = "".join(c for c in model.lower() if c not in "-_ ")
+    key = _architecture_key(model)
     if reference.lower() in SCRATCH:
         return None
     if reference == AUTO:
-        if alias_version(name, CHAMPION) is not None:
+        reason = _champion_mismatch(name, key)
+        if reason is None:
             return CHAMPION
+        print(f"init_from=auto: not starting from the champion of {name!r}: {reason}")
         return PRETRAINED if key == "u2netp" and find_pretrained_onnx() is not None else None
     if reference == PRETRAINED and key != "u2netp":
         raise ValueError(f"published weights exist for u2netp only, not {model!r}: use init_from=scratch or a model file")

@@ -62,6 +62,15 @@ def cleaning_params() -> dict[str, Param]:
             title="Max. image size (megapixels)",
             description="Larger images are quarantined as image_too_large (decompression-bomb guard).",
         ),
+        "audit_model": Param(
+            "auto",
+            type="string",
+            title="Mask audit: model check",
+            description="The model whose cut-outs the mask audit compares each mask with (a confident model that "
+            "disagrees flags the mask as model_disagrees). 'auto' (default): the registered model's champion, else "
+            "the published U2-NetP weights; 'champion', 'pretrained', 'none' (structural checks only), or a model "
+            "URL / .onnx file.",
+        ),
     }
 
 

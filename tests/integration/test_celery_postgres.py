@@ -335,11 +335,17 @@ def test_training_dag_runs_on_celery_workers_against_postgres_and_redis(celery_s
 
     # The executor really was Celery: every task instance carries the id of the Celery task that
     # ran it (external_executor_id), and Celery's result backend in Postgres recorded that task
-    # as a success.
-    celery = {(task_id, map_index): (celery_id, status) for task_id, map_index, celery_id, status in postgres.query(
-        "SELECT ti.task_id, ti.map_index, ti.external_executor_id, cm.status FROM task_instance ti "
-        "LEFT JOIN celery_taskmeta cm ON cm.task_id = ti.external_executor_id "
-        f"WHERE ti.dag_id = '{DAG_ID}' AND ti.run_id = '{run_id}'")}
+    # as a success. The worker records that a moment after the task instance reports its own
+    # success (its supervisor still uploads the log), so the last task may read STARTED briefly.
+    def celery_records():
+        rows = {(task_id, map_index): (celery_id, status) for task_id, map_index, celery_id, status in postgres.query(
+            "SELECT ti.task_id, ti.map_index, ti.external_executor_id, cm.status FROM task_instance ti "
+            "LEFT JOIN celery_taskmeta cm ON cm.task_id = ti.external_executor_id "
+            f"WHERE ti.dag_id = '{DAG_ID}' AND ti.run_id = '{run_id}'")}
+        done = all(rows[(t["task_id"], t["map_index"])][1] not in (None, "PENDING", "STARTED") for t in executed)
+        return rows if done else None
+
+    celery = _wait("Celery to record the finished tasks", celery_records, 60, celery_stack)
     for t in executed:
         celery_id, status = celery[(t["task_id"], t["map_index"])]
         assert celery_id and status == "SUCCESS", (t["task_id"], t["map_index"], celery_id, status)

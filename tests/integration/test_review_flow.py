@@ -111,7 +111,10 @@ def test_reviewer_moves_an_image_renames_a_cluster_and_approves(s3_bucket, revie
     run_folder = results[0].url.rsplit("/", 1)[0]
     assessment = json.loads(storage.read_bytes(f"{run_folder}/report/assessment.json", options))
     assert assessment["gate"]["passed"] and assessment["champion"]["version"] == "1"
-    assert assessment["summary"]["n"] == int((ok["split"] == "test").sum())
+    test_pairs = ok["split"] == "test"
+    flagged = int((test_pairs & audit_excluded(ok)).sum())
+    assert assessment["summary"]["n"] == int(test_pairs.sum()) - flagged  # the gate scores trusted masks only
+    assert len((assessment["audit"] or {}).get("left_out", [])) == flagged
     page = storage.read_bytes(f"{run_folder}/report/report.html", options).decode()
     assert "Gate PASSED" in page and "worst_gallery.jpg" in page
     report_path = f"/bgremoval/reports/{version_name(run_folder)}/{run_folder.rstrip('/').split('/')[-1]}?bucket={bucket}"

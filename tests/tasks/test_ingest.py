@@ -14,9 +14,10 @@ from tasks.manifest import MANIFEST_COLUMNS, QUARANTINE_COLUMNS, read_table
 CONFIG = CleaningConfig(working_size=128)
 
 
-def _run(bucket_url: str, batch: str, options=None, shard_size: int = 7) -> dict:
+def _run(bucket_url: str, batch: str, options=None, shard_size: int = 7, predict=None) -> dict:
     plan = ingest.plan_batch(bucket_url, batch, CONFIG, shard_size=shard_size, storage_options=options)
-    results = [ingest.clean_shard(u, plan["dataset_url"], batch, CONFIG, options) for u in plan["shard_urls"]]
+    results = [ingest.clean_shard(u, plan["dataset_url"], batch, CONFIG, options, predict=predict)
+               for u in plan["shard_urls"]]
     return ingest.finalize_dataset(
         plan["dataset_url"], batch, [r["result_url"] for r in results], plan["listing_rejects_url"], options
     )
@@ -165,3 +166,38 @@ def test_the_mask_audit_flags_a_broken_mask_and_counts_it(tmp_path):
     assert manifest.loc[items[1].stem, "audit_reasons"] == "" and manifest.loc[items[2].stem, "audit_reasons"] == ""
     assert "masks flagged by the audit    1" in ingest.format_summary(summary)
     assert cv2.imread(str(tmp_path / "bucket" / "raw" / "audit" / "masks" / f"{items[0].stem}.png"), 0) is not None
+
+
+def test_the_model_check_flags_a_mask_a_confident_model_disagrees_with(tmp_path):
+    """A neat mask of the wrong region: a confident model that sees the product elsewhere flags it
+    (``model_disagrees``); a model that fails leaves the structural audit as it is."""
+    import numpy as np
+
+    from tasks.synth import SynthConfig, encode_jpeg, encode_png, render_item
+
+    batch_url = storage.join(str(tmp_path / "bucket"), "raw", "model")
+    items = [render_item(i, SynthConfig(n=2, seed=4, max_side=200)) for i in range(2)]
+    wrong = np.zeros_like(items[0].mask)
+    h, w = wrong.shape
+    wrong[h // 8: h // 3, w // 8: w // 3] = 255  # a neat rectangle, in the wrong place
+    for item, mask in ((items[0], wrong), (items[1], items[1].mask)):
+        storage.write_bytes(storage.join(batch_url, "images", f"{item.stem}.jpg"), encode_jpeg(item.image))
+        storage.write_bytes(storage.join(batch_url, "masks", f"{item.stem}.png"), encode_png(mask))
+    storage.write_bytes(storage.join(batch_url, "_READY"), b"")
+
+    def oracle(image):  # a confident model that knows the true product of the (resized) photo
+        import cv2
+
+        size = (image.shape[1], image.shape[0])
+        item = min(items, key=lambda i: np.abs(cv2.resize(i.image, size).astype(float) - image).mean())
+        return (cv2.resize(item.mask, size, interpolation=cv2.INTER_NEAREST) > 127).astype(np.float32)
+
+    manifest = read_table(_run(str(tmp_path / "bucket"), "model", predict=oracle)["manifest_url"]).set_index("stem")
+    assert "model_disagrees" in manifest.loc[items[0].stem, "audit_reasons"].split(",")
+    assert manifest.loc[items[1].stem, "audit_reasons"] == ""
+
+    def broken(image):
+        raise RuntimeError("the model is out of order")
+
+    manifest = read_table(_run(str(tmp_path / "bucket"), "model", predict=broken)["manifest_url"]).set_index("stem")
+    assert (manifest["status"] == "ok").all() and "model_disagrees" not in manifest.loc[items[0].stem, "audit_reasons"]

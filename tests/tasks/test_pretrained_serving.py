@@ -16,7 +16,8 @@ from PIL import Image
 
 from tasks.cli import main
 from tasks.export import read_onnx_metadata
-from tasks.inference import InferenceConfig, OnnxEngine, default_model, load_engine, remove_backgrounds
+from tasks.inference import (InferenceConfig, OnnxEngine, audit_engine, default_model, load_engine, probability_map,
+                             remove_backgrounds)
 from tasks.model.pretrained import find_pretrained_onnx
 from tasks.registry import choose_start
 from tasks.synth import SynthConfig, encode_jpeg, render_item
@@ -104,5 +105,21 @@ def test_init_from_keywords(published, monkeypatch):
     assert choose_start("s3://b/model.pt", "u2net") == "s3://b/model.pt"
     with pytest.raises(ValueError, match="u2netp only"):
         choose_start("pretrained", "u2net")
-    monkeypatch.setattr("tasks.registry.alias_version", lambda name, alias, tracking_uri=None: "2")
+    monkeypatch.setattr("tasks.registry._champion_mismatch", lambda name, key: None)
     assert choose_start("auto", "u2netp") == "champion"
+
+
+def test_the_audit_model_and_its_probability_map(published, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/empty.db")
+    assert audit_engine("none")[0] is None and audit_engine("")[0] is None
+    engine, why = audit_engine("auto", "no-such-model")
+    assert engine is not None and "published" in why
+    item = render_item(1, SynthConfig(n=2, seed=5, max_side=300))
+    probability = probability_map(engine, item.image)
+    assert probability.shape == item.mask.shape and probability.dtype == np.float32
+    assert 0.0 <= probability.min() and probability.max() <= 1.0
+    truth, predicted = item.mask > 127, probability > 0.5
+    assert (truth & predicted).sum() / (truth | predicted).sum() > 0.8  # it finds the product
+    for variable in ("HOME", "U2NET_HOME", "BGREMOVAL_PRETRAINED_DIR"):  # a machine without the file
+        monkeypatch.setenv(variable, str(tmp_path / "nothing"))
+    assert audit_engine("auto", "no-such-model")[0] is None  # nothing to check with: structural checks only

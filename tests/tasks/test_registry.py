@@ -127,3 +127,18 @@ def test_cli_evaluates_and_lists_registered_models(tmp_path, three_versions, cap
     listing = capsys.readouterr().out
     assert "version    3" in listing and "dataset d2" in listing
     assert main(["model", "list", "--name", "absent"]) == 2
+
+
+def test_auto_start_skips_a_champion_of_another_architecture(tracking, write_model_folder, monkeypatch):
+    run_id, folder = tracking
+    monkeypatch.setattr("tasks.registry.find_pretrained_onnx", lambda *a, **k: "/weights/u2netp.onnx")
+    assert registry.choose_start("auto", "u2netp", "arch") == "pretrained"  # no registered model yet
+    tiny = registry.register_model(write_model_folder(folder / "arch"), "arch", run_id=run_id)
+    registry.promote("arch", tiny["version"])
+    client = mlflow.MlflowClient()
+    assert json.loads(client.get_model_version("arch", tiny["version"]).tags["model_widths"])["encoder"]
+    assert registry.choose_start("auto", "u2netp", "arch") == "pretrained"  # custom widths: not a U2-NetP start
+    client.delete_model_version_tag("arch", tiny["version"], "model_widths")  # as a standard U2-NetP reads
+    assert registry.choose_start("auto", "u2netp", "arch") == "champion"
+    assert registry.choose_start("auto", "u2net", "arch") is None  # no published U2-Net weights
+    assert registry.choose_start("champion", "u2netp", "arch") == "champion"  # asked for by name: as it is
