@@ -218,6 +218,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         DemoConfig(
             n=args.n, bad=args.bad, seed=args.seed, max_side=args.max_side,
             target_per_cluster=args.target_per_cluster, drop=args.drop, keep=args.keep,
+            **({"max_steps_per_epoch": args.steps} if args.steps is not None else {}),
         )
     )
 
@@ -328,6 +329,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--target-per-cluster", type=int, default=40, help="augmentation target per product cluster")
     demo.add_argument("--drop", type=int, default=24, help="new photos for the production pass at the end")
     demo.add_argument("--keep", action="store_true", help="leave the stack running afterwards")
+    demo.add_argument("--steps", type=int, default=None,
+                      help="fine-tuning steps (2 workers x 8 images each; default: the demo's short fine-tune)")
     demo.set_defaults(func=cmd_demo)
     return parser
 

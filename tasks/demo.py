@@ -40,6 +40,9 @@ class DemoConfig:
     max_side: int = 800
     target_per_cluster: int = 40
     epochs: int = 1
+    #: Optimiser steps per epoch (2 workers x 8 images each): on 2 CPU cores U2-NetP trains at
+    #: about 0.3 images/s at 320 px, so a short fine-tune keeps the demo near 10 minutes.
+    max_steps_per_epoch: int = 2
     train_input_size: int = 320
     learning_rate: float = 3e-4
     max_moves: int = 12
@@ -181,8 +184,11 @@ def _print_evaluation(run_url: str, options: dict) -> None:
     if storage.exists(quality_url, options):
         quality = json.loads(storage.read_bytes(quality_url, options))
         report = quality["report"]
-        print(f"  production quality threshold {quality['threshold']:.3f}, calibrated on val to route images below "
-              f"{quality['target_iou'] * 100:g} % IoU: recall {report['recall']:.2f}, precision {report['precision']:.2f}")
+        if quality.get("note"):
+            print(f"  production quality threshold {quality['threshold']:.3f}: {quality['note']}")
+        else:
+            print(f"  production quality threshold {quality['threshold']:.3f}, calibrated on val to route images below "
+                  f"{quality['target_iou'] * 100:g} % IoU: recall {report['recall']:.2f}, precision {report['precision']:.2f}")
     version = registry.alias_version(REGISTERED_MODEL, registry.CHAMPION)
     previous = registry.alias_version(REGISTERED_MODEL, registry.PREVIOUS)
     print(f"  registry: {REGISTERED_MODEL} champion = version {version}, previous = {previous or 'none'} "
@@ -248,6 +254,7 @@ def run_demo(config: DemoConfig) -> int:
             "seed": config.seed,
             "model": "u2netp",
             "epochs": config.epochs,
+            "max_steps_per_epoch": config.max_steps_per_epoch,
             "train_input_size": config.train_input_size,
             "learning_rate": config.learning_rate,
             "batch_size": 8,
@@ -257,7 +264,8 @@ def run_demo(config: DemoConfig) -> int:
         }
         os.environ["MLFLOW_TRACKING_URI"] = env["MLFLOW_TRACKING_URI"]
         print(f"== running {DAG_ID} with `airflow dags test` (sensor, cleaning, features, clusters, review gate, ...)")
-        print(f"   fine-tuning U2-NetP for {config.epochs} epoch(s) at {config.train_input_size} px from the champion, or "
+        print(f"   fine-tuning U2-NetP for {config.epochs} epoch(s) of {config.max_steps_per_epoch} step(s) x 2 workers x 8 "
+              f"images at {config.train_input_size} px from the champion, or "
               "from the published weights when there is none; the production gate: mean IoU ≥ 97 %, every "
               "cluster ≥ 95 %, at most 0.2 points below the champion")
         run = _start_dag_run(conf, env, log_path)

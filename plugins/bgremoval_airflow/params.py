@@ -63,13 +63,14 @@ def cleaning_params() -> dict[str, Param]:
             description="Larger images are quarantined as image_too_large (decompression-bomb guard).",
         ),
         "audit_model": Param(
-            "auto",
+            "none",
             type="string",
             title="Mask audit: model check",
-            description="The model whose cut-outs the mask audit compares each mask with (a confident model that "
-            "disagrees flags the mask as model_disagrees). 'auto' (default): the registered model's champion, else "
-            "the published U2-NetP weights; 'champion', 'pretrained', 'none' (structural checks only), or a model "
-            "URL / .onnx file.",
+            description="A model whose cut-outs the mask audit compares each mask with (a confident model that "
+            "disagrees flags the mask as model_disagrees and keeps it out of training until reviewed). 'none' "
+            "(default): structural checks only; 'auto': the registered model's champion, else the published U2-NetP "
+            "weights; 'champion', 'pretrained', or a model URL / .onnx file. Off by default: on correct masks it "
+            "flags the photos the model gets wrong, i.e. the hardest training examples (README, 'The mask audit').",
         ),
     }
 

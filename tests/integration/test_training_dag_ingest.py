@@ -60,7 +60,8 @@ def test_sensor_waits_then_cleaning_runs_mapped_and_reads_back(airflow_db, s3_bu
     uploader.start()
     _reject_review_when_asked(reviewer)
     run = dag.test(
-        run_conf={"batch": "shoot-1", "bucket": bucket, "shard_size": 8, "working_size": 160},
+        # with the audit's model check (the published weights when on this machine): the wiring runs
+        run_conf={"batch": "shoot-1", "bucket": bucket, "shard_size": 8, "working_size": 160, "audit_model": "auto"},
     )
     uploader.join()
 
