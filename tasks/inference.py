@@ -653,12 +653,18 @@ def probability_map(engine: Engine, image_rgb: np.ndarray) -> np.ndarray:
     (float32 ``H×W`` in [0, 1]): what :func:`remove_backgrounds` cuts out with."""
     height, width = image_rgb.shape[:2]
     tensor = prepare_input(image_rgb, engine.input_size, engine.resize, engine.mean, engine.std)
-    prob_s = engine.predict(tensor[None])[0][0]
+    prob_s, _ = _unletterboxed(engine.predict(tensor[None])[0][0], None, engine, height, width)
+    return resize_to_original(np.ascontiguousarray(prob_s, dtype=np.float32), (width, height))
+
+
+def _unletterboxed(prob_s: np.ndarray, sides: np.ndarray | None, engine: Engine, height: int,
+                   width: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """The network-size maps cropped to the photo's box (letterbox) and cleaned to [0, 1]."""
     if engine.resize == "letterbox":
         x0, y0, new_w, new_h = letterbox_box(height, width, engine.input_size)
         prob_s = prob_s[y0:y0 + new_h, x0:x0 + new_w]
-    prob_s = np.clip(np.nan_to_num(prob_s, nan=0.0), 0.0, 1.0)
-    return resize_to_original(np.ascontiguousarray(prob_s, dtype=np.float32), (width, height))
+        sides = None if sides is None else sides[:, y0:y0 + new_h, x0:x0 + new_w]
+    return np.clip(np.nan_to_num(prob_s, nan=0.0), 0.0, 1.0), sides
 
 
 def _finish(loaded: _Loaded, prob_s: np.ndarray, sides: np.ndarray | None, engine: Engine,
@@ -667,11 +673,7 @@ def _finish(loaded: _Loaded, prob_s: np.ndarray, sides: np.ndarray | None, engin
     try:
         assert loaded.rgb is not None
         height, width = loaded.rgb.shape[:2]
-        if engine.resize == "letterbox":
-            x0, y0, new_w, new_h = letterbox_box(height, width, engine.input_size)
-            prob_s = prob_s[y0:y0 + new_h, x0:x0 + new_w]
-            sides = None if sides is None else sides[:, y0:y0 + new_h, x0:x0 + new_w]
-        prob_s = np.clip(np.nan_to_num(prob_s, nan=0.0), 0.0, 1.0)
+        prob_s, sides = _unletterboxed(prob_s, sides, engine, height, width)
         result.quality = quality_score(prob_s, sides, config.quality)
         prob = resize_to_original(np.ascontiguousarray(prob_s, dtype=np.float32), (width, height))
         for key, value in _render(loaded.rgb, prob, config).items():
