@@ -26,7 +26,9 @@ Steps (the project's own stages, as the training DAG runs them):
    * **fine-tuned**: U2-NetP trained on the train split of all selected sets together
      (``tasks.train.ddp.launch_local``, ``--workers`` torch.distributed processes), starting from
      the published weights (``--init pretrained``; the loop calibrates their identity batch-norm
-     on the first training images) or from scratch (``--init scratch``), at ``--input-size``.
+     on the first training images) or from scratch (``--init scratch``), at ``--input-size``;
+   * **fine-tuned+flip** (``--flip``): the same model with test-time flip
+     (:class:`tasks.evaluate.FlipAveraged`: the mean of the logits on the photo and its mirror).
 
 Scoring. ``tasks.evaluate.score_dataset`` scores the *clean* pairs of the manifest
 (``image_url``/``mask_url``: the image and mask at working resolution, i.e. viton upscaled to
@@ -101,7 +103,7 @@ DATA = ROOT.parent / "shared" / "data"
 #: set folder → (cluster of its rows, stem prefix)
 SETS = {"viton-garments": ("tops", "viton_"), "ccp-people": ("people", "ccp_")}
 SEED_TABLE = {"mean_iou": 0.99435, 0.95: 0.993, 0.97: 0.987, 0.99: 0.931}
-METHODS = ("grabcut", "zero-shot", "fine-tuned")
+METHODS = ("grabcut", "zero-shot", "fine-tuned", "fine-tuned+flip")
 GRABCUT_MARGIN = 0.05
 GRABCUT_ITERATIONS = 5
 
@@ -331,11 +333,13 @@ def _run_grabcut(rows: list[TestRow]) -> MethodResult:
                         note=f"rectangle margin {GRABCUT_MARGIN:.0%}, {GRABCUT_ITERATIONS} iterations, binary output")
 
 
-def _score_model(model_url: str, rows: list[TestRow]) -> tuple[list, Cost, dict]:
-    from tasks.evaluate import evaluate_pairs, load_model
+def _score_model(model_url: str, rows: list[TestRow], flip: bool = False) -> tuple[list, Cost, dict]:
+    from tasks.evaluate import FlipAveraged, evaluate_pairs, load_model
 
     with _InProcess() as cost:
         model, meta = load_model(model_url)
+        if flip:
+            model = FlipAveraged(model)
         scores = evaluate_pairs(model, _pairs(rows), meta["input_size"], 0.5, meta["resize"])
     return scores, cost, meta
 
@@ -398,7 +402,7 @@ def _summaries(result: MethodResult, cluster: str, drop: dict[str, set[str]]) ->
 def _comparison(columns: dict[str, dict]) -> str:
     """Rows: the seed's measures; columns: the methods, then the seed."""
     names = list(columns)
-    width = 14
+    width = max(14, max(len(n) for n in names) + 2)
     lines = [f"{'':<22}" + "".join(f"{n:>{width}}" for n in names) + f"{'seed':>{width}}"]
     rows = [("mean IoU", lambda s: s["mean_iou"], SEED_TABLE["mean_iou"], 3)]
     rows += [(f"images ≥ {th * 100:g} % IoU", (lambda th: lambda s: s["share_at_least"][th])(th), SEED_TABLE[th], 1)
@@ -516,6 +520,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-grabcut", action="store_true")
     parser.add_argument("--skip-zero-shot", action="store_true")
     parser.add_argument("--skip-finetune", action="store_true")
+    parser.add_argument("--flip", action="store_true",
+                        help="also score the fine-tuned model with test-time flip (two forward passes per photo)")
     parser.add_argument("--run-name", help="training run name under --work/runs (default: a new one). The name of "
                                            "a stopped run resumes it from its last epoch; a finished run is not "
                                            "retrained, only scored, calibrated and registered again")
@@ -622,6 +628,11 @@ def main(argv: list[str] | None = None) -> int:
         results["fine-tuned"] = MethodResult(scores=scores, score_cost=score_cost, train_cost=train_cost,
                                              note=f"{run_url}, {meta['input_size']} px {meta['resize']}")
         print(_cost_line("fine-tuned", results["fine-tuned"], len(rows)), flush=True)
+        if args.flip:
+            scores, flip_cost, _ = _score_model(run_url, rows, flip=True)
+            results["fine-tuned+flip"] = MethodResult(scores=scores, score_cost=flip_cost, train_cost=train_cost,
+                                                      note="the same model, mean of the logits on the photo and its mirror")
+            print(_cost_line("fine-tuned+flip", results["fine-tuned+flip"], len(rows)), flush=True)
         extra.update(history=train_result.history, n_train=train_result.n_train, train_images_per_s=train_result.images_per_s,
                      config=config.to_dict(), train_dataset_url=train_url, dropped_from_train=dropped)
 

@@ -43,6 +43,7 @@ __all__ = [
     "evaluate_dataset",
     "evaluate_folder",
     "evaluate_pairs",
+    "FlipAveraged",
     "load_model",
     "predict_batch",
     "predict_probabilities",
@@ -108,6 +109,21 @@ class OnnxModule(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         probs, _ = self.engine.predict(x.detach().cpu().float().numpy())
         return torch.logit(torch.from_numpy(np.clip(probs, 1e-7, 1 - 1e-7)))[:, None]
+
+
+class FlipAveraged(nn.Module):
+    """Test-time flip: the mean of a model's fused logits on the input and on its horizontal
+    mirror (mirrored back). Wraps anything :func:`predict_batch` accepts and costs two forward
+    passes per image."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = _fused(self.model(torch.cat([x, x.flip(-1)])))
+        plain, mirrored = logits.chunk(2)
+        return (plain + mirrored.flip(-1)) / 2
 
 
 def _load_onnx(model_url: str, storage_options: dict | None) -> tuple[nn.Module, dict[str, Any]]:

@@ -13,6 +13,7 @@ from torch import nn
 
 from tasks import storage
 from tasks.evaluate import (
+    FlipAveraged,
     evaluate_dataset,
     evaluate_folder,
     evaluate_pairs,
@@ -126,6 +127,24 @@ def test_evaluate_pairs_perfect_and_disjoint_square():
     assert full.iou == 1.0 and full.stem == "big"
     with pytest.raises(ValueError, match="threshold"):
         evaluate_pairs(model, [], SIZE, threshold=1.0)
+
+
+def test_flip_averaging_mirrors_back_before_it_averages(tmp_path):
+    model, meta = load_model(_write_run(tmp_path / "run"))
+    image = np.random.default_rng(1).integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8)
+    x = torch.from_numpy(preprocess(image, SIZE))[None]
+    with torch.inference_mode():
+        plain, mirrored = model(x).fused, model(x.flip(-1)).fused.flip(-1)
+        both = FlipAveraged(model)(x)
+    torch.testing.assert_close(both, (plain + mirrored) / 2, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(plain, mirrored, atol=1e-3)  # the random model is not mirror-symmetric
+    # a model that always answers "the top-left quadrant": the mirrored pass answers the top-right
+    # one, so the two halves of the top cancel out (logit 0) and the bottom stays background
+    quadrant = SquareModel(0, SIZE // 2)
+    prob = predict_probabilities(FlipAveraged(quadrant), np.zeros((SIZE, SIZE, 3), np.uint8), SIZE)
+    assert quadrant.seen == [(2, 3, SIZE, SIZE)]
+    np.testing.assert_allclose(prob[: SIZE // 2], 0.5, atol=1e-6)
+    assert prob[SIZE // 2:].max() < 1e-6
 
 
 def test_evaluate_dataset_summarises_the_test_split(tmp_path):
