@@ -5,7 +5,8 @@ route well it must be tied to the IoU it stands for. :func:`calibrate_model` sco
 the validation split (score and true IoU per image), picks the threshold below which images go to
 people so that those whose IoU would fall below ``target_iou`` are caught
 (:func:`tasks.quality.calibrate_threshold`), writes it as ``quality.json`` next to ``model.pt`` —
-it travels into the registry with the model — and reports how that threshold routes the test split.
+it travels into the registry with the model — and reports how that threshold routes the test split,
+as a whole and per cluster (people photos and packshots are routed very differently).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import numpy as np
 
 from tasks.evaluate import decode_image, decode_mask
 from tasks.metrics import iou, resize_to_original
+from tasks.quality import RoutingReport, routing_report
 from tasks.train.data import load_samples
 
 __all__ = ["QualityPoint", "calibrate_model", "score_quality"]
@@ -24,11 +26,12 @@ __all__ = ["QualityPoint", "calibrate_model", "score_quality"]
 
 @dataclass(frozen=True)
 class QualityPoint:
-    """One image's quality score and its true IoU."""
+    """One image's quality score, its true IoU and its cluster."""
 
     stem: str
     score: float
     iou: float
+    cluster: str = "all"
 
 
 def score_quality(model_url: str, dataset_url: str, split: str, storage_options: dict | None = None,
@@ -53,7 +56,8 @@ def score_quality(model_url: str, dataset_url: str, split: str, storage_options:
         for i, (row, mask) in enumerate(zip(chunk, masks)):
             score = quality_score(probs[i], None if sides is None else sides[i]).score
             full = resize_to_original(probs[i], (mask.shape[1], mask.shape[0]))
-            points.append(QualityPoint(stem=row[0], score=float(score), iou=iou(full > threshold, mask > 127)))
+            points.append(QualityPoint(stem=row[0], score=float(score), iou=iou(full > threshold, mask > 127),
+                                       cluster=row[3]))
     return points
 
 
@@ -64,7 +68,8 @@ def calibrate_model(model_url: str, dataset_url: str, storage_options: dict | No
     Scores the ``val`` split (falls back to ``train`` when val is empty), chooses the threshold,
     writes ``<model_url>/quality.json`` and measures the routing on ``test``. Returns
     ``{"threshold", "target_iou", "target_recall", "calibrated_on", "val": RoutingReport dict,
-    "test": RoutingReport dict or None, "text": a printable summary}``.
+    "test": RoutingReport dict or None, "test_by_cluster": {cluster: RoutingReport dict},
+    "text": a printable summary}``.
     """
     from tasks.quality import calibrate_threshold, routing_report, save_calibration
 
@@ -84,8 +89,22 @@ def calibrate_model(model_url: str, dataset_url: str, storage_options: dict | No
             calibration.report.format()]
     if calibration.note:
         text.append(f"note: {calibration.note}")
+    by_cluster = {}
     if test_report is not None:
         text += [f"routing on the test split ({len(test)} images):", test_report.format()]
+        by_cluster = _by_cluster(test, calibration.threshold, target_iou)
+        if len(by_cluster) > 1:
+            text.append("per cluster:")
+            text += [f"  {name:<12} n {r.n:>4d}, bad {r.n_bad:>4d} | routed {r.routed_share * 100:5.1f} % | "
+                     f"recall {r.recall:.3f} | precision {r.precision:.3f} | bad among published "
+                     f"{r.bad_published_share * 100:.1f} %" for name, r in by_cluster.items()]
     return {"threshold": calibration.threshold, "target_iou": target_iou, "target_recall": target_recall,
             "calibrated_on": calibrated_on, "val": calibration.report.to_dict(),
-            "test": None if test_report is None else test_report.to_dict(), "text": "\n".join(text)}
+            "test": None if test_report is None else test_report.to_dict(),
+            "test_by_cluster": {name: r.to_dict() for name, r in by_cluster.items()}, "text": "\n".join(text)}
+
+
+def _by_cluster(points: list[QualityPoint], threshold: float, target_iou: float) -> dict[str, RoutingReport]:
+    clusters = sorted({p.cluster for p in points})
+    return {c: routing_report([p.score for p in points if p.cluster == c], [p.iou for p in points if p.cluster == c],
+                              threshold, target_iou) for c in clusters}

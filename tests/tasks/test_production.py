@@ -88,6 +88,12 @@ def test_threshold_comes_from_the_calibration_unless_given(tmp_path, write_model
     calibration = calibrate_model(model, dataset, target_iou=0.97, target_recall=0.9)
     assert calibration["calibrated_on"] == "val" and calibration["test"]["n"] == 3
     assert calibration["val"]["recall"] >= 0.9 and "routing on the test split" in calibration["text"]
+    by_cluster = calibration["test_by_cluster"]  # the same threshold, measured on each cluster's test pairs
+    test_points = score_quality(model, dataset, "test")
+    assert {c: r["n"] for c, r in by_cluster.items()} == {c: sum(p.cluster == c for p in test_points)
+                                                          for c in {p.cluster for p in test_points}}
+    assert sum(r["true_positive"] for r in by_cluster.values()) == calibration["test"]["true_positive"]
+    assert "per cluster:" in calibration["text"] and "short_sleeved" in calibration["text"]
     assert resolve_threshold(ProductionConfig(), model) == (pytest.approx(calibration["threshold"]),
                                                             f"calibration in {model}/quality.json")
     assert resolve_threshold(ProductionConfig(threshold=0.3), model)[0] == 0.3
