@@ -1,18 +1,18 @@
 """Background-removal throughput: our ``remove`` path beside rembg, on the same ONNX model.
 
 What is measured, per model (U2-NetP / U2-Net, untrained weights: speed does not depend on them),
-exported once with :func:`tasks.export.export_onnx` at ``--size`` (320, what rembg's
+exported once with :func:`tasks.model.export.export_onnx` at ``--size`` (320, what rembg's
 ``u2net_custom`` session feeds):
 
 * ``bgremoval``: what ``bgremoval remove`` does per image — read the JPEG from disk, decode
   (EXIF applied), preprocess, ONNX Runtime on batches of ``--batch`` (intra-op threads = the
   threads given), resize the map back, quality score, RGBA PNG cut-out **and** JPEG on white,
-  both written to disk (:func:`tasks.inference.iter_remove_backgrounds` + ``write_outputs``);
+  both written to disk (:func:`tasks.serving.inference.iter_remove_backgrounds` + ``write_outputs``);
 * ``rembg``: rembg 2.0.86, ``new_session("u2net_custom", model_path=<the same .onnx>)`` with the
   file inside ``U2NET_HOME`` and ``OMP_NUM_THREADS`` = the same threads, ``remove(bytes)`` per
   image (decode, EXIF, inference at 320, resize, cut-out, PNG encode), the PNG written to disk.
 
-Images: ``--n`` synthetic product photos (:mod:`tasks.synth`) resized to exactly ``--width`` ×
+Images: ``--n`` synthetic product photos (:mod:`tasks.dev.synth`) resized to exactly ``--width`` ×
 ``--height`` (1000×1333 by default, the size DESIGN.md's rembg numbers were taken at), JPEG q92,
 in a temporary folder. One warm-up pass of ``--warmup`` images per row is not timed. All rows run
 ``--repeat`` times, interleaved, and each keeps its fastest round (other work on the machine only
@@ -54,7 +54,7 @@ def _cores() -> int:
 
 def make_images(folder: Path, n: int, width: int, height: int, seed: int = 11) -> list[str]:
     """Write ``n`` synthetic product JPEGs of exactly ``width``×``height``; return their paths."""
-    from tasks.synth import SynthConfig, encode_jpeg, render_item
+    from tasks.dev.synth import SynthConfig, encode_jpeg, render_item
 
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -72,7 +72,7 @@ def export_model(name: str, size: int, home: Path) -> str:
     """Export an untrained ``name`` to ``home/<name>_custom.onnx``; return the path."""
     import torch
 
-    from tasks.export import export_onnx
+    from tasks.model.export import export_onnx
     from tasks.model import build_model
 
     home.mkdir(parents=True, exist_ok=True)
@@ -91,7 +91,7 @@ def _percentiles(latencies: list[float]) -> tuple[float, float]:
 def run_ours(onnx_path: str, paths: list[str], out: Path, threads: int, batch: int, warmup: int,
              png_compression: int) -> dict:
     """Time the bgremoval path on ``paths``; returns img/s and latencies."""
-    from tasks.inference import InferenceConfig, iter_remove_backgrounds, load_engine, write_outputs
+    from tasks.serving.inference import InferenceConfig, iter_remove_backgrounds, load_engine, write_outputs
 
     engine = load_engine(onnx_path, threads=threads)
     config = InferenceConfig(batch_size=batch, io_threads=threads, png_compression=png_compression)

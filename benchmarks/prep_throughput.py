@@ -3,11 +3,11 @@
 What it measures, on local storage in a temporary folder (nothing is written to the repository):
 
 1. **Cleaning throughput** (pairs/s) of the real stage functions, exactly as the training DAG
-   chains them: ``tasks.ingest.plan_batch`` -> ``clean_shard`` for every shard (one after the
+   chains them: ``tasks.data.ingest.plan_batch`` -> ``clean_shard`` for every shard (one after the
    other, each with its ``io_threads`` pool) -> ``finalize_dataset``, with the default
    ``CleaningConfig()`` (working size 320) and ``shard_size`` 250. It runs on
 
-   a. a synthetic catalogue from ``tasks.synth.generate_catalogue`` (``--n`` pairs, long side up to
+   a. a synthetic catalogue from ``tasks.dev.synth.generate_catalogue`` (``--n`` pairs, long side up to
       ``--max-side`` = 1333 px, the studio sizes); generation time is not counted;
    b. ``../shared/data/viton-garments`` (real in-shop garment photos, 192x256) when that folder is
       present: ``--real-n`` pairs are copied into a temporary ``raw/<batch>/images|masks`` (the
@@ -65,9 +65,9 @@ import PIL  # noqa: E402
 from PIL import Image  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from tasks.cleaning import CleaningConfig, working_size_for  # noqa: E402
-from tasks.ingest import clean_shard, finalize_dataset, plan_batch  # noqa: E402
-from tasks.synth import SynthConfig, generate_catalogue  # noqa: E402
+from tasks.data.cleaning import CleaningConfig, working_size_for  # noqa: E402
+from tasks.data.ingest import clean_shard, finalize_dataset, plan_batch  # noqa: E402
+from tasks.dev.synth import SynthConfig, generate_catalogue  # noqa: E402
 
 VITON_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "viton-garments"
 SHARD_SIZE = 250

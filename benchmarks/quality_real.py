@@ -12,33 +12,33 @@ Steps (the project's own stages, as the training DAG runs them):
 1. a raw batch under ``--work`` (``bucket/raw/<batch>/images|masks``) whose files are per-file
    symlinks to the sets' files (stems are ``viton_*`` / ``ccp_*``, so they never collide); the
    data folder is only linked, never written or copied into the repository;
-2. cleaning (``tasks.ingest``) at working size ``--working-size`` (default 512: ccp keeps its
+2. cleaning (``tasks.data.ingest``) at working size ``--working-size`` (default 512: ccp keeps its
    native 512 px; viton's 192×256 is *upscaled* to 384×512 for training);
 3. the cluster of a row is its set (``tops`` / ``people``), and a hash-stable 80/10/10 split
-   stratified by cluster (``tasks.splits``, seed 0);
+   stratified by cluster (``tasks.data.splits``, seed 0);
 4. the methods, each scored on the SAME test rows by the SAME code:
 
    * **GrabCut** (``cv2.grabCut``) from a centred rectangle with a 5 % margin on each side,
      5 iterations, at the photo's own resolution: an anchor that needs no training. Its
      prediction is binary, so its "MAE" is the share of wrong pixels;
    * **zero-shot**: the published U2-NetP (rembg's ``u2netp.onnx``) through ONNX Runtime at its
-     fixed 320 px input (``tasks.evaluate.load_model`` on the ``.onnx`` path);
+     fixed 320 px input (``tasks.evaluation.scoring.load_model`` on the ``.onnx`` path);
    * **fine-tuned**: U2-NetP trained on the train split of all selected sets together
      (``tasks.train.ddp.launch_local``, ``--workers`` torch.distributed processes), starting from
      the published weights (``--init pretrained``; the loop calibrates their identity batch-norm
      on the first training images) or from scratch (``--init scratch``), at ``--input-size``;
    * **fine-tuned+flip** (``--flip``): the same model with test-time flip
-     (:class:`tasks.evaluate.FlipAveraged`: the mean of the logits on the photo and its mirror).
+     (:class:`tasks.evaluation.scoring.FlipAveraged`: the mean of the logits on the photo and its mirror).
 
-Scoring. ``tasks.evaluate.score_dataset`` scores the *clean* pairs of the manifest
+Scoring. ``tasks.evaluation.scoring.score_dataset`` scores the *clean* pairs of the manifest
 (``image_url``/``mask_url``: the image and mask at working resolution, i.e. viton upscaled to
 384×512 and re-encoded), not the photos. This benchmark therefore scores the manifest's
 ``image_source``/``mask_source`` (the original photo and mask) with the same function
-``score_dataset`` ends in, :func:`tasks.evaluate.evaluate_pairs`: the network sees the original
+``score_dataset`` ends in, :func:`tasks.evaluation.scoring.evaluate_pairs`: the network sees the original
 photo (preprocessed as in training), the probability map is resized straight to the original
-mask's size, thresholded at 0.5, and IoU / MAE / boundary F come from ``tasks.metrics``. GrabCut's
-masks go through the same ``tasks.metrics`` functions. Each table is
-``tasks.metrics.summarise``/``format_summary`` of per-image scores, printed per set and method
+mask's size, thresholded at 0.5, and IoU / MAE / boundary F come from ``tasks.evaluation.metrics``. GrabCut's
+masks go through the same ``tasks.evaluation.metrics`` functions. Each table is
+``tasks.evaluation.metrics.summarise``/``format_summary`` of per-image scores, printed per set and method
 next to the seed's numbers (U2-Net on the seed's studio data: mean 99.435 %, 99.3 / 98.7 / 93.1 %
 of images at ≥ 95 / 97 / 99 % IoU).
 
@@ -67,7 +67,7 @@ relaunched by itself up to ``--train-retries`` times), a finished one is only sc
 training cost is summed over the invocations of a run.
 
 For the fine-tuned model the script also calibrates the production routing threshold
-(``tasks.calibration.calibrate_model`` with target IoU 0.97, on val; routing measured on test —
+(``tasks.evaluation.calibration.calibrate_model`` with target IoU 0.97, on val; routing measured on test —
 note that it scores the clean pairs, at working resolution, without the audit-flagged ones),
 registers the model as
 ``--model-name`` with the alias ``champion`` in the MLflow store (``--mlflow``, default SQLite under
@@ -128,10 +128,10 @@ def _link_batch(work: Path, sets: list[str]) -> str:
 
 
 def _prepare(work: Path, sets: list[str], working_size: int) -> dict:
-    from tasks import ingest
-    from tasks.cleaning import CleaningConfig
-    from tasks.manifest import read_table, write_table
-    from tasks.splits import SplitConfig, format_split_summary, split_dataset, split_summary
+    from tasks.data import ingest
+    from tasks.data.cleaning import CleaningConfig
+    from tasks.core.manifest import read_table, write_table
+    from tasks.data.splits import SplitConfig, format_split_summary, split_dataset, split_summary
 
     batch = _link_batch(work, sets)
     config = CleaningConfig(working_size=working_size)
@@ -181,8 +181,8 @@ def _train_dataset(dataset: dict, max_train: int | None, excluded: set[str], aud
     same val/test) with excluded stems and pairs beyond ``max_train`` per set taken out of train,
     and with ``audit == "keep"`` every mask the cleaning audit flagged marked as kept (so the loop
     trains on it)."""
-    from tasks.manifest import audit_flagged, write_table
-    from tasks.splits import stem_uniform
+    from tasks.core.manifest import audit_flagged, write_table
+    from tasks.data.splits import stem_uniform
 
     manifest = dataset["manifest"].copy()
     train = (manifest["status"] == "ok") & (manifest["split"] == "train")
@@ -228,7 +228,7 @@ class TestRow:
 
 
 def _test_rows(manifest) -> list[TestRow]:
-    from tasks.manifest import audit_excluded
+    from tasks.core.manifest import audit_excluded
 
     manifest = manifest.assign(audit_flagged_now=audit_excluded(manifest))
     rows = manifest[(manifest["status"] == "ok") & (manifest["split"] == "test")].sort_values("key")
@@ -241,7 +241,7 @@ def _audit_counts(manifest, clusters: list[str]) -> str:
     """Per set and split: how many clean pairs the cleaning's mask audit flagged."""
     from collections import Counter
 
-    from tasks.manifest import audit_excluded
+    from tasks.core.manifest import audit_excluded
 
     ok = manifest[manifest["status"] == "ok"]
     flagged = ok[audit_excluded(ok)]
@@ -256,10 +256,10 @@ def _audit_counts(manifest, clusters: list[str]) -> str:
 
 
 def _pairs(rows: list[TestRow]):
-    from tasks.evaluate import decode_image, decode_mask
+    from tasks.core.codecs import read_image, read_mask
 
     for row in rows:
-        yield row.key, row.cluster, decode_image(row.image, None), decode_mask(row.mask, None)
+        yield row.key, row.cluster, read_image(row.image, None), read_mask(row.mask, None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -317,7 +317,7 @@ def grabcut_mask(image_rgb, margin: float = GRABCUT_MARGIN, iterations: int = GR
 def _run_grabcut(rows: list[TestRow]) -> MethodResult:
     import numpy as np
 
-    from tasks.metrics import ImageScore, boundary_f, iou, mae
+    from tasks.evaluation.metrics import ImageScore, boundary_f, iou, mae
 
     scores = []
     with _InProcess() as cost:
@@ -334,7 +334,7 @@ def _run_grabcut(rows: list[TestRow]) -> MethodResult:
 
 
 def _score_model(model_url: str, rows: list[TestRow], flip: bool = False) -> tuple[list, Cost, dict]:
-    from tasks.evaluate import FlipAveraged, evaluate_pairs, load_model
+    from tasks.evaluation.scoring import FlipAveraged, evaluate_pairs, load_model
 
     with _InProcess() as cost:
         model, meta = load_model(model_url)
@@ -362,7 +362,7 @@ def _save_anchor(path: Path, rows: list[TestRow], result: MethodResult) -> Metho
 
 def _load_anchor(path: Path, rows: list[TestRow]) -> MethodResult | None:
     """Per-image scores saved by an earlier run, when it scored exactly these test rows."""
-    from tasks.metrics import ImageScore
+    from tasks.evaluation.metrics import ImageScore
 
     if not path.is_file():
         return None
@@ -388,7 +388,7 @@ VARIANTS = (("all", "all test photos"),
 
 
 def _summaries(result: MethodResult, cluster: str, drop: dict[str, set[str]]) -> dict[str, dict]:
-    from tasks.metrics import summarise
+    from tasks.evaluation.metrics import summarise
 
     mine = [s for s in result.scores if s.cluster == cluster]
     out = {"all": summarise(mine)} if mine else {}
@@ -442,7 +442,9 @@ def _contact_sheet(model_url: str, rows: list[TestRow], worst: list[dict], path:
     import cv2
     import numpy as np
 
-    from tasks.evaluate import decode_image, decode_mask, load_model, predict_probabilities
+    from tasks.core.codecs import read_image, read_mask
+
+    from tasks.evaluation.scoring import load_model, predict_probabilities
 
     model, meta = load_model(model_url)
     by_key = {r.key: r for r in rows}
@@ -450,7 +452,7 @@ def _contact_sheet(model_url: str, rows: list[TestRow], worst: list[dict], path:
     height = 256
     for entry in worst:
         row = by_key[entry["stem"]]
-        image, truth = decode_image(row.image, None), decode_mask(row.mask, None)
+        image, truth = read_image(row.image, None), read_mask(row.mask, None)
         prob = predict_probabilities(model, image, meta["input_size"], meta["resize"], (truth.shape[1], truth.shape[0]))
         pred = (prob > 0.5).astype(np.uint8)
         scale = height / image.shape[0]
@@ -540,7 +542,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     lr = args.lr if args.lr is not None else (5e-4 if args.init == "pretrained" else 2e-3)
 
-    from tasks.metrics import format_summary
+    from tasks.evaluation.metrics import format_summary
 
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -555,7 +557,7 @@ def main(argv: list[str] | None = None) -> int:
     excluded = _read_stems(args.exclude_stems)
     rows = _test_rows(dataset["manifest"])
     if args.max_test is not None:
-        from tasks.splits import stem_uniform
+        from tasks.data.splits import stem_uniform
 
         rows = sorted(rows, key=lambda r: (stem_uniform(r.stem, 0), r.stem))
         rows = sorted([r for c in {r.cluster for r in rows} for r in [x for x in rows if x.cluster == c][:args.max_test]],
@@ -690,7 +692,7 @@ def main(argv: list[str] | None = None) -> int:
     calibration = registered = None
     if run_url is not None:
         from tasks import registry
-        from tasks.calibration import calibrate_model
+        from tasks.evaluation.calibration import calibrate_model
 
         with _InProcess() as calib_cost:
             calibration = calibrate_model(run_url, extra["train_dataset_url"], target_iou=0.97)

@@ -7,7 +7,7 @@ forward of ``build_model(model)`` in training mode, the deep-supervision loss
 maps, summed, computed in float32), ``backward()``, and a ``torch.optim.Adam`` step
 (lr 1e-3, betas 0.9/0.999, eps 1e-8, no weight decay: the original U-2-Net optimiser), then
 ``zero_grad``. Inputs are one fixed batch of synthetic products rendered with
-``tasks.synth.render_item``, stretched to ``size``x``size`` and normalised with the ImageNet
+``tasks.dev.synth.render_item``, stretched to ``size``x``size`` and normalised with the ImageNet
 mean/std as ``tasks.train.data.SegmentationDataset`` does; data loading is NOT timed (one batch is
 built before the first step and reused), so the numbers are the model's training compute.
 
@@ -93,7 +93,7 @@ import torch.distributed as dist  # noqa: E402
 from torch import nn  # noqa: E402
 
 from tasks.model import MODEL_NAMES, build_model, count_parameters  # noqa: E402
-from tasks.synth import SynthConfig, render_item  # noqa: E402
+from tasks.dev.synth import SynthConfig, render_item  # noqa: E402
 from tasks.train.batch_size import find_batch_size, training_step_probe  # noqa: E402
 from tasks.train.data import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from tasks.train.ddp import stop_process_group, torchrun_executable  # noqa: E402

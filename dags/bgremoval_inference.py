@@ -54,7 +54,7 @@ def bgremoval_inference():
 
     @task
     def plan_drop(params=None) -> dict:
-        from tasks.production import plan_production
+        from tasks.feedback.production import plan_production
 
         plan = plan_production(f"s3://{params['bucket']}", params["batch"], int(params["shard_size"]),
                                s3_storage_options())
@@ -83,7 +83,7 @@ def bgremoval_inference():
 
     @task(max_active_tis_per_dagrun=4, retries=1)
     def cut_out_shard(shard_url: str, model: dict, params=None) -> dict:
-        from tasks.production import process_shard
+        from tasks.feedback.production import process_shard
 
         result = process_shard(f"s3://{params['bucket']}", params["batch"], shard_url, model["model_uri"],
                                production_config(params), model_version=model["version"],
@@ -94,7 +94,7 @@ def bgremoval_inference():
 
     @task(outlets=[retraining_pool])
     def report_drop(results: list[dict], params=None, outlet_events=None) -> dict:
-        from tasks.production import summarise_production
+        from tasks.feedback.production import summarise_production
 
         summary = summarise_production(params["batch"], list(results))
         print(f"batch {summary['batch']}: {summary['images']} photos → published {summary['published']}, "

@@ -44,7 +44,7 @@ def bgremoval_retraining():
     @task
     def find_new_pairs(params=None) -> dict:
         from tasks import registry
-        from tasks.retraining import new_pool_pairs, read_state
+        from tasks.feedback.retraining import new_pool_pairs, read_state
 
         bucket_url, options = f"s3://{params['bucket']}", s3_storage_options()
         state = read_state(bucket_url, options)
@@ -73,7 +73,7 @@ def bgremoval_retraining():
 
     @task
     def build_dataset(found: dict, params=None) -> dict:
-        from tasks.retraining import RetrainingConfig, build_retraining_dataset, format_result, new_pool_pairs, read_state
+        from tasks.feedback.retraining import RetrainingConfig, build_retraining_dataset, format_result, new_pool_pairs, read_state
 
         bucket_url, options = f"s3://{params['bucket']}", s3_storage_options()
         pairs = [p for p in new_pool_pairs(bucket_url, read_state(bucket_url, options), options)
@@ -94,7 +94,7 @@ def bgremoval_retraining():
 
     @task
     def record_state(dataset: dict, params=None, run_id=None, ti=None) -> dict:
-        from tasks.retraining import advance_state, read_state, write_state
+        from tasks.feedback.retraining import advance_state, read_state, write_state
 
         bucket_url, options = f"s3://{params['bucket']}", s3_storage_options()
         triggered = ti.xcom_pull(task_ids="trigger_training", key="trigger_run_id")

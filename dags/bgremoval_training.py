@@ -71,7 +71,7 @@ def bgremoval_training():
 
     @task
     def reuse_dataset(params=None) -> dict:
-        from tasks import storage
+        from tasks.core import storage
 
         version = params["dataset_version"].strip()
         dataset_url = f"s3://{params['bucket']}/datasets/{version}"
@@ -96,7 +96,7 @@ def bgremoval_training():
 
     @task
     def plan_shards(params=None) -> dict:
-        from tasks.ingest import plan_batch
+        from tasks.data.ingest import plan_batch
 
         return plan_batch(
             bucket_url=f"s3://{params['bucket']}",
@@ -114,8 +114,8 @@ def bgremoval_training():
     def clean_shard(shard_url: str, plan: dict, params=None) -> dict:
         from functools import partial
 
-        from tasks.inference import audit_engine, probability_map
-        from tasks.ingest import clean_shard as clean
+        from tasks.serving.inference import audit_engine, probability_map
+        from tasks.data.ingest import clean_shard as clean
 
         engine, why = audit_engine(params["audit_model"], params["registered_model"], s3_storage_options())
         print(f"mask audit, model check: {why}")
@@ -130,8 +130,8 @@ def bgremoval_training():
 
     @task(trigger_rule="none_failed_min_one_success")
     def finalize_dataset(plan: dict, shard_results: list[dict]) -> dict:
-        from tasks.ingest import finalize_dataset as finalize
-        from tasks.ingest import format_summary
+        from tasks.data.ingest import finalize_dataset as finalize
+        from tasks.data.ingest import format_summary
 
         summary = finalize(
             dataset_url=plan["dataset_url"],
@@ -145,20 +145,20 @@ def bgremoval_training():
 
     @task
     def feature_shards(dataset: dict, params=None) -> list[dict]:
-        from tasks.features import plan_feature_shards
+        from tasks.data.features import plan_feature_shards
 
         return plan_feature_shards(dataset["dataset_url"], int(params["shard_size"]), s3_storage_options())
 
     @task(max_active_tis_per_dagrun=4)
     def extract_features(dataset_url: str, shard: int, start: int, stop: int) -> dict:
-        from tasks.features import extract_shard_features
+        from tasks.data.features import extract_shard_features
 
         return extract_shard_features(dataset_url, shard, start, stop, s3_storage_options())
 
     @task
     def cluster_products(dataset: dict, features: list[dict], params=None) -> dict:
-        from tasks import storage
-        from tasks.clustering import ClusteringConfig, cluster_dataset, format_clusters
+        from tasks.core import storage
+        from tasks.data.clustering import ClusteringConfig, cluster_dataset, format_clusters
 
         options = s3_storage_options()
         truth_url = f"s3://{params['bucket']}/raw/{params['batch']}/truth.csv"
@@ -197,13 +197,13 @@ def bgremoval_training():
 
     @task
     def apply_review(dataset: dict) -> dict:
-        from tasks.review import apply_review as apply
+        from tasks.data.review import apply_review as apply
 
         return apply(dataset["dataset_url"], s3_storage_options())
 
     @task
     def split_dataset(dataset: dict, reviewed: dict, params=None) -> dict:
-        from tasks.splits import split_dataset as split
+        from tasks.data.splits import split_dataset as split
 
         previous = params["previous_dataset"].strip()
         previous_url = f"s3://{params['bucket']}/datasets/{previous}/manifest.parquet" if previous else None
@@ -211,8 +211,8 @@ def bgremoval_training():
 
     @task
     def plan_augmentation(dataset: dict, params=None) -> list[dict]:
-        from tasks.augment import plan_augmentation as plan
-        from tasks.manifest import read_table
+        from tasks.data.augment import plan_augmentation as plan
+        from tasks.core.manifest import read_table
 
         options = s3_storage_options()
         manifest = read_table(f"{dataset['dataset_url']}/manifest.parquet", options)
@@ -221,14 +221,14 @@ def bgremoval_training():
 
     @task(max_active_tis_per_dagrun=4)
     def augment_cluster(cluster: str, n: int, dataset: dict, params=None) -> dict:
-        from tasks.augment import augment_cluster as augment
+        from tasks.data.augment import augment_cluster as augment
 
         config = augment_config(params, int(params["working_size"]))
         return augment(dataset["dataset_url"], cluster, n, config, s3_storage_options())
 
     @task(trigger_rule="none_failed")
     def finalize_augmentation(dataset: dict, parts: list[dict]) -> dict:
-        from tasks.augment import finalize_augmentation as finalize
+        from tasks.data.augment import finalize_augmentation as finalize
 
         return finalize(dataset["dataset_url"], [p["part_url"] for p in parts], s3_storage_options())
 
@@ -283,7 +283,7 @@ def bgremoval_training():
 
     @task(trigger_rule="none_failed_min_one_success")
     def evaluate_model(dataset: dict, local: dict | None, remote: dict | None, params=None, run_id=None) -> dict:
-        from tasks.assessment import assess_challenger
+        from tasks.evaluation.assessment import assess_challenger
 
         trained = local or remote
         output_url = _output_url(params, dataset, run_id)
@@ -312,7 +312,7 @@ def bgremoval_training():
 
     @task
     def calibrate_quality(dataset: dict, assessment: dict, params=None) -> dict:
-        from tasks.calibration import calibrate_model
+        from tasks.evaluation.calibration import calibrate_model
 
         calibration = calibrate_model(assessment["model_url"], dataset["dataset_url"], s3_storage_options(),
                                       target_iou=float(params["routing_target_iou"]))
@@ -330,7 +330,7 @@ def bgremoval_training():
 
     @task
     def promote_model(dataset: dict, assessment: dict, params=None, run_id=None) -> dict:
-        from tasks.assessment import register_and_promote
+        from tasks.evaluation.assessment import register_and_promote
 
         promoted = register_and_promote(assessment, dataset["version"], assessment_config(params),
                                         s3_storage_options(), user=f"airflow:{run_id}")

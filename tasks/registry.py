@@ -4,8 +4,8 @@ A registered version holds one MLflow model (PyTorch flavour: the network wrappe
 returns foreground probabilities, with a signature and an input example) and, as extra files, the
 three files production needs without MLflow's loader: ``model.pt`` (the state dict),
 ``config.json`` (model name, widths, input size, resize mode) and ``model.onnx`` (see
-:mod:`tasks.export`). :func:`download_model` puts those three in one folder, which
-:func:`tasks.evaluate.load_model` and :mod:`tasks.inference` read.
+:mod:`tasks.model.export`). :func:`download_model` puts those three in one folder, which
+:func:`tasks.model.io.load_model` and :mod:`tasks.serving.inference` read.
 
 Promotion uses registered-model **aliases**, never the deprecated stages: ``champion`` is the
 model in production and ``previous`` the one it replaced. Every promotion is appended to the
@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from tasks import storage
+from tasks.core import storage
 from tasks.model.pretrained import PRETRAINED, find_pretrained_onnx, write_pretrained_folder
 
 __all__ = [
@@ -51,7 +51,7 @@ CHAMPION = "champion"
 PREVIOUS = "previous"
 _HISTORY_TAG = "champion_history"
 _EXTRA_FILES = ("model.pt", "config.json", "model.onnx")
-_OPTIONAL_FILES = ("quality.json",)  # the calibrated routing threshold (tasks.calibration)
+_OPTIONAL_FILES = ("quality.json",)  # the calibrated routing threshold (tasks.evaluation.calibration)
 
 
 def _client(tracking_uri: str | None = None):
@@ -121,8 +121,8 @@ def register_model(model_url: str, name: str = DEFAULT_MODEL_NAME, run_id: str |
     import mlflow
     from mlflow.models import infer_signature
 
-    from tasks.evaluate import load_model
-    from tasks.export import ProbabilityHead, export_onnx
+    from tasks.model.io import load_model
+    from tasks.model.export import ProbabilityHead, export_onnx
 
     client = _client(tracking_uri)
     model, meta = load_model(model_url, storage_options=storage_options)

@@ -51,7 +51,7 @@ def pytest_sessionfinish(session, exitstatus):
 @pytest.fixture(scope="session")
 def moto_endpoint():
     """A real ``moto_server`` on a free loopback port for the whole session; yields its URL."""
-    from tasks import stack
+    from tasks.dev import stack
 
     port = stack.free_port()
     paths = stack.StackPaths(_STATE / "moto")
@@ -70,7 +70,8 @@ def s3_bucket(moto_endpoint, monkeypatch):
 
     Also points the environment (boto, the CLI and Airflow's ``aws_default`` connection) at it.
     """
-    from tasks import stack, storage
+    from tasks.dev import stack
+    from tasks.core import storage
 
     env = moto_connection_env(moto_endpoint)
     for key, value in env.items():
@@ -84,7 +85,7 @@ def s3_bucket(moto_endpoint, monkeypatch):
 @pytest.fixture(scope="session")
 def airflow_db():
     """Migrate the session's SQLite Airflow metadata database once; yields AIRFLOW_HOME."""
-    from tasks import stack
+    from tasks.dev import stack
 
     result = subprocess.run(
         [stack.venv_bin("airflow"), "db", "migrate"], env=dict(os.environ), capture_output=True, text=True
@@ -95,7 +96,7 @@ def airflow_db():
 
 def moto_connection_env(endpoint: str) -> dict[str, str]:
     """Environment variables that point boto, the CLI and ``aws_default`` at a moto endpoint."""
-    from tasks import stack
+    from tasks.dev import stack
 
     env = stack.stack_environment(stack.StackPaths(_STATE / "stack"), int(endpoint.rsplit(":", 1)[1]))
     keys = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "AIRFLOW_CONN_AWS_DEFAULT")
@@ -108,7 +109,7 @@ def api_server(airflow_db, moto_endpoint):
 
     Yields its base URL. No scheduler runs: DAG runs are executed by ``airflow dags test``.
     """
-    from tasks import stack
+    from tasks.dev import stack
 
     port = stack.free_port()
     env = {
@@ -130,8 +131,8 @@ def api_server(airflow_db, moto_endpoint):
 
 @pytest.fixture()
 def reviewer(api_server):
-    """A :class:`tasks.airflow_client.AirflowClient` logged in as the reviewer."""
-    from tasks.airflow_client import AirflowClient
+    """A :class:`tasks.dev.airflow_client.AirflowClient` logged in as the reviewer."""
+    from tasks.dev.airflow_client import AirflowClient
 
     return AirflowClient(api_server, "reviewer", PASSWORDS["reviewer"])
 
@@ -139,7 +140,7 @@ def reviewer(api_server):
 @pytest.fixture()
 def client_for(api_server):
     """Factory: ``client_for("viewer")``, or ``client_for(None)`` for an anonymous client."""
-    from tasks.airflow_client import AirflowClient
+    from tasks.dev.airflow_client import AirflowClient
 
     return lambda user: AirflowClient(api_server, user, PASSWORDS.get(user))
 

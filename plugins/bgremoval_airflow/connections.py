@@ -1,4 +1,4 @@
-"""Turn Airflow connections into the ``storage_options`` that ``tasks.storage`` passes to fsspec."""
+"""Turn Airflow connections into the ``storage_options`` that ``tasks.core.storage`` passes to fsspec."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ def s3_storage_options(aws_conn_id: str = AWS_CONN_ID) -> dict:
     """
     from airflow.providers.amazon.aws.hooks.s3 import S3Hook
 
-    from tasks.storage import s3_storage_options as build
+    from tasks.core.storage import s3_storage_options as build
 
     hook = S3Hook(aws_conn_id=aws_conn_id)
     credentials = hook.get_credentials()

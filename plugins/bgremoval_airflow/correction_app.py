@@ -3,7 +3,7 @@
 Routes added to the review app (``review_app.create_app`` includes :func:`correction_router`),
 so they live below ``/bgremoval`` with the same login. Reading needs read access to the
 inference DAG; deciding needs the right to answer its human-in-the-loop tasks (simple auth
-manager: role ``user`` or higher; a ``viewer`` can look only). Storage is :mod:`tasks.corrections`.
+manager: role ``user`` or higher; a ``viewer`` can look only). Storage is :mod:`tasks.feedback.queue`.
 
 * ``GET  /corrections?bucket=B[&show=all]``           the queue page (thumbnails, score, batch)
 * ``GET  /corrections/{item_id}?bucket=B``            the editor: photo + mask overlay, brush, upload
@@ -61,7 +61,7 @@ def bucket_url(bucket: str) -> str:
 
 
 def _item_id(item_id: str) -> str:
-    from tasks.corrections import CorrectionsError, check_id
+    from tasks.feedback.queue import CorrectionsError, check_id
 
     try:
         return check_id(item_id)
@@ -70,8 +70,8 @@ def _item_id(item_id: str) -> str:
 
 
 def _decide(bucket: str, item_id: str, user: str, **kwargs) -> dict:
-    """Call :func:`tasks.corrections.decide` and turn its errors into HTTP answers."""
-    from tasks.corrections import AlreadyDecided, CorrectionsError, decide
+    """Call :func:`tasks.feedback.queue.decide` and turn its errors into HTTP answers."""
+    from tasks.feedback.queue import AlreadyDecided, CorrectionsError, decide
 
     try:
         return decide(bucket_url(bucket), _item_id(item_id), user=user, storage_options=_storage_options(), **kwargs)
@@ -96,13 +96,13 @@ def _links(item_id: str, bucket: str) -> dict:
 
 
 def _queue(bucket: str, include_done: bool) -> list[dict]:
-    from tasks.corrections import list_queue
+    from tasks.feedback.queue import list_queue
 
     return [{**item, "links": _links(item["item_id"], bucket)} for item in list_queue(bucket_url(bucket), _storage_options(), include_done)]
 
 
 def _item_bytes(bucket: str, item_id: str, name: str) -> bytes:
-    from tasks.corrections import read_item_file
+    from tasks.feedback.queue import read_item_file
 
     try:
         return read_item_file(bucket_url(bucket), _item_id(item_id), name, _storage_options())
@@ -121,7 +121,7 @@ def correction_router() -> APIRouter:
 
     @router.get("/api/corrections/{item_id}", dependencies=[can_read])
     def get_item(item_id: str, bucket: str = Query(DEFAULT_BUCKET)) -> dict:
-        from tasks.corrections import read_item
+        from tasks.feedback.queue import read_item
 
         try:
             item = read_item(bucket_url(bucket), _item_id(item_id), _storage_options())
@@ -148,7 +148,7 @@ def correction_router() -> APIRouter:
 
     @router.get("/api/corrections/{item_id}/thumbnail", dependencies=[can_read])
     def get_thumbnail(item_id: str, bucket: str = Query(DEFAULT_BUCKET)) -> Response:
-        from tasks.review import thumbnail_jpeg
+        from tasks.data.review import thumbnail_jpeg
 
         data = thumbnail_jpeg(_item_bytes(bucket, item_id, "image"), _item_bytes(bucket, item_id, "mask"), size=200)
         return Response(data, media_type="image/jpeg", headers=_IMMUTABLE)

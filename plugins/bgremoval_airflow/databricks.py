@@ -228,7 +228,7 @@ def read_train_result(output_url: str, storage_options: dict | None = None) -> d
     Airflow side (e.g. from ``aws_default``). Raises ``FileNotFoundError`` when the run wrote no result
     (it failed, or wrote elsewhere).
     """
-    from tasks import storage
+    from tasks.core import storage
 
     url = storage.join(output_url, "result.json")
     if not storage.exists(url, storage_options):

@@ -30,7 +30,7 @@ def batch_params(folder: str = "raw") -> dict[str, Param]:
 
 
 def cleaning_params() -> dict[str, Param]:
-    """Params of the cleaning stage (see ``tasks.cleaning.CleaningConfig``)."""
+    """Params of the cleaning stage (see ``tasks.data.cleaning.CleaningConfig``)."""
     return {
         "working_size": Param(
             320,
@@ -77,7 +77,7 @@ def cleaning_params() -> dict[str, Param]:
 
 def cleaning_config(params: dict):
     """Build a ``CleaningConfig`` from a run's params; returns the dataclass."""
-    from tasks.cleaning import CleaningConfig
+    from tasks.data.cleaning import CleaningConfig
 
     return CleaningConfig(
         working_size=int(params["working_size"]),
@@ -139,7 +139,7 @@ def review_params() -> dict[str, Param]:
 
 def split_config(params: dict):
     """Build a ``SplitConfig`` from a run's params; returns the dataclass."""
-    from tasks.splits import SplitConfig
+    from tasks.data.splits import SplitConfig
 
     val, test = float(params["val_fraction"]), float(params["test_fraction"])
     return SplitConfig(train=round(1.0 - val - test, 10), val=val, test=test, seed=int(params["seed"]))
@@ -147,7 +147,7 @@ def split_config(params: dict):
 
 def augment_config(params: dict, working_size: int):
     """Build an ``AugmentConfig`` from a run's params; returns the dataclass."""
-    from tasks.augment import AugmentConfig
+    from tasks.data.augment import AugmentConfig
 
     return AugmentConfig(target_per_cluster=int(params["target_per_cluster"]), seed=int(params["seed"]), working_size=working_size)
 
@@ -281,7 +281,7 @@ def train_config(params: dict, dataset_url: str, output_url: str, storage_option
 
 
 def evaluation_params() -> dict[str, Param]:
-    """Params of the evaluation gate and the registry (see ``tasks.gate.GateConfig``)."""
+    """Params of the evaluation gate and the registry (see ``tasks.evaluation.gate.GateConfig``)."""
     return {
         "iou_gate": Param(
             0.97,
@@ -330,8 +330,8 @@ def evaluation_params() -> dict[str, Param]:
 
 def assessment_config(params: dict):
     """Build the ``AssessmentConfig`` (gate thresholds, registered model) from the run's params."""
-    from tasks.assessment import AssessmentConfig
-    from tasks.gate import GateConfig
+    from tasks.evaluation.assessment import AssessmentConfig
+    from tasks.evaluation.gate import GateConfig
 
     gate = GateConfig(iou_gate=float(params["iou_gate"]), cluster_iou_gate=float(params["cluster_iou_gate"]),
                       tolerance=float(params["tolerance"]))
@@ -339,7 +339,7 @@ def assessment_config(params: dict):
 
 
 def production_params() -> dict[str, Param]:
-    """Params of the production pass (see ``tasks.production.ProductionConfig``)."""
+    """Params of the production pass (see ``tasks.feedback.production.ProductionConfig``)."""
     return {
         "quality_threshold": Param(
             0.0,
@@ -383,7 +383,7 @@ def production_params() -> dict[str, Param]:
 
 def production_config(params: dict):
     """Build the ``ProductionConfig`` of a production run from its params."""
-    from tasks.production import ProductionConfig
+    from tasks.feedback.production import ProductionConfig
 
     threshold = float(params["quality_threshold"])
     return ProductionConfig(threshold=threshold or None, background=params["background"],
@@ -395,7 +395,7 @@ RETRAINING_POOL_ASSET_NAME = "bgremoval_retraining_pool"
 
 
 def retraining_params() -> dict[str, Param]:
-    """Params of the retraining loop (see ``tasks.retraining.RetrainingConfig``)."""
+    """Params of the retraining loop (see ``tasks.feedback.retraining.RetrainingConfig``)."""
     return {
         "min_new_pairs": Param(
             50,

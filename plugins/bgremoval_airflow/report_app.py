@@ -26,7 +26,7 @@ def report_router() -> APIRouter:
 
     @router.get("/reports/{version}/{run}", response_class=HTMLResponse, dependencies=[can_read])
     def report(version: str, run: str, bucket: str = Query(DEFAULT_BUCKET)) -> HTMLResponse:
-        from tasks import storage
+        from tasks.core import storage
 
         if not (_PART.match(version) and _PART.match(run) and _BUCKET.match(bucket)):
             raise HTTPException(422, "malformed dataset version, run or bucket")

@@ -3,7 +3,7 @@
 A FastAPI app mounted by the Airflow api-server under ``/bgremoval`` (see ``bgremoval_plugin.py``).
 It requires the Airflow UI's login: reading needs read access to the training DAG, saving a
 correction needs the right to answer its human-in-the-loop tasks. Every change goes to
-``datasets/<version>/review/corrections.jsonl`` through :mod:`tasks.review`, with who and when.
+``datasets/<version>/review/corrections.jsonl`` through :mod:`tasks.data.review`, with who and when.
 
 Routes (all below ``/bgremoval``):
 
@@ -139,7 +139,7 @@ def _masks_json(state, version: str, bucket: str) -> dict:
 
 
 def _load_state(version: str, bucket: str):
-    from tasks.review import load_review_state
+    from tasks.data.review import load_review_state
 
     try:
         return load_review_state(dataset_url(version, bucket), _storage_options())
@@ -169,7 +169,7 @@ def create_app() -> FastAPI:
 
     @app.get("/", response_class=HTMLResponse, dependencies=[can_read])
     def index(bucket: str = Query(DEFAULT_BUCKET)) -> str:
-        from tasks import storage
+        from tasks.core import storage
 
         root = f"s3://{bucket}/datasets" if _BUCKET.match(bucket) else None
         if root is None:
@@ -192,9 +192,9 @@ def create_app() -> FastAPI:
 
     @app.get("/api/datasets/{version}/thumbnails/{key}", dependencies=[can_read])
     def get_thumbnail(version: str, key: str, bucket: str = Query(DEFAULT_BUCKET)) -> Response:
-        from tasks import storage
-        from tasks.ingest import clean_urls
-        from tasks.review import thumbnail_jpeg
+        from tasks.core import storage
+        from tasks.data.ingest import clean_urls
+        from tasks.data.review import thumbnail_jpeg
 
         if not _KEY.match(key):
             raise HTTPException(status_code=400, detail="invalid key")
@@ -208,7 +208,7 @@ def create_app() -> FastAPI:
 
     @app.post("/api/datasets/{version}/corrections", dependencies=[can_review])
     def post_correction(version: str, body: CorrectionIn, user: GetUserDep, bucket: str = Query(DEFAULT_BUCKET)) -> dict:
-        from tasks.review import CorrectionError, record_correction
+        from tasks.data.review import CorrectionError, record_correction
 
         fields = {k: v for k, v in body.model_dump().items() if k != "action" and v is not None}
         try:
@@ -227,9 +227,9 @@ def create_app() -> FastAPI:
 
     @app.get("/api/datasets/{version}/masks/{key}/thumbnail", dependencies=[can_read])
     def get_mask_thumbnail(version: str, key: str, bucket: str = Query(DEFAULT_BUCKET), fixed: bool = Query(False)) -> Response:
-        from tasks import storage
-        from tasks.ingest import clean_urls
-        from tasks.review import fixed_mask_url, thumbnail_jpeg
+        from tasks.core import storage
+        from tasks.data.ingest import clean_urls
+        from tasks.data.review import fixed_mask_url, thumbnail_jpeg
 
         if not _KEY.match(key):
             raise HTTPException(status_code=400, detail="invalid key")
@@ -247,7 +247,7 @@ def create_app() -> FastAPI:
     def post_mask_decision(
         version: str, key: str, body: MaskDecisionIn, user: GetUserDep, bucket: str = Query(DEFAULT_BUCKET)
     ) -> dict:
-        from tasks.review import CorrectionError, record_correction
+        from tasks.data.review import CorrectionError, record_correction
 
         if not _KEY.match(key):
             raise HTTPException(status_code=400, detail="invalid key")
@@ -269,7 +269,7 @@ def create_app() -> FastAPI:
         file: UploadFile = File(..., description="the corrected mask: a PNG of the clean pair's size, white = product"),
         bucket: str = Query(DEFAULT_BUCKET),
     ) -> dict:
-        from tasks.review import MAX_FIXED_MASK_BYTES, CorrectionError, save_fixed_mask
+        from tasks.data.review import MAX_FIXED_MASK_BYTES, CorrectionError, save_fixed_mask
 
         if not _KEY.match(key):
             raise HTTPException(status_code=400, detail="invalid key")

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from tasks import storage
+from tasks.core import storage
 from tasks.model import TRAINING_SIZE, U2Net, build_model
 
 __all__ = [

@@ -2,7 +2,7 @@
 
 A checkpoint is a plain dict saved with ``torch.save``; everything in it (tensors, numbers,
 strings, lists, dicts, tuples) loads with ``torch.load(weights_only=True)``, so reading one never
-runs pickled code. Writes go through :func:`tasks.storage.write_bytes` (temporary key, then
+runs pickled code. Writes go through :func:`tasks.core.storage.write_bytes` (temporary key, then
 move): a crash while saving leaves the previous checkpoint intact.
 """
 
@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from tasks import storage
+from tasks.core import storage
+from tasks.model.io import load_state_dict_from_url
 
 __all__ = [
     "capture_rng_state",
@@ -78,25 +79,6 @@ def load_checkpoint(url: str, storage_options: dict | None = None) -> dict[str, 
     if not isinstance(loaded, dict) or "model" not in loaded or "epoch" not in loaded:
         raise ValueError(f"{url} is not a training checkpoint (no 'model'/'epoch' entries)")
     return loaded
-
-
-def load_state_dict_from_url(url: str, storage_options: dict | None = None) -> dict[str, torch.Tensor]:
-    """Load model weights from ``url`` for ``init_from``.
-
-    Accepts a bare state dict (``model.pt``, the reference U2-Net ``.pth`` files), a training
-    checkpoint (its ``"model"`` entry) or a dict with a ``"state_dict"`` entry; a ``module.``
-    prefix left by DataParallel/DDP is removed. Returns the state dict on the CPU.
-    """
-    if not storage.exists(url, storage_options):
-        raise FileNotFoundError(f"init_from: no file at {url}")
-    loaded = torch.load(io.BytesIO(storage.read_bytes(url, storage_options)), map_location="cpu", weights_only=True)
-    if isinstance(loaded, dict) and isinstance(loaded.get("model"), Mapping):
-        loaded = loaded["model"]
-    elif isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), Mapping):
-        loaded = loaded["state_dict"]
-    if not isinstance(loaded, Mapping) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
-        raise ValueError(f"init_from: {url} holds no state dict (expected tensors by parameter name)")
-    return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in loaded.items()}
 
 
 def state_dict_sha256(state_dict: Mapping[str, torch.Tensor]) -> str:

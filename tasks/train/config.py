@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tasks.model import MIN_INPUT_SIZE, MODEL_NAMES, TRAINING_SIZE, StageWidths, U2NetConfig
+from tasks.model.preprocess import RESIZE_MODES  # accepted values of ``TrainConfig.resize``
 from tasks.train.losses import LOSSES
 
 __all__ = ["AMP_MODES", "RESIZE_MODES", "SCHEDULES", "TrainConfig"]
@@ -22,8 +23,6 @@ __all__ = ["AMP_MODES", "RESIZE_MODES", "SCHEDULES", "TrainConfig"]
 AMP_MODES: tuple[str, ...] = ("auto", "bf16", "fp16", "off")
 #: Accepted values of ``TrainConfig.schedule``.
 SCHEDULES: tuple[str, ...] = ("cosine", "onecycle", "constant")
-#: Accepted values of ``TrainConfig.resize``.
-RESIZE_MODES: tuple[str, ...] = ("stretch", "letterbox")
 #: Accepted values of ``TrainConfig.device``.
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
 

@@ -32,8 +32,9 @@ import torch
 from fsspec.implementations.local import LocalFileSystem
 from torch.utils.data import Dataset, Sampler
 
-from tasks import storage
-from tasks.manifest import STATUS_OK, audit_excluded, read_table
+from tasks.core import storage
+from tasks.core.manifest import STATUS_OK, audit_excluded, read_table
+from tasks.model.preprocess import IMAGENET_MEAN, IMAGENET_STD, letterbox_box, training_resize
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -48,8 +49,6 @@ __all__ = [
     "prepare_split",
 ]
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 #: The cluster of a row whose ``cluster`` is null.
 DEFAULT_CLUSTER = "all"
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
@@ -147,7 +146,7 @@ def load_samples(dataset_url: str, split: str, storage_options: dict | None = No
     """Return ``(key, image_url, mask_url, cluster)`` for the ``status == "ok"`` rows of ``split``.
 
     ``audit`` (one of :data:`AUDIT_SELECTIONS`): ``"exclude"`` (default) leaves out the pairs whose
-    mask the audit flagged and no reviewer kept or fixed (:func:`tasks.manifest.audit_excluded`),
+    mask the audit flagged and no reviewer kept or fixed (:func:`tasks.core.manifest.audit_excluded`),
     ``"only"`` returns just those, ``"all"`` every row.
 
     Reads ``<dataset_url>/manifest.parquet`` (null ``split`` counts as ``"train"``, null
@@ -190,20 +189,6 @@ def prepare_split(dataset_url: str, split: str, cache_dir: str | None = None,
         with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
             list(pool.map(lambda job: _download(job[0], job[1], storage_options), jobs))
     return samples
-
-
-def training_resize(array: np.ndarray, width: int, height: int) -> np.ndarray:
-    """Resize as training does: area interpolation when shrinking, bilinear otherwise."""
-    shrink = width <= array.shape[1] and height <= array.shape[0]
-    return cv2.resize(array, (width, height), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
-
-
-def letterbox_box(height: int, width: int, size: int) -> tuple[int, int, int, int]:
-    """Where an ``height×width`` image lands in a ``size`` square, longer side fitted and
-    centred: returns ``(x0, y0, new_width, new_height)``."""
-    scale = size / max(height, width)
-    new_w, new_h = max(1, round(width * scale)), max(1, round(height * scale))
-    return (size - new_w) // 2, (size - new_h) // 2, new_w, new_h
 
 
 class SegmentationDataset(Dataset):

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from tasks import storage
+from tasks.core import storage
 from tasks.train.collectives import RankInfo, TorchCollectives
 from tasks.train.config import TrainConfig
 from tasks.train.loop import TrainResult, resolve_device, train

@@ -32,7 +32,7 @@ import shutil
 import sys
 from typing import Any
 
-from tasks import storage
+from tasks.core import storage
 from tasks.train.config import TrainConfig
 from tasks.train.loop import TrainResult
 

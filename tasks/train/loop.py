@@ -41,7 +41,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from tasks import storage
+from tasks.core import storage
 from tasks.model import U2Net, U2NetOutput, build_model, count_parameters
 from tasks.model.pretrained import has_identity_batchnorm, unfold_batchnorm
 from tasks.train.batch_size import find_batch_size, training_step_probe

@@ -11,7 +11,7 @@ import pytest
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DAG_FILES = sorted((PROJECT_ROOT / "dags").glob("*.py"))
-HEAVY_MODULES = ("torch", "cv2", "sklearn", "mlflow", "tasks.cleaning", "tasks.synth", "tasks.model")
+HEAVY_MODULES = ("torch", "cv2", "sklearn", "mlflow", "tasks.data.cleaning", "tasks.dev.synth", "tasks.model")
 
 
 @pytest.fixture(scope="module")

@@ -33,9 +33,10 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tasks import stack, storage
-from tasks.airflow_client import AirflowClient, AirflowHTTPError
-from tasks.synth import SynthConfig, generate_catalogue
+from tasks.dev import stack
+from tasks.core import storage
+from tasks.dev.airflow_client import AirflowClient, AirflowHTTPError
+from tasks.dev.synth import SynthConfig, generate_catalogue
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(420)]
 

@@ -19,11 +19,12 @@ import cv2
 import numpy as np
 import pytest
 
-from tasks import registry, storage
-from tasks.inference import InferenceConfig, iter_remove_backgrounds, load_engine
-from tasks.manifest import read_table
-from tasks.synth import SynthConfig, encode_jpeg, render_item
-from tasks.train.synthetic import write_synthetic_dataset
+from tasks import registry
+from tasks.core import storage
+from tasks.serving.inference import InferenceConfig, iter_remove_backgrounds, load_engine
+from tasks.core.manifest import read_table
+from tasks.dev.synth import SynthConfig, encode_jpeg, render_item
+from tasks.dev.synthetic import write_synthetic_dataset
 
 pytestmark = pytest.mark.integration
 AIRFLOW = str(Path(sys.executable).parent / "airflow")

@@ -15,10 +15,11 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from tasks import registry, storage
-from tasks.airflow_client import AirflowHTTPError
-from tasks.manifest import audit_excluded, read_table
-from tasks.synth import SynthConfig, generate_catalogue
+from tasks import registry
+from tasks.core import storage
+from tasks.dev.airflow_client import AirflowHTTPError
+from tasks.core.manifest import audit_excluded, read_table
+from tasks.dev.synth import SynthConfig, generate_catalogue
 
 pytestmark = pytest.mark.integration
 AIRFLOW = str(Path(sys.executable).parent / "airflow")

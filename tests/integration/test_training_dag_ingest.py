@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from tasks import storage
-from tasks.badinputs import BAD_KINDS, write_bad_inputs
-from tasks.manifest import read_table
+from tasks.core import storage
+from tasks.dev.badinputs import BAD_KINDS, write_bad_inputs
+from tasks.core.manifest import read_table
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.integration

@@ -10,9 +10,10 @@ import httpx
 import numpy as np
 import pytest
 
-from tasks import corrections, storage
-from tasks.airflow_client import AirflowHTTPError
-from tasks.synth import SynthConfig, encode_jpeg, encode_png, render_item
+from tasks.feedback import queue as corrections
+from tasks.core import storage
+from tasks.dev.airflow_client import AirflowHTTPError
+from tasks.dev.synth import SynthConfig, encode_jpeg, encode_png, render_item
 
 pytestmark = pytest.mark.integration
 

@@ -15,8 +15,9 @@ import cv2
 import numpy as np
 import pytest
 
-from tasks import corrections, storage
-from tasks.synth import SynthConfig, encode_jpeg, encode_png, render_item
+from tasks.feedback import queue as corrections
+from tasks.core import storage
+from tasks.dev.synth import SynthConfig, encode_jpeg, encode_png, render_item
 
 pytestmark = pytest.mark.integration
 

@@ -30,7 +30,7 @@ from bgremoval_airflow.databricks import (
 )
 from tasks.train.config import TrainConfig
 from tasks.train.distributor import spark_unavailable_reason
-from tasks.train.synthetic import write_synthetic_dataset
+from tasks.dev.synthetic import write_synthetic_dataset
 
 TINY = {"encoder": [[4, 8]] * 6, "decoder": [[4, 8]] * 5}
 

@@ -13,10 +13,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tasks import storage
-from tasks.manifest import read_table, write_table
-from tasks.review import apply_review, fixed_mask_url, load_review_state
-from tasks.train.synthetic import write_synthetic_dataset
+from tasks.core import storage
+from tasks.core.manifest import read_table, write_table
+from tasks.data.review import apply_review, fixed_mask_url, load_review_state
+from tasks.dev.synthetic import write_synthetic_dataset
 
 pytestmark = pytest.mark.integration
 

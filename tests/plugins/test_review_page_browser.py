@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import pytest
 
-from tasks import ingest, storage
-from tasks.cleaning import CleaningConfig
-from tasks.clustering import ClusteringConfig, cluster_dataset
-from tasks.features import extract_shard_features, plan_feature_shards
-from tasks.review import load_review_state
-from tasks.synth import SynthConfig, generate_catalogue
+from tasks.data import ingest
+from tasks.core import storage
+from tasks.data.cleaning import CleaningConfig
+from tasks.data.clustering import ClusteringConfig, cluster_dataset
+from tasks.data.features import extract_shard_features, plan_feature_shards
+from tasks.data.review import load_review_state
+from tasks.dev.synth import SynthConfig, generate_catalogue
 
 pytestmark = pytest.mark.integration
 

@@ -8,9 +8,9 @@ import mlflow
 import pytest
 
 from tasks import registry
-from tasks.assessment import AssessmentConfig, assess_challenger, register_and_promote
-from tasks.gate import GateConfig
-from tasks.train.synthetic import write_synthetic_dataset
+from tasks.evaluation.assessment import AssessmentConfig, assess_challenger, register_and_promote
+from tasks.evaluation.gate import GateConfig
+from tasks.dev.synthetic import write_synthetic_dataset
 
 
 
@@ -85,7 +85,7 @@ def test_failing_thresholds_are_explained_in_the_report(write_model_folder, sett
 
 
 def test_flagged_test_masks_are_left_out_of_the_gate_and_listed_with_both_figures(write_model_folder, tmp_path):
-    from tasks.manifest import read_table, write_table
+    from tasks.core.manifest import read_table, write_table
 
     dataset = str(tmp_path / "datasets" / "v2")
     write_synthetic_dataset(dataset, 6, seed=5, max_side=48, split_for=lambda i: "test")

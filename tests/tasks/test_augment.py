@@ -11,11 +11,12 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from tasks import augment, storage
-from tasks.augment import AugmentConfig, plan_augmentation
-from tasks.manifest import MANIFEST_COLUMNS, read_table, to_frame, write_table
-from tasks.splits import SplitConfig, assign_splits
-from tasks.synth import SynthConfig, encode_jpeg, encode_png, render_item
+from tasks.data import augment
+from tasks.core import storage
+from tasks.data.augment import AugmentConfig, plan_augmentation
+from tasks.core.manifest import MANIFEST_COLUMNS, read_table, to_frame, write_table
+from tasks.data.splits import SplitConfig, assign_splits
+from tasks.dev.synth import SynthConfig, encode_jpeg, encode_png, render_item
 
 PRODUCT = np.array([20, 200, 40], np.float32)  # no studio background is this saturated a green
 FIVE = np.ones((5, 5), np.uint8)  # 2 px either way

@@ -1,4 +1,4 @@
-"""Every cleaning rule, on a bad-input corpus the tests build themselves (tasks.badinputs)."""
+"""Every cleaning rule, on a bad-input corpus the tests build themselves (tasks.dev.badinputs)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tasks.badinputs import BAD_KINDS, _png_header_only, make_bad_inputs
-from tasks.cleaning import (
+from tasks.dev.badinputs import BAD_KINDS, _png_header_only, make_bad_inputs
+from tasks.data.cleaning import (
     CleaningConfig,
     Reason,
     Rejected,

@@ -7,9 +7,9 @@ import json
 import numpy as np
 import torch
 
-from tasks.cli import main
+from tasks.cli.main import main
 from tasks.model.u2net import U2Net, U2NetConfig, StageWidths
-from tasks.synth import SynthConfig, generate_catalogue
+from tasks.dev.synth import SynthConfig, generate_catalogue
 from tasks.train.config import TrainConfig
 
 TINY = [[4, 8]] * 6, [[4, 8]] * 5

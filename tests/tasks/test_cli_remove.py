@@ -10,11 +10,11 @@ import pytest
 import torch
 from PIL import Image
 
-from tasks import storage
-from tasks.cli import main
-from tasks.export import export_onnx
+from tasks.core import storage
+from tasks.cli.main import main
+from tasks.model.export import export_onnx
 from tasks.model import U2Net
-from tasks.synth import SynthConfig, encode_jpeg, render_item
+from tasks.dev.synth import SynthConfig, encode_jpeg, render_item
 from tasks.train.config import TrainConfig
 
 TINY = {"encoder": [[4, 8]] * 6, "decoder": [[4, 8]] * 5}

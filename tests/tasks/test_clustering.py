@@ -11,11 +11,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tasks import clustering, features, ingest, storage
-from tasks.cleaning import CleaningConfig
-from tasks.clustering import ClusteringConfig, cluster_dataset, format_clusters, propose_names
-from tasks.manifest import read_table
-from tasks.synth import PRODUCT_TYPES, SynthConfig, generate_catalogue
+from tasks.data import clustering, features, ingest
+from tasks.core import storage
+from tasks.data.cleaning import CleaningConfig
+from tasks.data.clustering import ClusteringConfig, cluster_dataset, format_clusters, propose_names
+from tasks.core.manifest import read_table
+from tasks.dev.synth import PRODUCT_TYPES, SynthConfig, generate_catalogue
 
 N_PAIRS = 200
 SEED = 7
@@ -161,7 +162,7 @@ def test_a_pair_unreadable_after_features_gets_a_placeholder_tile(tmp_path, capl
     urls = _features(dataset_url, shard_size=5)
     victim = features.ok_rows(dataset_url).iloc[0]
     storage.write_bytes(victim["image_url"], b"garbage")
-    with caplog.at_level(logging.WARNING, logger="tasks.clustering"):
+    with caplog.at_level(logging.WARNING, logger="tasks.data.clustering"):
         summary = cluster_dataset(dataset_url, urls, ClusteringConfig(k=3, seed=0))
     assert summary["n"] == 12 and len(summary["sheet_urls"]) == 3
     assert f"cannot draw {victim['stem']}" in caplog.text

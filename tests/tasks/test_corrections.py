@@ -9,9 +9,9 @@ import cv2
 import numpy as np
 import pytest
 
-from tasks import corrections as c
-from tasks import storage
-from tasks.synth import encode_jpeg, encode_png
+from tasks.feedback import queue as c
+from tasks.core import storage
+from tasks.dev.synth import encode_jpeg, encode_png
 
 
 def synthetic_pair(width: int = 120, height: int = 90, seed: int = 0) -> tuple[bytes, np.ndarray, np.ndarray]:

@@ -1,4 +1,4 @@
-"""Tests for ``tasks.evaluate``: loading ``model.pt`` as training writes it, prediction at the
+"""Tests for ``tasks.evaluation.scoring``: loading ``model.pt`` as training writes it, prediction at the
 original size, exact scores from a hand-built "perfect" model, and dataset/folder evaluation."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import pytest
 import torch
 from torch import nn
 
-from tasks import storage
-from tasks.evaluate import (
+from tasks.core import storage
+from tasks.evaluation.scoring import (
     FlipAveraged,
     evaluate_dataset,
     evaluate_folder,
@@ -23,10 +23,10 @@ from tasks.evaluate import (
     preprocess,
 )
 from tasks.model import U2Net, U2NetOutput
-from tasks.synth import encode_jpeg, encode_png
+from tasks.dev.synth import encode_jpeg, encode_png
 from tasks.train.config import TrainConfig
 from tasks.train.data import SegmentationDataset, prepare_split
-from tasks.train.synthetic import write_synthetic_dataset
+from tasks.dev.synthetic import write_synthetic_dataset
 
 TINY = {"encoder": [[4, 8]] * 6, "decoder": [[4, 8]] * 5}
 SIZE = 64

@@ -7,8 +7,8 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from tasks.evaluate import preprocess
-from tasks.export import ONNX_INPUT, ONNX_OUTPUT, ONNX_SIDES, export_onnx, read_onnx_metadata
+from tasks.evaluation.scoring import preprocess
+from tasks.model.export import ONNX_INPUT, ONNX_OUTPUT, ONNX_SIDES, export_onnx, read_onnx_metadata
 from tasks.model import build_model
 
 

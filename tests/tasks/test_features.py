@@ -9,11 +9,12 @@ import cv2
 import numpy as np
 import pytest
 
-from tasks import features, ingest, storage
-from tasks.cleaning import CleaningConfig
-from tasks.features import FEATURE_NAMES, pair_features
-from tasks.manifest import read_table, write_table
-from tasks.synth import SynthConfig, generate_catalogue
+from tasks.data import features, ingest
+from tasks.core import storage
+from tasks.data.cleaning import CleaningConfig
+from tasks.data.features import FEATURE_NAMES, pair_features
+from tasks.core.manifest import read_table, write_table
+from tasks.dev.synth import SynthConfig, generate_catalogue
 
 
 def _named(vector: np.ndarray) -> dict[str, float]:
@@ -154,7 +155,7 @@ def test_a_corrupted_clean_image_is_skipped_not_fatal(small_dataset, caplog) -> 
     ok = features.ok_rows(small_dataset)
     victim = ok.iloc[3]
     storage.write_bytes(victim["image_url"], b"\xff\xd8 garbage, not a JPEG any more")
-    with caplog.at_level(logging.WARNING, logger="tasks.features"):
+    with caplog.at_level(logging.WARNING, logger="tasks.data.features"):
         result = features.extract_shard_features(small_dataset, shard=0, start=0, stop=len(ok))
     assert result["skipped"] == 1 and result["n"] == len(ok) - 1
     table = read_table(result["features_url"])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tasks.gate import GateConfig, decide, format_decision
+from tasks.evaluation.gate import GateConfig, decide, format_decision
 
 
 def _summary(mean: float, clusters: dict[str, tuple[int, float]], n: int = 10) -> dict:

@@ -1,4 +1,4 @@
-"""Tests for ``tasks.inference``: model sources, preprocessing equal to evaluation's, EXIF
+"""Tests for ``tasks.serving.inference``: model sources, preprocessing equal to evaluation's, EXIF
 orientation, output geometry from a "perfect" engine, bad inputs, ONNX vs PyTorch agreement."""
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ import torch
 from PIL import Image, ImageOps
 
 import tasks
-from tasks.evaluate import preprocess
-from tasks.export import export_onnx
-from tasks.inference import (
+from tasks.evaluation.scoring import preprocess
+from tasks.model.export import export_onnx
+from tasks.serving.inference import (
     CutoutResult,
     Engine,
     InferenceConfig,

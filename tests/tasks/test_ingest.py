@@ -6,10 +6,11 @@ import json
 
 import pytest
 
-from tasks import ingest, storage
-from tasks.badinputs import BAD_KINDS, write_bad_inputs
-from tasks.cleaning import CleaningConfig
-from tasks.manifest import MANIFEST_COLUMNS, QUARANTINE_COLUMNS, read_table
+from tasks.data import ingest
+from tasks.core import storage
+from tasks.dev.badinputs import BAD_KINDS, write_bad_inputs
+from tasks.data.cleaning import CleaningConfig
+from tasks.core.manifest import MANIFEST_COLUMNS, QUARANTINE_COLUMNS, read_table
 
 CONFIG = CleaningConfig(working_size=128)
 
@@ -147,7 +148,7 @@ def test_the_mask_audit_flags_a_broken_mask_and_counts_it(tmp_path):
     import cv2
     import numpy as np
 
-    from tasks.synth import SynthConfig, encode_jpeg, encode_png, render_item
+    from tasks.dev.synth import SynthConfig, encode_jpeg, encode_png, render_item
 
     batch_url = storage.join(str(tmp_path / "bucket"), "raw", "audit")
     items = [render_item(i, SynthConfig(n=3, seed=2, max_side=200)) for i in range(3)]
@@ -173,7 +174,7 @@ def test_the_model_check_flags_a_mask_a_confident_model_disagrees_with(tmp_path)
     (``model_disagrees``); a model that fails leaves the structural audit as it is."""
     import numpy as np
 
-    from tasks.synth import SynthConfig, encode_jpeg, encode_png, render_item
+    from tasks.dev.synth import SynthConfig, encode_jpeg, encode_png, render_item
 
     batch_url = storage.join(str(tmp_path / "bucket"), "raw", "model")
     items = [render_item(i, SynthConfig(n=2, seed=4, max_side=200)) for i in range(2)]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tasks.metrics import (
+from tasks.evaluation.metrics import (
     ImageScore,
     boundary_f,
     boundary_tolerance,

@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tasks.cli import main
-from tasks.export import read_onnx_metadata
-from tasks.inference import (InferenceConfig, OnnxEngine, audit_engine, default_model, load_engine, probability_map,
+from tasks.cli.main import main
+from tasks.model.export import read_onnx_metadata
+from tasks.serving.inference import (InferenceConfig, OnnxEngine, audit_engine, default_model, load_engine, probability_map,
                              remove_backgrounds)
 from tasks.model.pretrained import find_pretrained_onnx
 from tasks.registry import choose_start
-from tasks.synth import SynthConfig, encode_jpeg, render_item
+from tasks.dev.synth import SynthConfig, encode_jpeg, render_item
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +69,7 @@ def test_a_batch_of_four_runs_through_a_batch_one_file(published, photos):
 def test_remove_with_no_model_uses_the_published_weights(published, photos, tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(tmp_path)  # no embedded stack's env file here
-    monkeypatch.setattr("tasks.stack.read_env_file", lambda *a, **k: {})
+    monkeypatch.setattr("tasks.dev.stack.read_env_file", lambda *a, **k: {})
     folder, items = photos
     out = tmp_path / "out"
     assert main(["remove", str(folder), "-o", str(out), "--quiet"]) == 0

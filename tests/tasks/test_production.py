@@ -9,12 +9,12 @@ import cv2
 import numpy as np
 import pytest
 
-from tasks import storage
-from tasks.calibration import calibrate_model, score_quality
-from tasks.corrections import list_pool, list_queue
-from tasks.production import ProductionConfig, plan_production, process_shard, resolve_threshold, summarise_production
-from tasks.synth import SynthConfig, encode_jpeg, render_item
-from tasks.train.synthetic import write_synthetic_dataset
+from tasks.core import storage
+from tasks.evaluation.calibration import calibrate_model, score_quality
+from tasks.feedback.queue import list_pool, list_queue
+from tasks.feedback.production import ProductionConfig, plan_production, process_shard, resolve_threshold, summarise_production
+from tasks.dev.synth import SynthConfig, encode_jpeg, render_item
+from tasks.dev.synthetic import write_synthetic_dataset
 
 
 

@@ -1,4 +1,4 @@
-"""Tests for ``tasks.quality``: the score on hand-made maps, routing on known IoUs, threshold
+"""Tests for ``tasks.serving.quality``: the score on hand-made maps, routing on known IoUs, threshold
 calibration on hand-made data and the JSON round trip."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tasks.quality import (
+from tasks.serving.quality import (
     Calibration,
     QualityConfig,
     calibrate_threshold,

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from tasks import registry
-from tasks.evaluate import load_model
+from tasks.evaluation.scoring import load_model
 
 SIZE = 32
 
@@ -108,8 +108,8 @@ def test_stage_weights_writes_the_champions_state_dict(tmp_path, three_versions)
 
 
 def test_cli_evaluates_and_lists_registered_models(tmp_path, three_versions, capsys):
-    from tasks.cli import main
-    from tasks.synth import SynthConfig, generate_catalogue
+    from tasks.cli.main import main
+    from tasks.dev.synth import SynthConfig, generate_catalogue
 
     generate_catalogue(str(tmp_path / "labelled"), SynthConfig(n=2, seed=4, max_side=80))
     out = tmp_path / "scores.json"

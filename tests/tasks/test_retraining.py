@@ -13,18 +13,18 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tasks import corrections as c
-from tasks import retraining as r
-from tasks import storage
-from tasks.augment import AugmentConfig, plan_augmentation
-from tasks.cleaning import sha256
-from tasks.clustering import weighted_matrix
-from tasks.features import FEATURE_NAMES, extract_shard_features, plan_feature_shards
-from tasks.manifest import MANIFEST_COLUMNS, QUARANTINE_COLUMNS, read_table, to_frame, write_table
-from tasks.splits import stem_uniform
-from tasks.synth import SynthConfig, encode_jpeg, encode_png, render_item
+from tasks.feedback import queue as c
+from tasks.feedback import retraining as r
+from tasks.core import storage
+from tasks.data.augment import AugmentConfig, plan_augmentation
+from tasks.data.cleaning import sha256
+from tasks.data.clustering import weighted_matrix
+from tasks.data.features import FEATURE_NAMES, extract_shard_features, plan_feature_shards
+from tasks.core.manifest import MANIFEST_COLUMNS, QUARANTINE_COLUMNS, read_table, to_frame, write_table
+from tasks.data.splits import stem_uniform
+from tasks.dev.synth import SynthConfig, encode_jpeg, encode_png, render_item
 from tasks.train.data import load_samples
-from tasks.train.synthetic import write_synthetic_dataset
+from tasks.dev.synthetic import write_synthetic_dataset
 
 BASE = "base-v1"
 N_BASE = 36

@@ -11,10 +11,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tasks import storage
-from tasks.ingest import clean_urls
-from tasks.manifest import MANIFEST_COLUMNS, audit_excluded, read_table, to_frame, write_table
-from tasks.review import (
+from tasks.core import storage
+from tasks.data.ingest import clean_urls
+from tasks.core.manifest import MANIFEST_COLUMNS, audit_excluded, read_table, to_frame, write_table
+from tasks.data.review import (
     MAX_FIXED_MASK_BYTES,
     CorrectionError,
     apply_review,

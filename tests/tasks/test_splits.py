@@ -5,10 +5,10 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from tasks import splits
-from tasks.manifest import MANIFEST_COLUMNS, read_table, to_frame, write_table
-from tasks.splits import SplitConfig, assign_splits, split_summary
-from tasks.synth import PRODUCT_TYPES
+from tasks.data import splits
+from tasks.core.manifest import MANIFEST_COLUMNS, read_table, to_frame, write_table
+from tasks.data.splits import SplitConfig, assign_splits, split_summary
+from tasks.dev.synth import PRODUCT_TYPES
 
 # Cluster sizes of a ~300-stem dataset: common and rare product types.
 SIZES = {"long_pants": 70, "shorts": 40, "short_sleeved": 80, "long_sleeved": 60,

@@ -13,7 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tasks import stack
+from tasks.dev import stack
 
 BIN = Path(sys.executable).parent
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tasks import storage
+from tasks.core import storage
 
 
 @pytest.fixture(params=["local", "s3"])

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tasks import storage, synth
-from tasks.synth import PRODUCT_TYPES, SynthConfig, generate_catalogue, render_item
+from tasks.core import storage
+from tasks.dev import synth
+from tasks.dev.synth import PRODUCT_TYPES, SynthConfig, generate_catalogue, render_item
 
 SMALL = 256
 
@@ -231,7 +232,7 @@ def test_jpeg_quality_setting_is_used() -> None:
 
 
 def test_generate_catalogue_adds_bad_inputs_to_the_truth(tmp_path: Path) -> None:
-    badinputs = pytest.importorskip("tasks.badinputs", reason="tasks.badinputs is not written yet")
+    badinputs = pytest.importorskip("tasks.dev.badinputs", reason="tasks.dev.badinputs is not written yet")
     batch = tmp_path / "drop"
     summary = generate_catalogue(str(batch), SynthConfig(n=4, seed=1, bad=5, max_side=SMALL))
     rows = _read_truth(batch)

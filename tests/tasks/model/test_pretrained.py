@@ -16,7 +16,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from tasks.evaluate import preprocess
+from tasks.evaluation.scoring import preprocess
 from tasks.model import build_model
 from tasks.model.pretrained import (
     PRETRAINED_FILE,
@@ -31,7 +31,7 @@ from tasks.model.pretrained import (
     unfold_batchnorm,
     write_pretrained_folder,
 )
-from tasks.synth import SynthConfig, render_item
+from tasks.dev.synth import SynthConfig, render_item
 
 DATA = Path(__file__).resolve().parents[4] / "shared" / "data"
 

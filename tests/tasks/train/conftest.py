@@ -9,7 +9,7 @@ import torch
 from tasks.model import U2Net
 from tasks.train.config import TrainConfig
 from tasks.train.data import SegmentationDataset, prepare_split
-from tasks.train.synthetic import write_synthetic_dataset
+from tasks.dev.synthetic import write_synthetic_dataset
 
 #: Channel widths of a tiny U2-Net: the real architecture, a run takes seconds.
 TINY_WIDTHS = {"encoder": [[4, 8]] * 6, "decoder": [[4, 8]] * 5}

@@ -12,8 +12,8 @@ import pandas as pd
 import pytest
 import torch
 
-from tasks import storage
-from tasks.manifest import MANIFEST_COLUMNS, read_table, to_frame, write_table
+from tasks.core import storage
+from tasks.core.manifest import MANIFEST_COLUMNS, read_table, to_frame, write_table
 from tasks.train.config import TrainConfig
 from tasks.train.data import (
     IMAGENET_MEAN,
@@ -24,7 +24,7 @@ from tasks.train.data import (
     load_samples,
     prepare_split,
 )
-from tasks.train.synthetic import write_synthetic_dataset
+from tasks.dev.synthetic import write_synthetic_dataset
 
 torch.set_num_threads(1)
 

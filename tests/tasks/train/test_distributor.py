@@ -25,7 +25,7 @@ from tasks.train.distributor import (
     train_with_distributor,
 )
 from tasks.train.loop import TrainResult
-from tasks.train.synthetic import write_synthetic_dataset
+from tasks.dev.synthetic import write_synthetic_dataset
 
 TINY = {"encoder": [[4, 8]] * 6, "decoder": [[4, 8]] * 5}
 

@@ -15,7 +15,7 @@ from tasks.model.pretrained import find_pretrained_onnx, write_pretrained_folder
 from tasks.train.config import TrainConfig
 from tasks.train.loop import train
 from tasks.train.losses import LOSSES, segmentation_loss, soft_iou_loss, ssim_loss
-from tasks.train.synthetic import write_synthetic_dataset
+from tasks.dev.synthetic import write_synthetic_dataset
 
 
 def test_losses_are_zero_for_a_perfect_prediction_and_grow_with_errors():

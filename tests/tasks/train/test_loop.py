@@ -10,14 +10,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tasks import storage
+from tasks.core import storage
 from tasks.model import U2NetOutput, build_model
 from tasks.train import loop
 from tasks.train.batch_size import training_step_probe
 from tasks.train.checkpoint import load_checkpoint, load_state_dict_from_url, state_dict_sha256
 from tasks.train.config import TrainConfig
 from tasks.train.loop import EpochMetrics, TrainResult, build_scheduler, deep_supervision_loss, resolve_amp, train
-from tasks.train.synthetic import write_synthetic_dataset
+from tasks.dev.synthetic import write_synthetic_dataset
 
 torch.set_num_threads(1)
 

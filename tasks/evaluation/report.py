@@ -194,10 +194,10 @@ def write_report(out_dir: str, summary: dict, ious: Sequence[float], gallery: Se
     """Write the report's files into ``out_dir`` (created).
 
     Args:
-        summary: :func:`tasks.metrics.summarise` of the challenger on the test split.
+        summary: :func:`tasks.evaluation.metrics.summarise` of the challenger on the test split.
         ious: every image's IoU (for the histogram).
         gallery: the worst images, worst first (:class:`GalleryItem`).
-        decision: :meth:`tasks.gate.GateDecision.to_dict` output, shown as a banner with every check.
+        decision: :meth:`tasks.evaluation.gate.GateDecision.to_dict` output, shown as a banner with every check.
         champion: the champion's summary on the same split, shown beside the challenger.
         history: the training history (``TrainResult.history``) for the curves.
         cluster_gate: drawn on the cluster chart.

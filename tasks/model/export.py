@@ -1,10 +1,10 @@
 """Export a trained U2-Net to ONNX, the format production inference runs on CPUs.
 
-The exported graph takes what :func:`tasks.evaluate.preprocess` produces — ``input``: float32
+The exported graph takes what :func:`tasks.evaluation.scoring.preprocess` produces — ``input``: float32
 ``B×3×S×S``, RGB scaled to [0, 1] and normalised with the ImageNet mean/std — and returns
 ``mask``: float32 ``B×1×S×S`` foreground probabilities (the sigmoid of the fused output), and by
 default a second output ``sides``: float32 ``B×6×S×S``, the sigmoid of the six side outputs
-(shallowest first), which :mod:`tasks.quality` compares with the fused map. The batch axis is
+(shallowest first), which :mod:`tasks.serving.quality` compares with the fused map. The batch axis is
 dynamic; ``S`` is the model's training input size. Output 0 is what rembg's ``u2net_custom``
 session reads (first output, channel 0), so the same file runs there.
 
@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from tasks.train.data import IMAGENET_MEAN, IMAGENET_STD
+from tasks.model.preprocess import IMAGENET_MEAN, IMAGENET_STD
 
 __all__ = ["ONNX_INPUT", "ONNX_OPSET", "ONNX_OUTPUT", "ONNX_SIDES", "ProbabilityHead", "export_onnx",
            "read_onnx_metadata"]

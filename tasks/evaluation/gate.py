@@ -1,7 +1,7 @@
 """The quality gate a challenger model must pass before it may become the champion.
 
 Three checks, all on the same test split (the challenger and the champion are evaluated in the
-same task, see :func:`tasks.assessment.assess_challenger`):
+same task, see :func:`tasks.evaluation.assessment.assess_challenger`):
 
 1. ``mean_iou``: the challenger's mean IoU is at least ``iou_gate``;
 2. ``cluster_iou``: every product cluster's mean IoU is at least ``cluster_iou_gate``
@@ -66,7 +66,7 @@ def decide(challenger: dict[str, Any], champion: dict[str, Any] | None, config: 
     """Judge a challenger against the thresholds and the champion.
 
     Args:
-        challenger: :func:`tasks.metrics.summarise` output for the challenger on the test split
+        challenger: :func:`tasks.evaluation.metrics.summarise` output for the challenger on the test split
             (needs ``mean_iou`` and ``clusters``).
         champion: the same for the current champion on the same split, or None when there is no
             champion yet.

@@ -8,7 +8,7 @@ better) computed from the model's own outputs at the network resolution:
   ``Σ p·b / (Σ b + Σ p·(1 − b))`` with ``b = p > 0.5``. A crisp map scores ~1; a wide uncertain
   band (0.1 < p < 0.9) along the outline, or uncertain blobs, lowers it in proportion to the
   product's area, exactly as such errors lower the true IoU. An empty prediction scores 0;
-* ``side_agreement`` (when the side outputs are available, see :mod:`tasks.export`): the mean
+* ``side_agreement`` (when the side outputs are available, see :mod:`tasks.model.export`): the mean
   IoU between the fused hard mask and the hard masks of the shallow side outputs
   (``QualityConfig.sides``). A trained U2-Net's sides agree with its fused map on clean
   products and disagree where it is unsure of the object itself.
@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from tasks import storage
+from tasks.core import storage
 
 __all__ = [
     "CALIBRATION_FILE",

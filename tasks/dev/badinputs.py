@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from tasks import storage
+from tasks.core import storage
 
 
 @dataclass

@@ -1,10 +1,10 @@
 """Calibrate the production quality threshold of a trained model on its dataset's splits.
 
-The quality score (:func:`tasks.quality.quality_score`) is computed from the prediction alone; to
+The quality score (:func:`tasks.serving.quality.quality_score`) is computed from the prediction alone; to
 route well it must be tied to the IoU it stands for. :func:`calibrate_model` scores the model on
 the validation split (score and true IoU per image), picks the threshold below which images go to
 people so that those whose IoU would fall below ``target_iou`` are caught
-(:func:`tasks.quality.calibrate_threshold`), writes it as ``quality.json`` next to ``model.pt`` —
+(:func:`tasks.serving.quality.calibrate_threshold`), writes it as ``quality.json`` next to ``model.pt`` —
 it travels into the registry with the model — and reports how that threshold routes the test split,
 as a whole and per cluster (people photos and packshots are routed very differently).
 """
@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from tasks.evaluate import decode_image, decode_mask
-from tasks.metrics import iou, resize_to_original
-from tasks.quality import RoutingReport, routing_report
+from tasks.core.codecs import read_image, read_mask
+from tasks.evaluation.metrics import iou, resize_to_original
+from tasks.serving.quality import RoutingReport, routing_report
 from tasks.train.data import load_samples
 
 __all__ = ["QualityPoint", "calibrate_model", "score_quality"]
@@ -39,8 +39,9 @@ def score_quality(model_url: str, dataset_url: str, split: str, storage_options:
     """Score every clean pair of ``split``: the quality score from the prediction (with the side
     outputs) and the IoU against the true mask at the mask's resolution. Returns one
     :class:`QualityPoint` per pair (an empty list for an empty split)."""
-    from tasks.inference import TorchEngine, prepare_input
-    from tasks.quality import quality_score
+    from tasks.model.preprocess import prepare_input
+    from tasks.serving.inference import TorchEngine
+    from tasks.serving.quality import quality_score
 
     rows = load_samples(dataset_url, split, storage_options, include_augmented=False)
     if not rows:
@@ -49,8 +50,8 @@ def score_quality(model_url: str, dataset_url: str, split: str, storage_options:
     points = []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
-        images = [decode_image(r[1], storage_options) for r in chunk]
-        masks = [decode_mask(r[2], storage_options) for r in chunk]
+        images = [read_image(r[1], storage_options) for r in chunk]
+        masks = [read_mask(r[2], storage_options) for r in chunk]
         batch = np.stack([prepare_input(im, engine.input_size, engine.resize, engine.mean, engine.std) for im in images])
         probs, sides = engine.predict(batch)
         for i, (row, mask) in enumerate(zip(chunk, masks)):
@@ -71,7 +72,7 @@ def calibrate_model(model_url: str, dataset_url: str, storage_options: dict | No
     "test": RoutingReport dict or None, "test_by_cluster": {cluster: RoutingReport dict},
     "text": a printable summary}``.
     """
-    from tasks.quality import calibrate_threshold, routing_report, save_calibration
+    from tasks.serving.quality import calibrate_threshold, routing_report, save_calibration
 
     calibrated_on = "val"
     points = score_quality(model_url, dataset_url, "val", storage_options)

@@ -13,7 +13,7 @@ DAG publishes) go into the retraining pool the retraining DAG reads. Layout belo
     retraining-pool/<pair_id>/image.jpg, mask.png, meta.json (meta.json written last)
 
 Queue items are never modified or deleted; an item is *open* while its ``decision.json`` does
-not exist. Every write goes through :func:`tasks.storage.write_bytes` (temporary key, then
+not exist. Every write goes through :func:`tasks.core.storage.write_bytes` (temporary key, then
 move) or an exclusive create, so a reader never sees half an object.
 """
 
@@ -33,7 +33,8 @@ import cv2
 import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 
-from tasks import storage
+from tasks.core import storage
+from tasks.core.codecs import encode_png
 
 QUEUE_PREFIX = "corrections/queue"
 DONE_PREFIX = "corrections/done"
@@ -204,14 +205,6 @@ def binarise_mask(mask_bytes: bytes, size: tuple[int, int] | None = None) -> np.
     return mask
 
 
-def encode_mask_png(mask: np.ndarray) -> bytes:
-    """Encode an HxW 0/255 uint8 mask as an 8-bit grayscale PNG."""
-    ok, buf = cv2.imencode(".png", np.ascontiguousarray(mask, dtype=np.uint8))
-    if not ok:
-        raise CorrectionsError("PNG encoding failed")
-    return buf.tobytes()
-
-
 def prepare_pair(image_bytes: bytes, mask: np.ndarray | bytes, max_side: int | None = None,
                  quality: int = 92) -> tuple[bytes, bytes]:
     """Turn an original photo and a predicted mask into what :func:`enqueue` stores.
@@ -242,7 +235,7 @@ def prepare_pair(image_bytes: bytes, mask: np.ndarray | bytes, max_side: int | N
         array = cv2.resize(array, new_size, interpolation=cv2.INTER_AREA)
     out = io.BytesIO()
     image.save(out, format="JPEG", quality=quality)
-    return out.getvalue(), encode_mask_png(np.where(array >= 128, 255, 0).astype(np.uint8))
+    return out.getvalue(), encode_png(np.where(array >= 128, 255, 0).astype(np.uint8))
 
 
 # ---------------------------------------------------------------- low-level storage
@@ -335,7 +328,7 @@ def enqueue(bucket_url: str, item: QueueItem, image_jpeg: bytes, mask_png: bytes
     if (decoded.shape[1], decoded.shape[0]) != size:
         raise CorrectionsError(f"the predicted mask is {decoded.shape[1]}x{decoded.shape[0]} but the image is {size[0]}x{size[1]}")
     storage.write_bytes(storage.join(base, "image.jpg"), image_jpeg, storage_options)
-    storage.write_bytes(storage.join(base, "mask.png"), encode_mask_png(np.where(decoded >= 128, 255, 0).astype(np.uint8)), storage_options)
+    storage.write_bytes(storage.join(base, "mask.png"), encode_png(np.where(decoded >= 128, 255, 0).astype(np.uint8)), storage_options)
     record = {**item.to_dict(), "width": size[0], "height": size[1]}
     storage.write_bytes(storage.join(base, "item.json"), _json_bytes(record), storage_options)
     return base
@@ -495,7 +488,7 @@ def decide(
         mask_source = mask_source or "upload"
         if mask_source not in ("brush", "upload"):
             raise CorrectionsError(f"mask_source of a correction is 'brush' or 'upload', not {mask_source!r}")
-        final_png = encode_mask_png(binarise_mask(mask_png, _decode_image_size(image_jpeg)))
+        final_png = encode_png(binarise_mask(mask_png, _decode_image_size(image_jpeg)))
     else:
         if mask_png is not None:
             raise CorrectionsError("'rejected' takes no mask")
@@ -568,7 +561,7 @@ def add_to_pool(
             return base
     mask = binarise_mask(mask_png, _decode_image_size(image_jpeg))
     storage.write_bytes(storage.join(base, "image.jpg"), image_jpeg, storage_options)
-    storage.write_bytes(storage.join(base, "mask.png"), encode_mask_png(mask), storage_options)
+    storage.write_bytes(storage.join(base, "mask.png"), encode_png(mask), storage_options)
     record = {"pair_id": pair_id, **{k: v for k, v in asdict(meta).items() if k != "extra"}, **meta.extra}
     storage.write_bytes(meta_url, _json_bytes(record), storage_options)
     return base

@@ -26,10 +26,9 @@ import numpy as np
 import pandas as pd
 
 from tasks.data.mask_audit import audit_pair
-
-from tasks import storage
-from tasks.cleaning import CleaningConfig, Reason, Rejected, clean_pair, encode_clean_pair, pair_files, safe_stem, sha256
-from tasks.manifest import (
+from tasks.core import storage
+from tasks.data.cleaning import CleaningConfig, Reason, Rejected, clean_pair, encode_clean_pair, pair_files, safe_stem, sha256
+from tasks.core.manifest import (
     MANIFEST_COLUMNS,
     QUARANTINE_COLUMNS,
     STATUS_OK,
@@ -207,7 +206,7 @@ def clean_shard(
 
     Takes the shard list's URL (from :func:`plan_batch`), the dataset URL and batch name, the
     config, and how many pairs to read/decode at once. ``predict`` (optional) maps a clean RGB
-    image to a model's foreground probability at its size (e.g. :func:`tasks.inference.probability_map`
+    image to a model's foreground probability at its size (e.g. :func:`tasks.serving.inference.probability_map`
     bound to an engine); with it the mask audit also flags masks a confident model disagrees with
     (``model_disagrees``). Returns ``{"result_url", "n_pairs", "n_ok", "n_quarantined",
     "reasons"}``. Pairs are processed one at a time per thread, so memory stays flat however large

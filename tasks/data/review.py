@@ -27,8 +27,8 @@ from datetime import datetime, timezone
 import numpy as np
 import pandas as pd
 
-from tasks import storage
-from tasks.manifest import (
+from tasks.core import storage
+from tasks.core.manifest import (
     AUDIT_EXCLUDE,
     AUDIT_FIXED,
     AUDIT_KEEP,
@@ -326,7 +326,7 @@ def _apply_mask_decisions(manifest: pd.DataFrame, state: ReviewState, dataset_ur
         if decision == "fix":
             manifest.at[index, "mask_url"] = fixed_url
         elif str(manifest.at[index, "mask_url"]) == fixed_url:  # an earlier fix was taken back
-            from tasks.ingest import clean_urls
+            from tasks.data.ingest import clean_urls
 
             manifest.at[index, "mask_url"] = clean_urls(dataset_url, key)[1]
     return {"flagged": int(flagged.sum()), **counts}

@@ -13,14 +13,15 @@ def _storage_options(url: str) -> dict | None:
     """s3fs options from the environment (or a running embedded stack) for ``s3://`` URLs."""
     if not url.startswith("s3://"):
         return None
-    from tasks import stack, storage
+    from tasks.dev import stack
+    from tasks.core import storage
 
     return storage.storage_options_from_env({**stack.read_env_file(), **os.environ})
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    from tasks import storage
-    from tasks.synth import SynthConfig, generate_catalogue
+    from tasks.core import storage
+    from tasks.dev.synth import SynthConfig, generate_catalogue
 
     options = _storage_options(args.out)
     if storage.exists(storage.join(args.out, "_READY"), options) and not args.force:
@@ -35,8 +36,8 @@ def cmd_synth(args: argparse.Namespace) -> int:
 def cmd_clean(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from tasks import ingest
-    from tasks.cleaning import CleaningConfig
+    from tasks.data import ingest
+    from tasks.data.cleaning import CleaningConfig
 
     options = _storage_options(args.bucket)
     config = CleaningConfig(working_size=args.working_size)
@@ -53,8 +54,8 @@ def cmd_clean(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from tasks.evaluate import evaluate_folder
-    from tasks.metrics import format_summary
+    from tasks.evaluation.scoring import evaluate_folder
+    from tasks.evaluation.metrics import format_summary
 
     import tempfile
 
@@ -78,7 +79,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_remove(args: argparse.Namespace) -> int:
-    from tasks.inference import InferenceConfig, default_model, load_engine, remove_to
+    from tasks.serving.inference import InferenceConfig, default_model, load_engine, remove_to
 
     urls = [*args.inputs, args.out, args.model or ""]
     options = next((o for o in map(_storage_options, urls) if o is not None), None)
@@ -156,7 +157,7 @@ def cmd_pretrained(args: argparse.Namespace) -> int:
 
 def _mlflow_environment() -> None:
     """Point MLflow at the embedded stack's store when no MLFLOW_TRACKING_URI is set."""
-    from tasks import stack
+    from tasks.dev import stack
 
     if not os.environ.get("MLFLOW_TRACKING_URI"):
         uri = stack.read_env_file().get("MLFLOW_TRACKING_URI")
@@ -192,7 +193,7 @@ def cmd_model(args: argparse.Namespace) -> int:
 
 
 def cmd_stack(args: argparse.Namespace) -> int:
-    from tasks import stack
+    from tasks.dev import stack
 
     state = Path(args.state).resolve() if args.state else None
     if args.action == "up":
@@ -212,7 +213,7 @@ def cmd_stack(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from tasks.demo import DemoConfig, run_demo
+    from tasks.dev.demo import DemoConfig, run_demo
 
     return run_demo(
         DemoConfig(

@@ -14,18 +14,17 @@ batches, and the same pool turns each prediction into the outputs while the next
 * ``mask_png`` (``config.mask``): the alpha alone, grayscale PNG at the photo's size;
 * optionally (``config.canvas``) cut-out and JPEG are cropped to the product and centred on a
   fixed canvas with a margin, aspect kept (the mask stays at the photo's size, aligned with it);
-* ``quality``: :func:`tasks.quality.quality_score` of the prediction.
+* ``quality``: :func:`tasks.serving.quality.quality_score` of the prediction.
 
 A bad input (unreadable, empty, undecodable) gives a :class:`CutoutResult` with ``error`` set and
 no outputs; the batch goes on. Inputs are only read. Preprocessing equals
-:func:`tasks.evaluate.preprocess` (the same resize, then the normalisation on the small image,
+:func:`tasks.model.preprocess.preprocess` (the same resize, then the normalisation on the small image,
 which is the same affine map); the probability map goes back to the photo's size with
-:func:`tasks.metrics.resize_to_original`.
+:func:`tasks.model.preprocess.resize_to_original`.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import posixpath
@@ -41,11 +40,11 @@ from typing import Any, Callable
 import cv2
 import numpy as np
 
-from tasks import storage
-from tasks.train.data import letterbox_box, training_resize
-from tasks.metrics import resize_to_original
+from tasks.core import storage
+from tasks.core.codecs import decode_image, encode
 from tasks.model.pretrained import PRETRAINED, find_pretrained_onnx, require_pretrained_onnx
-from tasks.quality import QualityConfig, QualityScore, quality_score
+from tasks.model.preprocess import IMAGENET_MEAN, IMAGENET_STD, letterbox_box, prepare_input, resize_to_original
+from tasks.serving.quality import QualityConfig, QualityScore, quality_score
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -241,7 +240,7 @@ class OnnxEngine(Engine):
     the usable cores), no spin-waiting (the decode/encode threads share the cores), sequential
     execution, all graph optimisations.
 
-    How to feed the file and read it comes from the file (:func:`tasks.export.read_onnx_metadata`):
+    How to feed the file and read it comes from the file (:func:`tasks.model.export.read_onnx_metadata`):
     input size and normalisation, a fixed batch size (rembg's files take one image: a batch is
     run image by image), the side outputs (this project's ``sides``, or the six extra outputs of
     a U2-Net file) and whether output 0 is a probability or a logit."""
@@ -251,7 +250,7 @@ class OnnxEngine(Engine):
     def __init__(self, onnx_path: str, threads: int | None = None, source: str | None = None) -> None:
         import onnxruntime as ort
 
-        from tasks.export import read_onnx_metadata
+        from tasks.model.export import read_onnx_metadata
 
         meta = read_onnx_metadata(onnx_path)
         options = ort.SessionOptions()
@@ -290,7 +289,7 @@ class OnnxEngine(Engine):
 
 
 class TorchEngine(Engine):
-    """PyTorch (``model.pt`` + ``config.json``, :func:`tasks.evaluate.load_model`) on ``device``."""
+    """PyTorch (``model.pt`` + ``config.json``, :func:`tasks.model.io.load_model`) on ``device``."""
 
     backend = "torch"
 
@@ -298,8 +297,7 @@ class TorchEngine(Engine):
                  source: str | None = None) -> None:
         import torch
 
-        from tasks.evaluate import load_model
-        from tasks.train.data import IMAGENET_MEAN, IMAGENET_STD
+        from tasks.model.io import load_model
 
         model, meta = load_model(model_url, storage_options=storage_options)
         self._torch = torch
@@ -463,88 +461,8 @@ def _local_copy(url: str, storage_options: dict | None) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-# Decoding and preprocessing
-# ----------------------------------------------------------------------------------------------
-
-_ORIENT = {  # EXIF orientation → numpy op giving the upright image (as PIL.ImageOps.exif_transpose)
-    2: lambda a: a[:, ::-1],
-    3: lambda a: a[::-1, ::-1],
-    4: lambda a: a[::-1],
-    5: lambda a: a.swapaxes(0, 1),
-    6: lambda a: np.rot90(a, -1),
-    7: lambda a: np.rot90(a, 2).swapaxes(0, 1),
-    8: lambda a: np.rot90(a, 1),
-}
-
-
-def decode_image(data: bytes) -> np.ndarray:
-    """Decode image bytes to an upright ``H×W×3`` RGB ``uint8`` array.
-
-    The EXIF orientation is read with Pillow and applied as ``PIL.ImageOps.exif_transpose``
-    would; pixels are decoded by OpenCV (faster), or by Pillow for formats OpenCV cannot read.
-    Raises ``ValueError`` with a reason for empty or undecodable data.
-    """
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
-    if not data:
-        raise ValueError("empty file")
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            orientation = int(im.getexif().get(0x0112, 1) or 1)
-            image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
-            if image is None:  # a format OpenCV lacks: let Pillow decode it
-                return np.ascontiguousarray(np.asarray(ImageOps.exif_transpose(im).convert("RGB")))
-    except UnidentifiedImageError:
-        raise ValueError("not an image (unrecognised format)") from None
-    except (OSError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise ValueError(f"cannot decode image: {exc}") from None
-    if image.ndim != 3 or image.shape[0] == 0 or image.shape[1] == 0:
-        raise ValueError(f"cannot decode image (shape {image.shape})")
-    rgb = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-    if orientation in _ORIENT:
-        rgb = np.ascontiguousarray(_ORIENT[orientation](rgb))
-    return rgb
-
-
-def prepare_input(image_rgb: np.ndarray, input_size: int, resize: str = "stretch",
-                  mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> np.ndarray:
-    """The network input of one RGB ``uint8`` image: float32 ``3×S×S``.
-
-    Equal to :func:`tasks.evaluate.preprocess` (to float rounding) for the ImageNet mean/std, but
-    resizes before normalising (both are linear, so the order does not matter), which is several
-    times faster on a large photo. ``mean``/``std`` default to the ImageNet values.
-    """
-    from tasks.train.data import IMAGENET_MEAN, IMAGENET_STD
-
-    if image_rgb.dtype != np.uint8 or image_rgb.ndim != 3 or image_rgb.shape[2] != 3:
-        from tasks.evaluate import preprocess
-
-        return preprocess(image_rgb, input_size, resize)
-    size = int(input_size)
-    m = np.asarray(mean if mean is not None else IMAGENET_MEAN, np.float32) * np.float32(255)
-    s = np.asarray(std if std is not None else IMAGENET_STD, np.float32) * np.float32(255)
-    raw = image_rgb.astype(np.float32)
-    if resize == "stretch":
-        out = (training_resize(raw, size, size) - m) / s
-    elif resize == "letterbox":
-        x0, y0, new_w, new_h = letterbox_box(image_rgb.shape[0], image_rgb.shape[1], size)
-        out = np.zeros((size, size, 3), np.float32)
-        out[y0:y0 + new_h, x0:x0 + new_w] = (training_resize(raw, new_w, new_h) - m) / s
-    else:
-        raise ValueError(f"resize must be 'stretch' or 'letterbox', got {resize!r}")
-    return np.ascontiguousarray(out.transpose(2, 0, 1))
-
-
-# ----------------------------------------------------------------------------------------------
 # Outputs
 # ----------------------------------------------------------------------------------------------
-
-def _encode(ext: str, image: np.ndarray, params: list[int]) -> bytes:
-    ok, buf = cv2.imencode(ext, image, params)
-    if not ok:
-        raise ValueError(f"{ext} encoding failed")
-    return buf.tobytes()
-
 
 def _fit_box(box_w: int, box_h: int, canvas: tuple[int, int], margin: float) -> tuple[int, int, int, int]:
     """Size and offset of a ``box_w×box_h`` product scaled into ``canvas`` with ``margin``."""
@@ -589,7 +507,7 @@ def _render(rgb: np.ndarray, prob: np.ndarray, config: InferenceConfig) -> dict[
     png = _png_params(config.png_compression)
     out: dict[str, bytes] = {}
     if config.mask:
-        out["mask_png"] = _encode(".png", alpha, png)
+        out["mask_png"] = encode(".png", alpha, png)
     if config.canvas is not None:
         rgb, alpha = _on_canvas(rgb, alpha, config)
     weight = alpha.astype(np.float32) * np.float32(1 / 255)
@@ -599,10 +517,10 @@ def _render(rgb: np.ndarray, prob: np.ndarray, config: InferenceConfig) -> dict[
     bgra = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGRA)
     bgr = bgra[..., :3]
     composite = cv2.blendLinear(np.ascontiguousarray(bgr), backdrop, weight, 1.0 - weight)
-    out["composite_jpeg"] = _encode(".jpg", composite, [cv2.IMWRITE_JPEG_QUALITY, config.jpeg_quality])
+    out["composite_jpeg"] = encode(".jpg", composite, [cv2.IMWRITE_JPEG_QUALITY, config.jpeg_quality])
     bgra[..., 3] = alpha
     bgra = cv2.bitwise_and(bgra, bgra, mask=alpha)  # transparent pixels carry no colour: smaller files
-    out["cutout_png"] = _encode(".png", bgra, png)
+    out["cutout_png"] = encode(".png", bgra, png)
     return out
 
 

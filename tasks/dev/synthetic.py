@@ -7,9 +7,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from tasks import storage
-from tasks.manifest import MANIFEST_COLUMNS, STATUS_OK, to_frame, write_table
-from tasks.synth import SynthConfig, encode_jpeg, encode_png, render_item
+from tasks.core import storage
+from tasks.core.manifest import MANIFEST_COLUMNS, STATUS_OK, to_frame, write_table
+from tasks.core.codecs import encode_jpeg, encode_png
+from tasks.dev.synth import SynthConfig, render_item
 
 __all__ = ["write_synthetic_dataset"]
 

@@ -8,12 +8,12 @@ calls :func:`build_retraining_dataset`, triggers ``bgremoval_training`` with
 
 The new version ``datasets/<version>/`` holds:
 
-* ``manifest.parquet`` (:data:`tasks.manifest.MANIFEST_COLUMNS`): every clean (``ok``) row of the
+* ``manifest.parquet`` (:data:`tasks.core.manifest.MANIFEST_COLUMNS`): every clean (``ok``) row of the
   base version, copied as it is - cluster, split, and ``image_url``/``mask_url`` still pointing at
   the base version's clean files (nothing is copied into or rewritten in the base) - followed by
   one row per new pool pair (batch ``retraining-pool``, the pool URLs as sources);
 * ``clean/images/<key>.jpg`` and ``clean/masks/<key>.png`` for the new pairs that passed
-  cleaning (:func:`tasks.cleaning.clean_pair`, exactly as ingest cleans a studio batch);
+  cleaning (:func:`tasks.data.cleaning.clean_pair`, exactly as ingest cleans a studio batch);
 * ``quarantine.parquet``: the new pairs that were rejected, with the reason code;
 * ``summary.json``: what :func:`build_retraining_dataset` returns, plus the config and pair ids.
 
@@ -30,8 +30,8 @@ Rules for the new pairs:
   in the new manifest and keeps its split. A pair id equal to a base stem from a studio batch is
   quarantined as ``duplicate_stem``.
 * **Cluster.** The nearest base-cluster centroid in the k-means feature space
-  (:func:`tasks.features.pair_features`, standardised and weighted like
-  :func:`tasks.clustering.weighted_matrix`, with the base's statistics). Centroids are the mean
+  (:func:`tasks.data.features.pair_features`, standardised and weighted like
+  :func:`tasks.data.clustering.weighted_matrix`, with the base's statistics). Centroids are the mean
   weighted vectors of each base cluster, from the base's feature shards
   (``datasets/<base>/features/shard-*.parquet``) when there are any, else from at most
   :data:`CENTROID_SAMPLE` pairs per cluster decoded on the spot. A base without clusters gives
@@ -59,13 +59,14 @@ from datetime import datetime
 import numpy as np
 import pandas as pd
 
-from tasks import storage
-from tasks.cleaning import CleaningConfig, Reason, Rejected, clean_pair, encode_clean_pair, safe_stem, sha256
-from tasks.clustering import FEATURE_WEIGHTS
-from tasks.corrections import list_pool, now_iso
-from tasks.features import FEATURE_NAMES, decode_pair, pair_features
-from tasks.ingest import clean_urls
-from tasks.manifest import (
+from tasks.core import storage
+from tasks.core.codecs import decode_pair
+from tasks.data.cleaning import CleaningConfig, Reason, Rejected, clean_pair, encode_clean_pair, safe_stem, sha256
+from tasks.data.clustering import FEATURE_WEIGHTS
+from tasks.feedback.queue import list_pool, now_iso
+from tasks.data.features import FEATURE_NAMES, pair_features
+from tasks.data.ingest import clean_urls
+from tasks.core.manifest import (
     MANIFEST_COLUMNS,
     QUARANTINE_COLUMNS,
     STATUS_OK,
@@ -74,7 +75,7 @@ from tasks.manifest import (
     to_frame,
     write_table,
 )
-from tasks.splits import SPLITS, stem_uniform
+from tasks.data.splits import SPLITS, stem_uniform
 
 log = logging.getLogger(__name__)
 
@@ -218,7 +219,7 @@ def _instant(timestamp: str) -> datetime:
 def new_pool_pairs(bucket_url: str, state: dict, storage_options: dict | None = None) -> list[dict]:
     """The retraining-pool pairs added after ``state["last_pair_at"]`` (all of them when it is None).
 
-    Returns :func:`tasks.corrections.list_pool` records (``pair_id``, ``at``, ``origin``,
+    Returns :func:`tasks.feedback.queue.list_pool` records (``pair_id``, ``at``, ``origin``,
     ``image_url``, ``mask_url``...), oldest first.
     """
     return list_pool(bucket_url, storage_options, since=state.get("last_pair_at"))
@@ -312,9 +313,9 @@ class Centroids:
 def fit_centroids(frame: pd.DataFrame, source: str = "features") -> Centroids:
     """Centroids from a table with a ``cluster`` column and the FEATURE_NAMES columns.
 
-    Standardisation and weights are those of :func:`tasks.clustering.weighted_matrix` (median for
+    Standardisation and weights are those of :func:`tasks.data.clustering.weighted_matrix` (median for
     non-finite values, z-score with the population standard deviation, a constant feature left
-    unscaled, then :data:`tasks.clustering.FEATURE_WEIGHTS`), fitted on ``frame``. Raises
+    unscaled, then :data:`tasks.data.clustering.FEATURE_WEIGHTS`), fitted on ``frame``. Raises
     ``ValueError`` on an empty frame.
     """
     if not len(frame):

@@ -1,6 +1,6 @@
 """Cluster a dataset version's clean pairs into product groups and propose a name for each.
 
-The features written by :mod:`tasks.features` are standardised, weighted towards what tells the
+The features written by :mod:`tasks.data.features` are standardised, weighted towards what tells the
 six product types apart (how pale the product is, how much of the frame it spans, how many
 separate runs its rows cross: legs, sleeves hanging apart), and clustered with k-means. Each
 cluster gets a proposed product-type name by a one-to-one assignment between clusters and name
@@ -31,10 +31,21 @@ from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_rand_score
 from sklearn.preprocessing import StandardScaler
 
-from tasks import storage
-from tasks.features import FEATURE_NAMES, decode_pair, ok_rows
-from tasks.manifest import read_table, write_table
-from tasks.synth import PRODUCT_TYPES
+from tasks.core import storage
+from tasks.core.codecs import decode_pair
+from tasks.core.manifest import read_table, write_table
+from tasks.data.features import FEATURE_NAMES, ok_rows
+
+#: The six product types of the catalogue (DESIGN.md, "The six product clusters"): the names
+#: k-means clusters are matched to, and the types :mod:`tasks.dev.synth` renders.
+PRODUCT_TYPES: tuple[str, ...] = (
+    "long_pants",
+    "shorts",
+    "short_sleeved",
+    "long_sleeved",
+    "beachwear_accessories",
+    "light_coloured",
+)
 
 log = logging.getLogger(__name__)
 
@@ -393,7 +404,7 @@ def cluster_dataset(
     """Cluster a dataset version's pairs from their feature shards and write the cluster artefacts.
 
     Takes the dataset URL, the ``features_url`` of every shard (from
-    :func:`tasks.features.extract_shard_features`), the config, optionally a truth CSV (``stem``,
+    :func:`tasks.data.features.extract_shard_features`), the config, optionally a truth CSV (``stem``,
     ``product_type``) to score against, and fsspec storage options. Writes
     ``clusters/assignments.parquet`` (``stem``, ``key``, ``cluster``, ``proposed_name``,
     ``distance``), ``clusters/clusters.json`` and ``clusters/sheet-<cluster>.jpg``.

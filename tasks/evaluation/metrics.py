@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from tasks.model.preprocess import as_probability, resize_to_original, squeeze_channel
+
 __all__ = [
     "DEFAULT_THRESHOLDS",
     "DAVIS_TOLERANCE_FRACTION",
@@ -57,28 +59,6 @@ def _binary(mask: np.ndarray) -> np.ndarray:
     return arr > threshold
 
 
-def _probability(prob: np.ndarray) -> np.ndarray:
-    """Return ``prob`` as float32 in ``[0, 1]``; uint8 is divided by 255, floats are checked."""
-    arr = np.asarray(prob)
-    if arr.dtype == np.uint8:
-        return arr.astype(np.float32) / 255.0
-    if arr.dtype == np.bool_:
-        return arr.astype(np.float32)
-    if not np.issubdtype(arr.dtype, np.floating):
-        raise ValueError(f"probability map must be float in [0, 1] or uint8, got dtype {arr.dtype}")
-    out = arr.astype(np.float32)
-    if out.size and (not np.isfinite(out).all() or out.min() < -1e-6 or out.max() > 1 + 1e-6):
-        raise ValueError(
-            f"probability map must lie in [0, 1], got range [{float(np.nanmin(out))}, {float(np.nanmax(out))}]"
-        )
-    return np.clip(out, 0.0, 1.0)
-
-
-def _squeeze_channel(arr: np.ndarray) -> np.ndarray:
-    """Drop a trailing channel axis of size 1 (``H×W×1`` → ``H×W``)."""
-    return arr[..., 0] if arr.ndim == 3 and arr.shape[-1] == 1 else arr
-
-
 def iou(pred: np.ndarray, truth: np.ndarray) -> float:
     """Intersection over union of two binary masks of the same shape.
 
@@ -105,7 +85,7 @@ def mae(prob: np.ndarray, truth: np.ndarray) -> float:
     _check_same_shape(p, t, "mae")
     if p.size == 0:
         return 0.0
-    diff = np.abs(_probability(p).astype(np.float64) - _binary(t))
+    diff = np.abs(as_probability(p).astype(np.float64) - _binary(t))
     return float(diff.mean())
 
 
@@ -149,7 +129,7 @@ def boundary_f(pred: np.ndarray, truth: np.ndarray, tolerance_px: int | None = N
     Raises ``ValueError`` when the shapes differ, the masks are not 2-D (a trailing channel of
     size 1 is dropped) or ``tolerance_px`` is negative.
     """
-    p, t = _squeeze_channel(np.asarray(pred)), _squeeze_channel(np.asarray(truth))
+    p, t = squeeze_channel(np.asarray(pred)), squeeze_channel(np.asarray(truth))
     _check_same_shape(p, t, "boundary_f")
     if p.ndim != 2:
         raise ValueError(f"boundary_f needs 2-D masks, got shape {p.shape}")
@@ -170,25 +150,6 @@ def boundary_f(pred: np.ndarray, truth: np.ndarray, tolerance_px: int | None = N
     if precision + recall == 0:
         return 0.0
     return float(2 * precision * recall / (precision + recall))
-
-
-def resize_to_original(prob: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Bilinearly resize a probability map to ``size = (width, height)`` of the original image.
-
-    ``prob`` is ``H×W`` (or ``H×W×1``), float in ``[0, 1]`` or ``uint8``. Returns a float32
-    ``height×width`` array clipped to ``[0, 1]``. Raises ``ValueError`` for a non-positive size or
-    a map that is not 2-D.
-    """
-    width, height = (int(v) for v in size)
-    if width <= 0 or height <= 0:
-        raise ValueError(f"size must be a positive (width, height), got {size}")
-    p = _squeeze_channel(_probability(prob))
-    if p.ndim != 2 or p.size == 0:
-        raise ValueError(f"probability map must be a non-empty 2-D array, got shape {p.shape}")
-    if p.shape == (height, width):
-        return p.copy()
-    out = cv2.resize(p, (width, height), interpolation=cv2.INTER_LINEAR)
-    return np.clip(out, 0.0, 1.0)
 
 
 @dataclass(frozen=True)

@@ -20,8 +20,9 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from tasks import storage
-from tasks.manifest import STATUS_OK, read_table, write_table
+from tasks.core import storage
+from tasks.core.codecs import decode_pair
+from tasks.core.manifest import STATUS_OK, read_table, write_table
 
 log = logging.getLogger(__name__)
 
@@ -223,15 +224,6 @@ def pair_features(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
         raise ValueError("the mask holds no product pixels")
     values = np.concatenate([shape_features(mask), colour_features(image, mask)])
     return np.nan_to_num(values, nan=0.0, posinf=0.0, neginf=0.0).astype(np.float32)
-
-
-def decode_pair(image_bytes: bytes, mask_bytes: bytes) -> tuple[np.ndarray, np.ndarray]:
-    """Decode clean-pair bytes to ``(RGB uint8 image, uint8 mask)``; ``ValueError`` if either fails."""
-    image = cv2.imdecode(np.frombuffer(image_bytes, np.uint8), cv2.IMREAD_COLOR)
-    mask = cv2.imdecode(np.frombuffer(mask_bytes, np.uint8), cv2.IMREAD_GRAYSCALE)
-    if image is None or mask is None:
-        raise ValueError(f"{'image' if image is None else 'mask'} could not be decoded")
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB), mask
 
 
 def ok_rows(dataset_url: str, storage_options: dict | None = None) -> pd.DataFrame:

@@ -16,11 +16,13 @@ from typing import Any
 
 import cv2
 
-from tasks import registry, storage
-from tasks.evaluate import decode_image, decode_mask, load_model, predict_probabilities, score_dataset, score_split
-from tasks.gate import GateConfig, decide, format_decision
-from tasks.metrics import format_summary, summarise
-from tasks.report import GalleryItem, write_report
+from tasks import registry
+from tasks.core import storage
+from tasks.core.codecs import read_image, read_mask
+from tasks.evaluation.scoring import load_model, predict_probabilities, score_dataset, score_split
+from tasks.evaluation.gate import GateConfig, decide, format_decision
+from tasks.evaluation.metrics import format_summary, summarise
+from tasks.evaluation.report import GalleryItem, write_report
 from tasks.train.data import load_samples
 
 __all__ = ["AssessmentConfig", "assess_challenger", "register_and_promote"]
@@ -69,7 +71,7 @@ def _gallery(model, meta: dict, dataset_url: str, split: str, worst: list[dict],
     items = []
     for entry in worst:
         image_url, mask_url = rows[entry["stem"]]
-        image, truth = decode_image(image_url, storage_options), decode_mask(mask_url, storage_options)
+        image, truth = read_image(image_url, storage_options), read_mask(mask_url, storage_options)
         prob = predict_probabilities(model, image, meta["input_size"], meta["resize"], (truth.shape[1], truth.shape[0]))
         if prob.shape != image.shape[:2]:
             image = cv2.resize(image, (truth.shape[1], truth.shape[0]), interpolation=cv2.INTER_AREA)
@@ -112,7 +114,7 @@ def assess_challenger(model_url: str, dataset_url: str, report_url: str, config:
             that alias exists); it is scored on the same split in this call.
         facts: extra lines for the report's header.
 
-    Returns an XCom-sized dict: ``summary`` (the challenger's :func:`tasks.metrics.summarise`),
+    Returns an XCom-sized dict: ``summary`` (the challenger's :func:`tasks.evaluation.metrics.summarise`),
     ``champion`` (the champion's summary and ``version``, or None), ``gate``
     (:meth:`GateDecision.to_dict`), ``table`` (the seed-style text table), ``report_url``,
     ``report_html`` and ``mlflow_run_id``.

@@ -34,10 +34,10 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from tasks import storage
-from tasks.cleaning import safe_stem
-from tasks.manifest import STATUS_OK, audit_excluded, read_table, write_table
-from tasks.synth import encode_jpeg, encode_png
+from tasks.core import storage
+from tasks.core.codecs import decode_pair, encode_jpeg, encode_png
+from tasks.core.manifest import STATUS_OK, audit_excluded, read_table, write_table
+from tasks.data.cleaning import safe_stem
 
 log = logging.getLogger(__name__)
 
@@ -557,13 +557,13 @@ def plan_augmentation(manifest: pd.DataFrame, config: AugmentConfig) -> dict[str
 
 def _decode_pair(image_bytes: bytes, mask_bytes: bytes) -> tuple[np.ndarray, np.ndarray]:
     """Decode a clean pair: RGB uint8 image and a {0, 255} mask of the same size."""
-    bgr = cv2.imdecode(np.frombuffer(image_bytes, np.uint8), cv2.IMREAD_COLOR)
-    grey = cv2.imdecode(np.frombuffer(mask_bytes, np.uint8), cv2.IMREAD_GRAYSCALE)
-    if bgr is None or grey is None:
-        raise ValueError("could not decode a clean pair")
-    if grey.shape != bgr.shape[:2]:
-        raise ValueError(f"clean pair sizes differ: image {bgr.shape[:2]}, mask {grey.shape}")
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), np.where(grey >= 128, 255, 0).astype(np.uint8)
+    try:
+        rgb, grey = decode_pair(image_bytes, mask_bytes)
+    except ValueError:
+        raise ValueError("could not decode a clean pair") from None
+    if grey.shape != rgb.shape[:2]:
+        raise ValueError(f"clean pair sizes differ: image {rgb.shape[:2]}, mask {grey.shape}")
+    return rgb, np.where(grey >= 128, 255, 0).astype(np.uint8)
 
 
 class _PairCache:

@@ -17,7 +17,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from tasks import storage
+from tasks.core import storage
 
 __all__ = ["ProductionConfig", "plan_production", "process_shard", "resolve_threshold", "summarise_production"]
 
@@ -54,7 +54,7 @@ def plan_production(bucket_url: str, batch: str, shard_size: int = 200,
     ``production/<batch>/shards/<nnnn>.json`` of ``[url, stem]`` pairs. Raises ``ValueError``
     for a drop without images.
     """
-    from tasks.inference import list_images
+    from tasks.serving.inference import list_images
 
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
@@ -73,7 +73,7 @@ def plan_production(bucket_url: str, batch: str, shard_size: int = 200,
 def resolve_threshold(config: ProductionConfig, model_dir: str | None) -> tuple[float, str]:
     """The publishing threshold and where it came from: the config's, else the calibrated one in
     ``<model_dir>/quality.json``. Raises ``ValueError`` when neither exists."""
-    from tasks.quality import load_calibration
+    from tasks.serving.quality import load_calibration
 
     if config.threshold is not None:
         return float(config.threshold), "the run's parameter"
@@ -90,15 +90,15 @@ def process_shard(bucket_url: str, batch: str, shard_url: str, model_uri: str, c
     Args:
         bucket_url: ``s3://bucket`` (or a local folder) holding the storage layout.
         batch: the drop's name; shard_url: a list written by :func:`plan_production`.
-        model_uri: what :func:`tasks.inference.load_engine` opens (``models:/name/<version>``, so
+        model_uri: what :func:`tasks.serving.inference.load_engine` opens (``models:/name/<version>``, so
             every shard uses the same version even if the champion moves meanwhile).
         config: threshold and output options; model_version: recorded with queued and pooled pairs.
 
     Returns ``{"shard", "images", "published", "queued", "failed", "threshold", "threshold_source",
     "scores": [...], "failed_url"}`` (scores rounded; no pixels).
     """
-    from tasks.corrections import PoolMeta, QueueItem, add_to_pool, enqueue, make_item_id, prepare_pair
-    from tasks.inference import InferenceConfig, iter_remove_backgrounds, load_engine, write_outputs
+    from tasks.feedback.queue import PoolMeta, QueueItem, add_to_pool, enqueue, make_item_id, prepare_pair
+    from tasks.serving.inference import InferenceConfig, iter_remove_backgrounds, load_engine, write_outputs
 
     items = [tuple(pair) for pair in json.loads(storage.read_bytes(shard_url, storage_options))]
     engine = load_engine(model_uri, storage_options)

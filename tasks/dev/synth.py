@@ -25,16 +25,10 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from tasks import storage
+from tasks.core import storage
+from tasks.core.codecs import encode_jpeg, encode_png
+from tasks.data.clustering import PRODUCT_TYPES
 
-PRODUCT_TYPES: tuple[str, ...] = (
-    "long_pants",
-    "shorts",
-    "short_sleeved",
-    "long_sleeved",
-    "beachwear_accessories",
-    "light_coloured",
-)
 
 # Share of each type in a catalogue: rare types are rarer, as in a real shop.
 TYPE_WEIGHTS: dict[str, float] = {
@@ -1036,23 +1030,6 @@ def render_item(index: int, config: SynthConfig) -> SynthItem:
                      mask=mask, background=kind, pattern=pattern, style=shape.style)
 
 
-def encode_jpeg(image: np.ndarray, quality: int = 92) -> bytes:
-    """Encode an RGB uint8 image as JPEG bytes at ``quality``."""
-    bgr = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
-    ok, buf = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
-    if not ok:
-        raise ValueError("JPEG encoding failed")
-    return buf.tobytes()
-
-
-def encode_png(mask: np.ndarray) -> bytes:
-    """Encode a single-channel uint8 mask as PNG bytes (read back as mode ``L``)."""
-    ok, buf = cv2.imencode(".png", mask)
-    if not ok:
-        raise ValueError("PNG encoding failed")
-    return buf.tobytes()
-
-
 def _truth_csv(rows: list[dict]) -> str:
     """Render the truth rows as CSV text with ``TRUTH_COLUMNS``."""
     out = io.StringIO()
@@ -1075,7 +1052,7 @@ def generate_catalogue(batch_url: str, config: SynthConfig, storage_options: dic
     """Write a synthetic studio drop under ``batch_url`` (``s3://...`` or a local folder).
 
     Writes ``images/<stem>.jpg`` and ``masks/<stem>.png`` for ``config.n`` products, then
-    ``config.bad`` bad inputs (``tasks.badinputs.write_bad_inputs``), then ``truth.csv``, and
+    ``config.bad`` bad inputs (``tasks.dev.badinputs.write_bad_inputs``), then ``truth.csv``, and
     last the empty ``_READY`` marker. Returns ``{"batch_url", "n_good", "n_bad", "per_type"}``.
     """
     storage.ensure_bucket(batch_url, storage_options)
@@ -1091,7 +1068,7 @@ def generate_catalogue(batch_url: str, config: SynthConfig, storage_options: dic
         per_type[item.product_type] += 1
     bad_rows: list[dict] = []
     if config.bad > 0:
-        from tasks.badinputs import write_bad_inputs
+        from tasks.dev.badinputs import write_bad_inputs
 
         bad_rows = write_bad_inputs(batch_url, config.bad, config.seed, storage_options)
         rows.extend({"stem": r["stem"], "expected_reason": r["expected_reason"]} for r in bad_rows)

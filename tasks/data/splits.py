@@ -29,8 +29,8 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from tasks import storage
-from tasks.manifest import STATUS_OK, read_table, write_table
+from tasks.core import storage
+from tasks.core.manifest import STATUS_OK, read_table, write_table
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 #: Stratum used for clean rows without a cluster (before the review stage).

@@ -13,7 +13,7 @@ import re
 
 import pandas as pd
 
-from tasks import storage
+from tasks.core import storage
 
 #: Columns of ``manifest.parquet`` in order; ``cluster`` and ``split`` are filled by later stages.
 MANIFEST_COLUMNS = (

@@ -22,8 +22,9 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from tasks import stack, storage
-from tasks.airflow_client import AirflowClient
+from tasks.dev import stack
+from tasks.core import storage
+from tasks.dev.airflow_client import AirflowClient
 
 DAG_ID = "bgremoval_training"
 INFERENCE_DAG_ID = "bgremoval_inference"
@@ -112,9 +113,9 @@ def _check_expected(truth, manifest) -> tuple[int, list[str]]:
 
 
 def _print_results(dataset_url: str, batch: str, truth, options: dict, log_path: Path) -> int:
-    from tasks.ingest import format_summary
-    from tasks.manifest import read_table
-    from tasks.splits import format_split_summary, split_summary
+    from tasks.data.ingest import format_summary
+    from tasks.core.manifest import read_table
+    from tasks.data.splits import format_split_summary, split_summary
 
     summary = json.loads(storage.read_bytes(storage.join(dataset_url, "summary.json"), options))
     manifest = read_table(summary["manifest_url"], options)
@@ -198,8 +199,9 @@ def _print_evaluation(run_url: str, options: dict) -> None:
 def _production_pass(config: DemoConfig, bucket: str, env: dict[str, str], options: dict, logs: Path,
                      airflow_url: str) -> None:
     """Drop new photos into incoming/, run bgremoval_inference, print where they went."""
-    from tasks.corrections import list_queue
-    from tasks.synth import SynthConfig, encode_jpeg, render_item
+    from tasks.feedback.queue import list_queue
+    from tasks.core.codecs import encode_jpeg
+    from tasks.dev.synth import SynthConfig, render_item
 
     drop = f"demo-drop-{config.seed}"
     incoming = f"s3://{bucket}/incoming/{drop}"
@@ -224,7 +226,7 @@ def _production_pass(config: DemoConfig, bucket: str, env: dict[str, str], optio
 
 def run_demo(config: DemoConfig) -> int:
     """Run the demo end to end and print the results; returns the process exit status."""
-    from tasks.synth import SynthConfig, generate_catalogue
+    from tasks.dev.synth import SynthConfig, generate_catalogue
 
     started = time.monotonic()
     print("== starting the embedded stack: moto S3, Airflow api-server (SQLite), MLflow (SQLite)")

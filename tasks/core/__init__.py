@@ -1,0 +1,1 @@
+"""Bottom layer: storage URLs and atomic writes, the dataset manifest, image/mask codecs."""

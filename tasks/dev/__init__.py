@@ -1,0 +1,1 @@
+"""Development helpers (not needed in production): synthetic catalogue, bad inputs, demo, local stack."""

@@ -1,0 +1,1 @@
+"""Evaluation: metrics, scoring a model on labelled pairs, the gate, reports, assessment, calibration."""

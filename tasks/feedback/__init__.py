@@ -1,0 +1,1 @@
+"""Feedback: the production pass, the mask-correction queue and retraining."""

@@ -1,0 +1,1 @@
+"""Serving: engines (ONNX Runtime / PyTorch), batched cut-outs and the quality score."""
