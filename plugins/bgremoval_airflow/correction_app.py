@@ -34,7 +34,7 @@ from pydantic import BaseModel, Field
 from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessEntity
 from airflow.api_fastapi.core_api.security import GetUserDep, requires_access_dag
 from bgremoval_airflow.params import DEFAULT_BUCKET
-from bgremoval_airflow.review_app import _BUCKET, _storage_options
+from bgremoval_airflow.web_common import BUCKET_NAME, current_storage_options
 
 INFERENCE_DAG_ID = "bgremoval_inference"
 MAX_MASK_BYTES = 25 * 2**20
@@ -55,7 +55,7 @@ class DecisionIn(BaseModel):
 
 def bucket_url(bucket: str) -> str:
     """``s3://<bucket>`` after validating the name (400 otherwise)."""
-    if not _BUCKET.match(bucket):
+    if not BUCKET_NAME.match(bucket):
         raise HTTPException(status_code=400, detail=f"invalid bucket name {bucket!r}")
     return f"s3://{bucket}"
 
@@ -74,7 +74,7 @@ def _decide(bucket: str, item_id: str, user: str, **kwargs) -> dict:
     from tasks.feedback.queue import AlreadyDecided, CorrectionsError, decide
 
     try:
-        return decide(bucket_url(bucket), _item_id(item_id), user=user, storage_options=_storage_options(), **kwargs)
+        return decide(bucket_url(bucket), _item_id(item_id), user=user, storage_options=current_storage_options(), **kwargs)
     except AlreadyDecided as exc:
         raise HTTPException(status_code=409, detail=str(exc)) from None
     except CorrectionsError as exc:
@@ -98,14 +98,14 @@ def _links(item_id: str, bucket: str) -> dict:
 def _queue(bucket: str, include_done: bool) -> list[dict]:
     from tasks.feedback.queue import list_queue
 
-    return [{**item, "links": _links(item["item_id"], bucket)} for item in list_queue(bucket_url(bucket), _storage_options(), include_done)]
+    return [{**item, "links": _links(item["item_id"], bucket)} for item in list_queue(bucket_url(bucket), current_storage_options(), include_done)]
 
 
 def _item_bytes(bucket: str, item_id: str, name: str) -> bytes:
     from tasks.feedback.queue import read_item_file
 
     try:
-        return read_item_file(bucket_url(bucket), _item_id(item_id), name, _storage_options())
+        return read_item_file(bucket_url(bucket), _item_id(item_id), name, current_storage_options())
     except FileNotFoundError as exc:
         raise HTTPException(status_code=404, detail=str(exc)) from None
 
@@ -124,7 +124,7 @@ def correction_router() -> APIRouter:
         from tasks.feedback.queue import read_item
 
         try:
-            item = read_item(bucket_url(bucket), _item_id(item_id), _storage_options())
+            item = read_item(bucket_url(bucket), _item_id(item_id), current_storage_options())
         except FileNotFoundError as exc:
             raise HTTPException(status_code=404, detail=str(exc)) from None
         open_ids = [i["item_id"] for i in _queue(bucket, include_done=False)]

@@ -24,10 +24,8 @@ Masks flagged by the mask audit (page rendered from ``templates/mask_review.html
 
 from __future__ import annotations
 
-import functools
 import html
 import re
-import time
 from pathlib import Path
 from typing import Literal
 
@@ -38,12 +36,10 @@ from pydantic import BaseModel, Field
 
 from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessEntity
 from airflow.api_fastapi.core_api.security import GetUserDep, requires_access_dag
-from bgremoval_airflow.connections import s3_storage_options
 from bgremoval_airflow.params import DEFAULT_BUCKET
+from bgremoval_airflow.web_common import BUCKET_NAME, TRAINING_DAG_ID, current_storage_options
 
-TRAINING_DAG_ID = "bgremoval_training"
 _VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
-_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _KEY = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
 
 can_read = Depends(requires_access_dag("GET", param_dag_id=TRAINING_DAG_ID))
@@ -69,21 +65,11 @@ class CorrectionIn(BaseModel):
     name: str | None = Field(default=None, max_length=60)
 
 
-@functools.lru_cache(maxsize=4)
-def _storage_options_cached(minute: int) -> dict:
-    return s3_storage_options()
-
-
-def _storage_options() -> dict:
-    """S3 options from the ``aws_default`` connection, refreshed every few minutes (expiring roles)."""
-    return _storage_options_cached(int(time.time() // 300))
-
-
 def dataset_url(version: str, bucket: str) -> str:
     """``s3://<bucket>/datasets/<version>`` after validating both names (no path tricks)."""
     if not _VERSION.match(version):
         raise HTTPException(status_code=400, detail=f"invalid dataset version {version!r}")
-    if not _BUCKET.match(bucket):
+    if not BUCKET_NAME.match(bucket):
         raise HTTPException(status_code=400, detail=f"invalid bucket name {bucket!r}")
     return f"s3://{bucket}/datasets/{version}"
 
@@ -142,7 +128,7 @@ def _load_state(version: str, bucket: str):
     from tasks.data.review import load_review_state
 
     try:
-        return load_review_state(dataset_url(version, bucket), _storage_options())
+        return load_review_state(dataset_url(version, bucket), current_storage_options())
     except FileNotFoundError as exc:
         raise HTTPException(status_code=404, detail=str(exc)) from None
 
@@ -171,11 +157,11 @@ def create_app() -> FastAPI:
     def index(bucket: str = Query(DEFAULT_BUCKET)) -> str:
         from tasks.core import storage
 
-        root = f"s3://{bucket}/datasets" if _BUCKET.match(bucket) else None
+        root = f"s3://{bucket}/datasets" if BUCKET_NAME.match(bucket) else None
         if root is None:
             raise HTTPException(status_code=400, detail=f"invalid bucket name {bucket!r}")
         versions = sorted(
-            {o.relpath.split("/")[0] for o in storage.list_objects(root, _storage_options()) if o.relpath.endswith("clusters/assignments.parquet")}
+            {o.relpath.split("/")[0] for o in storage.list_objects(root, current_storage_options()) if o.relpath.endswith("clusters/assignments.parquet")}
         )
         items = "".join(
             f'<li><a href="review/{html.escape(v)}?bucket={html.escape(bucket)}">{html.escape(v)}</a></li>' for v in versions
@@ -199,7 +185,7 @@ def create_app() -> FastAPI:
         if not _KEY.match(key):
             raise HTTPException(status_code=400, detail="invalid key")
         image_url, mask_url = clean_urls(dataset_url(version, bucket), key)
-        options = _storage_options()
+        options = current_storage_options()
         try:
             data = thumbnail_jpeg(storage.read_bytes(image_url, options), storage.read_bytes(mask_url, options))
         except FileNotFoundError:
@@ -213,7 +199,7 @@ def create_app() -> FastAPI:
         fields = {k: v for k, v in body.model_dump().items() if k != "action" and v is not None}
         try:
             state = record_correction(
-                dataset_url(version, bucket), body.action, user.get_name(), _storage_options(), **fields
+                dataset_url(version, bucket), body.action, user.get_name(), current_storage_options(), **fields
             )
         except CorrectionError as exc:
             raise HTTPException(status_code=422, detail=str(exc)) from None
@@ -235,7 +221,7 @@ def create_app() -> FastAPI:
             raise HTTPException(status_code=400, detail="invalid key")
         url = dataset_url(version, bucket)
         image_url, mask_url = clean_urls(url, key)
-        options = _storage_options()
+        options = current_storage_options()
         try:
             mask = storage.read_bytes(fixed_mask_url(url, key) if fixed else mask_url, options)
             data = thumbnail_jpeg(storage.read_bytes(image_url, options), mask, size=240, overlay=True)
@@ -253,7 +239,7 @@ def create_app() -> FastAPI:
             raise HTTPException(status_code=400, detail="invalid key")
         try:
             state = record_correction(
-                dataset_url(version, bucket), "mask", user.get_name(), _storage_options(), key=key, decision=body.decision
+                dataset_url(version, bucket), "mask", user.get_name(), current_storage_options(), key=key, decision=body.decision
             )
         except CorrectionError as exc:
             raise HTTPException(status_code=422, detail=str(exc)) from None
@@ -277,7 +263,7 @@ def create_app() -> FastAPI:
         if len(data) > MAX_FIXED_MASK_BYTES:
             raise HTTPException(status_code=413, detail=f"mask file larger than {MAX_FIXED_MASK_BYTES // 2**20} MiB")
         try:
-            state = save_fixed_mask(dataset_url(version, bucket), key, data, user.get_name(), _storage_options())
+            state = save_fixed_mask(dataset_url(version, bucket), key, data, user.get_name(), current_storage_options())
         except CorrectionError as exc:
             raise HTTPException(status_code=422, detail=str(exc)) from None
         except FileNotFoundError as exc:
