@@ -7,7 +7,7 @@ the ``config`` entry of ``result.json``) names the model, its optional ``model_w
 RGB scaled to [0, 1], normalised with the ImageNet mean/std, then resized to the square input
 (``"stretch"``, or ``"letterbox"`` when the run trained that way). The fused logits go through a
 sigmoid and are resized back to the image's own size with
-:func:`tasks.evaluation.metrics.resize_to_original`, so every measure is taken at the original resolution.
+:func:`tasks.model.preprocess.resize_to_original`, so every measure is taken at the original resolution.
 """
 
 from __future__ import annotations
@@ -96,7 +96,7 @@ def predict_batch(model: nn.Module, images_rgb: Sequence[np.ndarray], input_size
                   output_sizes: Sequence[tuple[int, int] | None] | None = None) -> list[np.ndarray]:
     """Predict foreground probabilities for several RGB images in one forward pass.
 
-    Each image is preprocessed by :func:`preprocess`; the model (called on the device of its
+    Each image is preprocessed by :func:`tasks.model.preprocess.preprocess`; the model (called on the device of its
     parameters, under ``torch.inference_mode``) must return logits B×1×S×S, a ``U2NetOutput`` or
     anything with a ``.fused`` attribute, or a tuple whose first item is the fused logits.
     Returns one float32 map in [0, 1] per image, at that image's own size, or at
@@ -130,9 +130,9 @@ def predict_probabilities(model: nn.Module, image_rgb: np.ndarray, input_size: i
                           resize: str = "stretch", output_size: tuple[int, int] | None = None) -> np.ndarray:
     """Predict the foreground probability of one ``H×W×3`` RGB image.
 
-    Preprocesses like training (:func:`preprocess`), applies the sigmoid to the fused logits and
+    Preprocesses like training (:func:`tasks.model.preprocess.preprocess`), applies the sigmoid to the fused logits and
     resizes the map back to the image's size (or to ``output_size = (width, height)``) with
-    :func:`tasks.evaluation.metrics.resize_to_original`. Returns float32 ``H×W`` in [0, 1].
+    :func:`tasks.model.preprocess.resize_to_original`. Returns float32 ``H×W`` in [0, 1].
     """
     return predict_batch(model, [image_rgb], input_size, resize, [output_size])[0]
 
@@ -155,7 +155,7 @@ def evaluate_pairs(model: nn.Module, pairs: Iterable[tuple[str, str | None, np.n
     """Score the model on ``(stem, cluster, image_rgb, mask)`` pairs.
 
     The probability map is resized from the network output straight to the mask's size with
-    :func:`tasks.evaluation.metrics.resize_to_original`: the image's own size for a matching mask, the
+    :func:`tasks.model.preprocess.resize_to_original`: the image's own size for a matching mask, the
     mask's resolution for e.g. a full-size mask of a downscaled image (one resize, and the truth
     is never resampled). The binary
     prediction is ``probability > threshold``; IoU and boundary F use it, MAE the probabilities.

@@ -1,6 +1,6 @@
 """Export a trained U2-Net to ONNX, the format production inference runs on CPUs.
 
-The exported graph takes what :func:`tasks.evaluation.scoring.preprocess` produces — ``input``: float32
+The exported graph takes what :func:`tasks.model.preprocess.preprocess` produces — ``input``: float32
 ``B×3×S×S``, RGB scaled to [0, 1] and normalised with the ImageNet mean/std — and returns
 ``mask``: float32 ``B×1×S×S`` foreground probabilities (the sigmoid of the fused output), and by
 default a second output ``sides``: float32 ``B×6×S×S``, the sigmoid of the six side outputs

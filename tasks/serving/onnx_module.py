@@ -1,5 +1,6 @@
-"""An exported ONNX file behind the ``nn.Module`` interface that scoring uses (PyTorch is
-imported here, not in :mod:`tasks.serving.inference`'s ONNX path)."""
+"""An exported ONNX file behind the ``nn.Module`` interface that scoring uses: ONNX Runtime
+(:class:`tasks.serving.inference.OnnxEngine`) does the work; :func:`tasks.evaluation.scoring.load_model`
+returns it for ``.onnx`` files."""
 
 from __future__ import annotations
 
