@@ -1,6 +1,7 @@
 """Evaluation measures of the seed model: IoU, MAE, boundary F-measure and the summary table.
 
-Pure numpy (plus OpenCV for morphology, distance transforms and resizing); no I/O, no torch.
+Pure numpy (plus OpenCV for morphology, distance transforms and resizing); no I/O, no torch in the
+maths (importing :mod:`tasks.model.preprocess` for the resize does load the :mod:`tasks.model` package).
 
 Mask conventions, shared by every function here:
 
