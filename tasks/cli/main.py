@@ -79,7 +79,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_remove(args: argparse.Namespace) -> int:
-    from tasks.serving.inference import InferenceConfig, default_model, load_engine, remove_to
+    from tasks.serving.inference import FlipAveragedEngine, InferenceConfig, default_model, load_engine, remove_to
 
     urls = [*args.inputs, args.out, args.model or ""]
     options = next((o for o in map(_storage_options, urls) if o is not None), None)
@@ -95,6 +95,8 @@ def cmd_remove(args: argparse.Namespace) -> int:
         if model.startswith("models:/"):
             _mlflow_environment()
         engine = load_engine(model, options, device=args.device, backend=args.backend, threads=args.threads)
+        if args.flip:
+            engine = FlipAveragedEngine(engine)
     except (ValueError, FileNotFoundError) as exc:
         print(f"bgremoval remove: {exc}", file=sys.stderr)
         return 2
@@ -275,6 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     remove.add_argument("--io-threads", type=int, help="decode/encode threads (default: all cores)")
     remove.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     remove.add_argument("--backend", choices=["auto", "onnx", "torch"], default="auto")
+    remove.add_argument("--flip", action="store_true",
+                        help="test-time flip: average with the mirrored photo's prediction (twice the model time)")
     remove.add_argument("--jpeg-quality", type=int, default=92)
     remove.add_argument("--png-compression", type=int, default=1, help="zlib level 0-9 (6 = smaller, slower)")
     remove.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -73,6 +73,16 @@ def test_remove_files_and_folders(model_dir, tmp_path, capsys):
     assert all(0 <= line["score"] <= 1 for line in lines if line["error"] is None)
 
 
+def test_remove_with_test_time_flip(model_dir, tmp_path, capsys):
+    stem, data, size = _products(1)[0]
+    (tmp_path / f"{stem}.jpg").write_bytes(data)
+    out = tmp_path / "out"
+    assert main(["remove", str(tmp_path / f"{stem}.jpg"), "-o", str(out), "--model", model_dir, "--flip",
+                 "--quiet"]) == 0
+    assert "test-time flip" in capsys.readouterr().out
+    assert _open((out / f"{stem}.png").read_bytes()).size == size
+
+
 def test_remove_s3_prefix_with_canvas(model_dir, s3_bucket, capsys):
     bucket, options = s3_bucket
     products = _products(3)

@@ -21,6 +21,7 @@ from tasks.model.export import export_onnx
 from tasks.serving.inference import (
     CutoutResult,
     Engine,
+    FlipAveragedEngine,
     InferenceConfig,
     decode_image,
     iter_remove_backgrounds,
@@ -154,6 +155,32 @@ def test_outputs_have_the_right_sizes_modes_and_pixels(tmp_path):
         pixels = np.asarray(jpg).astype(int)
         assert np.abs(pixels[5, 5] - [0, 255, 0]).max() <= 8     # the background colour
         assert np.abs(pixels[60, 45] - [200, 30, 40]).max() <= 8  # the product
+
+
+def test_test_time_flip_averages_the_mirrored_prediction(tmp_path):
+    # the stand-in always answers "columns 0-15 are product" (certain) and the rest background:
+    # the mirrored pass answers columns 48-63, and averaging leaves both bands at 0.5
+    left_band = SquareEngine(0, SIZE)
+    left_band.predict = lambda batch: (_band(batch.shape[0]), np.repeat(_band(batch.shape[0])[:, None], 6, axis=1))
+    flipped = FlipAveragedEngine(left_band)
+    batch = np.zeros((2, 3, SIZE, SIZE), np.float32)
+    probs, sides = flipped.predict(batch)
+    assert probs.shape == (2, SIZE, SIZE) and sides.shape == (2, 6, SIZE, SIZE)
+    np.testing.assert_allclose(probs[:, :, :16], 0.5, atol=1e-5)
+    np.testing.assert_allclose(probs[:, :, 48:], 0.5, atol=1e-5)
+    assert probs[:, :, 16:48].max() < 1e-5 and np.allclose(sides[:, 3], probs)
+    assert flipped.describe().endswith("test-time flip") and flipped.input_size == SIZE
+    # a mirror-symmetric answer is unchanged, end to end
+    (tmp_path / "a.jpg").write_bytes(_jpeg(np.full((64, 64, 3), 128, np.uint8)))
+    plain, = remove_backgrounds([str(tmp_path / "a.jpg")], SquareEngine(), InferenceConfig(mask=True))
+    both, = remove_backgrounds([str(tmp_path / "a.jpg")], FlipAveragedEngine(SquareEngine()), InferenceConfig(mask=True))
+    assert both.ok and np.array_equal(np.asarray(_open(both.mask_png)), np.asarray(_open(plain.mask_png)))
+
+
+def _band(n: int) -> np.ndarray:
+    p = np.zeros((n, SIZE, SIZE), np.float32)
+    p[:, :, :16] = 1.0
+    return p
 
 
 def test_canvas_crops_and_centres_the_product(tmp_path):
