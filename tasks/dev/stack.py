@@ -25,7 +25,7 @@ from pathlib import Path
 
 import psutil
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_BUCKET = "bgremoval"
 S3_KEY = "bgremoval-local"
 S3_SECRET = "bgremoval-local-secret"

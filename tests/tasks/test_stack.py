@@ -30,6 +30,13 @@ def _pids(state: Path) -> dict[str, int]:
     return {p.stem: json.loads(p.read_text())["pid"] for p in (state / "pids").glob("*.pid")}
 
 
+def test_project_root_holds_the_dags_and_plugins_the_stack_serves():
+    # the stack points Airflow at PROJECT_ROOT/dags and /plugins: a wrong root serves no DAG at all
+    assert stack.PROJECT_ROOT == Path(__file__).resolve().parents[2]
+    assert (stack.PROJECT_ROOT / "dags" / "bgremoval_training.py").is_file()
+    assert (stack.PROJECT_ROOT / "plugins" / "bgremoval_airflow").is_dir()
+
+
 def test_up_is_idempotent_and_down_stops_by_pid_after_the_starter_is_gone(tmp_path):
     state = tmp_path / "state"
     first = _cli("up", state=state)
