@@ -18,7 +18,13 @@ import numpy as np
 
 from tasks.core.codecs import read_image, read_mask
 from tasks.evaluation.metrics import iou, resize_to_original
-from tasks.serving.quality import RoutingReport, routing_report
+from tasks.serving.quality import (
+    RoutingReport,
+    calibrate_threshold,
+    quality_score,
+    routing_report,
+    save_calibration,
+)
 from tasks.train.data import load_samples
 
 __all__ = ["QualityPoint", "calibrate_model", "score_quality"]
@@ -41,7 +47,6 @@ def score_quality(model_url: str, dataset_url: str, split: str, storage_options:
     :class:`QualityPoint` per pair (an empty list for an empty split)."""
     from tasks.model.preprocess import prepare_input
     from tasks.serving.inference import TorchEngine
-    from tasks.serving.quality import quality_score
 
     rows = load_samples(dataset_url, split, storage_options, include_augmented=False)
     if not rows:
@@ -72,8 +77,6 @@ def calibrate_model(model_url: str, dataset_url: str, storage_options: dict | No
     "test": RoutingReport dict or None, "test_by_cluster": {cluster: RoutingReport dict},
     "text": a printable summary}``.
     """
-    from tasks.serving.quality import calibrate_threshold, routing_report, save_calibration
-
     calibrated_on = "val"
     points = score_quality(model_url, dataset_url, "val", storage_options)
     if not points:
