@@ -3,7 +3,7 @@ PYTHON ?= python3.11
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-.PHONY: demo test up down install clean-state
+.PHONY: demo test test-fast up down install clean-state
 
 install: $(VENV)/.installed
 
@@ -15,6 +15,9 @@ demo: install
 
 test: install
 	scripts/test.sh
+
+test-fast: install
+	scripts/test.sh -m unit
 
 up: install
 	$(BIN)/bgremoval stack up --airflow

@@ -7,7 +7,7 @@ exported once with :func:`tasks.model.export.export_onnx` at ``--size`` (320, wh
 * ``bgremoval``: what ``bgremoval remove`` does per image — read the JPEG from disk, decode
   (EXIF applied), preprocess, ONNX Runtime on batches of ``--batch`` (intra-op threads = the
   threads given), resize the map back, quality score, RGBA PNG cut-out **and** JPEG on white,
-  both written to disk (:func:`tasks.serving.inference.iter_remove_backgrounds` + ``write_outputs``);
+  both written to disk (:func:`tasks.serving.pipeline.iter_remove_backgrounds` + ``write_outputs``);
 * ``rembg``: rembg 2.0.86, ``new_session("u2net_custom", model_path=<the same .onnx>)`` with the
   file inside ``U2NET_HOME`` and ``OMP_NUM_THREADS`` = the same threads, ``remove(bytes)`` per
   image (decode, EXIF, inference at 320, resize, cut-out, PNG encode), the PNG written to disk.
@@ -73,7 +73,7 @@ def export_model(name: str, size: int, home: Path) -> str:
     import torch
 
     from tasks.model.export import export_onnx
-    from tasks.model import build_model
+    from tasks.model.u2net import build_model
 
     home.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
@@ -91,7 +91,8 @@ def _percentiles(latencies: list[float]) -> tuple[float, float]:
 def run_ours(onnx_path: str, paths: list[str], out: Path, threads: int, batch: int, warmup: int,
              png_compression: int) -> dict:
     """Time the bgremoval path on ``paths``; returns img/s and latencies."""
-    from tasks.serving.inference import InferenceConfig, iter_remove_backgrounds, load_engine, write_outputs
+    from tasks.serving.engines import load_engine
+    from tasks.serving.pipeline import InferenceConfig, iter_remove_backgrounds, write_outputs
 
     engine = load_engine(onnx_path, threads=threads)
     config = InferenceConfig(batch_size=batch, io_threads=threads, png_compression=png_compression)

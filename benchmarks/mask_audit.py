@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     load_start = os.getloadavg()
     engine = None
     if args.model:
-        from tasks.serving.inference import load_engine, probability_map
+        from tasks.serving.engines import load_engine, probability_map
 
         engine = load_engine(args.model)
         print(f"model check with {engine.describe()}")

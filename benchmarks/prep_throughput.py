@@ -65,6 +65,7 @@ import PIL  # noqa: E402
 from PIL import Image  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from tasks.core import layout  # noqa: E402
 from tasks.data.cleaning import CleaningConfig, working_size_for  # noqa: E402
 from tasks.data.ingest import clean_shard, finalize_dataset, plan_batch  # noqa: E402
 from tasks.dev.synth import SynthConfig, generate_catalogue  # noqa: E402
@@ -173,7 +174,7 @@ def place_file(src: Path, dst: Path, link: bool) -> None:
 
 def make_batch(bucket: Path, batch: str, pairs: list[Pair], link: bool) -> list[Pair]:
     """Lay ``pairs`` out as ``<bucket>/raw/<batch>/images|masks`` and return the new paths."""
-    raw = bucket / "raw" / batch
+    raw = Path(layout.raw_batch(str(bucket), batch))
     (raw / "images").mkdir(parents=True, exist_ok=True)
     (raw / "masks").mkdir(parents=True, exist_ok=True)
     placed = []
@@ -235,10 +236,10 @@ def measure_cleaning(bucket: Path, batch: str, io_threads: int, shard_size: int,
     """Clean the batch ``repeats`` times (a fresh ``datasets/`` each time); median and spread."""
     runs = []
     for index in range(repeats):
-        shutil.rmtree(bucket / "datasets", ignore_errors=True)
+        shutil.rmtree(bucket / layout.DATASETS, ignore_errors=True)
         runs.append(run_pipeline(bucket, batch, io_threads, shard_size, progress,
                                  f"clean {batch} x{io_threads} #{index + 1}"))
-    shutil.rmtree(bucket / "datasets", ignore_errors=True)
+    shutil.rmtree(bucket / layout.DATASETS, ignore_errors=True)
     rates = [r["pairs_per_s"] for r in runs]
     best = runs[rates.index(statistics.median_low(rates))]
     return {**best, "pairs_per_s": statistics.median(rates), "min_pairs_per_s": min(rates),

@@ -115,7 +115,9 @@ GRABCUT_ITERATIONS = 5
 def _link_batch(work: Path, sets: list[str]) -> str:
     """A raw batch ``bucket/raw/<batch>/{images,masks}`` of per-file symlinks to the sets' files."""
     batch = "real-" + "+".join(sets)
-    base = work / "bucket" / "raw" / batch
+    from tasks.core import layout
+
+    base = Path(layout.raw_batch(str(work / "bucket"), batch))
     for sub in ("images", "masks"):
         (base / sub).mkdir(parents=True, exist_ok=True)
     for name in sets:
@@ -128,6 +130,7 @@ def _link_batch(work: Path, sets: list[str]) -> str:
 
 
 def _prepare(work: Path, sets: list[str], working_size: int) -> dict:
+    from tasks.core import layout
     from tasks.data import ingest
     from tasks.data.cleaning import CleaningConfig
     from tasks.core.manifest import read_table, write_table
@@ -136,7 +139,7 @@ def _prepare(work: Path, sets: list[str], working_size: int) -> dict:
     batch = _link_batch(work, sets)
     config = CleaningConfig(working_size=working_size)
     plan = ingest.plan_batch(str(work / "bucket"), batch, config, shard_size=500)
-    manifest_url = f"{plan['dataset_url']}/manifest.parquet"
+    manifest_url = layout.manifest(plan["dataset_url"])
     if not Path(manifest_url).exists():
         started = time.time()
         results = []
@@ -181,6 +184,7 @@ def _train_dataset(dataset: dict, max_train: int | None, excluded: set[str], aud
     same val/test) with excluded stems and pairs beyond ``max_train`` per set taken out of train,
     and with ``audit == "keep"`` every mask the cleaning audit flagged marked as kept (so the loop
     trains on it)."""
+    from tasks.core import layout
     from tasks.core.manifest import audit_flagged, write_table
     from tasks.data.splits import stem_uniform
 
@@ -213,7 +217,7 @@ def _train_dataset(dataset: dict, max_train: int | None, excluded: set[str], aud
         tag += "-excl" + hashlib.sha256("\n".join(sorted(excluded)).encode()).hexdigest()[:8]
     url = f"{dataset['dataset_url']}~{tag}"
     Path(url).mkdir(parents=True, exist_ok=True)
-    write_table(manifest, f"{url}/manifest.parquet")
+    write_table(manifest, layout.manifest(url))
     return url, dropped
 
 

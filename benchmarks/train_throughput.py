@@ -92,7 +92,8 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from torch import nn  # noqa: E402
 
-from tasks.model import MODEL_NAMES, build_model, count_parameters  # noqa: E402
+from tasks.model.config import MODEL_NAMES  # noqa: E402
+from tasks.model.u2net import build_model, count_parameters  # noqa: E402
 from tasks.dev.synth import SynthConfig, render_item  # noqa: E402
 from tasks.train.batch_size import find_batch_size, training_step_probe  # noqa: E402
 from tasks.train.data import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402

@@ -14,17 +14,12 @@ from __future__ import annotations
 
 import pendulum
 from airflow.providers.amazon.aws.sensors.s3 import S3KeySensor
-from airflow.sdk import Asset, dag, task
+from airflow.sdk import dag, task
+from bgremoval_airflow.assets import retraining_pool
 from bgremoval_airflow.connections import AWS_CONN_ID, s3_storage_options
-from bgremoval_airflow.params import (
-    RETRAINING_POOL_ASSET_NAME,
-    batch_params,
-    evaluation_params,
-    production_config,
-    production_params,
-)
+from bgremoval_airflow.params.inference import dag_params, production_config
 
-retraining_pool = Asset(name=RETRAINING_POOL_ASSET_NAME, uri="s3://bgremoval/retraining-pool/")
+from tasks.core import layout
 
 
 @dag(
@@ -33,11 +28,7 @@ retraining_pool = Asset(name=RETRAINING_POOL_ASSET_NAME, uri="s3://bgremoval/ret
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=4,
-    params={
-        **batch_params(folder="incoming"),
-        **production_params(),
-        "registered_model": evaluation_params()["registered_model"],
-    },
+    params=dag_params(),
     tags=["bgremoval", "production"],
     doc_md=__doc__,
 )
@@ -46,7 +37,7 @@ def bgremoval_inference():
         task_id="wait_for_drop",
         aws_conn_id=AWS_CONN_ID,
         bucket_name="{{ params.bucket }}",
-        bucket_key="incoming/{{ params.batch }}/_READY",
+        bucket_key=layout.ready_key("{{ params.batch }}", area=layout.INCOMING),
         poke_interval=10,
         timeout=6 * 60 * 60,
         mode="reschedule",
@@ -56,7 +47,7 @@ def bgremoval_inference():
     def plan_drop(params=None) -> dict:
         from tasks.feedback.production import plan_production
 
-        plan = plan_production(f"s3://{params['bucket']}", params["batch"], int(params["shard_size"]),
+        plan = plan_production(layout.bucket_url(params["bucket"]), params["batch"], int(params["photos_per_shard"]),
                                s3_storage_options())
         print(f"{plan['n_images']} photos in {len(plan['shard_urls'])} shards")
         for problem in plan["problems"]:
@@ -69,23 +60,15 @@ def bgremoval_inference():
 
     @task
     def resolve_model(params=None) -> dict:
-        from tasks import registry
+        from tasks.feedback.production import resolve_model as resolve
 
-        chosen = params["model_uri"].strip()
-        if chosen:
-            return {"model_uri": chosen, "version": chosen}
-        version = registry.alias_version(params["registered_model"], registry.CHAMPION)
-        if version is None:
-            raise ValueError(f"registered model {params['registered_model']!r} has no champion yet: "
-                             "run bgremoval_training first, or set the model parameter")
-        print(f"champion: {params['registered_model']} version {version}")
-        return {"model_uri": registry.model_uri(params["registered_model"], version=version), "version": version}
+        return resolve(params["model_uri"], params["registered_model"])
 
     @task(max_active_tis_per_dagrun=4, retries=1)
     def cut_out_shard(shard_url: str, model: dict, params=None) -> dict:
         from tasks.feedback.production import process_shard
 
-        result = process_shard(f"s3://{params['bucket']}", params["batch"], shard_url, model["model_uri"],
+        result = process_shard(layout.bucket_url(params["bucket"]), params["batch"], shard_url, model["model_uri"],
                                production_config(params), model_version=model["version"],
                                storage_options=s3_storage_options())
         print(f"published {result['published']}, queued for correction {result['queued']}, failed {result['failed']} "

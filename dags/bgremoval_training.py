@@ -30,21 +30,18 @@ from airflow.providers.standard.operators.hitl import ApprovalOperator
 from airflow.sdk import dag, task
 from bgremoval_airflow.connections import AWS_CONN_ID, s3_storage_options
 from bgremoval_airflow.databricks import DATABRICKS_CONN_ID, databricks_params, submit_run_json
-from bgremoval_airflow.params import (
-    augment_config,
-    batch_params,
-    cleaning_config,
-    cleaning_params,
-    evaluation_params,
+from bgremoval_airflow.links import mask_review_page_url, report_page_url, review_page_url
+from bgremoval_airflow.params.training import (
     assessment_config,
-    report_page_url,
-    mask_review_page_url,
-    review_page_url,
-    review_params,
+    augment_config,
+    cleaning_config,
+    clustering_config,
+    dag_params,
     split_config,
     train_config,
-    training_params,
 )
+
+from tasks.core import layout
 
 
 @dag(
@@ -53,14 +50,7 @@ from bgremoval_airflow.params import (
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=4,
-    params={
-        **batch_params(),
-        **cleaning_params(),
-        **review_params(),
-        **training_params(),
-        **evaluation_params(),
-        **databricks_params(),
-    },
+    params={**dag_params(), **databricks_params()},
     tags=["bgremoval", "training"],
     doc_md=__doc__,
 )
@@ -71,14 +61,9 @@ def bgremoval_training():
 
     @task
     def reuse_dataset(params=None) -> dict:
-        from tasks.core import storage
+        from tasks.data.ingest import existing_dataset
 
-        version = params["dataset_version"].strip()
-        dataset_url = f"s3://{params['bucket']}/datasets/{version}"
-        if not storage.exists(f"{dataset_url}/manifest.parquet", s3_storage_options()):
-            raise ValueError(f"dataset version {version!r} has no manifest at {dataset_url}/manifest.parquet")
-        print(f"retraining on the existing dataset version {version}; its splits are kept")
-        return {"version": version, "dataset_url": dataset_url}
+        return existing_dataset(layout.bucket_url(params["bucket"]), params["dataset_version"], s3_storage_options())
 
     @task(trigger_rule="none_failed_min_one_success")
     def training_set(fresh: dict | None, splits: dict | None, reused: dict | None) -> dict:
@@ -88,7 +73,7 @@ def bgremoval_training():
         task_id="wait_for_batch",
         aws_conn_id=AWS_CONN_ID,
         bucket_name="{{ params.bucket }}",
-        bucket_key="raw/{{ params.batch }}/_READY",
+        bucket_key=layout.ready_key("{{ params.batch }}"),
         poke_interval=10,
         timeout=6 * 60 * 60,
         mode="reschedule",
@@ -99,7 +84,7 @@ def bgremoval_training():
         from tasks.data.ingest import plan_batch
 
         return plan_batch(
-            bucket_url=f"s3://{params['bucket']}",
+            bucket_url=layout.bucket_url(params["bucket"]),
             batch=params["batch"],
             config=cleaning_config(params),
             shard_size=int(params["shard_size"]),
@@ -114,7 +99,7 @@ def bgremoval_training():
     def clean_shard(shard_url: str, plan: dict, params=None) -> dict:
         from functools import partial
 
-        from tasks.serving.inference import audit_engine, probability_map
+        from tasks.serving.engines import audit_engine, probability_map
         from tasks.data.ingest import clean_shard as clean
 
         engine, why = audit_engine(params["audit_model"], params["registered_model"], s3_storage_options())
@@ -157,35 +142,19 @@ def bgremoval_training():
 
     @task
     def cluster_products(dataset: dict, features: list[dict], params=None) -> dict:
-        from tasks.core import storage
-        from tasks.data.clustering import ClusteringConfig, cluster_dataset, format_clusters
+        from tasks.data.clustering import ReviewLinks, propose_clusters
 
-        options = s3_storage_options()
-        truth_url = f"s3://{params['bucket']}/raw/{params['batch']}/truth.csv"
-        summary = cluster_dataset(
-            dataset["dataset_url"],
+        bucket, version = params["bucket"], dataset["version"]
+        summary = propose_clusters(
+            dataset,
             [f["features_url"] for f in features],
-            ClusteringConfig(k=int(params["clusters"]), seed=int(params["seed"]), n_init=30),
-            truth_url=truth_url if storage.exists(truth_url, options) else None,
-            storage_options=options,
+            clustering_config(params),
+            batch=params["batch"],
+            links=ReviewLinks(review_page_url(version, bucket), mask_review_page_url(version, bucket)),
+            truth_url=layout.batch_truth(layout.raw_batch(layout.bucket_url(bucket), params["batch"])),
+            storage_options=s3_storage_options(),
         )
-        table = format_clusters(summary)
-        print(table)
-        link = review_page_url(dataset["version"], params["bucket"])
-        summary["review_markdown"] = (
-            f"**{dataset['clean']} clean images** of batch `{params['batch']}` were grouped into "
-            f"{summary['k']} proposed product clusters.\n\n"
-            f"Open the [review page]({link}) to rename clusters and move misplaced images; every change is "
-            "saved with your name. Then choose **Approve** to continue to splitting and augmentation, or "
-            "**Reject** to end this run without training.\n\n"
-            f"```\n{table}\n```"
-        )
-        flagged = int(dataset.get("audit_flagged") or 0)
-        if flagged:
-            reasons = ", ".join(f"{code} {count}" for code, count in (dataset.get("audit_reasons") or {}).items())
-            summary["review_markdown"] += (
-                f"\n\n**{flagged} masks look broken** ({reasons}): they stay out of training and the test split "
-                f"unless you keep or fix them on the [masks page]({mask_review_page_url(dataset['version'], params['bucket'])}).")
+        print(summary["table"])
         return summary
 
     review_clusters = ApprovalOperator(
@@ -206,7 +175,7 @@ def bgremoval_training():
         from tasks.data.splits import split_dataset as split
 
         previous = params["previous_dataset"].strip()
-        previous_url = f"s3://{params['bucket']}/datasets/{previous}/manifest.parquet" if previous else None
+        previous_url = layout.manifest(layout.dataset(layout.bucket_url(params["bucket"]), previous)) if previous else None
         return split(dataset["dataset_url"], split_config(params), previous_url, s3_storage_options())
 
     @task
@@ -215,15 +184,15 @@ def bgremoval_training():
         from tasks.core.manifest import read_table
 
         options = s3_storage_options()
-        manifest = read_table(f"{dataset['dataset_url']}/manifest.parquet", options)
-        todo = plan(manifest, augment_config(params, int(params["working_size"])))
+        manifest = read_table(layout.manifest(dataset["dataset_url"]), options)
+        todo = plan(manifest, augment_config(params))
         return [{"cluster": cluster, "n": n} for cluster, n in sorted(todo.items())]
 
     @task(max_active_tis_per_dagrun=4)
     def augment_cluster(cluster: str, n: int, dataset: dict, params=None) -> dict:
         from tasks.data.augment import augment_cluster as augment
 
-        config = augment_config(params, int(params["working_size"]))
+        config = augment_config(params)
         return augment(dataset["dataset_url"], cluster, n, config, s3_storage_options())
 
     @task(trigger_rule="none_failed")
@@ -233,10 +202,7 @@ def bgremoval_training():
         return finalize(dataset["dataset_url"], [p["part_url"] for p in parts], s3_storage_options())
 
     def _output_url(params: dict, dataset: dict, run_id: str) -> str:
-        import re
-
-        safe_run = re.sub(r"[^A-Za-z0-9_-]+", "-", run_id).strip("-")
-        return f"s3://{params['bucket']}/training/{dataset['version']}/{safe_run}"
+        return layout.training_run(layout.bucket_url(params["bucket"]), dataset["version"], run_id)
 
     @task.branch
     def choose_compute(augmented: dict, params=None) -> str:
@@ -247,7 +213,7 @@ def bgremoval_training():
 
         reference = choose_start(params["init_from"], params["model"], params["registered_model"])
         print(f"initial weights: {reference or 'random'} (init_from={params['init_from']!r})")
-        return stage_weights(reference, f"{output_url}/init", params["registered_model"], options) if reference else None
+        return stage_weights(reference, layout.initial_weights(output_url), params["registered_model"], options) if reference else None
 
     @task(retries=2)
     def train_model(dataset: dict, params=None, run_id=None) -> dict:
@@ -290,7 +256,7 @@ def bgremoval_training():
         assessment = assess_challenger(
             model_url=output_url,
             dataset_url=dataset["dataset_url"],
-            report_url=f"{output_url}/report",
+            report_url=layout.report(output_url),
             config=assessment_config(params),
             storage_options=s3_storage_options(),
             mlflow_run_id=trained.get("mlflow_run_id"),
@@ -299,9 +265,7 @@ def bgremoval_training():
         print(assessment["table"])
         print(assessment["verdict"])
         print(f"report: {assessment['report_html']} (also under report/ in MLflow run {assessment['mlflow_run_id']})")
-        page = report_page_url(params["bucket"], assessment["report_url"])
-        if page:
-            print(f"report in the Airflow UI: {page}")
+        print(f"report in the Airflow UI: {report_page_url(dataset['version'], layout.run_name(run_id), params['bucket'])}")
         return assessment
 
     @task.short_circuit
@@ -312,20 +276,11 @@ def bgremoval_training():
 
     @task
     def calibrate_quality(dataset: dict, assessment: dict, params=None) -> dict:
-        from tasks.evaluation.calibration import calibrate_model
+        from tasks.evaluation.assessment import calibrate_challenger
 
-        calibration = calibrate_model(assessment["model_url"], dataset["dataset_url"], s3_storage_options(),
-                                      target_iou=float(params["routing_target_iou"]))
+        calibration = calibrate_challenger(assessment, dataset["dataset_url"], float(params["routing_target_iou"]),
+                                           s3_storage_options())
         print(calibration["text"])
-        if assessment.get("mlflow_run_id"):
-            import mlflow
-
-            client = mlflow.MlflowClient()
-            client.log_metric(assessment["mlflow_run_id"], "quality_threshold", calibration["threshold"])
-            for split in ("val", "test"):
-                if calibration[split]:
-                    client.log_metric(assessment["mlflow_run_id"], f"routing_{split}_precision", calibration[split]["precision"])
-                    client.log_metric(assessment["mlflow_run_id"], f"routing_{split}_recall", calibration[split]["recall"])
         return {k: v for k, v in calibration.items() if k != "text"}
 
     @task

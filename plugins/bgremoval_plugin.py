@@ -1,12 +1,12 @@
-"""Registers the bgremoval review web app with the Airflow api-server, and a menu link to it."""
+"""Registers the bgremoval web app (:mod:`bgremoval_airflow.web`) with the Airflow api-server, and menu links to it."""
 
 from __future__ import annotations
 
 from airflow.plugins_manager import AirflowPlugin
 
 
-def _review_app():
-    from bgremoval_airflow.review_app import create_app
+def _web_app():
+    from bgremoval_airflow.web.app import create_app
 
     return create_app()
 
@@ -15,7 +15,7 @@ class BgremovalPlugin(AirflowPlugin):
     """Serves the review pages at ``/bgremoval`` (same login as the Airflow UI)."""
 
     name = "bgremoval"
-    fastapi_apps = [{"app": _review_app(), "url_prefix": "/bgremoval", "name": "bgremoval review"}]
+    fastapi_apps = [{"app": _web_app(), "url_prefix": "/bgremoval", "name": "bgremoval review"}]
     external_views = [
         {"name": "Review clusters", "href": "/bgremoval/", "destination": "nav", "url_route": "bgremoval"},
         {"name": "Correct masks", "href": "/bgremoval/corrections", "destination": "nav", "url_route": "bgremoval-corrections"},

@@ -5,7 +5,7 @@ returns foreground probabilities, with a signature and an input example) and, as
 three files production needs without MLflow's loader: ``model.pt`` (the state dict),
 ``config.json`` (model name, widths, input size, resize mode) and ``model.onnx`` (see
 :mod:`tasks.model.export`). :func:`download_model` puts those three in one folder, which
-:func:`tasks.model.io.load_model` and :mod:`tasks.serving.inference` read.
+:func:`tasks.model.io.load_model` and :mod:`tasks.serving.engines` read.
 
 Promotion uses registered-model **aliases**, never the deprecated stages: ``champion`` is the
 model in production and ``previous`` the one it replaced. Every promotion is appended to the
@@ -23,10 +23,9 @@ from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
-import torch
 
-from tasks.core import storage
-from tasks.model.pretrained import PRETRAINED, find_pretrained_onnx, write_pretrained_folder
+from tasks.core import layout, storage
+from tasks.model.config import PRETRAINED
 
 __all__ = [
     "AUTO",
@@ -50,7 +49,7 @@ DEFAULT_MODEL_NAME = "bgremoval-u2net"
 CHAMPION = "champion"
 PREVIOUS = "previous"
 _HISTORY_TAG = "champion_history"
-_EXTRA_FILES = ("model.pt", "config.json", "model.onnx")
+_EXTRA_FILES = (layout.MODEL_WEIGHTS, layout.MODEL_CONFIG, "model.onnx")
 _OPTIONAL_FILES = ("quality.json",)  # the calibrated routing threshold (tasks.evaluation.calibration)
 
 
@@ -119,6 +118,7 @@ def register_model(model_url: str, name: str = DEFAULT_MODEL_NAME, run_id: str |
     The ONNX export is checked against PyTorch before anything is logged.
     """
     import mlflow
+    import torch
     from mlflow.models import infer_signature
 
     from tasks.model.io import load_model
@@ -130,8 +130,8 @@ def register_model(model_url: str, name: str = DEFAULT_MODEL_NAME, run_id: str |
     config = {"model": meta["model"], "model_widths": meta["model_widths"], "input_size": size,
               "resize": meta["resize"]}
     with tempfile.TemporaryDirectory(prefix="bgremoval-register-") as tmp:
-        torch.save(model.state_dict(), os.path.join(tmp, "model.pt"))
-        with open(os.path.join(tmp, "config.json"), "w") as fh:
+        torch.save(model.state_dict(), os.path.join(tmp, layout.MODEL_WEIGHTS))
+        with open(os.path.join(tmp, layout.MODEL_CONFIG), "w") as fh:
             json.dump(config, fh, indent=2)
         onnx_info = export_onnx(model, os.path.join(tmp, "model.onnx"), size, meta["resize"], meta["model"])
         extra = [os.path.join(tmp, f) for f in _EXTRA_FILES]
@@ -302,6 +302,8 @@ def stage_weights(reference: str, dst_url: str, name: str = DEFAULT_MODEL_NAME,
     """
     reference = reference.strip()
     if reference == PRETRAINED:
+        from tasks.model.pretrained import write_pretrained_folder
+
         return write_pretrained_folder(dst_url, storage_options=storage_options)
     if reference == CHAMPION or reference.startswith("@"):
         alias = reference.lstrip("@")
@@ -312,11 +314,11 @@ def stage_weights(reference: str, dst_url: str, name: str = DEFAULT_MODEL_NAME,
         return reference
     with tempfile.TemporaryDirectory(prefix="bgremoval-init-") as tmp:
         folder = download_model(reference, tmp)
-        target = storage.join(dst_url, "model.pt")
-        with open(os.path.join(folder, "model.pt"), "rb") as fh:
+        target = layout.model_weights(dst_url)
+        with open(os.path.join(folder, layout.MODEL_WEIGHTS), "rb") as fh:
             storage.write_bytes(target, fh.read(), storage_options)
-        with open(os.path.join(folder, "config.json"), "rb") as fh:
-            storage.write_bytes(storage.join(dst_url, "config.json"), fh.read(), storage_options)
+        with open(os.path.join(folder, layout.MODEL_CONFIG), "rb") as fh:
+            storage.write_bytes(layout.model_config(dst_url), fh.read(), storage_options)
     return target
 
 
@@ -364,6 +366,8 @@ def choose_start(reference: str, model: str, name: str = DEFAULT_MODEL_NAME) -> 
         if reason is None:
             return CHAMPION
         print(f"init_from=auto: not starting from the champion of {name!r}: {reason}")
+        from tasks.model.pretrained import find_pretrained_onnx
+
         return PRETRAINED if key == "u2netp" and find_pretrained_onnx() is not None else None
     if reference == PRETRAINED and key != "u2netp":
         raise ValueError(f"published weights exist for u2netp only, not {model!r}: use init_from=scratch or a model file")

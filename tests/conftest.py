@@ -44,6 +44,27 @@ _AIRFLOW_HOME.mkdir(parents=True, exist_ok=True)
 sys.path.insert(0, str(PROJECT_ROOT / "plugins"))
 
 
+#: Fixtures that start a server or another process: a test that uses one is a ``process`` test.
+PROCESS_FIXTURES = frozenset({"moto_endpoint", "s3_bucket", "airflow_db", "api_server", "reviewer", "client_for",
+                              "browser"})
+
+
+def pytest_collection_modifyitems(config, items):
+    """Give every test one tier: ``integration`` (marked: whole pipelines on real servers),
+    ``process`` (marked: it trains or exports a real model, or starts a process; or it uses a
+    fixture that starts a server) or ``unit`` (the rest: in-process, no server, seconds at most;
+    ``make test-fast`` runs these)."""
+    for item in items:
+        if item.get_closest_marker("integration") or item.get_closest_marker("process"):
+            continue
+        callspec = getattr(item, "callspec", None)
+        on_s3 = callspec is not None and "s3" in callspec.params.values()  # a storage fixture parametrised on moto
+        if on_s3 or PROCESS_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.process)
+        else:
+            item.add_marker(pytest.mark.unit)
+
+
 def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(_STATE, ignore_errors=True)
 
@@ -163,7 +184,7 @@ def write_model_folder():
     folder as a string."""
     import torch
 
-    from tasks.model import U2Net, build_model
+    from tasks.model.u2net import U2Net, build_model
     from tasks.train.config import TrainConfig
 
     def write(folder, seed: int = 0, input_size: int = 32, widths: dict | None = TINY_WIDTHS,

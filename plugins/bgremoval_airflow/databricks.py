@@ -45,6 +45,10 @@ DEFAULT_WHEEL_PATH = "dbfs:/FileStore/wheels/bgremoval-0.1.0-py3-none-any.whl"
 _SECRET_KEYS = re.compile(r"(secret|password|token|^key$|access_key|session)", re.IGNORECASE)
 
 
+#: The trigger-form section of these Params.
+DATABRICKS_SECTION = "Databricks"
+
+
 def databricks_params() -> dict[str, Param]:
     """Params of the Databricks training backend (the job cluster and how to reach it).
 
@@ -62,6 +66,7 @@ def databricks_params() -> dict[str, Param]:
             title="Databricks runtime",
             description="An ML runtime (it ships pyspark's TorchDistributor, torch and MLflow). A '-gpu-ml-' "
             "runtime trains on the GPUs with NCCL; a '-cpu-ml-' one trains on the CPUs with gloo.",
+            section=DATABRICKS_SECTION,
         ),
         "databricks_node_type_id": Param(
             "g5.2xlarge",
@@ -70,6 +75,7 @@ def databricks_params() -> dict[str, Param]:
             title="Worker instance type",
             description="Instance type of the driver and every worker, e.g. g5.2xlarge (1 × A10G) or "
             "g5.12xlarge (4 × A10G).",
+            section=DATABRICKS_SECTION,
         ),
         "databricks_num_workers": Param(
             4,
@@ -79,6 +85,7 @@ def databricks_params() -> dict[str, Param]:
             title="Workers",
             description="Worker nodes of the job cluster. 0 starts a single-node cluster that trains on "
             "the driver's GPUs.",
+            section=DATABRICKS_SECTION,
         ),
         "databricks_processes_per_worker": Param(
             1,
@@ -88,6 +95,7 @@ def databricks_params() -> dict[str, Param]:
             title="GPUs (training processes) per worker",
             description="One training process per GPU: set this to the GPUs of the instance type. The run "
             "trains on workers × this many processes.",
+            section=DATABRICKS_SECTION,
         ),
         "databricks_wheel_path": Param(
             DEFAULT_WHEEL_PATH,
@@ -96,6 +104,7 @@ def databricks_params() -> dict[str, Param]:
             title="Project wheel",
             description="The bgremoval wheel, installed on the cluster as a library: a dbfs:/, "
             "/Volumes/... or /Workspace/... path (or cloud storage URL) of bgremoval-<version>-py3-none-any.whl.",
+            section=DATABRICKS_SECTION,
         ),
         "databricks_python_file": Param(
             DEFAULT_LAUNCHER_PATH,
@@ -104,6 +113,7 @@ def databricks_params() -> dict[str, Param]:
             title="Launcher file",
             description="The spark_python_task file: the three-line launcher of tasks.train.distributor "
             "(LAUNCHER_SOURCE), uploaded next to the wheel.",
+            section=DATABRICKS_SECTION,
         ),
         "databricks_mlflow_tracking_uri": Param(
             "databricks",
@@ -111,6 +121,7 @@ def databricks_params() -> dict[str, Param]:
             title="MLflow tracking URI on the cluster",
             description="MLFLOW_TRACKING_URI of the training run: 'databricks' logs to the workspace's MLflow, "
             "an https:// URL to a tracking server the cluster can reach. Empty: the cluster's default.",
+            section=DATABRICKS_SECTION,
         ),
         "databricks_instance_profile_arn": Param(
             "",
@@ -118,6 +129,7 @@ def databricks_params() -> dict[str, Param]:
             title="Instance profile ARN",
             description="Optional: the AWS instance profile that gives the cluster access to the S3 bucket "
             "(no keys are sent with the run).",
+            section=DATABRICKS_SECTION,
         ),
         "databricks_timeout_minutes": Param(
             360,
@@ -125,6 +137,7 @@ def databricks_params() -> dict[str, Param]:
             minimum=10,
             title="Run timeout (minutes)",
             description="Databricks cancels the run (and its cluster) after this long.",
+            section=DATABRICKS_SECTION,
         ),
     }
 
@@ -228,9 +241,9 @@ def read_train_result(output_url: str, storage_options: dict | None = None) -> d
     Airflow side (e.g. from ``aws_default``). Raises ``FileNotFoundError`` when the run wrote no result
     (it failed, or wrote elsewhere).
     """
-    from tasks.core import storage
+    from tasks.core import layout, storage
 
-    url = storage.join(output_url, "result.json")
+    url = layout.train_result(output_url)
     if not storage.exists(url, storage_options):
         raise FileNotFoundError(f"no training result at {url}: the Databricks run did not finish training, or its "
                                 "config's output_url is not this one; see the run page for its log")

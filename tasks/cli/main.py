@@ -8,6 +8,8 @@ import os
 import sys
 from pathlib import Path
 
+from tasks.registry import DEFAULT_MODEL_NAME
+
 
 def _storage_options(url: str) -> dict | None:
     """s3fs options from the environment (or a running embedded stack) for ``s3://`` URLs."""
@@ -20,11 +22,11 @@ def _storage_options(url: str) -> dict | None:
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    from tasks.core import storage
+    from tasks.core import layout, storage
     from tasks.dev.synth import SynthConfig, generate_catalogue
 
     options = _storage_options(args.out)
-    if storage.exists(storage.join(args.out, "_READY"), options) and not args.force:
+    if storage.exists(layout.ready_marker(args.out), options) and not args.force:
         print(f"{args.out} already holds a finished batch (_READY exists); use --force to write it again", file=sys.stderr)
         return 2
     config = SynthConfig(n=args.n, seed=args.seed, bad=args.bad, max_side=args.max_side)
@@ -79,7 +81,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_remove(args: argparse.Namespace) -> int:
-    from tasks.serving.inference import FlipAveragedEngine, InferenceConfig, default_model, load_engine, remove_to
+    from tasks.serving.engines import FlipAveragedEngine, default_model, load_engine
+    from tasks.serving.pipeline import InferenceConfig, remove_to
 
     urls = [*args.inputs, args.out, args.model or ""]
     options = next((o for o in map(_storage_options, urls) if o is not None), None)
@@ -266,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "e.g. ~/.u2net/u2netp.onnx), a folder/URL with model.onnx and/or model.pt, or "
                              "models:/<name>@<alias>. Default: the registry's champion when MLflow is configured "
                              "and has one, else 'pretrained'")
-    remove.add_argument("--registered-model", default="bgremoval-u2net",
+    remove.add_argument("--registered-model", default=DEFAULT_MODEL_NAME,
                         help="registered model whose champion is the default")
     remove.add_argument("--background", default="#ffffff", help="JPEG background colour, '#rrggbb'")
     remove.add_argument("--canvas", help="crop to the product, centred on a WIDTHxHEIGHT canvas (e.g. 1000x1333)")
@@ -286,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     model = sub.add_parser("model", help="the MLflow registry: list versions, promote one, roll the champion back")
     model.add_argument("action", choices=["list", "promote", "rollback"])
-    model.add_argument("--name", default="bgremoval-u2net", help="registered model name")
+    model.add_argument("--name", default=DEFAULT_MODEL_NAME, help="registered model name")
     model.add_argument("--version", help="the version to promote (promote only)")
     model.add_argument("--user", default=os.environ.get("USER", "cli"), help="recorded on the version's tags")
     model.set_defaults(func=cmd_model)
@@ -297,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--init-from", default="auto",
                        help="'auto' (the champion when the registry has one, else the published weights), "
                             "'pretrained', 'champion', 'scratch', a models:/ URI or a model.pt URL")
-    train.add_argument("--registered-model", default="bgremoval-u2net", help="whose champion 'auto'/'champion' use")
+    train.add_argument("--registered-model", default=DEFAULT_MODEL_NAME, help="whose champion 'auto'/'champion' use")
     train.add_argument("--model", default="u2netp", choices=["u2netp", "u2net"])
     train.add_argument("--epochs", type=int, default=10)
     train.add_argument("--batch-size", type=int, default=8, help="per worker")

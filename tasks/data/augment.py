@@ -28,16 +28,16 @@ import logging
 import threading
 from collections import Counter, OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 
 import cv2
 import numpy as np
 import pandas as pd
 
-from tasks.core import storage
+from tasks.core import layout, storage
 from tasks.core.codecs import decode_pair, encode_jpeg, encode_png
 from tasks.core.manifest import STATUS_OK, audit_excluded, read_table, write_table
 from tasks.data.cleaning import safe_stem
+from tasks.data.config import AugmentConfig
 
 log = logging.getLogger(__name__)
 
@@ -426,43 +426,6 @@ def photometric_jitter(
 # Recipes
 # --------------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class AugmentConfig:
-    """How many train samples each cluster should reach, the seed, and how often each op is used.
-
-    ``p_side_by_side`` and ``p_place`` are the shares of samples built from two pairs (exclusive,
-    so they sum to at most 1); the other ``p_*`` are independent chances of each op. A sample drawn
-    with no op at all gets a new background. ``working_size`` (longer side of the outputs) defaults
-    to the dataset's own.
-    """
-
-    target_per_cluster: int = 200
-    seed: int = 0
-    p_crop: float = 0.5
-    p_flip: float = 0.5
-    p_side_by_side: float = 0.15
-    p_place: float = 0.2
-    p_background: float = 0.6
-    p_jitter: float = 0.6
-    working_size: int | None = None
-    jpeg_quality: int = 92
-
-    def __post_init__(self) -> None:
-        if self.target_per_cluster < 0:
-            raise ValueError(f"target_per_cluster must be >= 0, got {self.target_per_cluster}")
-        names = ("p_crop", "p_flip", "p_side_by_side", "p_place", "p_background", "p_jitter")
-        chances = {k: getattr(self, k) for k in names}
-        bad = {k: v for k, v in chances.items() if not 0.0 <= v <= 1.0}
-        if bad:
-            raise ValueError(f"op chances must be in [0, 1]: {bad}")
-        if self.p_side_by_side + self.p_place > 1.0:
-            raise ValueError("p_side_by_side + p_place must be at most 1")
-        if self.working_size is not None and self.working_size < 32:
-            raise ValueError(f"working_size must be at least 32 px, got {self.working_size}")
-        if not 1 <= self.jpeg_quality <= 100:
-            raise ValueError("jpeg_quality must be between 1 and 100")
-
-
 def cluster_seed(cluster: str) -> int:
     """A stable 32-bit number for a cluster name (``sha256``, not Python's salted ``hash``)."""
     return int.from_bytes(hashlib.sha256(cluster.encode("utf-8")).digest()[:4], "big")
@@ -601,13 +564,13 @@ def _working_size(manifest: pd.DataFrame, config: AugmentConfig) -> int:
 
 def augmented_urls(dataset_url: str, key: str) -> tuple[str, str]:
     """URLs of an augmented pair: ``(augmented/images/<key>.jpg, augmented/masks/<key>.png)``."""
-    return (storage.join(dataset_url, "augmented", "images", f"{key}.jpg"),
-            storage.join(dataset_url, "augmented", "masks", f"{key}.png"))
+    return (storage.join(layout.augmented(dataset_url), "images", f"{key}.jpg"),
+            storage.join(layout.augmented(dataset_url), "masks", f"{key}.png"))
 
 
 def part_url(dataset_url: str, cluster: str) -> str:
     """URL of a cluster's table of augmented samples: ``augmented/parts/<cluster>.parquet``."""
-    return storage.join(dataset_url, "augmented", "parts", f"{safe_stem(cluster)}.parquet")
+    return storage.join(layout.augmented(dataset_url), "parts", f"{safe_stem(cluster)}.parquet")
 
 
 def _augmented_frame(rows: list[dict]) -> pd.DataFrame:
@@ -657,7 +620,7 @@ def augment_cluster(
     """
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
-    manifest = read_table(storage.join(dataset_url, "manifest.parquet"), storage_options)
+    manifest = read_table(layout.manifest(dataset_url), storage_options)
     ok = (manifest["status"] == STATUS_OK) & ~audit_excluded(manifest)  # never augment a broken mask
     train = manifest[ok & (manifest["split"] == "train") & (manifest["cluster"] == cluster)]
     sources = train.sort_values("stem", kind="stable").reset_index(drop=True)
@@ -734,9 +697,9 @@ def finalize_augmentation(dataset_url: str, part_urls: list[str], storage_option
     frames = [f for f in frames if len(f)]
     merged = pd.concat(frames, ignore_index=True) if frames else _augmented_frame([])
     merged = _augmented_frame(merged.sort_values(["cluster", "stem"], kind="stable").to_dict("records"))
-    manifest_url = write_table(merged, storage.join(dataset_url, "augmented", "manifest.parquet"), storage_options)
+    manifest_url = write_table(merged, layout.manifest(layout.augmented(dataset_url)), storage_options)
     gallery_url = None
     if len(merged):
-        gallery_url = write_gallery(merged, storage.join(dataset_url, "augmented", "gallery.jpg"), storage_options)
+        gallery_url = write_gallery(merged, storage.join(layout.augmented(dataset_url), "gallery.jpg"), storage_options)
     per_cluster = {str(k): int(v) for k, v in sorted(Counter(merged["cluster"].astype(str)).items())}
     return {"manifest_url": manifest_url, "gallery_url": gallery_url, "n": int(len(merged)), "per_cluster": per_cluster}

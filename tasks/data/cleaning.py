@@ -35,12 +35,14 @@ import re
 import struct
 import unicodedata
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from enum import StrEnum
 
 import cv2
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from tasks.data.config import CleaningConfig
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 MASK_EXTENSIONS = (".png",)
@@ -81,43 +83,6 @@ class Reason(StrEnum):
     DUPLICATE = "duplicate"
     READ_ERROR = "read_error"
     INTERNAL_ERROR = "internal_error"
-
-
-@dataclass(frozen=True)
-class CleaningConfig:
-    """Cleaning thresholds; each one is a DAG ``Param`` of ``bgremoval_training``.
-
-    ``audit_masks``: run the mask audit (:mod:`tasks.data.mask_audit`) on every clean pair and
-    record its reasons in the manifest's ``audit_reasons`` (flagged pairs then wait for a reviewer
-    and stay out of training and the test split unless kept or fixed).
-    """
-
-    working_size: int = 320
-    max_pixels: int = 50_000_000
-    min_side: int = 32
-    mask_threshold: int = 128
-    ambiguous_band: tuple[int, int] = (16, 240)
-    max_ambiguous_fraction: float = 0.05
-    min_foreground: float = 0.001
-    max_foreground: float = 0.995
-    max_aspect_mismatch: float = 0.01
-    jpeg_quality: int = 95
-    audit_masks: bool = True
-
-    def __post_init__(self) -> None:
-        if self.working_size < 32:
-            raise ValueError(f"working_size must be at least 32 px, got {self.working_size}")
-        low, high = self.ambiguous_band
-        if not 0 <= low < self.mask_threshold < high <= 255:
-            raise ValueError(
-                f"ambiguous_band {self.ambiguous_band} must surround mask_threshold {self.mask_threshold} within 0..255"
-            )
-        if not 0.0 <= self.min_foreground < self.max_foreground <= 1.0:
-            raise ValueError("need 0 <= min_foreground < max_foreground <= 1")
-
-    def to_dict(self) -> dict:
-        """Return the config as a JSON-friendly dict (it feeds the dataset version hash)."""
-        return asdict(self)
 
 
 class Rejected(Exception):

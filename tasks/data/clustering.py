@@ -21,7 +21,7 @@ import math
 import re
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
@@ -31,10 +31,11 @@ from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_rand_score
 from sklearn.preprocessing import StandardScaler
 
-from tasks.core import storage
+from tasks.core import layout, storage
 from tasks.core.codecs import decode_pair
 from tasks.core.manifest import read_table, write_table
 from tasks.data.features import FEATURE_NAMES, ok_rows
+from tasks.data.config import ClusteringConfig
 
 #: The six product types of the catalogue (DESIGN.md, "The six product clusters"): the names
 #: k-means clusters are matched to, and the types :mod:`tasks.dev.synth` renders.
@@ -48,25 +49,6 @@ PRODUCT_TYPES: tuple[str, ...] = (
 )
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ClusteringConfig:
-    """k-means settings: number of clusters, random seed and number of restarts."""
-
-    k: int = 6
-    seed: int = 0
-    n_init: int = 10
-
-    def __post_init__(self) -> None:
-        if self.k < 1:
-            raise ValueError(f"k must be at least 1, got {self.k}")
-        if self.n_init < 1:
-            raise ValueError(f"n_init must be at least 1, got {self.n_init}")
-
-    def to_dict(self) -> dict:
-        """Return the config as a JSON-friendly dict."""
-        return asdict(self)
 
 
 def _weights_by_feature() -> dict[str, float]:
@@ -385,7 +367,7 @@ def write_sheets(dataset_url: str, assignments: pd.DataFrame, names: dict[int, s
 
 def _remove_stale_sheets(dataset_url: str, keep: set[str], storage_options: dict | None) -> None:
     """Delete contact sheets of an earlier run with more clusters (our own outputs only)."""
-    for obj in storage.list_objects(storage.join(dataset_url, "clusters"), storage_options):
+    for obj in storage.list_objects(layout.clusters(dataset_url), storage_options):
         if re.fullmatch(r"sheet-\d+\.jpg", obj.relpath) and obj.relpath not in keep:
             storage.remove(obj.url, storage_options)
 
@@ -425,7 +407,7 @@ def cluster_dataset(
         "proposed_name": pd.array([names[int(c)] for c in labels], dtype="string"),
         "distance": distances.astype(np.float64),
     })
-    clusters_dir = storage.join(dataset_url, "clusters")
+    clusters_dir = layout.clusters(dataset_url)
     assignments_url = write_table(assignments, storage.join(clusters_dir, "assignments.parquet"), storage_options)
 
     urls = ok_rows(dataset_url, storage_options)[["stem", "image_url", "mask_url"]]
@@ -486,3 +468,47 @@ def format_clusters(summary: dict) -> str:
     for cluster in sorted(summary["sizes"], key=int):
         lines.append(f"  {cluster:>7}  {summary['names'][cluster]:<26}{summary['sizes'][cluster]:>6}")
     return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class ReviewLinks:
+    """Where the reviewer acts: the cluster review page and the flagged-masks page."""
+
+    clusters_page: str
+    masks_page: str
+
+
+def review_request(summary: dict, dataset: dict, batch: str, links: ReviewLinks) -> str:
+    """The Markdown the review gate shows: what was clustered, where to review it, the table and
+    how many masks the audit flagged (``dataset`` is the cleaning stage's summary)."""
+    table = format_clusters(summary)
+    text = (
+        f"**{dataset['clean']} clean images** of batch `{batch}` were grouped into "
+        f"{summary['k']} proposed product clusters.\n\n"
+        f"Open the [review page]({links.clusters_page}) to rename clusters and move misplaced images; every change is "
+        "saved with your name. Then choose **Approve** to continue to splitting and augmentation, or "
+        "**Reject** to end this run without training.\n\n"
+        f"```\n{table}\n```"
+    )
+    flagged = int(dataset.get("audit_flagged") or 0)
+    if flagged:
+        reasons = ", ".join(f"{code} {count}" for code, count in (dataset.get("audit_reasons") or {}).items())
+        text += (f"\n\n**{flagged} masks look broken** ({reasons}): they stay out of training and the test split "
+                 f"unless you keep or fix them on the [masks page]({links.masks_page}).")
+    return text
+
+
+def propose_clusters(dataset: dict, feature_urls: list[str], config: ClusteringConfig, batch: str,
+                     links: ReviewLinks, truth_url: str | None = None, storage_options: dict | None = None) -> dict:
+    """The ``cluster_products`` stage: cluster the dataset version (:func:`cluster_dataset`) and
+    write the reviewer's request.
+
+    ``dataset`` is the cleaning stage's summary (``dataset_url``, ``clean``, ``audit_*``); a
+    ``truth_url`` that does not exist is ignored (only generated batches have one). Returns the
+    clustering summary plus ``table`` (:func:`format_clusters`) and ``review_markdown``.
+    """
+    if truth_url and not storage.exists(truth_url, storage_options):
+        truth_url = None
+    summary = cluster_dataset(dataset["dataset_url"], feature_urls, config, truth_url, storage_options)
+    return {**summary, "table": format_clusters(summary),
+            "review_markdown": review_request(summary, dataset, batch, links)}

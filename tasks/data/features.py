@@ -20,9 +20,9 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from tasks.core import storage
+from tasks.core import layout, storage
 from tasks.core.codecs import decode_pair
-from tasks.core.manifest import STATUS_OK, read_table, write_table
+from tasks.core.manifest import PAIRS_PER_SHARD, STATUS_OK, read_table, write_table
 
 log = logging.getLogger(__name__)
 
@@ -228,17 +228,17 @@ def pair_features(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 def ok_rows(dataset_url: str, storage_options: dict | None = None) -> pd.DataFrame:
     """The manifest rows with status ok, sorted by stem (the order shards are cut in)."""
-    manifest = read_table(storage.join(dataset_url, "manifest.parquet"), storage_options)
+    manifest = read_table(layout.manifest(dataset_url), storage_options)
     ok = manifest[manifest["status"] == STATUS_OK]
     return ok.sort_values("stem", kind="stable").reset_index(drop=True)
 
 
 def features_url(dataset_url: str, shard: int) -> str:
     """URL of one shard's feature table: ``<dataset_url>/features/shard-<i:05d>.parquet``."""
-    return storage.join(dataset_url, "features", f"shard-{shard:05d}.parquet")
+    return storage.join(layout.features(dataset_url), f"shard-{shard:05d}.parquet")
 
 
-def plan_feature_shards(dataset_url: str, shard_size: int = 250, storage_options: dict | None = None) -> list[dict]:
+def plan_feature_shards(dataset_url: str, shard_size: int = PAIRS_PER_SHARD, storage_options: dict | None = None) -> list[dict]:
     """Cut a dataset version's ok rows (sorted by stem) into ranges for :func:`extract_shard_features`.
 
     Takes the dataset URL and the number of pairs per shard. Returns one dict per shard,

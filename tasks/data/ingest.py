@@ -26,9 +26,10 @@ import numpy as np
 import pandas as pd
 
 from tasks.data.mask_audit import audit_pair
-from tasks.core import storage
+from tasks.core import layout, storage
 from tasks.data.cleaning import CleaningConfig, Reason, Rejected, clean_pair, encode_clean_pair, pair_files, safe_stem, sha256
 from tasks.core.manifest import (
+    PAIRS_PER_SHARD,
     MANIFEST_COLUMNS,
     QUARANTINE_COLUMNS,
     STATUS_OK,
@@ -48,16 +49,25 @@ SHARD_COLUMNS = ("stem", "key", "image_source", "mask_source")
 Predict = Callable[[np.ndarray], np.ndarray]
 
 
-def raw_batch_url(bucket_url: str, batch: str) -> str:
-    """URL of a studio batch: ``<bucket_url>/raw/<batch>``."""
-    return storage.join(bucket_url, "raw", batch)
+def existing_dataset(bucket_url: str, version: str, storage_options: dict | None = None) -> dict:
+    """The ``reuse_dataset`` stage: an existing dataset version to train on again (its splits kept).
+
+    Returns ``{"version", "dataset_url"}`` like :func:`finalize_dataset`'s summary; raises
+    ``ValueError`` when the version has no manifest.
+    """
+    version = version.strip()
+    dataset_url = layout.dataset(bucket_url, version)
+    if not storage.exists(layout.manifest(dataset_url), storage_options):
+        raise ValueError(f"dataset version {version!r} has no manifest at {layout.manifest(dataset_url)}")
+    print(f"retraining on the existing dataset version {version}; its splits are kept")
+    return {"version": version, "dataset_url": dataset_url}
 
 
 def plan_batch(
     bucket_url: str,
     batch: str,
     config: CleaningConfig,
-    shard_size: int = 250,
+    shard_size: int = PAIRS_PER_SHARD,
     storage_options: dict | None = None,
 ) -> dict:
     """List ``raw/<batch>/``, pair its files and write the shard lists of a dataset version.
@@ -69,14 +79,14 @@ def plan_batch(
     """
     if shard_size < 1:
         raise ValueError(f"shard_size must be at least 1, got {shard_size}")
-    raw_url = raw_batch_url(bucket_url, batch)
+    raw_url = layout.raw_batch(bucket_url, batch)
     objects = [o for o in storage.list_objects(raw_url, storage_options) if o.relpath.startswith(("images/", "masks/"))]
     if not objects:
         raise FileNotFoundError(f"no images/ or masks/ files under {raw_url}")
     by_relpath = {o.relpath: o for o in objects}
     pairing = pair_files(list(by_relpath))
     version = dataset_version(batch, [(o.relpath, o.size, o.etag) for o in objects], config.to_dict())
-    dataset_url = storage.join(bucket_url, "datasets", version)
+    dataset_url = layout.dataset(bucket_url, version)
     work_url = storage.join(dataset_url, "_work")
 
     def source(relpath: str | None) -> str | None:
@@ -128,8 +138,8 @@ def plan_batch(
 def clean_urls(dataset_url: str, key: str) -> tuple[str, str]:
     """URLs of a clean pair inside a dataset version: ``(image .jpg, mask .png)``."""
     return (
-        storage.join(dataset_url, "clean", "images", f"{key}.jpg"),
-        storage.join(dataset_url, "clean", "masks", f"{key}.png"),
+        storage.join(layout.clean(dataset_url), "images", f"{key}.jpg"),
+        storage.join(layout.clean(dataset_url), "masks", f"{key}.png"),
     )
 
 
@@ -206,7 +216,7 @@ def clean_shard(
 
     Takes the shard list's URL (from :func:`plan_batch`), the dataset URL and batch name, the
     config, and how many pairs to read/decode at once. ``predict`` (optional) maps a clean RGB
-    image to a model's foreground probability at its size (e.g. :func:`tasks.serving.inference.probability_map`
+    image to a model's foreground probability at its size (e.g. :func:`tasks.serving.engines.probability_map`
     bound to an engine); with it the mask audit also flags masks a confident model disagrees with
     (``model_disagrees``). Returns ``{"result_url", "n_pairs", "n_ok", "n_quarantined",
     "reasons"}``. Pairs are processed one at a time per thread, so memory stays flat however large
@@ -275,8 +285,8 @@ def finalize_dataset(
     manifest = to_frame(manifest.astype(object).where(manifest.notna(), None).to_dict("records"), MANIFEST_COLUMNS)
     quarantine = manifest.loc[manifest["status"] == STATUS_QUARANTINED, list(QUARANTINE_COLUMNS)].reset_index(drop=True)
 
-    manifest_url = write_table(manifest, storage.join(dataset_url, "manifest.parquet"), storage_options)
-    quarantine_url = write_table(quarantine, storage.join(dataset_url, "quarantine.parquet"), storage_options)
+    manifest_url = write_table(manifest, layout.manifest(dataset_url), storage_options)
+    quarantine_url = write_table(quarantine, layout.quarantine(dataset_url), storage_options)
     by_reason = dict(sorted(Counter(quarantine["reason"].tolist()).items(), key=lambda kv: (-kv[1], kv[0])))
     flagged = manifest.loc[(manifest["status"] == STATUS_OK) & audit_flagged(manifest), "audit_reasons"]
     audit_counts = Counter(code for value in flagged for code in str(value).split(",") if code)
@@ -293,7 +303,7 @@ def finalize_dataset(
         "manifest_url": manifest_url,
         "quarantine_url": quarantine_url,
     }
-    storage.write_text(storage.join(dataset_url, "summary.json"), json.dumps(summary, indent=2), storage_options)
+    storage.write_text(layout.dataset_summary(dataset_url), json.dumps(summary, indent=2), storage_options)
     return summary
 
 

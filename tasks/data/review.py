@@ -27,7 +27,7 @@ from datetime import datetime, timezone
 import numpy as np
 import pandas as pd
 
-from tasks.core import storage
+from tasks.core import layout, storage
 from tasks.core.manifest import (
     AUDIT_EXCLUDE,
     AUDIT_FIXED,
@@ -174,7 +174,7 @@ def _read_corrections(dataset_url: str, storage_options: dict | None) -> list[Co
 def _read_flags(dataset_url: str, storage_options: dict | None) -> tuple[dict, dict]:
     """``(key -> reason codes, key -> (width, height))`` of the flagged clean pairs in the manifest
     (empty for a dataset without a manifest or without the audit columns)."""
-    url = storage.join(dataset_url, "manifest.parquet")
+    url = layout.manifest(dataset_url)
     if not storage.exists(url, storage_options):
         return {}, {}
     manifest = read_table(url, storage_options)
@@ -343,7 +343,7 @@ def apply_review(dataset_url: str, storage_options: dict | None = None) -> dict:
     "corrections": n, "masks": {"flagged", "kept", "excluded", "fixed", "undecided"}, "manifest_url"}``.
     """
     state = load_review_state(dataset_url, storage_options)
-    manifest_url = storage.join(dataset_url, "manifest.parquet")
+    manifest_url = layout.manifest(dataset_url)
     manifest = read_table(manifest_url, storage_options)
     final_name = {key: state.names[c] for key, c in state.cluster_of.items()}
     ok = manifest["status"] == STATUS_OK

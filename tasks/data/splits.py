@@ -24,38 +24,17 @@ That is why rule 2 exists.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
-from tasks.core import storage
+from tasks.core import layout
 from tasks.core.manifest import STATUS_OK, read_table, write_table
+from tasks.data.config import SplitConfig
 
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 #: Stratum used for clean rows without a cluster (before the review stage).
 NO_CLUSTER = "<none>"
-
-
-@dataclass(frozen=True)
-class SplitConfig:
-    """Fractions of each split (non-negative, summing to one) and the hash seed."""
-
-    train: float = 0.8
-    val: float = 0.1
-    test: float = 0.1
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        fractions = self.fractions()
-        if any(f < 0 for f in fractions):
-            raise ValueError(f"split fractions must be >= 0, got {fractions}")
-        if abs(sum(fractions) - 1.0) > 1e-6:
-            raise ValueError(f"split fractions must sum to 1, got {sum(fractions):.6f}")
-
-    def fractions(self) -> tuple[float, float, float]:
-        """``(train, val, test)``."""
-        return (float(self.train), float(self.val), float(self.test))
 
 
 def stem_uniform(stem: str, seed: int) -> float:
@@ -193,7 +172,7 @@ def split_dataset(
     whose assignments are kept. Returns ``{"manifest_url", "counts": {cluster: {split: n}},
     "totals": {split: n}, "kept_from_previous": n}``.
     """
-    manifest_url = storage.join(dataset_url, "manifest.parquet")
+    manifest_url = layout.manifest(dataset_url)
     manifest = read_table(manifest_url, storage_options)
     previous = read_table(previous_url, storage_options) if previous_url else None
     manifest["split"] = assign_splits(manifest, config, previous)

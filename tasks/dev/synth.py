@@ -25,7 +25,7 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from tasks.core import storage
+from tasks.core import layout, storage
 from tasks.core.codecs import encode_jpeg, encode_png
 from tasks.data.clustering import PRODUCT_TYPES
 
@@ -1072,6 +1072,6 @@ def generate_catalogue(batch_url: str, config: SynthConfig, storage_options: dic
 
         bad_rows = write_bad_inputs(batch_url, config.bad, config.seed, storage_options)
         rows.extend({"stem": r["stem"], "expected_reason": r["expected_reason"]} for r in bad_rows)
-    storage.write_text(storage.join(batch_url, "truth.csv"), _truth_csv(rows), storage_options)
-    storage.write_text(storage.join(batch_url, "_READY"), "", storage_options)
+    storage.write_text(layout.batch_truth(batch_url), _truth_csv(rows), storage_options)
+    storage.write_text(layout.ready_marker(batch_url), "", storage_options)
     return {"batch_url": batch_url, "n_good": config.n, "n_bad": len(bad_rows), "per_type": per_type}

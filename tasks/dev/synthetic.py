@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from tasks.core import storage
+from tasks.core import layout, storage
 from tasks.core.manifest import MANIFEST_COLUMNS, STATUS_OK, to_frame, write_table
 from tasks.core.codecs import encode_jpeg, encode_png
 from tasks.dev.synth import SynthConfig, render_item
@@ -36,8 +36,8 @@ def write_synthetic_dataset(dataset_url: str, n: int, seed: int = 0, max_side: i
     rows = []
     for index in range(n):
         item = render_item(index, config)
-        image_url = storage.join(dataset_url, "clean", "images", f"{item.stem}.jpg")
-        mask_url = storage.join(dataset_url, "clean", "masks", f"{item.stem}.png")
+        image_url = storage.join(layout.clean(dataset_url), "images", f"{item.stem}.jpg")
+        mask_url = storage.join(layout.clean(dataset_url), "masks", f"{item.stem}.png")
         storage.write_bytes(image_url, encode_jpeg(item.image), storage_options)
         storage.write_bytes(mask_url, encode_png(item.mask), storage_options)
         height, width = item.mask.shape
@@ -49,5 +49,5 @@ def write_synthetic_dataset(dataset_url: str, n: int, seed: int = 0, max_side: i
             "cluster": cluster_for(index, item.product_type) if cluster_for else item.product_type,
             "split": split_for(index) if split_for else "train",
         })
-    write_table(to_frame(rows, MANIFEST_COLUMNS), storage.join(dataset_url, "manifest.parquet"), storage_options)
+    write_table(to_frame(rows, MANIFEST_COLUMNS), layout.manifest(dataset_url), storage_options)
     return rows

@@ -17,8 +17,9 @@ from typing import Any
 import cv2
 
 from tasks import registry
-from tasks.core import storage
+from tasks.core import layout, storage
 from tasks.core.codecs import read_image, read_mask
+from tasks.evaluation.calibration import calibrate_model
 from tasks.evaluation.scoring import load_model, predict_probabilities, score_dataset, score_split
 from tasks.evaluation.gate import GateConfig, decide, format_decision
 from tasks.evaluation.metrics import format_summary, summarise
@@ -56,7 +57,7 @@ def _metrics_for_mlflow(summary: dict, prefix: str) -> dict[str, float]:
 
 
 def _history(model_url: str, storage_options: dict | None) -> list[dict]:
-    url = storage.join(model_url, "result.json")
+    url = layout.train_result(model_url)
     if not storage.exists(url, storage_options):
         return []
     return list(json.loads(storage.read_bytes(url, storage_options)).get("history") or [])
@@ -203,3 +204,23 @@ def register_and_promote(assessment: dict[str, Any], dataset_version: str, confi
     promoted = registry.promote(config.registered_model, registered["version"], user=user,
                                 reason=f"gate passed: mean IoU {summary['mean_iou'] * 100:.3f} %")
     return {**registered, **promoted}
+
+
+def calibrate_challenger(assessment: dict[str, Any], dataset_url: str, target_iou: float,
+                         storage_options: dict | None = None) -> dict[str, Any]:
+    """The ``calibrate_quality`` stage: the production quality threshold of the challenger that
+    passed the gate (:func:`tasks.evaluation.calibration.calibrate_model`, on the val split; routing
+    measured on test), logged to the challenger's MLflow run as ``quality_threshold`` and
+    ``routing_<split>_precision|recall`` when it has one. Returns the calibration with its ``text``."""
+    calibration = calibrate_model(assessment["model_url"], dataset_url, storage_options, target_iou=target_iou)
+    run_id = assessment.get("mlflow_run_id")
+    if run_id:
+        import mlflow
+
+        client = mlflow.MlflowClient()
+        client.log_metric(run_id, "quality_threshold", calibration["threshold"])
+        for split in ("val", "test"):
+            if calibration[split]:
+                client.log_metric(run_id, f"routing_{split}_precision", calibration[split]["precision"])
+                client.log_metric(run_id, f"routing_{split}_recall", calibration[split]["recall"])
+    return calibration

@@ -19,6 +19,8 @@ import numpy as np
 from tasks.core.codecs import read_image, read_mask
 from tasks.evaluation.metrics import iou, resize_to_original
 from tasks.serving.quality import (
+    TARGET_IOU,
+    TARGET_RECALL,
     RoutingReport,
     calibrate_threshold,
     quality_score,
@@ -46,7 +48,7 @@ def score_quality(model_url: str, dataset_url: str, split: str, storage_options:
     outputs) and the IoU against the true mask at the mask's resolution. Returns one
     :class:`QualityPoint` per pair (an empty list for an empty split)."""
     from tasks.model.preprocess import prepare_input
-    from tasks.serving.inference import TorchEngine
+    from tasks.serving.engines import TorchEngine
 
     rows = load_samples(dataset_url, split, storage_options, include_augmented=False)
     if not rows:
@@ -68,7 +70,7 @@ def score_quality(model_url: str, dataset_url: str, split: str, storage_options:
 
 
 def calibrate_model(model_url: str, dataset_url: str, storage_options: dict | None = None,
-                    target_iou: float = 0.97, target_recall: float = 0.9) -> dict[str, Any]:
+                    target_iou: float = TARGET_IOU, target_recall: float = TARGET_RECALL) -> dict[str, Any]:
     """Calibrate the routing threshold of the model at ``model_url`` (a training output folder).
 
     Scores the ``val`` split (falls back to ``train`` when val is empty), chooses the threshold,

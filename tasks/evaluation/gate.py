@@ -26,10 +26,11 @@ class GateConfig:
     ``iou_gate``: least mean IoU; ``cluster_iou_gate``: least mean IoU of every cluster;
     ``tolerance``: how far the challenger's mean IoU may fall below the champion's;
     ``min_cluster_images``: clusters with fewer test images are not judged (too noisy).
+    The defaults are the production gate (the training DAG's form starts from them).
     """
 
-    iou_gate: float = 0.95
-    cluster_iou_gate: float = 0.90
+    iou_gate: float = 0.97
+    cluster_iou_gate: float = 0.95
     tolerance: float = 0.002
     min_cluster_images: int = 1
 

@@ -17,9 +17,12 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from tasks.core import storage
+from tasks.core import layout, storage
 
-__all__ = ["ProductionConfig", "plan_production", "process_shard", "resolve_threshold", "summarise_production"]
+#: Photos one mapped task of the inference DAG cuts out (its ``photos_per_shard``).
+PHOTOS_PER_SHARD = 200
+
+__all__ = ["ProductionConfig", "plan_production", "process_shard", "resolve_model", "resolve_threshold", "summarise_production"]
 
 
 @dataclass(frozen=True)
@@ -46,7 +49,7 @@ class ProductionConfig:
             raise ValueError(f"threshold must lie in [0, 1] (a quality score), got {self.threshold!r}")
 
 
-def plan_production(bucket_url: str, batch: str, shard_size: int = 200,
+def plan_production(bucket_url: str, batch: str, shard_size: int = PHOTOS_PER_SHARD,
                     storage_options: dict | None = None) -> dict[str, Any]:
     """List the images of ``incoming/<batch>/`` and write them as shard lists.
 
@@ -54,20 +57,40 @@ def plan_production(bucket_url: str, batch: str, shard_size: int = 200,
     ``production/<batch>/shards/<nnnn>.json`` of ``[url, stem]`` pairs. Raises ``ValueError``
     for a drop without images.
     """
-    from tasks.serving.inference import list_images
+    from tasks.serving.pipeline import list_images
 
     if shard_size < 1:
         raise ValueError(f"shard_size must be >= 1, got {shard_size}")
-    incoming = storage.join(bucket_url, "incoming", batch)
+    incoming = layout.incoming(bucket_url, batch)
     items, problems = list_images([incoming], storage_options)
     if not items:
         raise ValueError(f"no images under {incoming}/ ({'; '.join(problems) or 'empty'})")
     shard_urls = []
     for number, start in enumerate(range(0, len(items), shard_size)):
-        url = storage.join(bucket_url, "production", batch, "shards", f"{number:04d}.json")
+        url = storage.join(layout.production(bucket_url, batch), "shards", f"{number:04d}.json")
         storage.write_bytes(url, json.dumps(items[start:start + shard_size]).encode(), storage_options)
         shard_urls.append(url)
     return {"batch": batch, "n_images": len(items), "shard_urls": shard_urls, "problems": problems}
+
+
+def resolve_model(model_uri: str, registered_model: str) -> dict[str, str]:
+    """The ``resolve_model`` stage: the model the whole run uses, fixed before the first shard.
+
+    ``model_uri`` when one is given (any URI :func:`tasks.serving.engines.load_engine` opens), else the current
+    champion of ``registered_model``. Returns ``{"model_uri", "version"}``; raises ``ValueError``
+    when there is no champion yet.
+    """
+    from tasks import registry
+
+    chosen = model_uri.strip()
+    if chosen:
+        return {"model_uri": chosen, "version": chosen}
+    version = registry.alias_version(registered_model, registry.CHAMPION)
+    if version is None:
+        raise ValueError(f"registered model {registered_model!r} has no champion yet: "
+                         "run bgremoval_training first, or set the model parameter")
+    print(f"champion: {registered_model} version {version}")
+    return {"model_uri": registry.model_uri(registered_model, version=version), "version": version}
 
 
 def resolve_threshold(config: ProductionConfig, model_dir: str | None) -> tuple[float, str]:
@@ -90,7 +113,7 @@ def process_shard(bucket_url: str, batch: str, shard_url: str, model_uri: str, c
     Args:
         bucket_url: ``s3://bucket`` (or a local folder) holding the storage layout.
         batch: the drop's name; shard_url: a list written by :func:`plan_production`.
-        model_uri: what :func:`tasks.serving.inference.load_engine` opens (``models:/name/<version>``, so
+        model_uri: what :func:`tasks.serving.engines.load_engine` opens (``models:/name/<version>``, so
             every shard uses the same version even if the champion moves meanwhile).
         config: threshold and output options; model_version: recorded with queued and pooled pairs.
 
@@ -98,14 +121,15 @@ def process_shard(bucket_url: str, batch: str, shard_url: str, model_uri: str, c
     "scores": [...], "failed_url"}`` (scores rounded; no pixels).
     """
     from tasks.feedback.queue import PoolMeta, QueueItem, add_to_pool, enqueue, make_item_id, prepare_pair
-    from tasks.serving.inference import InferenceConfig, iter_remove_backgrounds, load_engine, write_outputs
+    from tasks.serving.engines import load_engine
+    from tasks.serving.pipeline import InferenceConfig, iter_remove_backgrounds, write_outputs
 
     items = [tuple(pair) for pair in json.loads(storage.read_bytes(shard_url, storage_options))]
     engine = load_engine(model_uri, storage_options)
     threshold, source = resolve_threshold(config, engine.model_dir)
     options = InferenceConfig(background=config.background, canvas=config.canvas, margin=config.margin,
                               mask=True, keep_source=True, batch_size=config.batch_size)
-    published_url = storage.join(bucket_url, "published")
+    published_url = layout.published(bucket_url)
     counts = {"published": 0, "queued": 0, "failed": 0}
     failed, scores = [], []
     for result in iter_remove_backgrounds(items, engine, options, storage_options):
@@ -138,7 +162,7 @@ def process_shard(bucket_url: str, batch: str, shard_url: str, model_uri: str, c
     failed_url = None
     if failed:
         name = shard_url.rsplit("/", 1)[-1]
-        failed_url = storage.join(bucket_url, "production", batch, "failed", name)
+        failed_url = storage.join(layout.production(bucket_url, batch), "failed", name)
         storage.write_bytes(failed_url, json.dumps(failed, indent=2).encode(), storage_options)
     return {"shard": shard_url, "images": len(items), **counts, "threshold": threshold,
             "threshold_source": source, "scores": scores, "failed_url": failed_url}

@@ -33,12 +33,9 @@ import cv2
 import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 
-from tasks.core import storage
+from tasks.core import layout, storage
 from tasks.core.codecs import encode_png
 
-QUEUE_PREFIX = "corrections/queue"
-DONE_PREFIX = "corrections/done"
-POOL_PREFIX = "retraining-pool"
 DECISIONS = ("accepted", "rejected", "corrected")
 MASK_SOURCES = ("predicted", "brush", "upload")
 POOL_ORIGINS = ("published", "accepted", "corrected")
@@ -146,17 +143,17 @@ class PoolMeta:
 
 def queue_url(bucket_url: str, item_id: str) -> str:
     """``<bucket_url>/corrections/queue/<item_id>`` (the id is validated)."""
-    return storage.join(bucket_url, QUEUE_PREFIX, check_id(item_id))
+    return storage.join(layout.corrections_queue(bucket_url), check_id(item_id))
 
 
 def done_url(bucket_url: str, item_id: str) -> str:
     """``<bucket_url>/corrections/done/<item_id>`` (the id is validated)."""
-    return storage.join(bucket_url, DONE_PREFIX, check_id(item_id))
+    return storage.join(layout.corrections_done(bucket_url), check_id(item_id))
 
 
 def pool_url(bucket_url: str, pair_id: str) -> str:
     """``<bucket_url>/retraining-pool/<pair_id>`` (the id is validated)."""
-    return storage.join(bucket_url, POOL_PREFIX, check_id(pair_id, "pair id"))
+    return storage.join(layout.retraining_pool(bucket_url), check_id(pair_id, "pair id"))
 
 
 # ---------------------------------------------------------------- images
@@ -342,9 +339,9 @@ def list_queue(bucket_url: str, storage_options: dict | None = None, include_don
     decision: ``accepted`` / ``rejected`` / ``corrected``) and ``decision`` (the decision dict,
     or ``None``). Only open items unless ``include_done``.
     """
-    items_root = storage.join(bucket_url, QUEUE_PREFIX)
+    items_root = layout.corrections_queue(bucket_url)
     item_urls = [o.url for o in _list(items_root, storage_options) if o.relpath.count("/") == 1 and o.relpath.endswith("/item.json")]
-    done_root = storage.join(bucket_url, DONE_PREFIX)
+    done_root = layout.corrections_done(bucket_url)
     decision_urls = [o.url for o in _list(done_root, storage_options) if o.relpath.count("/") == 1 and o.relpath.endswith("/decision.json")]
     decided = {url.rsplit("/", 2)[-2] for url in decision_urls}
     decisions: dict[str, dict] = {}
@@ -577,7 +574,7 @@ def list_pool(bucket_url: str, storage_options: dict | None = None, since: str |
     if isinstance(since, datetime):
         since = since.astimezone(timezone.utc).isoformat(timespec="microseconds")
     threshold = datetime.fromisoformat(since) if since else None
-    root = storage.join(bucket_url, POOL_PREFIX)
+    root = layout.retraining_pool(bucket_url)
     urls = [o.url for o in _list(root, storage_options) if o.relpath.count("/") == 1 and o.relpath.endswith("/meta.json")]
     out = []
     for url, data in _cat_many(urls, storage_options).items():

@@ -53,13 +53,14 @@ import logging
 import re
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from datetime import datetime
 
 import numpy as np
 import pandas as pd
 
-from tasks.core import storage
+from tasks.core import layout, storage
+from tasks.feedback.config import RetrainingConfig
 from tasks.core.codecs import decode_pair
 from tasks.data.cleaning import CleaningConfig, Reason, Rejected, clean_pair, encode_clean_pair, safe_stem, sha256
 from tasks.data.clustering import FEATURE_WEIGHTS
@@ -88,50 +89,8 @@ DEFAULT_CLUSTER = "all"
 #: At most this many pairs per base cluster are decoded when the base has no feature shards.
 CENTROID_SAMPLE = 50
 #: Where the loop's state lives, relative to the bucket.
-STATE_KEY = "retraining/state.json"
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _VERSION_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-
-
-def _is_int(value) -> bool:
-    """True for an int or an integral float (not a bool)."""
-    return not isinstance(value, bool) and isinstance(value, (int, float)) and float(value).is_integer()
-
-
-@dataclass(frozen=True)
-class RetrainingConfig:
-    """Settings of the retraining loop (each a DAG ``Param`` of ``bgremoval_retraining``).
-
-    ``min_new_pairs``: pool pairs needed before a new dataset is built; ``working_size``: longer
-    side of the cleaned pairs (the base's working size); ``val_fraction``: share of new pairs that
-    go to ``val`` (the rest to ``train``); ``seed``: the seed of that hash.
-    """
-
-    min_new_pairs: int = 50
-    working_size: int = 320
-    val_fraction: float = 0.1
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        if not _is_int(self.min_new_pairs) or self.min_new_pairs < 1:
-            raise ValueError(f"min_new_pairs must be an integer >= 1, got {self.min_new_pairs!r}")
-        if not _is_int(self.working_size) or self.working_size < 32:
-            raise ValueError(f"working_size must be an integer >= 32 px, got {self.working_size!r}")
-        if not isinstance(self.val_fraction, (int, float)) or not 0.0 <= float(self.val_fraction) < 1.0:
-            raise ValueError(f"val_fraction must be a number in [0, 1), got {self.val_fraction!r}")
-        if not _is_int(self.seed):
-            raise ValueError(f"seed must be an integer, got {self.seed!r}")
-        for name in ("min_new_pairs", "working_size", "seed"):
-            object.__setattr__(self, name, int(getattr(self, name)))
-        object.__setattr__(self, "val_fraction", float(self.val_fraction))
-
-    def to_dict(self) -> dict:
-        """The config as a JSON-friendly dict (it feeds the version hash)."""
-        return asdict(self)
-
-    def cleaning_config(self) -> CleaningConfig:
-        """The cleaning config the new pairs are cleaned with (defaults but the working size)."""
-        return CleaningConfig(working_size=self.working_size)
 
 
 # --------------------------------------------------------------------------------------------
@@ -144,8 +103,8 @@ def empty_state() -> dict:
 
 
 def state_url(bucket_url: str) -> str:
-    """``<bucket_url>/retraining/state.json``."""
-    return storage.join(bucket_url, STATE_KEY)
+    """``<bucket_url>/retraining/state.json`` (:func:`tasks.core.layout.retraining_state`)."""
+    return layout.retraining_state(bucket_url)
 
 
 def read_state(bucket_url: str, storage_options: dict | None = None) -> dict:
@@ -258,7 +217,7 @@ def _absolute(url, base_url: str):
 
 def _base_rows(base_url: str, storage_options: dict | None) -> pd.DataFrame:
     """The base version's clean rows with every MANIFEST_COLUMN (absent ones as nulls)."""
-    manifest_url = storage.join(base_url, "manifest.parquet")
+    manifest_url = layout.manifest(base_url)
     if not storage.exists(manifest_url, storage_options):
         raise ValueError(f"base dataset version has no manifest at {manifest_url}")
     manifest = read_table(manifest_url, storage_options)
@@ -337,7 +296,7 @@ def fit_centroids(frame: pd.DataFrame, source: str = "features") -> Centroids:
 
 
 def _feature_shards(base_url: str, storage_options: dict | None) -> list[str]:
-    root = storage.join(base_url, "features")
+    root = layout.features(base_url)
     return [o.url for o in storage.list_objects(root, storage_options)
             if re.fullmatch(r"shard-\d+\.parquet", o.relpath)]
 
@@ -492,12 +451,12 @@ def build_retraining_dataset(
         missing = {"pair_id", "image_url", "mask_url"} - set(pair)
         if missing:
             raise ValueError(f"pool pair {pair.get('pair_id')!r} lacks {sorted(missing)}")
-    base_url = storage.join(bucket_url, "datasets", base_version)
+    base_url = layout.dataset(bucket_url, base_version)
     base = _base_rows(base_url, storage_options)
     version = retraining_version(base_version, pairs, config)
     if version == base_version:
         raise ValueError("the new version would overwrite its base")
-    dataset_url = storage.join(bucket_url, "datasets", version)
+    dataset_url = layout.dataset(bucket_url, version)
     ordered = sorted(pairs, key=_pair_order)
     log.info("retraining dataset %s: base %s (%d clean rows) + %d pool pairs", version, base_version,
              len(base), len(ordered))
@@ -576,8 +535,8 @@ def build_retraining_dataset(
     manifest = to_frame(base_records + rows, MANIFEST_COLUMNS)
     new_rows = to_frame(rows, MANIFEST_COLUMNS)
     quarantine = new_rows.loc[new_rows["status"] == STATUS_QUARANTINED, list(QUARANTINE_COLUMNS)].reset_index(drop=True)
-    manifest_url = write_table(manifest, storage.join(dataset_url, "manifest.parquet"), storage_options)
-    quarantine_url = write_table(quarantine, storage.join(dataset_url, "quarantine.parquet"), storage_options)
+    manifest_url = write_table(manifest, layout.manifest(dataset_url), storage_options)
+    quarantine_url = write_table(quarantine, layout.quarantine(dataset_url), storage_options)
 
     ok_new = new_rows[new_rows["status"] == STATUS_OK]
     ok_all = manifest[manifest["status"] == STATUS_OK]
@@ -602,7 +561,7 @@ def build_retraining_dataset(
         "quarantine_url": quarantine_url,
     }
     summary = {**result, "config": config.to_dict(), "pair_ids": [str(p["pair_id"]) for p in ordered]}
-    storage.write_text(storage.join(dataset_url, "summary.json"), json.dumps(summary, indent=2), storage_options)
+    storage.write_text(layout.dataset_summary(dataset_url), json.dumps(summary, indent=2), storage_options)
     log.info("retraining dataset %s: %d base rows kept, %d/%d new pairs clean, quarantined %s, splits %s",
              version, result["n_base"], result["n_new_ok"], result["n_new"], result["reasons"], result["splits"])
     return result

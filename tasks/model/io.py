@@ -15,9 +15,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from tasks.core import storage
-from tasks.model import MODEL_NAMES, TRAINING_SIZE, StageWidths, U2Net, U2NetConfig, build_model
-from tasks.model.preprocess import RESIZE_MODES
+from tasks.core import layout, storage
+from tasks.model.config import MODEL_NAMES, RESIZE_MODES, TRAINING_SIZE, StageWidths, U2NetConfig
+from tasks.model.u2net import U2Net, build_model
 
 __all__ = [
     "load_model",
@@ -33,14 +33,14 @@ def _parent(url: str) -> str:
 def read_run_config(folder: str, storage_options: dict | None) -> tuple[dict[str, Any], str]:
     """The training config saved next to ``model.pt``: ``config.json``, else ``result.json``'s
     ``config`` entry, else ``{}``; returns it with the name of the file it came from."""
-    config_url = storage.join(folder, "config.json")
+    config_url = layout.model_config(folder)
     if storage.exists(config_url, storage_options):
-        return json.loads(storage.read_bytes(config_url, storage_options)), "config.json"
-    result_url = storage.join(folder, "result.json")
+        return json.loads(storage.read_bytes(config_url, storage_options)), layout.MODEL_CONFIG
+    result_url = layout.train_result(folder)
     if storage.exists(result_url, storage_options):
         result = json.loads(storage.read_bytes(result_url, storage_options))
         if isinstance(result.get("config"), Mapping) and result["config"]:
-            return dict(result["config"]), "result.json"
+            return dict(result["config"]), layout.TRAIN_RESULT
     return {}, "none"
 
 
@@ -103,7 +103,7 @@ def load_model(model_url: str, model_name: str | None = None,
     if model_url.lower().endswith(".onnx"):
         raise ValueError(f"{model_url} is an ONNX file: ONNX Runtime runs it (tasks.serving.onnx_module, or "
                          "tasks.evaluation.scoring.load_model, which takes both kinds)")
-    candidate = storage.join(model_url, "model.pt")
+    candidate = layout.model_weights(model_url)
     if storage.exists(candidate, storage_options):  # model_url is the run folder
         model_url = candidate
     if not storage.exists(model_url, storage_options):

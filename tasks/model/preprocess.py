@@ -2,7 +2,7 @@
 probability map goes back to the photo's size.
 
 Training (:class:`tasks.train.data.SegmentationDataset`), scoring (:mod:`tasks.evaluation.scoring`),
-both serving engines (:mod:`tasks.serving.inference`) and the ONNX export's metadata
+both serving engines (:mod:`tasks.serving.engines`) and the ONNX export's metadata
 (:mod:`tasks.model.export`) take the ImageNet mean/std, the resize modes, the resize itself and
 the letterbox geometry from here. :func:`preprocess` is the reference (scale to [0, 1],
 normalise, resize to the square input); :func:`prepare_input` is the same map computed faster on
@@ -15,6 +15,8 @@ from collections.abc import Sequence
 
 import cv2
 import numpy as np
+
+from tasks.model.config import RESIZE_MODES
 
 __all__ = [
     "IMAGENET_MEAN",
@@ -33,8 +35,6 @@ __all__ = [
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-#: How an image becomes the square input: stretched, or letterboxed (longer side fitted, centred).
-RESIZE_MODES: tuple[str, ...] = ("stretch", "letterbox")
 
 
 def training_resize(array: np.ndarray, width: int, height: int) -> np.ndarray:

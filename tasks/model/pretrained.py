@@ -39,8 +39,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from tasks.core import storage
-from tasks.model import TRAINING_SIZE, U2Net, build_model
+from tasks.core import layout, storage
+from tasks.model.config import PRETRAINED, TRAINING_SIZE
+from tasks.model.u2net import U2Net, build_model
 
 __all__ = [
     "PRETRAINED",
@@ -60,8 +61,6 @@ __all__ = [
     "write_pretrained_folder",
 ]
 
-#: The keyword that names the published weights (``init_from=pretrained``).
-PRETRAINED = "pretrained"
 #: rembg's file name for the published U2-NetP weights.
 PRETRAINED_FILE = "u2netp.onnx"
 #: md5 of that file as rembg downloads it.
@@ -221,7 +220,7 @@ def onnx_to_state_dict(onnx_path: str | os.PathLike, model_name: str = PRETRAINE
 
 
 def load_pretrained_model(path: str | os.PathLike | None = None) -> U2Net:
-    """The published U2-NetP as the project's :class:`~tasks.model.U2Net`, in eval mode on the
+    """The published U2-NetP as the project's :class:`~tasks.model.u2net.U2Net`, in eval mode on the
     CPU (``path``: as :func:`require_pretrained_onnx`)."""
     model = build_model(PRETRAINED_MODEL)
     model.load_state_dict(onnx_to_state_dict(require_pretrained_onnx(path)))
@@ -236,11 +235,11 @@ def write_pretrained_folder(dst_url: str, path: str | os.PathLike | None = None,
     state = onnx_to_state_dict(source)
     buffer = io.BytesIO()
     torch.save(state, buffer)
-    model_url = storage.join(dst_url, "model.pt")
+    model_url = layout.model_weights(dst_url)
     storage.write_bytes(model_url, buffer.getvalue(), storage_options)
     config = {"model": PRETRAINED_MODEL, "input_size": TRAINING_SIZE, "resize": "stretch",
               "init_source": f"{PRETRAINED}:{source.name} md5 {md5sum(source)}"}
-    storage.write_text(storage.join(dst_url, "config.json"), json.dumps(config, indent=2), storage_options)
+    storage.write_text(layout.model_config(dst_url), json.dumps(config, indent=2), storage_options)
     return model_url
 
 

@@ -9,82 +9,15 @@ input size. ``forward`` returns logits; apply ``torch.sigmoid`` for probabilitie
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from tasks.model.blocks import RSU4, RSU4F, RSU5, RSU6, RSU7, upsample_like
+from tasks.model.config import MIN_INPUT_SIZE, MODEL_NAMES, TRAINING_SIZE, U2NetConfig, model_config
 
-__all__ = [
-    "MIN_INPUT_SIZE",
-    "TRAINING_SIZE",
-    "U2NET_CONFIG",
-    "U2NETP_CONFIG",
-    "StageWidths",
-    "U2Net",
-    "U2NetConfig",
-    "U2NetOutput",
-]
-
-#: Smallest height/width the network takes: five 2× poolings bring 32 px down to 1 px.
-MIN_INPUT_SIZE = 32
-#: The resolution the paper (and this project) trains and infers at.
-TRAINING_SIZE = 320
-
-
-class StageWidths(NamedTuple):
-    """Channel widths of one RSU stage: ``mid`` inside the block, ``out`` leaving it."""
-
-    mid: int
-    out: int
-
-
-@dataclass(frozen=True)
-class U2NetConfig:
-    """Channel widths of a U2-Net.
-
-    ``encoder`` holds the six encoder stages, shallowest first (stage 1 … stage 6).
-    ``decoder`` holds the five decoder stages, also shallowest first (stage 1d … stage 5d).
-    Input widths follow from these: encoder stage k takes stage k-1's output (stage 1 the
-    image), decoder stage kd takes the deeper stage's output plus encoder stage k's output.
-    """
-
-    encoder: tuple[StageWidths, ...]
-    decoder: tuple[StageWidths, ...]
-
-    def __post_init__(self) -> None:
-        if len(self.encoder) != 6 or len(self.decoder) != 5:
-            raise ValueError(
-                "U2NetConfig needs 6 encoder stages and 5 decoder stages, got "
-                f"{len(self.encoder)} and {len(self.decoder)}"
-            )
-        for where, stages in (("encoder", self.encoder), ("decoder", self.decoder)):
-            for i, stage in enumerate(stages, start=1):
-                if len(stage) != 2 or min(stage) < 1:
-                    raise ValueError(
-                        f"{where} stage {i} must be (mid, out) with positive widths, got {stage!r}"
-                    )
-
-
-def _widths(*pairs: tuple[int, int]) -> tuple[StageWidths, ...]:
-    return tuple(StageWidths(*p) for p in pairs)
-
-
-#: Full U2-Net (44.0 M parameters for 3 → 1 channels).
-U2NET_CONFIG = U2NetConfig(
-    encoder=_widths((32, 64), (32, 128), (64, 256), (128, 512), (256, 512), (256, 512)),
-    # The reference model's stage 1d uses mid 16, not 32; kept for its parameter count/weights.
-    decoder=_widths((16, 64), (32, 64), (64, 128), (128, 256), (256, 512)),
-)
-
-#: Small U2-NetP (1.13 M parameters for 3 → 1 channels): every stage mid 16, out 64.
-U2NETP_CONFIG = U2NetConfig(
-    encoder=_widths(*[(16, 64)] * 6),
-    decoder=_widths(*[(16, 64)] * 5),
-)
-
+__all__ = ["MODEL_NAMES", "U2Net", "U2NetOutput", "build_model", "count_parameters"]
 
 class U2NetOutput(NamedTuple):
     """Logits of one forward pass, each B×out_channels×H×W at the input size.
@@ -236,3 +169,24 @@ class U2Net(nn.Module):
         )
         fused = self.outconv(torch.cat(sides, dim=1))
         return U2NetOutput(fused=fused, sides=sides)
+
+
+def build_model(name: str, in_channels: int = 3, out_channels: int = 1) -> U2Net:
+    """Build a freshly initialised model by name.
+
+    Args:
+        name: one of :data:`~tasks.model.config.MODEL_NAMES`: ``"u2net"`` or ``"u2netp"`` (case,
+            ``-`` and ``_`` are ignored, so ``"U2-NetP"`` works).
+        in_channels: channels of the input image (3 for RGB).
+        out_channels: channels of each output logit map (1 for a foreground mask).
+
+    Returns the :class:`U2Net`, in training mode on the CPU. Raises ``ValueError`` for an
+    unknown name, listing the valid ones and the closest match.
+    """
+    return U2Net(model_config(name), in_channels=in_channels, out_channels=out_channels)
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    """Return the number of parameters in ``model`` (only those with ``requires_grad`` when
+    ``trainable_only``). Buffers such as BatchNorm running statistics are not counted."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)

@@ -1,5 +1,5 @@
 """An exported ONNX file behind the ``nn.Module`` interface that scoring uses: ONNX Runtime
-(:class:`tasks.serving.inference.OnnxEngine`) does the work; :func:`tasks.evaluation.scoring.load_model`
+(:class:`tasks.serving.engines.OnnxEngine`) does the work; :func:`tasks.evaluation.scoring.load_model`
 returns it for ``.onnx`` files."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from torch import nn
 
 from tasks.core import storage
 from tasks.model.export import read_onnx_metadata
-from tasks.serving.inference import OnnxEngine
+from tasks.serving.engines import OnnxEngine
 
 __all__ = ["OnnxModule", "load_onnx_module"]
 

@@ -45,6 +45,10 @@ __all__ = [
 
 #: File name of the calibration saved next to a model (``<model folder>/quality.json``).
 CALIBRATION_FILE = "quality.json"
+#: The production target: a cut-out below this IoU should reach a person (the routing's "bad").
+TARGET_IOU = 0.97
+#: The share of bad cut-outs the calibrated threshold must route to people.
+TARGET_RECALL = 0.9
 
 
 @dataclass(frozen=True)
@@ -182,7 +186,7 @@ class RoutingReport:
         """A short plain-text confusion table."""
         return "\n".join([
             f"threshold {self.threshold:.4f} (bad = IoU < {self.target_iou:g}), n {self.n}, bad {self.n_bad}",
-            f"                 routed  published",
+            "                 routed  published",
             f"  bad          {self.true_positive:>8d} {self.false_negative:>10d}",
             f"  good         {self.false_positive:>8d} {self.true_negative:>10d}",
             f"precision {self.precision:.3f} | recall {self.recall:.3f} | routed {self.routed_share * 100:.1f} % | "
@@ -202,7 +206,7 @@ def _arrays(scores: Sequence[float], ious: Sequence[float]) -> tuple[np.ndarray,
 
 
 def routing_report(scores: Sequence[float], ious: Sequence[float], threshold: float,
-                   target_iou: float = 0.97) -> RoutingReport:
+                   target_iou: float = TARGET_IOU) -> RoutingReport:
     """Measure ``threshold`` on a labelled set: images with ``score < threshold`` are routed to
     people, bad images are those with ``IoU < target_iou``. Takes per-image scores and true IoUs
     (same order); returns a :class:`RoutingReport`. Raises ``ValueError`` on mismatched input."""
@@ -272,8 +276,8 @@ class Calibration:
         return QualityConfig(**values)
 
 
-def calibrate_threshold(scores: Sequence[float], ious: Sequence[float], target_iou: float = 0.97,
-                        target_recall: float = 0.9,
+def calibrate_threshold(scores: Sequence[float], ious: Sequence[float], target_iou: float = TARGET_IOU,
+                        target_recall: float = TARGET_RECALL,
                         quality_config: QualityConfig = QualityConfig()) -> Calibration:
     """Choose the publishing threshold on a labelled set.
 

@@ -9,28 +9,3 @@
 * :mod:`tasks.train.collectives` — :class:`RankInfo` and the collectives a backend provides;
 * :mod:`tasks.train.ddp` — the ``torch.distributed`` backend (``torchrun``) and :func:`launch_local`.
 """
-
-from tasks.train.batch_size import find_batch_size, is_out_of_memory, training_step_probe
-from tasks.train.collectives import Collectives, LocalCollectives, RankInfo, TorchCollectives
-from tasks.train.config import TrainConfig
-from tasks.train.data import ClusterBalancedDistributedSampler, Sample, SegmentationDataset, prepare_split
-from tasks.train.loop import EpochMetrics, TrainResult, deep_supervision_loss, train
-
-__all__ = [
-    "ClusterBalancedDistributedSampler",
-    "Collectives",
-    "EpochMetrics",
-    "LocalCollectives",
-    "RankInfo",
-    "Sample",
-    "SegmentationDataset",
-    "TorchCollectives",
-    "TrainConfig",
-    "TrainResult",
-    "deep_supervision_loss",
-    "find_batch_size",
-    "is_out_of_memory",
-    "prepare_split",
-    "train",
-    "training_step_probe",
-]

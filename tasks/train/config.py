@@ -13,12 +13,12 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from tasks.model import MIN_INPUT_SIZE, MODEL_NAMES, TRAINING_SIZE, StageWidths, U2NetConfig
-from tasks.model.preprocess import RESIZE_MODES  # accepted values of ``TrainConfig.resize``
-from tasks.train.losses import LOSSES
+from tasks.model.config import MIN_INPUT_SIZE, MODEL_NAMES, RESIZE_MODES, TRAINING_SIZE, StageWidths, U2NetConfig
 
-__all__ = ["AMP_MODES", "RESIZE_MODES", "SCHEDULES", "TrainConfig"]
+__all__ = ["AMP_MODES", "LOSSES", "RESIZE_MODES", "SCHEDULES", "TrainConfig"]
 
+#: Accepted values of ``TrainConfig.loss`` (implemented in :mod:`tasks.train.losses`).
+LOSSES: tuple[str, ...] = ("bce", "bce+iou", "bce+iou+ssim")
 #: Accepted values of ``TrainConfig.amp``.
 AMP_MODES: tuple[str, ...] = ("auto", "bf16", "fp16", "off")
 #: Accepted values of ``TrainConfig.schedule``.
@@ -72,7 +72,7 @@ class TrainConfig:
             ``min_lr_ratio × lr``), ``"onecycle"`` or ``"constant"``; stepped every iteration.
         fused_weight: weight of the fused output's loss; the six side losses weigh 1 each (the
             original sums all seven with weight 1).
-        loss: the loss of each output, one of :data:`tasks.train.losses.LOSSES`: ``"bce"`` (the
+        loss: the loss of each output, one of :data:`LOSSES`: ``"bce"`` (the
             original), ``"bce+iou"`` or ``"bce+iou+ssim"`` (BASNet's hybrid loss).
         input_size: the square network input (320 as in the paper); ``resize`` is
             ``"stretch"`` (the default, as U2-Net and rembg) or ``"letterbox"``.

@@ -32,7 +32,7 @@ import torch
 from fsspec.implementations.local import LocalFileSystem
 from torch.utils.data import Dataset, Sampler
 
-from tasks.core import storage
+from tasks.core import layout, storage
 from tasks.core.manifest import STATUS_OK, audit_excluded, read_table
 from tasks.model.preprocess import IMAGENET_MEAN, IMAGENET_STD, letterbox_box, training_resize
 
@@ -90,16 +90,16 @@ AUDIT_SELECTIONS = ("exclude", "only", "all")
 
 def _read_rows(dataset_url: str, split: str, include_augmented: bool, storage_options: dict | None,
                audit: str = "exclude") -> pd.DataFrame:
-    manifest_url = storage.join(dataset_url, "manifest.parquet")
+    manifest_url = layout.manifest(dataset_url)
     if not storage.exists(manifest_url, storage_options):
         raise FileNotFoundError(
             f"no manifest at {manifest_url}: dataset_url must be a dataset version folder "
             "(datasets/<version>) written by the cleaning stage"
         )
     frames = [(read_table(manifest_url, storage_options), dataset_url)]
-    augmented_url = storage.join(dataset_url, "augmented", "manifest.parquet")
+    augmented_url = layout.manifest(layout.augmented(dataset_url))
     if include_augmented and split == "train" and storage.exists(augmented_url, storage_options):
-        frames.append((read_table(augmented_url, storage_options), storage.join(dataset_url, "augmented")))
+        frames.append((read_table(augmented_url, storage_options), layout.augmented(dataset_url)))
     parts = []
     for frame, base in frames:
         missing = {"key", "image_url", "mask_url"} - set(frame.columns)

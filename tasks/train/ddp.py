@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from tasks.core import storage
+from tasks.core import layout, storage
 from tasks.train.collectives import RankInfo, TorchCollectives
 from tasks.train.config import TrainConfig
 from tasks.train.loop import TrainResult, resolve_device, train
@@ -171,7 +171,7 @@ def run_launcher(name: str, nproc: int, command: Callable[[str], list[str]], con
             tail = handle.read()[-6000:].decode("utf-8", "replace")
         what = f"timed out after {timeout_s} s" if returncode is None else f"exited with status {returncode}"
         raise RuntimeError(f"{name} ({nproc} workers) {what}; full log: {log_file}\n--- log tail ---\n{tail}")
-    result_url = storage.join(config.output_url, "result.json")
+    result_url = layout.train_result(config.output_url)
     result = TrainResult.from_dict(json.loads(storage.read_bytes(result_url, config.storage_options or None)))
     if log_path is None:
         for path in (config_path, log_file):

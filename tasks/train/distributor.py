@@ -32,7 +32,7 @@ import shutil
 import sys
 from typing import Any
 
-from tasks.core import storage
+from tasks.core import layout, storage
 from tasks.train.config import TrainConfig
 from tasks.train.loop import TrainResult
 
@@ -165,7 +165,7 @@ def train_with_distributor(config: TrainConfig, num_processes: int, use_gpu: boo
              use_gpu, config.output_url)
     returned = distributor.run(distributor_worker, config.to_json(), float(timeout_s))
     summary = json.loads(returned) if isinstance(returned, str) else {}
-    result_url = summary.get("result_url") or storage.join(config.output_url, "result.json")
+    result_url = summary.get("result_url") or layout.train_result(config.output_url)
     result = TrainResult.from_dict(json.loads(storage.read_bytes(result_url, config.storage_options or None)))
     if summary and (summary.get("mlflow_run_id") != result.mlflow_run_id
                     or summary.get("world_size") != result.world_size):

@@ -41,8 +41,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from tasks.core import storage
-from tasks.model import U2Net, U2NetOutput, build_model, count_parameters
+from tasks.core import layout, storage
+from tasks.model.u2net import U2Net, U2NetOutput, build_model, count_parameters
 from tasks.model.pretrained import has_identity_batchnorm, unfold_batchnorm
 from tasks.train.batch_size import find_batch_size, training_step_probe
 from tasks.train.checkpoint import (
@@ -466,9 +466,9 @@ def train(config: TrainConfig, rank_info: RankInfo | None = None) -> TrainResult
     amp_dtype, use_scaler = resolve_amp(config.amp, device)
     opts = config.storage_options or None
     out = config.output_url
-    checkpoint_url = storage.join(out, "checkpoint.pt")
-    model_url = storage.join(out, "model.pt")
-    result_url = storage.join(out, "result.json")
+    checkpoint_url = layout.checkpoint(out)
+    model_url = layout.model_weights(out)
+    result_url = layout.train_result(out)
 
     # Data: local rank 0 fills the machine's cache, the others then find every file present.
     def _prepare() -> tuple[list, list]:
@@ -565,7 +565,7 @@ def train(config: TrainConfig, rank_info: RankInfo | None = None) -> TrainResult
         tracker.start(run_id)
         if info.is_main:
             if checkpoint is None and not tracker.has_params():
-                storage.write_text(storage.join(out, "config.json"),
+                storage.write_text(layout.model_config(out),
                                    json.dumps(_public_config(config), indent=2, sort_keys=True), opts)
                 params = {k: v for k, v in _public_config(config).items() if v is not None}
                 params.update(batch_size_per_worker=batch_size, world_size=info.world_size, device=device.type,

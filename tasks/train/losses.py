@@ -13,9 +13,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["LOSSES", "soft_iou_loss", "ssim_loss", "segmentation_loss"]
+from tasks.train.config import LOSSES
 
-LOSSES: tuple[str, ...] = ("bce", "bce+iou", "bce+iou+ssim")
+__all__ = ["LOSSES", "soft_iou_loss", "ssim_loss", "segmentation_loss"]
 
 
 def soft_iou_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

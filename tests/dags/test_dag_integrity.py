@@ -9,9 +9,12 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.process
+
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DAG_FILES = sorted((PROJECT_ROOT / "dags").glob("*.py"))
-HEAVY_MODULES = ("torch", "cv2", "sklearn", "mlflow", "tasks.data.cleaning", "tasks.dev.synth", "tasks.model")
+HEAVY_MODULES = ("torch", "cv2", "sklearn", "mlflow", "tasks.data.cleaning", "tasks.dev.synth", "tasks.model.u2net",
+                 "tasks.model.preprocess", "tasks.train.loop")
 
 
 @pytest.fixture(scope="module")

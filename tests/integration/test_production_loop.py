@@ -21,7 +21,8 @@ import pytest
 
 from tasks import registry
 from tasks.core import storage
-from tasks.serving.inference import InferenceConfig, iter_remove_backgrounds, load_engine
+from tasks.serving.engines import load_engine
+from tasks.serving.pipeline import InferenceConfig, iter_remove_backgrounds
 from tasks.core.manifest import read_table
 from tasks.dev.synth import SynthConfig, encode_jpeg, render_item
 from tasks.dev.synthetic import write_synthetic_dataset
@@ -59,7 +60,7 @@ def test_publish_correct_retrain_promote(s3_bucket, reviewer, client_for, tmp_pa
     threshold = (scores[3] + scores[4]) / 2
 
     _dags_test("bgremoval_inference", {"batch": "drop-1", "bucket": bucket, "registered_model": name,
-                                       "quality_threshold": threshold, "shard_size": 3}, tmp_path / "inference.log")
+                                       "quality_threshold": threshold, "photos_per_shard": 3}, tmp_path / "inference.log")
     published = {o.relpath for o in storage.list_objects(f"{bucket_url}/published", options)}
     assert len([p for p in published if p.endswith(".png") and "/" not in p]) == 4
     queue = reviewer.request("GET", f"/bgremoval/api/corrections?bucket={bucket}")["items"]

@@ -8,9 +8,11 @@ import mlflow
 import pytest
 
 from tasks import registry
-from tasks.evaluation.assessment import AssessmentConfig, assess_challenger, register_and_promote
+from tasks.evaluation.assessment import AssessmentConfig, assess_challenger, calibrate_challenger, register_and_promote
 from tasks.evaluation.gate import GateConfig
 from tasks.dev.synthetic import write_synthetic_dataset
+
+pytestmark = pytest.mark.process  # trains, exports or registers real models: tens of seconds
 
 
 
@@ -102,3 +104,17 @@ def test_flagged_test_masks_are_left_out_of_the_gate_and_listed_with_both_figure
     assert [p["stem"] for p in audit["left_out"]] == [manifest["stem"][0]] and audit["n_with"] == 6
     assert "with them: mean IoU" in result["table"] and manifest["stem"][0] in result["table"]
     assert "mask audit" in (tmp_path / "report" / "report.html").read_text()
+
+
+def test_the_calibration_stage_logs_the_threshold_to_the_challengers_run(write_model_folder, private_mlflow, tmp_path):
+    dataset = str(tmp_path / "datasets" / "v1")
+    write_synthetic_dataset(dataset, 9, seed=8, max_side=48,
+                            split_for=lambda i: "val" if i < 4 else "test" if i < 7 else "train")
+    model = write_model_folder(tmp_path / "model")
+    with private_mlflow(tmp_path, "calibrate") as run_id:
+        calibration = calibrate_challenger({"model_url": model, "mlflow_run_id": run_id}, dataset, 0.97)
+        metrics = mlflow.MlflowClient().get_run(run_id).data.metrics
+    assert metrics["quality_threshold"] == pytest.approx(calibration["threshold"])
+    assert metrics["routing_test_recall"] == pytest.approx(calibration["test"]["recall"])
+    assert metrics["routing_val_precision"] == pytest.approx(calibration["val"]["precision"])
+    assert "quality threshold" in calibration["text"]

@@ -8,7 +8,8 @@ import numpy as np
 import torch
 
 from tasks.cli.main import main
-from tasks.model.u2net import U2Net, U2NetConfig, StageWidths
+from tasks.model.config import StageWidths, U2NetConfig
+from tasks.model.u2net import U2Net
 from tasks.dev.synth import SynthConfig, generate_catalogue
 from tasks.train.config import TrainConfig
 

@@ -13,7 +13,7 @@ from PIL import Image
 from tasks.core import storage
 from tasks.cli.main import main
 from tasks.model.export import export_onnx
-from tasks.model import U2Net
+from tasks.model.u2net import U2Net
 from tasks.dev.synth import SynthConfig, encode_jpeg, render_item
 from tasks.train.config import TrainConfig
 

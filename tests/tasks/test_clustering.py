@@ -14,7 +14,15 @@ import pytest
 from tasks.data import clustering, features, ingest
 from tasks.core import storage
 from tasks.data.cleaning import CleaningConfig
-from tasks.data.clustering import ClusteringConfig, cluster_dataset, format_clusters, propose_names
+from tasks.data.clustering import (
+    ClusteringConfig,
+    ReviewLinks,
+    cluster_dataset,
+    format_clusters,
+    propose_clusters,
+    propose_names,
+    review_request,
+)
 from tasks.core.manifest import read_table
 from tasks.dev.synth import PRODUCT_TYPES, SynthConfig, generate_catalogue
 
@@ -189,3 +197,18 @@ def test_config_is_validated() -> None:
         ClusteringConfig(n_init=0)
     with pytest.raises(ValueError, match="no features"):
         clustering.load_features([])
+
+
+def test_the_cluster_stage_writes_the_reviewers_request(clustered, tmp_path) -> None:
+    copy, urls = _copy_dataset(clustered, tmp_path)
+    dataset = {"dataset_url": copy, "clean": 200, "audit_flagged": 3, "audit_reasons": {"speckle": 2, "holes": 1}}
+    links = ReviewLinks("http://ui/review/v", "http://ui/review/v/masks")
+    summary = propose_clusters(dataset, urls, ClusteringConfig(k=6, seed=0), "b", links,
+                               truth_url=str(tmp_path / "no-truth.csv"))
+    text = summary["review_markdown"]
+    assert summary["adjusted_rand_index"] is None
+    assert "**200 clean images** of batch `b`" in text and "[review page](http://ui/review/v)" in text
+    assert summary["table"] in text
+    assert "**3 masks look broken** (speckle 2, holes 1)" in text and "(http://ui/review/v/masks)" in text
+    quiet = review_request(summary, {**dataset, "audit_flagged": 0}, "b", links)
+    assert "masks look broken" not in quiet

@@ -22,7 +22,7 @@ from tasks.evaluation.scoring import (
     predict_probabilities,
     preprocess,
 )
-from tasks.model import U2Net, U2NetOutput
+from tasks.model.u2net import U2Net, U2NetOutput
 from tasks.dev.synth import encode_jpeg, encode_png
 from tasks.train.config import TrainConfig
 from tasks.train.data import SegmentationDataset, prepare_split

@@ -9,7 +9,7 @@ import torch
 
 from tasks.evaluation.scoring import preprocess
 from tasks.model.export import ONNX_INPUT, ONNX_OUTPUT, ONNX_SIDES, export_onnx, read_onnx_metadata
-from tasks.model import build_model
+from tasks.model.u2net import build_model
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +69,7 @@ def test_export_without_sides_has_one_output(tmp_path):
     assert read_onnx_metadata(info["path"])["sides"] is False
 
 
+@pytest.mark.process
 def test_both_exporters_agree(tmp_path):
     torch.manual_seed(1)
     model = build_model("u2netp").eval()

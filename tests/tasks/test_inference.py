@@ -1,4 +1,4 @@
-"""Tests for ``tasks.serving.inference``: model sources, preprocessing equal to evaluation's, EXIF
+"""Tests for ``tasks.serving.engines`` and ``tasks.serving.pipeline``: model sources, preprocessing equal to evaluation's, EXIF
 orientation, output geometry from a "perfect" engine, bad inputs, ONNX vs PyTorch agreement."""
 
 from __future__ import annotations
@@ -6,8 +6,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import sys
-import types
 
 import cv2
 import numpy as np
@@ -15,25 +13,23 @@ import pytest
 import torch
 from PIL import Image, ImageOps
 
-import tasks
+from tasks import registry
 from tasks.evaluation.scoring import preprocess
 from tasks.model.export import export_onnx
-from tasks.serving.inference import (
+from tasks.serving.engines import Engine, FlipAveragedEngine, load_engine
+from tasks.serving.pipeline import (
     CutoutResult,
-    Engine,
-    FlipAveragedEngine,
     InferenceConfig,
     decode_image,
     iter_remove_backgrounds,
     list_images,
-    load_engine,
     parse_background,
     parse_canvas,
     prepare_input,
     remove_backgrounds,
     write_outputs,
 )
-from tasks.model import U2Net
+from tasks.model.u2net import U2Net
 from tasks.train.config import TrainConfig
 
 TINY = {"encoder": [[4, 8]] * 6, "decoder": [[4, 8]] * 5}
@@ -257,20 +253,14 @@ def test_load_engine_picks_the_backend_from_the_source(model_dir, tmp_path):
         load_engine(model_dir, device="cuda", backend="onnx")
 
 
-def test_registry_uris_are_downloaded_first(model_dir, monkeypatch):
-    calls = []
-
-    def download_model(uri, dst_dir):
-        calls.append(uri)
-        return model_dir
-
-    fake = types.ModuleType("tasks.registry")
-    fake.download_model = download_model
-    monkeypatch.setitem(sys.modules, "tasks.registry", fake)
-    monkeypatch.setattr(tasks, "registry", fake, raising=False)
-    engine = load_engine("models:/bgremoval@champion")
-    assert calls == ["models:/bgremoval@champion"] and engine.backend == "onnx"
-    assert engine.source == "models:/bgremoval@champion"
+@pytest.mark.process
+def test_registry_uris_are_downloaded_first(model_dir, private_mlflow, tmp_path):
+    with private_mlflow(tmp_path, "engines") as run_id:
+        version = registry.register_model(model_dir, "engines-m", run_id=run_id)["version"]
+        registry.promote("engines-m", version)
+        engine = load_engine("models:/engines-m@champion")
+    assert engine.backend == "onnx" and engine.source == "models:/engines-m@champion"
+    assert engine.input_size == SIZE
 
 
 def test_onnx_and_pytorch_engines_agree(model_dir, tmp_path):

@@ -202,3 +202,11 @@ def test_the_model_check_flags_a_mask_a_confident_model_disagrees_with(tmp_path)
 
     manifest = read_table(_run(str(tmp_path / "bucket"), "model", predict=broken)["manifest_url"]).set_index("stem")
     assert (manifest["status"] == "ok").all() and "model_disagrees" not in manifest.loc[items[0].stem, "audit_reasons"]
+
+
+def test_an_existing_dataset_version_is_reused_only_when_it_has_a_manifest(tmp_path):
+    bucket_url = str(tmp_path / "bucket")
+    with pytest.raises(ValueError, match="has no manifest"):
+        ingest.existing_dataset(bucket_url, "v1")
+    storage.write_bytes(f"{bucket_url}/datasets/v1/manifest.parquet", b"PAR1")
+    assert ingest.existing_dataset(bucket_url, " v1 ") == {"version": "v1", "dataset_url": f"{bucket_url}/datasets/v1"}

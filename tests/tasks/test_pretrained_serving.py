@@ -16,11 +16,13 @@ from PIL import Image
 
 from tasks.cli.main import main
 from tasks.model.export import read_onnx_metadata
-from tasks.serving.inference import (InferenceConfig, OnnxEngine, audit_engine, default_model, load_engine, probability_map,
-                             remove_backgrounds)
+from tasks.serving.engines import OnnxEngine, audit_engine, default_model, load_engine, probability_map
+from tasks.serving.pipeline import InferenceConfig, remove_backgrounds
 from tasks.model.pretrained import find_pretrained_onnx
 from tasks.registry import choose_start
 from tasks.dev.synth import SynthConfig, encode_jpeg, render_item
+
+pytestmark = pytest.mark.process  # trains, exports or registers real models: tens of seconds
 
 
 @pytest.fixture(scope="module")

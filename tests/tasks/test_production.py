@@ -12,7 +12,14 @@ import pytest
 from tasks.core import storage
 from tasks.evaluation.calibration import calibrate_model, score_quality
 from tasks.feedback.queue import list_pool, list_queue
-from tasks.feedback.production import ProductionConfig, plan_production, process_shard, resolve_threshold, summarise_production
+from tasks.feedback.production import (
+    ProductionConfig,
+    plan_production,
+    process_shard,
+    resolve_model,
+    resolve_threshold,
+    summarise_production,
+)
 from tasks.dev.synth import SynthConfig, encode_jpeg, render_item
 from tasks.dev.synthetic import write_synthetic_dataset
 
@@ -97,3 +104,9 @@ def test_threshold_comes_from_the_calibration_unless_given(tmp_path, write_model
     assert resolve_threshold(ProductionConfig(), model) == (pytest.approx(calibration["threshold"]),
                                                             f"calibration in {model}/quality.json")
     assert resolve_threshold(ProductionConfig(threshold=0.3), model)[0] == 0.3
+
+
+def test_the_run_uses_the_given_model_or_the_champion_and_says_when_there_is_none():
+    assert resolve_model(" models:/m/3 ", "m") == {"model_uri": "models:/m/3", "version": "models:/m/3"}
+    with pytest.raises(ValueError, match="has no champion yet"):
+        resolve_model("", "no-such-registered-model")

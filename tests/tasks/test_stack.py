@@ -15,6 +15,8 @@ import pytest
 
 from tasks.dev import stack
 
+pytestmark = pytest.mark.process
+
 BIN = Path(sys.executable).parent
 
 

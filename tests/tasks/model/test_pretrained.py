@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from tasks.evaluation.scoring import preprocess
-from tasks.model import build_model
+from tasks.model.u2net import build_model
 from tasks.model.pretrained import (
     PRETRAINED_FILE,
     PRETRAINED_MD5,
@@ -77,6 +77,7 @@ def test_the_published_file_is_the_one_rembg_downloads(published):
 
 
 @pytest.mark.skipif(not DATA.is_dir(), reason="../shared/data not present")
+@pytest.mark.process
 def test_converted_model_agrees_with_onnx_runtime_on_real_photos(published, converted):
     """Evaluated in float64, the converted model matches ONNX Runtime within 1e-4 on all seven
     outputs: what remains is ONNX Runtime's float32 rounding. PyTorch's own float32 rounding adds

@@ -6,17 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tasks.model import (
-    MODEL_NAMES,
-    RSU4F,
-    RSU7,
-    StageWidths,
-    U2Net,
-    U2NetConfig,
-    U2NetOutput,
-    build_model,
-    count_parameters,
-)
+from tasks.model.blocks import RSU4F, RSU7
+from tasks.model.config import MODEL_NAMES, StageWidths, U2NetConfig
+from tasks.model.u2net import U2Net, U2NetOutput, build_model, count_parameters
 
 torch.set_num_threads(1)
 

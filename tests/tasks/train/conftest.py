@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tasks.model import U2Net
+from tasks.model.u2net import U2Net
 from tasks.train.config import TrainConfig
 from tasks.train.data import SegmentationDataset, prepare_split
 from tasks.dev.synthetic import write_synthetic_dataset

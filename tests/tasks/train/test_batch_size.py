@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tasks.model import StageWidths, U2Net, U2NetConfig
+from tasks.model.config import StageWidths, U2NetConfig
+from tasks.model.u2net import U2Net
 from tasks.train.batch_size import find_batch_size, is_out_of_memory, training_step_probe
 
 torch.set_num_threads(1)

@@ -12,6 +12,8 @@ import torch
 from tasks.train.checkpoint import load_checkpoint, state_dict_sha256
 from tasks.train.ddp import launch_local
 
+pytestmark = pytest.mark.process
+
 torch.set_num_threads(1)
 
 

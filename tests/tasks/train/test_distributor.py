@@ -27,6 +27,8 @@ from tasks.train.distributor import (
 from tasks.train.loop import TrainResult
 from tasks.dev.synthetic import write_synthetic_dataset
 
+pytestmark = pytest.mark.process
+
 TINY = {"encoder": [[4, 8]] * 6, "decoder": [[4, 8]] * 5}
 
 

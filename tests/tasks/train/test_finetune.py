@@ -17,6 +17,8 @@ from tasks.train.loop import train
 from tasks.train.losses import LOSSES, segmentation_loss, soft_iou_loss, ssim_loss
 from tasks.dev.synthetic import write_synthetic_dataset
 
+pytestmark = pytest.mark.process  # trains, exports or registers real models: tens of seconds
+
 
 def test_losses_are_zero_for_a_perfect_prediction_and_grow_with_errors():
     target = torch.zeros(2, 1, 32, 32)

@@ -14,6 +14,8 @@ import torch
 
 from tasks.train.checkpoint import state_dict_sha256
 
+pytestmark = pytest.mark.process
+
 torch.set_num_threads(1)
 
 

@@ -11,13 +11,15 @@ import torch
 import torch.nn.functional as F
 
 from tasks.core import storage
-from tasks.model import U2NetOutput, build_model
+from tasks.model.u2net import U2NetOutput, build_model
 from tasks.train import loop
 from tasks.train.batch_size import training_step_probe
 from tasks.train.checkpoint import load_checkpoint, load_state_dict_from_url, state_dict_sha256
 from tasks.train.config import TrainConfig
 from tasks.train.loop import EpochMetrics, TrainResult, build_scheduler, deep_supervision_loss, resolve_amp, train
 from tasks.dev.synthetic import write_synthetic_dataset
+
+pytestmark = pytest.mark.process  # trains, exports or registers real models: tens of seconds
 
 torch.set_num_threads(1)
 

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from tasks.core import storage
+from tasks.core import layout, storage
 from tasks.core.manifest import read_table, write_table
 from tasks.data.review import apply_review, fixed_mask_url, load_review_state
 from tasks.dev.synthetic import write_synthetic_dataset
@@ -31,15 +31,15 @@ def flagged_dataset(s3_bucket):
     Yields ``(bucket, dataset_url, options, rows)`` (``rows``: the manifest rows as written).
     """
     bucket_url, options = s3_bucket
-    url = f"{bucket_url}/datasets/{VERSION}"
+    url = layout.dataset(bucket_url, VERSION)
     rows = write_synthetic_dataset(url, n=6, seed=2, max_side=160, storage_options=options)
     keys = [r["key"] for r in rows]
     assignments = pd.DataFrame({
         "stem": keys, "key": keys, "cluster": [i % 2 for i in range(6)],
         "proposed_name": ["tops" if i % 2 == 0 else "pants" for i in range(6)], "distance": np.zeros(6),
     })
-    write_table(assignments, storage.join(url, "clusters", "assignments.parquet"), options)
-    manifest_url = storage.join(url, "manifest.parquet")
+    write_table(assignments, storage.join(layout.clusters(url), "assignments.parquet"), options)
+    manifest_url = layout.manifest(url)
     manifest = read_table(manifest_url, options)
     manifest["audit_reasons"] = [REASONS.get(i, "") for i in range(6)]
     manifest["audit_decision"] = ""
@@ -124,7 +124,7 @@ def test_list_keep_exclude_and_fix_over_http_then_apply(api_server, reviewer, fl
 
     summary = apply_review(url, options)
     assert summary["masks"] == {"flagged": 3, "kept": 1, "excluded": 1, "fixed": 1, "undecided": 0}
-    manifest = read_table(storage.join(url, "manifest.parquet"), options).set_index("key")
+    manifest = read_table(layout.manifest(url), options).set_index("key")
     assert manifest.loc[[keep, exclude, fix], "audit_decision"].tolist() == ["keep", "exclude", "fixed"]
     assert manifest.loc[fix, "mask_url"] == fixed_mask_url(url, fix)
     assert manifest.loc[keep, "mask_url"] == rows[1]["mask_url"]

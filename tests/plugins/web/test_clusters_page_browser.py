@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from tasks.data import ingest
-from tasks.core import storage
+from tasks.core import layout
 from tasks.data.cleaning import CleaningConfig
 from tasks.data.clustering import ClusteringConfig, cluster_dataset
 from tasks.data.features import extract_shard_features, plan_feature_shards
@@ -24,7 +24,7 @@ pytestmark = pytest.mark.integration
 def clustered_dataset(s3_bucket):
     """A small generated catalogue in S3, cleaned, featurised and clustered; yields (bucket, version, url, options)."""
     bucket_url, options = s3_bucket
-    generate_catalogue(storage.join(bucket_url, "raw", "web"), SynthConfig(n=36, seed=4, max_side=320), options)
+    generate_catalogue(layout.raw_batch(bucket_url, "web"), SynthConfig(n=36, seed=4, max_side=320), options)
     config = CleaningConfig(working_size=160)
     plan = ingest.plan_batch(bucket_url, "web", config, storage_options=options)
     results = [ingest.clean_shard(u, plan["dataset_url"], "web", config, options) for u in plan["shard_urls"]]

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from tasks.feedback import queue as corrections
-from tasks.core import storage
+from tasks.core import layout, storage
 from tasks.dev.synth import SynthConfig, encode_jpeg, encode_png, render_item
 
 pytestmark = pytest.mark.integration
@@ -127,7 +127,7 @@ def test_log_in_open_an_item_paint_with_the_brush_and_save_the_correction(
     decision = corrections.read_decision(bucket_url, item_id, options)
     assert (decision["decision"], decision["user"], decision["mask_source"], decision["note"]) == (
         "corrected", "reviewer", "brush", "hem was cut off")
-    final = cv2.imdecode(np.frombuffer(storage.read_bytes(f"{bucket_url}/corrections/done/{item_id}/mask.png", options), np.uint8),
+    final = cv2.imdecode(np.frombuffer(storage.read_bytes(storage.join(layout.corrections_done(bucket_url), item_id, "mask.png"), options), np.uint8),
                          cv2.IMREAD_UNCHANGED)
     assert final.shape == predicted.shape and set(np.unique(final)) <= {0, 255}
     for y, xa, xb in strokes:  # every stroke turned background pixels of the prediction into product

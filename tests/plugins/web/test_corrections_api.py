@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from tasks.feedback import queue as corrections
-from tasks.core import storage
+from tasks.core import layout, storage
 from tasks.dev.airflow_client import AirflowHTTPError
 from tasks.dev.synth import SynthConfig, encode_jpeg, encode_png, render_item
 
@@ -133,4 +133,4 @@ def test_queue_then_accept_correct_reject_over_http_fills_the_retraining_pool(ap
     decision = corrections.read_decision(bucket_url, upload_id, options)
     assert decision["user"] == "reviewer" and decision["note"] == "hem was missing" and decision["at"] == pool[upload_id]["at"]
     # The queue itself is untouched.
-    assert len([o for o in storage.list_objects(f"{bucket_url}/corrections/queue", options)]) == 4 * 3
+    assert len([o for o in storage.list_objects(layout.corrections_queue(bucket_url), options)]) == 4 * 3

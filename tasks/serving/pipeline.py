@@ -1,11 +1,7 @@
-"""Production background removal: a model engine, the batched pipeline, and its outputs.
+"""Production background removal: the batched pipeline from photos to cut-outs, and its outputs.
 
-``load_engine(source)`` opens a model — a ``.onnx`` file, a folder/URL holding ``model.onnx``
-and/or ``model.pt`` + ``config.json`` (the training output layout), or a registry URI
-``models:/<name>@<alias>`` / ``models:/<name>/<version>`` — as an :class:`Engine`: ONNX Runtime on
-the CPU, PyTorch on a CUDA GPU or when only ``model.pt`` exists.
-
-``iter_remove_backgrounds(urls, engine, config)`` runs images through it: a thread pool reads,
+``iter_remove_backgrounds(urls, engine, config)`` runs images through an engine
+(:mod:`tasks.serving.engines`): a thread pool reads,
 decodes (EXIF orientation applied) and preprocesses images ahead of the model, the model runs on
 batches, and the same pool turns each prediction into the outputs while the next batch runs:
 
@@ -28,9 +24,7 @@ from __future__ import annotations
 import json
 import os
 import posixpath
-import tempfile
 import time
-from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -42,27 +36,19 @@ import numpy as np
 
 from tasks.core import storage
 from tasks.core.codecs import decode_image, encode
-from tasks.model.pretrained import PRETRAINED, find_pretrained_onnx, require_pretrained_onnx
-from tasks.model.preprocess import IMAGENET_MEAN, IMAGENET_STD, letterbox_box, prepare_input, resize_to_original
+from tasks.model.preprocess import prepare_input, resize_to_original
+from tasks.serving.engines import Engine, available_cores, unletterboxed
 from tasks.serving.quality import QualityConfig, QualityScore, quality_score
 
 __all__ = [
     "IMAGE_EXTENSIONS",
     "CutoutResult",
-    "Engine",
-    "FlipAveragedEngine",
     "InferenceConfig",
-    "OnnxEngine",
-    "TorchEngine",
-    "decode_image",
-    "default_model",
     "iter_remove_backgrounds",
     "list_images",
-    "load_engine",
     "output_urls",
     "parse_background",
     "parse_canvas",
-    "prepare_input",
     "remove_backgrounds",
     "remove_to",
     "results_line",
@@ -71,13 +57,6 @@ __all__ = [
 
 #: Extensions listed as images in folders and prefixes (case-insensitive).
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
-
-
-def _cores() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - not Linux
-        return max(1, os.cpu_count() or 1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -205,299 +184,6 @@ class CutoutResult:
                 "error": self.error, "seconds": round(self.seconds, 4)}
 
 
-# ----------------------------------------------------------------------------------------------
-# Engines
-# ----------------------------------------------------------------------------------------------
-
-class Engine(ABC):
-    """A model that maps a preprocessed batch to probabilities.
-
-    Attributes: ``input_size`` (S), ``resize`` (``"stretch"``/``"letterbox"``), ``mean``/``std``
-    (the normalisation, RGB), ``backend`` (``"onnx"``/``"torch"``), ``device``, ``source`` and
-    ``model_dir`` (the local folder the model came from, or None).
-    """
-
-    input_size: int
-    resize: str
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    backend: str
-    device: str = "cpu"
-    source: str = ""
-    model_dir: str | None = None
-
-    @abstractmethod
-    def predict(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """Take float32 ``B×3×S×S``; return ``(B×S×S fused probabilities, B×6×S×S side
-        probabilities or None)``."""
-
-    def describe(self) -> str:
-        """One line: backend, device, input size and source."""
-        return f"{self.backend} on {self.device}, {self.input_size} px {self.resize}, {self.source}"
-
-
-class OnnxEngine(Engine):
-    """ONNX Runtime on the CPU, tuned for throughput: intra-op threads = ``threads`` (default:
-    the usable cores), no spin-waiting (the decode/encode threads share the cores), sequential
-    execution, all graph optimisations.
-
-    How to feed the file and read it comes from the file (:func:`tasks.model.export.read_onnx_metadata`):
-    input size and normalisation, a fixed batch size (rembg's files take one image: a batch is
-    run image by image), the side outputs (this project's ``sides``, or the six extra outputs of
-    a U2-Net file) and whether output 0 is a probability or a logit."""
-
-    backend = "onnx"
-
-    def __init__(self, onnx_path: str, threads: int | None = None, source: str | None = None) -> None:
-        import onnxruntime as ort
-
-        from tasks.model.export import read_onnx_metadata
-
-        meta = read_onnx_metadata(onnx_path)
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = int(threads or _cores())
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(onnx_path, options, providers=["CPUExecutionProvider"])
-        self._input = self.session.get_inputs()[0].name
-        self._outputs = [self.session.get_outputs()[0].name, *meta["side_outputs"]]
-        self._fixed_batch = meta["batch"]
-        self._logits = not meta["probabilities"]
-        self.input_size, self.resize = int(meta["input_size"]), str(meta["resize"])
-        self.mean, self.std = tuple(meta["mean"]), tuple(meta["std"])
-        self.source = source or onnx_path
-        self.model_dir = os.path.dirname(os.path.abspath(onnx_path))
-
-    def _run(self, batch: np.ndarray) -> list[np.ndarray]:
-        if self._fixed_batch is None or len(batch) == self._fixed_batch:
-            return self.session.run(self._outputs, {self._input: batch})
-        if self._fixed_batch != 1:
-            raise ValueError(f"{self.source} takes batches of exactly {self._fixed_batch} images, got {len(batch)}")
-        parts = [self.session.run(self._outputs, {self._input: batch[i:i + 1]}) for i in range(len(batch))]
-        return [np.concatenate(column) for column in zip(*parts, strict=True)]
-
-    def predict(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        out = self._run(np.ascontiguousarray(batch, dtype=np.float32))
-        if self._logits:
-            out = [1.0 / (1.0 + np.exp(-np.clip(o, -80.0, 80.0))) for o in out]
-        fused = out[0][:, 0]
-        if len(out) == 1:
-            return fused, None
-        sides = out[1] if len(out) == 2 else np.concatenate([o[:, :1] for o in out[1:]], axis=1)
-        return fused, sides
-
-
-class TorchEngine(Engine):
-    """PyTorch (``model.pt`` + ``config.json``, :func:`tasks.model.io.load_model`) on ``device``."""
-
-    backend = "torch"
-
-    def __init__(self, model_url: str, device: str = "cpu", storage_options: dict | None = None,
-                 source: str | None = None) -> None:
-        import torch
-
-        from tasks.model.io import load_model
-
-        model, meta = load_model(model_url, storage_options=storage_options)
-        self._torch = torch
-        self.device = device
-        self.model = model.to(device)
-        self.input_size, self.resize = int(meta["input_size"]), str(meta["resize"])
-        self.mean, self.std = tuple(IMAGENET_MEAN), tuple(IMAGENET_STD)
-        self.source = source or model_url
-        self.model_dir = _local_dir(meta["model_url"])
-
-    def predict(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        torch = self._torch
-        x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(self.device)
-        with torch.inference_mode():
-            out = self.model(x)
-        fused = out.fused if hasattr(out, "fused") else out[0] if isinstance(out, (tuple, list)) else out
-        probs = torch.sigmoid(fused.float())[:, 0].cpu().numpy()
-        sides = getattr(out, "sides", None)
-        side_probs = torch.sigmoid(torch.cat([s[:, :1].float() for s in sides], 1)).cpu().numpy() if sides else None
-        return probs, side_probs
-
-
-class FlipAveragedEngine(Engine):
-    """Test-time flip around another engine: each batch is run as it is and mirrored, and the
-    fused and side probabilities are averaged in logit space after mirroring back. Twice the
-    model time; measured on real photos (``benchmarks/quality_real.py --flip``) it adds about
-    half a point of mean IoU on photos of people and nothing on packshots on white."""
-
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
-        self.input_size, self.resize, self.mean, self.std = engine.input_size, engine.resize, engine.mean, engine.std
-        self.backend, self.device, self.source, self.model_dir = (engine.backend, engine.device, engine.source,
-                                                                  engine.model_dir)
-
-    def predict(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        probs, sides = self.engine.predict(batch)
-        mirrored_probs, mirrored_sides = self.engine.predict(np.ascontiguousarray(batch[..., ::-1]))
-        fused = _mean_in_logits(probs, mirrored_probs[..., ::-1])
-        if sides is None or mirrored_sides is None:
-            return fused, None
-        return fused, _mean_in_logits(sides, mirrored_sides[..., ::-1])
-
-    def describe(self) -> str:
-        """The wrapped engine's line, marked as flip-averaged."""
-        return f"{self.engine.describe()}, test-time flip"
-
-
-def _mean_in_logits(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    eps = 1e-6
-    a = np.clip(a.astype(np.float64), eps, 1 - eps)
-    b = np.clip(b.astype(np.float64), eps, 1 - eps)
-    logit = (np.log(a / (1 - a)) + np.log(b / (1 - b))) / 2
-    return (1 / (1 + np.exp(-logit))).astype(np.float32)
-
-
-def _local_dir(url: str) -> str | None:
-    return os.path.dirname(os.path.abspath(url)) if "://" not in url else None
-
-
-def _cuda_available() -> bool:
-    try:
-        import torch
-    except ImportError:  # pragma: no cover - torch is a dependency
-        return False
-    return bool(torch.cuda.is_available())
-
-
-def load_engine(source: str, storage_options: dict | None = None, device: str = "auto",
-                backend: str = "auto", threads: int | None = None) -> Engine:
-    """Open a model for inference.
-
-    Args:
-        source: ``"pretrained"`` (the published U2-NetP weights, :mod:`tasks.model.pretrained`); a
-            ``.onnx`` file (this project's export, or any U2-Net-family file rembg runs); a folder or URL holding ``model.onnx`` and/or ``model.pt`` +
-            ``config.json``; a ``model.pt``; or ``models:/<name>@<alias>`` /
-            ``models:/<name>/<version>`` (downloaded with ``tasks.registry.download_model``).
-        storage_options: fsspec options for ``s3://`` sources.
-        device: ``"auto"`` (CUDA when a GPU is present and ``model.pt`` exists, else CPU),
-            ``"cpu"`` or ``"cuda"``.
-        backend: ``"auto"`` (ONNX Runtime on the CPU when ``model.onnx`` exists, PyTorch
-            otherwise), ``"onnx"`` or ``"torch"``.
-        threads: ONNX Runtime intra-op threads (default: the usable cores).
-
-    Returns an :class:`Engine`. Raises ``FileNotFoundError`` when the source holds no model and
-    ``ValueError`` for an impossible combination (e.g. ``backend="onnx"`` with ``device="cuda"``).
-    """
-    if device not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
-    if backend not in ("auto", "onnx", "torch"):
-        raise ValueError(f"backend must be auto, onnx or torch, got {backend!r}")
-    if device == "cuda" and backend == "onnx":
-        raise ValueError("the ONNX engine runs on the CPU; use backend='torch' (or 'auto') for CUDA")
-    if device == "cuda" and not _cuda_available():
-        raise ValueError("device='cuda' but torch sees no CUDA GPU")
-    original = source
-    if source == PRETRAINED:
-        source = str(require_pretrained_onnx())
-        original = f"{PRETRAINED} ({source})"
-    if source.startswith("models:/"):
-        from tasks import registry  # written alongside; imported only for registry URIs
-
-        source = registry.download_model(source, tempfile.mkdtemp(prefix="bgremoval-model-"))
-        storage_options = None
-    onnx_url = pt_url = None
-    if source.endswith(".onnx"):
-        onnx_url = source
-    elif source.endswith(".pt"):
-        pt_url = source
-    else:
-        for name in ("model.onnx", "model.pt"):
-            url = storage.join(source, name)
-            if storage.exists(url, storage_options):
-                onnx_url, pt_url = (url, pt_url) if name == "model.onnx" else (onnx_url, url)
-    if onnx_url and not storage.exists(onnx_url, storage_options):
-        raise FileNotFoundError(f"no ONNX model at {onnx_url}")
-    if not onnx_url and not pt_url:
-        raise FileNotFoundError(f"no model.onnx or model.pt at {source}")
-    gpu = device == "cuda" or (device == "auto" and backend != "onnx" and pt_url is not None and _cuda_available())
-    use_torch = backend == "torch" or gpu or (backend == "auto" and onnx_url is None)
-    if use_torch:
-        if pt_url is None:
-            raise FileNotFoundError(f"the PyTorch engine needs model.pt + config.json; {source} has only {onnx_url}")
-        return TorchEngine(pt_url, "cuda" if gpu else "cpu", storage_options, source=original)
-    if onnx_url is None:
-        raise FileNotFoundError(f"no model.onnx at {source} (backend='onnx')")
-    return OnnxEngine(_local_copy(onnx_url, storage_options), threads=threads, source=original)
-
-
-def default_model(registered_name: str = "bgremoval-u2net") -> tuple[str, str]:
-    """The model ``bgremoval remove`` uses when none is named: the registered model's champion
-    when an MLflow registry is configured (``MLFLOW_TRACKING_URI``) and has one, otherwise the
-    published U2-NetP weights.
-
-    Returns ``(source for load_engine, a sentence saying which and why)``. Raises
-    ``FileNotFoundError`` saying how to get a model when there is neither.
-    """
-    uri = os.environ.get("MLFLOW_TRACKING_URI")
-    why = "no MLflow registry is configured (MLFLOW_TRACKING_URI)"
-    if uri:
-        from tasks import registry
-
-        try:
-            version = registry.alias_version(registered_name, registry.CHAMPION, tracking_uri=uri)
-        except Exception as exc:  # noqa: BLE001 - an unreachable or empty registry means: no champion
-            version, why = None, f"the registry at {uri} gave no champion ({type(exc).__name__}: {str(exc)[:120]})"
-        else:
-            why = f"{registered_name!r} has no champion at {uri}"
-        if version is not None:
-            return (registry.model_uri(registered_name, registry.CHAMPION),
-                    f"the champion of {registered_name!r} (version {version}) from {uri}")
-    path = find_pretrained_onnx() or require_pretrained_onnx()  # the latter raises, saying how to get the file
-    return str(path), f"the published U2-NetP weights, not fine-tuned ({why}): {path}"
-
-
-#: ``audit_model`` values that turn the mask audit's model check off.
-NO_AUDIT_MODEL = ("", "none")
-
-
-def audit_engine(reference: str, registered_name: str = "bgremoval-u2net",
-                 storage_options: dict | None = None) -> tuple[Engine | None, str]:
-    """The model whose predictions the mask audit compares masks with (``model_disagrees``).
-
-    ``reference``: ``"auto"`` (what :func:`default_model` picks: the champion, else the published
-    weights; no check when neither is there), ``"champion"``, ``"pretrained"``, ``"none"``/``""``
-    (no check), or anything :func:`load_engine` takes. Returns ``(engine or None, a sentence saying
-    which and why)``. An explicitly named model that cannot be loaded raises.
-    """
-    reference = (reference or "").strip()
-    if reference.lower() in NO_AUDIT_MODEL:
-        return None, "no model check (audit_model=none)"
-    if reference == "auto":
-        try:
-            source, why = default_model(registered_name)
-        except FileNotFoundError:
-            return None, "no model check: no champion and no published weights on this machine"
-    elif reference == "champion":
-        from tasks import registry
-
-        source, why = registry.model_uri(registered_name, registry.CHAMPION), f"the champion of {registered_name!r}"
-    else:
-        source, why = reference, reference
-    return load_engine(source, storage_options), why
-
-
-def _local_copy(url: str, storage_options: dict | None) -> str:
-    """A local path for ``url`` (ONNX Runtime reads files): the path itself, or a temp copy."""
-    fs, path = storage.filesystem(url, storage_options)
-    if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
-        return path
-    local = os.path.join(tempfile.mkdtemp(prefix="bgremoval-onnx-"), posixpath.basename(path))
-    with open(local, "wb") as fh:
-        fh.write(storage.read_bytes(url, storage_options))
-    return local
-
-
-# ----------------------------------------------------------------------------------------------
-# Outputs
-# ----------------------------------------------------------------------------------------------
-
 def _fit_box(box_w: int, box_h: int, canvas: tuple[int, int], margin: float) -> tuple[int, int, int, int]:
     """Size and offset of a ``box_w×box_h`` product scaled into ``canvas`` with ``margin``."""
     cw, ch = canvas
@@ -600,32 +286,13 @@ def _load(item: tuple[str, str], engine: Engine, storage_options: dict | None) -
     return loaded
 
 
-def probability_map(engine: Engine, image_rgb: np.ndarray) -> np.ndarray:
-    """The model's foreground probability for one RGB ``uint8`` photo, at the photo's size
-    (float32 ``H×W`` in [0, 1]): what :func:`remove_backgrounds` cuts out with."""
-    height, width = image_rgb.shape[:2]
-    tensor = prepare_input(image_rgb, engine.input_size, engine.resize, engine.mean, engine.std)
-    prob_s, _ = _unletterboxed(engine.predict(tensor[None])[0][0], None, engine, height, width)
-    return resize_to_original(np.ascontiguousarray(prob_s, dtype=np.float32), (width, height))
-
-
-def _unletterboxed(prob_s: np.ndarray, sides: np.ndarray | None, engine: Engine, height: int,
-                   width: int) -> tuple[np.ndarray, np.ndarray | None]:
-    """The network-size maps cropped to the photo's box (letterbox) and cleaned to [0, 1]."""
-    if engine.resize == "letterbox":
-        x0, y0, new_w, new_h = letterbox_box(height, width, engine.input_size)
-        prob_s = prob_s[y0:y0 + new_h, x0:x0 + new_w]
-        sides = None if sides is None else sides[:, y0:y0 + new_h, x0:x0 + new_w]
-    return np.clip(np.nan_to_num(prob_s, nan=0.0), 0.0, 1.0), sides
-
-
 def _finish(loaded: _Loaded, prob_s: np.ndarray, sides: np.ndarray | None, engine: Engine,
             config: InferenceConfig) -> CutoutResult:
     result = loaded.result
     try:
         assert loaded.rgb is not None
         height, width = loaded.rgb.shape[:2]
-        prob_s, sides = _unletterboxed(prob_s, sides, engine, height, width)
+        prob_s, sides = unletterboxed(prob_s, sides, engine, height, width)
         result.quality = quality_score(prob_s, sides, config.quality)
         prob = resize_to_original(np.ascontiguousarray(prob_s, dtype=np.float32), (width, height))
         for key, value in _render(loaded.rgb, prob, config).items():
@@ -657,7 +324,7 @@ def iter_remove_backgrounds(urls: Iterable[str | tuple[str, str]], engine: Engin
     ``error`` set; they never stop the run.
     """
     items = _items(urls)
-    threads = config.io_threads or _cores()
+    threads = config.io_threads or available_cores()
     batch_size = config.batch_size
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="bgremoval-io") as pool:
         loads: deque[Future[_Loaded]] = deque()

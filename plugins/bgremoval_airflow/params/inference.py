@@ -1,0 +1,70 @@
+"""``bgremoval_inference``'s trigger form and the ``ProductionConfig`` built from it."""
+
+from __future__ import annotations
+
+from airflow.sdk import Param
+from bgremoval_airflow.params.common import PRODUCTION, batch_params, default, registered_model_param
+
+from tasks.core import layout
+from tasks.feedback.production import PHOTOS_PER_SHARD, ProductionConfig
+
+
+def production_params() -> dict[str, Param]:
+    """The production pass (``ProductionConfig``) and which model runs it."""
+    return {
+        "quality_threshold": Param(
+            0.0,
+            type="number",
+            minimum=0,
+            maximum=1,
+            title="Quality threshold",
+            description="Results scoring at least this are published (and kept for retraining); lower ones go to "
+            "the correction page. 0 means the champion's calibrated threshold (quality.json).",
+            section=PRODUCTION,
+        ),
+        "background": Param(
+            default(ProductionConfig, "background"),
+            type="string",
+            pattern=r"^#[0-9a-fA-F]{6}$",
+            title="JPEG background",
+            description="Colour behind the product in the published JPEG.",
+            section=PRODUCTION,
+        ),
+        "canvas": Param(
+            "",
+            type="string",
+            pattern=r"^$|^[0-9]+x[0-9]+$",
+            title="Canvas (WxH)",
+            description="Crop each product onto a fixed canvas, centred with a margin, e.g. 1000x1333; empty keeps "
+            "the photo's frame.",
+            section=PRODUCTION,
+        ),
+        "photos_per_shard": Param(
+            PHOTOS_PER_SHARD,
+            type="integer",
+            minimum=1,
+            title="Photos per shard",
+            description="The drop is split into shards of this many photos, processed by parallel mapped tasks.",
+            section=PRODUCTION,
+        ),
+        "model_uri": Param(
+            "",
+            type="string",
+            title="Model",
+            description="Empty: the champion of the registered model. Or a models:/ URI, or a folder with model.onnx.",
+            section=PRODUCTION,
+        ),
+        "registered_model": registered_model_param(PRODUCTION),
+    }
+
+
+def dag_params() -> dict[str, Param]:
+    """The whole form of ``bgremoval_inference``."""
+    return {**batch_params(layout.INCOMING), **production_params()}
+
+
+def production_config(params: dict) -> ProductionConfig:
+    """The ``ProductionConfig`` of a production run."""
+    threshold = float(params["quality_threshold"])
+    return ProductionConfig(threshold=threshold or None, background=params["background"],
+                            canvas=params["canvas"].strip() or None)

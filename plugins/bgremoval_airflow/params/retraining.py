@@ -1,0 +1,74 @@
+"""``bgremoval_retraining``'s trigger form and the ``RetrainingConfig`` built from it."""
+
+from __future__ import annotations
+
+from airflow.sdk import Param
+from bgremoval_airflow.params.common import (
+    RETRAINING,
+    bucket_param,
+    default,
+    registered_model_param,
+    working_size_param,
+)
+
+from tasks.feedback.config import RetrainingConfig
+
+
+def retraining_params() -> dict[str, Param]:
+    """When the loop retrains, on what, and what the triggered training run is asked to do."""
+    return {
+        "min_new_pairs": Param(
+            default(RetrainingConfig, "min_new_pairs"),
+            type="integer",
+            minimum=1,
+            title="Least new pairs",
+            description="Retrain only when at least this many new pairs (published, accepted or corrected) are in "
+            "the retraining pool since the last retraining.",
+            section=RETRAINING,
+        ),
+        "retrain_epochs": Param(
+            3,
+            type="integer",
+            minimum=1,
+            title="Retraining epochs",
+            description="Epochs of the triggered training run; it starts from the champion's weights.",
+            section=RETRAINING,
+        ),
+        "base_dataset": Param(
+            "",
+            type="string",
+            pattern=r"^$|^[A-Za-z0-9][A-Za-z0-9._-]*$",
+            title="Base dataset version",
+            description="Empty: the champion's dataset version (its registry tag). Its rows and splits are kept; "
+            "the test split does not change.",
+            section=RETRAINING,
+        ),
+        "new_pairs_val_fraction": Param(
+            default(RetrainingConfig, "val_fraction"),
+            type="number",
+            minimum=0,
+            maximum=0.9,
+            title="Validation share of new pairs",
+            description="New pairs go to train or val (hash of the name), never to test.",
+            section=RETRAINING,
+        ),
+        "training_conf": Param(
+            {},
+            type="object",
+            title="Other training parameters",
+            description="Passed to bgremoval_training as they are, e.g. {\"workers\": 4, \"iou_gate\": 0.98}.",
+            section=RETRAINING,
+        ),
+    }
+
+
+def dag_params() -> dict[str, Param]:
+    """The whole form of ``bgremoval_retraining``."""
+    return {"bucket": bucket_param(), "working_size": working_size_param(RETRAINING),
+            "registered_model": registered_model_param(RETRAINING), **retraining_params()}
+
+
+def retraining_config(params: dict) -> RetrainingConfig:
+    """``RetrainingConfig`` from the retraining DAG's params."""
+    return RetrainingConfig(min_new_pairs=int(params["min_new_pairs"]), working_size=int(params["working_size"]),
+                            val_fraction=float(params["new_pairs_val_fraction"]))

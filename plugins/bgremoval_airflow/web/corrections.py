@@ -1,0 +1,200 @@
+"""The correction pages: people accept, reject or correct the masks the inference DAG doubted.
+
+Included in the plugin's app by :func:`bgremoval_airflow.web.app.create_app`, so the routes live
+below ``/bgremoval`` with the same login. Reading needs read access to the inference DAG; deciding needs the right to answer its human-in-the-loop tasks (simple auth
+manager: role ``user`` or higher; a ``viewer`` can look only). Storage is :mod:`tasks.feedback.queue`.
+The pages are rendered from ``templates/correction_queue.html`` and ``templates/correction_editor.html``.
+
+Routes (all below ``/bgremoval``):
+
+* ``GET  /corrections?bucket=B[&show=all]``           the queue page (thumbnails, score, batch)
+* ``GET  /corrections/{item_id}?bucket=B``            the editor: photo + mask overlay, brush, upload
+* ``GET  /api/corrections?bucket=B[&include_done=1]`` the queue as JSON
+* ``GET  /api/corrections/{item_id}?bucket=B``        one item (+ its decision, the next open item)
+* ``GET  /api/corrections/{item_id}/image|mask|final-mask|thumbnail?bucket=B``  JPEG / PNG bytes
+* ``POST /api/corrections/{item_id}/decision?bucket=B`` JSON ``{"decision": "accepted" | "rejected" |
+  "corrected", "mask_png_base64"?, "mask_source"?: "brush" | "upload", "note"?}``
+* ``POST /api/corrections/{item_id}/upload?bucket=B``   multipart ``file`` (a mask PNG) and ``note``:
+  saves it as the correction
+
+A decision answers 200 with the ``decision.json`` dict, 409 when the item is already decided
+(or being decided), 422 for a mask that does not fit (wrong size, empty, not an image), 404 for an
+unknown item.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Literal
+
+from fastapi import APIRouter, Depends, File, Form, HTTPException, Query, UploadFile
+from fastapi.responses import HTMLResponse, Response
+from pydantic import BaseModel, Field
+
+from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessEntity
+from airflow.api_fastapi.core_api.security import GetUserDep, requires_access_dag
+from bgremoval_airflow.web.common import bucket_url, current_storage_options, default_bucket, render_page
+
+INFERENCE_DAG_ID = "bgremoval_inference"
+MAX_MASK_BYTES = 25 * 2**20
+
+can_read = Depends(requires_access_dag("GET", param_dag_id=INFERENCE_DAG_ID))
+can_decide = Depends(requires_access_dag("PUT", DagAccessEntity.HITL_DETAIL, param_dag_id=INFERENCE_DAG_ID))
+_IMMUTABLE = {"Cache-Control": "private, max-age=86400"}
+
+
+class DecisionIn(BaseModel):
+    """A decision as posted by the page (or any HTTP client)."""
+
+    decision: Literal["accepted", "rejected", "corrected"]
+    mask_png_base64: str | None = Field(default=None, max_length=4 * MAX_MASK_BYTES // 3 + 64)
+    mask_source: Literal["brush", "upload"] | None = None
+    note: str | None = Field(default=None, max_length=2000)
+
+
+def _item_id(item_id: str) -> str:
+    """``item_id`` when it is a valid queue item id, else a 400."""
+    from tasks.feedback.queue import CorrectionsError, check_id
+
+    try:
+        return check_id(item_id)
+    except CorrectionsError as exc:
+        raise HTTPException(status_code=400, detail=str(exc)) from None
+
+
+def _decide(bucket: str, item_id: str, user: str, **kwargs) -> dict:
+    """Call :func:`tasks.feedback.queue.decide` and turn its errors into HTTP answers."""
+    from tasks.feedback.queue import AlreadyDecided, CorrectionsError, decide
+
+    try:
+        return decide(bucket_url(bucket), _item_id(item_id), user=user, storage_options=current_storage_options(), **kwargs)
+    except AlreadyDecided as exc:
+        raise HTTPException(status_code=409, detail=str(exc)) from None
+    except CorrectionsError as exc:
+        raise HTTPException(status_code=422, detail=str(exc)) from None
+    except FileNotFoundError as exc:
+        raise HTTPException(status_code=404, detail=str(exc)) from None
+
+
+def _links(item_id: str, bucket: str) -> dict:
+    """Relative URLs (from ``/bgremoval/``) of an item's page and bytes."""
+    api = f"api/corrections/{item_id}"
+    return {
+        "page": f"corrections/{item_id}?bucket={bucket}",
+        "image": f"{api}/image?bucket={bucket}",
+        "mask": f"{api}/mask?bucket={bucket}",
+        "final_mask": f"{api}/final-mask?bucket={bucket}",
+        "thumbnail": f"{api}/thumbnail?bucket={bucket}",
+    }
+
+
+def _queue(bucket: str, include_done: bool) -> list[dict]:
+    """The queue (:func:`tasks.feedback.queue.list_queue`), each item with its :func:`_links`."""
+    from tasks.feedback.queue import list_queue
+
+    return [{**item, "links": _links(item["item_id"], bucket)} for item in list_queue(bucket_url(bucket), current_storage_options(), include_done)]
+
+
+def _item_bytes(bucket: str, item_id: str, name: str) -> bytes:
+    """One stored file of an item (``image``, ``mask``, ``final_mask``); 404 when it is missing."""
+    from tasks.feedback.queue import read_item_file
+
+    try:
+        return read_item_file(bucket_url(bucket), _item_id(item_id), name, current_storage_options())
+    except FileNotFoundError as exc:
+        raise HTTPException(status_code=404, detail=str(exc)) from None
+
+
+def correction_router() -> APIRouter:
+    """The correction queue and editor pages and their API (paths below ``/bgremoval``)."""
+    router = APIRouter()
+    bucket_default = default_bucket()
+
+    @router.get("/api/corrections", dependencies=[can_read])
+    def list_items(bucket: str = Query(bucket_default), include_done: bool = Query(False)) -> dict:
+        """The correction queue (open items, or all with ``include_done``)."""
+        items = _queue(bucket, include_done)
+        return {"bucket": bucket, "items": items, "open": sum(i["status"] == "open" for i in items)}
+
+    @router.get("/api/corrections/{item_id}", dependencies=[can_read])
+    def get_item(item_id: str, bucket: str = Query(bucket_default)) -> dict:
+        """One item with its decision, its links and the next open item."""
+        from tasks.feedback.queue import read_item
+
+        try:
+            item = read_item(bucket_url(bucket), _item_id(item_id), current_storage_options())
+        except FileNotFoundError as exc:
+            raise HTTPException(status_code=404, detail=str(exc)) from None
+        open_ids = [i["item_id"] for i in _queue(bucket, include_done=False)]
+        later = [i for i in open_ids if i != item_id]
+        if item_id in open_ids:
+            position = open_ids.index(item_id)
+            later = open_ids[position + 1:] + open_ids[:position]
+        return {**item, "links": _links(item_id, bucket), "next_open": later[0] if later else None, "open": len(open_ids)}
+
+    @router.get("/api/corrections/{item_id}/image", dependencies=[can_read])
+    def get_image(item_id: str, bucket: str = Query(bucket_default)) -> Response:
+        """The item's photo (JPEG)."""
+        return Response(_item_bytes(bucket, item_id, "image"), media_type="image/jpeg", headers=_IMMUTABLE)
+
+    @router.get("/api/corrections/{item_id}/mask", dependencies=[can_read])
+    def get_mask(item_id: str, bucket: str = Query(bucket_default)) -> Response:
+        """The item's predicted mask (PNG)."""
+        return Response(_item_bytes(bucket, item_id, "mask"), media_type="image/png", headers=_IMMUTABLE)
+
+    @router.get("/api/corrections/{item_id}/final-mask", dependencies=[can_read])
+    def get_final_mask(item_id: str, bucket: str = Query(bucket_default)) -> Response:
+        """The mask the decision kept (PNG; 404 while undecided)."""
+        return Response(_item_bytes(bucket, item_id, "final_mask"), media_type="image/png", headers={"Cache-Control": "no-store"})
+
+    @router.get("/api/corrections/{item_id}/thumbnail", dependencies=[can_read])
+    def get_thumbnail(item_id: str, bucket: str = Query(bucket_default)) -> Response:
+        """The photo with the predicted mask, as a small JPEG for the queue page."""
+        from tasks.data.review import thumbnail_jpeg
+
+        data = thumbnail_jpeg(_item_bytes(bucket, item_id, "image"), _item_bytes(bucket, item_id, "mask"), size=200)
+        return Response(data, media_type="image/jpeg", headers=_IMMUTABLE)
+
+    @router.post("/api/corrections/{item_id}/decision", dependencies=[can_decide])
+    def post_decision(item_id: str, body: DecisionIn, user: GetUserDep, bucket: str = Query(bucket_default)) -> dict:
+        """Accept, reject or correct (mask as base64 PNG) an item."""
+        mask_png = None
+        if body.mask_png_base64 is not None:
+            encoded = body.mask_png_base64.split(",", 1)[1] if body.mask_png_base64.startswith("data:") else body.mask_png_base64
+            try:
+                mask_png = base64.b64decode(encoded, validate=True)
+            except (binascii.Error, ValueError):
+                raise HTTPException(status_code=422, detail="mask_png_base64 is not valid base64") from None
+        return _decide(bucket, item_id, user.get_name(), decision=body.decision, mask_png=mask_png,
+                       mask_source=body.mask_source, note=body.note)
+
+    @router.post("/api/corrections/{item_id}/upload", dependencies=[can_decide])
+    def post_upload(
+        item_id: str,
+        user: GetUserDep,
+        file: UploadFile = File(..., description="the corrected mask: a PNG of the photo's size, white = product"),
+        note: str | None = Form(None, max_length=2000),
+        bucket: str = Query(bucket_default),
+    ) -> dict:
+        """Correct an item with an uploaded mask file."""
+        data = file.file.read(MAX_MASK_BYTES + 1)
+        if len(data) > MAX_MASK_BYTES:
+            raise HTTPException(status_code=413, detail=f"mask file larger than {MAX_MASK_BYTES // 2**20} MiB")
+        return _decide(bucket, item_id, user.get_name(), decision="corrected", mask_png=data, mask_source="upload", note=note)
+
+    @router.get("/corrections", response_class=HTMLResponse, dependencies=[can_read])
+    def queue_page(user: GetUserDep, bucket: str = Query(bucket_default), show: str = Query("open")) -> str:
+        """The queue page: one card per item linking to its editor."""
+        include_done = show == "all"
+        items = _queue(bucket, include_done)
+        return render_page("correction_queue.html", items=items, n_open=sum(i["status"] == "open" for i in items),
+                           include_done=include_done, bucket=bucket, user=user.get_name())
+
+    @router.get("/corrections/{item_id}", response_class=HTMLResponse, dependencies=[can_read])
+    def item_page(item_id: str, user: GetUserDep, bucket: str = Query(bucket_default)) -> str:
+        """The editor of one item (the script loads the item from the API)."""
+        bucket_url(bucket)
+        return render_page("correction_editor.html", item_id=_item_id(item_id), bucket=bucket, user=user.get_name())
+
+    return router

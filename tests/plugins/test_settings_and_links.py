@@ -1,0 +1,23 @@
+"""The deployment's bucket comes from Airflow's configuration; page links are built, never parsed."""
+
+from __future__ import annotations
+
+from bgremoval_airflow.links import mask_review_page_url, report_page_url, review_page_url
+from bgremoval_airflow.settings import configured_bucket
+
+from tasks.core import layout
+
+
+def test_the_bucket_comes_from_the_configuration(monkeypatch):
+    monkeypatch.delenv("AIRFLOW__BGREMOVAL__BUCKET", raising=False)
+    assert configured_bucket() == layout.DEFAULT_BUCKET
+    monkeypatch.setenv("AIRFLOW__BGREMOVAL__BUCKET", "shop-images")
+    assert configured_bucket() == "shop-images"
+
+
+def test_page_links_hang_from_the_public_address(monkeypatch):
+    monkeypatch.setenv("AIRFLOW__API__BASE_URL", "https://airflow.example/")
+    assert review_page_url("v1", "shop") == "https://airflow.example/bgremoval/review/v1?bucket=shop"
+    assert mask_review_page_url("v1", "shop") == "https://airflow.example/bgremoval/review/v1/masks?bucket=shop"
+    run = layout.run_name("manual__2026-12-02T10:00:00+00:00")
+    assert report_page_url("v1", run, "shop") == f"https://airflow.example/bgremoval/reports/v1/{run}?bucket=shop"

@@ -1,0 +1,165 @@
+"""The web package without servers: the app serves the same routes, every page's template renders
+(escaped, values for scripts as JSON), the report route builds its location with
+:mod:`tasks.core.layout`, and the package keeps its rules (no HTML in Python, no private imports
+across modules, templates shipped next to the code)."""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+from pathlib import Path
+
+import pytest
+from fastapi import HTTPException
+from fastapi.testclient import TestClient
+
+from bgremoval_airflow.web import common, reports
+from bgremoval_airflow.web.app import create_app
+
+PLUGINS = Path(__file__).resolve().parents[3] / "plugins"
+AWKWARD = 'a<b>&"c\'</script>'
+
+
+@pytest.fixture(scope="module")
+def app():
+    return create_app()
+
+
+def test_the_app_serves_every_route_it_served_before_the_move(app):
+    routes = {(m, r.path) for r in app.routes if r.path not in ("/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc")
+              for m in r.methods}
+    assert routes == {
+        ("GET", "/"),
+        ("GET", "/review/{version}"),
+        ("GET", "/api/datasets/{version}/clusters"),
+        ("GET", "/api/datasets/{version}/thumbnails/{key}"),
+        ("POST", "/api/datasets/{version}/corrections"),
+        ("GET", "/review/{version}/masks"),
+        ("GET", "/api/datasets/{version}/masks"),
+        ("GET", "/api/datasets/{version}/masks/{key}/thumbnail"),
+        ("POST", "/api/datasets/{version}/masks/{key}"),
+        ("POST", "/api/datasets/{version}/masks/{key}/fix"),
+        ("GET", "/corrections"),
+        ("GET", "/corrections/{item_id}"),
+        ("GET", "/api/corrections"),
+        ("GET", "/api/corrections/{item_id}"),
+        ("GET", "/api/corrections/{item_id}/image"),
+        ("GET", "/api/corrections/{item_id}/mask"),
+        ("GET", "/api/corrections/{item_id}/final-mask"),
+        ("GET", "/api/corrections/{item_id}/thumbnail"),
+        ("POST", "/api/corrections/{item_id}/decision"),
+        ("POST", "/api/corrections/{item_id}/upload"),
+        ("GET", "/reports/{version}/{run}"),
+    }
+
+
+def test_every_template_is_shipped_next_to_the_code():
+    names = {p.name for p in common.TEMPLATES_DIR.glob("*.html")}
+    assert common.TEMPLATES_DIR == PLUGINS / "bgremoval_airflow" / "web" / "templates"
+    assert {"base.html", "dataset_index.html", "cluster_review.html", "mask_review.html",
+            "correction_queue.html", "correction_editor.html"} <= names
+    used = set()
+    for module in (PLUGINS / "bgremoval_airflow" / "web").glob("*.py"):
+        used |= set(re.findall(r'render_page\(\s*"([^"]+)"', module.read_text()))
+    assert used and used <= names
+
+
+def test_cluster_review_page_escapes_text_and_hands_the_script_json():
+    page = common.render_page("cluster_review.html", version="v1", bucket="my-bucket", user=AWKWARD)
+    assert 'const version = "v1", bucket = "my-bucket";' in page
+    assert '<a id="masks-link" href="v1/masks?bucket=my-bucket">' in page
+    assert "signed in as a&lt;b&gt;&amp;&#34;c&#39;&lt;/script&gt;" in page
+    assert AWKWARD not in page
+    for element in ('id="status"', 'id="clusters"', 'id="log"', "api/datasets/${version}/clusters?bucket=${bucket}"):
+        assert element in page
+    script = common.render_page("cluster_review.html", version=AWKWARD, bucket="b", user="u")
+    literal = re.search(r"const version = (.*), bucket = ", script).group(1)
+    assert json.loads(literal) == AWKWARD and "</script>" not in literal
+
+
+def test_mask_review_page_lists_the_flagged_pairs():
+    pair = {"key": "k1", "stem": "shirt", "reasons": ["holes"], "cluster": 0, "cluster_name": "tops", "decision": "keep",
+            "decided_by": "ann", "decided_at": "2030-01-01T00:00:00", "thumbnail": "api/datasets/v1/masks/k1/thumbnail?bucket=b"}
+    page = common.render_page("mask_review.html", version="v1", bucket="b", user="ann", base="../../", pairs=[pair],
+                              flagged=1, decided={"keep": 1, "exclude": 0, "fix": 0}, undecided=0)
+    assert '<article class="tile keep" data-key="k1" data-decision="keep">' in page
+    assert '<img src="../../api/datasets/v1/masks/k1/thumbnail?bucket=b"' in page
+    assert '<li title="holes that look like product">holes</li>' in page and "kept by ann" in page
+    assert 'const base = new URL("../../", window.location.href);' in page
+    empty = common.render_page("mask_review.html", version="v1", bucket="b", user="ann", base="../../", pairs=[],
+                               flagged=0, decided={}, undecided=0)
+    assert 'id="none"' in empty
+
+
+def test_correction_queue_page_has_one_card_per_item_and_a_toggle():
+    item = {"item_id": "i1", "stem": "dress<1>", "batch": "web-7", "score": 0.51234, "threshold": 0.8, "status": "accepted",
+            "decision": {"user": "bob"}, "links": {"page": "corrections/i1?bucket=b", "thumbnail": "api/corrections/i1/thumbnail?bucket=b"}}
+    opened = {**item, "item_id": "i2", "status": "open", "decision": None}
+    page = common.render_page("correction_queue.html", items=[item, opened], n_open=1, include_done=True, bucket="b", user="ann")
+    assert '<a class="card accepted" href="corrections/i1?bucket=b" data-item="i1">' in page
+    assert 'data-item="i2"' in page and "score <b>0.512</b> (threshold 0.80)" in page
+    assert "accepted by bob" in page and "dress&lt;1&gt;" in page
+    assert '<span id="status" role="status">1 open · 1 decided</span>' in page
+    assert '<a href="corrections?bucket=b">show open items only</a>' in page
+    empty = common.render_page("correction_queue.html", items=[], n_open=0, include_done=False, bucket="b", user="ann")
+    assert "the queue is empty" in empty and '<span id="status" role="status">0 open</span>' in empty
+    assert '<a href="corrections?bucket=b&amp;show=all">show decided items too</a>' in empty
+
+
+def test_correction_editor_page_hands_the_item_to_the_script_in_body_data():
+    page = common.render_page("correction_editor.html", item_id="i1", bucket="b", user="ann")
+    assert '<body data-item="i1" data-bucket="b">' in page
+    assert '<canvas id="editor"' in page and "Save correction" in page
+    assert "const itemId = document.body.dataset.item, bucket = document.body.dataset.bucket;" in page
+
+
+def test_dataset_index_links_each_version():
+    page = common.render_page("dataset_index.html", bucket="b", versions=["v1", "v2"])
+    assert '<a href="review/v1?bucket=b">v1</a>' in page and '<a href="review/v2?bucket=b">v2</a>' in page
+    assert "none yet" in common.render_page("dataset_index.html", bucket="b", versions=[])
+
+
+def test_names_are_validated_before_any_location_is_built():
+    with pytest.raises(HTTPException) as bad_version:
+        common.dataset_url("../x", "bgremoval")
+    assert bad_version.value.status_code == 400
+    with pytest.raises(HTTPException) as bad_bucket:
+        common.dataset_url("v1", "Not_A_Bucket")
+    assert bad_bucket.value.status_code == 400
+    assert common.dataset_url("v1", "bgremoval") == "s3://bgremoval/datasets/v1"
+    assert common.check_key("a.b-c_1") == "a.b-c_1"
+    with pytest.raises(HTTPException):
+        common.check_key("a/b")
+
+
+def test_report_route_reads_the_report_where_layout_puts_it(app, monkeypatch):
+    read = []
+    monkeypatch.setattr(reports, "current_storage_options", lambda: {})
+    monkeypatch.setattr(reports.storage, "exists", lambda url, options: url.endswith("/present/report/report.html"))
+    monkeypatch.setattr(reports.storage, "read_bytes", lambda url, options: read.append(url) or b"<p>report</p>")
+    app.dependency_overrides[common.can_read_training.dependency] = lambda: None
+    try:
+        client = TestClient(app)
+        found = client.get("/reports/v1/present?bucket=my-bucket")
+        assert found.status_code == 200 and found.text == "<p>report</p>"
+        assert read == ["s3://my-bucket/training/v1/present/report/report.html"]
+        assert client.get("/reports/v1/absent?bucket=my-bucket").status_code == 404
+        for path in ("/reports/v1/a.b?bucket=my-bucket", "/reports/.v1/r?bucket=my-bucket", "/reports/v1/r?bucket=Bad_Bucket"):
+            assert client.get(path).status_code == 422, path
+    finally:
+        app.dependency_overrides.clear()
+
+
+def test_no_html_or_script_in_python_modules():
+    for module in PLUGINS.rglob("*.py"):
+        text = module.read_text()
+        assert not re.search(r"<html|<div|<script", text), f"{module}: markup belongs in a template"
+
+
+def test_no_module_imports_a_private_name_from_another():
+    for module in PLUGINS.rglob("*.py"):
+        for node in ast.walk(ast.parse(module.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                private = [a.name for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
+                assert not private, f"{module}: imports {private} from {node.module}"

@@ -1,0 +1,51 @@
+"""The retraining DAG's rules as stage functions: which base, when to retrain, what to trigger, what to record."""
+
+from __future__ import annotations
+
+from tasks.dev.synth import SynthConfig, encode_jpeg, encode_png, render_item
+from tasks.feedback import queue
+from tasks.feedback import retraining_stages as stages
+from tasks.feedback.retraining import empty_state, read_state
+
+
+def _add(bucket_url: str, pair_id: str, at: str, origin: str = "published") -> None:
+    item = render_item(0, SynthConfig(n=1, seed=3, max_side=96))
+    meta = queue.PoolMeta(origin=origin, source_url=f"{bucket_url}/incoming/b/{pair_id}.jpg", at=at)
+    queue.add_to_pool(bucket_url, pair_id, encode_jpeg(item.image), encode_png(item.mask), meta)
+
+
+def test_the_base_dataset_is_the_requested_one_else_the_last_one_built():
+    state = {**empty_state(), "last_dataset_version": "retrain-v3"}
+    assert stages.base_dataset(" v1 ", "no-such-model", state) == "v1"
+    assert stages.base_dataset("", "no-such-model", state) == "retrain-v3"
+    assert stages.base_dataset("", "no-such-model", empty_state()) == ""
+
+
+def test_new_pairs_are_counted_by_origin_and_a_run_needs_a_base_and_enough_of_them(tmp_path):
+    bucket_url = str(tmp_path / "bucket")
+    _add(bucket_url, "p1", "2026-03-01T10:00:01.000000+00:00")
+    _add(bucket_url, "p2", "2026-03-01T10:00:02.000000+00:00", origin="corrected")
+    found = stages.find_new_pairs(bucket_url, "base-v1", "no-such-model")
+    assert found == {"n_new": 2, "until": "2026-03-01T10:00:02.000000+00:00", "base_version": "base-v1",
+                     "origins": {"published": 1, "accepted": 0, "corrected": 1}}
+    assert stages.worth_retraining(found, min_new_pairs=2)
+    assert not stages.worth_retraining(found, min_new_pairs=3)
+    assert not stages.worth_retraining({**found, "base_version": ""}, min_new_pairs=1)
+
+
+def test_the_training_request_starts_from_the_champion_on_the_new_version():
+    conf = stages.training_request({"workers": 4, "epochs": 9}, "shop", "retrain-v4", 3, "m", 320)
+    assert conf == {"workers": 4, "epochs": 3, "bucket": "shop", "dataset_version": "retrain-v4",
+                    "init_from": "champion", "registered_model": "m", "working_size": 320}
+
+
+def test_recording_a_run_moves_the_pool_cursor(tmp_path):
+    bucket_url = str(tmp_path / "bucket")
+    dataset = {"version": "retrain-v2", "base_version": "base-v1", "n_new": 2, "n_new_ok": 2, "n_quarantined": 0,
+               "last_pair_at": "2026-03-01T10:00:02.000000+00:00"}
+    recorded = stages.record_state(bucket_url, dataset, "retraining-run", "training-run")
+    assert recorded == {"last_pair_at": dataset["last_pair_at"], "last_dataset_version": "retrain-v2",
+                        "training_run": "training-run"}
+    state = read_state(bucket_url)
+    assert state["history"][-1]["training_run"] == "training-run"
+    assert state["history"][-1]["retraining_run"] == "retraining-run"
