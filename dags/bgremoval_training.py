@@ -97,12 +97,10 @@ def bgremoval_training():
 
     @task(max_active_tis_per_dagrun=4)
     def clean_shard(shard_url: str, plan: dict, params=None) -> dict:
-        from functools import partial
-
-        from tasks.serving.engines import audit_engine, probability_map
         from tasks.data.ingest import clean_shard as clean
+        from tasks.serving.engines import audit_predictor
 
-        engine, why = audit_engine(params["audit_model"], params["registered_model"], s3_storage_options())
+        predict, why = audit_predictor(params["audit_model"], params["registered_model"], s3_storage_options())
         print(f"mask audit, model check: {why}")
         return clean(
             shard_url=shard_url,
@@ -110,7 +108,7 @@ def bgremoval_training():
             batch=plan["batch"],
             config=cleaning_config(params),
             storage_options=s3_storage_options(),
-            predict=partial(probability_map, engine) if engine else None,
+            predict=predict,
         )
 
     @task(trigger_rule="none_failed_min_one_success")

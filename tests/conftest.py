@@ -17,20 +17,17 @@ from pathlib import Path
 
 import pytest
 
+from tasks.dev import stack
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 _STATE = Path(tempfile.mkdtemp(prefix="bgremoval-tests-"))
 _AIRFLOW_HOME = _STATE / "airflow"
 
 AIRFLOW_ENV = {
-    "AIRFLOW_HOME": str(_AIRFLOW_HOME),
-    "AIRFLOW__CORE__DAGS_FOLDER": str(PROJECT_ROOT / "dags"),
-    "AIRFLOW__CORE__PLUGINS_FOLDER": str(PROJECT_ROOT / "plugins"),
-    "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-    "AIRFLOW__CORE__PARALLELISM": "4",
+    **stack.airflow_environment(_AIRFLOW_HOME),
     "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
-    "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{_AIRFLOW_HOME / 'airflow.db'}",
-    "AIRFLOW__OPERATORS__DEFAULT_DEFERRABLE": "True",
     "AIRFLOW__LOGGING__LOGGING_LEVEL": "WARNING",
+    "AIRFLOW__BGREMOVAL__BUCKETS": "t-*",  # the pages serve the tests' fresh buckets (s3_bucket)
     "BGREMOVAL_STATE": str(_STATE / "stack"),
     "MLFLOW_TRACKING_URI": f"sqlite:///{_STATE / 'mlflow.db'}",
     "BGREMOVAL_MLFLOW_ARTIFACTS": str(_STATE / "mlflow-artifacts"),
@@ -72,8 +69,6 @@ def pytest_sessionfinish(session, exitstatus):
 @pytest.fixture(scope="session")
 def moto_endpoint():
     """A real ``moto_server`` on a free loopback port for the whole session; yields its URL."""
-    from tasks.dev import stack
-
     port = stack.free_port()
     paths = stack.StackPaths(_STATE / "moto")
     proc = stack.start_process(paths, "moto", [stack.venv_bin("moto_server"), "-H", "127.0.0.1", "-p", str(port)], dict(os.environ))
@@ -91,7 +86,6 @@ def s3_bucket(moto_endpoint, monkeypatch):
 
     Also points the environment (boto, the CLI and Airflow's ``aws_default`` connection) at it.
     """
-    from tasks.dev import stack
     from tasks.core import storage
 
     env = moto_connection_env(moto_endpoint)
@@ -106,8 +100,6 @@ def s3_bucket(moto_endpoint, monkeypatch):
 @pytest.fixture(scope="session")
 def airflow_db():
     """Migrate the session's SQLite Airflow metadata database once; yields AIRFLOW_HOME."""
-    from tasks.dev import stack
-
     result = subprocess.run(
         [stack.venv_bin("airflow"), "db", "migrate"], env=dict(os.environ), capture_output=True, text=True
     )
@@ -117,8 +109,6 @@ def airflow_db():
 
 def moto_connection_env(endpoint: str) -> dict[str, str]:
     """Environment variables that point boto, the CLI and ``aws_default`` at a moto endpoint."""
-    from tasks.dev import stack
-
     env = stack.stack_environment(stack.StackPaths(_STATE / "stack"), int(endpoint.rsplit(":", 1)[1]))
     keys = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "AIRFLOW_CONN_AWS_DEFAULT")
     return {k: env[k] for k in keys}
@@ -130,15 +120,11 @@ def api_server(airflow_db, moto_endpoint):
 
     Yields its base URL. No scheduler runs: DAG runs are executed by ``airflow dags test``.
     """
-    from tasks.dev import stack
-
     port = stack.free_port()
     env = {
         **os.environ,
         **moto_connection_env(moto_endpoint),
-        "AIRFLOW__API__PORT": str(port),
-        "AIRFLOW__API__HOST": "127.0.0.1",
-        "AIRFLOW__API__BASE_URL": f"http://127.0.0.1:{port}",
+        **stack.api_server_environment(port),
     }
     paths = stack.StackPaths(_STATE / "api")
     proc = stack.start_process(paths, "api-server", [stack.venv_bin("airflow"), "api-server", "--port", str(port)], env)

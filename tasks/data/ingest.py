@@ -21,13 +21,16 @@ import posixpath
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
 from tasks.data.mask_audit import audit_pair
 from tasks.core import layout, storage
-from tasks.data.cleaning import CleaningConfig, Reason, Rejected, clean_pair, encode_clean_pair, pair_files, safe_stem, sha256
+from tasks.data.cleaning import (
+    CleanPair, CleaningConfig, Reason, Rejected, clean_pair, encode_clean_pair, pair_files, safe_stem, sha256,
+)
 from tasks.core.manifest import (
     PAIRS_PER_SHARD,
     MANIFEST_COLUMNS,
@@ -155,52 +158,70 @@ def _audit_reasons(pair, config: CleaningConfig, predict: Predict | None) -> tup
     return audit_pair(pair.image, pair.mask, probability=probability).reasons
 
 
-def _clean_one(row: dict, batch: str, dataset_url: str, config: CleaningConfig, storage_options: dict | None,
-               predict: Predict | None = None) -> dict:
-    """Clean one pair end to end; never raises: failures become a quarantined row."""
-    out = {
-        "stem": row["stem"],
-        "key": row["key"],
-        "batch": batch,
-        "image_source": row["image_source"],
-        "mask_source": row["mask_source"],
-    }
+@dataclass(frozen=True)
+class ReadAndCleaned:
+    """One pair read from storage and cleaned in memory: its manifest row and, when clean, its files."""
+
+    #: Provenance, hashes and either the clean columns (``status`` ok) or the quarantine reason.
+    row: dict
+    #: The cleaned pair (None when quarantined).
+    pair: CleanPair | None = None
+    #: The clean image (JPEG) and mask (PNG), encoded for the dataset (None when quarantined).
+    image_data: bytes | None = None
+    mask_data: bytes | None = None
+
+
+def read_and_clean(row: dict, config: CleaningConfig, storage_options: dict | None = None) -> ReadAndCleaned:
+    """Read ``row``'s ``image_source``/``mask_source``, clean and encode the pair; never raises.
+
+    ``row`` holds the provenance columns (``stem``, ``key``, ``batch``, ``image_source``,
+    ``mask_source``). An unreadable object, a rejected pair or an unforeseen decoder failure gives
+    a quarantined row, so one bad pair never stops a batch. Nothing is written.
+    """
     try:
         image_bytes = storage.read_bytes(row["image_source"], storage_options)
         mask_bytes = storage.read_bytes(row["mask_source"], storage_options)
     except Exception as exc:  # a vanished or unreadable object quarantines one pair, not the batch
-        return {**out, "status": STATUS_QUARANTINED, "reason": Reason.READ_ERROR.value, "detail": repr(exc)[:500]}
-    out.update(image_sha256=sha256(image_bytes), mask_sha256=sha256(mask_bytes), image_bytes=len(image_bytes))
+        return ReadAndCleaned(quarantined(row, Reason.READ_ERROR, repr(exc)[:500]))
+    row = {**row, "image_sha256": sha256(image_bytes), "mask_sha256": sha256(mask_bytes),
+           "image_bytes": len(image_bytes)}
     try:
         pair = clean_pair(image_bytes, mask_bytes, config)
         image_data, mask_data = encode_clean_pair(pair, config.jpeg_quality)
-        image_url, mask_url = clean_urls(dataset_url, row["key"])
-        storage.write_bytes(image_url, image_data, storage_options)
-        storage.write_bytes(mask_url, mask_data, storage_options)
     except Rejected as rejected:
-        return {**out, "status": STATUS_QUARANTINED, "reason": rejected.reason.value, "detail": rejected.detail}
+        return ReadAndCleaned(quarantined(row, rejected.reason, rejected.detail))
     except Exception as exc:  # an unforeseen decoder failure must not stop the batch
         log.exception("internal error while cleaning %s", row["stem"])
-        return {**out, "status": STATUS_QUARANTINED, "reason": Reason.INTERNAL_ERROR.value, "detail": repr(exc)[:500]}
+        return ReadAndCleaned(quarantined(row, Reason.INTERNAL_ERROR, repr(exc)[:500]))
     height, width = pair.mask.shape
-    reasons = _audit_reasons(pair, config, predict)
-    return {
-        **out,
-        "orig_width": pair.orig_width,
-        "orig_height": pair.orig_height,
-        "width": width,
-        "height": height,
-        "fg_fraction": pair.fg_fraction,
-        "ambiguous_fraction": pair.ambiguous_fraction,
-        "conversions": ",".join(pair.conversions),
-        "image_url": image_url,
-        "mask_url": mask_url,
-        "status": STATUS_OK,
-        "reason": "",
-        "detail": "",
-        "audit_reasons": ",".join(reasons),
-        "audit_decision": "",
-    }
+    row.update(orig_width=pair.orig_width, orig_height=pair.orig_height, width=width, height=height,
+               fg_fraction=pair.fg_fraction, ambiguous_fraction=pair.ambiguous_fraction,
+               conversions=",".join(pair.conversions), status=STATUS_OK, reason="", detail="")
+    return ReadAndCleaned(row, pair, image_data, mask_data)
+
+
+def quarantined(row: dict, reason: Reason, detail: str) -> dict:
+    """Return ``row`` marked quarantined with ``reason`` and ``detail``."""
+    return {**row, "status": STATUS_QUARANTINED, "reason": reason.value, "detail": detail}
+
+
+def _clean_one(row: dict, batch: str, dataset_url: str, config: CleaningConfig, storage_options: dict | None,
+               predict: Predict | None = None) -> dict:
+    """Clean one pair end to end; never raises: failures become a quarantined row."""
+    provenance = {key: row[key] for key in ("stem", "key", "image_source", "mask_source")}
+    cleaned = read_and_clean({**provenance, "batch": batch}, config, storage_options)
+    if cleaned.pair is None:
+        return cleaned.row
+    image_url, mask_url = clean_urls(dataset_url, row["key"])
+    try:
+        storage.write_bytes(image_url, cleaned.image_data, storage_options)
+        storage.write_bytes(mask_url, cleaned.mask_data, storage_options)
+    except Exception as exc:  # a failed write quarantines one pair, not the batch
+        log.exception("could not write the clean pair of %s", row["stem"])
+        return quarantined(cleaned.row, Reason.INTERNAL_ERROR, repr(exc)[:500])
+    reasons = _audit_reasons(cleaned.pair, config, predict)
+    return {**cleaned.row, "image_url": image_url, "mask_url": mask_url,
+            "audit_reasons": ",".join(reasons), "audit_decision": ""}
 
 
 def clean_shard(

@@ -191,28 +191,45 @@ def stack_environment(paths: StackPaths, s3_port: int, api_port: int | None = No
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
         "BGREMOVAL_STATE": str(paths.root),
         "BGREMOVAL_BUCKET": bucket,
+        "AIRFLOW__BGREMOVAL__BUCKET": bucket,
         "AWS_ACCESS_KEY_ID": S3_KEY,
         "AWS_SECRET_ACCESS_KEY": S3_SECRET,
         "AWS_DEFAULT_REGION": S3_REGION,
         "AWS_ENDPOINT_URL": endpoint,
-        "AIRFLOW_HOME": str(paths.airflow_home),
-        "AIRFLOW__CORE__DAGS_FOLDER": str(PROJECT_ROOT / "dags"),
-        "AIRFLOW__CORE__PLUGINS_FOLDER": str(PROJECT_ROOT / "plugins"),
-        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-        "AIRFLOW__CORE__PARALLELISM": "4",
+        **airflow_environment(paths.airflow_home),
         "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
-        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{paths.airflow_home / 'airflow.db'}",
-        "AIRFLOW__OPERATORS__DEFAULT_DEFERRABLE": "True",
         "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin,reviewer:op",
         "AIRFLOW_CONN_AWS_DEFAULT": json.dumps(aws_conn),
         "MLFLOW_TRACKING_URI": f"sqlite:///{paths.mlflow / 'mlflow.db'}",
         "BGREMOVAL_MLFLOW_ARTIFACTS": str(paths.mlflow / "artifacts"),
     }
     if api_port:
-        env["AIRFLOW__API__PORT"] = str(api_port)
-        env["AIRFLOW__API__HOST"] = "127.0.0.1"
-        env["AIRFLOW__API__BASE_URL"] = f"http://127.0.0.1:{api_port}"
+        env.update(api_server_environment(api_port))
     return env
+
+
+def airflow_environment(airflow_home: Path) -> dict[str, str]:
+    """The Airflow settings every local Airflow of this project shares (the stack's, the tests'):
+    its home and SQLite database, this project's DAGs and plugins, no examples, parallelism 4,
+    deferrable operators."""
+    return {
+        "AIRFLOW_HOME": str(airflow_home),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(PROJECT_ROOT / "dags"),
+        "AIRFLOW__CORE__PLUGINS_FOLDER": str(PROJECT_ROOT / "plugins"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__CORE__PARALLELISM": "4",
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{airflow_home / 'airflow.db'}",
+        "AIRFLOW__OPERATORS__DEFAULT_DEFERRABLE": "True",
+    }
+
+
+def api_server_environment(port: int) -> dict[str, str]:
+    """The settings that make ``airflow api-server`` listen on loopback ``port`` and build its links."""
+    return {
+        "AIRFLOW__API__PORT": str(port),
+        "AIRFLOW__API__HOST": "127.0.0.1",
+        "AIRFLOW__API__BASE_URL": f"http://127.0.0.1:{port}",
+    }
 
 
 def write_env_file(paths: StackPaths, env: dict[str, str]) -> None:

@@ -62,11 +62,11 @@ import pandas as pd
 from tasks.core import layout, storage
 from tasks.feedback.config import RetrainingConfig
 from tasks.core.codecs import decode_pair
-from tasks.data.cleaning import CleaningConfig, Reason, Rejected, clean_pair, encode_clean_pair, safe_stem, sha256
+from tasks.data.cleaning import CleaningConfig, Reason, safe_stem
 from tasks.data.clustering import FEATURE_WEIGHTS
 from tasks.feedback.queue import list_pool, now_iso
 from tasks.data.features import FEATURE_NAMES, pair_features
-from tasks.data.ingest import clean_urls
+from tasks.data.ingest import clean_urls, read_and_clean
 from tasks.core.manifest import (
     MANIFEST_COLUMNS,
     QUARANTINE_COLUMNS,
@@ -359,49 +359,17 @@ def _clean_pool_pair(pair: dict, config: CleaningConfig, storage_options: dict |
     for a clean pair.
     """
     pair_id = str(pair["pair_id"])
-    row = {
-        "stem": pair_id,
-        "key": safe_stem(pair_id),
-        "batch": POOL_BATCH,
-        "image_source": pair["image_url"],
-        "mask_source": pair["mask_url"],
-    }
+    cleaned = read_and_clean({"stem": pair_id, "key": safe_stem(pair_id), "batch": POOL_BATCH,
+                              "image_source": pair["image_url"], "mask_source": pair["mask_url"]},
+                             config, storage_options)
+    if cleaned.pair is None:
+        return cleaned.row
     try:
-        image_bytes = storage.read_bytes(pair["image_url"], storage_options)
-        mask_bytes = storage.read_bytes(pair["mask_url"], storage_options)
-    except Exception as exc:  # a vanished pool object quarantines one pair, not the run
-        return {**row, "status": STATUS_QUARANTINED, "reason": Reason.READ_ERROR.value, "detail": repr(exc)[:500]}
-    row.update(image_sha256=sha256(image_bytes), mask_sha256=sha256(mask_bytes), image_bytes=len(image_bytes))
-    try:
-        clean = clean_pair(image_bytes, mask_bytes, config)
-        image_data, mask_data = encode_clean_pair(clean, config.jpeg_quality)
-    except Rejected as rejected:
-        return {**row, "status": STATUS_QUARANTINED, "reason": rejected.reason.value, "detail": rejected.detail}
-    except Exception as exc:  # an unforeseen decoder failure must not stop the run
-        log.exception("internal error while cleaning pool pair %s", pair_id)
-        return {**row, "status": STATUS_QUARANTINED, "reason": Reason.INTERNAL_ERROR.value, "detail": repr(exc)[:500]}
-    try:
-        features = pair_features(clean.image, clean.mask)
+        features = pair_features(cleaned.pair.image, cleaned.pair.mask)
     except ValueError as exc:
         log.warning("features of pool pair %s: %r", pair_id, exc)
         features = None
-    height, width = clean.mask.shape
-    return {
-        **row,
-        "orig_width": clean.orig_width,
-        "orig_height": clean.orig_height,
-        "width": width,
-        "height": height,
-        "fg_fraction": clean.fg_fraction,
-        "ambiguous_fraction": clean.ambiguous_fraction,
-        "conversions": ",".join(clean.conversions),
-        "status": STATUS_OK,
-        "reason": "",
-        "detail": "",
-        "_image": image_data,
-        "_mask": mask_data,
-        "_features": features,
-    }
+    return {**cleaned.row, "_image": cleaned.image_data, "_mask": cleaned.mask_data, "_features": features}
 
 
 def _quarantine(row: dict, reason: Reason, detail: str) -> dict:

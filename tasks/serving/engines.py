@@ -13,10 +13,12 @@ background-removal pipeline is :mod:`tasks.serving.pipeline`.
 
 from __future__ import annotations
 
+import functools
 import os
 import posixpath
 import tempfile
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 
 import numpy as np
 
@@ -32,6 +34,7 @@ __all__ = [
     "OnnxEngine",
     "TorchEngine",
     "audit_engine",
+    "audit_predictor",
     "available_cores",
     "default_model",
     "load_engine",
@@ -314,6 +317,17 @@ def audit_engine(reference: str, registered_name: str = registry.DEFAULT_MODEL_N
     else:
         source, why = reference, reference
     return load_engine(source, storage_options), why
+
+
+def audit_predictor(reference: str, registered_name: str = registry.DEFAULT_MODEL_NAME,
+                    storage_options: dict | None = None) -> tuple[Callable[[np.ndarray], np.ndarray] | None, str]:
+    """The mask audit's model check as cleaning takes it: ``(photo → probability map, or None; why)``.
+
+    The model is :func:`audit_engine`'s choice for ``reference``; the function is
+    :func:`probability_map` on it.
+    """
+    engine, why = audit_engine(reference, registered_name, storage_options)
+    return (functools.partial(probability_map, engine) if engine else None), why
 
 
 def _local_copy(url: str, storage_options: dict | None) -> str:

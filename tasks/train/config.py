@@ -31,7 +31,7 @@ RESUME_FREE_FIELDS: frozenset[str] = frozenset(
     {
         "epochs", "num_workers", "mlflow_enabled", "mlflow_tracking_uri", "mlflow_experiment",
         "mlflow_run_name", "mlflow_artifact_location", "log_system_metrics", "tensorboard", "cache_dir",
-        "storage_options", "fail_after_epoch", "fail_rank", "max_steps_per_epoch", "batch_size_start", "device",
+        "storage_options", "max_steps_per_epoch", "batch_size_start", "device",
     }
 )
 
@@ -97,9 +97,7 @@ class TrainConfig:
 
     Tests:
         max_steps_per_epoch: stop each epoch after this many steps (None: the whole epoch).
-        fail_after_epoch / fail_rank: FAULT INJECTION for tests only — the process with rank
-            ``fail_rank`` calls ``os._exit(1)`` right after the checkpoint of epoch
-            ``fail_after_epoch`` is written. Never set these in production.
+        (A killed worker is simulated by :mod:`tasks.train.faults`, from the environment, not here.)
     """
 
     dataset_url: str
@@ -138,8 +136,6 @@ class TrainConfig:
     log_system_metrics: bool = True
     tensorboard: bool = True
     max_steps_per_epoch: int | None = None
-    fail_after_epoch: int | None = None
-    fail_rank: int = 1
 
     def __post_init__(self) -> None:
         key = "".join(c for c in str(self.model).lower() if c not in "-_ ")

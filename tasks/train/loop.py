@@ -55,6 +55,7 @@ from tasks.train.checkpoint import (
 )
 from tasks.train.collectives import Collectives, RankInfo, default_collectives
 from tasks.train.config import RESUME_FREE_FIELDS, TrainConfig
+from tasks.train.faults import exit_if_asked
 from tasks.train.data import ClusterBalancedDistributedSampler, SegmentationDataset, ShardSampler, prepare_split
 from tasks.train.losses import segmentation_loss
 
@@ -74,7 +75,7 @@ log = logging.getLogger(__name__)
 #: Metric names logged to MLflow every epoch (step = epoch number, starting at 1).
 EPOCH_METRICS = ("train_loss", "val_loss", "val_iou", "lr", "epoch_seconds", "train_images_per_s")
 # Config fields never logged or written out (credentials, test hooks).
-_PRIVATE_FIELDS = ("storage_options", "fail_after_epoch", "fail_rank")
+_PRIVATE_FIELDS = ("storage_options",)
 
 
 @dataclass
@@ -636,10 +637,7 @@ def train(config: TrainConfig, rank_info: RankInfo | None = None) -> TrainResult
                          metrics.images_per_s)
             coll.barrier()
             epochs_run += 1
-            if config.fail_after_epoch == epoch and info.rank == config.fail_rank:
-                # FAULT INJECTION (tests only): die like a killed worker, after the checkpoint.
-                logging.shutdown()
-                os._exit(1)
+            exit_if_asked(epoch, info.rank)
 
         state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         digest = state_dict_sha256(state)

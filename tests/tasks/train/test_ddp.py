@@ -11,6 +11,7 @@ import torch
 
 from tasks.train.checkpoint import load_checkpoint, state_dict_sha256
 from tasks.train.ddp import launch_local
+from tasks.train.faults import kill_env
 
 pytestmark = pytest.mark.process
 
@@ -54,7 +55,7 @@ def test_a_killed_worker_fails_the_run_and_the_next_launch_resumes(
         two_split_dataset, tiny_config, val_iou_of, tmp_path) -> None:
     # amp="auto": bf16 autocast on a CPU with native bf16, float32 elsewhere.
     with pytest.raises(RuntimeError, match=r"torchrun \(2 workers\) exited with status") as failure:
-        launch_local(tiny_config("ddp-test", epochs=3, fail_after_epoch=1, fail_rank=1), nproc=2, timeout_s=240)
+        launch_local(tiny_config("ddp-test", epochs=3), nproc=2, timeout_s=240, env=kill_env(after_epoch=1, rank=1))
     assert "log tail" in str(failure.value)
     checkpoint = load_checkpoint(str(tmp_path / "run" / "checkpoint.pt"))
     assert checkpoint["epoch"] == 1

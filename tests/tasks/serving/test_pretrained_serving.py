@@ -16,7 +16,7 @@ from PIL import Image
 
 from tasks.cli.main import main
 from tasks.model.export import read_onnx_metadata
-from tasks.serving.engines import OnnxEngine, audit_engine, default_model, load_engine, probability_map
+from tasks.serving.engines import OnnxEngine, audit_engine, audit_predictor, default_model, load_engine, probability_map
 from tasks.serving.pipeline import InferenceConfig, remove_backgrounds
 from tasks.model.pretrained import find_pretrained_onnx
 from tasks.registry import choose_start
@@ -122,6 +122,9 @@ def test_the_audit_model_and_its_probability_map(published, tmp_path, monkeypatc
     assert 0.0 <= probability.min() and probability.max() <= 1.0
     truth, predicted = item.mask > 127, probability > 0.5
     assert (truth & predicted).sum() / (truth | predicted).sum() > 0.8  # it finds the product
+    predict, why_too = audit_predictor("auto", "no-such-model")
+    assert why_too == why and np.array_equal(predict(item.image), probability)
+    assert audit_predictor("none") == (None, "no model check (audit_model=none)")
     for variable in ("HOME", "U2NET_HOME", "BGREMOVAL_PRETRAINED_DIR"):  # a machine without the file
         monkeypatch.setenv(variable, str(tmp_path / "nothing"))
     assert audit_engine("auto", "no-such-model")[0] is None  # nothing to check with: structural checks only

@@ -141,7 +141,7 @@ def test_accept_correct_reject_and_the_pool(bucket):
     [
         ("corrected", "small", "upload", "same size"),
         ("corrected", "empty", "brush", "empty"),
-        ("corrected", "junk", "upload", "does not decode"),
+        ("corrected", "junk", "upload", "not a PNG"),
         ("corrected", None, "upload", "needs the corrected mask"),
         ("corrected", "good", "predicted", "mask_source"),
         ("accepted", "good", None, "only with 'corrected'"),

@@ -34,7 +34,7 @@ def _pids(state: Path) -> dict[str, int]:
 
 def test_project_root_holds_the_dags_and_plugins_the_stack_serves():
     # the stack points Airflow at PROJECT_ROOT/dags and /plugins: a wrong root serves no DAG at all
-    assert stack.PROJECT_ROOT == Path(__file__).resolve().parents[2]
+    assert stack.PROJECT_ROOT == Path(__file__).resolve().parents[3]
     assert (stack.PROJECT_ROOT / "dags" / "bgremoval_training.py").is_file()
     assert (stack.PROJECT_ROOT / "plugins" / "bgremoval_airflow").is_dir()
 
