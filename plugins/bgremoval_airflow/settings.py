@@ -2,10 +2,16 @@
 
 ``[bgremoval] bucket`` (or the environment variable ``AIRFLOW__BGREMOVAL__BUCKET``) names the bucket
 that holds the storage layout (:mod:`tasks.core.layout`); the DAGs' Asset URIs, the ``bucket``
-parameter's default and the pages' default bucket all come from it.
+parameter's default and the pages' default bucket all come from it. ``[bgremoval] buckets``
+(``AIRFLOW__BGREMOVAL__BUCKETS``, comma-separated names or ``fnmatch`` patterns such as
+``studio-*``) names further buckets the web pages may show; a page asked for any other bucket
+answers 400, so nobody can read or write another bucket through the
+server's credentials.
 """
 
 from __future__ import annotations
+
+import fnmatch
 
 from tasks.core import layout
 
@@ -22,3 +28,17 @@ def api_base_url() -> str:
     from airflow.configuration import conf
 
     return conf.get("api", "base_url", fallback="").rstrip("/")
+
+
+def served_buckets() -> tuple[str, ...]:
+    """The buckets the web pages may show: :func:`configured_bucket`, then the names and patterns of
+    ``[bgremoval] buckets``."""
+    from airflow.configuration import conf
+
+    extra = conf.get("bgremoval", "buckets", fallback="") or ""
+    return (configured_bucket(), *(name.strip() for name in extra.split(",") if name.strip()))
+
+
+def is_served_bucket(bucket: str) -> bool:
+    """Whether the web pages may show ``bucket`` (:func:`served_buckets`; patterns as ``fnmatch``)."""
+    return any(fnmatch.fnmatchcase(bucket, allowed) for allowed in served_buckets())

@@ -3,7 +3,9 @@
 Decoding: :func:`decode_image` (photo bytes → upright RGB, EXIF orientation applied, Pillow as a
 fallback for formats OpenCV lacks), :func:`read_image` / :func:`read_mask` (a URL → RGB / grey,
 OpenCV only, no orientation: labelled pairs are stored upright), :func:`decode_pair` (a clean
-pair's bytes → RGB image and grey mask). Encoding: :func:`encode_jpeg` (RGB → JPEG at a
+pair's bytes → RGB image and grey mask), :func:`image_size` (width and height from the header, no
+pixel decoded) and :func:`decode_mask_file` (an uploaded mask → 0/255, its format and size checked
+from the header before any pixel is decoded). Encoding: :func:`encode_jpeg` (RGB → JPEG at a
 quality), :func:`encode_png` (a single-channel mask → 8-bit grayscale PNG) and :func:`encode`
 (an OpenCV ``imencode`` with explicit params, ``ValueError`` when it fails).
 """
@@ -19,10 +21,13 @@ from tasks.core import storage
 
 __all__ = [
     "decode_image",
+    "decode_mask_file",
     "decode_pair",
     "encode",
     "encode_jpeg",
     "encode_png",
+    "ImageTooLarge",
+    "image_size",
     "read_image",
     "read_mask",
 ]
@@ -43,12 +48,21 @@ _ORIENT = {  # EXIF orientation → numpy op giving the upright image (as PIL.Im
 }
 
 
-def decode_image(data: bytes) -> np.ndarray:
+def _orientation(image) -> int:
+    """The EXIF orientation (1 when absent or unreadable: a corrupt EXIF block is ignored, not fatal)."""
+    try:
+        return int(image.getexif().get(0x0112, 1) or 1)
+    except Exception:  # Pillow raises several types for malformed EXIF
+        return 1
+
+
+def decode_image(data: bytes, max_pixels: int | None = None) -> np.ndarray:
     """Decode image bytes to an upright ``H×W×3`` RGB ``uint8`` array.
 
     The EXIF orientation is read with Pillow and applied as ``PIL.ImageOps.exif_transpose``
     would; pixels are decoded by OpenCV (faster), or by Pillow for formats OpenCV cannot read.
-    Raises ``ValueError`` with a reason for empty or undecodable data.
+    Raises ``ValueError`` with a reason for empty or undecodable data, and, before any pixel is
+    decoded, for an image whose header claims more than ``max_pixels`` pixels.
     """
     from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -56,13 +70,18 @@ def decode_image(data: bytes) -> np.ndarray:
         raise ValueError("empty file")
     try:
         with Image.open(io.BytesIO(data)) as im:
-            orientation = int(im.getexif().get(0x0112, 1) or 1)
+            if max_pixels is not None and im.width * im.height > max_pixels:
+                raise ValueError(f"image too large: {im.width}x{im.height} is {im.width * im.height / 1e6:.1f} "
+                                 f"megapixels, over the limit of {max_pixels / 1e6:g}")
+            orientation = _orientation(im)
             image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
             if image is None:  # a format OpenCV lacks: let Pillow decode it
                 return np.ascontiguousarray(np.asarray(ImageOps.exif_transpose(im).convert("RGB")))
     except UnidentifiedImageError:
         raise ValueError("not an image (unrecognised format)") from None
-    except (OSError, SyntaxError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError as exc:
+        raise ValueError(f"image too large: {exc}") from None
+    except (OSError, SyntaxError) as exc:
         raise ValueError(f"cannot decode image: {exc}") from None
     if image.ndim != 3 or image.shape[0] == 0 or image.shape[1] == 0:
         raise ValueError(f"cannot decode image (shape {image.shape})")
@@ -97,6 +116,72 @@ def decode_pair(image_bytes: bytes, mask_bytes: bytes) -> tuple[np.ndarray, np.n
     if image is None or mask is None:
         raise ValueError(f"{'image' if image is None else 'mask'} could not be decoded")
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB), mask
+
+
+class ImageTooLarge(ValueError):
+    """An image whose header claims more pixels than Pillow's decompression-bomb limit."""
+
+
+def image_size(data: bytes, formats: tuple[str, ...] | None = None) -> tuple[int, int]:
+    """``(width, height)`` read from the file's header: no pixel is decoded, so a small file that
+    claims a huge image costs nothing. ``formats`` limits the accepted formats (Pillow's names,
+    e.g. ``("PNG",)``). Raises :class:`ImageTooLarge` beyond Pillow's decompression-bomb limit
+    (``2 × PIL.Image.MAX_IMAGE_PIXELS``) and ``ValueError`` for empty data or anything else that
+    is not such an image."""
+    import warnings
+
+    from PIL import Image, UnidentifiedImageError
+
+    what = "/".join(formats) if formats else "an image"
+    if not data:
+        raise ValueError(f"the file is empty (0 bytes), not {what}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data), formats=list(formats) if formats else None) as image:
+                return image.size
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLarge(str(exc)) from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        raise ValueError(f"the file is not {what}") from None
+
+
+def decode_mask_file(data: bytes, size: tuple[int, int], max_bytes: int, reference: str = "the photo") -> np.ndarray:
+    """Decode an uploaded mask PNG to an ``H×W`` ``uint8`` array of 0/255, checking first, from the
+    header, that it is at most ``max_bytes``, a PNG and exactly ``size`` (``(width, height)``).
+
+    Greyscale, RGB (its grey value) and 16-bit (the top byte) masks are accepted; a not fully
+    opaque alpha channel is the mask (a cut-out). Pixels at or above half intensity become 255.
+    Raises ``ValueError`` saying what is wrong (``reference`` names what the mask belongs to);
+    nothing is decoded for a file of the wrong size.
+    """
+    from PIL import Image
+
+    if len(data) > max_bytes:
+        raise ValueError(f"the mask file is larger than {max_bytes / 2**20:g} MiB")
+    try:
+        width, height = image_size(data, ("PNG",))
+    except ImageTooLarge:
+        raise ValueError(f"the mask is far larger than {reference} ({size[0]}x{size[1]} pixels)") from None
+    except ValueError:
+        raise ValueError("the mask file is not a PNG image") from None
+    if (width, height) != tuple(size):
+        raise ValueError(f"the mask is {width}x{height} pixels but {reference} is {size[0]}x{size[1]}: "
+                         "they must be the same size")
+    try:
+        with Image.open(io.BytesIO(data), formats=["PNG"]) as image:
+            image.load()
+            if image.mode in ("LA", "RGBA", "PA") or "transparency" in image.info:
+                alpha = np.asarray(image.convert("RGBA"))[..., 3]
+                if alpha.min() < 255:
+                    return np.where(alpha >= 128, 255, 0).astype(np.uint8)
+            if image.mode.startswith("I"):
+                grey = (np.asarray(image).astype(np.int64) >> 8).clip(0, 255)
+            else:
+                grey = np.asarray(image.convert("L"))
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ValueError(f"the PNG does not decode: {exc}") from None
+    return np.where(grey >= 128, 255, 0).astype(np.uint8)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -11,6 +11,11 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from tasks.core.limits import MAX_PIXELS
+
+#: The largest corrected mask a reviewer may upload for a flagged pair.
+MAX_FIXED_MASK_BYTES = 20 * 2**20
+
 __all__ = ["AugmentConfig", "CleaningConfig", "ClusteringConfig", "SplitConfig"]
 
 
@@ -24,7 +29,7 @@ class CleaningConfig:
     """
 
     working_size: int = 320
-    max_pixels: int = 50_000_000
+    max_pixels: int = MAX_PIXELS
     min_side: int = 32
     mask_threshold: int = 128
     ambiguous_band: tuple[int, int] = (16, 240)

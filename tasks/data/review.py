@@ -15,11 +15,9 @@ flagged pair with a ``mask`` correction in the same log: ``keep`` (the mask is f
 
 from __future__ import annotations
 
-import io
 import json
 import re
 import threading
-import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -28,6 +26,8 @@ import numpy as np
 import pandas as pd
 
 from tasks.core import layout, storage
+from tasks.core.codecs import decode_mask_file
+from tasks.data.config import MAX_FIXED_MASK_BYTES
 from tasks.core.manifest import (
     AUDIT_EXCLUDE,
     AUDIT_FIXED,
@@ -47,7 +47,6 @@ MASK_DECISIONS = ("keep", "exclude", "fix")
 #: ``mask`` decision -> the manifest's ``audit_decision``.
 _AUDIT_DECISION = {"keep": AUDIT_KEEP, "exclude": AUDIT_EXCLUDE, "fix": AUDIT_FIXED}
 #: Largest corrected mask file accepted by :func:`save_fixed_mask`.
-MAX_FIXED_MASK_BYTES = 20 * 2**20
 _NAME_PATTERN = re.compile(r"^[\w][\w &/+.,'()-]{0,59}$")
 _write_lock = threading.Lock()
 
@@ -247,37 +246,10 @@ def record_correction(
 
 def _mask_array(png_bytes: bytes, size: tuple[int, int]) -> np.ndarray:
     """Check an uploaded mask's format and size from its header, then decode it to 0/255."""
-    from PIL import Image, UnidentifiedImageError
-
-    if len(png_bytes) > MAX_FIXED_MASK_BYTES:
-        raise CorrectionError(f"the mask file is larger than {MAX_FIXED_MASK_BYTES // 2**20} MiB")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(png_bytes), formats=["PNG"])  # reads the header only
-    except Image.DecompressionBombError:
-        raise CorrectionError(f"the mask is far larger than the clean pair ({size[0]}x{size[1]} pixels)") from None
-    except (UnidentifiedImageError, OSError, SyntaxError):
-        raise CorrectionError("the mask file is not a PNG image") from None
-    with image:
-        if image.size != tuple(size):
-            raise CorrectionError(
-                f"the mask is {image.size[0]}x{image.size[1]} pixels but the clean pair is {size[0]}x{size[1]}: "
-                "they must be the same size"
-            )
-        try:
-            image.load()
-        except (OSError, SyntaxError, ValueError) as exc:
-            raise CorrectionError(f"the PNG does not decode: {exc}") from None
-        if image.mode in ("LA", "RGBA", "PA") or "transparency" in image.info:
-            alpha = np.asarray(image.convert("RGBA"))[..., 3]
-            if alpha.min() < 255:  # a cut-out: its transparency is the mask
-                return np.where(alpha >= 128, 255, 0).astype(np.uint8)
-        if image.mode.startswith("I"):  # 16-bit greyscale: keep the top byte
-            grey = (np.asarray(image).astype(np.int64) >> 8).clip(0, 255)
-        else:
-            grey = np.asarray(image.convert("L"))
-    return np.where(grey >= 128, 255, 0).astype(np.uint8)
+        return decode_mask_file(png_bytes, size, MAX_FIXED_MASK_BYTES, reference="the clean pair")
+    except ValueError as exc:
+        raise CorrectionError(str(exc)) from None
 
 
 def save_fixed_mask(

@@ -6,6 +6,10 @@ from dataclasses import asdict, dataclass
 
 from tasks.data.config import CleaningConfig
 
+#: The largest mask file a correction or the retraining pool takes (a binary PNG of a 100-megapixel
+#: photo is far smaller); the web pages refuse larger uploads with this figure too.
+MAX_MASK_BYTES = 25 * 2**20
+
 __all__ = ["RetrainingConfig"]
 
 

@@ -120,7 +120,9 @@ def process_shard(bucket_url: str, batch: str, shard_url: str, model_uri: str, c
     Returns ``{"shard", "images", "published", "queued", "failed", "threshold", "threshold_source",
     "scores": [...], "failed_url"}`` (scores rounded; no pixels).
     """
-    from tasks.feedback.queue import PoolMeta, QueueItem, add_to_pool, enqueue, make_item_id, prepare_pair
+    from tasks.feedback.queue import (
+        CorrectionsError, PoolMeta, QueueItem, add_to_pool, enqueue, make_item_id, prepare_pair,
+    )
     from tasks.serving.engines import load_engine
     from tasks.serving.pipeline import InferenceConfig, iter_remove_backgrounds, write_outputs
 
@@ -139,26 +141,32 @@ def process_shard(bucket_url: str, batch: str, shard_url: str, model_uri: str, c
             continue
         score = float(result.score)
         scores.append(round(score, 4))
-        try:
-            original = result.source_bytes
-            item_id = make_item_id(batch, result.stem)
-            if score >= threshold:
+        item_id = make_item_id(batch, result.stem)
+        publish = score >= threshold
+        try:  # the image's own work: any failure is this image's, recorded, and the shard goes on
+            image_jpeg, mask_png = prepare_pair(result.source_bytes, result.mask_png,
+                                                max_side=None if publish else config.review_max_side)
+        except Exception as exc:
+            counts["failed"] += 1
+            failed.append({"stem": result.stem, "source_url": result.source_url,
+                           "reason": f"routing: {type(exc).__name__}: {exc}"})
+            continue
+        try:  # storage errors are not the image's fault: they fail the task, whose retry redoes the shard
+            if publish:
                 write_outputs(result, published_url, storage_options)
-                image_jpeg, mask_png = prepare_pair(original, result.mask_png)
                 add_to_pool(bucket_url, item_id, image_jpeg, mask_png,
                             PoolMeta(origin="published", source_url=result.source_url, score=score,
                                      model_version=model_version, item_id=item_id), storage_options)
-                counts["published"] += 1
             else:
-                image_jpeg, mask_png = prepare_pair(original, result.mask_png, max_side=config.review_max_side)
                 enqueue(bucket_url, QueueItem(stem=result.stem, batch=batch, source_url=result.source_url,
                                               score=score, threshold=threshold, model_uri=model_uri,
                                               model_version=model_version, item_id=item_id),
                         image_jpeg, mask_png, storage_options)
-                counts["queued"] += 1
-        except (OSError, ValueError) as exc:  # one bad image never stops the shard
+        except CorrectionsError as exc:  # the queue or pool refused this image's pair (an empty mask)
             counts["failed"] += 1
             failed.append({"stem": result.stem, "source_url": result.source_url, "reason": f"routing: {exc}"})
+            continue
+        counts["published" if publish else "queued"] += 1
     failed_url = None
     if failed:
         name = shard_url.rsplit("/", 1)[-1]

@@ -34,7 +34,8 @@ import numpy as np
 from fsspec.implementations.local import LocalFileSystem
 
 from tasks.core import layout, storage
-from tasks.core.codecs import encode_png
+from tasks.core.codecs import decode_mask_file, encode_png, image_size
+from tasks.feedback.config import MAX_MASK_BYTES
 
 DECISIONS = ("accepted", "rejected", "corrected")
 MASK_SOURCES = ("predicted", "brush", "upload")
@@ -160,43 +161,26 @@ def pool_url(bucket_url: str, pair_id: str) -> str:
 
 
 def _decode_image_size(image_jpeg: bytes) -> tuple[int, int]:
-    image = cv2.imdecode(np.frombuffer(image_jpeg, np.uint8), cv2.IMREAD_COLOR)
-    if image is None:
-        raise CorrectionsError("the image does not decode (expected JPEG bytes)")
-    return image.shape[1], image.shape[0]
+    try:
+        return image_size(image_jpeg)
+    except ValueError:
+        raise CorrectionsError("the image does not decode (expected JPEG bytes)") from None
 
 
-def binarise_mask(mask_bytes: bytes, size: tuple[int, int] | None = None) -> np.ndarray:
-    """Decode a mask file and return it as an HxW uint8 array of 0/255.
+def binarise_mask(mask_bytes: bytes, size: tuple[int, int]) -> np.ndarray:
+    """Decode a mask PNG of ``size`` (``(width, height)``) to an HxW uint8 array of 0/255.
 
-    Takes PNG (or any format OpenCV reads) bytes: grayscale, RGB (its gray value), or with an
-    alpha channel (the alpha is the mask when it is not fully opaque); 16-bit is scaled down.
-    Pixels at or above half intensity become 255. ``size`` is the required ``(width, height)``.
-    Raises :class:`CorrectionsError` when it does not decode, has the wrong size or is empty.
+    Format, size and the :data:`MAX_MASK_BYTES` limit are checked from the header before any pixel
+    is decoded (:func:`tasks.core.codecs.decode_mask_file`: grey, RGB, 16-bit, or a not fully
+    opaque alpha channel as the mask). Raises :class:`CorrectionsError` when the file does not
+    fit or the mask is empty.
     """
     if not mask_bytes:
         raise CorrectionsError("the mask file is empty (0 bytes)")
-    decoded = cv2.imdecode(np.frombuffer(mask_bytes, np.uint8), cv2.IMREAD_UNCHANGED)
-    if decoded is None:
-        raise CorrectionsError("the mask does not decode: upload a PNG image")
-    if decoded.dtype == np.uint16:
-        decoded = (decoded >> 8).astype(np.uint8)
-    elif decoded.dtype != np.uint8:
-        raise CorrectionsError(f"unsupported mask pixel type {decoded.dtype}")
-    if decoded.ndim == 3:
-        channels = decoded.shape[2]
-        if channels == 4 and decoded[..., 3].min() < 255:
-            decoded = decoded[..., 3]
-        elif channels == 1:
-            decoded = decoded[..., 0]
-        else:
-            decoded = cv2.cvtColor(decoded[..., :3], cv2.COLOR_BGR2GRAY)
-    height, width = decoded.shape[:2]
-    if size is not None and (width, height) != tuple(size):
-        raise CorrectionsError(
-            f"the mask is {width}x{height} pixels but the image is {size[0]}x{size[1]}: they must be the same size"
-        )
-    mask = np.where(decoded >= 128, 255, 0).astype(np.uint8)
+    try:
+        mask = decode_mask_file(mask_bytes, size, MAX_MASK_BYTES, reference="the image")
+    except ValueError as exc:
+        raise CorrectionsError(str(exc)) from None
     if not mask.any():
         raise CorrectionsError("the mask is empty (no foreground pixel); reject the item instead")
     return mask

@@ -36,6 +36,7 @@ import numpy as np
 
 from tasks.core import storage
 from tasks.core.codecs import decode_image, encode
+from tasks.core.limits import MAX_PIXELS
 from tasks.model.preprocess import prepare_input, resize_to_original
 from tasks.serving.engines import Engine, available_cores, unletterboxed
 from tasks.serving.quality import QualityConfig, QualityScore, quality_score
@@ -108,7 +109,8 @@ class InferenceConfig:
     call; ``io_threads``: decode/encode threads (None: one per core); ``jpeg_quality``;
     ``png_compression``: zlib level 0-9 of the PNGs (1 is fast, 6 is PIL's default);
     ``crop_threshold``: alpha level (0-1) that counts as product when cropping;
-    ``quality``: how the quality score is computed.
+    ``quality``: how the quality score is computed; ``max_pixels``: photos whose header claims
+    more pixels are refused before decoding (:data:`tasks.core.limits.MAX_PIXELS`, as in cleaning).
     """
 
     background: str = "#ffffff"
@@ -123,6 +125,7 @@ class InferenceConfig:
     png_compression: int = 1
     crop_threshold: float = 0.5
     quality: QualityConfig = field(default_factory=QualityConfig)
+    max_pixels: int = MAX_PIXELS
 
     def __post_init__(self) -> None:
         parse_background(self.background)
@@ -267,7 +270,7 @@ def _options_for(url: str, storage_options: dict | None) -> dict | None:
     return storage_options if "://" in url and not url.startswith("file://") else None
 
 
-def _load(item: tuple[str, str], engine: Engine, storage_options: dict | None) -> _Loaded:
+def _load(item: tuple[str, str], engine: Engine, config: InferenceConfig, storage_options: dict | None) -> _Loaded:
     url, stem = item
     started = time.perf_counter()
     loaded = _Loaded(CutoutResult(stem=stem, source_url=url), started)
@@ -277,12 +280,15 @@ def _load(item: tuple[str, str], engine: Engine, storage_options: dict | None) -
         except (OSError, FileNotFoundError) as exc:
             raise ValueError(f"cannot read: {exc}") from None
         loaded.data = data
-        rgb = decode_image(data)
+        rgb = decode_image(data, max_pixels=config.max_pixels)
         loaded.rgb = rgb
         loaded.result.height, loaded.result.width = rgb.shape[:2]
         loaded.tensor = prepare_input(rgb, engine.input_size, engine.resize, engine.mean, engine.std)
     except (ValueError, cv2.error) as exc:
         loaded.result.error = str(exc)
+    except Exception as exc:  # anything else (MemoryError, a decoder bug) fails this image, not the run
+        loaded.data = loaded.rgb = None
+        loaded.result.error = f"cannot load: {type(exc).__name__}: {exc}"
     return loaded
 
 
@@ -303,6 +309,8 @@ def _finish(loaded: _Loaded, prob_s: np.ndarray, sides: np.ndarray | None, engin
             result.source_bytes = loaded.data
     except (ValueError, cv2.error) as exc:
         result.error = f"cannot produce outputs: {exc}"
+    except Exception as exc:  # anything else fails this image, not the run
+        result.error = f"cannot produce outputs: {type(exc).__name__}: {exc}"
     result.seconds = time.perf_counter() - loaded.started
     return result
 
@@ -335,7 +343,7 @@ def iter_remove_backgrounds(urls: Iterable[str | tuple[str, str]], engine: Engin
                 item = next(items, None)
                 if item is None:
                     return
-                loads.append(pool.submit(_load, item, engine, storage_options))
+                loads.append(pool.submit(_load, item, engine, config, storage_options))
 
         def drain(keep: int) -> Iterator[CutoutResult]:
             while len(finishing) > keep:

@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse, RedirectResponse
 
 from bgremoval_airflow.web.clusters import cluster_router
 from bgremoval_airflow.web.corrections import correction_router
+from bgremoval_airflow.web.limits import BodySizeLimit
 from bgremoval_airflow.web.masks import mask_router
 from bgremoval_airflow.web.reports import report_router
 
@@ -23,9 +24,11 @@ def create_app() -> FastAPI:
     """Build the app (mounted by the plugin; also usable directly in tests).
 
     A page (not an ``/api/`` path) asked for without a login redirects to the Airflow login page and
-    back; every other error answers JSON ``{"detail": ...}``.
+    back; every other error answers JSON ``{"detail": ...}``. There are no docs or OpenAPI pages (they
+    would answer without a login); a body over :data:`bgremoval_airflow.web.limits.MAX_BODY_BYTES`
+    is refused with 413 before it is read.
     """
-    app = FastAPI(title="bgremoval review", description=__doc__)
+    app = FastAPI(title="bgremoval review", description=__doc__, docs_url=None, redoc_url=None, openapi_url=None)
 
     @app.exception_handler(HTTPException)
     async def login_redirect(request: Request, exc: HTTPException):
@@ -36,6 +39,7 @@ def create_app() -> FastAPI:
             return RedirectResponse(get_auth_manager().get_url_login(next_url=str(request.url)), status_code=303)
         return JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
 
+    app.add_middleware(BodySizeLimit)  # before routing, so before the login check reads a body
     app.include_router(correction_router())  # the mask-correction pages and their API
     app.include_router(report_router())  # evaluation reports, linked from evaluate_model's log
     app.include_router(cluster_router())  # the start page, the cluster review page and its API

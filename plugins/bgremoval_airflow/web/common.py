@@ -20,7 +20,7 @@ from fastapi import Depends, HTTPException
 from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessEntity
 from airflow.api_fastapi.core_api.security import requires_access_dag
 from bgremoval_airflow.connections import s3_storage_options
-from bgremoval_airflow.settings import configured_bucket
+from bgremoval_airflow.settings import configured_bucket, is_served_bucket
 from tasks.core import layout
 
 __all__ = [
@@ -77,9 +77,12 @@ def default_bucket() -> str:
 
 
 def bucket_url(bucket: str) -> str:
-    """The bucket's root URL (:func:`tasks.core.layout.bucket_url`) after validating the name (400 otherwise)."""
+    """The bucket's root URL (:func:`tasks.core.layout.bucket_url`) of a bucket this deployment serves
+    (:func:`bgremoval_airflow.settings.is_served_bucket`); 400 for any other name."""
     if not BUCKET_NAME.match(bucket):
         raise HTTPException(status_code=400, detail=f"invalid bucket name {bucket!r}")
+    if not is_served_bucket(bucket):
+        raise HTTPException(status_code=400, detail=f"bucket {bucket!r} is not served here ([bgremoval] buckets)")
     return layout.bucket_url(bucket)
 
 

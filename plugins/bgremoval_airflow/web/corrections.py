@@ -35,9 +35,9 @@ from pydantic import BaseModel, Field
 from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessEntity
 from airflow.api_fastapi.core_api.security import GetUserDep, requires_access_dag
 from bgremoval_airflow.web.common import bucket_url, current_storage_options, default_bucket, render_page
+from tasks.feedback.config import MAX_MASK_BYTES
 
 INFERENCE_DAG_ID = "bgremoval_inference"
-MAX_MASK_BYTES = 25 * 2**20
 
 can_read = Depends(requires_access_dag("GET", param_dag_id=INFERENCE_DAG_ID))
 can_decide = Depends(requires_access_dag("PUT", DagAccessEntity.HITL_DETAIL, param_dag_id=INFERENCE_DAG_ID))

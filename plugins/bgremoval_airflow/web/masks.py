@@ -34,6 +34,7 @@ from bgremoval_airflow.web.common import (
     render_page,
 )
 from tasks.core import storage
+from tasks.data.config import MAX_FIXED_MASK_BYTES
 
 
 class MaskDecisionIn(BaseModel):
@@ -115,7 +116,7 @@ def mask_router() -> APIRouter:
         bucket: str = Query(bucket_default),
     ) -> dict:
         """Save an uploaded corrected mask as the pair's fix and answer the updated list."""
-        from tasks.data.review import MAX_FIXED_MASK_BYTES, CorrectionError, save_fixed_mask
+        from tasks.data.review import CorrectionError, save_fixed_mask
 
         check_key(key)
         data = file.file.read(MAX_FIXED_MASK_BYTES + 1)

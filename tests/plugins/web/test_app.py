@@ -133,8 +133,9 @@ def test_names_are_validated_before_any_location_is_built():
         common.check_key("a/b")
 
 
-def test_report_route_reads_the_report_where_layout_puts_it(app, monkeypatch):
+def test_report_route_reads_the_report_where_layout_puts_it_and_serves_it_sandboxed(app, monkeypatch):
     read = []
+    monkeypatch.setenv("AIRFLOW__BGREMOVAL__BUCKETS", "my-bucket")
     monkeypatch.setattr(reports, "current_storage_options", lambda: {})
     monkeypatch.setattr(reports.storage, "exists", lambda url, options: url.endswith("/present/report/report.html"))
     monkeypatch.setattr(reports.storage, "read_bytes", lambda url, options: read.append(url) or b"<p>report</p>")
@@ -143,12 +144,36 @@ def test_report_route_reads_the_report_where_layout_puts_it(app, monkeypatch):
         client = TestClient(app)
         found = client.get("/reports/v1/present?bucket=my-bucket")
         assert found.status_code == 200 and found.text == "<p>report</p>"
+        assert found.headers["content-security-policy"] == "sandbox"
+        assert found.headers["x-content-type-options"] == "nosniff"
         assert read == ["s3://my-bucket/training/v1/present/report/report.html"]
         assert client.get("/reports/v1/absent?bucket=my-bucket").status_code == 404
-        for path in ("/reports/v1/a.b?bucket=my-bucket", "/reports/.v1/r?bucket=my-bucket", "/reports/v1/r?bucket=Bad_Bucket"):
+        for path in ("/reports/v1/a.b?bucket=my-bucket", "/reports/.v1/r?bucket=my-bucket"):
             assert client.get(path).status_code == 422, path
+        for bucket in ("Bad_Bucket", "someone-elses-bucket"):
+            refused = client.get(f"/reports/v1/present?bucket={bucket}")
+            assert refused.status_code == 400, bucket
+        assert len(read) == 1  # nothing was read from a bucket this deployment does not serve
     finally:
         app.dependency_overrides.clear()
+
+
+def test_only_the_configured_buckets_and_patterns_are_served(monkeypatch):
+    monkeypatch.setenv("AIRFLOW__BGREMOVAL__BUCKET", "shop-images")
+    monkeypatch.setenv("AIRFLOW__BGREMOVAL__BUCKETS", "studio-*, archive")
+    assert common.bucket_url("shop-images") == "s3://shop-images"
+    assert common.bucket_url("studio-berlin") == "s3://studio-berlin"
+    assert common.bucket_url("archive") == "s3://archive"
+    for other in ("bgremoval", "archive-2", "someone-elses-bucket"):
+        with pytest.raises(HTTPException) as refused:
+            common.dataset_url("v1", other)
+        assert refused.value.status_code == 400 and "not served" in refused.value.detail
+
+
+def test_no_docs_or_openapi_for_anyone(app):
+    client = TestClient(app)
+    for path in ("/docs", "/redoc", "/openapi.json", "/docs/oauth2-redirect"):
+        assert client.get(path).status_code == 404, path
 
 
 def test_no_html_or_script_in_python_modules():
