@@ -31,6 +31,7 @@ from airflow.sdk import dag, task
 from bgremoval_airflow.connections import AWS_CONN_ID, s3_storage_options
 from bgremoval_airflow.databricks import DATABRICKS_CONN_ID, databricks_params, submit_run_json
 from bgremoval_airflow.links import mask_review_page_url, report_page_url, review_page_url
+from bgremoval_airflow.settings import PROMOTION_POOL
 from bgremoval_airflow.params.training import (
     assessment_config,
     augment_config,
@@ -281,7 +282,7 @@ def bgremoval_training():
         print(calibration["text"])
         return {k: v for k, v in calibration.items() if k != "text"}
 
-    @task
+    @task(pool=PROMOTION_POOL)
     def promote_model(dataset: dict, assessment: dict, params=None, run_id=None) -> dict:
         from tasks.evaluation.assessment import register_and_promote
 

@@ -8,8 +8,12 @@ three files production needs without MLflow's loader: ``model.pt`` (the state di
 :func:`tasks.model.io.load_model` and :mod:`tasks.serving.engines` read.
 
 Promotion uses registered-model **aliases**, never the deprecated stages: ``champion`` is the
-model in production and ``previous`` the one it replaced. Every promotion is appended to the
-registered model's ``champion_history`` tag, so :func:`rollback` can step back more than once.
+model in production and ``previous`` the one it replaced. Every promotion and rollback writes one
+new registered-model tag ``champion_history.<time>.<random>`` (an append-only log: no writer reads,
+changes and rewrites a shared value, so none can lose another's update); replaying the log gives
+the stack of champions, so :func:`rollback` can step back more than once. :func:`promote` is a
+compare-and-set: given the champion the challenger was compared with, it refuses when the alias
+has moved since (:class:`ChampionMoved`).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from tasks.model.config import PRETRAINED
 __all__ = [
     "AUTO",
     "CHAMPION",
+    "ChampionMoved",
     "DEFAULT_MODEL_NAME",
     "PREVIOUS",
     "alias_version",
@@ -173,22 +178,49 @@ def register_model(model_url: str, name: str = DEFAULT_MODEL_NAME, run_id: str |
             "onnx_sha256": onnx_sha, "input_size": size}
 
 
+class ChampionMoved(RuntimeError):
+    """The champion alias is not on the version a promotion was decided against."""
+
+
+_ANY = object()  # promote(): do not check the current champion
+
+
 def _history(client, name: str) -> list[str]:
+    """The champions in order, oldest first: the legacy JSON tag, then the event log replayed."""
     tags = client.get_registered_model(name).tags or {}
-    return [str(v) for v in json.loads(tags.get(_HISTORY_TAG, "[]"))]
+    stack = [str(v) for v in json.loads(tags.get(_HISTORY_TAG, "[]"))]
+    for key in sorted(k for k in tags if k.startswith(_HISTORY_TAG + ".")):
+        event = json.loads(tags[key])
+        if event["event"] == "promote":
+            stack.append(str(event["version"]))
+        else:  # "reset": a rollback, or champions set by hand outside promote()
+            stack = [str(v) for v in event["stack"]]
+    return stack
 
 
-def _set_history(client, name: str, history: list[str]) -> None:
-    client.set_registered_model_tag(name, _HISTORY_TAG, json.dumps(history))
+def _log_history(client, name: str, event: str, version: str | None, user: str | None,
+                 stack: list[str] | None = None) -> None:
+    """Append one event (``promote`` of ``version``, or ``reset`` to ``stack``) to the champion
+    history: a new tag, nothing is rewritten."""
+    now = datetime.now(timezone.utc)
+    key = f"{_HISTORY_TAG}.{now.strftime('%Y%m%dT%H%M%S%f')}.{os.urandom(4).hex()}"
+    record = {"event": event, "version": version, "user": user or "bgremoval", "at": now.isoformat()}
+    if stack is not None:
+        record["stack"] = stack
+    client.set_registered_model_tag(name, key, json.dumps(record))
 
 
 def promote(name: str, version: str | int, user: str | None = None, reason: str | None = None,
-            tracking_uri: str | None = None) -> dict[str, str | None]:
+            tracking_uri: str | None = None, expected_champion: str | int | None | object = _ANY) -> dict[str, str | None]:
     """Make ``version`` the champion: the alias ``champion`` moves to it and the version that held
     it gets the alias ``previous``. Promoting the current champion again changes nothing.
 
-    Records ``promoted_at``/``promoted_by``/``promotion_reason`` tags on the version. Returns
-    ``{"champion": version, "previous": the former champion or None}``.
+    ``expected_champion``: the champion the decision was made against (None: there was none); when
+    given and the alias is elsewhere now, nothing changes and :class:`ChampionMoved` is raised. The
+    check and the move are one step only when promotions are serialised (the training DAG's
+    ``promote_model`` runs in an Airflow pool of one slot). Records ``promoted_at``/
+    ``promoted_by``/``promotion_reason`` tags on the version. Returns ``{"champion": version,
+    "previous": the former champion or None}``.
     """
     client = _client(tracking_uri)
     version = str(version)
@@ -196,13 +228,16 @@ def promote(name: str, version: str | int, user: str | None = None, reason: str 
     current = alias_version(name, CHAMPION, tracking_uri)
     if current == version:
         return {"champion": version, "previous": alias_version(name, PREVIOUS, tracking_uri)}
+    if expected_champion is not _ANY and current != (None if expected_champion is None else str(expected_champion)):
+        raise ChampionMoved(f"{name}: the champion is version {current} now, not version {expected_champion} that "
+                            f"version {version} was compared with; evaluate it again against the new champion")
     history = _history(client, name)
-    if current is not None and (not history or history[-1] != current):
-        history.append(current)  # a champion set by hand before any promotion
+    if current is not None and (not history or history[-1] != current):  # a champion set by hand
+        _log_history(client, name, "reset", None, "set by hand", stack=[*history, current])
     client.set_registered_model_alias(name, CHAMPION, version)
     if current is not None:
         client.set_registered_model_alias(name, PREVIOUS, current)
-    _set_history(client, name, [*history, version])
+    _log_history(client, name, "promote", version, user)
     stamp = {"promoted_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
              "promoted_by": user or "bgremoval", "promotion_reason": reason or "passed the gate"}
     for key, value in stamp.items():
@@ -240,7 +275,7 @@ def rollback(name: str = DEFAULT_MODEL_NAME, user: str | None = None,
         client.set_registered_model_alias(name, PREVIOUS, before)
     else:
         client.delete_registered_model_alias(name, PREVIOUS)
-    _set_history(client, name, earlier)
+    _log_history(client, name, "reset", None, user, stack=earlier)  # the champion and the ones before it
     client.set_model_version_tag(name, current, "rolled_back_at", datetime.now(timezone.utc).isoformat(timespec="seconds"))
     client.set_model_version_tag(name, current, "rolled_back_by", user or "bgremoval")
     return {"champion": restored, "demoted": current, "previous": before}

@@ -13,7 +13,15 @@ from __future__ import annotations
 
 import fnmatch
 
+from pathlib import Path
+
 from tasks.core import layout
+
+#: The Airflow pools the DAGs use, as ``airflow pools import`` reads them (the embedded stack and the
+#: compose file's airflow-init import this file).
+POOLS_FILE = Path(__file__).with_name("pools.json")
+#: One slot: promotions run one at a time (the champion check and the alias move are one step).
+PROMOTION_POOL = "bgremoval_promotion"
 
 
 def configured_bucket() -> str:

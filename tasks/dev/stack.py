@@ -272,14 +272,23 @@ def create_bucket(endpoint: str, bucket: str) -> None:
         s3.create_bucket(Bucket=bucket)
 
 
+#: The Airflow pools the DAGs use (``airflow pools import`` format), shipped with the plugin.
+POOLS_FILE = PROJECT_ROOT / "plugins" / "bgremoval_airflow" / "pools.json"
+
+
 def _migrate_airflow(paths: StackPaths, env: dict[str, str]) -> None:
+    """Migrate Airflow's database and import the DAGs' pools, once per state folder (a marker says
+    which steps are done, so an older state gets the pools on its next start)."""
     paths.airflow_home.mkdir(parents=True, exist_ok=True)
     marker = paths.airflow_home / ".migrated"
-    if marker.exists() and (paths.airflow_home / "airflow.db").exists():
-        return
+    done = marker.read_text().split() if marker.exists() and (paths.airflow_home / "airflow.db").exists() else []
     with open(paths.logs / "airflow-db-migrate.log", "ab") as log:
-        subprocess.run([venv_bin("airflow"), "db", "migrate"], env=env, check=True, stdout=log, stderr=subprocess.STDOUT)
-    marker.write_text("ok\n")
+        if "migrated" not in done:
+            subprocess.run([venv_bin("airflow"), "db", "migrate"], env=env, check=True, stdout=log, stderr=subprocess.STDOUT)
+        if "pools" not in done:
+            subprocess.run([venv_bin("airflow"), "pools", "import", str(POOLS_FILE)], env=env, check=True, stdout=log,
+                           stderr=subprocess.STDOUT)
+    marker.write_text("migrated pools\n")
 
 
 def status(state_dir: Path | None = None) -> dict:

@@ -125,9 +125,10 @@ def assess_challenger(model_url: str, dataset_url: str, report_url: str, config:
     summary = summarise(scores, worst=config.worst)
     audited = _audited_pairs(model, meta, dataset_url, config, scores, storage_options)
     champion_summary, champion_version = None, None
-    if champion_uri is None and registry.alias_version(config.registered_model, registry.CHAMPION) is not None:
-        champion_uri = registry.model_uri(config.registered_model, registry.CHAMPION)
+    if champion_uri is None:  # the alias is read once and the version pinned: what is scored is what is compared
         champion_version = registry.alias_version(config.registered_model, registry.CHAMPION)
+        if champion_version is not None:
+            champion_uri = registry.model_uri(config.registered_model, None, version=champion_version)
     if champion_uri is not None:
         with tempfile.TemporaryDirectory(prefix="bgremoval-champion-") as tmp:
             if registry.is_model_uri(champion_uri):
@@ -188,7 +189,8 @@ def register_and_promote(assessment: dict[str, Any], dataset_version: str, confi
 
     Refuses (``ValueError``) when the assessment's gate did not pass. Registers into the training
     run (``assessment["mlflow_run_id"]``) with the test metrics and ``dataset_version`` as version
-    tags, then promotes. Returns :func:`tasks.registry.register_model`'s dict plus ``champion``
+    tags, then promotes if the champion is still the one the challenger was compared with
+    (:class:`tasks.registry.ChampionMoved` otherwise: the registered version stays, unpromoted). Returns :func:`tasks.registry.register_model`'s dict plus ``champion``
     and ``previous`` (versions).
     """
     if not assessment["gate"]["passed"]:
@@ -201,8 +203,15 @@ def register_and_promote(assessment: dict[str, Any], dataset_version: str, confi
                                          storage_options=storage_options,
                                          description=f"mean IoU {summary['mean_iou'] * 100:.3f} % on "
                                                      f"{summary['n']} test images of {dataset_version}")
+    champion = assessment.get("champion")
+    if champion is None:  # there was no champion: promote only if there still is none
+        check = {"expected_champion": None}
+    elif champion.get("version") is not None:  # compared with the registry's champion: it must not have moved
+        check = {"expected_champion": champion["version"]}
+    else:  # compared with a model given by hand, outside the registry
+        check = {}
     promoted = registry.promote(config.registered_model, registered["version"], user=user,
-                                reason=f"gate passed: mean IoU {summary['mean_iou'] * 100:.3f} %")
+                                reason=f"gate passed: mean IoU {summary['mean_iou'] * 100:.3f} %", **check)
     return {**registered, **promoted}
 
 

@@ -86,3 +86,13 @@ def test_production_and_retraining_dags_shape(dagbag):
     trigger = retraining.get_task("trigger_training")
     assert trigger.trigger_dag_id == "bgremoval_training" and trigger.downstream_task_ids == {"record_state"}
     assert set(retraining.params.keys()) >= {"min_new_pairs", "retrain_epochs", "registered_model"}
+
+
+def test_every_pool_a_task_uses_is_shipped_and_promotions_run_one_at_a_time(dagbag):
+    from bgremoval_airflow.settings import POOLS_FILE, PROMOTION_POOL
+
+    pools = json.loads(POOLS_FILE.read_text())
+    used = {task.pool for dag in dagbag.dags.values() for task in dag.tasks} - {"default_pool"}
+    assert used <= set(pools), used - set(pools)
+    assert dagbag.dags["bgremoval_training"].get_task("promote_model").pool == PROMOTION_POOL
+    assert pools[PROMOTION_POOL]["slots"] == 1

@@ -83,6 +83,31 @@ def test_promotion_moves_champion_and_previous_then_rollback_walks_back(three_ve
     assert all(v.current_stage in ("None", None) for v in mlflow.MlflowClient().search_model_versions("name='m'"))
 
 
+def test_promotion_is_compare_and_set_against_the_champion_it_was_compared_with(three_versions):
+    assert registry.promote("m", "1", expected_champion=None) == {"champion": "1", "previous": None}
+    with pytest.raises(registry.ChampionMoved, match="version 1 now, not version None"):
+        registry.promote("m", "2", expected_champion=None)  # evaluated when there was no champion
+    assert registry.alias_version("m", registry.CHAMPION) == "1"
+    assert registry.promote("m", "2", expected_champion="1") == {"champion": "2", "previous": "1"}
+    with pytest.raises(registry.ChampionMoved):
+        registry.promote("m", "3", expected_champion="1")  # another run promoted 2 meanwhile
+    assert registry.alias_version("m", registry.CHAMPION) == "2"
+
+
+def test_concurrent_promotions_lose_no_history_event(three_versions):
+    from concurrent.futures import ThreadPoolExecutor
+
+    def events() -> int:
+        return sum(k.startswith("champion_history.") for k in mlflow.MlflowClient().get_registered_model("m").tags)
+
+    before, stack = events(), registry._history(mlflow.MlflowClient(), "m")
+    with ThreadPoolExecutor(max_workers=4) as pool:  # unserialised writers: every event must survive
+        list(pool.map(lambda v: registry._log_history(mlflow.MlflowClient(), "m", "promote", v, "t"), ["2", "3"] * 4))
+    assert events() == before + 8
+    history = registry._history(mlflow.MlflowClient(), "m")
+    assert history[:len(stack)] == stack and sorted(history[len(stack):]) == ["2"] * 4 + ["3"] * 4
+
+
 def test_rollback_without_champion_is_a_clear_error(tracking):
     with pytest.raises(ValueError, match="no 'champion' alias"):
         registry.rollback("nothing-here")

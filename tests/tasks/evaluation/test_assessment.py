@@ -77,6 +77,18 @@ def test_second_challenger_is_compared_with_the_champion_on_the_same_split(write
         assert register_and_promote(result, "v1", strict)["previous"] == "1"
 
 
+def test_a_challenger_is_not_promoted_over_a_champion_it_was_not_compared_with(write_model_folder, setting, tmp_path):
+    root, dataset, _ = setting
+    config = AssessmentConfig(gate=GateConfig(iou_gate=0.0, cluster_iou_gate=0.0, tolerance=1.0), registered_model="race-m")
+    first = assess_challenger(write_model_folder(tmp_path / "a", seed=1), dataset, str(tmp_path / "ra"), config)
+    second = assess_challenger(write_model_folder(tmp_path / "b", seed=2), dataset, str(tmp_path / "rb"), config)
+    assert first["champion"] is None and second["champion"] is None  # both evaluated before any promotion
+    assert register_and_promote(first, "v1", config)["champion"] == "1"
+    with pytest.raises(registry.ChampionMoved, match="champion is version 1 now"):
+        register_and_promote(second, "v1", config)
+    assert registry.alias_version("race-m") == "1"
+
+
 def test_failing_thresholds_are_explained_in_the_report(write_model_folder, setting, tmp_path):
     root, dataset, _ = setting
     config = AssessmentConfig(gate=GateConfig(iou_gate=1.0, cluster_iou_gate=1.0), registered_model="nobody")
