@@ -212,9 +212,10 @@ def production(bucket_url: str, batch: str) -> str:
     return storage.join(bucket_url, PRODUCTION, batch)
 
 
-def published(bucket_url: str) -> str:
-    """Cut-outs that passed the quality score."""
-    return storage.join(bucket_url, PUBLISHED)
+def published(bucket_url: str, batch: str) -> str:
+    """Cut-outs of one batch that passed the quality score: ``published/<batch>`` (the batch keeps two
+    drops with the same file names apart)."""
+    return storage.join(bucket_url, PUBLISHED, batch)
 
 
 def corrections_queue(bucket_url: str) -> str:

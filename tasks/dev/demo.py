@@ -219,10 +219,10 @@ def _production_pass(config: DemoConfig, bucket: str, env: dict[str, str], optio
     if run.wait() != 0:
         tail = log_path.read_text(errors="replace")[-4000:]
         raise RuntimeError(f"`airflow dags test {INFERENCE_DAG_ID}` failed (exit {run.returncode}); log {log_path}:\n{tail}")
-    published = [o for o in storage.list_objects(layout.published(layout.bucket_url(bucket)), options)
+    published = [o for o in storage.list_objects(layout.published(layout.bucket_url(bucket), drop), options)
                  if o.relpath.startswith("new-") and o.relpath.endswith(".png")]
     queued = [q for q in list_queue(layout.bucket_url(bucket), options) if q["batch"] == drop]
-    print(f"  published {len(published)} (s3://{bucket}/published/: RGBA PNG + JPEG on white + mask; "
+    print(f"  published {len(published)} (s3://{bucket}/published/{drop}/: RGBA PNG + JPEG on white + mask; "
           "the pairs joined retraining-pool/)")
     print(f"  queued for correction {len(queued)}: {airflow_url}/bgremoval/corrections?bucket={bucket}")
     print(f"  DAG log: {log_path}")

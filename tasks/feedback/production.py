@@ -1,8 +1,8 @@
 """The production stage: cut out every photo of an ``incoming/<batch>/`` drop with the champion and
 route each result by its quality score.
 
-* score ≥ threshold → ``published/<stem>.png`` (RGBA cut-out), ``published/<stem>.jpg`` (on the
-  background) and ``published/masks/<stem>.png``, and the pair (photo, predicted mask) goes to
+* score ≥ threshold → ``published/<batch>/<stem>.png`` (RGBA cut-out), ``published/<batch>/<stem>.jpg`` (on the
+  background) and ``published/<batch>/masks/<stem>.png``, and the pair (photo, predicted mask) goes to
   the retraining pool (origin ``published``);
 * score < threshold → ``corrections/queue/<batch>--<stem>/`` for a person (the correction page);
 * an image that cannot be processed → ``production/<batch>/failed/<shard>.json`` with the reason.
@@ -131,7 +131,7 @@ def process_shard(bucket_url: str, batch: str, shard_url: str, model_uri: str, c
     threshold, source = resolve_threshold(config, engine.model_dir)
     options = InferenceConfig(background=config.background, canvas=config.canvas, margin=config.margin,
                               mask=True, keep_source=True, batch_size=config.batch_size)
-    published_url = layout.published(bucket_url)
+    published_url = layout.published(bucket_url, batch)
     counts = {"published": 0, "queued": 0, "failed": 0}
     failed, scores = [], []
     for result in iter_remove_backgrounds(items, engine, options, storage_options):

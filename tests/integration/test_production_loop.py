@@ -61,7 +61,7 @@ def test_publish_correct_retrain_promote(s3_bucket, reviewer, client_for, tmp_pa
 
     _dags_test("bgremoval_inference", {"batch": "drop-1", "bucket": bucket, "registered_model": name,
                                        "quality_threshold": threshold, "photos_per_shard": 3}, tmp_path / "inference.log")
-    published = {o.relpath for o in storage.list_objects(f"{bucket_url}/published", options)}
+    published = {o.relpath for o in storage.list_objects(f"{bucket_url}/published/drop-1", options)}
     assert len([p for p in published if p.endswith(".png") and "/" not in p]) == 4
     queue = reviewer.request("GET", f"/bgremoval/api/corrections?bucket={bucket}")["items"]
     assert len(queue) == 4 and all(q["model_version"] == "1" for q in queue)

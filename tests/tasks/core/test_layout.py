@@ -22,7 +22,7 @@ def test_the_layout_of_a_bucket_reads_like_the_design():
     assert layout.manifest(layout.augmented(dataset)) == "s3://shop/datasets/v1/augmented/manifest.parquet"
     assert layout.incoming(bucket, "b") == "s3://shop/incoming/b"
     assert layout.production(bucket, "b") == "s3://shop/production/b"
-    assert layout.published(bucket) == "s3://shop/published"
+    assert layout.published(bucket, "drop-1") == "s3://shop/published/drop-1"
     assert layout.corrections_queue(bucket) == "s3://shop/corrections/queue"
     assert layout.corrections_done(bucket) == "s3://shop/corrections/done"
     assert layout.retraining_pool(bucket) == "s3://shop/retraining-pool"

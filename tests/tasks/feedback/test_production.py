@@ -68,11 +68,11 @@ def test_shard_routes_by_score_and_reports_failures(drop, tmp_path, write_model_
     assert len(queue) == 3 and all(q["score"] < threshold and q["model_version"] == "v7" for q in queue)
     pool = [p for p in list_pool(bucket_url, options) if p["pair_id"].startswith("drop-1--")]
     assert len(pool) == 3 and {p["origin"] for p in pool} == {"published"}
-    published = {o.relpath for o in storage.list_objects(f"{bucket_url}/published", options)}
+    published = {o.relpath for o in storage.list_objects(f"{bucket_url}/published/drop-1", options)}
     for entry in pool:
         stem = entry["source_url"].rsplit("/", 1)[-1].removesuffix(".jpg")
         assert {f"{stem}.png", f"{stem}.jpg", f"masks/{stem}.png"} <= published
-        cutout = cv2.imdecode(np.frombuffer(storage.read_bytes(f"{bucket_url}/published/{stem}.png", options), np.uint8),
+        cutout = cv2.imdecode(np.frombuffer(storage.read_bytes(f"{bucket_url}/published/drop-1/{stem}.png", options), np.uint8),
                               cv2.IMREAD_UNCHANGED)
         assert cutout.shape[2] == 4
     # inputs untouched; a retried shard adds nothing to the queue or the pool
@@ -169,7 +169,7 @@ def test_a_drop_of_awkward_photos_completes_and_every_refusal_has_a_reason(tmp_p
     assert "too large" in failed["bomb"] and "144.0 megapixels" in failed["bomb"]
     assert "empty" in failed["zero"] and "not an image" in failed["text"]
     assert all(reason for reason in failed.values())
-    published = {o.relpath for o in storage.list_objects(f"{bucket_url}/published")}
+    published = {o.relpath for o in storage.list_objects(f"{bucket_url}/published/awkward")}
     for stem in ("good", "cmyk", "sixteen", "alpha", "photo", "bad-exif", "rotated"):
         assert stem not in failed and f"{stem}.png" in published, (stem, failed.get(stem))
     assert storage.read_bytes(f"{bucket_url}/incoming/awkward/bomb.png")  # inputs are never touched
