@@ -19,6 +19,7 @@ move) or an exclusive create, so a reader never sees half an object.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
@@ -251,7 +252,14 @@ def _create_exclusive(url: str, data: bytes, storage_options: dict | None) -> No
     fs.invalidate_cache(path)
     if fs.exists(path):
         raise FileExistsError(url)
-    fs.pipe_file(path, data, mode="create")
+    try:
+        fs.pipe_file(path, data, mode="create")
+    except FileExistsError:
+        raise
+    except OSError as exc:  # a 412 that s3fs did not recognise as If-None-Match (MinIO leaves Condition out)
+        if exc.errno == errno.EINVAL and re.search(r"pre-?condition|\b412\b", str(exc), re.IGNORECASE):
+            raise FileExistsError(url) from None
+        raise
 
 
 def _forget_listings(url: str, storage_options: dict | None) -> None:
@@ -390,29 +398,45 @@ def read_item_file(bucket_url: str, item_id: str, name: str, storage_options: di
 # ---------------------------------------------------------------- decisions
 
 
-def _claim(bucket_url: str, item_id: str, user: str, storage_options: dict | None) -> None:
-    """Take the item's lock (``done/<id>/claim.json``) or raise :class:`AlreadyDecided`.
+def _claim(bucket_url: str, item_id: str, user: str, storage_options: dict | None) -> str:
+    """Take the item's lock (``done/<id>/claim.json``) and return its token, or raise
+    :class:`AlreadyDecided`.
 
     A claim older than :data:`CLAIM_STALE_AFTER` without a decision was left by a request that
-    died half-way; it is taken over (overwritten). Two people taking over the same stale claim
-    in the same instant could both proceed; the exclusive write of ``decision.json`` then still
-    lets only one of them commit.
+    died half-way; it is taken over, exclusively: the first to create
+    ``done/<id>/takeover-<stale token>`` may replace the claim, anyone else is refused.
     """
     url = storage.join(done_url(bucket_url, item_id), "claim.json")
     claim = {"user": user, "at": now_iso(), "token": uuid.uuid4().hex}
     try:
         _create_exclusive(url, _json_bytes(claim), storage_options)
-        return
+        return claim["token"]
     except FileExistsError:
         pass
     try:
         held = _read_json(url, storage_options)
     except FileNotFoundError:
-        held = {"user": "?", "at": now_iso()}
+        held = {"user": "?", "at": now_iso(), "token": "vanished"}
     since = datetime.fromisoformat(held["at"])
     if datetime.now(timezone.utc) - since < CLAIM_STALE_AFTER:
         raise AlreadyDecided(f"item {item_id!r} is being decided by {held['user']} (since {held['at']})")
+    takeover = storage.join(done_url(bucket_url, item_id), f"takeover-{held.get('token', 'none')}")
+    try:
+        _create_exclusive(takeover, _json_bytes(claim), storage_options)
+    except FileExistsError:
+        raise AlreadyDecided(f"item {item_id!r} is being taken over by someone else") from None
     storage.write_bytes(url, _json_bytes(claim), storage_options)
+    return claim["token"]
+
+
+def _release_claim(bucket_url: str, item_id: str, token: str, storage_options: dict | None) -> None:
+    """Remove the item's claim if it is still ours (a decision that failed half-way frees the item)."""
+    url = storage.join(done_url(bucket_url, item_id), "claim.json")
+    try:
+        if _read_json(url, storage_options).get("token") == token:
+            storage.remove(url, storage_options)
+    except FileNotFoundError:
+        pass
 
 
 def decide(
@@ -483,26 +507,33 @@ def decide(
         "mask_source": mask_source,
         "note": note or None,
     }
-    _claim(bucket_url, item_id, user, storage_options)
-    pair_meta_url = storage.join(pool_url(bucket_url, item_id), "meta.json")
-    if final_png is not None:
-        storage.write_bytes(storage.join(dbase, "mask.png"), final_png, storage_options)
-        meta = PoolMeta(
-            origin=decision, source_url=item["source_url"], score=item.get("score"),
-            model_version=item.get("model_version", ""), user=user, at=record["at"], item_id=item_id,
-            extra={"batch": item["batch"], "stem": item["stem"], "mask_source": mask_source},
-        )
-        add_to_pool(bucket_url, item_id, image_jpeg, final_png, meta, storage_options, replace=True)
-    elif _exists(pair_meta_url, storage_options):
-        # Only after an interrupted earlier attempt on this item put a pair in the pool that was
-        # never committed by a decision: a rejection must not leave it there.
-        if _read_json(pair_meta_url, storage_options).get("item_id") == item_id:
-            storage.remove(pair_meta_url, storage_options)
+    token = _claim(bucket_url, item_id, user, storage_options)
+    committed = False
     try:
-        _create_exclusive(storage.join(dbase, "decision.json"), _json_bytes(record), storage_options)
-    except FileExistsError:
-        d = read_decision(bucket_url, item_id, storage_options) or {}
-        raise AlreadyDecided(f"item {item_id!r} was already {d.get('decision')} by {d.get('user')} at {d.get('at')}") from None
+        pair_meta_url = storage.join(pool_url(bucket_url, item_id), "meta.json")
+        if final_png is not None:
+            storage.write_bytes(storage.join(dbase, "mask.png"), final_png, storage_options)
+            meta = PoolMeta(
+                origin=decision, source_url=item["source_url"], score=item.get("score"),
+                model_version=item.get("model_version", ""), user=user, at=record["at"], item_id=item_id,
+                extra={"batch": item["batch"], "stem": item["stem"], "mask_source": mask_source},
+            )
+            add_to_pool(bucket_url, item_id, image_jpeg, final_png, meta, storage_options, replace=True)
+        elif _exists(pair_meta_url, storage_options):
+            # Only after an interrupted earlier attempt on this item put a pair in the pool that was
+            # never committed by a decision: a rejection must not leave it there.
+            if _read_json(pair_meta_url, storage_options).get("item_id") == item_id:
+                storage.remove(pair_meta_url, storage_options)
+        try:
+            _create_exclusive(storage.join(dbase, "decision.json"), _json_bytes(record), storage_options)
+            committed = True
+        except FileExistsError:
+            d = read_decision(bucket_url, item_id, storage_options) or {}
+            raise AlreadyDecided(f"item {item_id!r} was already {d.get('decision')} by {d.get('user')} "
+                                 f"at {d.get('at')}") from None
+    finally:
+        if not committed:  # whatever failed, the item is free again at once (not locked for minutes)
+            _release_claim(bucket_url, item_id, token, storage_options)
     return record
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import json
 import threading
 
@@ -207,6 +209,41 @@ def test_a_stale_claim_from_a_dead_request_is_taken_over(bucket):
                        json.dumps({"user": "ann", "at": c.now_iso(), "token": "y"}), options)
     with pytest.raises(c.AlreadyDecided, match="being decided by ann"):
         c.decide(bucket_url, fresh.item_id, "accepted", "bob", storage_options=options)
+
+
+def test_two_takeovers_of_one_stale_claim_only_one_proceeds(bucket):
+    bucket_url, options = bucket
+    item = queue_one(bucket_url, options)
+    claim = f"{bucket_url}/corrections/done/{item.item_id}/claim.json"
+    storage.write_text(claim, json.dumps({"user": "ann", "at": "2020-01-01T00:00:00+00:00", "token": "dead"}), options)
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        outcomes = list(pool.map(lambda user: _attempt(bucket_url, item.item_id, user, options), ["b", "c", "d", "e"]))
+    assert sorted(outcome == "decided" for outcome in outcomes) == [False, False, False, True]
+    assert all(outcome == "decided" or "taken over" in outcome or "being decided" in outcome
+               or "already" in outcome for outcome in outcomes)
+
+
+def _attempt(bucket_url, item_id, user, options) -> str:
+    try:
+        c.decide(bucket_url, item_id, "accepted", user, storage_options=options)
+    except c.AlreadyDecided as refused:
+        return str(refused)
+    return "decided"
+
+
+def test_a_decision_that_fails_half_way_frees_the_item_at_once(bucket, monkeypatch):
+    bucket_url, options = bucket
+    item = queue_one(bucket_url, options)
+
+    def storage_down(*args, **kwargs):
+        raise OSError("the object store went away")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(c, "add_to_pool", storage_down)
+        with pytest.raises(OSError, match="went away"):
+            c.decide(bucket_url, item.item_id, "accepted", "ann", storage_options=options)
+    assert not storage.exists(f"{bucket_url}/corrections/done/{item.item_id}/claim.json", options)
+    assert c.decide(bucket_url, item.item_id, "accepted", "bob", storage_options=options)["user"] == "bob"
 
 
 def test_published_pairs_human_pairs_win_and_retries_change_nothing(bucket):
