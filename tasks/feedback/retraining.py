@@ -98,8 +98,9 @@ _VERSION_OK = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 # --------------------------------------------------------------------------------------------
 
 def empty_state() -> dict:
-    """The state before the first run: ``{"last_pair_at": None, "last_dataset_version": None, "history": []}``."""
-    return {"last_pair_at": None, "last_dataset_version": None, "history": []}
+    """The state before the first run: ``{"last_pair_at": None, "last_dataset_version": None,
+    "history": [], "consumed": {}}`` (``consumed``: pair id → the ``at`` of the pair a run used)."""
+    return {"last_pair_at": None, "last_dataset_version": None, "history": [], "consumed": {}}
 
 
 def state_url(bucket_url: str) -> str:
@@ -165,6 +166,7 @@ def advance_state(state: dict, result: dict, at: str | None = None, **extra) -> 
     newest = max([t for t in (previous, result["last_pair_at"]) if t], default=None, key=_instant)
     return {
         **state,
+        "consumed": {**state.get("consumed", {}), **result.get("consumed", {})},
         "last_pair_at": newest,
         "last_dataset_version": result["version"],
         "history": [*state.get("history", []), entry],
@@ -176,12 +178,20 @@ def _instant(timestamp: str) -> datetime:
 
 
 def new_pool_pairs(bucket_url: str, state: dict, storage_options: dict | None = None) -> list[dict]:
-    """The retraining-pool pairs added after ``state["last_pair_at"]`` (all of them when it is None).
+    """The retraining-pool pairs no run has used: ids not in ``state["consumed"]``, or rewritten since
+    (another ``at``, e.g. a person's correction of a published pair). A pair that became visible
+    late, with an older ``at`` than pairs already used, is still new: nothing is cut off by time.
 
+    A state written before ``consumed`` existed counts the pairs up to its ``last_pair_at`` as used.
     Returns :func:`tasks.feedback.queue.list_pool` records (``pair_id``, ``at``, ``origin``,
     ``image_url``, ``mask_url``...), oldest first.
     """
-    return list_pool(bucket_url, storage_options, since=state.get("last_pair_at"))
+    consumed = state.get("consumed") or {}
+    legacy_cutoff = None if consumed else state.get("last_pair_at")
+    pairs = list_pool(bucket_url, storage_options)
+    if legacy_cutoff:
+        pairs = list_pool(bucket_url, storage_options, since=legacy_cutoff)
+    return [p for p in pairs if consumed.get(str(p["pair_id"])) != str(p.get("at") or "")]
 
 
 # --------------------------------------------------------------------------------------------
@@ -407,7 +417,7 @@ def build_retraining_dataset(
     Returns ``{"version", "dataset_url", "base_version", "n_base", "n_superseded", "n_new",
     "n_new_ok", "n_quarantined", "reasons": {reason: n}, "splits": {split: n} (all clean rows),
     "new_splits": {split: n}, "new_clusters": {cluster: n}, "centroids": "features" | "pairs" |
-    None, "last_pair_at", "manifest_url", "quarantine_url"}``. Raises ``ValueError`` when
+    None, "last_pair_at", "consumed": {pair id: at}, "manifest_url", "quarantine_url"}``. Raises ``ValueError`` when
     ``pairs`` is empty or the base version has no manifest.
     """
     config = config or RetrainingConfig()
@@ -525,6 +535,7 @@ def build_retraining_dataset(
         "new_clusters": dict(sorted(Counter(ok_new["cluster"].astype(str)).items())),
         "centroids": centroids.source if centroids is not None else None,
         "last_pair_at": max(stamps, key=_instant) if stamps else None,
+        "consumed": {str(p["pair_id"]): str(p.get("at") or "") for p in ordered},
         "manifest_url": manifest_url,
         "quarantine_url": quarantine_url,
     }

@@ -90,17 +90,17 @@ def test_config_is_validated():
             r.RetrainingConfig(**bad)
 
 
-def test_state_round_trip_and_new_pool_pairs_since(bucket):
+def test_state_round_trip_and_new_pool_pairs_are_the_unconsumed_ones(bucket):
     bucket_url, options = bucket
     state = r.read_state(bucket_url, options)
-    assert state == {"last_pair_at": None, "last_dataset_version": None, "history": []}
+    assert state == {"last_pair_at": None, "last_dataset_version": None, "history": [], "consumed": {}}
     item = pool_item(0)
     for i in range(3):
         add_item(bucket_url, options, f"b--p{i}", item, stamp(i))
     assert [p["pair_id"] for p in r.new_pool_pairs(bucket_url, state, options)] == ["b--p0", "b--p1", "b--p2"]
 
     result = {"version": "retrain-x", "base_version": BASE, "n_new": 2, "n_new_ok": 2, "n_quarantined": 0,
-              "last_pair_at": stamp(1)}
+              "last_pair_at": stamp(1), "consumed": {"b--p0": stamp(0), "b--p1": stamp(1)}}
     state = r.advance_state(state, result, at="2026-03-02T00:00:00+00:00", training_run_id="run-1")
     r.write_state(bucket_url, state, options)
     back = r.read_state(bucket_url, options)
@@ -110,9 +110,23 @@ def test_state_round_trip_and_new_pool_pairs_since(bucket):
                                 "n_new": 2, "n_new_ok": 2, "n_quarantined": 0, "last_pair_at": stamp(1),
                                 "training_run_id": "run-1"}]
     assert [p["pair_id"] for p in r.new_pool_pairs(bucket_url, back, options)] == ["b--p2"]
+    # a pair stamped before the last run's newest pair but visible only now is still new
+    add_item(bucket_url, options, "b--late", item, stamp(0))
+    assert sorted(p["pair_id"] for p in r.new_pool_pairs(bucket_url, back, options)) == ["b--late", "b--p2"]
+    # a used pair rewritten since (a person's correction) is new again
+    add_item(bucket_url, options, "b--p1", item, stamp(9), origin="corrected")
+    assert sorted(p["pair_id"] for p in r.new_pool_pairs(bucket_url, back, options)) == ["b--late", "b--p1", "b--p2"]
     assert storage.exists(storage.join(bucket_url, "retraining", "state.json"), options)
     with pytest.raises(ValueError):
         r.write_state(bucket_url, {"history": []}, options)
+
+
+def test_a_state_from_before_consumed_ids_counts_pairs_up_to_its_cursor_as_used(tmp_path):
+    bucket_url = str(tmp_path / "bucket")
+    for i in range(3):
+        add_item(bucket_url, None, f"b--p{i}", pool_item(0), stamp(i))
+    legacy = {"last_pair_at": stamp(1), "last_dataset_version": "v", "history": []}
+    assert [p["pair_id"] for p in r.new_pool_pairs(bucket_url, legacy)] == ["b--p2"]
 
 
 def test_build_retraining_dataset(bucket):
