@@ -136,7 +136,7 @@ def clusters(dataset_url: str) -> str:
 
 
 def review(dataset_url: str) -> str:
-    """What reviewers changed (``corrections.jsonl``, mask decisions, fixed masks)."""
+    """What reviewers changed (one object per correction and proposal, fixed masks)."""
     return storage.join(dataset_url, "review")
 
 

@@ -65,6 +65,17 @@ def read_bytes(url: str, storage_options: dict | None = None) -> bytes:
     return fs.cat_file(path)
 
 
+def read_many(urls: list[str], storage_options: dict | None = None) -> dict[str, bytes]:
+    """Read many small objects of one store concurrently; returns ``{url: bytes}`` (missing ones
+    left out)."""
+    if not urls:
+        return {}
+    fs, _ = filesystem(urls[0], storage_options)
+    paths = {filesystem(u, storage_options)[1]: u for u in urls}
+    found = fs.cat(list(paths), on_error="omit")
+    return {paths[p]: data for p, data in found.items() if p in paths}
+
+
 def write_bytes(url: str, data: bytes, storage_options: dict | None = None) -> str:
     """Write ``data`` to ``url`` atomically (temporary key, then move) and return ``url``."""
     fs, path = filesystem(url, storage_options)

@@ -1,10 +1,16 @@
 """The reviewers' corrections to the proposed product clusters and flagged masks, and their application.
 
 Clustering proposes a cluster (an integer) and a name per cluster. Reviewers move images between
-clusters and rename clusters; every change is one line of ``review/corrections.jsonl`` (who, when,
-what). The review state is the proposal with the corrections replayed in order, so the log is the
-single source of truth and nothing a reviewer did is lost. After approval, :func:`apply_review`
-writes the final product type of every clean pair into the manifest's ``cluster`` column.
+clusters and rename clusters; every change is one new object
+``review/<clustering>/corrections/<time>-<random>.json`` (who, when, what), where ``<clustering>``
+identifies the proposal it was made against (a digest of ``clusters/assignments.parquet``): no
+writer reads, extends and rewrites a shared log, so two reviewers on two api-server processes
+cannot lose each other's work, and clustering the version again starts a new, empty log. The
+review state is the proposal with its corrections replayed in name order. Approval closes the
+review: :func:`apply_review` first writes ``review/<clustering>/closed.json``, after which
+:func:`record_correction` refuses (:class:`ReviewClosed`, a 409 on the pages), then writes the
+final product type of every clean pair into the manifest's ``cluster`` column. (A log from before
+this layout, ``review/corrections.jsonl``, is replayed first.)
 
 The mask audit flags implausible masks (the manifest's ``audit_reasons``). Reviewers answer each
 flagged pair with a ``mask`` correction in the same log: ``keep`` (the mask is fine), ``exclude``
@@ -15,9 +21,10 @@ flagged pair with a ``mask`` correction in the same log: ``keep`` (the mask is f
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
-import threading
+import uuid
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -38,7 +45,7 @@ from tasks.core.manifest import (
     write_table,
 )
 
-CORRECTIONS_PATH = "review/corrections.jsonl"
+LEGACY_CORRECTIONS_PATH = "review/corrections.jsonl"
 ASSIGNMENTS_PATH = "clusters/assignments.parquet"
 FINAL_PATH = "clusters/final.parquet"
 FIXED_MASKS_PATH = "review/masks"
@@ -48,11 +55,14 @@ MASK_DECISIONS = ("keep", "exclude", "fix")
 _AUDIT_DECISION = {"keep": AUDIT_KEEP, "exclude": AUDIT_EXCLUDE, "fix": AUDIT_FIXED}
 #: Largest corrected mask file accepted by :func:`save_fixed_mask`.
 _NAME_PATTERN = re.compile(r"^[\w][\w &/+.,'()-]{0,59}$")
-_write_lock = threading.Lock()
 
 
 class CorrectionError(ValueError):
     """A correction that cannot be applied (unknown image or cluster, bad name, unfit mask)."""
+
+
+class ReviewClosed(RuntimeError):
+    """The review was approved and applied: later corrections would never be used."""
 
 
 @dataclass(frozen=True)
@@ -70,7 +80,7 @@ class Correction:
     decision: str | None = None
 
     def to_json(self) -> str:
-        """One JSON line for ``corrections.jsonl``."""
+        """The correction as one line of JSON (its stored object)."""
         return json.dumps({k: v for k, v in asdict(self).items() if v is not None}, ensure_ascii=False)
 
 
@@ -93,6 +103,8 @@ class ReviewState:
     flagged: dict[str, tuple[str, ...]] = field(default_factory=dict)
     sizes_of: dict[str, tuple[int, int]] = field(default_factory=dict)
     mask_decisions: dict[str, str] = field(default_factory=dict)
+    #: The proposal the corrections belong to (see the module docstring).
+    clustering: str = ""
 
     def members(self, cluster: int) -> list[str]:
         """Keys in ``cluster``, sorted."""
@@ -162,11 +174,32 @@ class ReviewState:
         self.corrections.append(correction)
 
 
-def _read_corrections(dataset_url: str, storage_options: dict | None) -> list[Correction]:
-    url = storage.join(dataset_url, CORRECTIONS_PATH)
-    if not storage.exists(url, storage_options):
-        return []
-    lines = storage.read_bytes(url, storage_options).decode("utf-8").splitlines()
+def _clustering_id(dataset_url: str, storage_options: dict | None) -> str:
+    """The proposal's identity: a digest of ``clusters/assignments.parquet``."""
+    data = storage.read_bytes(storage.join(dataset_url, ASSIGNMENTS_PATH), storage_options)
+    return "clustering-" + hashlib.sha256(data).hexdigest()[:16]
+
+
+def review_log_url(dataset_url: str, clustering: str) -> str:
+    """The folder of one proposal's review: ``review/<clustering>`` (corrections/, closed.json)."""
+    return storage.join(layout.review(dataset_url), clustering)
+
+
+def read_corrections(dataset_url: str, storage_options: dict | None = None) -> list[Correction]:
+    """The corrections of the current proposal, in the order they are replayed."""
+    return _read_corrections(dataset_url, _clustering_id(dataset_url, storage_options), storage_options)
+
+
+def _read_corrections(dataset_url: str, clustering: str, storage_options: dict | None) -> list[Correction]:
+    """The legacy log's lines, then the proposal's correction objects in name (time) order."""
+    lines: list[str] = []
+    legacy = storage.join(dataset_url, LEGACY_CORRECTIONS_PATH)
+    if storage.exists(legacy, storage_options):
+        lines += storage.read_bytes(legacy, storage_options).decode("utf-8").splitlines()
+    folder = storage.join(review_log_url(dataset_url, clustering), "corrections")
+    urls = [o.url for o in storage.list_objects(folder, storage_options) if o.relpath.endswith(".json")]
+    found = storage.read_many(urls, storage_options)
+    lines += [found[url].decode("utf-8") for url in urls if url in found]
     return [Correction(**json.loads(line)) for line in lines if line.strip()]
 
 
@@ -204,6 +237,7 @@ def load_review_state(dataset_url: str, storage_options: dict | None = None) -> 
     proposed = {str(k): int(c) for k, c in zip(table["key"], table["cluster"], strict=True)}
     names = {int(c): str(n) for c, n in table.groupby("cluster")["proposed_name"].first().items()}
     flagged, sizes_of = _read_flags(dataset_url, storage_options)
+    clustering = _clustering_id(dataset_url, storage_options)
     state = ReviewState(
         cluster_of=dict(proposed),
         names=names,
@@ -211,8 +245,9 @@ def load_review_state(dataset_url: str, storage_options: dict | None = None) -> 
         proposed=proposed,
         flagged=flagged,
         sizes_of=sizes_of,
+        clustering=clustering,
     )
-    for correction in _read_corrections(dataset_url, storage_options):
+    for correction in _read_corrections(dataset_url, clustering, storage_options):
         state.apply(correction)
     return state
 
@@ -224,24 +259,31 @@ def record_correction(
     storage_options: dict | None = None,
     **fields,
 ) -> ReviewState:
-    """Validate a reviewer's action against the current state and append it to the log.
+    """Validate a reviewer's action against the current state and store it as a new object.
 
     Takes the dataset URL, ``action`` (``move`` with ``key`` and ``to_cluster``, ``rename`` with
     ``cluster`` and ``name``, or ``mask`` with ``key`` and ``decision``) and the reviewer's user name.
     A ``mask`` decision needs a flagged key; ``fix`` also needs the corrected mask already saved
     (use :func:`save_fixed_mask`). Returns the new state; raises :class:`CorrectionError` for an
-    action that does not fit (nothing is written then).
+    action that does not fit and :class:`ReviewClosed` after approval (nothing is written then).
     """
-    correction = Correction(action=action, user=user, at=datetime.now(timezone.utc).isoformat(timespec="seconds"), **fields)
-    with _write_lock:  # one api-server process appends at a time; S3 has no append
-        state = load_review_state(dataset_url, storage_options)
-        state.apply(correction)
-        if correction.decision == "fix" and not storage.exists(fixed_mask_url(dataset_url, correction.key), storage_options):
-            raise CorrectionError(f"no corrected mask was uploaded for {correction.key!r}: upload one to fix it")
-        url = storage.join(dataset_url, CORRECTIONS_PATH)
-        previous = storage.read_bytes(url, storage_options) if storage.exists(url, storage_options) else b""
-        storage.write_bytes(url, previous + (correction.to_json() + "\n").encode("utf-8"), storage_options)
+    now = datetime.now(timezone.utc)
+    correction = Correction(action=action, user=user, at=now.isoformat(timespec="seconds"), **fields)
+    state = load_review_state(dataset_url, storage_options)
+    if is_closed(dataset_url, state.clustering, storage_options):
+        raise ReviewClosed("the review was approved and applied: this change would never be used")
+    state.apply(correction)
+    if correction.decision == "fix" and not storage.exists(fixed_mask_url(dataset_url, correction.key), storage_options):
+        raise CorrectionError(f"no corrected mask was uploaded for {correction.key!r}: upload one to fix it")
+    name = f"{now.strftime('%Y%m%dT%H%M%S%f')}-{uuid.uuid4().hex[:12]}.json"
+    url = storage.join(review_log_url(dataset_url, state.clustering), "corrections", name)
+    storage.write_bytes(url, correction.to_json().encode("utf-8"), storage_options)
     return state
+
+
+def is_closed(dataset_url: str, clustering: str, storage_options: dict | None = None) -> bool:
+    """Whether the review of this proposal was approved and applied (:func:`apply_review`)."""
+    return storage.exists(storage.join(review_log_url(dataset_url, clustering), "closed.json"), storage_options)
 
 
 def _mask_array(png_bytes: bytes, size: tuple[int, int]) -> np.ndarray:
@@ -267,6 +309,8 @@ def save_fixed_mask(
     import cv2
 
     state = load_review_state(dataset_url, storage_options)
+    if is_closed(dataset_url, state.clustering, storage_options):
+        raise ReviewClosed("the review was approved and applied: this fix would never be used")
     state.apply(Correction(action="mask", user=user, at="", key=key, decision="fix"))  # validates the key
     if key not in state.sizes_of:
         raise CorrectionError(f"the manifest has no width/height for {key!r}: cannot check the mask's size")
@@ -313,7 +357,13 @@ def apply_review(dataset_url: str, storage_options: dict | None = None) -> dict:
     proposed cluster, final cluster, final name). Manifests without the audit columns get no
     ``audit_decision`` column. Returns ``{"sizes": {name: n}, "moved": n, "renamed": n,
     "corrections": n, "masks": {"flagged", "kept", "excluded", "fixed", "undecided"}, "manifest_url"}``.
+    Closes the review first (``closed.json``), so that no correction arrives after it was read.
     """
+    clustering = _clustering_id(dataset_url, storage_options)
+    closed = storage.join(review_log_url(dataset_url, clustering), "closed.json")
+    if not storage.exists(closed, storage_options):
+        storage.write_text(closed, json.dumps({"at": datetime.now(timezone.utc).isoformat(timespec="seconds")}),
+                           storage_options)
     state = load_review_state(dataset_url, storage_options)
     manifest_url = layout.manifest(dataset_url)
     manifest = read_table(manifest_url, storage_options)

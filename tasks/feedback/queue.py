@@ -284,16 +284,6 @@ def _list(prefix_url: str, storage_options: dict | None):
     return storage.list_objects(prefix_url, storage_options)
 
 
-def _cat_many(urls: list[str], storage_options: dict | None) -> dict[str, bytes]:
-    """Read many small objects concurrently; returns ``{url: bytes}`` (missing ones left out)."""
-    if not urls:
-        return {}
-    fs, _ = storage.filesystem(urls[0], storage_options)
-    paths = {storage.filesystem(u, storage_options)[1]: u for u in urls}
-    found = fs.cat(list(paths), on_error="omit")
-    return {paths[p]: data for p, data in found.items() if p in paths}
-
-
 # ---------------------------------------------------------------- queue
 
 
@@ -338,10 +328,10 @@ def list_queue(bucket_url: str, storage_options: dict | None = None, include_don
     decided = {url.rsplit("/", 2)[-2] for url in decision_urls}
     decisions: dict[str, dict] = {}
     if include_done:
-        decisions = {json.loads(d)["item_id"]: json.loads(d) for d in _cat_many(decision_urls, storage_options).values()}
+        decisions = {json.loads(d)["item_id"]: json.loads(d) for d in storage.read_many(decision_urls, storage_options).values()}
     out = []
     open_urls = [u for u in item_urls if include_done or u.rsplit("/", 2)[-2] not in decided]
-    for data in _cat_many(open_urls, storage_options).values():
+    for data in storage.read_many(open_urls, storage_options).values():
         record = json.loads(data)
         decision = decisions.get(record["item_id"])
         record["decision"] = decision
@@ -592,7 +582,7 @@ def list_pool(bucket_url: str, storage_options: dict | None = None, since: str |
     root = layout.retraining_pool(bucket_url)
     urls = [o.url for o in _list(root, storage_options) if o.relpath.count("/") == 1 and o.relpath.endswith("/meta.json")]
     out = []
-    for url, data in _cat_many(urls, storage_options).items():
+    for url, data in storage.read_many(urls, storage_options).items():
         record = json.loads(data)
         if threshold is not None and datetime.fromisoformat(record["at"]) <= threshold:
             continue

@@ -20,6 +20,7 @@ from tasks.core import storage
 from tasks.dev.airflow_client import AirflowHTTPError
 from tasks.core.manifest import audit_excluded, read_table
 from tasks.dev.synth import SynthConfig, generate_catalogue
+from tasks.data.review import read_corrections
 
 pytestmark = pytest.mark.integration
 AIRFLOW = str(Path(sys.executable).parent / "airflow")
@@ -84,11 +85,14 @@ def test_reviewer_moves_an_image_renames_a_cluster_and_approves(s3_bucket, revie
             reviewer.request("POST", f"{api}/corrections?bucket={bucket}", {"action": "move", "key": "nope", "to_cluster": 0})
         assert refused.value.status == 422 and "unknown image key" in refused.value.body["detail"]
 
-        log = storage.read_bytes(f"{bucket_url}/datasets/{version}/review/corrections.jsonl", options).decode().splitlines()
-        assert [json.loads(line)["user"] for line in log] == ["reviewer", "reviewer"]
+        log = read_corrections(f"{bucket_url}/datasets/{version}", options)
+        assert [c.user for c in log] == ["reviewer", "reviewer"]
 
         reviewer.answer(detail, "Approve")
         assert run.wait(timeout=600) == 0, (tmp_path / "run.log").read_text()[-4000:]
+        with pytest.raises(AirflowHTTPError) as closed:  # approval closed the review: a late change is refused
+            reviewer.request("POST", f"{api}/corrections?bucket={bucket}", rename)
+        assert closed.value.status == 409
     finally:
         if run.poll() is None:
             run.kill()

@@ -34,6 +34,7 @@ from bgremoval_airflow.web.common import (
     default_bucket,
     load_review_state,
     render_page,
+    review_errors,
 )
 from tasks.core import layout, storage
 
@@ -122,17 +123,13 @@ def cluster_router() -> APIRouter:
     @router.post("/api/datasets/{version}/corrections", dependencies=[can_review_training])
     def post_correction(version: str, body: CorrectionIn, user: GetUserDep, bucket: str = Query(bucket_default)) -> dict:
         """Save a move or a rename (who and when) and answer the updated clusters."""
-        from tasks.data.review import CorrectionError, record_correction
+        from tasks.data.review import record_correction
 
         fields = {k: v for k, v in body.model_dump().items() if k != "action" and v is not None}
-        try:
+        with review_errors():
             state = record_correction(
                 dataset_url(version, bucket), body.action, user.get_name(), current_storage_options(), **fields
             )
-        except CorrectionError as exc:
-            raise HTTPException(status_code=422, detail=str(exc)) from None
-        except FileNotFoundError as exc:
-            raise HTTPException(status_code=404, detail=str(exc)) from None
         return state_json(state, version, bucket)
 
     @router.get("/review/{version}", response_class=HTMLResponse, dependencies=[can_read_training])

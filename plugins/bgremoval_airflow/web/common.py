@@ -9,6 +9,7 @@ Used by the routers :mod:`bgremoval_airflow.web.clusters`, :mod:`bgremoval_airfl
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import re
 import time
@@ -38,6 +39,7 @@ __all__ = [
     "default_bucket",
     "load_review_state",
     "render_page",
+    "review_errors",
 ]
 
 #: The DAG whose permissions guard the dataset pages (read access to look, HITL answers to change).
@@ -108,6 +110,22 @@ def load_review_state(version: str, bucket: str):
 
     try:
         return load(dataset_url(version, bucket), current_storage_options())
+    except FileNotFoundError as exc:
+        raise HTTPException(status_code=404, detail=str(exc)) from None
+
+
+@contextlib.contextmanager
+def review_errors():
+    """Answer a review write's refusals as HTTP: an unfit change 422, a closed (approved) review 409,
+    an unknown dataset or pair 404."""
+    from tasks.data.review import CorrectionError, ReviewClosed
+
+    try:
+        yield
+    except CorrectionError as exc:
+        raise HTTPException(status_code=422, detail=str(exc)) from None
+    except ReviewClosed as exc:
+        raise HTTPException(status_code=409, detail=str(exc)) from None
     except FileNotFoundError as exc:
         raise HTTPException(status_code=404, detail=str(exc)) from None
 

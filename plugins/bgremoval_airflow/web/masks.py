@@ -32,6 +32,7 @@ from bgremoval_airflow.web.common import (
     default_bucket,
     load_review_state,
     render_page,
+    review_errors,
 )
 from tasks.core import storage
 from tasks.data.config import MAX_FIXED_MASK_BYTES
@@ -94,17 +95,13 @@ def mask_router() -> APIRouter:
         version: str, key: str, body: MaskDecisionIn, user: GetUserDep, bucket: str = Query(bucket_default)
     ) -> dict:
         """Save keep or exclude for a flagged mask and answer the updated list."""
-        from tasks.data.review import CorrectionError, record_correction
+        from tasks.data.review import record_correction
 
         check_key(key)
-        try:
+        with review_errors():
             state = record_correction(
                 dataset_url(version, bucket), "mask", user.get_name(), current_storage_options(), key=key, decision=body.decision
             )
-        except CorrectionError as exc:
-            raise HTTPException(status_code=422, detail=str(exc)) from None
-        except FileNotFoundError as exc:
-            raise HTTPException(status_code=404, detail=str(exc)) from None
         return masks_json(state, version, bucket)
 
     @router.post("/api/datasets/{version}/masks/{key}/fix", dependencies=[can_review_training])
@@ -116,18 +113,14 @@ def mask_router() -> APIRouter:
         bucket: str = Query(bucket_default),
     ) -> dict:
         """Save an uploaded corrected mask as the pair's fix and answer the updated list."""
-        from tasks.data.review import CorrectionError, save_fixed_mask
+        from tasks.data.review import save_fixed_mask
 
         check_key(key)
         data = file.file.read(MAX_FIXED_MASK_BYTES + 1)
         if len(data) > MAX_FIXED_MASK_BYTES:
             raise HTTPException(status_code=413, detail=f"mask file larger than {MAX_FIXED_MASK_BYTES // 2**20} MiB")
-        try:
+        with review_errors():
             state = save_fixed_mask(dataset_url(version, bucket), key, data, user.get_name(), current_storage_options())
-        except CorrectionError as exc:
-            raise HTTPException(status_code=422, detail=str(exc)) from None
-        except FileNotFoundError as exc:
-            raise HTTPException(status_code=404, detail=str(exc)) from None
         return masks_json(state, version, bucket)
 
     @router.get("/review/{version}/masks", response_class=HTMLResponse, dependencies=[can_read_training])

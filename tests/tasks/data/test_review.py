@@ -21,6 +21,8 @@ from tasks.data.review import (
     fixed_mask_url,
     load_review_state,
     mask_review_summary,
+    ReviewClosed,
+    read_corrections,
     record_correction,
     save_fixed_mask,
     thumbnail_jpeg,
@@ -58,8 +60,7 @@ def test_state_without_corrections_is_the_proposal(clustered):
 def test_corrections_are_logged_with_who_and_when_and_replayed(clustered):
     record_correction(clustered, "move", "alice", key="k0", to_cluster=1)
     record_correction(clustered, "rename", "bob", cluster=1, name="shorts & swim")
-    lines = storage.read_bytes(storage.join(clustered, "review", "corrections.jsonl")).decode().splitlines()
-    entries = [json.loads(line) for line in lines]
+    entries = [json.loads(c.to_json()) for c in read_corrections(clustered)]
     assert [e["user"] for e in entries] == ["alice", "bob"]
     assert entries[0]["action"] == "move" and entries[0]["key"] == "k0" and entries[0]["to_cluster"] == 1
     assert all(e["at"].endswith("+00:00") for e in entries)
@@ -81,7 +82,7 @@ def test_corrections_are_logged_with_who_and_when_and_replayed(clustered):
 def test_invalid_corrections_are_refused_and_not_written(clustered, action, fields, message):
     with pytest.raises(CorrectionError, match=message):
         record_correction(clustered, action, "mallory", **fields)
-    assert not storage.exists(storage.join(clustered, "review", "corrections.jsonl"))
+    assert read_corrections(clustered) == []
 
 
 def test_apply_review_writes_final_labels_into_the_manifest(clustered):
@@ -176,7 +177,7 @@ def test_mask_decisions_are_logged_and_the_last_one_wins(audited):
     record_correction(audited, "mask", "alice", key="k1", decision="keep")
     record_correction(audited, "mask", "bob", key="k4", decision="keep")
     record_correction(audited, "mask", "bob", key="k1", decision="exclude")
-    entries = [json.loads(line) for line in storage.read_bytes(storage.join(audited, "review", "corrections.jsonl")).splitlines()]
+    entries = [json.loads(c.to_json()) for c in read_corrections(audited)]
     assert [(e["action"], e["user"], e["key"], e["decision"]) for e in entries] == [
         ("mask", "alice", "k1", "keep"), ("mask", "bob", "k4", "keep"), ("mask", "bob", "k1", "exclude")]
     state = load_review_state(audited)
@@ -201,7 +202,7 @@ def test_mask_decisions_are_logged_and_the_last_one_wins(audited):
 def test_invalid_mask_decisions_are_refused_and_not_written(audited, key, decision, message):
     with pytest.raises(CorrectionError, match=message):
         record_correction(audited, "mask", "mallory", key=key, decision=decision)
-    assert not storage.exists(storage.join(audited, "review", "corrections.jsonl"))
+    assert read_corrections(audited) == []
 
 
 @pytest.mark.parametrize("sixteen_bit", [False, True])
@@ -219,7 +220,7 @@ def test_fixed_mask_is_thresholded_stored_apart_and_recorded(audited, sixteen_bi
     assert (stored[:, :20] == 0).all() and (stored[:, 20:] == 255).all()
     assert fixed_mask_url(audited, "k1") == storage.join(audited, "review", "masks", "k1.png")
     assert not cv2.imdecode(np.frombuffer(storage.read_bytes(clean_mask_url), np.uint8), 0).any()  # clean mask untouched
-    [entry] = [json.loads(line) for line in storage.read_bytes(storage.join(audited, "review", "corrections.jsonl")).splitlines()]
+    [entry] = [json.loads(c.to_json()) for c in read_corrections(audited)]
     assert (entry["action"], entry["key"], entry["decision"], entry["user"]) == ("mask", "k1", "fix", "carol")
 
 
@@ -250,7 +251,7 @@ def test_unfit_uploads_are_refused_and_nothing_is_written(audited, upload, messa
     with pytest.raises(CorrectionError, match=message):
         save_fixed_mask(audited, "k1", upload, "mallory")
     assert not storage.exists(fixed_mask_url(audited, "k1"))
-    assert not storage.exists(storage.join(audited, "review", "corrections.jsonl"))
+    assert read_corrections(audited) == []
 
 
 @pytest.mark.parametrize("key, message", [("k0", "not flagged"), ("../../raw/x", "unknown image key")])
@@ -278,14 +279,43 @@ def test_apply_review_writes_audit_decisions_and_fixed_mask_urls(audited):
     )
     assert sorted(manifest.index[audit_excluded(manifest.reset_index()).to_numpy()]) == ["k1", "k5"]
 
-    # The reviewer changes their mind: the last answer wins, the fixed mask is no longer used.
+    # Approval closed the review: a later change is refused, and applying again changes nothing.
+    with pytest.raises(ReviewClosed):
+        record_correction(audited, "mask", "bob", key="k4", decision="keep")
+    with pytest.raises(ReviewClosed):
+        save_fixed_mask(audited, "k5", png(good_mask()), "bob")
+    assert not storage.exists(fixed_mask_url(audited, "k5"))
+    assert apply_review(audited)["masks"] == summary["masks"]
+
+
+def test_the_last_answer_before_approval_wins_and_a_fix_taken_back_is_not_used(audited):
+    before = read_table(storage.join(audited, "manifest.parquet")).set_index("key")
+    save_fixed_mask(audited, "k4", png(good_mask()), "alice")
     record_correction(audited, "mask", "bob", key="k4", decision="keep")
-    record_correction(audited, "mask", "bob", key="k5", decision="keep")
     summary = apply_review(audited)
-    assert summary["masks"] == {"flagged": 3, "kept": 2, "excluded": 1, "fixed": 0, "undecided": 0}
+    assert summary["masks"]["kept"] == 1 and summary["masks"]["fixed"] == 0
     manifest = read_table(storage.join(audited, "manifest.parquet")).set_index("key")
-    assert manifest.loc[["k1", "k4", "k5"], "audit_decision"].tolist() == ["exclude", "keep", "keep"]
+    assert manifest.loc["k4", "audit_decision"] == "keep"
     assert manifest.loc["k4", "mask_url"] == clean_urls(audited, "k4")[1] == before.loc["k4", "mask_url"]
+
+
+def test_concurrent_reviewers_lose_no_correction_and_a_new_clustering_starts_a_new_log(clustered):
+    from concurrent.futures import ThreadPoolExecutor
+
+    def review(reviewer: int) -> None:
+        for step in range(10):
+            record_correction(clustered, "move", f"r{reviewer}", key=f"k{(reviewer + step) % 6}", to_cluster=step % 2)
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        list(pool.map(review, range(8)))
+    kept = read_corrections(clustered)
+    assert len(kept) == 80 and {c.user for c in kept} == {f"r{i}" for i in range(8)}
+    # clustering the version again (another proposal) starts an empty log; the old one stays stored
+    assignments = storage.join(clustered, "clusters", "assignments.parquet")
+    table = read_table(assignments)
+    table["proposed_name"] = table["proposed_name"].astype(str) + "-v2"
+    write_table(table, assignments)
+    assert read_corrections(clustered) == [] and load_review_state(clustered).moved() == {}
 
 
 def test_old_manifest_without_audit_columns_still_works(clustered):
