@@ -18,6 +18,7 @@ from airflow.sdk import dag, task
 from bgremoval_airflow.assets import retraining_pool
 from bgremoval_airflow.connections import AWS_CONN_ID, s3_storage_options
 from bgremoval_airflow.params.inference import dag_params, production_config
+from bgremoval_airflow.settings import max_map_length
 
 from tasks.core import layout
 
@@ -48,7 +49,7 @@ def bgremoval_inference():
         from tasks.feedback.production import plan_production
 
         plan = plan_production(layout.bucket_url(params["bucket"]), params["batch"], int(params["photos_per_shard"]),
-                               s3_storage_options())
+                               s3_storage_options(), max_shards=max_map_length())
         print(f"{plan['n_images']} photos in {len(plan['shard_urls'])} shards")
         for problem in plan["problems"]:
             print(f"skipped: {problem}")

@@ -31,7 +31,7 @@ from airflow.sdk import dag, task
 from bgremoval_airflow.connections import AWS_CONN_ID, s3_storage_options
 from bgremoval_airflow.databricks import DATABRICKS_CONN_ID, databricks_params, submit_run_json
 from bgremoval_airflow.links import mask_review_page_url, report_page_url, review_page_url
-from bgremoval_airflow.settings import PROMOTION_POOL
+from bgremoval_airflow.settings import PROMOTION_POOL, max_map_length
 from bgremoval_airflow.params.training import (
     assessment_config,
     augment_config,
@@ -90,6 +90,7 @@ def bgremoval_training():
             config=cleaning_config(params),
             shard_size=int(params["shard_size"]),
             storage_options=s3_storage_options(),
+            max_shards=max_map_length(),
         )
 
     @task
@@ -131,7 +132,8 @@ def bgremoval_training():
     def feature_shards(dataset: dict, params=None) -> list[dict]:
         from tasks.data.features import plan_feature_shards
 
-        return plan_feature_shards(dataset["dataset_url"], int(params["shard_size"]), s3_storage_options())
+        return plan_feature_shards(dataset["dataset_url"], int(params["shard_size"]), s3_storage_options(),
+                                   max_shards=max_map_length())
 
     @task(max_active_tis_per_dagrun=4)
     def extract_features(dataset_url: str, shard: int, start: int, stop: int) -> dict:

@@ -38,6 +38,14 @@ def api_base_url() -> str:
     return conf.get("api", "base_url", fallback="").rstrip("/")
 
 
+def max_map_length() -> int:
+    """How many task instances Airflow maps at most (``[core] max_map_length``): the planners cut
+    work into at most this many shards."""
+    from airflow.configuration import conf
+
+    return conf.getint("core", "max_map_length", fallback=1024)
+
+
 def served_buckets() -> tuple[str, ...]:
     """The buckets the web pages may show: :func:`configured_bucket`, then the names and patterns of
     ``[bgremoval] buckets``."""

@@ -20,6 +20,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
+from tasks.core.shards import shard_ranges
 from tasks.core import layout, storage
 from tasks.core.codecs import decode_pair
 from tasks.core.manifest import PAIRS_PER_SHARD, STATUS_OK, read_table, write_table
@@ -238,19 +239,20 @@ def features_url(dataset_url: str, shard: int) -> str:
     return storage.join(layout.features(dataset_url), f"shard-{shard:05d}.parquet")
 
 
-def plan_feature_shards(dataset_url: str, shard_size: int = PAIRS_PER_SHARD, storage_options: dict | None = None) -> list[dict]:
+def plan_feature_shards(dataset_url: str, shard_size: int = PAIRS_PER_SHARD, storage_options: dict | None = None,
+                        max_shards: int | None = None) -> list[dict]:
     """Cut a dataset version's ok rows (sorted by stem) into ranges for :func:`extract_shard_features`.
 
-    Takes the dataset URL and the number of pairs per shard. Returns one dict per shard,
+    Takes the dataset URL and the number of pairs per shard (grown when more than ``max_shards``
+    shards would be needed, see :func:`tasks.core.shards.shard_ranges`). Returns one dict per shard,
     ``{"dataset_url", "shard", "start", "stop"}`` (row range, stop exclusive); an empty list when
     the dataset has no clean pair.
     """
-    if shard_size < 1:
-        raise ValueError(f"shard_size must be at least 1, got {shard_size}")
+    shard_ranges(0, shard_size, max_shards)  # validates before anything is read
     n = len(ok_rows(dataset_url, storage_options))
     return [
-        {"dataset_url": dataset_url, "shard": index, "start": start, "stop": min(start + shard_size, n)}
-        for index, start in enumerate(range(0, n, shard_size))
+        {"dataset_url": dataset_url, "shard": index, "start": start, "stop": stop}
+        for index, (start, stop) in enumerate(shard_ranges(n, shard_size, max_shards))
     ]
 
 

@@ -28,6 +28,7 @@ import pandas as pd
 
 from tasks.data.mask_audit import audit_pair
 from tasks.core import layout, storage
+from tasks.core.shards import shard_ranges
 from tasks.data.cleaning import (
     CleanPair, CleaningConfig, Reason, Rejected, clean_pair, encode_clean_pair, pair_files, safe_stem, sha256,
 )
@@ -72,16 +73,17 @@ def plan_batch(
     config: CleaningConfig,
     shard_size: int = PAIRS_PER_SHARD,
     storage_options: dict | None = None,
+    max_shards: int | None = None,
 ) -> dict:
     """List ``raw/<batch>/``, pair its files and write the shard lists of a dataset version.
 
     Takes the bucket URL (``s3://bucket`` or a local folder), the batch name, the cleaning config
-    and the number of pairs per shard. Returns ``{"version", "dataset_url", "batch", "shard_urls",
+    and the number of pairs per shard (grown when more than ``max_shards`` shards would be needed,
+    see :func:`tasks.core.shards.shard_ranges`). Returns ``{"version", "dataset_url", "batch", "shard_urls",
     "listing_rejects_url", "n_files", "n_pairs", "n_listing_rejects"}``.
     Raises ``FileNotFoundError`` when the batch holds no files.
     """
-    if shard_size < 1:
-        raise ValueError(f"shard_size must be at least 1, got {shard_size}")
+    shard_ranges(0, shard_size, max_shards)  # validates before anything is listed
     raw_url = layout.raw_batch(bucket_url, batch)
     objects = [o for o in storage.list_objects(raw_url, storage_options) if o.relpath.startswith(("images/", "masks/"))]
     if not objects:
@@ -112,7 +114,7 @@ def plan_batch(
 
     shard_urls = []
     pairs = pairing.pairs
-    for index, start in enumerate(range(0, len(pairs), shard_size)):
+    for index, (start, stop) in enumerate(shard_ranges(len(pairs), shard_size, max_shards)):
         rows = [
             {
                 "stem": p["stem"],
@@ -120,7 +122,7 @@ def plan_batch(
                 "image_source": source(p["image_relpath"]),
                 "mask_source": source(p["mask_relpath"]),
             }
-            for p in pairs[start : start + shard_size]
+            for p in pairs[start:stop]
         ]
         url = storage.join(work_url, "shards", f"shard-{index:05d}.parquet")
         shard_urls.append(write_table(to_frame(rows, SHARD_COLUMNS), url, storage_options))

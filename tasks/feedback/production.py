@@ -17,6 +17,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from tasks.core.shards import shard_ranges
 from tasks.core import layout, storage
 
 #: Photos one mapped task of the inference DAG cuts out (its ``photos_per_shard``).
@@ -50,8 +51,10 @@ class ProductionConfig:
 
 
 def plan_production(bucket_url: str, batch: str, shard_size: int = PHOTOS_PER_SHARD,
-                    storage_options: dict | None = None) -> dict[str, Any]:
-    """List the images of ``incoming/<batch>/`` and write them as shard lists.
+                    storage_options: dict | None = None, max_shards: int | None = None) -> dict[str, Any]:
+    """List the images of ``incoming/<batch>/`` and write them as shard lists (of ``shard_size``
+    photos, grown when more than ``max_shards`` shards would be needed:
+    :func:`tasks.core.shards.shard_ranges`).
 
     Returns ``{"batch", "n_images", "shard_urls", "problems"}``; shard lists are JSON files
     ``production/<batch>/shards/<nnnn>.json`` of ``[url, stem]`` pairs. Raises ``ValueError``
@@ -59,16 +62,15 @@ def plan_production(bucket_url: str, batch: str, shard_size: int = PHOTOS_PER_SH
     """
     from tasks.serving.pipeline import list_images
 
-    if shard_size < 1:
-        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    shard_ranges(0, shard_size, max_shards)  # validates before anything is listed
     incoming = layout.incoming(bucket_url, batch)
     items, problems = list_images([incoming], storage_options)
     if not items:
         raise ValueError(f"no images under {incoming}/ ({'; '.join(problems) or 'empty'})")
     shard_urls = []
-    for number, start in enumerate(range(0, len(items), shard_size)):
+    for number, (start, stop) in enumerate(shard_ranges(len(items), shard_size, max_shards)):
         url = storage.join(layout.production(bucket_url, batch), "shards", f"{number:04d}.json")
-        storage.write_bytes(url, json.dumps(items[start:start + shard_size]).encode(), storage_options)
+        storage.write_bytes(url, json.dumps(items[start:stop]).encode(), storage_options)
         shard_urls.append(url)
     return {"batch": batch, "n_images": len(items), "shard_urls": shard_urls, "problems": problems}
 

@@ -1,7 +1,7 @@
 """Retraining data: pairs from the retraining pool plus an earlier dataset version become a new one.
 
-The ``bgremoval_retraining`` DAG reads the state (:func:`read_state`), lists the pool pairs added
-since the last run (:func:`new_pool_pairs`), and once there are at least ``min_new_pairs`` of them
+The ``bgremoval_retraining`` DAG reads the state (:func:`read_state`), lists the pool pairs no run
+has used yet (:func:`new_pool_pairs`: by pair id and version, never by a time cut-off), and once there are at least ``min_new_pairs`` of them
 calls :func:`build_retraining_dataset`, triggers ``bgremoval_training`` with
 ``dataset_version=<the new version>`` and ``init_from=champion``, and records the run
 (:func:`advance_state` + :func:`write_state`). No Airflow here.

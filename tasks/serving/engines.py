@@ -13,9 +13,11 @@ background-removal pipeline is :mod:`tasks.serving.pipeline`.
 
 from __future__ import annotations
 
+import atexit
 import functools
 import os
 import posixpath
+import shutil
 import tempfile
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -240,7 +242,7 @@ def load_engine(source: str, storage_options: dict | None = None, device: str = 
         source = str(require_pretrained_onnx())
         original = f"{PRETRAINED} ({source})"
     if source.startswith("models:/"):
-        source = registry.download_model(source, tempfile.mkdtemp(prefix="bgremoval-model-"))
+        source = registry.download_model(source, _process_temp_dir("bgremoval-model-"))
         storage_options = None
     onnx_url = pt_url = None
     if source.endswith(".onnx"):
@@ -330,12 +332,19 @@ def audit_predictor(reference: str, registered_name: str = registry.DEFAULT_MODE
     return (functools.partial(probability_map, engine) if engine else None), why
 
 
+def _process_temp_dir(prefix: str) -> str:
+    """A private temporary folder removed when this process exits (a task's downloaded model)."""
+    folder = tempfile.mkdtemp(prefix=prefix)
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
+
+
 def _local_copy(url: str, storage_options: dict | None) -> str:
     """A local path for ``url`` (ONNX Runtime reads files): the path itself, or a temp copy."""
     fs, path = storage.filesystem(url, storage_options)
     if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
         return path
-    local = os.path.join(tempfile.mkdtemp(prefix="bgremoval-onnx-"), posixpath.basename(path))
+    local = os.path.join(_process_temp_dir("bgremoval-onnx-"), posixpath.basename(path))
     with open(local, "wb") as fh:
         fh.write(storage.read_bytes(url, storage_options))
     return local

@@ -19,6 +19,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -142,9 +143,9 @@ def run_launcher(name: str, nproc: int, command: Callable[[str], list[str]], con
     ``<output_url>/result.json``. Raises ``RuntimeError`` with the exit status and the tail of
     the log when the launcher fails (or times out).
     """
-    workdir = tempfile.mkdtemp(prefix=f"bgremoval-{name}-")
+    workdir = tempfile.mkdtemp(prefix=f"bgremoval-{name}-")  # private (0700): the config may hold S3 keys
     config_path = os.path.join(workdir, "config.json")
-    with open(config_path, "w", encoding="utf-8") as handle:
+    with open(os.open(config_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w", encoding="utf-8") as handle:
         handle.write(config.to_json())
     log_file = log_path or os.path.join(workdir, f"{name}.log")
     child_env = dict(os.environ)
@@ -166,6 +167,10 @@ def run_launcher(name: str, nproc: int, command: Callable[[str], list[str]], con
         except BaseException:
             stop_process_group(process)
             raise
+        finally:
+            os.remove(config_path)  # the workers read it at start; nothing with credentials stays behind
+    if returncode == 0 and log_path:
+        shutil.rmtree(workdir, ignore_errors=True)
     if returncode != 0:
         with open(log_file, "rb") as handle:
             tail = handle.read()[-6000:].decode("utf-8", "replace")

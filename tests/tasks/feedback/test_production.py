@@ -46,6 +46,8 @@ def test_plan_shards_the_drop(drop):
     assert sorted(listed) == ["broken", "p0", "p1", "p2", "p3", "p4", "p5"]
     with pytest.raises(ValueError, match="no images"):
         plan_production(bucket_url, "nothing-here", storage_options=options)
+    capped = plan_production(bucket_url, "drop-1", shard_size=1, storage_options=options, max_shards=2)
+    assert len(capped["shard_urls"]) == 2  # seven photos, at most two mapped tasks: shards of four
 
 
 def test_shard_routes_by_score_and_reports_failures(drop, tmp_path, write_model_folder):
