@@ -169,8 +169,6 @@ def run_launcher(name: str, nproc: int, command: Callable[[str], list[str]], con
             raise
         finally:
             os.remove(config_path)  # the workers read it at start; nothing with credentials stays behind
-    if returncode == 0 and log_path:
-        shutil.rmtree(workdir, ignore_errors=True)
     if returncode != 0:
         with open(log_file, "rb") as handle:
             tail = handle.read()[-6000:].decode("utf-8", "replace")
@@ -178,10 +176,7 @@ def run_launcher(name: str, nproc: int, command: Callable[[str], list[str]], con
         raise RuntimeError(f"{name} ({nproc} workers) {what}; full log: {log_file}\n--- log tail ---\n{tail}")
     result_url = layout.train_result(config.output_url)
     result = TrainResult.from_dict(json.loads(storage.read_bytes(result_url, config.storage_options or None)))
-    if log_path is None:
-        for path in (config_path, log_file):
-            os.remove(path)
-        os.rmdir(workdir)
+    shutil.rmtree(workdir, ignore_errors=True)  # the log too, unless it was asked for elsewhere (log_path)
     return result
 
 

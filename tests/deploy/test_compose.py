@@ -186,7 +186,7 @@ def shell_airflow_calls(script: str) -> list[list[str]]:
     import shlex
 
     calls, heredoc = [], None
-    for line in script.splitlines():
+    for line in script.replace("\\\n", " ").splitlines():
         if heredoc:
             heredoc = None if line.strip() == heredoc else heredoc
             continue
@@ -338,11 +338,12 @@ def test_the_environment_the_code_reads_is_set_for_production(services):
     assert urlparse(worker["MLFLOW_TRACKING_URI"]).hostname == "mlflow"
     assert worker["BGREMOVAL_CACHE"].startswith("/opt/airflow/")
 
-    # aws_default points at MinIO in the example, with MinIO's login.
+    # aws_default points at MinIO in the example, with the services' own user (never the root login).
     conn = json.loads(worker["AIRFLOW_CONN_AWS_DEFAULT"])
-    minio = env_of(services["minio"])
+    minio, minio_init = env_of(services["minio"]), env_of(services["minio-init"])
     assert conn["conn_type"] == "aws"
-    assert (conn["login"], conn["password"]) == (minio["MINIO_ROOT_USER"], minio["MINIO_ROOT_PASSWORD"])
+    assert (conn["login"], conn["password"]) == (minio_init["BGREMOVAL_S3_ACCESS_KEY"], minio_init["BGREMOVAL_S3_SECRET_KEY"])
+    assert conn["login"] != minio["MINIO_ROOT_USER"]
     assert urlparse(conn["extra"]["endpoint_url"]).hostname == "minio"
     # The tools service gives the bgremoval CLI the S3 settings it reads.
     cli = env_of(services["airflow-cli"])
@@ -467,3 +468,28 @@ def test_dockerfile_installs_cpu_torch_first_then_the_pinned_project_and_copies_
     ignored = (ROOT / ".dockerignore").read_text().split()
     assert {".venv", ".git", ".env", ".bgremoval"} <= set(ignored)
 
+
+
+def test_the_init_jobs_refuse_change_me_secrets_and_services_get_scoped_users(services, example_env):
+    init_script = command_of(services["airflow-init"])[2]
+    check = re.search(r"(for name in .*?done)\n", init_script, re.S).group(1)
+    env = env_of(services["airflow-init"])
+    real = {k: v.replace("change-me", "s3cr3t") for k, v in env.items()}
+    assert subprocess.run(["bash", "-c", check], env={**os.environ, **real}, capture_output=True).returncode == 0
+    refused = subprocess.run(["bash", "-c", check], env={**os.environ, **real, "POSTGRES_PASSWORD": "change-me-postgres"},
+                             capture_output=True, text=True)
+    assert refused.returncode == 1 and "POSTGRES_PASSWORD" in refused.stderr
+    assert any("change-me" in v for v in env.values())  # the example's placeholders would be refused
+
+    minio_script = command_of(services["minio-init"])[0]
+    assert "mc admin user add" in minio_script and "mc admin policy attach" in minio_script
+    assert "*change-me*" in minio_script
+    mlflow = env_of(services["mlflow"])
+    assert mlflow["AWS_ACCESS_KEY_ID"] == env_of(services["minio-init"])["MLFLOW_ARTIFACTS_ACCESS_KEY_ID"]
+    assert mlflow["AWS_ACCESS_KEY_ID"] != env_of(services["minio"])["MINIO_ROOT_USER"]
+
+
+def test_mlflow_minio_and_flower_listen_on_loopback_unless_told_otherwise(services):
+    for name in ("mlflow", "minio", "flower"):
+        for port in services[name].get("ports", []):
+            assert str(port).startswith("127.0.0.1:"), (name, port)
