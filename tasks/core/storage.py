@@ -92,6 +92,17 @@ def write_bytes(url: str, data: bytes, storage_options: dict | None = None) -> s
     return url
 
 
+def put_new(url: str, data: bytes, storage_options: dict | None = None) -> str:
+    """Write a new object under a key nobody else writes (unique name) in one request and return
+    ``url``. An S3 PUT is atomic, so no temporary key and move are needed (and none of the listing
+    caches a move consults); locally a temporary file is renamed into place."""
+    fs, path = filesystem(url, storage_options)
+    if isinstance(fs, LocalFileSystem):
+        return write_bytes(url, data, storage_options)
+    fs.pipe_file(path, data)
+    return url
+
+
 def write_text(url: str, text: str, storage_options: dict | None = None) -> str:
     """Write UTF-8 ``text`` to ``url`` atomically and return ``url``."""
     return write_bytes(url, text.encode("utf-8"), storage_options)
@@ -116,6 +127,14 @@ def list_objects(prefix_url: str, storage_options: dict | None = None) -> Iterat
             continue
         etag = str(info.get("ETag") or info.get("etag") or "").strip('"')
         yield ObjectInfo(url=_url_for(fs, path), relpath=rel, size=int(info.get("size") or 0), etag=etag)
+
+
+def forget_listings(url: str, storage_options: dict | None = None) -> None:
+    """Drop this process's cached listings of ``url`` and its parents: s3fs keeps listings for the
+    life of the filesystem object, and in a long-lived api-server another process (a second worker,
+    the inference DAG) may have written since."""
+    fs, path = filesystem(url, storage_options)
+    fs.invalidate_cache(path)
 
 
 def remove(url: str, storage_options: dict | None = None) -> None:

@@ -55,6 +55,10 @@ MASK_DECISIONS = ("keep", "exclude", "fix")
 _AUDIT_DECISION = {"keep": AUDIT_KEEP, "exclude": AUDIT_EXCLUDE, "fix": AUDIT_FIXED}
 #: Largest corrected mask file accepted by :func:`save_fixed_mask`.
 _NAME_PATTERN = re.compile(r"^[\w][\w &/+.,'()-]{0,59}$")
+#: Correction objects already read by this process (URL → correction): they are never rewritten, so
+#: a page load lists the log and fetches only what is new.
+_stored_corrections: dict[str, "Correction"] = {}
+_CACHE_LIMIT = 200_000
 
 
 class CorrectionError(ValueError):
@@ -197,10 +201,15 @@ def _read_corrections(dataset_url: str, clustering: str, storage_options: dict |
     if storage.exists(legacy, storage_options):
         lines += storage.read_bytes(legacy, storage_options).decode("utf-8").splitlines()
     folder = storage.join(review_log_url(dataset_url, clustering), "corrections")
+    storage.forget_listings(folder, storage_options)  # other processes add to it
     urls = [o.url for o in storage.list_objects(folder, storage_options) if o.relpath.endswith(".json")]
-    found = storage.read_many(urls, storage_options)
-    lines += [found[url].decode("utf-8") for url in urls if url in found]
-    return [Correction(**json.loads(line)) for line in lines if line.strip()]
+    missing = [url for url in urls if url not in _stored_corrections]
+    for url, data in storage.read_many(missing, storage_options).items():  # objects never change: read once
+        if len(_stored_corrections) >= _CACHE_LIMIT:
+            _stored_corrections.clear()
+        _stored_corrections[url] = Correction(**json.loads(data))
+    legacy_corrections = [Correction(**json.loads(line)) for line in lines if line.strip()]
+    return legacy_corrections + [_stored_corrections[url] for url in urls if url in _stored_corrections]
 
 
 def _read_flags(dataset_url: str, storage_options: dict | None) -> tuple[dict, dict]:
@@ -277,7 +286,7 @@ def record_correction(
         raise CorrectionError(f"no corrected mask was uploaded for {correction.key!r}: upload one to fix it")
     name = f"{now.strftime('%Y%m%dT%H%M%S%f')}-{uuid.uuid4().hex[:12]}.json"
     url = storage.join(review_log_url(dataset_url, state.clustering), "corrections", name)
-    storage.write_bytes(url, correction.to_json().encode("utf-8"), storage_options)
+    storage.put_new(url, correction.to_json().encode("utf-8"), storage_options)
     return state
 
 

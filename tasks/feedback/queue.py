@@ -262,25 +262,15 @@ def _create_exclusive(url: str, data: bytes, storage_options: dict | None) -> No
         raise
 
 
-def _forget_listings(url: str, storage_options: dict | None) -> None:
-    """Drop fsspec's cached listings of ``url`` and its parents.
-
-    s3fs caches directory listings for the life of the filesystem object; in a long-lived
-    api-server another process (a second worker, the inference DAG) may have written since.
-    """
-    fs, path = storage.filesystem(url, storage_options)
-    fs.invalidate_cache(path)
-
-
 def _exists(url: str, storage_options: dict | None) -> bool:
     """``storage.exists`` without trusting cached listings."""
-    _forget_listings(url, storage_options)
+    storage.forget_listings(url, storage_options)
     return storage.exists(url, storage_options)
 
 
 def _list(prefix_url: str, storage_options: dict | None):
     """``storage.list_objects`` without trusting cached listings."""
-    _forget_listings(prefix_url, storage_options)
+    storage.forget_listings(prefix_url, storage_options)
     return storage.list_objects(prefix_url, storage_options)
 
 
