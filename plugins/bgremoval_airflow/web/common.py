@@ -30,6 +30,7 @@ __all__ = [
     "IMAGE_KEY",
     "TEMPLATES_DIR",
     "TRAINING_DAG_ID",
+    "answer_errors",
     "bucket_url",
     "can_read_training",
     "can_review_training",
@@ -115,19 +116,22 @@ def load_review_state(version: str, bucket: str):
 
 
 @contextlib.contextmanager
+def answer_errors(statuses: dict[type[Exception], int]):
+    """Turn the exceptions named in ``statuses`` (checked in order) into HTTP answers with their
+    message as ``detail``."""
+    try:
+        yield
+    except tuple(statuses) as exc:
+        status = next(code for kind, code in statuses.items() if isinstance(exc, kind))
+        raise HTTPException(status_code=status, detail=str(exc)) from None
+
+
 def review_errors():
     """Answer a review write's refusals as HTTP: an unfit change 422, a closed (approved) review 409,
     an unknown dataset or pair 404."""
     from tasks.data.review import CorrectionError, ReviewClosed
 
-    try:
-        yield
-    except CorrectionError as exc:
-        raise HTTPException(status_code=422, detail=str(exc)) from None
-    except ReviewClosed as exc:
-        raise HTTPException(status_code=409, detail=str(exc)) from None
-    except FileNotFoundError as exc:
-        raise HTTPException(status_code=404, detail=str(exc)) from None
+    return answer_errors({CorrectionError: 422, ReviewClosed: 409, FileNotFoundError: 404})
 
 
 def render_page(template: str, **context) -> str:

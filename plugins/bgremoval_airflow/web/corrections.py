@@ -34,7 +34,7 @@ from pydantic import BaseModel, Field
 
 from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessEntity
 from airflow.api_fastapi.core_api.security import GetUserDep, requires_access_dag
-from bgremoval_airflow.web.common import bucket_url, current_storage_options, default_bucket, render_page
+from bgremoval_airflow.web.common import answer_errors, bucket_url, current_storage_options, default_bucket, render_page
 from tasks.feedback.config import MAX_MASK_BYTES
 
 INFERENCE_DAG_ID = "bgremoval_inference"
@@ -67,14 +67,8 @@ def _decide(bucket: str, item_id: str, user: str, **kwargs) -> dict:
     """Call :func:`tasks.feedback.queue.decide` and turn its errors into HTTP answers."""
     from tasks.feedback.queue import AlreadyDecided, CorrectionsError, decide
 
-    try:
+    with answer_errors({AlreadyDecided: 409, CorrectionsError: 422, FileNotFoundError: 404}):
         return decide(bucket_url(bucket), _item_id(item_id), user=user, storage_options=current_storage_options(), **kwargs)
-    except AlreadyDecided as exc:
-        raise HTTPException(status_code=409, detail=str(exc)) from None
-    except CorrectionsError as exc:
-        raise HTTPException(status_code=422, detail=str(exc)) from None
-    except FileNotFoundError as exc:
-        raise HTTPException(status_code=404, detail=str(exc)) from None
 
 
 def _links(item_id: str, bucket: str) -> dict:
