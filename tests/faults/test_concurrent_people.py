@@ -24,8 +24,8 @@ from tasks.feedback import queue
 
 pytestmark = pytest.mark.process
 
-REVIEWERS, CORRECTIONS_EACH = 10, 8
-DECIDERS, ITEMS = 10, 40
+REVIEWERS, CORRECTIONS_EACH = 8, 6
+DECIDERS, ITEMS = 8, 20
 VERSION = "crowd-v1"
 
 
