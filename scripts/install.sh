@@ -10,7 +10,7 @@ if [ ! -x .venv/bin/python ]; then
   echo "creating .venv with $("$PYTHON" --version)"
   "$PYTHON" -m venv .venv
 fi
-PIP=(.venv/bin/python -m pip install --disable-pip-version-check --no-compile -q)  # modules compile on first import
+PIP=(.venv/bin/python -m pip install --disable-pip-version-check -q)
 echo "installing torch==2.13.0 (CPU)"
 "${PIP[@]}" "torch==2.13.0"
 echo "installing bgremoval and its pinned dependencies"
