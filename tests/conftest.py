@@ -27,8 +27,8 @@ AIRFLOW_ENV = {
     **stack.airflow_environment(_AIRFLOW_HOME),
     "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
     "AIRFLOW__LOGGING__LOGGING_LEVEL": "WARNING",
-    "AIRFLOW__BGREMOVAL__BUCKETS": "t-*",  # the pages serve the tests' fresh buckets (s3_bucket)
-    "AIRFLOW__API_AUTH__JWT_SECRET": uuid.uuid4().hex,  # one secret for every api-server process
+    "AIRFLOW__BGREMOVAL__BUCKETS": "t-*",
+    "AIRFLOW__API_AUTH__JWT_SECRET": uuid.uuid4().hex,  # shared by every api-server of the session  # the pages serve the tests' fresh buckets (s3_bucket)
     "BGREMOVAL_STATE": str(_STATE / "stack"),
     "MLFLOW_TRACKING_URI": f"sqlite:///{_STATE / 'mlflow.db'}",
     "BGREMOVAL_MLFLOW_ARTIFACTS": str(_STATE / "mlflow-artifacts"),
@@ -43,7 +43,7 @@ sys.path.insert(0, str(PROJECT_ROOT / "plugins"))
 
 
 #: Fixtures that start a server or another process: a test that uses one is a ``process`` test.
-PROCESS_FIXTURES = frozenset({"moto_endpoint", "s3_bucket", "airflow_db", "api_server", "reviewer", "client_for",
+PROCESS_FIXTURES = frozenset({"moto_endpoint", "s3_bucket", "airflow_db", "api_server", "second_api_server", "reviewer", "client_for",
                               "browser"})
 
 
@@ -116,9 +116,8 @@ def moto_connection_env(endpoint: str) -> dict[str, str]:
 
 
 def _api_server(moto_endpoint: str, state: Path):
-    """Start ``airflow api-server`` with two worker processes (as a deployment runs it: requests
-    land on either) on a free port against the session's metadata DB and moto; returns
-    ``(process, base URL)`` once it answers."""
+    """Start ``airflow api-server`` on a free port against the session's metadata DB and moto;
+    returns ``(process, base URL)`` once it answers."""
     port = stack.free_port()
     env = {
         **os.environ,
@@ -126,8 +125,7 @@ def _api_server(moto_endpoint: str, state: Path):
         **stack.api_server_environment(port),
     }
     paths = stack.StackPaths(state)
-    argv = [stack.venv_bin("airflow"), "api-server", "--port", str(port), "--workers", "2"]
-    proc = stack.start_process(paths, "api-server", argv, env)
+    proc = stack.start_process(paths, "api-server", [stack.venv_bin("airflow"), "api-server", "--port", str(port)], env)
     base = f"http://127.0.0.1:{port}"
     try:
         stack.wait_http(f"{base}/api/v2/monitor/health", 180, proc, paths.logs / "api-server.log")
@@ -144,6 +142,17 @@ def api_server(airflow_db, moto_endpoint):
     Yields its base URL. No scheduler runs: DAG runs are executed by ``airflow dags test``.
     """
     proc, base = _api_server(moto_endpoint, _STATE / "api")
+    try:
+        yield base
+    finally:
+        stack.stop_process_tree(proc)
+
+
+@pytest.fixture(scope="session")
+def second_api_server(api_server, moto_endpoint):
+    """Another api-server process on the same database and S3 (a deployment runs several); tokens
+    of one are valid on the other (one JWT secret)."""
+    proc, base = _api_server(moto_endpoint, _STATE / "api-2")
     try:
         yield base
     finally:

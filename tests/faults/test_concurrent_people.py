@@ -1,10 +1,9 @@
-"""Many people at once on an api-server with two worker processes (requests land on either, as
-in a deployment): every cluster correction is kept, and every queued item is decided exactly once,
-with no 5xx answer.
+"""Many people at once on two api-server processes (a deployment runs several): every cluster
+correction is kept, and every queued item is decided exactly once, with no 5xx answer.
 
-Reviewers and deciders are threads with their own logins against the session's api-server (two
-workers, one metadata database, one moto S3). The counts and the answers' status codes are
-printed (``pytest -s``) for the record."""
+Reviewers and deciders are threads with their own logins, alternating between the session's
+api-server and a second one on the same metadata database and the same moto S3. The counts and
+the answers' status codes are printed (``pytest -s``) for the record."""
 
 from __future__ import annotations
 
@@ -42,8 +41,8 @@ def status_of(call) -> int:
     return 200
 
 
-def test_concurrent_reviewers_on_two_api_server_processes_lose_no_correction(
-        api_server, s3_bucket, passwords, capsys):
+def test_concurrent_reviewers_on_two_api_servers_lose_no_correction(
+        api_server, second_api_server, s3_bucket, passwords, capsys):
     bucket_url, options = s3_bucket
     bucket = bucket_url.removeprefix("s3://")
     url = layout.dataset(bucket_url, VERSION)
@@ -53,7 +52,7 @@ def test_concurrent_reviewers_on_two_api_server_processes_lose_no_correction(
                               "proposed_name": [f"c{i % 3}" for i in range(12)], "distance": np.zeros(12)}),
                 storage.join(layout.clusters(url), "assignments.parquet"), options)
     api = f"/bgremoval/api/datasets/{VERSION}/corrections?bucket={bucket}"
-    people = clients([api_server], passwords, REVIEWERS)
+    people = clients([api_server, second_api_server], passwords, REVIEWERS)
 
     def review(index: int) -> list[int]:
         return [status_of(lambda step=step: people[index].request(
@@ -64,14 +63,14 @@ def test_concurrent_reviewers_on_two_api_server_processes_lose_no_correction(
         statuses = Counter(s for answers in pool.map(review, range(REVIEWERS)) for s in answers)
     kept = read_corrections(url, options)
     with capsys.disabled():
-        print(f"\n{REVIEWERS} reviewers x {CORRECTIONS_EACH} moves on 2 api-server processes: answers {dict(statuses)}, "
+        print(f"\n{REVIEWERS} reviewers x {CORRECTIONS_EACH} moves on 2 api-servers: answers {dict(statuses)}, "
               f"corrections kept {len(kept)}")
     assert statuses == {200: REVIEWERS * CORRECTIONS_EACH}
     assert len(kept) == REVIEWERS * CORRECTIONS_EACH
 
 
-def test_concurrent_deciders_on_two_api_server_processes_decide_each_item_exactly_once(
-        api_server, s3_bucket, passwords, capsys):
+def test_concurrent_deciders_on_two_api_servers_decide_each_item_exactly_once(
+        api_server, second_api_server, s3_bucket, passwords, capsys):
     bucket_url, options = s3_bucket
     bucket = bucket_url.removeprefix("s3://")
     config = SynthConfig(n=ITEMS, seed=8, max_side=64)
@@ -82,7 +81,7 @@ def test_concurrent_deciders_on_two_api_server_processes_decide_each_item_exactl
                                  score=0.5, threshold=0.9)
         queue.enqueue(bucket_url, queued, encode_jpeg(item.image), encode_png(item.mask), options)
         ids.append(queued.item_id)
-    people = clients([api_server], passwords, DECIDERS)
+    people = clients([api_server, second_api_server], passwords, DECIDERS)
 
     def decide(index: int) -> list[tuple[str, int]]:
         order = ids[index::2] + ids[1 - index % 2::2]  # everybody goes for the same items, in two orders
@@ -97,7 +96,7 @@ def test_concurrent_deciders_on_two_api_server_processes_decide_each_item_exactl
     winners = Counter(item_id for item_id, status in answers if status == 200)
     decided = {item_id: queue.read_decision(bucket_url, item_id, options) for item_id in ids}
     with capsys.disabled():
-        print(f"\n{DECIDERS} deciders on {ITEMS} items, 2 api-server processes: answers {dict(statuses)}")
+        print(f"\n{DECIDERS} deciders on {ITEMS} items, 2 api-servers: answers {dict(statuses)}")
     assert not [s for s in statuses if s >= 500]
     assert set(statuses) <= {200, 409}
     assert winners == Counter({item_id: 1 for item_id in ids})  # each item decided exactly once
