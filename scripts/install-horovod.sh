@@ -11,9 +11,14 @@
 #      isolation (against the venv's torch), stores it in that cache folder and installs it.
 # Needs: .venv with torch (scripts/install.sh), gcc/g++ >= 9, make, cmake >= 3.13 (pip's cmake
 # package is fetched into a temporary folder when the system has none), Python headers.
+# With --build-only it stops after step 3's wheel is in the cache and installs nothing into .venv
+# (scripts/install.sh runs it so in the background while the other dependencies download; the
+# build needs torch and packaging in .venv already).
 # Environment: BGREMOVAL_WHEEL_CACHE (cache root), HOROVOD_BUILD_JOBS (default: nproc).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+build_only=0
+[ "${1:-}" = "--build-only" ] && build_only=1
 
 HOROVOD_VERSION=0.28.1
 PY=.venv/bin/python
@@ -36,8 +41,10 @@ cache_root=${BGREMOVAL_WHEEL_CACHE:-$HOME/.cache/bgremoval/wheels}
 cache_dir="$cache_root/horovod-$HOROVOD_VERSION-torch-$torch_version-$py_tag-$(uname -m)"
 PIP=("$PY" -m pip --disable-pip-version-check)
 
-# Runtime dependencies of Horovod (also imported by its setup.py), pinned like the rest of the venv.
-"${PIP[@]}" install -q -c constraints.txt packaging cloudpickle psutil pyyaml
+if [ "$build_only" = 0 ]; then
+  # Runtime dependencies of Horovod (also imported by its setup.py), pinned like the rest of the venv.
+  "${PIP[@]}" install -q -c constraints.txt packaging cloudpickle psutil pyyaml
+fi
 
 elapsed() { echo "$(( $(date +%s) - started )) s"; }
 
@@ -52,6 +59,10 @@ install_wheel() {
 shopt -s nullglob
 cached=("$cache_dir"/horovod-"$HOROVOD_VERSION"-*.whl)
 shopt -u nullglob
+if [ ${#cached[@]} -gt 0 ] && [ "$build_only" = 1 ]; then
+  echo "install-horovod: the wheel is already in the cache: ${cached[0]}"
+  exit 0
+fi
 if [ ${#cached[@]} -gt 0 ]; then
   echo "install-horovod: installing the cached wheel ${cached[0]}"
   install_wheel "${cached[0]}"
@@ -104,6 +115,16 @@ for file in "$src/CMakeLists.txt" "$src/horovod/torch/CMakeLists.txt"; do
   fi
 done
 
+# No debug info in the RelWithDebInfo build setup.py asks for (-O3 stays): a smaller wheel, a
+# faster build of the files that include torch's headers.
+cmake_main="$src/CMakeLists.txt"
+anchor='string(REPLACE "-O2" "-O3" CMAKE_CXX_FLAGS_RELWITHDEBINFO "${CMAKE_CXX_FLAGS_RELWITHDEBINFO}")'
+if ! grep -qF "$anchor" "$cmake_main"; then
+  echo "install-horovod: no '$anchor' line in $cmake_main: the sdist changed, update this script" >&2
+  exit 1
+fi
+sed -i 's/^string(REPLACE "-O2" "-O3" CMAKE_\(C\|CXX\)_FLAGS_RELWITHDEBINFO .*$/&\nstring(REPLACE "-g" "" CMAKE_\1_FLAGS_RELWITHDEBINFO "${CMAKE_\1_FLAGS_RELWITHDEBINFO}")/' "$cmake_main"
+
 jobs=${HOROVOD_BUILD_JOBS:-$(nproc)}
 echo "install-horovod: building the wheel against torch $torch_version with $jobs jobs (several minutes)"
 build_started=$(date +%s)
@@ -122,5 +143,9 @@ wheel=$(ls "$work"/wheel/horovod-"$HOROVOD_VERSION"-*.whl)
 mkdir -p "$cache_dir"
 cp "$wheel" "$cache_dir.tmp.$$" && mv "$cache_dir.tmp.$$" "$cache_dir/$(basename "$wheel")"
 echo "install-horovod: cached $cache_dir/$(basename "$wheel")"
+if [ "$build_only" = 1 ]; then
+  echo "install-horovod: built in $(elapsed); not installed (--build-only)"
+  exit 0
+fi
 install_wheel "$cache_dir/$(basename "$wheel")"
 echo "install-horovod: done in $(elapsed)"
