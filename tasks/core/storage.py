@@ -5,8 +5,9 @@ and on a Databricks cluster. ``storage_options`` is the dict fsspec passes to th
 (for ``s3fs``: ``key``, ``secret``, ``client_kwargs={"endpoint_url": ...}``); the DAG layer builds
 it from an Airflow connection, a test or the CLI builds it from the environment.
 
-Writes are atomic: the bytes go to a temporary key next to the target, which is then moved into
-place, so a reader never sees half an object.
+Writes are atomic, so a reader never sees half an object: an object store's PUT is atomic by
+itself (one request); a local file is written to a temporary name next to the target, then
+renamed into place.
 """
 
 from __future__ import annotations
@@ -77,29 +78,21 @@ def read_many(urls: list[str], storage_options: dict | None = None) -> dict[str,
 
 
 def write_bytes(url: str, data: bytes, storage_options: dict | None = None) -> str:
-    """Write ``data`` to ``url`` atomically (temporary key, then move) and return ``url``."""
+    """Write ``data`` to ``url`` atomically and return ``url``: one PUT on an object store (S3
+    replaces an object whole), a temporary file renamed into place on a local disk."""
     fs, path = filesystem(url, storage_options)
+    if not isinstance(fs, LocalFileSystem):
+        fs.pipe_file(path, data)
+        return url
     parent = posixpath.dirname(path)
     tmp = posixpath.join(parent, f".tmp-{uuid.uuid4().hex}-{posixpath.basename(path)}")
-    if isinstance(fs, LocalFileSystem):
-        os.makedirs(parent, exist_ok=True)
+    os.makedirs(parent, exist_ok=True)
     try:
         fs.pipe_file(tmp, data)
         fs.mv(tmp, path)
     finally:
         if fs.exists(tmp):
             fs.rm(tmp)
-    return url
-
-
-def put_new(url: str, data: bytes, storage_options: dict | None = None) -> str:
-    """Write a new object under a key nobody else writes (unique name) in one request and return
-    ``url``. An S3 PUT is atomic, so no temporary key and move are needed (and none of the listing
-    caches a move consults); locally a temporary file is renamed into place."""
-    fs, path = filesystem(url, storage_options)
-    if isinstance(fs, LocalFileSystem):
-        return write_bytes(url, data, storage_options)
-    fs.pipe_file(path, data)
     return url
 
 

@@ -22,6 +22,7 @@ flagged pair with a ``mask`` correction in the same log: ``keep`` (the mask is f
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import re
 import uuid
@@ -145,13 +146,17 @@ class ReviewState:
             })
         return pairs
 
+    def check_flagged(self, key: str | None) -> None:
+        """Raise :class:`CorrectionError` unless the audit flagged the mask of ``key``."""
+        if key not in self.flagged:
+            if key in self.cluster_of:
+                raise CorrectionError(f"the mask of {key!r} is not flagged by the audit: nothing to decide")
+            raise CorrectionError(f"unknown image key {key!r}")
+
     def apply(self, correction: Correction) -> None:
         """Apply one correction in place; raises :class:`CorrectionError` when it does not fit."""
         if correction.action == "mask":
-            if correction.key not in self.flagged:
-                if correction.key in self.cluster_of:
-                    raise CorrectionError(f"the mask of {correction.key!r} is not flagged by the audit: nothing to decide")
-                raise CorrectionError(f"unknown image key {correction.key!r}")
+            self.check_flagged(correction.key)
             if correction.decision not in MASK_DECISIONS:
                 raise CorrectionError(f"mask decision {correction.decision!r} must be one of {list(MASK_DECISIONS)}")
             self.mask_decisions[correction.key] = correction.decision
@@ -178,10 +183,17 @@ class ReviewState:
         self.corrections.append(correction)
 
 
-def _clustering_id(dataset_url: str, storage_options: dict | None) -> str:
-    """The proposal's identity: a digest of ``clusters/assignments.parquet``."""
-    data = storage.read_bytes(storage.join(dataset_url, ASSIGNMENTS_PATH), storage_options)
-    return "clustering-" + hashlib.sha256(data).hexdigest()[:16]
+def _read_assignments(dataset_url: str, storage_options: dict | None) -> bytes:
+    """The bytes of ``clusters/assignments.parquet``; ``FileNotFoundError`` before clustering."""
+    url = storage.join(dataset_url, ASSIGNMENTS_PATH)
+    if not storage.exists(url, storage_options):
+        raise FileNotFoundError(f"{url} does not exist: the dataset has not been clustered yet")
+    return storage.read_bytes(url, storage_options)
+
+
+def _clustering_id(assignments: bytes) -> str:
+    """The proposal's identity: a digest of ``clusters/assignments.parquet``'s bytes."""
+    return "clustering-" + hashlib.sha256(assignments).hexdigest()[:16]
 
 
 def review_log_url(dataset_url: str, clustering: str) -> str:
@@ -191,7 +203,8 @@ def review_log_url(dataset_url: str, clustering: str) -> str:
 
 def read_corrections(dataset_url: str, storage_options: dict | None = None) -> list[Correction]:
     """The corrections of the current proposal, in the order they are replayed."""
-    return _read_corrections(dataset_url, _clustering_id(dataset_url, storage_options), storage_options)
+    clustering = _clustering_id(_read_assignments(dataset_url, storage_options))
+    return _read_corrections(dataset_url, clustering, storage_options)
 
 
 def _read_corrections(dataset_url: str, clustering: str, storage_options: dict | None) -> list[Correction]:
@@ -239,14 +252,16 @@ def load_review_state(dataset_url: str, storage_options: dict | None = None) -> 
 
     Raises ``FileNotFoundError`` when the dataset has not been clustered yet.
     """
-    assignments_url = storage.join(dataset_url, ASSIGNMENTS_PATH)
-    if not storage.exists(assignments_url, storage_options):
-        raise FileNotFoundError(f"{assignments_url} does not exist: the dataset has not been clustered yet")
-    table = read_table(assignments_url, storage_options)
+    return _state_of(dataset_url, _read_assignments(dataset_url, storage_options), storage_options)
+
+
+def _state_of(dataset_url: str, assignments: bytes, storage_options: dict | None) -> ReviewState:
+    """The proposal in ``assignments`` (the parquet file's bytes) with its corrections replayed."""
+    table = pd.read_parquet(io.BytesIO(assignments))
     proposed = {str(k): int(c) for k, c in zip(table["key"], table["cluster"], strict=True)}
     names = {int(c): str(n) for c, n in table.groupby("cluster")["proposed_name"].first().items()}
     flagged, sizes_of = _read_flags(dataset_url, storage_options)
-    clustering = _clustering_id(dataset_url, storage_options)
+    clustering = _clustering_id(assignments)
     state = ReviewState(
         cluster_of=dict(proposed),
         names=names,
@@ -276,17 +291,24 @@ def record_correction(
     (use :func:`save_fixed_mask`). Returns the new state; raises :class:`CorrectionError` for an
     action that does not fit and :class:`ReviewClosed` after approval (nothing is written then).
     """
-    now = datetime.now(timezone.utc)
-    correction = Correction(action=action, user=user, at=now.isoformat(timespec="seconds"), **fields)
     state = load_review_state(dataset_url, storage_options)
     if is_closed(dataset_url, state.clustering, storage_options):
         raise ReviewClosed("the review was approved and applied: this change would never be used")
+    return _store_correction(dataset_url, state, action, user, storage_options, **fields)
+
+
+def _store_correction(
+    dataset_url: str, state: ReviewState, action: str, user: str, storage_options: dict | None, **fields
+) -> ReviewState:
+    """Apply a new correction to ``state`` (validating it) and store it as a new object."""
+    now = datetime.now(timezone.utc)
+    correction = Correction(action=action, user=user, at=now.isoformat(timespec="seconds"), **fields)
     state.apply(correction)
     if correction.decision == "fix" and not storage.exists(fixed_mask_url(dataset_url, correction.key), storage_options):
         raise CorrectionError(f"no corrected mask was uploaded for {correction.key!r}: upload one to fix it")
     name = f"{now.strftime('%Y%m%dT%H%M%S%f')}-{uuid.uuid4().hex[:12]}.json"
     url = storage.join(review_log_url(dataset_url, state.clustering), "corrections", name)
-    storage.put_new(url, correction.to_json().encode("utf-8"), storage_options)
+    storage.write_bytes(url, correction.to_json().encode("utf-8"), storage_options)
     return state
 
 
@@ -320,7 +342,7 @@ def save_fixed_mask(
     state = load_review_state(dataset_url, storage_options)
     if is_closed(dataset_url, state.clustering, storage_options):
         raise ReviewClosed("the review was approved and applied: this fix would never be used")
-    state.apply(Correction(action="mask", user=user, at="", key=key, decision="fix"))  # validates the key
+    state.check_flagged(key)
     if key not in state.sizes_of:
         raise CorrectionError(f"the manifest has no width/height for {key!r}: cannot check the mask's size")
     mask = _mask_array(png_bytes, state.sizes_of[key])
@@ -330,7 +352,7 @@ def save_fixed_mask(
     if not ok:
         raise CorrectionError("PNG encoding failed")
     storage.write_bytes(fixed_mask_url(dataset_url, key), encoded.tobytes(), storage_options)
-    return record_correction(dataset_url, "mask", user, storage_options, key=key, decision="fix")
+    return _store_correction(dataset_url, state, "mask", user, storage_options, key=key, decision="fix")
 
 
 def _apply_mask_decisions(manifest: pd.DataFrame, state: ReviewState, dataset_url: str) -> dict:
@@ -368,12 +390,12 @@ def apply_review(dataset_url: str, storage_options: dict | None = None) -> dict:
     "corrections": n, "masks": {"flagged", "kept", "excluded", "fixed", "undecided"}, "manifest_url"}``.
     Closes the review first (``closed.json``), so that no correction arrives after it was read.
     """
-    clustering = _clustering_id(dataset_url, storage_options)
-    closed = storage.join(review_log_url(dataset_url, clustering), "closed.json")
+    assignments = _read_assignments(dataset_url, storage_options)
+    closed = storage.join(review_log_url(dataset_url, _clustering_id(assignments)), "closed.json")
     if not storage.exists(closed, storage_options):
         storage.write_text(closed, json.dumps({"at": datetime.now(timezone.utc).isoformat(timespec="seconds")}),
                            storage_options)
-    state = load_review_state(dataset_url, storage_options)
+    state = _state_of(dataset_url, assignments, storage_options)
     manifest_url = layout.manifest(dataset_url)
     manifest = read_table(manifest_url, storage_options)
     final_name = {key: state.names[c] for key, c in state.cluster_of.items()}

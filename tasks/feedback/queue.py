@@ -13,8 +13,8 @@ DAG publishes) go into the retraining pool the retraining DAG reads. Layout belo
     retraining-pool/<pair_id>/image.jpg, mask.png, meta.json (meta.json written last)
 
 Queue items are never modified or deleted; an item is *open* while its ``decision.json`` does
-not exist. Every write goes through :func:`tasks.core.storage.write_bytes` (temporary key, then
-move) or an exclusive create, so a reader never sees half an object.
+not exist. Every write goes through :func:`tasks.core.storage.write_bytes` (one atomic PUT on S3,
+a renamed temporary file on disk) or an exclusive create, so a reader never sees half an object.
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 
 A checkpoint is a plain dict saved with ``torch.save``; everything in it (tensors, numbers,
 strings, lists, dicts, tuples) loads with ``torch.load(weights_only=True)``, so reading one never
-runs pickled code. Writes go through :func:`tasks.core.storage.write_bytes` (temporary key, then
-move): a crash while saving leaves the previous checkpoint intact.
+runs pickled code. Writes go through :func:`tasks.core.storage.write_bytes` (atomic: one PUT on
+S3, a renamed temporary file on disk): a crash while saving leaves the previous checkpoint intact.
 """
 
 from __future__ import annotations
