@@ -98,6 +98,27 @@ def s3_bucket(moto_endpoint, monkeypatch):
     yield f"s3://{bucket}", options
 
 
+@pytest.fixture(params=["local", "s3"])
+def bucket(request, tmp_path):
+    """``(bucket_url, storage_options)`` of an empty bucket: a local folder, then one on moto."""
+    if request.param == "local":
+        return str(tmp_path / "bucket"), None
+    return request.getfixturevalue("s3_bucket")
+
+
+@pytest.fixture(scope="session")
+def published() -> Path:
+    """The published ``u2netp.onnx`` (the install step fetches it); skips without it, fails in CI."""
+    from tasks.model.pretrained import find_pretrained_onnx
+
+    path = find_pretrained_onnx()
+    if path is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("the published u2netp.onnx is missing: the install step (bgremoval pretrained fetch) must fetch it")
+        pytest.skip("the published u2netp.onnx is not on this machine (run `bgremoval pretrained fetch`)")
+    return path
+
+
 @pytest.fixture(scope="session")
 def airflow_db():
     """Migrate the session's SQLite Airflow metadata database once; yields AIRFLOW_HOME."""

@@ -13,10 +13,15 @@ def shard_ranges(n: int, shard_size: int, max_shards: int | None = None) -> list
     ``ceil(n / max_shards)`` items instead of the run failing. Raises ``ValueError`` for a
     ``shard_size`` or ``max_shards`` under 1.
     """
-    if shard_size < 1:
-        raise ValueError(f"shard_size must be at least 1, got {shard_size}")
+    check_shard_size(shard_size, max_shards)
     if max_shards is not None:
-        if max_shards < 1:
-            raise ValueError(f"max_shards must be at least 1, got {max_shards}")
         shard_size = max(shard_size, math.ceil(n / max_shards))
     return [(start, min(start + shard_size, n)) for start in range(0, n, shard_size)]
+
+
+def check_shard_size(shard_size: int, max_shards: int | None = None) -> None:
+    """Raise ``ValueError`` for a ``shard_size`` or ``max_shards`` under 1 (before any work starts)."""
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be at least 1, got {shard_size}")
+    if max_shards is not None and max_shards < 1:
+        raise ValueError(f"max_shards must be at least 1, got {max_shards}")

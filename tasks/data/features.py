@@ -20,7 +20,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from tasks.core.shards import shard_ranges
+from tasks.core.shards import check_shard_size, shard_ranges
 from tasks.core import layout, storage
 from tasks.core.codecs import decode_pair
 from tasks.core.manifest import PAIRS_PER_SHARD, STATUS_OK, read_table, write_table
@@ -248,7 +248,7 @@ def plan_feature_shards(dataset_url: str, shard_size: int = PAIRS_PER_SHARD, sto
     ``{"dataset_url", "shard", "start", "stop"}`` (row range, stop exclusive); an empty list when
     the dataset has no clean pair.
     """
-    shard_ranges(0, shard_size, max_shards)  # validates before anything is read
+    check_shard_size(shard_size, max_shards)
     n = len(ok_rows(dataset_url, storage_options))
     return [
         {"dataset_url": dataset_url, "shard": index, "start": start, "stop": stop}

@@ -28,7 +28,7 @@ import pandas as pd
 
 from tasks.data.mask_audit import audit_pair
 from tasks.core import layout, storage
-from tasks.core.shards import shard_ranges
+from tasks.core.shards import check_shard_size, shard_ranges
 from tasks.data.cleaning import (
     CleanPair, CleaningConfig, Reason, Rejected, clean_pair, encode_clean_pair, pair_files, safe_stem, sha256,
 )
@@ -83,7 +83,7 @@ def plan_batch(
     "listing_rejects_url", "n_files", "n_pairs", "n_listing_rejects"}``.
     Raises ``FileNotFoundError`` when the batch holds no files.
     """
-    shard_ranges(0, shard_size, max_shards)  # validates before anything is listed
+    check_shard_size(shard_size, max_shards)
     raw_url = layout.raw_batch(bucket_url, batch)
     objects = [o for o in storage.list_objects(raw_url, storage_options) if o.relpath.startswith(("images/", "masks/"))]
     if not objects:

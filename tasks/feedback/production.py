@@ -17,7 +17,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from tasks.core.shards import shard_ranges
+from tasks.core.shards import check_shard_size, shard_ranges
 from tasks.core import layout, storage
 
 #: Photos one mapped task of the inference DAG cuts out (its ``photos_per_shard``).
@@ -62,7 +62,7 @@ def plan_production(bucket_url: str, batch: str, shard_size: int = PHOTOS_PER_SH
     """
     from tasks.serving.pipeline import list_images
 
-    shard_ranges(0, shard_size, max_shards)  # validates before anything is listed
+    check_shard_size(shard_size, max_shards)
     incoming = layout.incoming(bucket_url, batch)
     items, problems = list_images([incoming], storage_options)
     if not items:

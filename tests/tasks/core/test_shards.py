@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tasks.core.shards import shard_ranges
+from tasks.core.shards import check_shard_size, shard_ranges
 
 
 def test_shards_cover_every_item_once_in_order():
@@ -24,3 +24,5 @@ def test_more_items_than_the_limit_allows_grow_each_shard():
 def test_bad_sizes_are_refused(size, limit):
     with pytest.raises(ValueError):
         shard_ranges(10, size, limit)
+    with pytest.raises(ValueError):
+        check_shard_size(size, limit)

@@ -40,13 +40,6 @@ def all_keys(bucket_url, options) -> dict[str, str]:
     return {o.relpath: o.etag for o in storage.list_objects(bucket_url, options)}
 
 
-@pytest.fixture(params=["s3", "local"])
-def bucket(request, tmp_path):
-    if request.param == "local":
-        return str(tmp_path / "bucket"), None
-    return request.getfixturevalue("s3_bucket")
-
-
 def test_item_ids_are_path_safe_stable_and_distinct():
     assert c.make_item_id("web-1", "shirt_01") == "web-1--shirt_01"
     odd = c.make_item_id("web 1", "../etc/passwd")

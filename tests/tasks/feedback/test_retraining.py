@@ -70,13 +70,6 @@ def content(url: str, options) -> dict[str, str]:
     return {o.relpath: sha256(storage.read_bytes(o.url, options)) for o in storage.list_objects(url, options)}
 
 
-@pytest.fixture(params=["local", "s3"])
-def bucket(request, tmp_path):
-    if request.param == "local":
-        return str(tmp_path / "bucket"), None
-    return request.getfixturevalue("s3_bucket")
-
-
 # --------------------------------------------------------------------------------------------
 
 

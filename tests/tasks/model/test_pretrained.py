@@ -7,7 +7,6 @@ here. Without it these tests skip, except under ``CI=true`` where the install mu
 from __future__ import annotations
 
 import copy
-import os
 from pathlib import Path
 
 import cv2
@@ -34,16 +33,6 @@ from tasks.model.pretrained import (
 from tasks.dev.synth import SynthConfig, render_item
 
 DATA = Path(__file__).resolve().parents[4] / "shared" / "data"
-
-
-@pytest.fixture(scope="module")
-def published() -> Path:
-    path = find_pretrained_onnx()
-    if path is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("the published u2netp.onnx is missing: the install step (bgremoval pretrained fetch) must fetch it")
-        pytest.skip("the published u2netp.onnx is not on this machine (run `bgremoval pretrained fetch`)")
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ the engine reads that from the file. Skips without the file, except under ``CI=t
 from __future__ import annotations
 
 import io
-import os
 import shutil
 
 import numpy as np
@@ -18,21 +17,10 @@ from tasks.cli.main import main
 from tasks.model.export import read_onnx_metadata
 from tasks.serving.engines import OnnxEngine, audit_engine, audit_predictor, default_model, load_engine, probability_map
 from tasks.serving.pipeline import InferenceConfig, remove_backgrounds
-from tasks.model.pretrained import find_pretrained_onnx
 from tasks.registry import choose_start
 from tasks.dev.synth import SynthConfig, encode_jpeg, render_item
 
 pytestmark = pytest.mark.process  # trains, exports or registers real models: tens of seconds
-
-
-@pytest.fixture(scope="module")
-def published():
-    path = find_pretrained_onnx()
-    if path is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("the published u2netp.onnx is missing: the install step (bgremoval pretrained fetch) must fetch it")
-        pytest.skip("the published u2netp.onnx is not on this machine (run `bgremoval pretrained fetch`)")
-    return path
 
 
 @pytest.fixture(scope="module")
