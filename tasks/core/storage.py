@@ -108,9 +108,7 @@ def list_objects(prefix_url: str, storage_options: dict | None = None) -> Iterat
     """
     fs, root = filesystem(prefix_url, storage_options)
     root = root.rstrip("/")
-    if not fs.exists(root):
-        return
-    found = fs.find(root, detail=True)
+    found = fs.find(root, detail=True)  # {} for a prefix with nothing below it
     for path in sorted(found):
         info = found[path]
         if info.get("type") == "directory":
