@@ -28,7 +28,9 @@ Steps (the project's own stages, as the training DAG runs them):
      the published weights (``--init pretrained``; the loop calibrates their identity batch-norm
      on the first training images) or from scratch (``--init scratch``), at ``--input-size``;
    * **fine-tuned+flip** (``--flip``): the same model with test-time flip
-     (:class:`tasks.evaluation.scoring.FlipAveraged`: the mean of the logits on the photo and its mirror).
+     (:class:`tasks.serving.engines.FlipAveragedEngine`, what ``bgremoval remove --flip`` runs: the
+     mean of the logits on the photo and its mirror, scored through
+     :class:`tasks.serving.onnx_module.EngineModule`).
 
 Scoring. ``tasks.evaluation.scoring.score_dataset`` scores the *clean* pairs of the manifest
 (``image_url``/``mask_url``: the image and mask at working resolution, i.e. viton upscaled to
@@ -338,12 +340,15 @@ def _run_grabcut(rows: list[TestRow]) -> MethodResult:
 
 
 def _score_model(model_url: str, rows: list[TestRow], flip: bool = False) -> tuple[list, Cost, dict]:
-    from tasks.evaluation.scoring import FlipAveraged, evaluate_pairs, load_model
+    from tasks.evaluation.scoring import evaluate_pairs, load_model
+    from tasks.serving.engines import FlipAveragedEngine, load_engine
+    from tasks.serving.onnx_module import EngineModule
 
     with _InProcess() as cost:
         model, meta = load_model(model_url)
         if flip:
-            model = FlipAveraged(model)
+            backend = "onnx" if model_url.lower().endswith(".onnx") else "torch"  # the file load_model read
+            model = EngineModule(FlipAveragedEngine(load_engine(model_url, device="cpu", backend=backend)))
         scores = evaluate_pairs(model, _pairs(rows), meta["input_size"], 0.5, meta["resize"])
     return scores, cost, meta
 

@@ -478,10 +478,11 @@ class ReviewLinks:
     masks_page: str
 
 
-def review_request(summary: dict, dataset: dict, batch: str, links: ReviewLinks) -> str:
-    """The Markdown the review gate shows: what was clustered, where to review it, the table and
-    how many masks the audit flagged (``dataset`` is the cleaning stage's summary)."""
-    table = format_clusters(summary)
+def review_request(summary: dict, dataset: dict, batch: str, links: ReviewLinks, table: str | None = None) -> str:
+    """The Markdown the review gate shows: what was clustered, where to review it, the table
+    (``table``, or :func:`format_clusters` of ``summary``) and how many masks the audit flagged
+    (``dataset`` is the cleaning stage's summary)."""
+    table = format_clusters(summary) if table is None else table
     text = (
         f"**{dataset['clean']} clean images** of batch `{batch}` were grouped into "
         f"{summary['k']} proposed product clusters.\n\n"
@@ -510,5 +511,5 @@ def propose_clusters(dataset: dict, feature_urls: list[str], config: ClusteringC
     if truth_url and not storage.exists(truth_url, storage_options):
         truth_url = None
     summary = cluster_dataset(dataset["dataset_url"], feature_urls, config, truth_url, storage_options)
-    return {**summary, "table": format_clusters(summary),
-            "review_markdown": review_request(summary, dataset, batch, links)}
+    table = format_clusters(summary)
+    return {**summary, "table": table, "review_markdown": review_request(summary, dataset, batch, links, table)}

@@ -32,7 +32,6 @@ __all__ = [
     "evaluate_dataset",
     "evaluate_folder",
     "evaluate_pairs",
-    "FlipAveraged",
     "load_model",
     "predict_batch",
     "predict_probabilities",
@@ -49,25 +48,10 @@ IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png")
 # Loading the model
 # ----------------------------------------------------------------------------------------------
 
-class FlipAveraged(nn.Module):
-    """Test-time flip: the mean of a model's fused logits on the input and on its horizontal
-    mirror (mirrored back). Wraps anything :func:`predict_batch` accepts and costs two forward
-    passes per image."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = _fused(self.model(torch.cat([x, x.flip(-1)])))
-        plain, mirrored = logits.chunk(2)
-        return (plain + mirrored.flip(-1)) / 2
-
-
 def load_model(model_url: str, model_name: str | None = None,
                storage_options: dict | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """Load a trained model for scoring: an exported ``.onnx`` file (run by ONNX Runtime, see
-    :class:`tasks.serving.onnx_module.OnnxModule`), else a ``model.pt`` or the run folder holding
+    :class:`tasks.serving.onnx_module.EngineModule`), else a ``model.pt`` or the run folder holding
     it (:func:`tasks.model.io.load_model`, whose arguments, metadata and errors this shares).
     Raises ``FileNotFoundError`` when there is no such file."""
     if model_url.lower().endswith(".onnx"):
