@@ -63,6 +63,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.unit)
 
 
+@pytest.fixture(autouse=True)
+def _mlflow_tracking_uri_of_the_session():
+    """Give MLflow's process-wide tracking URI back to the session's store after each test: code
+    under test may point it elsewhere (``train`` with ``mlflow_tracking_uri``), and a later test
+    in the same process must not register into that store."""
+    yield
+    if "mlflow" in sys.modules:
+        sys.modules["mlflow"].set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI") or AIRFLOW_ENV["MLFLOW_TRACKING_URI"])
+
+
 def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(_STATE, ignore_errors=True)
 
