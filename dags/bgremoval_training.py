@@ -29,7 +29,7 @@ from airflow.providers.databricks.operators.databricks import DatabricksSubmitRu
 from airflow.providers.standard.operators.hitl import ApprovalOperator
 from airflow.sdk import dag, task
 from bgremoval_airflow.connections import AWS_CONN_ID, s3_storage_options
-from bgremoval_airflow.databricks import DATABRICKS_CONN_ID, databricks_params, submit_run_json
+from bgremoval_airflow.databricks import DATABRICKS_CONN_ID, databricks_params, idempotency_token, submit_run_json
 from bgremoval_airflow.links import mask_review_page_url, report_page_url, review_page_url
 from bgremoval_airflow.settings import PROMOTION_POOL, max_map_length
 from bgremoval_airflow.params.training import (
@@ -230,7 +230,7 @@ def bgremoval_training():
         return {k: v for k, v in result.to_dict().items() if k not in ("history", "config")}
 
     @task
-    def databricks_run(dataset: dict, params=None, run_id=None) -> dict:
+    def databricks_run(dataset: dict, params=None, run_id=None, dag=None) -> dict:
         from dataclasses import replace
 
         # The cluster reaches S3 through its instance profile (no credentials in the run's parameters)
@@ -238,7 +238,8 @@ def bgremoval_training():
         output_url = _output_url(params, dataset, run_id)
         config = train_config(params, dataset["dataset_url"], output_url, {})
         init_from = _start_weights(params, output_url, s3_storage_options())
-        return submit_run_json(params, replace(config, mlflow_tracking_uri=None, init_from=init_from).to_json())
+        return submit_run_json(params, replace(config, mlflow_tracking_uri=None, init_from=init_from).to_json(),
+                               idempotency_token(dag.dag_id, run_id))  # a retried submission gets the same run
 
     @task
     def databricks_result(dataset: dict, params=None, run_id=None) -> dict:

@@ -16,6 +16,7 @@ through ``MLFLOW_TRACKING_URI`` (``databricks``: the workspace's own tracking se
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from typing import Any
@@ -29,6 +30,7 @@ __all__ = [
     "DEFAULT_LAUNCHER_PATH",
     "DEFAULT_WHEEL_PATH",
     "databricks_params",
+    "idempotency_token",
     "launcher_source",
     "mlflow_run_id_from_result",
     "num_processes",
@@ -166,12 +168,22 @@ def _check_config(config_json: str) -> None:
             "profile (databricks_instance_profile_arn) or Databricks secrets instead")
 
 
-def submit_run_json(params: dict, config_json: str) -> dict[str, Any]:
+def idempotency_token(dag_id: str, run_id: str) -> str:
+    """The ``idempotency_token`` of a DAG run's training submission (at most 64 characters, the
+    Jobs API's limit): the same for every try of the run's task, so a retried submission gets the
+    run the first try started instead of a second GPU cluster."""
+    return "bgremoval-" + hashlib.sha256(f"{dag_id}\n{run_id}".encode()).hexdigest()[:48]
+
+
+def submit_run_json(params: dict, config_json: str, idempotency_token: str | None = None) -> dict[str, Any]:
     """Return the Jobs API 2.2 ``runs/submit`` payload that trains ``config_json`` on a new cluster.
 
     Args:
         params: the DAG run's params (the keys of :func:`databricks_params`; extra keys are ignored).
         config_json: the :class:`~tasks.train.config.TrainConfig` as JSON (``TrainConfig.to_json()``).
+        idempotency_token: sent as the payload's ``idempotency_token`` when given (see
+            :func:`idempotency_token`): Databricks answers a second submission with the same token
+            with the first one's run id instead of starting another run.
 
     The payload has one task ``train``: a ``new_cluster`` from the params (``spark.task.resource.gpu.amount``
     1 on a GPU runtime, so TorchDistributor runs one process per GPU; single-node settings when
@@ -212,7 +224,9 @@ def submit_run_json(params: dict, config_json: str) -> dict[str, Any]:
     if workers == 0:
         arguments.append("--local-mode")
     config = json.loads(config_json)
+    token = {} if idempotency_token is None else {"idempotency_token": idempotency_token}
     return {
+        **token,
         "run_name": f"bgremoval-train {config.get('mlflow_run_name') or config['output_url']}"[:4096],
         "timeout_seconds": int(params.get("databricks_timeout_minutes", 360)) * 60,
         "tasks": [

@@ -3,6 +3,7 @@
 It speaks the part of the API that ``DatabricksSubmitRunOperator`` (provider 7.23.0, deferrable or
 not) calls through ``DatabricksHook``: ``POST /api/2.2/jobs/runs/submit``, ``GET /api/2.2/jobs/runs/get``,
 ``GET /api/2.2/jobs/runs/get-output`` (for a failed task's error) and ``POST /api/2.2/jobs/runs/cancel``.
+A submission whose ``idempotency_token`` was used before gets that run's id and starts nothing.
 
 A submitted run must have the shape the training DAG sends (one task with ``new_cluster``, wheel
 ``libraries`` and a ``spark_python_task``); the server then plays the cluster: it maps the task's
@@ -183,6 +184,14 @@ class FakeJobsServer:
 
     def _submit(self, payload: dict[str, Any]) -> FakeRun:
         task = validate_submit_payload(payload)
+        token = payload.get("idempotency_token")
+        if token is not None:  # the Jobs API: a token already used answers with that run, no new one
+            if not isinstance(token, str) or not 0 < len(token) <= 64:
+                raise PayloadError("idempotency_token must be a string of 1 to 64 characters")
+            with self._lock:
+                earlier = next((r for r in self.runs.values() if r.payload.get("idempotency_token") == token), None)
+            if earlier is not None:
+                return earlier
         cluster = task["new_cluster"]
         python_task = task["spark_python_task"]
         local_file = self.python_files.get(python_task["python_file"])

@@ -22,6 +22,7 @@ import pytest
 from bgremoval_airflow.databricks import (
     DEFAULT_LAUNCHER_PATH,
     databricks_params,
+    idempotency_token,
     launcher_source,
     mlflow_run_id_from_result,
     num_processes,
@@ -184,6 +185,23 @@ def _register(dag) -> None:
     with create_session() as session:
         update_dag_parsing_results_in_db("dags-folder", None, [LazyDeserializedDAG.from_dag(dag)], {}, None, set(),
                                          session=session)
+
+
+@pytest.mark.process
+def test_a_retried_submission_with_the_run_token_gets_the_first_run(jobs_server, tmp_path, monkeypatch) -> None:
+    from airflow.providers.databricks.hooks.databricks import DatabricksHook
+
+    monkeypatch.setenv("AIRFLOW_CONN_DATABRICKS_DEFAULT", jobs_server.connection_uri_json())
+    params = {**_defaults(), "databricks_python_file": "dbfs:/FileStore/nowhere/train_entry.py"}  # starts no process
+    token = idempotency_token("bgremoval_training", "manual__2026-12-03T10:00:00+00:00")
+    assert token == idempotency_token("bgremoval_training", "manual__2026-12-03T10:00:00+00:00") and len(token) <= 64
+    payload = submit_run_json(params, _config_json(tmp_path), token)
+    assert payload["idempotency_token"] == token and "idempotency_token" not in submit_run_json(params, _config_json(tmp_path))
+    hook = DatabricksHook("databricks_default", retry_limit=1, retry_delay=1)
+    first, retried = hook.submit_run(payload), hook.submit_run(payload)
+    other = hook.submit_run(submit_run_json(params, _config_json(tmp_path), idempotency_token("bgremoval_training", "b")))
+    assert first == retried != other
+    assert sum(s.get("idempotency_token") == token for s in jobs_server.submissions) == 1
 
 
 @pytest.mark.integration
