@@ -345,10 +345,13 @@ def _score_model(model_url: str, rows: list[TestRow], flip: bool = False) -> tup
     from tasks.serving.onnx_module import EngineModule
 
     with _InProcess() as cost:
-        model, meta = load_model(model_url)
         if flip:
-            backend = "onnx" if model_url.lower().endswith(".onnx") else "torch"  # the file load_model read
-            model = EngineModule(FlipAveragedEngine(load_engine(model_url, device="cpu", backend=backend)))
+            backend = "onnx" if model_url.lower().endswith(".onnx") else "torch"  # the file load_model reads
+            engine = load_engine(model_url, device="cpu", backend=backend)
+            model, meta = EngineModule(FlipAveragedEngine(engine)), {"input_size": engine.input_size,
+                                                                     "resize": engine.resize}
+        else:
+            model, meta = load_model(model_url)
         scores = evaluate_pairs(model, _pairs(rows), meta["input_size"], 0.5, meta["resize"])
     return scores, cost, meta
 

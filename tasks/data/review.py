@@ -186,9 +186,10 @@ class ReviewState:
 def _read_assignments(dataset_url: str, storage_options: dict | None) -> bytes:
     """The bytes of ``clusters/assignments.parquet``; ``FileNotFoundError`` before clustering."""
     url = storage.join(dataset_url, ASSIGNMENTS_PATH)
-    if not storage.exists(url, storage_options):
-        raise FileNotFoundError(f"{url} does not exist: the dataset has not been clustered yet")
-    return storage.read_bytes(url, storage_options)
+    try:
+        return storage.read_bytes(url, storage_options)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{url} does not exist: the dataset has not been clustered yet") from None
 
 
 def _clustering_id(assignments: bytes) -> str:
