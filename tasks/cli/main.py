@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
@@ -80,21 +81,32 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+#: ``bgremoval remove``'s name for stdin (as an input) and stdout (as ``--out``).
+STREAM = "-"
+
+
 def cmd_remove(args: argparse.Namespace) -> int:
     from tasks.serving.engines import FlipAveragedEngine, default_model, load_engine
     from tasks.serving.pipeline import InferenceConfig, remove_to
 
+    streaming = STREAM in args.inputs or args.out == STREAM
+    say = functools.partial(print, file=sys.stderr if args.out == STREAM else sys.stdout)
+    if streaming and len(args.inputs) != 1:
+        print("bgremoval remove: '-' (stdin or stdout) takes exactly one input", file=sys.stderr)
+        return 2
     urls = [*args.inputs, args.out, args.model or ""]
     options = next((o for o in map(_storage_options, urls) if o is not None), None)
     try:
-        config = InferenceConfig(background=args.background, canvas=args.canvas, margin=args.margin, mask=args.mask,
+        config = InferenceConfig(background=args.background, canvas=args.canvas, margin=args.margin,
+                                 mask=args.mask or args.only_mask, cutout=not args.only_mask,
+                                 composite=not (args.only_mask or args.out == STREAM),
                                  batch_size=args.batch_size, io_threads=args.io_threads,
                                  jpeg_quality=args.jpeg_quality, png_compression=args.png_compression)
         model = args.model
         if model is None:
             _mlflow_environment()
             model, why = default_model(args.registered_model)
-            print(f"no --model given: using {why}")
+            say(f"no --model given: using {why}")
         if model.startswith("models:/"):
             _mlflow_environment()
         engine = load_engine(model, options, device=args.device, backend=args.backend, threads=args.threads)
@@ -103,11 +115,38 @@ def cmd_remove(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as exc:
         print(f"bgremoval remove: {exc}", file=sys.stderr)
         return 2
-    print(f"model: {engine.describe()}")
+    say(f"model: {engine.describe()}")
+    if streaming:
+        return _remove_one(args.inputs[0], args.out, engine, config, options, say)
     summary = remove_to(args.inputs, args.out, engine, config, options, progress=not args.quiet)
-    print(f"{summary['ok']} of {summary['images']} images done, {summary['failed']} failed, "
-          f"{summary['images_per_s']} img/s; outputs in {args.out}")
+    say(f"{summary['ok']} of {summary['images']} images done, {summary['failed']} failed, "
+        f"{summary['images_per_s']} img/s; outputs in {args.out}")
     return 0 if summary["failed"] == 0 and summary["images"] > 0 else 1
+
+
+def _remove_one(source: str, out: str, engine, config, options: dict | None, say) -> int:
+    """``bgremoval remove`` with stdin as the input or stdout as the output: one image. stdout
+    gets one PNG: the mask with ``--only-mask``, else the cut-out."""
+    from tasks.core import storage
+    from tasks.serving.pipeline import cut_out_bytes, mask_dir_for, write_outputs
+
+    try:
+        data = sys.stdin.buffer.read() if source == STREAM else storage.read_bytes(source, options)
+    except (OSError, ValueError) as exc:
+        print(f"bgremoval remove: cannot read {source}: {exc}", file=sys.stderr)
+        return 1
+    stem = "stdin" if source == STREAM else Path(source.rstrip("/")).stem
+    result = cut_out_bytes(data, engine, config, stem=stem, source=source)
+    if not result.ok:
+        print(f"bgremoval remove: {source}: {result.error}", file=sys.stderr)
+        return 1
+    if out == STREAM:
+        sys.stdout.buffer.write(result.cutout_png if config.cutout else result.mask_png)
+        sys.stdout.buffer.flush()
+        return 0
+    written = write_outputs(result, out, options, mask_dir=mask_dir_for(config))
+    say(f"1 image done (quality score {result.score:.3f}): {', '.join(written.values())}")
+    return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -262,8 +301,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(func=cmd_evaluate)
 
     remove = sub.add_parser("remove", help="cut out products: RGBA PNG + JPEG on a background (+ mask) per image")
-    remove.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or s3:// prefixes")
-    remove.add_argument("-o", "--out", required=True, help="output folder or s3:// prefix")
+    remove.add_argument("inputs", nargs="+", metavar="INPUT",
+                        help="image files, folders or s3:// prefixes; '-' reads one image from stdin")
+    remove.add_argument("-o", "--out", required=True,
+                        help="output folder or s3:// prefix; '-' writes one PNG to stdout (the cut-out, or the mask "
+                             "with --only-mask), e.g. bgremoval remove - -o - < photo.jpg > cutout.png")
     remove.add_argument("--model",
                         help="'pretrained' (the published U2-NetP), a .onnx file (this project's or one rembg runs, "
                              "e.g. ~/.u2net/u2netp.onnx), a folder/URL with model.onnx and/or model.pt, or "
@@ -275,6 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     remove.add_argument("--canvas", help="crop to the product, centred on a WIDTHxHEIGHT canvas (e.g. 1000x1333)")
     remove.add_argument("--margin", type=float, default=0.05, help="free border on the canvas, share of each side")
     remove.add_argument("--mask", action="store_true", help="also write the mask (masks/<stem>.png)")
+    remove.add_argument("--only-mask", action="store_true",
+                        help="write only the mask (8-bit PNG at the photo's size) as <stem>.png")
     remove.add_argument("--batch-size", type=int, default=4)
     remove.add_argument("--threads", type=int, help="ONNX Runtime threads (default: all cores)")
     remove.add_argument("--io-threads", type=int, help="decode/encode threads (default: all cores)")

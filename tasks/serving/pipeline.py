@@ -8,9 +8,12 @@ batches, and the same pool turns each prediction into the outputs while the next
 * ``cutout_png``: RGBA PNG, alpha = the predicted probability (fully transparent pixels are black);
 * ``composite_jpeg``: the product on a plain background (white by default), RGB JPEG;
 * ``mask_png`` (``config.mask``): the alpha alone, grayscale PNG at the photo's size;
+* ``config.cutout`` / ``config.composite`` turn the first two off (``bgremoval remove --only-mask``);
 * optionally (``config.canvas``) cut-out and JPEG are cropped to the product and centred on a
   fixed canvas with a margin, aspect kept (the mask stays at the photo's size, aligned with it);
 * ``quality``: :func:`tasks.serving.quality.quality_score` of the prediction.
+
+:func:`cut_out_bytes` does the same for one image held in memory (stdin, an HTTP body).
 
 A bad input (unreadable, empty, undecodable) gives a :class:`CutoutResult` with ``error`` set and
 no outputs; the batch goes on. Inputs are only read. Preprocessing equals
@@ -45,8 +48,10 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "CutoutResult",
     "InferenceConfig",
+    "cut_out_bytes",
     "iter_remove_backgrounds",
     "list_images",
+    "mask_dir_for",
     "output_urls",
     "parse_background",
     "parse_canvas",
@@ -103,7 +108,8 @@ class InferenceConfig:
     ``background``: the JPEG's background, ``'#rrggbb'``; ``canvas``: ``(width, height)`` to crop
     the product onto, or None for the photo's own frame; ``margin``: free border on the canvas, a
     share of each side; ``mask``: also encode the mask PNG; ``keep_probability``: keep the float
-    probability map in the result (large: 4 bytes per pixel); ``keep_source``: keep the input
+    probability map in the result (large: 4 bytes per pixel); ``cutout`` / ``composite``: encode
+    the RGBA PNG / the JPEG on the background (at least one of the three outputs is needed); ``keep_source``: keep the input
     file's bytes in the result (spares a second read when the original is stored too);
     ``batch_size``: images per model
     call; ``io_threads``: decode/encode threads (None: one per core); ``jpeg_quality``;
@@ -117,6 +123,8 @@ class InferenceConfig:
     canvas: tuple[int, int] | None = None
     margin: float = 0.05
     mask: bool = False
+    cutout: bool = True
+    composite: bool = True
     keep_probability: bool = False
     keep_source: bool = False
     batch_size: int = 4
@@ -132,6 +140,8 @@ class InferenceConfig:
         object.__setattr__(self, "canvas", parse_canvas(self.canvas))
         if not 0 <= self.margin < 0.5:
             raise ValueError(f"margin must lie in [0, 0.5), got {self.margin}")
+        if not (self.mask or self.cutout or self.composite):
+            raise ValueError("nothing to produce: cutout, composite and mask are all off")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.io_threads is not None and self.io_threads < 1:
@@ -231,19 +241,22 @@ def _render(rgb: np.ndarray, prob: np.ndarray, config: InferenceConfig) -> dict[
     out: dict[str, bytes] = {}
     if config.mask:
         out["mask_png"] = encode(".png", alpha, png)
+    if not (config.cutout or config.composite):
+        return out
     if config.canvas is not None:
         rgb, alpha = _on_canvas(rgb, alpha, config)
-    weight = alpha.astype(np.float32) * np.float32(1 / 255)
-    r, g, b = parse_background(config.background)
-    backdrop = np.empty_like(rgb)
-    backdrop[...] = (b, g, r)
     bgra = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGRA)
-    bgr = bgra[..., :3]
-    composite = cv2.blendLinear(np.ascontiguousarray(bgr), backdrop, weight, 1.0 - weight)
-    out["composite_jpeg"] = encode(".jpg", composite, [cv2.IMWRITE_JPEG_QUALITY, config.jpeg_quality])
-    bgra[..., 3] = alpha
-    bgra = cv2.bitwise_and(bgra, bgra, mask=alpha)  # transparent pixels carry no colour: smaller files
-    out["cutout_png"] = encode(".png", bgra, png)
+    if config.composite:
+        weight = alpha.astype(np.float32) * np.float32(1 / 255)
+        r, g, b = parse_background(config.background)
+        backdrop = np.empty_like(rgb)
+        backdrop[...] = (b, g, r)
+        composite = cv2.blendLinear(np.ascontiguousarray(bgra[..., :3]), backdrop, weight, 1.0 - weight)
+        out["composite_jpeg"] = encode(".jpg", composite, [cv2.IMWRITE_JPEG_QUALITY, config.jpeg_quality])
+    if config.cutout:
+        bgra[..., 3] = alpha
+        bgra = cv2.bitwise_and(bgra, bgra, mask=alpha)  # transparent pixels carry no colour: smaller files
+        out["cutout_png"] = encode(".png", bgra, png)
     return out
 
 
@@ -272,13 +285,18 @@ def _options_for(url: str, storage_options: dict | None) -> dict | None:
 
 def _load(item: tuple[str, str], engine: Engine, config: InferenceConfig, storage_options: dict | None) -> _Loaded:
     url, stem = item
-    started = time.perf_counter()
-    loaded = _Loaded(CutoutResult(stem=stem, source_url=url), started)
+    loaded = _Loaded(CutoutResult(stem=stem, source_url=url), time.perf_counter())
     try:
-        try:
-            data = storage.read_bytes(url, _options_for(url, storage_options))
-        except (OSError, FileNotFoundError) as exc:
-            raise ValueError(f"cannot read: {exc}") from None
+        data = storage.read_bytes(url, _options_for(url, storage_options))
+    except Exception as exc:  # noqa: BLE001 - an unreadable input fails this image, not the run
+        loaded.result.error = f"cannot read: {type(exc).__name__}: {exc}"
+        return loaded
+    return _decoded(loaded, data, engine, config)
+
+
+def _decoded(loaded: _Loaded, data: bytes, engine: Engine, config: InferenceConfig) -> _Loaded:
+    """``loaded`` with the photo decoded and the network input prepared, or its error set."""
+    try:
         loaded.data = data
         rgb = decode_image(data, max_pixels=config.max_pixels)
         loaded.rgb = rgb
@@ -377,6 +395,29 @@ def iter_remove_backgrounds(urls: Iterable[str | tuple[str, str]], engine: Engin
         yield from drain(keep=0)
 
 
+def cut_out_bytes(data: bytes, engine: Engine, config: InferenceConfig = InferenceConfig(),
+                  stem: str = "stdin", source: str = "-") -> CutoutResult:
+    """Remove the background of one image given as encoded bytes (stdin, an HTTP body).
+
+    The same steps and outputs as :func:`iter_remove_backgrounds` for one image; a photo that
+    cannot be decoded or run comes back with ``error`` set. ``stem`` and ``source`` name it in
+    the result.
+    """
+    loaded = _decoded(_Loaded(CutoutResult(stem=stem, source_url=source), time.perf_counter()), data, engine,
+                      config)
+    if loaded.result.error is not None:
+        loaded.result.seconds = time.perf_counter() - loaded.started
+        return loaded.result
+    try:
+        probs, sides = engine.predict(loaded.tensor[None])
+    except Exception as exc:  # noqa: BLE001 - reported in the result, as in the batched pipeline
+        loaded.result.error = f"model failed: {type(exc).__name__}: {exc}"
+        loaded.result.seconds = time.perf_counter() - loaded.started
+        return loaded.result
+    loaded.tensor = None
+    return _finish(loaded, probs[0], None if sides is None else sides[0], engine, config)
+
+
 def remove_backgrounds(urls: Iterable[str | tuple[str, str]], engine: Engine,
                        options: InferenceConfig = InferenceConfig(),
                        storage_options: dict | None = None) -> list[CutoutResult]:
@@ -387,10 +428,12 @@ def remove_backgrounds(urls: Iterable[str | tuple[str, str]], engine: Engine,
 
 def output_urls(stem: str, out_url: str, mask_dir: str = "masks") -> dict[str, str]:
     """Where :func:`write_outputs` puts an image's files: ``<out>/<stem>.png`` (cut-out),
-    ``<out>/<stem>.jpg`` (on the background), ``<out>/<mask_dir>/<stem>.png`` (mask)."""
+    ``<out>/<stem>.jpg`` (on the background), ``<out>/<mask_dir>/<stem>.png`` (mask;
+    ``<out>/<stem>.png`` when ``mask_dir`` is empty, for a run that makes the mask alone)."""
     return {"cutout_png": storage.join(out_url, f"{stem}.png"),
             "composite_jpeg": storage.join(out_url, f"{stem}.jpg"),
-            "mask_png": storage.join(out_url, mask_dir, f"{stem}.png")}
+            "mask_png": storage.join(out_url, mask_dir, f"{stem}.png") if mask_dir
+            else storage.join(out_url, f"{stem}.png")}
 
 
 def write_outputs(result: CutoutResult, out_url: str, storage_options: dict | None = None,
@@ -464,6 +507,12 @@ def results_line(result: CutoutResult, written: dict[str, str] | None = None) ->
 
 
 
+def mask_dir_for(config: InferenceConfig) -> str:
+    """The ``mask_dir`` of :func:`write_outputs` for a config: masks go to ``masks/`` beside the cut-outs, or take the cut-out's name when they are the
+    only output (as rembg's ``--only-mask`` does)."""
+    return "" if config.mask and not (config.cutout or config.composite) else "masks"
+
+
 def remove_to(inputs: Sequence[str], out_url: str, engine: Engine, config: InferenceConfig = InferenceConfig(),
               storage_options: dict | None = None, progress: bool = True,
               log: Callable[[str], None] | None = None) -> dict[str, Any]:
@@ -491,7 +540,7 @@ def remove_to(inputs: Sequence[str], out_url: str, engine: Engine, config: Infer
         written: dict[str, str] = {}
         if result.ok:
             try:
-                written = write_outputs(result, out_url, storage_options)
+                written = write_outputs(result, out_url, storage_options, mask_dir=mask_dir_for(config))
             except (OSError, ValueError) as exc:
                 result.error = f"cannot write outputs: {exc}"
         if result.ok:

@@ -105,3 +105,55 @@ def test_remove_s3_prefix_with_canvas(model_dir, s3_bucket, capsys):
 def test_remove_refuses_a_missing_model(tmp_path, capsys):
     assert main(["remove", str(tmp_path), "-o", str(tmp_path / "out"), "--model", str(tmp_path / "none")]) == 2
     assert "no model" in capsys.readouterr().err
+
+
+class _Stdin:
+    def __init__(self, data: bytes) -> None:
+        self.buffer = io.BytesIO(data)
+
+
+def test_remove_stdin_to_stdout_writes_one_png(model_dir, monkeypatch, capsysbinary):
+    stem, data, size = _products(1)[0]
+    monkeypatch.setattr("sys.stdin", _Stdin(data))
+    assert main(["remove", "-", "-o", "-", "--model", model_dir]) == 0
+    captured = capsysbinary.readouterr()
+    cut = _open(captured.out)
+    assert (cut.mode, cut.size) == ("RGBA", size)
+    assert b"model:" in captured.err  # messages go to stderr, never into the image
+
+
+def test_remove_only_mask_to_stdout_and_to_a_folder(model_dir, tmp_path, monkeypatch, capsysbinary):
+    products = _products(2)
+    monkeypatch.setattr("sys.stdin", _Stdin(products[0][1]))
+    assert main(["remove", "-", "-o", "-", "--only-mask", "--model", model_dir]) == 0
+    mask = _open(capsysbinary.readouterr().out)
+    assert (mask.mode, mask.size) == ("L", products[0][2])
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for stem, data, _ in products:
+        (folder / f"{stem}.jpg").write_bytes(data)
+    out = tmp_path / "out"
+    assert main(["remove", str(folder), "-o", str(out), "--only-mask", "--model", model_dir, "--quiet"]) == 0
+    for stem, _, size in products:
+        mask = _open((out / f"{stem}.png").read_bytes())
+        assert (mask.mode, mask.size) == ("L", size)
+        assert not (out / f"{stem}.jpg").exists() and not (out / "masks").exists()
+
+
+def test_remove_one_file_to_stdout_equals_the_folder_run(model_dir, tmp_path, capsysbinary):
+    stem, data, _ = _products(1)[0]
+    photo = tmp_path / f"{stem}.jpg"
+    photo.write_bytes(data)
+    assert main(["remove", str(photo), "-o", "-", "--model", model_dir]) == 0
+    streamed = np.asarray(_open(capsysbinary.readouterr().out))
+    assert main(["remove", str(photo), "-o", str(tmp_path / "out"), "--model", model_dir, "--quiet"]) == 0
+    assert np.array_equal(streamed, np.asarray(_open((tmp_path / "out" / f"{stem}.png").read_bytes())))
+
+
+def test_remove_stdin_errors_are_clear(model_dir, tmp_path, monkeypatch, capsysbinary):
+    monkeypatch.setattr("sys.stdin", _Stdin(b"not an image"))
+    assert main(["remove", "-", "-o", "-", "--model", model_dir]) == 1
+    captured = capsysbinary.readouterr()
+    assert captured.out == b"" and b"bgremoval remove: -:" in captured.err
+    assert main(["remove", "-", str(tmp_path), "-o", "-", "--model", model_dir]) == 2
+    assert b"exactly one input" in capsysbinary.readouterr().err

@@ -20,6 +20,7 @@ from tasks.serving.engines import Engine, FlipAveragedEngine, load_engine
 from tasks.serving.pipeline import (
     CutoutResult,
     InferenceConfig,
+    cut_out_bytes,
     decode_image,
     iter_remove_backgrounds,
     list_images,
@@ -96,7 +97,8 @@ def test_options_parse_and_validate():
     assert parse_background("#00ff7F") == (0, 255, 127) and parse_background((1, 2, 3)) == (1, 2, 3)
     assert parse_canvas("1000x1333") == (1000, 1333) and parse_canvas(None) is None
     assert InferenceConfig(canvas="30x40").canvas == (30, 40)
-    for bad in ({"background": "white"}, {"canvas": "10by20"}, {"margin": 0.5}, {"batch_size": 0}):
+    for bad in ({"background": "white"}, {"canvas": "10by20"}, {"margin": 0.5}, {"batch_size": 0},
+                {"cutout": False, "composite": False, "mask": False}):
         with pytest.raises(ValueError):
             InferenceConfig(**bad)
 
@@ -277,3 +279,26 @@ def test_onnx_and_pytorch_engines_agree(model_dir, tmp_path):
         assert np.abs(a.probability - b.probability).max() < 1e-3
         assert a.quality.side_agreement is not None
         assert a.score == pytest.approx(b.score, abs=1e-2)
+
+
+def test_cut_out_bytes_equals_the_batched_pipeline_and_reports_bad_bytes(tmp_path):
+    data = _jpeg(_photo())
+    (tmp_path / "a.jpg").write_bytes(data)
+    config = InferenceConfig(mask=True, canvas=(120, 160))
+    batched, = remove_backgrounds([str(tmp_path / "a.jpg")], SquareEngine(), config)
+    single = cut_out_bytes(data, SquareEngine(), config, stem="a")
+    assert single.ok and single.stem == "a" and single.source_url == "-"
+    for key in ("cutout_png", "composite_jpeg", "mask_png"):
+        assert getattr(single, key) == getattr(batched, key)
+    assert single.score == batched.score
+    bad = cut_out_bytes(b"\x89PNG broken", SquareEngine(), config)
+    assert not bad.ok and bad.error and bad.cutout_png is None
+
+
+def test_only_the_requested_outputs_are_encoded(tmp_path):
+    (tmp_path / "a.jpg").write_bytes(_jpeg(_photo()))
+    only_mask, = remove_backgrounds([str(tmp_path / "a.jpg")], SquareEngine(),
+                                    InferenceConfig(mask=True, cutout=False, composite=False))
+    assert only_mask.mask_png is not None and only_mask.cutout_png is None and only_mask.composite_jpeg is None
+    no_jpeg, = remove_backgrounds([str(tmp_path / "a.jpg")], SquareEngine(), InferenceConfig(composite=False))
+    assert no_jpeg.cutout_png is not None and no_jpeg.composite_jpeg is None and no_jpeg.mask_png is None
