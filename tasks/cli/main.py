@@ -100,6 +100,7 @@ def cmd_remove(args: argparse.Namespace) -> int:
         config = InferenceConfig(background=args.background, canvas=args.canvas, margin=args.margin,
                                  mask=args.mask or args.only_mask, cutout=not args.only_mask,
                                  composite=not (args.only_mask or args.out == STREAM),
+                                 decontaminate=args.decontaminate,
                                  batch_size=args.batch_size, io_threads=args.io_threads,
                                  jpeg_quality=args.jpeg_quality, png_compression=args.png_compression)
         model = args.model
@@ -317,6 +318,8 @@ def build_parser() -> argparse.ArgumentParser:
     remove.add_argument("--canvas", help="crop to the product, centred on a WIDTHxHEIGHT canvas (e.g. 1000x1333)")
     remove.add_argument("--margin", type=float, default=0.05, help="free border on the canvas, share of each side")
     remove.add_argument("--mask", action="store_true", help="also write the mask (masks/<stem>.png)")
+    remove.add_argument("--decontaminate", action="store_true",
+                        help="edge colours from the product, not the old background (no rim on a new background)")
     remove.add_argument("--only-mask", action="store_true",
                         help="write only the mask (8-bit PNG at the photo's size) as <stem>.png")
     remove.add_argument("--batch-size", type=int, default=4)

@@ -34,6 +34,7 @@ import numpy as np
 import pandas as pd
 
 from tasks.core import layout, storage
+from tasks.core.alpha import decontaminated_foreground
 from tasks.core.codecs import decode_pair, encode_jpeg, encode_png
 from tasks.core.manifest import STATUS_OK, audit_excluded, read_table, write_table
 from tasks.data.cleaning import safe_stem
@@ -338,24 +339,6 @@ def feather_alpha(mask: np.ndarray, feather: float = 1.5) -> np.ndarray:
     outside = cv2.distanceTransform(1 - fg, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
     signed = cv2.GaussianBlur(np.where(fg > 0, inside - 0.5, 0.5 - outside).astype(np.float32), (3, 3), 0.7)
     return np.clip(0.5 + signed / feather, 0.0, 1.0).astype(np.float32)
-
-
-def decontaminated_foreground(image: np.ndarray, alpha: np.ndarray) -> np.ndarray:
-    """Foreground colours without the old background (HxWx3 uint8).
-
-    Pixels with alpha 1 keep their colour; every other pixel takes the colour of the nearest pixel
-    with alpha 1, so the blended edge band carries product colour only and leaves no halo of the
-    old background. With no alpha-1 pixel at all the image is returned as is.
-    """
-    inner = alpha >= 1.0
-    if not inner.any():
-        return image.copy()
-    _, labels = cv2.distanceTransformWithLabels(
-        (~inner).astype(np.uint8), cv2.DIST_L2, 5, labelType=cv2.DIST_LABEL_PIXEL
-    )
-    lut = np.zeros((int(labels.max()) + 1, 3), np.uint8)
-    lut[labels[inner]] = image[inner]
-    return np.where(inner[..., None], image, lut[labels])
 
 
 def composite(image: np.ndarray, mask: np.ndarray, background: np.ndarray, feather: float = 1.5) -> np.ndarray:

@@ -38,6 +38,7 @@ import cv2
 import numpy as np
 
 from tasks.core import storage
+from tasks.core.alpha import decontaminated_foreground
 from tasks.core.codecs import decode_image, encode
 from tasks.core.limits import MAX_PIXELS
 from tasks.model.preprocess import prepare_input, resize_to_original
@@ -109,7 +110,9 @@ class InferenceConfig:
     the product onto, or None for the photo's own frame; ``margin``: free border on the canvas, a
     share of each side; ``mask``: also encode the mask PNG; ``keep_probability``: keep the float
     probability map in the result (large: 4 bytes per pixel); ``cutout`` / ``composite``: encode
-    the RGBA PNG / the JPEG on the background (at least one of the three outputs is needed); ``keep_source``: keep the input
+    the RGBA PNG / the JPEG on the background (at least one of the three outputs is needed);
+    ``decontaminate``: give the soft edge of the cut-out and the JPEG the product's colours
+    instead of the old background's (:func:`tasks.core.alpha.decontaminated_foreground`); ``keep_source``: keep the input
     file's bytes in the result (spares a second read when the original is stored too);
     ``batch_size``: images per model
     call; ``io_threads``: decode/encode threads (None: one per core); ``jpeg_quality``;
@@ -125,6 +128,7 @@ class InferenceConfig:
     mask: bool = False
     cutout: bool = True
     composite: bool = True
+    decontaminate: bool = False
     keep_probability: bool = False
     keep_source: bool = False
     batch_size: int = 4
@@ -243,6 +247,8 @@ def _render(rgb: np.ndarray, prob: np.ndarray, config: InferenceConfig) -> dict[
         out["mask_png"] = encode(".png", alpha, png)
     if not (config.cutout or config.composite):
         return out
+    if config.decontaminate:
+        rgb = decontaminated_foreground(rgb, alpha)
     if config.canvas is not None:
         rgb, alpha = _on_canvas(rgb, alpha, config)
     bgra = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGRA)

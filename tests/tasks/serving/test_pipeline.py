@@ -302,3 +302,23 @@ def test_only_the_requested_outputs_are_encoded(tmp_path):
     assert only_mask.mask_png is not None and only_mask.cutout_png is None and only_mask.composite_jpeg is None
     no_jpeg, = remove_backgrounds([str(tmp_path / "a.jpg")], SquareEngine(), InferenceConfig(composite=False))
     assert no_jpeg.cutout_png is not None and no_jpeg.composite_jpeg is None and no_jpeg.mask_png is None
+
+
+def test_decontaminate_removes_the_old_background_from_the_edge(tmp_path):
+    photo = np.zeros((SIZE * 2, SIZE * 2, 3), np.uint8)
+    photo[...] = (230, 20, 20)  # shot on red
+    photo[32:96, 32:96] = (20, 20, 230)  # a blue product where SquareEngine's square lands
+    (tmp_path / "a.png").write_bytes(cv2.imencode(".png", photo[..., ::-1])[1].tobytes())
+    rims = {}
+    for decontaminate in (False, True):
+        result, = remove_backgrounds([str(tmp_path / "a.png")], SquareEngine(),
+                                     InferenceConfig(decontaminate=decontaminate, background="#ffffff"))
+        jpeg = np.asarray(_open(result.composite_jpeg)).astype(int)
+        cut = np.asarray(_open(result.cutout_png)).astype(int)
+        edge = (cut[..., 3] > 0) & (cut[..., 3] < 255)
+        assert edge.sum() > 50  # the bilinear resize gives the square a soft edge
+        # red over green is the old background: in the cut-out's colours and in the JPEG on white
+        rims[decontaminate] = ((cut[edge][:, 0] - cut[edge][:, 1]).max(), (jpeg[edge][:, 0] - jpeg[edge][:, 1]).max())
+        assert np.abs(cut[32 + 4:96 - 4, 32 + 4:96 - 4, :3] - (20, 20, 230)).max() <= 2  # the product itself is kept
+    assert rims[False][0] > 150 and rims[True][0] <= 2  # the cut-out's edge colours: red before, blue after
+    assert rims[False][1] >= 10 and rims[True][1] <= 3  # the JPEG (chroma subsampling blurs the rim)
