@@ -1,24 +1,26 @@
-"""Can int8 make the published U2-NetP faster without changing its masks? A probe, not a feature.
+"""int8 on the published U2-NetP: how much faster, and how far the masks move.
 
 ONNX Runtime's static quantisation (QDQ, uint8 activations, int8 per-channel weights, min/max
 calibration) is applied to the published ``u2netp.onnx`` (converted to opset 13 first), calibrated
 on ``--n-calib`` real photos from the training side of ``../shared/data`` (hash of the stem < 0.8,
-seed 0). Then, in one run:
+seed 0), twice: to every layer (``int8-all``), and as ``bgremoval quantize`` does it
+(:func:`tasks.serving.quantize.quantize_model`: the tensors with one dominating channel and their
+convolutions left in float; ``int8``). Then, in one run:
 
 * **speed**, model only, batch 1, rows interleaved over ``--repeat`` rounds (each keeps its
   fastest): fp32 and int8, each as one session with all cores' threads and as one single-thread
   session per core running side by side;
 * **masks**, on the test side (hash >= 0.9, ``--n-test`` photos per set): mean IoU against the
-  ground-truth masks and the share of photos at >= 95/97/99 %, fp32 beside int8, and how far the
-  int8 mask agrees with the fp32 one (IoU between the two);
-* **why**, the layers where the quantised model loses the most signal (``--layers``): per tensor,
-  the signal-to-quantisation-noise ratio of the int8 model against fp32
+  ground-truth masks and the share of photos at >= 95/97/99 %, fp32 beside both int8 files, and
+  how far each int8 mask agrees with the fp32 one (IoU between the two);
+* **why**, the layers where ``int8-all`` loses the most signal (``--layers``): per tensor,
+  the signal-to-quantisation-noise ratio against fp32
   (``onnxruntime.quantization.qdq_loss_debug``), and the drop at each node over its inputs.
 
 Nothing is written to the repository; the quantised file goes to a temporary folder (``--keep DIR``
 keeps it). Needs ``../shared/data`` and the published weights (``bgremoval pretrained fetch``).
 
-    .venv/bin/python benchmarks/int8_probe.py                # ~6 min on 2 cores
+    .venv/bin/python benchmarks/int8_probe.py                # ~5 min on 2 cores
 """
 
 from __future__ import annotations
@@ -140,7 +142,7 @@ def mask_rows(models: dict[str, str], pairs: dict[str, list[tuple[Path, Path]]])
     sessions = {m: session(p, _cores()) for m, p in models.items()}
     for set_name, items in pairs.items():
         ious: dict[str, list[float]] = {m: [] for m in models}
-        agreement = []
+        agreement: dict[str, list[float]] = {m: [] for m in models}
         for image_path, mask_path in items:
             truth = cv2.imread(str(mask_path), cv2.IMREAD_GRAYSCALE) > 127
             x = network_input(image_path)
@@ -149,13 +151,14 @@ def mask_rows(models: dict[str, str], pairs: dict[str, list[tuple[Path, Path]]])
                 prob = s.run(None, {s.get_inputs()[0].name: x})[0][0, 0]
                 masks[m] = cv2.resize(prob, truth.shape[::-1], interpolation=cv2.INTER_LINEAR) > 0.5
                 ious[m].append(_iou(masks[m], truth))
-            agreement.append(_iou(masks["fp32"], masks["int8"]))
+            for m in models:
+                agreement[m].append(_iou(masks["fp32"], masks[m]))
         for m in models:
             v = np.asarray(ious[m])
             rows.append({"set": set_name, "model": m, "n": len(v), "mean": v.mean() * 100,
                          **{f">={t}": (v >= t / 100).mean() * 100 for t in (95, 97, 99)},
-                         "agreement": float(np.mean(agreement)) * 100 if m == "int8" else None,
-                         "agreement_min": float(np.min(agreement)) * 100 if m == "int8" else None})
+                         "agreement": float(np.mean(agreement[m])) * 100 if m != "fp32" else None,
+                         "agreement_min": float(np.min(agreement[m])) * 100 if m != "fp32" else None})
     return rows
 
 
@@ -215,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-time", type=int, default=12, help="photos per timed round")
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--layers", type=int, default=8, help="worst layers to list")
-    parser.add_argument("--keep", help="copy the int8 model here")
+    parser.add_argument("--keep", help="copy the int8 model (float islands) here")
     args = parser.parse_args(argv)
     if not DATA.is_dir():
         print(f"{DATA} not present: nothing to probe")
@@ -230,25 +233,30 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{_cores()} cores, load {os.getloadavg()[0]:.2f}; calibration {len(calibration)} photos")
         start = time.perf_counter()
         fp32, int8 = quantise(src, work, calibration)
-        print(f"quantised in {time.perf_counter() - start:.0f} s")
+        print(f"int8-all quantised in {time.perf_counter() - start:.0f} s")
+        from tasks.serving.quantize import quantize_model
+
+        report = quantize_model(src, str(work / "int8-islands.onnx"), calibration)
+        print(f"int8 quantised in {report.seconds:.0f} s; left in float: {', '.join(report.float_nodes)} "
+              f"(tensors with one dominating channel: {report.dominated_tensors})")
         if args.keep:
-            shutil.copy(int8, args.keep)
-        models = {"fp32": fp32, "int8": int8}
+            shutil.copy(report.output_path, args.keep)
+        models = {"fp32": fp32, "int8-all": int8, "int8": report.output_path}
         timing_inputs = [network_input(img) for s in SETS for img, _ in tests[s][: args.n_time // 2]]
         speed = time_rows(models, timing_inputs, args.repeat)
         base = {r["layout"]: r["img_s"] for r in speed if r["model"] == "fp32"}
         print(f"\nmodel only, batch 1, {len(timing_inputs)} photos, {args.repeat} interleaved rounds:")
-        print(f"{'model':<6} {'layout':<26} {'img/s':>6} {'vs fp32':>8} {'load':>5}")
+        print(f"{'model':<8} {'layout':<26} {'img/s':>6} {'vs fp32':>8} {'load':>5}")
         for r in speed:
-            print(f"{r['model']:<6} {r['layout']:<26} {r['img_s']:>6.2f} {r['img_s'] / base[r['layout']]:>7.2f}x "
+            print(f"{r['model']:<8} {r['layout']:<26} {r['img_s']:>6.2f} {r['img_s'] / base[r['layout']]:>7.2f}x "
                   f"{r['load']:>5.2f}")
         print("\nmasks on the test photos (IoU with the ground truth; agreement = IoU of the int8 mask with fp32's):")
-        print(f"{'set':<16} {'model':<6} {'n':>4} {'mean':>8} {'>=95':>6} {'>=97':>6} {'>=99':>6} {'agreement':>10} {'min':>6}")
+        print(f"{'set':<16} {'model':<8} {'n':>4} {'mean':>8} {'>=95':>6} {'>=97':>6} {'>=99':>6} {'agreement':>10} {'min':>6}")
         for r in mask_rows(models, tests):
             agree = f"{r['agreement']:>9.2f}% {r['agreement_min']:>5.1f}%" if r["agreement"] is not None else ""
-            print(f"{r['set']:<16} {r['model']:<6} {r['n']:>4} {r['mean']:>7.3f}% {r['>=95']:>5.1f}% "
+            print(f"{r['set']:<16} {r['model']:<8} {r['n']:>4} {r['mean']:>7.3f}% {r['>=95']:>5.1f}% "
                   f"{r['>=97']:>5.1f}% {r['>=99']:>5.1f}% {agree}")
-        print(f"\nwhere int8 loses the signal (SQNR in dB against fp32, on {min(4, len(calibration))} photos):")
+        print(f"\nwhere int8-all loses the signal (SQNR in dB against fp32, on {min(4, len(calibration))} photos):")
         print(f"{'node':<14} {'op':<8} {'inputs':>7} {'output':>7} {'drop':>6}")
         for drop, node, op, before, after in worst_layers(fp32, int8, calibration[:4], work, args.layers):
             print(f"{node:<14} {op:<8} {before:>7.1f} {after:>7.1f} {drop:>6.1f}")

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from tasks.registry import DEFAULT_MODEL_NAME
+from tasks.serving.quantize import DEFAULT_DOMINANCE
 
 
 def _storage_options(url: str) -> dict | None:
@@ -176,6 +177,53 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"  epoch {epoch['epoch']}: train loss {epoch['train_loss']:.4f}  val IoU "
               f"{(epoch['val_iou'] or 0) * 100:.2f} %")
     print(f"model: {result.model_url}")
+    return 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    import numpy as np
+    from tqdm import tqdm
+
+    from tasks.core import storage
+    from tasks.core.codecs import decode_image
+    from tasks.model.preprocess import prepare_input
+    from tasks.serving.engines import load_engine
+    from tasks.serving.pipeline import list_images
+    from tasks.serving.quantize import mask_agreement, quantize_model
+
+    options = next((o for o in map(_storage_options, [*args.calibrate, args.model]) if o is not None), None)
+    try:
+        engine = load_engine(args.model, options, backend="onnx")
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"bgremoval quantize: {exc}", file=sys.stderr)
+        return 2
+    items, problems = list_images(args.calibrate, options)
+    for problem in problems:
+        print(f"skipped: {problem}", file=sys.stderr)
+    wanted = args.n + args.check
+    if len(items) < args.n + 1:
+        print(f"bgremoval quantize: {len(items)} photos found; calibration needs more than --n {args.n}",
+              file=sys.stderr)
+        return 2
+    picked = [items[round(i * (len(items) - 1) / max(1, wanted - 1))] for i in range(min(wanted, len(items)))]
+    photos = []
+    for url, _ in tqdm(picked, desc="reading photos", unit="img", disable=args.quiet):
+        try:
+            photos.append(decode_image(storage.read_bytes(url, options)))
+        except (OSError, ValueError) as exc:
+            print(f"skipped: {url}: {exc}", file=sys.stderr)
+    held_out = set(range(1, len(photos), 2)[: args.check]) if len(photos) > args.n else set()
+    calibration = [p for i, p in enumerate(photos) if i not in held_out][: args.n]
+    check = [photos[i] for i in sorted(held_out)]
+    inputs = [prepare_input(p, engine.input_size, engine.resize, engine.mean, engine.std)[None] for p in calibration]
+    print(f"model: {engine.describe()}; calibrating on {len(inputs)} photos")
+    report = quantize_model(engine.onnx_path, args.out, inputs, dominance=args.dominance)
+    print(f"wrote {report.output_path} in {report.seconds} s: {report.quantised_nodes} tensors quantised; "
+          f"left in float: {', '.join(report.float_nodes) or 'nothing'}")
+    if check:
+        scores = np.asarray(mask_agreement(engine, load_engine(args.out), check))
+        print(f"masks on {len(check)} other photos, int8 against the original (IoU): mean {scores.mean():.2%}, "
+              f"lowest {scores.min():.2%}")
     return 0
 
 
@@ -357,6 +405,21 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--workers", type=int, default=2, help="torch.distributed worker processes")
     train.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     train.set_defaults(func=cmd_train)
+
+    quant = sub.add_parser("quantize", help="an int8 copy of an ONNX model for faster CPU inference, calibrated on "
+                                            "your photos (the layers that cannot take it stay float)")
+    quant.add_argument("--model", default="pretrained",
+                       help="'pretrained', a .onnx file or a model folder/URL with model.onnx (default: pretrained)")
+    quant.add_argument("--calibrate", nargs="+", required=True, metavar="PHOTOS",
+                       help="image files, folders or s3:// prefixes like the ones the model will see")
+    quant.add_argument("-o", "--out", required=True, help="the int8 .onnx file to write")
+    quant.add_argument("--n", type=int, default=48, help="calibration photos (spread over the inputs)")
+    quant.add_argument("--check", type=int, default=16,
+                       help="other photos on which the int8 masks are compared with the original's")
+    quant.add_argument("--dominance", type=float, default=DEFAULT_DOMINANCE,
+                       help="keep a tensor float when one channel exceeds this many times the median channel")
+    quant.add_argument("--quiet", action="store_true", help="no progress bar")
+    quant.set_defaults(func=cmd_quantize)
 
     pre = sub.add_parser("pretrained", help="the published U2-NetP weights: fetch them, show where they are, "
                                             "or convert them to a model folder (model.pt + config.json)")

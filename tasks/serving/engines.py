@@ -113,6 +113,7 @@ class OnnxEngine(Engine):
         self.mean, self.std = tuple(meta["mean"]), tuple(meta["std"])
         self.source = source or onnx_path
         self.model_dir = os.path.dirname(os.path.abspath(onnx_path))
+        self.onnx_path = onnx_path
 
     def _run(self, batch: np.ndarray) -> list[np.ndarray]:
         if self._fixed_batch is None or len(batch) == self._fixed_batch:
