@@ -12,6 +12,12 @@ exported once with :func:`tasks.model.export.export_onnx` at ``--size`` (320, wh
   file inside ``U2NET_HOME`` and ``OMP_NUM_THREADS`` = the same threads, ``remove(bytes)`` per
   image (decode, EXIF, inference at 320, resize, cut-out, PNG encode), the PNG written to disk.
 
+``--published`` times the published ``u2netp.onnx`` (rembg's own file) instead of the exports, and
+``--int8`` adds ``bgremoval quantize``'s int8 copy of each file (:mod:`tasks.serving.quantize`;
+calibrated on 48 real photos from ``../shared/data`` when present), run with one ONNX Runtime
+session and with one single-thread session per core (batches of 2 or more); its masks' IoU on real
+photos is ``int8_probe.py``'s table.
+
 Images: ``--n`` synthetic product photos (:mod:`tasks.dev.synth`) resized to exactly ``--width`` ×
 ``--height`` (1000×1333 by default, the size DESIGN.md's rembg numbers were taken at), JPEG q92,
 in a temporary folder. One warm-up pass of ``--warmup`` images per row is not timed. All rows run
@@ -28,6 +34,7 @@ Run from the project root:
 
     .venv/bin/python benchmarks/inference_throughput.py                  # both models, ~3-5 min on 2 cores
     .venv/bin/python benchmarks/inference_throughput.py --models u2netp --n 12
+    .venv/bin/python benchmarks/inference_throughput.py --published --int8 --batches 1 2   # rembg's own file, fp32 and int8
 """
 
 from __future__ import annotations
@@ -82,6 +89,42 @@ def export_model(name: str, size: int, home: Path) -> str:
     return path
 
 
+def published_model(home: Path) -> str:
+    """The published ``u2netp.onnx`` (rembg's file) copied into ``home``; the path."""
+    from tasks.model.pretrained import require_pretrained_onnx
+
+    home.mkdir(parents=True, exist_ok=True)
+    path = home / "u2netp-published.onnx"
+    shutil.copy(require_pretrained_onnx(), path)
+    return str(path)
+
+
+def int8_model(onnx_path: str, calibration_paths: list[str], out: Path) -> str:
+    """``bgremoval quantize`` of ``onnx_path``, calibrated on ``calibration_paths``; the path."""
+    from tasks.core.codecs import decode_image
+    from tasks.model.preprocess import prepare_input
+    from tasks.serving.engines import load_engine
+    from tasks.serving.quantize import quantize_model
+
+    engine = load_engine(onnx_path)
+    inputs = [prepare_input(decode_image(Path(p).read_bytes()), engine.input_size, engine.resize, engine.mean,
+                            engine.std)[None] for p in calibration_paths]
+    report = quantize_model(onnx_path, str(out), inputs)
+    print(f"int8 of {Path(onnx_path).name}: calibrated on {len(inputs)} photos in {report.seconds} s, "
+          f"{len(report.float_nodes)} nodes left in float")
+    return str(out)
+
+
+def _real_photos(n: int) -> list[str]:
+    """Up to ``n`` real photos from ``../shared/data`` (both sets, spread), or [] when absent."""
+    data = Path(__file__).resolve().parents[2] / "shared" / "data"
+    found = []
+    for name in ("viton-garments", "ccp-people"):
+        files = sorted((data / name / "images").glob("*.jpg")) if (data / name).is_dir() else []
+        found += [str(f) for f in files[:: max(1, len(files) // max(1, n // 2))][: n // 2]]
+    return found
+
+
 def _percentiles(latencies: list[float]) -> tuple[float, float]:
     ordered = sorted(latencies)
     p95 = ordered[min(len(ordered) - 1, int(round(0.95 * (len(ordered) - 1))))]
@@ -89,12 +132,12 @@ def _percentiles(latencies: list[float]) -> tuple[float, float]:
 
 
 def run_ours(onnx_path: str, paths: list[str], out: Path, threads: int, batch: int, warmup: int,
-             png_compression: int) -> dict:
+             png_compression: int, sessions: int = 1) -> dict:
     """Time the bgremoval path on ``paths``; returns img/s and latencies."""
     from tasks.serving.engines import load_engine
     from tasks.serving.pipeline import InferenceConfig, iter_remove_backgrounds, write_outputs
 
-    engine = load_engine(onnx_path, threads=threads)
+    engine = load_engine(onnx_path, threads=threads, sessions=sessions)
     config = InferenceConfig(batch_size=batch, io_threads=threads, png_compression=png_compression)
 
     def once(batch_paths: list[str]) -> list[float]:
@@ -153,6 +196,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=2,
                         help="rounds of all rows, interleaved; each row keeps its fastest round")
     parser.add_argument("--skip-rembg", action="store_true")
+    parser.add_argument("--published", action="store_true",
+                        help="time the published u2netp.onnx (rembg's file) instead of untrained exports")
+    parser.add_argument("--int8", action="store_true",
+                        help="add rows for `bgremoval quantize`'s int8 copy of each file (1 session, and one "
+                             "single-thread session per core), calibrated on 48 real photos from ../shared/data "
+                             "when present, else on the benchmark's own images")
     parser.add_argument("--json", help="write the rows as JSON here")
     args = parser.parse_args(argv)
 
@@ -164,8 +213,12 @@ def main(argv: list[str] | None = None) -> int:
         warm = paths[: args.warmup]
         print(f"{args.n} images {args.width}x{args.height}, {args.threads} threads, {_cores()} cores, "
               f"load {os.getloadavg()[0]:.2f}")
-        for name in args.models:
-            onnx_path = export_model(name, args.size, tmp / "u2net_home")
+        names = ["u2netp (published)"] if args.published else args.models
+        for name in names:
+            onnx_path = (published_model(tmp / "u2net_home") if args.published
+                         else export_model(name, args.size, tmp / "u2net_home"))
+            int8_path = (int8_model(onnx_path, _real_photos(48) or paths, tmp / f"{Path(onnx_path).stem}.int8.onnx")
+                         if args.int8 else None)
             best: dict[tuple[str, int], dict] = {}
             for _ in range(args.repeat):  # interleaved rounds: load from other work hits every row alike
                 measured = []
@@ -177,6 +230,13 @@ def main(argv: list[str] | None = None) -> int:
                     ours = run_ours(onnx_path, paths, _fresh(tmp / "out-ours"), args.threads, batch, len(warm),
                                     args.png_compression)
                     measured.append(({"model": name, "path": "bgremoval (PNG+JPEG)", "batch": batch}, ours))
+                    if int8_path is None:
+                        continue
+                    for sessions in sorted({1, min(args.threads, max(1, batch))}):
+                        ours = run_ours(int8_path, paths, _fresh(tmp / "out-ours"), args.threads, batch, len(warm),
+                                        args.png_compression, sessions=sessions)
+                        label = f"bgremoval int8, {sessions} sess." if sessions > 1 else "bgremoval int8"
+                        measured.append(({"model": name, "path": label, "batch": batch}, ours))
                 for key, result in measured:
                     slot = (key["path"], key["batch"])
                     if slot not in best or result["images_per_s"] > best[slot]["images_per_s"]:
@@ -186,12 +246,12 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(tmp, ignore_errors=True)
 
     base = {r["model"]: r["images_per_s"] for r in rows if r["path"].startswith("rembg")}
-    print(f"\n{'model':<8} {'path':<22} {'batch':>5} {'img/s':>7} {'p50 ms':>8} {'p95 ms':>8} {'vs rembg':>9} {'load':>5}")
+    print(f"\n{'model':<19} {'path':<22} {'batch':>5} {'img/s':>7} {'p50 ms':>8} {'p95 ms':>8} {'vs rembg':>9} {'load':>5}")
     for r in rows:
         p50, p95 = _percentiles(r["latencies"])
         r["p50_ms"], r["p95_ms"] = p50 * 1000, p95 * 1000
         speedup = f"{r['images_per_s'] / base[r['model']]:.2f}x" if r["model"] in base else "-"
-        print(f"{r['model']:<8} {r['path']:<22} {r['batch']:>5} {r['images_per_s']:>7.2f} "
+        print(f"{r['model']:<19} {r['path']:<22} {r['batch']:>5} {r['images_per_s']:>7.2f} "
               f"{r['p50_ms']:>8.0f} {r['p95_ms']:>8.0f} {speedup:>9} {r['load']:>5.1f}")
     print(f"load at end {os.getloadavg()[0]:.2f}")
     if args.json:

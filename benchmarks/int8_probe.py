@@ -39,6 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
+from tasks.serving.quantize import DEFAULT_DOMINANCE  # noqa: E402
+
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 SETS = ("viton-garments", "ccp-people")
 
@@ -219,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--layers", type=int, default=8, help="worst layers to list")
     parser.add_argument("--keep", help="copy the int8 model (float islands) here")
+    parser.add_argument("--dominance", type=float, default=DEFAULT_DOMINANCE,
+                        help="bgremoval quantize's --dominance (lower: more left in float)")
     args = parser.parse_args(argv)
     if not DATA.is_dir():
         print(f"{DATA} not present: nothing to probe")
@@ -236,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"int8-all quantised in {time.perf_counter() - start:.0f} s")
         from tasks.serving.quantize import quantize_model
 
-        report = quantize_model(src, str(work / "int8-islands.onnx"), calibration)
+        report = quantize_model(src, str(work / "int8-islands.onnx"), calibration, dominance=args.dominance)
         print(f"int8 quantised in {report.seconds:.0f} s; left in float: {', '.join(report.float_nodes)} "
               f"(tensors with one dominating channel: {report.dominated_tensors})")
         if args.keep:

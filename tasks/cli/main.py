@@ -111,7 +111,8 @@ def cmd_remove(args: argparse.Namespace) -> int:
             say(f"no --model given: using {why}")
         if model.startswith("models:/"):
             _mlflow_environment()
-        engine = load_engine(model, options, device=args.device, backend=args.backend, threads=args.threads)
+        engine = load_engine(model, options, device=args.device, backend=args.backend, threads=args.threads,
+                             sessions=args.sessions)
         if args.flip:
             engine = FlipAveragedEngine(engine)
     except (ValueError, FileNotFoundError) as exc:
@@ -372,6 +373,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="write only the mask (8-bit PNG at the photo's size) as <stem>.png")
     remove.add_argument("--batch-size", type=int, default=4)
     remove.add_argument("--threads", type=int, help="ONNX Runtime threads (default: all cores)")
+    remove.add_argument("--sessions", type=int, default=1,
+                        help="ONNX Runtime sessions sharing --threads, each running part of a batch (2 on 2 cores "
+                             "pays for an int8 model from `bgremoval quantize`; keep --batch-size >= sessions)")
     remove.add_argument("--io-threads", type=int, help="decode/encode threads (default: all cores)")
     remove.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     remove.add_argument("--backend", choices=["auto", "onnx", "torch"], default="auto")

@@ -9,6 +9,7 @@ import json
 
 import cv2
 import numpy as np
+import onnx
 import pytest
 import torch
 from PIL import Image, ImageOps
@@ -322,3 +323,25 @@ def test_decontaminate_removes_the_old_background_from_the_edge(tmp_path):
         assert np.abs(cut[32 + 4:96 - 4, 32 + 4:96 - 4, :3] - (20, 20, 230)).max() <= 2  # the product itself is kept
     assert rims[False][0] > 150 and rims[True][0] <= 2  # the cut-out's edge colours: red before, blue after
     assert rims[False][1] >= 10 and rims[True][1] <= 3  # the JPEG (chroma subsampling blurs the rim)
+
+
+def _fixed_batch_copy(src: str, dst: str) -> str:
+    """``src`` with its batch axis fixed at 1, as rembg's files have it."""
+    model = onnx.load(src)
+    for value in [*model.graph.input, *model.graph.output]:
+        value.type.tensor_type.shape.dim[0].dim_value = 1
+    onnx.save(model, dst)
+    return dst
+
+
+def test_several_sessions_give_the_same_maps_as_one(model_dir, tmp_path):
+    batch = np.stack([prepare_input(_photo(seed=i), SIZE) for i in range(5)])
+    for path in (f"{model_dir}/model.onnx", _fixed_batch_copy(f"{model_dir}/model.onnx", str(tmp_path / "b1.onnx"))):
+        one = load_engine(path, threads=2)
+        two = load_engine(path, threads=2, sessions=2)
+        assert len(two.sessions) == 2
+        (p1, s1), (p2, s2) = one.predict(batch), two.predict(batch)
+        assert p1.shape == p2.shape == (5, SIZE, SIZE) and s1.shape == s2.shape
+        assert np.allclose(p1, p2, atol=1e-5) and np.allclose(s1, s2, atol=1e-5)
+    with pytest.raises(ValueError, match="sessions"):
+        load_engine(f"{model_dir}/model.onnx", sessions=0)
