@@ -92,6 +92,9 @@ def cmd_remove(args: argparse.Namespace) -> int:
 
     streaming = STREAM in args.inputs or args.out == STREAM
     say = functools.partial(print, file=sys.stderr if args.out == STREAM else sys.stdout)
+    if streaming and args.watch:
+        print("bgremoval remove: --watch reads folders or prefixes, not '-'", file=sys.stderr)
+        return 2
     if streaming and len(args.inputs) != 1:
         print("bgremoval remove: '-' (stdin or stdout) takes exactly one input", file=sys.stderr)
         return 2
@@ -121,10 +124,31 @@ def cmd_remove(args: argparse.Namespace) -> int:
     say(f"model: {engine.describe()}")
     if streaming:
         return _remove_one(args.inputs[0], args.out, engine, config, options, say)
+    if args.watch:
+        return _watch(args, engine, config, options)
     summary = remove_to(args.inputs, args.out, engine, config, options, progress=not args.quiet)
     say(f"{summary['ok']} of {summary['images']} images done, {summary['failed']} failed, "
         f"{summary['images_per_s']} img/s; outputs in {args.out}")
     return 0 if summary["failed"] == 0 and summary["images"] > 0 else 1
+
+
+def _watch(args: argparse.Namespace, engine, config, options: dict | None) -> int:
+    """``bgremoval remove --watch``: poll the inputs until Ctrl-C or SIGTERM, then say what was done."""
+    import signal
+    import threading
+
+    from tasks.serving.watch import watch
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    print(f"watching {', '.join(args.inputs)} every {args.interval:g} s; outputs in {args.out} (Ctrl-C stops)")
+    try:
+        state = watch(args.inputs, args.out, engine, config, options, interval=args.interval, stop=stop)
+    except KeyboardInterrupt:
+        stop.set()
+        return 0
+    print(f"stopped: {state.ok} images done, {state.failed} failed")
+    return 0
 
 
 def _remove_one(source: str, out: str, engine, config, options: dict | None, say) -> int:
@@ -384,6 +408,10 @@ def build_parser() -> argparse.ArgumentParser:
     remove.add_argument("--jpeg-quality", type=int, default=92)
     remove.add_argument("--png-compression", type=int, default=1, help="zlib level 0-9 (6 = smaller, slower)")
     remove.add_argument("--quiet", action="store_true", help="no progress bar")
+    remove.add_argument("--watch", action="store_true",
+                        help="keep polling the inputs and cut out each new photo once it is fully written "
+                             "(photos with outputs already are skipped; Ctrl-C or SIGTERM stops)")
+    remove.add_argument("--interval", type=float, default=2.0, help="seconds between polls with --watch")
     remove.set_defaults(func=cmd_remove)
 
     model = sub.add_parser("model", help="the MLflow registry: list versions, promote one, roll the champion back")

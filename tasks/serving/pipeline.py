@@ -53,6 +53,7 @@ __all__ = [
     "iter_remove_backgrounds",
     "list_images",
     "mask_dir_for",
+    "options_for",
     "output_urls",
     "parse_background",
     "parse_canvas",
@@ -283,7 +284,7 @@ def _stem_of(url: str) -> str:
     return posixpath.splitext(posixpath.basename(url.rstrip("/")))[0]
 
 
-def _options_for(url: str, storage_options: dict | None) -> dict | None:
+def options_for(url: str, storage_options: dict | None) -> dict | None:
     """``storage_options`` for remote URLs, None for local paths (fsspec's local filesystem
     takes no s3 options)."""
     return storage_options if "://" in url and not url.startswith("file://") else None
@@ -293,7 +294,7 @@ def _load(item: tuple[str, str], engine: Engine, config: InferenceConfig, storag
     url, stem = item
     loaded = _Loaded(CutoutResult(stem=stem, source_url=url), time.perf_counter())
     try:
-        data = storage.read_bytes(url, _options_for(url, storage_options))
+        data = storage.read_bytes(url, options_for(url, storage_options))
     except Exception as exc:  # noqa: BLE001 - an unreadable input fails this image, not the run
         loaded.result.error = f"cannot read: {type(exc).__name__}: {exc}"
         return loaded
@@ -456,7 +457,7 @@ def write_outputs(result: CutoutResult, out_url: str, storage_options: dict | No
             continue
         if _same_path(url, result.source_url):
             raise ValueError(f"refusing to overwrite the input {result.source_url} with an output")
-        written[key] = storage.write_bytes(url, data, _options_for(url, storage_options))
+        written[key] = storage.write_bytes(url, data, options_for(url, storage_options))
     return written
 
 
@@ -492,7 +493,7 @@ def list_images(inputs: Sequence[str], storage_options: dict | None = None,
         items.append((url, stem))
 
     for entry in inputs:
-        options = _options_for(entry, storage_options)
+        options = options_for(entry, storage_options)
         fs, path = storage.filesystem(entry, options)
         if fs.isfile(path):
             add(entry, _stem_of(entry))
@@ -558,7 +559,7 @@ def remove_to(inputs: Sequence[str], out_url: str, engine: Engine, config: Infer
     seconds = time.perf_counter() - started
     results_url = storage.join(out_url, "results.jsonl")
     if lines:
-        storage.write_text(results_url, "\n".join(lines) + "\n", _options_for(out_url, storage_options))
+        storage.write_text(results_url, "\n".join(lines) + "\n", options_for(out_url, storage_options))
     return {"images": len(items), "ok": ok, "failed": failed, "problems": problems, "seconds": round(seconds, 3),
             "images_per_s": round(len(items) / seconds, 3) if seconds > 0 and items else 0.0,
             "out_url": out_url, "results_url": results_url if lines else None}

@@ -1,0 +1,107 @@
+"""``bgremoval remove --watch``: cut out photos as they arrive in a folder or prefix.
+
+Polling rather than file-system events, so that the same loop serves local folders, network
+mounts and ``s3://`` prefixes. A photo is taken once its size has stayed the same over two polls
+(a file still being copied is not read half-written) and is never taken twice; photos whose
+outputs already exist are skipped, so a restarted watch resumes where it stopped. Inputs are only
+read.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from tasks.core import storage
+from tasks.serving.engines import Engine
+from tasks.serving.pipeline import (
+    InferenceConfig,
+    iter_remove_backgrounds,
+    list_images,
+    mask_dir_for,
+    options_for,
+    output_urls,
+    results_line,
+    write_outputs,
+)
+
+__all__ = ["WatchState", "watch"]
+
+
+@dataclass
+class WatchState:
+    """What a watch has done so far: images cut out, images failed, and their results lines."""
+
+    ok: int = 0
+    failed: int = 0
+    lines: list[str] = field(default_factory=list)
+    done: set[str] = field(default_factory=set)
+    sizes: dict[str, int] = field(default_factory=dict)
+
+
+def _size(url: str, storage_options: dict | None) -> int | None:
+    fs, path = storage.filesystem(url, options_for(url, storage_options))
+    try:
+        return int(fs.size(path))
+    except (OSError, FileNotFoundError):
+        return None
+
+
+def _has_outputs(stem: str, out_url: str, config: InferenceConfig, storage_options: dict | None) -> bool:
+    urls = output_urls(stem, out_url, mask_dir_for(config))
+    wanted = {"cutout_png": config.cutout, "composite_jpeg": config.composite, "mask_png": config.mask}
+    options = options_for(out_url, storage_options)
+    return all(storage.exists(urls[key], options) for key, on in wanted.items() if on)
+
+
+def poll_once(inputs: Sequence[str], out_url: str, engine: Engine, config: InferenceConfig, state: WatchState,
+              storage_options: dict | None = None, log: Callable[[str], None] = print) -> int:
+    """One round of :func:`watch`: cut out every photo that has become ready since the last round.
+    Returns how many were taken."""
+    items, _ = list_images(inputs, storage_options)
+    ready = []
+    for url, stem in items:
+        if url in state.done:
+            continue
+        if url not in state.sizes and _has_outputs(stem, out_url, config, storage_options):
+            state.done.add(url)  # cut out before this watch started
+            continue
+        size = _size(url, storage_options)
+        if size and state.sizes.get(url) == size:
+            ready.append((url, stem))
+        if size is not None:
+            state.sizes[url] = size
+    for result in iter_remove_backgrounds(ready, engine, config, storage_options):
+        written: dict[str, str] = {}
+        if result.ok:
+            try:
+                written = write_outputs(result, out_url, storage_options, mask_dir=mask_dir_for(config))
+            except (OSError, ValueError) as exc:
+                result.error = f"cannot write outputs: {exc}"
+        state.done.add(result.source_url)
+        if result.ok:
+            state.ok += 1
+            log(f"done: {result.source_url} (quality score {result.score:.3f})")
+        else:
+            state.failed += 1
+            log(f"failed: {result.source_url}: {result.error}")
+        state.lines.append(results_line(result, written))
+    if ready:
+        storage.write_text(storage.join(out_url, "results.jsonl"), "\n".join(state.lines) + "\n",
+                           options_for(out_url, storage_options))
+    return len(ready)
+
+
+def watch(inputs: Sequence[str], out_url: str, engine: Engine, config: InferenceConfig = InferenceConfig(),
+          storage_options: dict | None = None, interval: float = 2.0, stop: threading.Event | None = None,
+          log: Callable[[str], None] = print) -> WatchState:
+    """Poll ``inputs`` every ``interval`` seconds and cut out each new photo into ``out_url`` (as
+    :func:`tasks.serving.pipeline.remove_to` does, ``results.jsonl`` included) until ``stop`` is
+    set (or forever). Returns the :class:`WatchState`."""
+    stop = stop or threading.Event()
+    state = WatchState()
+    while not stop.is_set():
+        poll_once(inputs, out_url, engine, config, state, storage_options, log)
+        stop.wait(interval)
+    return state

@@ -1,0 +1,106 @@
+"""``tasks.serving.watch``: photos arriving in a folder are cut out once, after they are fully
+written; a restarted watch skips what is done; ``bgremoval remove --watch`` stops on SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from tasks.dev.synth import SynthConfig, encode_jpeg, render_item
+from tasks.serving.engines import load_engine
+from tasks.serving.pipeline import InferenceConfig
+from tasks.serving.watch import WatchState, poll_once, watch
+
+PROJECT = Path(__file__).resolve().parents[3]
+
+
+@pytest.fixture(scope="module")
+def model_dir(write_model_folder, tmp_path_factory) -> str:
+    return write_model_folder(tmp_path_factory.mktemp("watch-model"))
+
+
+@pytest.fixture(scope="module")
+def engine(model_dir):
+    return load_engine(model_dir)
+
+
+def _photo(seed: int = 0) -> np.ndarray:
+    """A generated product photo, RGB."""
+    return render_item(seed, SynthConfig(n=4, seed=seed, max_side=120)).image
+
+
+def _jpeg(image: np.ndarray) -> bytes:
+    return encode_jpeg(image)
+
+
+def test_a_photo_is_taken_once_after_its_size_settles(engine, tmp_path):
+    incoming, out = tmp_path / "in", tmp_path / "out"
+    incoming.mkdir()
+    (incoming / "a.jpg").write_bytes(_jpeg(_photo()))
+    state, lines = WatchState(), []
+    assert poll_once([str(incoming)], str(out), engine, InferenceConfig(), state, log=lines.append) == 0
+    assert poll_once([str(incoming)], str(out), engine, InferenceConfig(), state, log=lines.append) == 1
+    assert (out / "a.png").exists() and (out / "a.jpg").exists()
+    assert poll_once([str(incoming)], str(out), engine, InferenceConfig(), state, log=lines.append) == 0
+    (incoming / "b.jpg").write_bytes(b"\xff\xd8 still being copied")  # grows between polls: not taken yet
+    poll_once([str(incoming)], str(out), engine, InferenceConfig(), state, log=lines.append)
+    (incoming / "b.jpg").write_bytes(_jpeg(_photo(seed=2)))
+    assert poll_once([str(incoming)], str(out), engine, InferenceConfig(), state, log=lines.append) == 0
+    assert poll_once([str(incoming)], str(out), engine, InferenceConfig(), state, log=lines.append) == 1
+    assert (state.ok, state.failed) == (2, 0)
+    results = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert [Path(r["source_url"]).name for r in results] == ["a.jpg", "b.jpg"]
+    restarted = WatchState()  # a new watch skips photos whose outputs exist
+    poll_once([str(incoming)], str(out), engine, InferenceConfig(), restarted, log=lines.append)
+    assert poll_once([str(incoming)], str(out), engine, InferenceConfig(), restarted, log=lines.append) == 0
+
+
+def test_watch_runs_until_stopped(engine, tmp_path):
+    incoming, out = tmp_path / "in", tmp_path / "out"
+    incoming.mkdir()
+    stop = threading.Event()
+    result: dict = {}
+    thread = threading.Thread(target=lambda: result.update(state=watch(
+        [str(incoming)], str(out), engine, InferenceConfig(mask=True), interval=0.05, stop=stop,
+        log=lambda line: None)))
+    thread.start()
+    cv2.imwrite(str(incoming / "c.png"), cv2.cvtColor(_photo(), cv2.COLOR_RGB2BGR))
+    deadline = time.monotonic() + 20
+    while not (out / "masks" / "c.png").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    stop.set()
+    thread.join(10)
+    assert not thread.is_alive() and result["state"].ok == 1
+    assert cv2.imread(str(out / "masks" / "c.png"), cv2.IMREAD_GRAYSCALE).shape == _photo().shape[:2]
+
+
+@pytest.mark.process
+def test_cli_watch_stops_on_sigterm(model_dir, tmp_path):
+    incoming, out = tmp_path / "in", tmp_path / "out"
+    incoming.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(PROJECT)}
+    proc = subprocess.Popen([sys.executable, "-m", "tasks.cli", "remove", str(incoming), "-o", str(out), "--model",
+                             model_dir, "--watch", "--interval", "0.2", "--quiet"], cwd=PROJECT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        (incoming / "d.jpg").write_bytes(_jpeg(_photo()))
+        deadline = time.monotonic() + 60
+        while not (out / "d.png").exists() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+        assert (out / "d.png").exists()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 0, stderr
+    assert "stopped: 1 images done, 0 failed" in stdout
+    assert np.asarray(cv2.imread(str(out / "d.png"), cv2.IMREAD_UNCHANGED)).shape[2] == 4
