@@ -252,6 +252,23 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from tasks.serving.http import ServeConfig, serve
+
+    if args.model.startswith("models:/"):
+        _mlflow_environment()
+    try:
+        config = ServeConfig(model=args.model, threads=args.threads, sessions=args.sessions,
+                             max_bytes=int(args.max_mb * 2**20), max_pixels=int(args.max_megapixels * 1e6),
+                             concurrency=args.concurrency, queue_timeout=args.queue_timeout,
+                             reload_interval=args.reload_interval)
+    except ValueError as exc:
+        print(f"bgremoval serve: {exc}", file=sys.stderr)
+        return 2
+    serve(config, host=args.host, port=args.port)
+    return 0
+
+
 def cmd_pretrained(args: argparse.Namespace) -> int:
     from tasks.model import pretrained
 
@@ -452,6 +469,22 @@ def build_parser() -> argparse.ArgumentParser:
                        help="keep a tensor float when one channel exceeds this many times the median channel")
     quant.add_argument("--quiet", action="store_true", help="no progress bar")
     quant.set_defaults(func=cmd_quantize)
+
+    srv = sub.add_parser("serve", help="background removal over HTTP: POST /api/remove (rembg's `rembg s`)")
+    srv.add_argument("--model", default="pretrained",
+                     help="'pretrained', a .onnx file, a model folder/URL, or models:/<name>@<alias> (re-read "
+                          "every --reload-interval seconds and swapped in when the alias moves)")
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (no login: keep it on loopback "
+                                                         "or behind an authenticating proxy)")
+    srv.add_argument("--port", type=int, default=7000)
+    srv.add_argument("--threads", type=int, help="ONNX Runtime threads (default: all cores)")
+    srv.add_argument("--sessions", type=int, default=1, help="ONNX Runtime sessions sharing the threads")
+    srv.add_argument("--concurrency", type=int, default=2, help="images in the model at once")
+    srv.add_argument("--queue-timeout", type=float, default=30.0, help="seconds a request waits for a slot (then 503)")
+    srv.add_argument("--max-mb", type=float, default=20.0, help="largest request body, MiB (then 413)")
+    srv.add_argument("--max-megapixels", type=float, default=50.0, help="largest photo, megapixels (then 413)")
+    srv.add_argument("--reload-interval", type=float, default=60.0, help="seconds between alias checks (0: never)")
+    srv.set_defaults(func=cmd_serve)
 
     pre = sub.add_parser("pretrained", help="the published U2-NetP weights: fetch them, show where they are, "
                                             "or convert them to a model folder (model.pt + config.json)")

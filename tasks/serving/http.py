@@ -1,0 +1,205 @@
+"""``bgremoval serve``: background removal over HTTP, as rembg's ``rembg s`` offers it.
+
+``POST /api/remove`` takes one image — the raw body, or a multipart form field ``file`` — and
+answers with the RGBA PNG cut-out (``?output=cutout``, the default), the mask (``mask``) or a JPEG on
+a colour (``jpeg&background=%23f4f4f4``); ``decontaminate=true`` as in ``bgremoval remove``. The
+quality score comes back in the ``X-Quality-Score`` header. ``GET /healthz`` says the process is up,
+``GET /readyz`` that a model is loaded (and which).
+
+Guards, all from :class:`ServeConfig`: bodies over ``max_bytes`` are refused with 413 before they
+are read in full (the ``Content-Length`` header first, then while reading); photos whose header
+claims more than ``max_pixels`` with 413 before decoding; undecodable bodies with 422; at most
+``concurrency`` images are in the model at once and a request that waits more than
+``queue_timeout`` seconds for a slot gets 503 (with ``Retry-After``). A ``models:/<name>@<alias>``
+model is re-read every ``reload_interval`` seconds and swapped in when the alias has moved.
+
+There is no login: the service listens on loopback unless told otherwise; put it behind the
+proxy that authenticates your users.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from fastapi import FastAPI, Query, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
+
+from tasks import registry
+from tasks.core.limits import MAX_PIXELS
+from tasks.serving.engines import Engine, load_engine
+from tasks.serving.pipeline import InferenceConfig, cut_out_bytes
+
+__all__ = ["OUTPUTS", "ModelHolder", "ServeConfig", "create_app", "serve"]
+
+log = logging.getLogger(__name__)
+
+#: What ``?output=`` may ask for, and the media type of each.
+OUTPUTS = {"cutout": "image/png", "mask": "image/png", "jpeg": "image/jpeg"}
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """How ``bgremoval serve`` runs: the model (anything :func:`load_engine` takes), its ONNX
+    Runtime threads and sessions, the body and pixel caps, the number of images in the model at
+    once, how long a request may wait for a slot, and how often a ``models:/`` alias is re-read
+    (0: never)."""
+
+    model: str = "pretrained"
+    threads: int | None = None
+    sessions: int = 1
+    max_bytes: int = 20 * 2**20
+    max_pixels: int = MAX_PIXELS
+    concurrency: int = 2
+    queue_timeout: float = 30.0
+    reload_interval: float = 60.0
+
+    def __post_init__(self) -> None:
+        if self.max_bytes < 1 or self.max_pixels < 1 or self.concurrency < 1 or self.queue_timeout <= 0:
+            raise ValueError("max_bytes, max_pixels and concurrency must be >= 1 and queue_timeout > 0")
+
+
+class ModelHolder:
+    """The engine the service runs, and its reload when a registry alias moves."""
+
+    def __init__(self, config: ServeConfig) -> None:
+        self.config = config
+        self.version: str | None = None
+        self.engine: Engine | None = None
+        self._lock = threading.Lock()
+
+    def _alias(self) -> tuple[str, str] | None:
+        """``(name, alias)`` of a ``models:/<name>@<alias>`` model, else None."""
+        ref = self.config.model
+        if not ref.startswith("models:/") or "@" not in ref:
+            return None
+        name, alias = ref[len("models:/"):].split("@", 1)
+        return name, alias
+
+    def load(self) -> Engine:
+        """Load the model (for an alias: the version it points at now) and make it current."""
+        alias = self._alias()
+        version = registry.alias_version(*alias) if alias else None
+        engine = load_engine(self.config.model, threads=self.config.threads, sessions=self.config.sessions)
+        with self._lock:
+            self.engine, self.version = engine, version
+        log.info("serving %s%s", engine.describe(), f" (version {version})" if version else "")
+        return engine
+
+    def reload_if_moved(self) -> bool:
+        """Re-read the alias; load the model again when it points at another version. True when
+        it did. A registry that cannot be reached keeps the current model."""
+        alias = self._alias()
+        if alias is None:
+            return False
+        try:
+            version = registry.alias_version(*alias)
+        except Exception as exc:  # noqa: BLE001 - keep serving what is loaded
+            log.warning("cannot read %s: %s", self.config.model, exc)
+            return False
+        if version is None or version == self.version:
+            return False
+        self.load()
+        return True
+
+
+async def _read_body(request, limit: int) -> bytes | None:
+    """The request body, or None as soon as it is longer than ``limit``."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        return None
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def create_app(config: ServeConfig, holder: ModelHolder | None = None):
+    """The FastAPI application of ``bgremoval serve`` (the model is loaded at startup)."""
+    holder = holder or ModelHolder(config)
+    slots = asyncio.Semaphore(config.concurrency)
+
+    async def reload_loop() -> None:
+        while True:
+            await asyncio.sleep(config.reload_interval)
+            await run_in_threadpool(holder.reload_if_moved)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        if holder.engine is None:
+            await run_in_threadpool(holder.load)
+        task = asyncio.create_task(reload_loop()) if config.reload_interval > 0 and holder._alias() else None
+        yield
+        if task:
+            task.cancel()
+
+    app = FastAPI(title="bgremoval", summary="Background removal for product photos", lifespan=lifespan)
+
+    def error(status: int, message: str, **headers: str) -> JSONResponse:
+        return JSONResponse({"detail": message}, status_code=status, headers=headers or None)
+
+    @app.get("/healthz")
+    def healthz() -> dict:
+        """The process answers."""
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    def readyz():
+        """A model is loaded: which, and its registry version."""
+        if holder.engine is None:
+            return error(503, "no model loaded yet")
+        return {"status": "ready", "model": holder.engine.describe(), "version": holder.version}
+
+    @app.post("/api/remove")
+    async def remove(request: Request, output: str = Query("cutout", pattern="^(cutout|mask|jpeg)$"),
+                     background: str = Query("#ffffff", pattern="^#[0-9a-fA-F]{6}$"),
+                     decontaminate: bool = False):
+        """Cut out one image: the raw body or the multipart field ``file``."""
+        data = await _read_body(request, config.max_bytes)
+        if data is None:
+            return error(413, f"the body is larger than {config.max_bytes} bytes")
+        if request.headers.get("content-type", "").startswith("multipart/form-data"):
+            request._body = data  # starlette parses the form from the body already read (and capped)
+            form = await request.form()
+            upload = form.get("file")
+            if upload is None or isinstance(upload, str):
+                return error(422, "the multipart form has no file field 'file'")
+            data = await upload.read()
+        if not data:
+            return error(422, "the body holds no image")
+        engine = holder.engine
+        if engine is None:
+            return error(503, "no model loaded yet", **{"Retry-After": "5"})
+        inference = InferenceConfig(background=background, mask=output == "mask", cutout=output == "cutout",
+                                    composite=output == "jpeg", decontaminate=decontaminate,
+                                    max_pixels=config.max_pixels)
+        try:
+            await asyncio.wait_for(slots.acquire(), config.queue_timeout)
+        except TimeoutError:
+            return error(503, f"busy: no slot within {config.queue_timeout:g} s", **{"Retry-After": "5"})
+        try:
+            result = await run_in_threadpool(cut_out_bytes, data, engine, inference, "upload", "upload")
+        finally:
+            slots.release()
+        if not result.ok:
+            too_big = "too large" in (result.error or "")
+            return error(413 if too_big else 422, result.error or "cannot cut out this image")
+        body = {"cutout": result.cutout_png, "mask": result.mask_png, "jpeg": result.composite_jpeg}[output]
+        return Response(body, media_type=OUTPUTS[output], headers={"X-Quality-Score": f"{result.score:.4f}"})
+
+    return app
+
+
+def serve(config: ServeConfig, host: str = "127.0.0.1", port: int = 7000) -> None:
+    """Run the service with uvicorn until interrupted."""
+    import uvicorn
+
+    uvicorn.run(create_app(config), host=host, port=port, log_level="info")
+

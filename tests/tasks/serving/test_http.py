@@ -1,0 +1,158 @@
+"""``bgremoval serve``: a real uvicorn server on loopback — outputs, caps, the concurrency limit,
+readiness, a small load test without memory growth, and the model swapped when its alias moves."""
+
+from __future__ import annotations
+
+import io
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from tasks import registry
+from tasks.dev.synth import SynthConfig, encode_jpeg, render_item
+from tasks.serving.engines import Engine
+from tasks.serving.http import ModelHolder, ServeConfig, create_app
+
+pytestmark = pytest.mark.process
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """``create_app`` under uvicorn in a thread, on a free loopback port."""
+
+    def __init__(self, config: ServeConfig, holder: ModelHolder | None = None) -> None:
+        import uvicorn
+
+        self.url = f"http://127.0.0.1:{_free_port()}"
+        port = int(self.url.rsplit(":", 1)[1])
+        self.server = uvicorn.Server(uvicorn.Config(create_app(config, holder), host="127.0.0.1", port=port,
+                                                    log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> str:
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.url}/readyz").status_code == 200:
+                    return self.url
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError("the server did not become ready")
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+def _photo_bytes(i: int = 0) -> tuple[bytes, tuple[int, int]]:
+    image = render_item(i, SynthConfig(n=4, seed=3, max_side=160)).image
+    return encode_jpeg(image), (image.shape[1], image.shape[0])
+
+
+def _open(data: bytes) -> Image.Image:
+    im = Image.open(io.BytesIO(data))
+    im.load()
+    return im
+
+
+@pytest.fixture(scope="module")
+def model_dir(write_model_folder, tmp_path_factory) -> str:
+    return write_model_folder(tmp_path_factory.mktemp("serve-model"))
+
+
+def test_outputs_caps_and_readiness(model_dir):
+    data, size = _photo_bytes()
+    with Server(ServeConfig(model=model_dir, max_bytes=200_000, max_pixels=20_000)) as url:
+        assert httpx.get(f"{url}/healthz").json() == {"status": "ok"}
+        assert "torch" in httpx.get(f"{url}/readyz").json()["model"]
+        cut = httpx.post(f"{url}/api/remove", content=data, headers={"content-type": "image/jpeg"})
+        assert cut.status_code == 200 and cut.headers["content-type"] == "image/png"
+        assert 0 <= float(cut.headers["x-quality-score"]) <= 1
+        assert (_open(cut.content).mode, _open(cut.content).size) == ("RGBA", size)
+        mask = httpx.post(f"{url}/api/remove?output=mask", files={"file": ("p.jpg", data, "image/jpeg")})
+        assert mask.status_code == 200 and (_open(mask.content).mode, _open(mask.content).size) == ("L", size)
+        jpeg = httpx.post(f"{url}/api/remove?output=jpeg&background=%23336699&decontaminate=true", content=data)
+        assert jpeg.status_code == 200 and jpeg.headers["content-type"] == "image/jpeg"
+        assert _open(jpeg.content).mode == "RGB"
+        assert httpx.post(f"{url}/api/remove", content=b"x" * 300_000).status_code == 413  # body cap
+        big = Image.new("RGB", (200, 200), "white")  # 40,000 pixels, over the 20,000 cap
+        buffer = io.BytesIO()
+        big.save(buffer, "PNG")
+        too_many = httpx.post(f"{url}/api/remove", content=buffer.getvalue())
+        assert too_many.status_code == 413 and "too large" in too_many.json()["detail"]
+        assert httpx.post(f"{url}/api/remove", content=b"not an image").status_code == 422
+        assert httpx.post(f"{url}/api/remove", content=b"").status_code == 422
+        assert httpx.post(f"{url}/api/remove?output=gif", content=data).status_code == 422
+        assert httpx.post(f"{url}/api/remove", files={"other": ("p.jpg", data)}).status_code == 422
+
+
+class _SlowEngine(Engine):
+    backend, input_size, resize = "fake", 32, "stretch"
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+    def predict(self, batch):
+        time.sleep(1.0)
+        return np.full((len(batch), 32, 32), 0.9, np.float32), None
+
+
+def test_requests_beyond_the_concurrency_wait_then_get_503():
+    holder = ModelHolder(ServeConfig(model="unused"))
+    holder.engine = _SlowEngine()
+    data, _ = _photo_bytes()
+    with Server(ServeConfig(model="unused", concurrency=1, queue_timeout=0.3), holder) as url:
+        with ThreadPoolExecutor(3) as pool:
+            codes = sorted(pool.map(lambda _: httpx.post(f"{url}/api/remove", content=data, timeout=30).status_code,
+                                    range(3)))
+    assert codes[0] == 200 and 503 in codes
+
+
+def _rss_kb() -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def test_load_on_loopback_without_errors_or_memory_growth(model_dir):
+    photos = [_photo_bytes(i)[0] for i in range(4)]
+    with Server(ServeConfig(model=model_dir, concurrency=2)) as url:
+        with httpx.Client() as client:
+            def one(i: int) -> tuple[int, float]:
+                start = time.perf_counter()
+                return client.post(f"{url}/api/remove", content=photos[i % 4]).status_code, time.perf_counter() - start
+
+            with ThreadPoolExecutor(4) as pool:
+                list(pool.map(one, range(16)))  # warm-up: allocator pools, thread pools
+                before = _rss_kb()
+                results = list(pool.map(one, range(80)))
+                after = _rss_kb()
+    assert all(code == 200 for code, _ in results)
+    latencies = sorted(t for _, t in results)
+    assert latencies[len(latencies) // 2] < 5
+    assert after - before < 50_000, f"RSS grew {after - before} kB over 80 requests"
+
+
+def test_the_model_is_swapped_when_its_alias_moves(tmp_path, private_mlflow, write_model_folder):
+    with private_mlflow(tmp_path, "serve") as run_id:
+        for seed in (0, 1):
+            registry.register_model(write_model_folder(tmp_path / f"run{seed}", seed=seed), "served", run_id=run_id)
+        registry.promote("served", "1")
+        holder = ModelHolder(ServeConfig(model="models:/served@champion"))
+        holder.load()
+        assert holder.version == "1" and not holder.reload_if_moved()
+        first = holder.engine
+        registry.promote("served", "2")
+        assert holder.reload_if_moved() and holder.version == "2" and holder.engine is not first
