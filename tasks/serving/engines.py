@@ -27,7 +27,8 @@ import numpy as np
 
 from tasks import registry
 from tasks.core import storage
-from tasks.model.pretrained import PRETRAINED, find_pretrained_onnx, require_pretrained_onnx
+from tasks.model.config import PRETRAINED
+from tasks.model.published import find_pretrained_onnx, require_pretrained_onnx
 from tasks.model.preprocess import IMAGENET_MEAN, IMAGENET_STD, letterbox_box, prepare_input, resize_to_original
 
 __all__ = [
@@ -98,7 +99,7 @@ class OnnxEngine(Engine):
                  sessions: int = 1) -> None:
         import onnxruntime as ort
 
-        from tasks.model.export import read_onnx_metadata
+        from tasks.model.onnx_metadata import read_onnx_metadata
 
         if sessions < 1:
             raise ValueError(f"sessions must be >= 1, got {sessions}")

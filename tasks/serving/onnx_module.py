@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from tasks.core import storage
-from tasks.model.export import read_onnx_metadata
+from tasks.model.onnx_metadata import read_onnx_metadata
 from tasks.serving.engines import Engine, OnnxEngine
 
 __all__ = ["EngineModule", "load_onnx_module"]
