@@ -6,7 +6,8 @@
 #   docker compose build --build-arg WITH_HOROVOD=true     # also build Horovod 0.28.1 (about 5 min more)
 #
 # Same install order as scripts/install.sh: torch alone first (here from the CPU index, so no CUDA
-# wheels are pulled), then the project with `pip install -c constraints.txt`.
+# wheels are pulled), then the project with its Airflow extra (which includes training) and
+# `pip install -c constraints.txt`.
 FROM python:3.11-slim-bookworm
 
 ARG TORCH_VERSION=2.13.0
@@ -44,7 +45,7 @@ RUN python -m venv .venv \
 COPY pyproject.toml constraints.txt README.md ./
 COPY scripts/ ./scripts/
 COPY tasks/ ./tasks/
-RUN pip install -c constraints.txt . \
+RUN pip install -c constraints.txt ".[airflow]" \
  && if [ "$WITH_HOROVOD" = "true" ]; then scripts/install-horovod.sh; fi \
  && python -c "import airflow.providers.celery.executors.celery_executor, airflow.providers.amazon, airflow.providers.databricks, mlflow, psycopg2, torch, tasks; print('image ok: torch', torch.__version__)" \
  && bgremoval pretrained fetch

@@ -33,9 +33,9 @@ if [ -x .venv/bin/uv ]; then
   if [ -n "${PIP_INDEX_URL:-}" ] && [ -z "${UV_DEFAULT_INDEX:-}${UV_INDEX_URL:-}" ]; then
     export UV_DEFAULT_INDEX="$PIP_INDEX_URL"
   fi
-  .venv/bin/uv pip install --quiet --python .venv/bin/python --compile-bytecode -c constraints.txt -e '.[dev]'
+  .venv/bin/uv pip install --quiet --python .venv/bin/python --compile-bytecode -c constraints.txt -e '.[all]'
 else
-  "${PIP[@]}" -c constraints.txt -e '.[dev]'
+  "${PIP[@]}" -c constraints.txt -e '.[all]'
 fi
 
 step "waiting for the horovod build"

@@ -24,7 +24,8 @@ import sys
 
 class Blocked:
     def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in {"torch", "mlflow", "airflow", "torchvision"}:
+        if name.split(".")[0] in {"torch", "mlflow", "airflow", "torchvision", "pandas", "pyarrow", "sklearn",
+                                  "matplotlib", "moto", "tensorboard", "celery"}:
             raise ImportError(f"{name} is not installed here")
 
 sys.meta_path.insert(0, Blocked())

@@ -1,0 +1,88 @@
+"""The core install: ``pip install <checkout>`` without extras brings neither Airflow nor torch,
+and ``bgremoval remove`` and ``bgremoval serve`` work in that environment."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+
+from tasks.dev.synth import SynthConfig, encode_jpeg, render_item
+from tasks.model.export import export_onnx
+from tasks.model.u2net import U2Net
+from tasks.train.config import TrainConfig
+
+pytestmark = pytest.mark.process
+
+ROOT = Path(__file__).resolve().parents[2]
+UV = shutil.which("uv", path=str(Path(sys.executable).parent)) or shutil.which("uv")
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    if env.get("PIP_INDEX_URL") and not (env.get("UV_DEFAULT_INDEX") or env.get("UV_INDEX_URL")):
+        env["UV_DEFAULT_INDEX"] = env["PIP_INDEX_URL"]  # as scripts/install.sh passes the index on
+    return env
+
+
+@pytest.fixture(scope="module")
+def light_venv(tmp_path_factory) -> Path:
+    if UV is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("uv is missing (scripts/install.sh installs it)")
+        pytest.skip("uv is missing (scripts/install.sh installs it)")
+    venv = tmp_path_factory.mktemp("light") / "venv"
+    subprocess.run([UV, "venv", "--quiet", "--python", sys.executable, str(venv)], check=True, env=_env())
+    done = subprocess.run([UV, "pip", "install", "--quiet", "--python", str(venv / "bin" / "python"), "-c",
+                           str(ROOT / "constraints.txt"), str(ROOT)], capture_output=True, text=True, env=_env(),
+                          timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return venv
+
+
+def test_the_core_install_cuts_out_without_airflow_or_torch(light_venv, tmp_path):
+    python = str(light_venv / "bin" / "python")
+    missing = subprocess.run([python, "-c", "import importlib.util as u; "
+                              "print([m for m in ('torch', 'airflow', 'mlflow', 'pandas') if u.find_spec(m)])"],
+                             capture_output=True, text=True, cwd=tmp_path, env=_env())
+    assert missing.stdout.strip() == "[]", missing.stdout + missing.stderr
+    config = TrainConfig(dataset_url="-", output_url="-", model_widths={"encoder": [[4, 8]] * 6,
+                                                                        "decoder": [[4, 8]] * 5})
+    torch.manual_seed(0)
+    export_onnx(U2Net(config.model_config()).eval(), str(tmp_path / "model.onnx"), 32, model_name="u2netp")
+    photo = render_item(0, SynthConfig(n=1, seed=2, max_side=96)).image
+    (tmp_path / "p.jpg").write_bytes(encode_jpeg(photo))
+    cli = str(light_venv / "bin" / "bgremoval")
+    done = subprocess.run([cli, "remove", str(tmp_path / "p.jpg"), "-o", str(tmp_path / "out"), "--model",
+                           str(tmp_path / "model.onnx"), "--quiet"], capture_output=True, text=True, cwd=tmp_path,
+                          env=_env(), timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "out" / "p.png").exists() and (tmp_path / "out" / "p.jpg").exists()
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([cli, "serve", "--model", str(tmp_path / "model.onnx"), "--port", str(port)],
+                              cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and server.poll() is None:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        response = httpx.post(f"http://127.0.0.1:{port}/api/remove", content=(tmp_path / "p.jpg").read_bytes(),
+                              timeout=60)
+        assert response.status_code == 200 and response.headers["content-type"] == "image/png"
+    finally:
+        server.terminate()
+        server.wait(30)
