@@ -155,7 +155,7 @@ def _remove_one(source: str, out: str, engine, config, options: dict | None, say
     """``bgremoval remove`` with stdin as the input or stdout as the output: one image. stdout
     gets one PNG: the mask with ``--only-mask``, else the cut-out."""
     from tasks.core import storage
-    from tasks.serving.pipeline import cut_out_bytes, mask_dir_for, write_outputs
+    from tasks.serving.pipeline import cut_out_bytes, save_result
 
     try:
         data = sys.stdin.buffer.read() if source == STREAM else storage.read_bytes(source, options)
@@ -171,7 +171,10 @@ def _remove_one(source: str, out: str, engine, config, options: dict | None, say
         sys.stdout.buffer.write(result.cutout_png if config.cutout else result.mask_png)
         sys.stdout.buffer.flush()
         return 0
-    written = write_outputs(result, out, options, mask_dir=mask_dir_for(config))
+    written = save_result(result, out, config, options)
+    if not result.ok:
+        print(f"bgremoval remove: {source}: {result.error}", file=sys.stderr)
+        return 1
     say(f"1 image done (quality score {result.score:.3f}): {', '.join(written.values())}")
     return 0
 
@@ -230,7 +233,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         print(f"bgremoval quantize: {len(items)} photos found; calibration needs more than --n {args.n}",
               file=sys.stderr)
         return 2
-    picked = [items[round(i * (len(items) - 1) / max(1, wanted - 1))] for i in range(min(wanted, len(items)))]
+    picked = items if len(items) <= wanted else [items[i * len(items) // wanted] for i in range(wanted)]
     photos = []
     for url, _ in tqdm(picked, desc="reading photos", unit="img", disable=args.quiet):
         try:

@@ -44,6 +44,7 @@ RETRAINING_POOL = "retraining-pool"
 RETRAINING_STATE = "retraining/state.json"
 
 READY_MARKER = "_READY"
+STARTED_MARKER = "_STARTED"
 MANIFEST = "manifest.parquet"
 QUARANTINE = "quarantine.parquet"
 MODEL_WEIGHTS = "model.pt"
@@ -210,6 +211,11 @@ def incoming(bucket_url: str, batch: str) -> str:
 def production(bucket_url: str, batch: str) -> str:
     """The inference DAG's bookkeeping for one batch: ``production/<batch>``."""
     return storage.join(bucket_url, PRODUCTION, batch)
+
+
+def drop_started(bucket_url: str, batch: str) -> str:
+    """Written when a drop's ``bgremoval_inference`` run has been started: ``production/<batch>/_STARTED``."""
+    return storage.join(production(bucket_url, batch), STARTED_MARKER)
 
 
 def published(bucket_url: str, batch: str) -> str:

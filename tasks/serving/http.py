@@ -72,7 +72,7 @@ class ModelHolder:
         self.engine: Engine | None = None
         self._lock = threading.Lock()
 
-    def _alias(self) -> tuple[str, str] | None:
+    def alias(self) -> tuple[str, str] | None:
         """``(name, alias)`` of a ``models:/<name>@<alias>`` model, else None."""
         ref = self.config.model
         if not ref.startswith("models:/") or "@" not in ref:
@@ -82,7 +82,7 @@ class ModelHolder:
 
     def load(self) -> Engine:
         """Load the model (for an alias: the version it points at now) and make it current."""
-        alias = self._alias()
+        alias = self.alias()
         version = registry.alias_version(*alias) if alias else None
         engine = load_engine(self.config.model, threads=self.config.threads, sessions=self.config.sessions)
         with self._lock:
@@ -93,7 +93,7 @@ class ModelHolder:
     def reload_if_moved(self) -> bool:
         """Re-read the alias; load the model again when it points at another version. True when
         it did. A registry that cannot be reached keeps the current model."""
-        alias = self._alias()
+        alias = self.alias()
         if alias is None:
             return False
         try:
@@ -135,7 +135,7 @@ def create_app(config: ServeConfig, holder: ModelHolder | None = None):
     async def lifespan(app):
         if holder.engine is None:
             await run_in_threadpool(holder.load)
-        task = asyncio.create_task(reload_loop()) if config.reload_interval > 0 and holder._alias() else None
+        task = asyncio.create_task(reload_loop()) if config.reload_interval > 0 and holder.alias() else None
         yield
         if task:
             task.cancel()

@@ -60,6 +60,7 @@ __all__ = [
     "remove_backgrounds",
     "remove_to",
     "results_line",
+    "save_result",
     "write_outputs",
 ]
 
@@ -461,6 +462,19 @@ def write_outputs(result: CutoutResult, out_url: str, storage_options: dict | No
     return written
 
 
+def save_result(result: CutoutResult, out_url: str, config: InferenceConfig,
+                storage_options: dict | None = None) -> dict[str, str]:
+    """:func:`write_outputs` for a result of ``config`` (masks named by :func:`mask_dir_for`); a
+    write that fails sets the result's ``error`` instead of raising. Returns the files written."""
+    if not result.ok:
+        return {}
+    try:
+        return write_outputs(result, out_url, storage_options, mask_dir=mask_dir_for(config))
+    except (OSError, ValueError) as exc:
+        result.error = f"cannot write outputs: {exc}"
+        return {}
+
+
 def _same_path(a: str, b: str) -> bool:
     if "://" in a or "://" in b:
         return a.rstrip("/") == b.rstrip("/")
@@ -544,12 +558,7 @@ def remove_to(inputs: Sequence[str], out_url: str, engine: Engine, config: Infer
     ok, failed, lines = 0, 0, []
     results = iter_remove_backgrounds(items, engine, config, storage_options)
     for result in tqdm(results, total=len(items), desc="removing backgrounds", unit="img", disable=not progress):
-        written: dict[str, str] = {}
-        if result.ok:
-            try:
-                written = write_outputs(result, out_url, storage_options, mask_dir=mask_dir_for(config))
-            except (OSError, ValueError) as exc:
-                result.error = f"cannot write outputs: {exc}"
+        written = save_result(result, out_url, config, storage_options)
         if result.ok:
             ok += 1
         else:

@@ -23,7 +23,7 @@ from tasks.serving.pipeline import (
     options_for,
     output_urls,
     results_line,
-    write_outputs,
+    save_result,
 )
 
 __all__ = ["WatchState", "watch"]
@@ -73,12 +73,7 @@ def poll_once(inputs: Sequence[str], out_url: str, engine: Engine, config: Infer
         if size is not None:
             state.sizes[url] = size
     for result in iter_remove_backgrounds(ready, engine, config, storage_options):
-        written: dict[str, str] = {}
-        if result.ok:
-            try:
-                written = write_outputs(result, out_url, storage_options, mask_dir=mask_dir_for(config))
-            except (OSError, ValueError) as exc:
-                result.error = f"cannot write outputs: {exc}"
+        written = save_result(result, out_url, config, storage_options)
         state.done.add(result.source_url)
         if result.ok:
             state.ok += 1

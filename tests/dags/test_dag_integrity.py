@@ -88,6 +88,16 @@ def test_production_and_retraining_dags_shape(dagbag):
     assert set(retraining.params.keys()) >= {"min_new_pairs", "retrain_epochs", "registered_model"}
 
 
+def test_drops_start_inference_once_per_batch(dagbag):
+    drops = dagbag.dags["bgremoval_drops"]
+    assert drops.max_active_runs == 1 and not drops.catchup
+    assert drops.get_task("find_new_drops").downstream_task_ids == {"start_inference", "mark_started"}
+    start = drops.get_task("start_inference")
+    assert start.partial_kwargs["trigger_dag_id"] == "bgremoval_inference"
+    assert start.partial_kwargs["skip_when_already_exists"] is True
+    assert start.downstream_task_ids == {"mark_started"}
+
+
 def test_every_pool_a_task_uses_is_shipped_and_promotions_run_one_at_a_time(dagbag):
     from bgremoval_airflow.settings import POOLS_FILE, PROMOTION_POOL
 
