@@ -20,6 +20,7 @@ import pendulum
 from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
 from airflow.sdk import dag, task
 from bgremoval_airflow.connections import s3_storage_options
+from bgremoval_airflow.operations import task_defaults
 from bgremoval_airflow.params.common import bucket_param
 
 from tasks.core import layout
@@ -32,6 +33,7 @@ from tasks.core import layout
     catchup=False,
     max_active_runs=1,
     params={"bucket": bucket_param()},
+    default_args=task_defaults(),
     tags=["bgremoval", "production"],
     doc_md=__doc__,
 )

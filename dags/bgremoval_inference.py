@@ -17,6 +17,7 @@ from airflow.providers.amazon.aws.sensors.s3 import S3KeySensor
 from airflow.sdk import dag, task
 from bgremoval_airflow.assets import retraining_pool
 from bgremoval_airflow.connections import AWS_CONN_ID, s3_storage_options
+from bgremoval_airflow.operations import task_defaults
 from bgremoval_airflow.params.inference import dag_params, production_config
 from bgremoval_airflow.settings import max_map_length
 
@@ -30,6 +31,7 @@ from tasks.core import layout
     catchup=False,
     max_active_runs=4,
     params=dag_params(),
+    default_args=task_defaults(),
     tags=["bgremoval", "production"],
     doc_md=__doc__,
 )

@@ -15,6 +15,7 @@ from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOpe
 from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, dag, task
 from bgremoval_airflow.assets import retraining_pool
 from bgremoval_airflow.connections import s3_storage_options
+from bgremoval_airflow.operations import task_defaults
 from bgremoval_airflow.params.retraining import dag_params, retraining_config
 
 
@@ -25,6 +26,7 @@ from bgremoval_airflow.params.retraining import dag_params, retraining_config
     catchup=False,
     max_active_runs=1,
     params=dag_params(),
+    default_args=task_defaults(),
     tags=["bgremoval", "training"],
     doc_md=__doc__,
 )

@@ -31,6 +31,7 @@ from airflow.sdk import dag, task
 from bgremoval_airflow.connections import AWS_CONN_ID, s3_storage_options
 from bgremoval_airflow.databricks import DATABRICKS_CONN_ID, databricks_params, idempotency_token, submit_run_json
 from bgremoval_airflow.links import mask_review_page_url, report_page_url, review_page_url
+from bgremoval_airflow.operations import TRAINING_TIMEOUT, task_defaults
 from bgremoval_airflow.settings import PROMOTION_POOL, max_map_length
 from bgremoval_airflow.params.training import (
     assessment_config,
@@ -52,6 +53,7 @@ from tasks.core import layout
     catchup=False,
     max_active_runs=4,
     params={**dag_params(), **databricks_params()},
+    default_args=task_defaults(),
     tags=["bgremoval", "training"],
     doc_md=__doc__,
 )
@@ -163,6 +165,8 @@ def bgremoval_training():
         subject="Review the product clusters of batch {{ params.batch }}",
         body="{{ ti.xcom_pull(task_ids='cluster_products')['review_markdown'] }}",
         ignore_downstream_trigger_rules=True,
+        retries=0,  # a person's decision is not retried
+        execution_timeout=None,  # people take days; the review waits for them
     )
 
     @task
@@ -216,7 +220,7 @@ def bgremoval_training():
         print(f"initial weights: {reference or 'random'} (init_from={params['init_from']!r})")
         return stage_weights(reference, layout.initial_weights(output_url), params["registered_model"], options) if reference else None
 
-    @task(retries=2)
+    @task(retries=2, execution_timeout=TRAINING_TIMEOUT)
     def train_model(dataset: dict, params=None, run_id=None) -> dict:
         from dataclasses import replace
 
@@ -316,7 +320,8 @@ def bgremoval_training():
     compute >> trained_locally
     payload = databricks_run(training)
     train_on_databricks = DatabricksSubmitRunOperator(
-        task_id="train_on_databricks", json=payload, databricks_conn_id=DATABRICKS_CONN_ID, deferrable=True
+        task_id="train_on_databricks", json=payload, databricks_conn_id=DATABRICKS_CONN_ID, deferrable=True,
+        execution_timeout=TRAINING_TIMEOUT,
     )
     trained_remotely = databricks_result(training)
     compute >> payload >> train_on_databricks >> trained_remotely

@@ -6,7 +6,9 @@ parameter's default and the pages' default bucket all come from it. ``[bgremoval
 (``AIRFLOW__BGREMOVAL__BUCKETS``, comma-separated names or ``fnmatch`` patterns such as
 ``studio-*``) names further buckets the web pages may show; a page asked for any other bucket
 answers 400, so nobody can read or write another bucket through the
-server's credentials.
+server's credentials. ``[bgremoval] failure_email`` (comma-separated addresses) and
+``[bgremoval] smtp_conn_id`` (default ``smtp_default``) send a mail for every failed task besides the
+log line (:mod:`bgremoval_airflow.operations`).
 """
 
 from __future__ import annotations
@@ -58,3 +60,18 @@ def served_buckets() -> tuple[str, ...]:
 def is_served_bucket(bucket: str) -> bool:
     """Whether the web pages may show ``bucket`` (:func:`served_buckets`; patterns as ``fnmatch``)."""
     return any(fnmatch.fnmatchcase(bucket, allowed) for allowed in served_buckets())
+
+
+def failure_recipients() -> tuple[str, ...]:
+    """Who gets a mail when a task fails: ``[bgremoval] failure_email``, comma-separated (none by default)."""
+    from airflow.configuration import conf
+
+    value = conf.get("bgremoval", "failure_email", fallback="") or ""
+    return tuple(address.strip() for address in value.split(",") if address.strip())
+
+
+def smtp_conn_id() -> str:
+    """The SMTP connection failure mails go through: ``[bgremoval] smtp_conn_id`` (``smtp_default``)."""
+    from airflow.configuration import conf
+
+    return conf.get("bgremoval", "smtp_conn_id", fallback="smtp_default") or "smtp_default"

@@ -88,6 +88,23 @@ def test_production_and_retraining_dags_shape(dagbag):
     assert set(retraining.params.keys()) >= {"min_new_pairs", "retrain_epochs", "registered_model"}
 
 
+def test_every_task_has_a_time_limit_retries_and_a_failure_notice(dagbag):
+    from bgremoval_airflow.operations import TASK_TIMEOUT, TRAINING_TIMEOUT, FailureLog
+
+    for dag_id, dag in dagbag.dags.items():
+        for task in dag.tasks:
+            where = f"{dag_id}.{task.task_id}"
+            assert any(isinstance(n, FailureLog) for n in task.on_failure_callback or []), where
+            if task.task_id == "review_clusters":  # waits for people; their decision is not retried
+                assert task.execution_timeout is None and task.retries == 0, where
+                continue
+            assert task.execution_timeout in (TASK_TIMEOUT, TRAINING_TIMEOUT), where
+            assert task.retries >= 1 and task.retry_exponential_backoff, where
+    training = dagbag.dags["bgremoval_training"]
+    for task_id in ("train_model", "train_on_databricks"):
+        assert training.get_task(task_id).execution_timeout == TRAINING_TIMEOUT
+
+
 def test_drops_start_inference_once_per_batch(dagbag):
     drops = dagbag.dags["bgremoval_drops"]
     assert drops.max_active_runs == 1 and not drops.catchup

@@ -1,0 +1,63 @@
+"""How every bgremoval task behaves on a bad day: a time limit, retries with backoff where a retry
+is safe (the stage functions are idempotent, DESIGN.md), and a notice of every failure.
+
+:func:`task_defaults` is each DAG's ``default_args``; tasks that legitimately run long (training)
+or wait for people (the review gate) override the limit in the DAG file. A failure is always logged
+as one structured line by :class:`FailureLog` and, when ``[bgremoval] failure_email`` names
+addresses, also mailed through the SMTP connection ``[bgremoval] smtp_conn_id``.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+from typing import Any
+
+from airflow.sdk import BaseNotifier
+from bgremoval_airflow.settings import failure_recipients, smtp_conn_id
+
+log = logging.getLogger("bgremoval.failures")
+
+#: The time limit of a task that sets none: an S3 listing, a shard of cleaning or inference.
+TASK_TIMEOUT = timedelta(hours=2)
+#: Training's limit: the seed's workload took 9 h on 20 GPUs; a hung torchrun must not hold a worker forever.
+TRAINING_TIMEOUT = timedelta(hours=24)
+
+
+class FailureLog(BaseNotifier):
+    """Logs one line per failed task: DAG, task, map index, run, try and the reason."""
+
+    template_fields = ()
+
+    def notify(self, context: dict[str, Any]) -> None:
+        """Write the line (``context`` is the failed task's Airflow context)."""
+        ti = context.get("ti") or context.get("task_instance")
+        log.error("task failed: dag=%s task=%s map_index=%s run=%s try=%s reason=%s",
+                  getattr(ti, "dag_id", "?"), getattr(ti, "task_id", "?"), getattr(ti, "map_index", -1),
+                  getattr(ti, "run_id", "?"), getattr(ti, "try_number", "?"),
+                  str(context.get("exception") or "")[:500])
+
+
+def failure_notifiers() -> list[BaseNotifier]:
+    """The log line, plus a mail when ``[bgremoval] failure_email`` is set."""
+    notifiers: list[BaseNotifier] = [FailureLog()]
+    recipients = failure_recipients()
+    if recipients:
+        from airflow.providers.smtp.notifications.smtp import SmtpNotifier
+
+        notifiers.append(SmtpNotifier(to=list(recipients), smtp_conn_id=smtp_conn_id(),
+                                      subject="bgremoval: {{ ti.dag_id }}.{{ ti.task_id }} failed ({{ run_id }})"))
+    return notifiers
+
+
+def task_defaults(retries: int = 2) -> dict[str, Any]:
+    """``default_args`` for a bgremoval DAG: :data:`TASK_TIMEOUT`, ``retries`` with exponential
+    backoff from one minute up to twenty, and :func:`failure_notifiers` on failure."""
+    return {
+        "execution_timeout": TASK_TIMEOUT,
+        "retries": retries,
+        "retry_delay": timedelta(minutes=1),
+        "retry_exponential_backoff": True,
+        "max_retry_delay": timedelta(minutes=20),
+        "on_failure_callback": failure_notifiers(),
+    }

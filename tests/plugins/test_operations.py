@@ -1,0 +1,31 @@
+"""``bgremoval_airflow.operations``: the failure line, and a mail when addresses are configured."""
+
+from __future__ import annotations
+
+import logging
+from types import SimpleNamespace
+
+from bgremoval_airflow.operations import TASK_TIMEOUT, FailureLog, failure_notifiers, task_defaults
+
+
+def test_a_failure_is_logged_with_where_and_why(caplog):
+    ti = SimpleNamespace(dag_id="bgremoval_inference", task_id="cut_out_shard", map_index=3, run_id="drop__a",
+                         try_number=2)
+    with caplog.at_level(logging.ERROR, logger="bgremoval.failures"):
+        FailureLog().notify({"ti": ti, "exception": RuntimeError("S3 said 503")})
+    line = caplog.records[-1].getMessage()
+    for part in ("dag=bgremoval_inference", "task=cut_out_shard", "map_index=3", "run=drop__a", "try=2",
+                 "reason=S3 said 503"):
+        assert part in line
+
+
+def test_failures_are_mailed_only_when_addresses_are_configured(monkeypatch):
+    monkeypatch.delenv("AIRFLOW__BGREMOVAL__FAILURE_EMAIL", raising=False)
+    assert [type(n).__name__ for n in failure_notifiers()] == ["FailureLog"]
+    monkeypatch.setenv("AIRFLOW__BGREMOVAL__FAILURE_EMAIL", "ml-team@example.com, ops@example.com")
+    monkeypatch.setenv("AIRFLOW__BGREMOVAL__SMTP_CONN_ID", "studio_smtp")
+    log, mail = failure_notifiers()
+    assert isinstance(log, FailureLog) and type(mail).__name__ == "SmtpNotifier"
+    assert list(mail.to) == ["ml-team@example.com", "ops@example.com"] and mail.smtp_conn_id == "studio_smtp"
+    defaults = task_defaults()
+    assert defaults["execution_timeout"] == TASK_TIMEOUT and defaults["retry_exponential_backoff"]
