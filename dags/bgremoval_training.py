@@ -31,7 +31,7 @@ from airflow.sdk import dag, task
 from bgremoval_airflow.connections import AWS_CONN_ID, s3_storage_options
 from bgremoval_airflow.databricks import DATABRICKS_CONN_ID, databricks_params, idempotency_token, submit_run_json
 from bgremoval_airflow.links import mask_review_page_url, report_page_url, review_page_url
-from bgremoval_airflow.operations import TRAINING_TIMEOUT, task_defaults
+from bgremoval_airflow.operations import TRAINING_TIMEOUT, review_gate, task_defaults
 from bgremoval_airflow.settings import PROMOTION_POOL, max_map_length
 from bgremoval_airflow.params.training import (
     assessment_config,
@@ -165,8 +165,7 @@ def bgremoval_training():
         subject="Review the product clusters of batch {{ params.batch }}",
         body="{{ ti.xcom_pull(task_ids='cluster_products')['review_markdown'] }}",
         ignore_downstream_trigger_rules=True,
-        retries=0,  # a person's decision is not retried
-        execution_timeout=None,  # people take days; the review waits for them
+        **review_gate(),
     )
 
     @task

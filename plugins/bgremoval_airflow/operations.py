@@ -2,7 +2,8 @@
 is safe (the stage functions are idempotent, DESIGN.md), and a notice of every failure.
 
 :func:`task_defaults` is each DAG's ``default_args``; tasks that legitimately run long (training)
-or wait for people (the review gate) override the limit in the DAG file. A failure is always logged
+or wait for people (the review gate) override the limit in the DAG file; :func:`review_gate`
+gives the review its assignees, its deadline and its notice. A failure is always logged
 as one structured line by :class:`FailureLog` and, when ``[bgremoval] failure_email`` names
 addresses, also mailed through the SMTP connection ``[bgremoval] smtp_conn_id``.
 """
@@ -14,9 +15,9 @@ from datetime import timedelta
 from typing import Any
 
 from airflow.sdk import BaseNotifier
-from bgremoval_airflow.settings import failure_recipients, smtp_conn_id
+from bgremoval_airflow.settings import failure_recipients, review_timeout_hours, reviewers, smtp_conn_id
 
-log = logging.getLogger("bgremoval.failures")
+log = logging.getLogger("bgremoval.operations")
 
 #: The time limit of a task that sets none: an S3 listing, a shard of cleaning or inference.
 TASK_TIMEOUT = timedelta(hours=2)
@@ -60,4 +61,34 @@ def task_defaults(retries: int = 2) -> dict[str, Any]:
         "retry_exponential_backoff": True,
         "max_retry_delay": timedelta(minutes=20),
         "on_failure_callback": failure_notifiers(),
+    }
+
+
+class ReviewRequested(BaseNotifier):
+    """Logs one line when a review starts waiting: which run, for whom, until when."""
+
+    template_fields = ()
+
+    def notify(self, context: dict[str, Any]) -> None:
+        """Write the line (``context`` is the review task's Airflow context)."""
+        ti = context.get("ti") or context.get("task_instance")
+        log.warning("review requested: dag=%s run=%s task=%s assigned=%s answer within %g h (then: Reject)",
+                    getattr(ti, "dag_id", "?"), getattr(ti, "run_id", "?"), getattr(ti, "task_id", "?"),
+                    ", ".join(reviewers()) or "anyone", review_timeout_hours())
+
+
+def review_gate() -> dict[str, Any]:
+    """Keyword arguments of the cluster review's ``ApprovalOperator``: assigned to ``[bgremoval]
+    reviewers``, rejected after ``[bgremoval] review_timeout_hours`` without an answer, announced
+    by :class:`ReviewRequested`, never retried and without a task time limit (people take days)."""
+    from airflow.sdk.execution_time.hitl import HITLUser
+
+    users = [HITLUser(id=name, name=name) for name in reviewers()]
+    return {
+        "assigned_users": users or None,
+        "response_timeout": timedelta(hours=review_timeout_hours()),
+        "defaults": "Reject",
+        "notifiers": [ReviewRequested()],
+        "retries": 0,
+        "execution_timeout": None,
     }

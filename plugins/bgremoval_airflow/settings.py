@@ -8,7 +8,9 @@ parameter's default and the pages' default bucket all come from it. ``[bgremoval
 answers 400, so nobody can read or write another bucket through the
 server's credentials. ``[bgremoval] failure_email`` (comma-separated addresses) and
 ``[bgremoval] smtp_conn_id`` (default ``smtp_default``) send a mail for every failed task besides the
-log line (:mod:`bgremoval_airflow.operations`).
+log line (:mod:`bgremoval_airflow.operations`). ``[bgremoval] reviewers`` (comma-separated user
+names) are the people the cluster review is assigned to (anyone with access when empty), and
+``[bgremoval] review_timeout_hours`` (72) how long it waits before it counts as rejected.
 """
 
 from __future__ import annotations
@@ -75,3 +77,18 @@ def smtp_conn_id() -> str:
     from airflow.configuration import conf
 
     return conf.get("bgremoval", "smtp_conn_id", fallback="smtp_default") or "smtp_default"
+
+
+def reviewers() -> tuple[str, ...]:
+    """The users the cluster review is assigned to: ``[bgremoval] reviewers``, comma-separated (none: anyone)."""
+    from airflow.configuration import conf
+
+    value = conf.get("bgremoval", "reviewers", fallback="") or ""
+    return tuple(name.strip() for name in value.split(",") if name.strip())
+
+
+def review_timeout_hours() -> float:
+    """How long the cluster review waits for a decision: ``[bgremoval] review_timeout_hours`` (72)."""
+    from airflow.configuration import conf
+
+    return conf.getfloat("bgremoval", "review_timeout_hours", fallback=72.0)

@@ -103,6 +103,9 @@ def test_every_task_has_a_time_limit_retries_and_a_failure_notice(dagbag):
     training = dagbag.dags["bgremoval_training"]
     for task_id in ("train_model", "train_on_databricks"):
         assert training.get_task(task_id).execution_timeout == TRAINING_TIMEOUT
+    review = training.get_task("review_clusters")
+    assert review.response_timeout.total_seconds() == 72 * 3600 and review.defaults == ["Reject"]
+    assert [type(n).__name__ for n in review.notifiers] == ["ReviewRequested"]
 
 
 def test_drops_start_inference_once_per_batch(dagbag):

@@ -11,7 +11,7 @@ from bgremoval_airflow.operations import TASK_TIMEOUT, FailureLog, failure_notif
 def test_a_failure_is_logged_with_where_and_why(caplog):
     ti = SimpleNamespace(dag_id="bgremoval_inference", task_id="cut_out_shard", map_index=3, run_id="drop__a",
                          try_number=2)
-    with caplog.at_level(logging.ERROR, logger="bgremoval.failures"):
+    with caplog.at_level(logging.ERROR, logger="bgremoval.operations"):
         FailureLog().notify({"ti": ti, "exception": RuntimeError("S3 said 503")})
     line = caplog.records[-1].getMessage()
     for part in ("dag=bgremoval_inference", "task=cut_out_shard", "map_index=3", "run=drop__a", "try=2",
@@ -29,3 +29,20 @@ def test_failures_are_mailed_only_when_addresses_are_configured(monkeypatch):
     assert list(mail.to) == ["ml-team@example.com", "ops@example.com"] and mail.smtp_conn_id == "studio_smtp"
     defaults = task_defaults()
     assert defaults["execution_timeout"] == TASK_TIMEOUT and defaults["retry_exponential_backoff"]
+
+
+def test_the_review_gate_is_assigned_has_a_deadline_and_announces_itself(monkeypatch, caplog):
+    from datetime import timedelta
+
+    from bgremoval_airflow.operations import ReviewRequested, review_gate
+
+    monkeypatch.setenv("AIRFLOW__BGREMOVAL__REVIEWERS", "ana, ben")
+    monkeypatch.setenv("AIRFLOW__BGREMOVAL__REVIEW_TIMEOUT_HOURS", "24")
+    gate = review_gate()
+    assert [u["id"] for u in gate["assigned_users"]] == ["ana", "ben"]
+    assert gate["response_timeout"] == timedelta(hours=24) and gate["defaults"] == "Reject"
+    assert gate["retries"] == 0 and gate["execution_timeout"] is None
+    ti = SimpleNamespace(dag_id="bgremoval_training", task_id="review_clusters", run_id="manual__1")
+    with caplog.at_level(logging.WARNING, logger="bgremoval.operations"):
+        ReviewRequested().notify({"ti": ti})
+    assert "assigned=ana, ben" in caplog.records[-1].getMessage() and "24 h" in caplog.records[-1].getMessage()
