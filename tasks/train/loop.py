@@ -31,8 +31,10 @@ import json
 import logging
 import math
 import os
+import posixpath
 import random
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -360,6 +362,24 @@ class _Tracker:
         self._mlflow.log_params({k: (json.dumps(v) if isinstance(v, (dict, list)) else v)
                                  for k, v in params.items()})
 
+    def log_dataset(self, dataset_url: str, storage_options: dict | None) -> None:
+        """Log the dataset version as the run's training input (``mlflow.log_input``): its name,
+        its location and a digest of its manifest, so that a run says which data made it. A
+        manifest MLflow cannot describe is logged as a warning, never as a failed run."""
+        if self._mlflow is None:
+            return
+        from tasks.core.manifest import read_table
+
+        try:
+            manifest = read_table(storage.join(dataset_url, layout.MANIFEST), storage_options)
+            name = posixpath.basename(dataset_url.rstrip("/")) or dataset_url
+            with warnings.catch_warnings():  # MLflow's schema hints about integer columns
+                warnings.simplefilter("ignore", UserWarning)
+                dataset = self._mlflow.data.from_pandas(manifest, source=dataset_url, name=name)
+            self._mlflow.log_input(dataset, context="training")
+        except Exception as exc:  # noqa: BLE001 - bookkeeping must not fail a training run
+            log.warning("could not log the dataset %s as the run's input: %s", dataset_url, exc)
+
     def has_params(self) -> bool:
         """True when the run already holds parameters (it was started before a crash)."""
         if self._mlflow is None or self.run_id is None:
@@ -574,6 +594,7 @@ def train(config: TrainConfig, rank_info: RankInfo | None = None) -> TrainResult
                               steps_per_epoch=steps_per_epoch, n_train=len(train_set), n_val=len(val_set),
                               n_parameters=count_parameters(model))
                 tracker.log_params(params)
+                tracker.log_dataset(config.dataset_url, opts)
             # Epochs checkpointed but not logged (a crash between the two) are logged now, once.
             logged = tracker.logged_steps()
             for entry in history:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -89,6 +90,9 @@ def test_resume_continues_the_same_run_and_matches_an_uninterrupted_one(dataset,
     assert run.info.status == "FINISHED"
     assert run.data.params["batch_size_per_worker"] == "3" and "storage_options" not in run.data.params
     assert run.data.tags["model_url"] == str(tmp_path / "resumed" / "model.pt")
+    inputs = run.inputs.dataset_inputs
+    assert len(inputs) == 1 and inputs[0].dataset.name == Path(dataset).name and inputs[0].dataset.digest
+    assert [t.value for t in inputs[0].tags if t.key == "mlflow.data.context"] == ["training"]
     assert not (tmp_path / "mlruns").exists()
 
     # The files on storage agree with the returned result.
