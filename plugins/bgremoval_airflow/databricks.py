@@ -38,10 +38,11 @@ __all__ = [
     "submit_run_json",
 ]
 
-#: Where the deploy step uploads :data:`tasks.train.distributor.LAUNCHER_SOURCE`.
-DEFAULT_LAUNCHER_PATH = "dbfs:/FileStore/bgremoval/train_entry.py"
+#: Where the deploy step uploads :data:`tasks.train.distributor.LAUNCHER_SOURCE`: a Unity Catalog
+#: volume (current Databricks runtimes refuse libraries and init files from the DBFS root).
+DEFAULT_LAUNCHER_PATH = "/Volumes/main/bgremoval/artifacts/train_entry.py"
 #: Where the deploy step uploads the project's wheel (``python -m build --wheel``).
-DEFAULT_WHEEL_PATH = "dbfs:/FileStore/wheels/bgremoval-0.1.0-py3-none-any.whl"
+DEFAULT_WHEEL_PATH = "/Volumes/main/bgremoval/artifacts/wheels/bgremoval-0.1.0-py3-none-any.whl"
 
 # storage_options keys that hold secrets: they must not be sent in a run's parameters.
 _SECRET_KEYS = re.compile(r"(secret|password|token|^key$|access_key|session)", re.IGNORECASE)

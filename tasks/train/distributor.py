@@ -59,7 +59,7 @@ RESULT_PREFIX = "BGREMOVAL_RESULT"
 
 #: The file a Databricks ``spark_python_task`` points at (``python_file``): the project's wheel,
 #: installed as a cluster library, holds the code; this launcher only calls :func:`main`.
-#: A deploy step uploads it, e.g. to ``dbfs:/FileStore/bgremoval/train_entry.py``.
+#: A deploy step uploads it, e.g. to ``/Volumes/main/bgremoval/artifacts/train_entry.py``.
 LAUNCHER_SOURCE = '''"""bgremoval training launcher for a Databricks spark_python_task (code: the bgremoval wheel)."""
 import sys
 

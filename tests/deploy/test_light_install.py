@@ -39,10 +39,15 @@ def light_venv(tmp_path_factory) -> Path:
         if os.environ.get("CI") == "true":
             pytest.fail("uv is missing (scripts/install.sh installs it)")
         pytest.skip("uv is missing (scripts/install.sh installs it)")
-    venv = tmp_path_factory.mktemp("light") / "venv"
+    work = tmp_path_factory.mktemp("light")
+    source = work / "source"  # a copy: building in the checkout would leave build/ there
+    shutil.copytree(ROOT / "tasks", source / "tasks", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    venv = work / "venv"
     subprocess.run([UV, "venv", "--quiet", "--python", sys.executable, str(venv)], check=True, env=_env())
     done = subprocess.run([UV, "pip", "install", "--quiet", "--python", str(venv / "bin" / "python"), "-c",
-                           str(ROOT / "constraints.txt"), str(ROOT)], capture_output=True, text=True, env=_env(),
+                           str(ROOT / "constraints.txt"), str(source)], capture_output=True, text=True, env=_env(),
                           timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     return venv

@@ -92,7 +92,7 @@ def test_default_payload_trains_on_every_gpu_of_the_cluster(tmp_path) -> None:
     assert cluster["spark_conf"] == {"spark.task.resource.gpu.amount": "1"}
     assert cluster["spark_env_vars"] == {"MLFLOW_TRACKING_URI": "databricks"}
     assert "aws_attributes" not in cluster
-    assert task["libraries"] == [{"whl": "dbfs:/FileStore/wheels/bgremoval-0.1.0-py3-none-any.whl"}]
+    assert task["libraries"] == [{"whl": "/Volumes/main/bgremoval/artifacts/wheels/bgremoval-0.1.0-py3-none-any.whl"}]
     assert task["spark_python_task"] == {
         "python_file": DEFAULT_LAUNCHER_PATH,
         "parameters": ["--config-json", config_json, "--num-processes", "8", "--use-gpu"],
