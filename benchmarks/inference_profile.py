@@ -53,7 +53,7 @@ STAGES = ("read", "decode", "preprocess", "model", "quality", "resize back", "en
 
 def _model_path(tmp: Path, size: int) -> tuple[str, str]:
     """The published ``u2netp.onnx`` when present, else an untrained U2-NetP export."""
-    from tasks.model.pretrained import find_pretrained_onnx
+    from tasks.model.published import find_pretrained_onnx
 
     found = find_pretrained_onnx()
     if found is not None:

@@ -91,7 +91,7 @@ def export_model(name: str, size: int, home: Path) -> str:
 
 def published_model(home: Path) -> str:
     """The published ``u2netp.onnx`` (rembg's file) copied into ``home``; the path."""
-    from tasks.model.pretrained import require_pretrained_onnx
+    from tasks.model.published import require_pretrained_onnx
 
     home.mkdir(parents=True, exist_ok=True)
     path = home / "u2netp-published.onnx"

@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     if not DATA.is_dir():
         print(f"{DATA} not present: nothing to probe")
         return 0
-    from tasks.model.pretrained import require_pretrained_onnx
+    from tasks.model.published import require_pretrained_onnx
 
     src = str(require_pretrained_onnx())
     calibration = [network_input(img) for s in SETS for img, _ in pick_photos(s, 0.0, 0.8, args.n_calib)]

@@ -357,7 +357,7 @@ def _score_model(model_url: str, rows: list[TestRow], flip: bool = False) -> tup
 
 
 def _run_zero_shot(rows: list[TestRow]) -> MethodResult:
-    from tasks.model.pretrained import require_pretrained_onnx
+    from tasks.model.published import require_pretrained_onnx
 
     onnx_path = str(require_pretrained_onnx())
     scores, cost, meta = _score_model(onnx_path, rows)
@@ -690,7 +690,7 @@ def main(argv: list[str] | None = None) -> int:
     sheets = {}
     sheet_method = "fine-tuned" if run_url else ("zero-shot" if "zero-shot" in results else None)
     if sheet_method:
-        from tasks.model.pretrained import require_pretrained_onnx
+        from tasks.model.published import require_pretrained_onnx
 
         sheet_model = run_url or str(require_pretrained_onnx())
         sheet_dir = work / "contact-sheets" / (Path(run_url).name if run_url else f"zero-shot-{stamp}")

@@ -401,7 +401,7 @@ def choose_start(reference: str, model: str, name: str = DEFAULT_MODEL_NAME) -> 
         if reason is None:
             return CHAMPION
         print(f"init_from=auto: not starting from the champion of {name!r}: {reason}")
-        from tasks.model.pretrained import find_pretrained_onnx
+        from tasks.model.published import find_pretrained_onnx
 
         return PRETRAINED if key == "u2netp" and find_pretrained_onnx() is not None else None
     if reference == PRETRAINED and key != "u2netp":

@@ -119,7 +119,7 @@ def bucket(request, tmp_path):
 @pytest.fixture(scope="session")
 def published() -> Path:
     """The published ``u2netp.onnx`` (the install step fetches it); skips without it, fails in CI."""
-    from tasks.model.pretrained import find_pretrained_onnx
+    from tasks.model.published import find_pretrained_onnx
 
     path = find_pretrained_onnx()
     if path is None:

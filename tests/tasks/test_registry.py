@@ -158,7 +158,7 @@ def test_cli_evaluates_and_lists_registered_models(tmp_path, three_versions, cap
 
 def test_auto_start_skips_a_champion_of_another_architecture(tracking, write_model_folder, monkeypatch):
     run_id, folder = tracking
-    monkeypatch.setattr("tasks.model.pretrained.find_pretrained_onnx", lambda *a, **k: "/weights/u2netp.onnx")
+    monkeypatch.setattr("tasks.model.published.find_pretrained_onnx", lambda *a, **k: "/weights/u2netp.onnx")
     assert registry.choose_start("auto", "u2netp", "arch") == "pretrained"  # no registered model yet
     tiny = registry.register_model(write_model_folder(folder / "arch"), "arch", run_id=run_id)
     registry.promote("arch", tiny["version"])

@@ -18,17 +18,19 @@ import torch
 from tasks.evaluation.scoring import preprocess
 from tasks.model.u2net import build_model
 from tasks.model.pretrained import (
+    has_identity_batchnorm,
+    load_pretrained_model,
+    onnx_to_state_dict,
+    unfold_batchnorm,
+    write_pretrained_folder,
+)
+from tasks.model.published import (
     PRETRAINED_FILE,
     PRETRAINED_MD5,
     fetch_pretrained_onnx,
     find_pretrained_onnx,
-    has_identity_batchnorm,
-    load_pretrained_model,
     md5sum,
-    onnx_to_state_dict,
     require_pretrained_onnx,
-    unfold_batchnorm,
-    write_pretrained_folder,
 )
 from tasks.dev.synth import SynthConfig, render_item
 

@@ -1,4 +1,4 @@
-"""Cutting out needs neither torch nor MLflow nor Airflow: ``bgremoval remove`` and the HTTP
+"""Cutting out needs neither torch nor MLflow nor Airflow: ``bgremoval remove``, ``pretrained path`` and the HTTP
 service run in a process where importing them fails (the first step of a light install)."""
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ from tasks.serving.http import ServeConfig, create_app
 
 assert main(["remove", {str(tmp_path / "p.jpg")!r}, "-o", {str(tmp_path / "out")!r}, "--model",
              {str(tmp_path / "model.onnx")!r}, "--quiet"]) == 0
+assert main(["pretrained", "path", "--file", {str(tmp_path / "model.onnx")!r}]) == 0
 with TestClient(create_app(ServeConfig(model={str(tmp_path / "model.onnx")!r}))) as client:
     response = client.post("/api/remove?output=mask", content=open({str(tmp_path / "p.jpg")!r}, "rb").read())
     assert response.status_code == 200, response.text

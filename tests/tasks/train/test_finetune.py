@@ -11,7 +11,8 @@ import os
 import pytest
 import torch
 
-from tasks.model.pretrained import find_pretrained_onnx, write_pretrained_folder
+from tasks.model.pretrained import write_pretrained_folder
+from tasks.model.published import find_pretrained_onnx
 from tasks.train.config import TrainConfig
 from tasks.train.loop import train
 from tasks.train.losses import LOSSES, segmentation_loss, soft_iou_loss, ssim_loss
