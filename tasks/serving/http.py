@@ -166,8 +166,10 @@ def create_app(config: ServeConfig, holder: ModelHolder | None = None):
         if data is None:
             return error(413, f"the body is larger than {config.max_bytes} bytes")
         if request.headers.get("content-type", "").startswith("multipart/form-data"):
-            request._body = data  # starlette parses the form from the body already read (and capped)
-            form = await request.form()
+            async def replay() -> dict:  # the form is parsed from the body already read (and capped)
+                return {"type": "http.request", "body": data, "more_body": False}
+
+            form = await Request(request.scope, replay).form()
             upload = form.get("file")
             if upload is None or isinstance(upload, str):
                 return error(422, "the multipart form has no file field 'file'")
