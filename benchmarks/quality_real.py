@@ -117,6 +117,7 @@ GRABCUT_ITERATIONS = 5
 def _link_batch(work: Path, sets: list[str]) -> str:
     """A raw batch ``bucket/raw/<batch>/{images,masks}`` of per-file symlinks to the sets' files."""
     batch = "real-" + "+".join(sets)
+    from tasks.serving.mlflow_model import pyfunc_model
     from tasks.core import layout
 
     base = Path(layout.raw_batch(str(work / "bucket"), batch))
@@ -715,7 +716,7 @@ def main(argv: list[str] | None = None) -> int:
         tags.update(test_mean_iou=float(sum(s.iou for s in ft) / len(ft)), dataset_version=dataset["version"],
                     data="+".join(args.sets), init=args.init)
         registered = registry.register_model(run_url, args.model_name, run_id=train_result.mlflow_run_id,
-                                             tags=tags)
+                                             tags=tags, pyfunc_model=pyfunc_model())
         registry.promote(args.model_name, registered["version"], reason="quality_real benchmark")
         print(f"\nregistered {registered['model_uri']} (alias champion) in {tracking}")
         print(f"score it elsewhere: MLFLOW_TRACKING_URI={tracking} bgremoval evaluate "

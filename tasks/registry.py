@@ -1,11 +1,11 @@
 """The MLflow model registry: register a trained model, promote it, roll back, fetch it.
 
-A registered version holds one MLflow model (PyTorch flavour: the network wrapped so that it
-returns foreground probabilities, with a signature and an input example) and, as extra files, the
-three files production needs without MLflow's loader: ``model.pt`` (the state dict),
-``config.json`` (model name, widths, input size, resize mode) and ``model.onnx`` (see
-:mod:`tasks.model.export`). :func:`download_model` puts those three in one folder, which
-:func:`tasks.model.io.load_model` and :mod:`tasks.serving.engines` read.
+A registered version holds one MLflow pyfunc model logged from code, nothing pickled (the caller
+names it: :func:`tasks.serving.mlflow_model.pyfunc_model`, image bytes in, cut-out bytes out, so
+``mlflow models serve`` runs it), and as its artifacts the three files production reads without
+MLflow's loader: ``model.pt`` (the state dict), ``config.json`` (model name, widths, input size,
+resize mode) and ``model.onnx`` (see :mod:`tasks.model.export`). :func:`download_model` puts those
+three in one folder, which :func:`tasks.model.io.load_model` and :mod:`tasks.serving.engines` read.
 
 Promotion uses registered-model **aliases**, never the deprecated stages: ``champion`` is the
 model in production and ``previous`` the one it replaced. Every promotion and rollback writes one
@@ -25,8 +25,6 @@ import shutil
 import tempfile
 from datetime import datetime, timezone
 from typing import Any
-
-import numpy as np
 
 from tasks.core import layout, storage
 from tasks.model.config import PRETRAINED
@@ -56,6 +54,7 @@ PREVIOUS = "previous"
 _HISTORY_TAG = "champion_history"
 _EXTRA_FILES = (layout.MODEL_WEIGHTS, layout.MODEL_CONFIG, "model.onnx")
 _OPTIONAL_FILES = ("quality.json",)  # the calibrated routing threshold (tasks.evaluation.calibration)
+_FILE_FOLDERS = ("artifacts", "extra_files")  # the pyfunc's artifacts; versions logged before it used extra files
 
 
 def _client(tracking_uri: str | None = None):
@@ -104,13 +103,16 @@ def _tag_value(value: Any) -> str:
 def register_model(model_url: str, name: str = DEFAULT_MODEL_NAME, run_id: str | None = None,
                    tags: dict[str, Any] | None = None, storage_options: dict | None = None,
                    tracking_uri: str | None = None, experiment: str = "bgremoval",
-                   description: str | None = None) -> dict[str, Any]:
+                   description: str | None = None, *, pyfunc_model: dict[str, Any]) -> dict[str, Any]:
     """Register a trained model as a new version of ``name``.
 
     Args:
         model_url: a training output folder (or its ``model.pt``), local or ``s3://``, as written
             by :func:`tasks.train.loop.train`.
         name: the registered model's name (created when missing).
+        pyfunc_model: the keyword arguments of ``mlflow.pyfunc.log_model`` for the model itself
+            (:func:`tasks.serving.mlflow_model.pyfunc_model`); the model's files are added as its
+            ``artifacts``, keyed by file name.
         run_id: the MLflow run to log the model into (the training run); None starts a new run
             in ``experiment``.
         tags: set on the model version (numbers are written with 6 decimals, others as JSON),
@@ -124,10 +126,9 @@ def register_model(model_url: str, name: str = DEFAULT_MODEL_NAME, run_id: str |
     """
     import mlflow
     import torch
-    from mlflow.models import infer_signature
 
     from tasks.model.io import load_model
-    from tasks.model.export import ProbabilityHead, export_onnx
+    from tasks.model.export import export_onnx
 
     client = _client(tracking_uri)
     model, meta = load_model(model_url, storage_options=storage_options)
@@ -139,18 +140,14 @@ def register_model(model_url: str, name: str = DEFAULT_MODEL_NAME, run_id: str |
         with open(os.path.join(tmp, layout.MODEL_CONFIG), "w") as fh:
             json.dump(config, fh, indent=2)
         onnx_info = export_onnx(model, os.path.join(tmp, "model.onnx"), size, meta["resize"], meta["model"])
-        extra = [os.path.join(tmp, f) for f in _EXTRA_FILES]
+        files = [os.path.join(tmp, f) for f in _EXTRA_FILES]
         for optional in _OPTIONAL_FILES:
             url = storage.join(_folder_of(model_url), optional)
             if storage.exists(url, storage_options):
                 with open(os.path.join(tmp, optional), "wb") as fh:
                     fh.write(storage.read_bytes(url, storage_options))
-                extra.append(os.path.join(tmp, optional))
+                files.append(os.path.join(tmp, optional))
         onnx_sha = _sha256(onnx_info["path"])
-        wrapped = ProbabilityHead(model).eval()
-        example = np.zeros((1, 3, size, size), np.float32)
-        with torch.inference_mode():
-            signature = infer_signature(example, wrapped(torch.from_numpy(example)).numpy())
         if run_id is None:
             experiment_id = (client.get_experiment_by_name(experiment) or None)
             experiment_id = experiment_id.experiment_id if experiment_id else mlflow.create_experiment(experiment)
@@ -158,12 +155,9 @@ def register_model(model_url: str, name: str = DEFAULT_MODEL_NAME, run_id: str |
         else:
             active = mlflow.start_run(run_id=run_id)
         with active as run:
-            info = mlflow.pytorch.log_model(
-                wrapped, name="model", signature=signature, input_example=example,
-                extra_files=extra,
-                registered_model_name=name, serialization_format="pickle",
-                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy", "onnxruntime"],
-                await_registration_for=60,
+            info = mlflow.pyfunc.log_model(
+                name="model", artifacts={os.path.basename(f): f for f in files}, registered_model_name=name,
+                await_registration_for=60, **pyfunc_model,
             )
             run_id = run.info.run_id
     version = str(info.registered_model_version)
@@ -302,18 +296,15 @@ def download_model(uri: str, dst_dir: str | None = None, tracking_uri: str | Non
     with tempfile.TemporaryDirectory(prefix="bgremoval-download-") as tmp:
         local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp)
         missing = []
-        for name in _EXTRA_FILES:
-            src = os.path.join(local, "extra_files", name)
-            if not os.path.exists(src):
-                missing.append(name)
+        for name in (*_EXTRA_FILES, *_OPTIONAL_FILES):
+            src = next((os.path.join(local, folder, name) for folder in _FILE_FOLDERS
+                        if os.path.exists(os.path.join(local, folder, name))), None)
+            if src is None:
+                missing += [name] if name in _EXTRA_FILES else []
                 continue
             shutil.copyfile(src, os.path.join(dst, name))
-        for name in _OPTIONAL_FILES:
-            src = os.path.join(local, "extra_files", name)
-            if os.path.exists(src):
-                shutil.copyfile(src, os.path.join(dst, name))
     if missing:
-        raise FileNotFoundError(f"{uri} has no {', '.join(missing)} among its extra files: "
+        raise FileNotFoundError(f"{uri} has no {', '.join(missing)} among its artifacts: "
                                 "register it with tasks.registry.register_model")
     return dst
 

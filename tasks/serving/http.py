@@ -32,14 +32,14 @@ from starlette.concurrency import run_in_threadpool
 from tasks import registry
 from tasks.core.limits import MAX_PIXELS
 from tasks.serving.engines import Engine, load_engine
-from tasks.serving.pipeline import InferenceConfig, cut_out_bytes
+from tasks.serving.pipeline import SINGLE_OUTPUTS, cut_out_bytes, single_output_config
 
 __all__ = ["OUTPUTS", "ModelHolder", "ServeConfig", "create_app", "serve"]
 
 log = logging.getLogger(__name__)
 
 #: What ``?output=`` may ask for, and the media type of each.
-OUTPUTS = {"cutout": "image/png", "mask": "image/png", "jpeg": "image/jpeg"}
+OUTPUTS = SINGLE_OUTPUTS
 
 
 @dataclass(frozen=True)
@@ -179,9 +179,7 @@ def create_app(config: ServeConfig, holder: ModelHolder | None = None):
         engine = holder.engine
         if engine is None:
             return error(503, "no model loaded yet", **{"Retry-After": "5"})
-        inference = InferenceConfig(background=background, mask=output == "mask", cutout=output == "cutout",
-                                    composite=output == "jpeg", decontaminate=decontaminate,
-                                    max_pixels=config.max_pixels)
+        inference = single_output_config(output, background, decontaminate, config.max_pixels)
         try:
             await asyncio.wait_for(slots.acquire(), config.queue_timeout)
         except TimeoutError:
@@ -193,8 +191,7 @@ def create_app(config: ServeConfig, holder: ModelHolder | None = None):
         if not result.ok:
             too_big = "too large" in (result.error or "")
             return error(413 if too_big else 422, result.error or "cannot cut out this image")
-        body = {"cutout": result.cutout_png, "mask": result.mask_png, "jpeg": result.composite_jpeg}[output]
-        return Response(body, media_type=OUTPUTS[output], headers={"X-Quality-Score": f"{result.score:.4f}"})
+        return Response(result.output(output), media_type=OUTPUTS[output], headers={"X-Quality-Score": f"{result.score:.4f}"})
 
     return app
 

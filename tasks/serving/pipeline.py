@@ -49,6 +49,7 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "CutoutResult",
     "InferenceConfig",
+    "SINGLE_OUTPUTS",
     "cut_out_bytes",
     "iter_remove_backgrounds",
     "list_images",
@@ -61,6 +62,7 @@ __all__ = [
     "remove_to",
     "results_line",
     "save_result",
+    "single_output_config",
     "write_outputs",
 ]
 
@@ -102,6 +104,10 @@ def parse_canvas(value: str | Sequence[int] | None) -> tuple[int, int] | None:
     if width < 1 or height < 1:
         raise ValueError(f"canvas sides must be positive, got {width}x{height}")
     return width, height
+
+
+#: The one output a caller of a single image asks for (``bgremoval serve``, the MLflow model), and its media type.
+SINGLE_OUTPUTS: dict[str, str] = {"cutout": "image/png", "mask": "image/png", "jpeg": "image/jpeg"}
 
 
 @dataclass(frozen=True)
@@ -160,6 +166,16 @@ class InferenceConfig:
             raise ValueError(f"crop_threshold must lie in (0, 1), got {self.crop_threshold}")
 
 
+def single_output_config(output: str, background: str = "#ffffff", decontaminate: bool = False,
+                         max_pixels: int = MAX_PIXELS) -> InferenceConfig:
+    """The :class:`InferenceConfig` that makes only ``output`` (a key of :data:`SINGLE_OUTPUTS`);
+    raises ``ValueError`` for an unknown output or background."""
+    if output not in SINGLE_OUTPUTS:
+        raise ValueError(f"output must be one of {', '.join(SINGLE_OUTPUTS)}, got {output!r}")
+    return InferenceConfig(background=background, mask=output == "mask", cutout=output == "cutout",
+                           composite=output == "jpeg", decontaminate=decontaminate, max_pixels=max_pixels)
+
+
 @dataclass
 class CutoutResult:
     """One image's outcome; stays in the process (the caller writes the bytes, never XCom).
@@ -195,6 +211,10 @@ class CutoutResult:
     def score(self) -> float | None:
         """The quality score, or None on error."""
         return None if self.quality is None else self.quality.score
+
+    def output(self, kind: str) -> bytes | None:
+        """The encoded output named ``kind`` (a key of :data:`SINGLE_OUTPUTS`)."""
+        return {"cutout": self.cutout_png, "mask": self.mask_png, "jpeg": self.composite_jpeg}[kind]
 
     def summary(self) -> dict[str, Any]:
         """A small JSON-ready dict (stem, source, size, score and its parts, error): no pixels."""

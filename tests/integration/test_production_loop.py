@@ -22,6 +22,7 @@ import pytest
 from tasks import registry
 from tasks.core import storage
 from tasks.serving.engines import load_engine
+from tasks.serving.mlflow_model import pyfunc_model
 from tasks.serving.pipeline import InferenceConfig, iter_remove_backgrounds
 from tasks.core.manifest import read_table
 from tasks.dev.synth import SynthConfig, encode_jpeg, render_item
@@ -46,7 +47,8 @@ def test_publish_correct_retrain_promote(s3_bucket, reviewer, client_for, tmp_pa
                             split_for=lambda i: ("test", "val", "train", "train", "train", "train")[i % 6],
                             storage_options=options)
     champion = write_model_folder(tmp_path / "champion", input_size=64, widths=None)  # full U2-NetP: training starts from it
-    registered = registry.register_model(champion, name, experiment="bgremoval-tests", tags={"dataset_version": "base-1"})
+    registered = registry.register_model(champion, name, experiment="bgremoval-tests", tags={"dataset_version": "base-1"},
+                                         pyfunc_model=pyfunc_model())
     assert registry.promote(name, registered["version"])["champion"] == "1"
 
     photos = SynthConfig(n=8, seed=44, max_side=200)

@@ -21,6 +21,7 @@ from tasks.dev.airflow_client import AirflowHTTPError
 from tasks.core.manifest import audit_excluded, read_table
 from tasks.dev.synth import SynthConfig, generate_catalogue
 from tasks.data.review import read_corrections
+from tasks.serving.mlflow_model import pyfunc_model
 
 pytestmark = pytest.mark.integration
 AIRFLOW = str(Path(sys.executable).parent / "airflow")
@@ -39,7 +40,8 @@ def test_reviewer_moves_an_image_renames_a_cluster_and_approves(s3_bucket, revie
     bucket_url, options = s3_bucket
     bucket = bucket_url.removeprefix("s3://")
     model_name = f"review-flow-{bucket}"
-    champion = registry.register_model(write_model_folder(tmp_path / "champion"), model_name, experiment="bgremoval-tests")
+    champion = registry.register_model(write_model_folder(tmp_path / "champion"), model_name, experiment="bgremoval-tests",
+                                         pyfunc_model=pyfunc_model())
     assert registry.promote(model_name, champion["version"]) == {"champion": "1", "previous": None}
     generate_catalogue(storage.join(bucket_url, "raw", "rev-1"), SynthConfig(n=60, seed=11, max_side=360), options)
     run = _start_run(

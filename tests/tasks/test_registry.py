@@ -6,14 +6,17 @@ from __future__ import annotations
 import json
 import os
 
+import cv2
 import mlflow
 import numpy as np
+import pandas as pd
 import onnxruntime as ort
 import pytest
 import torch
 
 from tasks import registry
 from tasks.evaluation.scoring import load_model
+from tasks.serving.mlflow_model import pyfunc_model
 
 pytestmark = pytest.mark.process  # trains, exports or registers real models: tens of seconds
 
@@ -33,7 +36,8 @@ def three_versions(tracking, write_model_folder):
     """Three tiny models registered as versions 1-3 of ``m`` (registering exports ONNX: ~10 s each)."""
     run_id, folder = tracking
     return [registry.register_model(write_model_folder(folder / f"run{i}", seed=i), "m", run_id=run_id,
-                                    tags={"mean_iou": 0.5 + i / 10, "dataset_version": f"d{i}"})
+                                    tags={"mean_iou": 0.5 + i / 10, "dataset_version": f"d{i}"},
+                                    pyfunc_model=pyfunc_model())
             for i in range(3)]
 
 
@@ -55,11 +59,31 @@ def test_register_logs_pytorch_and_onnx_with_tags(tmp_path, tracking, three_vers
 
     x = np.random.default_rng(0).standard_normal((2, 3, SIZE, SIZE)).astype(np.float32)
     onnx_out = ort.InferenceSession(os.path.join(folder, "model.onnx")).run(None, {"input": x})[0]
-    pyfunc = mlflow.pyfunc.load_model("models:/m/1")
-    assert pyfunc.metadata.get_input_schema() is not None
-    pyfunc_out = pyfunc.predict(x)
-    assert np.abs(np.asarray(pyfunc_out) - onnx_out).max() < 1e-3
     assert onnx_out.shape == (2, 1, SIZE, SIZE)
+
+
+def test_the_registered_model_is_a_pyfunc_from_code_that_cuts_out_image_bytes(tmp_path, three_versions):
+    local = mlflow.artifacts.download_artifacts("models:/m/1", dst_path=str(tmp_path / "model"))
+    logged = [os.path.relpath(os.path.join(d, f), local) for d, _, files in os.walk(local) for f in files]
+    assert not [f for f in logged if f.endswith((".pkl", ".pickle", ".cloudpickle"))], logged
+    assert {"artifacts/model.onnx", "artifacts/model.pt", "artifacts/config.json",
+            "code/tasks/serving/mlflow_model.py"} <= set(logged)
+    flavor = mlflow.models.Model.load(os.path.join(local, "MLmodel")).flavors["python_function"]
+    assert flavor["model_code_path"].endswith("mlflow_model_code.py")
+
+    pyfunc = mlflow.pyfunc.load_model("models:/m/1")
+    inputs = pyfunc.metadata.get_input_schema()
+    assert inputs.input_names() == ["image"] and inputs.inputs[0].type.name == "binary"
+    assert [p.name for p in pyfunc.metadata.get_params_schema().params] == ["output", "background", "decontaminate"]
+    photo = cv2.imencode(".jpg", np.full((40, 30, 3), 200, np.uint8))[1].tobytes()
+    rows = pyfunc.predict(pd.DataFrame({"image": [photo, b"not an image"]}), params={"output": "mask"})
+    assert list(rows.columns) == ["output", "media_type", "quality", "error"]
+    mask = cv2.imdecode(np.frombuffer(rows["output"][0], np.uint8), cv2.IMREAD_UNCHANGED)
+    assert mask.shape == (40, 30) and rows["media_type"][0] == "image/png" and rows["error"][0] == ""
+    assert 0 <= rows["quality"][0] <= 1
+    assert rows["output"][1] == b"" and "not an image" in rows["error"][1]
+    cutout = pyfunc.predict(pd.DataFrame({"image": [photo]}))  # the default output: the RGBA cut-out
+    assert cv2.imdecode(np.frombuffer(cutout["output"][0], np.uint8), cv2.IMREAD_UNCHANGED).shape == (40, 30, 4)
 
 
 def test_promotion_moves_champion_and_previous_then_rollback_walks_back(three_versions):
@@ -160,7 +184,7 @@ def test_auto_start_skips_a_champion_of_another_architecture(tracking, write_mod
     run_id, folder = tracking
     monkeypatch.setattr("tasks.model.published.find_pretrained_onnx", lambda *a, **k: "/weights/u2netp.onnx")
     assert registry.choose_start("auto", "u2netp", "arch") == "pretrained"  # no registered model yet
-    tiny = registry.register_model(write_model_folder(folder / "arch"), "arch", run_id=run_id)
+    tiny = registry.register_model(write_model_folder(folder / "arch"), "arch", run_id=run_id, pyfunc_model=pyfunc_model())
     registry.promote("arch", tiny["version"])
     client = mlflow.MlflowClient()
     assert json.loads(client.get_model_version("arch", tiny["version"]).tags["model_widths"])["encoder"]

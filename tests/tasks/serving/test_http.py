@@ -18,6 +18,7 @@ from tasks import registry
 from tasks.dev.synth import SynthConfig, encode_jpeg, render_item
 from tasks.serving.engines import Engine
 from tasks.serving.http import ModelHolder, ServeConfig, create_app
+from tasks.serving.mlflow_model import pyfunc_model
 
 pytestmark = pytest.mark.process
 
@@ -148,7 +149,8 @@ def test_load_on_loopback_without_errors_or_memory_growth(model_dir):
 def test_the_model_is_swapped_when_its_alias_moves(tmp_path, private_mlflow, write_model_folder):
     with private_mlflow(tmp_path, "serve") as run_id:
         for seed in (0, 1):
-            registry.register_model(write_model_folder(tmp_path / f"run{seed}", seed=seed), "served", run_id=run_id)
+            registry.register_model(write_model_folder(tmp_path / f"run{seed}", seed=seed), "served", run_id=run_id,
+                                    pyfunc_model=pyfunc_model())
         registry.promote("served", "1")
         holder = ModelHolder(ServeConfig(model="models:/served@champion"))
         holder.load()

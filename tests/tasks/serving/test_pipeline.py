@@ -18,6 +18,7 @@ from tasks import registry
 from tasks.evaluation.scoring import preprocess
 from tasks.model.export import export_onnx
 from tasks.serving.engines import Engine, FlipAveragedEngine, load_engine
+from tasks.serving.mlflow_model import pyfunc_model
 from tasks.serving.pipeline import (
     CutoutResult,
     InferenceConfig,
@@ -259,7 +260,7 @@ def test_load_engine_picks_the_backend_from_the_source(model_dir, tmp_path):
 @pytest.mark.process
 def test_registry_uris_are_downloaded_first(model_dir, private_mlflow, tmp_path):
     with private_mlflow(tmp_path, "engines") as run_id:
-        version = registry.register_model(model_dir, "engines-m", run_id=run_id)["version"]
+        version = registry.register_model(model_dir, "engines-m", run_id=run_id, pyfunc_model=pyfunc_model())["version"]
         registry.promote("engines-m", version)
         engine = load_engine("models:/engines-m@champion")
     assert engine.backend == "onnx" and engine.source == "models:/engines-m@champion"
