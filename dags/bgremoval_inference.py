@@ -43,7 +43,7 @@ def bgremoval_inference():
         bucket_key=layout.ready_key("{{ params.batch }}", area=layout.INCOMING),
         poke_interval=10,
         timeout=6 * 60 * 60,
-        mode="reschedule",
+        deferrable=True,
     )
 
     @task

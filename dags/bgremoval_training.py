@@ -31,7 +31,7 @@ from airflow.sdk import dag, task
 from bgremoval_airflow.connections import AWS_CONN_ID, s3_storage_options
 from bgremoval_airflow.databricks import DATABRICKS_CONN_ID, databricks_params, idempotency_token, submit_run_json
 from bgremoval_airflow.links import mask_review_page_url, report_page_url, review_page_url
-from bgremoval_airflow.operations import TRAINING_TIMEOUT, review_gate, task_defaults
+from bgremoval_airflow.operations import TRAINING_TIMEOUT, review_gate, task_defaults, training_deadline
 from bgremoval_airflow.settings import PROMOTION_POOL, max_map_length
 from bgremoval_airflow.params.training import (
     assessment_config,
@@ -54,6 +54,7 @@ from tasks.core import layout
     max_active_runs=4,
     params={**dag_params(), **databricks_params()},
     default_args=task_defaults(),
+    deadline=training_deadline("bgremoval_training"),
     tags=["bgremoval", "training"],
     doc_md=__doc__,
 )
@@ -79,7 +80,7 @@ def bgremoval_training():
         bucket_key=layout.ready_key("{{ params.batch }}"),
         poke_interval=10,
         timeout=6 * 60 * 60,
-        mode="reschedule",
+        deferrable=True,
     )
 
     @task

@@ -12,11 +12,15 @@ def _web_app():
 
 
 class BgremovalPlugin(AirflowPlugin):
-    """Serves the review pages at ``/bgremoval`` (same login as the Airflow UI)."""
+    """Serves the review pages at ``/bgremoval`` (same login as the Airflow UI): two menu entries,
+    and an "Evaluation report" tab on every DAG run page (a training run's report; other DAGs' runs
+    say they have none)."""
 
     name = "bgremoval"
     fastapi_apps = [{"app": _web_app(), "url_prefix": "/bgremoval", "name": "bgremoval review"}]
     external_views = [
         {"name": "Review clusters", "href": "/bgremoval/", "destination": "nav", "url_route": "bgremoval"},
         {"name": "Correct masks", "href": "/bgremoval/corrections", "destination": "nav", "url_route": "bgremoval-corrections"},
+        {"name": "Evaluation report", "href": "/bgremoval/reports/runs/{DAG_ID}/{RUN_ID}", "destination": "dag_run",
+         "url_route": "bgremoval-report"},
     ]

@@ -3,19 +3,27 @@ is safe (the stage functions are idempotent, DESIGN.md), and a notice of every f
 
 :func:`task_defaults` is each DAG's ``default_args``; tasks that legitimately run long (training)
 or wait for people (the review gate) override the limit in the DAG file; :func:`review_gate`
-gives the review its assignees, its deadline and its notice. A failure is always logged
-as one structured line by :class:`FailureLog` and, when ``[bgremoval] failure_email`` names
-addresses, also mailed through the SMTP connection ``[bgremoval] smtp_conn_id``.
+gives the review its assignees, its deadline and its notice; :func:`training_deadline` is the
+training DAG's deadline alert (:func:`run_overdue` runs in the triggerer when a run is late). A
+failure or a missed deadline is always logged as one structured line and, when ``[bgremoval]
+failure_email`` names addresses, also mailed through the SMTP connection ``[bgremoval] smtp_conn_id``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from datetime import timedelta
 from typing import Any
 
 from airflow.sdk import BaseNotifier
-from bgremoval_airflow.settings import failure_recipients, review_timeout_hours, reviewers, smtp_conn_id
+from bgremoval_airflow.settings import (
+    failure_recipients,
+    review_timeout_hours,
+    reviewers,
+    smtp_conn_id,
+    training_deadline_hours,
+)
 
 log = logging.getLogger("bgremoval.operations")
 
@@ -92,3 +100,37 @@ def review_gate() -> dict[str, Any]:
         "retries": 0,
         "execution_timeout": None,
     }
+
+
+async def run_overdue(dag_id: str, hours: float, context: dict | None = None) -> str:
+    """The deadline alert's callback (runs in the triggerer): log that a run of ``dag_id`` is still
+    not done ``hours`` after it was queued, and mail ``[bgremoval] failure_email`` when set.
+    Returns the line."""
+    run = (context or {}).get("dag_run") or {}
+    run_id = run.get("run_id", "?") if isinstance(run, dict) else getattr(run, "run_id", "?")
+    line = f"run overdue: dag={dag_id} run={run_id} not finished {hours:g} h after it was queued"
+    log.error(line)
+    recipients = failure_recipients()
+    if recipients:
+        from airflow.providers.smtp.hooks.smtp import SmtpHook
+
+        def mail() -> None:
+            with SmtpHook(smtp_conn_id=smtp_conn_id()) as hook:
+                hook.send_email_smtp(to=list(recipients), subject=f"bgremoval: {dag_id} run {run_id} is overdue",
+                                     html_content=line)
+
+        await asyncio.to_thread(mail)
+    return line
+
+
+def training_deadline(dag_id: str):
+    """The training DAG's ``deadline``: :func:`run_overdue` when a run is not finished
+    ``[bgremoval] training_deadline_hours`` after it was queued; None when that setting is 0."""
+    from airflow.sdk import AsyncCallback, DeadlineAlert, DeadlineReference
+
+    hours = training_deadline_hours()
+    if hours <= 0:
+        return None
+    return DeadlineAlert(reference=DeadlineReference.DAGRUN_QUEUED_AT, interval=timedelta(hours=hours),
+                         callback=AsyncCallback(run_overdue, kwargs={"dag_id": dag_id, "hours": hours}),
+                         name="training run overdue")

@@ -120,6 +120,16 @@ def list_objects(prefix_url: str, storage_options: dict | None = None) -> Iterat
         yield ObjectInfo(url=_url_for(fs, path), relpath=rel, size=int(info.get("size") or 0), etag=etag)
 
 
+def list_folders(url: str, storage_options: dict | None = None) -> list[str]:
+    """The names of the folders directly below ``url``, sorted (none when ``url`` does not exist)."""
+    fs, root = filesystem(url, storage_options)
+    try:
+        entries = fs.ls(root.rstrip("/"), detail=True)
+    except FileNotFoundError:
+        return []
+    return sorted(posixpath.basename(e["name"].rstrip("/")) for e in entries if e.get("type") == "directory")
+
+
 def forget_listings(url: str, storage_options: dict | None = None) -> None:
     """Drop this process's cached listings of ``url`` and its parents: s3fs keeps listings for the
     life of the filesystem object, and in a long-lived api-server another process (a second worker,

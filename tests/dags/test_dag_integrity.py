@@ -126,3 +126,28 @@ def test_every_pool_a_task_uses_is_shipped_and_promotions_run_one_at_a_time(dagb
     assert used <= set(pools), used - set(pools)
     assert dagbag.dags["bgremoval_training"].get_task("promote_model").pool == PROMOTION_POOL
     assert pools[PROMOTION_POOL]["slots"] == 1
+
+
+def test_sensors_defer_by_their_own_argument_not_a_global_setting(dagbag):
+    for dag_id, task_id in (("bgremoval_training", "wait_for_batch"), ("bgremoval_inference", "wait_for_drop")):
+        sensor = dagbag.dags[dag_id].get_task(task_id)
+        passed = sensor._BaseOperator__init_kwargs  # what the DAG file gave, before any configured default
+        assert passed.get("deferrable") is True and "mode" not in passed, f"{dag_id}.{task_id}: {passed}"
+
+
+def test_the_training_dag_raises_a_deadline_alert_when_configured_and_it_survives_serialisation(monkeypatch):
+    from airflow.dag_processing.dagbag import DagBag
+    from airflow.serialization.serialized_objects import DagSerialization
+
+    from bgremoval_airflow.operations import run_overdue
+
+    monkeypatch.delenv("AIRFLOW__BGREMOVAL__TRAINING_DEADLINE_HOURS", raising=False)
+    assert not DagBag(dag_folder=str(PROJECT_ROOT / "dags" / "bgremoval_training.py")).dags["bgremoval_training"].deadline
+    monkeypatch.setenv("AIRFLOW__BGREMOVAL__TRAINING_DEADLINE_HOURS", "108")
+    training = DagBag(dag_folder=str(PROJECT_ROOT / "dags" / "bgremoval_training.py")).dags["bgremoval_training"]
+    (alert,) = training.deadline
+    assert type(alert.reference).__name__ == "DagRunQueuedAtDeadline"
+    assert alert.interval.total_seconds() == 108 * 3600
+    assert alert.callback.path == f"{run_overdue.__module__}.run_overdue"
+    serialised = json.dumps(DagSerialization.to_dict(training))
+    assert "run_overdue" in serialised and "DagRunQueuedAtDeadline" in serialised

@@ -229,6 +229,7 @@ def celery_stack(moto_endpoint, s3_bucket):
             "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
             "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
             "AIRFLOW__OPERATORS__DEFAULT_DEFERRABLE": "True",
+            "AIRFLOW__BGREMOVAL__TRAINING_DEADLINE_HOURS": "100",  # as the compose file: the deadline alert on
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": ",".join(f"{u}:{role}" for u, (role, _) in USERS.items()),
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords),
             # Small-machine settings (2 cores): one API worker, two Celery processes, quick polling.
@@ -321,6 +322,8 @@ def test_training_dag_runs_on_celery_workers_against_postgres_and_redis(celery_s
         (d for d in reviewer.request("GET", f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}/hitlDetails")["hitl_details"]
          if not d.get("response_received")), None), 300, celery_stack, poll=2)
     assert detail["task_instance"]["task_id"] == "review_clusters"
+    deadlines = f"SELECT d.missed FROM deadline d JOIN dag_run r ON r.id = d.dagrun_id WHERE r.run_id = '{run_id}'"
+    assert postgres.query(deadlines) == [(False,)]  # the deadline alert was set when the run was queued
     tis = _task_instances(admin, run_id)
     states = {(t["task_id"], t["map_index"]): t["state"] for t in tis}
     assert states[("review_clusters", -1)] in ("awaiting_input", "deferred"), states  # 3.3 calls it awaiting_input
@@ -368,4 +371,5 @@ def test_training_dag_runs_on_celery_workers_against_postgres_and_redis(celery_s
     assert final["state"] == "success", (states, _log_tails(paths))
     assert states[("review_clusters", -1)] == "success"
     assert states[("apply_review", -1)] == "skipped" and states[("train_model", -1)] == "skipped", states
+    assert postgres.query(deadlines) == []  # a run that finished in time leaves no deadline behind
     print(f"{len(executed)} task instances before the gate ran as Celery tasks on {worker_host}")

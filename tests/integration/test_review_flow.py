@@ -11,6 +11,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import quote
 
 import mlflow
 import pytest
@@ -129,6 +130,11 @@ def test_reviewer_moves_an_image_renames_a_cluster_and_approves(s3_bucket, revie
     anonymous_page = client_for(None).request("GET", report_path)  # redirected to the login page
     assert b"Gate PASSED" not in anonymous_page
     assert f"report in the Airflow UI: " in (tmp_path / "run.log").read_text()
+    run_id = quote(detail["task_instance"]["dag_run_id"], safe="")  # the run page's "Evaluation report" tab
+    assert "Gate PASSED" in reviewer.request("GET", f"/bgremoval/reports/runs/bgremoval_training/{run_id}").decode()
+    views = [v for p in reviewer.request("GET", "/api/v2/plugins")["plugins"] for v in p["external_views"]]
+    assert {"name": "Evaluation report", "destination": "dag_run"}.items() <= next(
+        v for v in views if v["name"] == "Evaluation report").items()
     assert registry.alias_version(model_name, "champion") == "2"
     assert registry.alias_version(model_name, "previous") == "1"
     version = mlflow.MlflowClient().get_model_version(model_name, "2")

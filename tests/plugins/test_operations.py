@@ -46,3 +46,22 @@ def test_the_review_gate_is_assigned_has_a_deadline_and_announces_itself(monkeyp
     with caplog.at_level(logging.WARNING, logger="bgremoval.operations"):
         ReviewRequested().notify({"ti": ti})
     assert "assigned=ana, ben" in caplog.records[-1].getMessage() and "24 h" in caplog.records[-1].getMessage()
+
+
+def test_an_overdue_training_run_is_logged_by_the_deadline_callback(monkeypatch, caplog):
+    import asyncio
+    from datetime import timedelta
+
+    from bgremoval_airflow.operations import run_overdue, training_deadline
+
+    monkeypatch.delenv("AIRFLOW__BGREMOVAL__FAILURE_EMAIL", raising=False)
+    monkeypatch.setenv("AIRFLOW__BGREMOVAL__TRAINING_DEADLINE_HOURS", "0")
+    assert training_deadline("bgremoval_training") is None
+    monkeypatch.setenv("AIRFLOW__BGREMOVAL__TRAINING_DEADLINE_HOURS", "30")
+    alert = training_deadline("bgremoval_training")
+    assert alert.interval == timedelta(hours=30) and alert.callback.kwargs == {"dag_id": "bgremoval_training",
+                                                                               "hours": 30.0}
+    with caplog.at_level(logging.ERROR, logger="bgremoval.operations"):
+        line = asyncio.run(run_overdue(**alert.callback.kwargs, context={"dag_run": {"run_id": "manual__7"}}))
+    assert line == "run overdue: dag=bgremoval_training run=manual__7 not finished 30 h after it was queued"
+    assert caplog.records[-1].getMessage() == line

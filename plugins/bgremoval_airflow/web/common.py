@@ -41,6 +41,7 @@ __all__ = [
     "load_review_state",
     "render_page",
     "review_errors",
+    "run_conf",
 ]
 
 #: The DAG whose permissions guard the dataset pages (read access to look, HITL answers to change).
@@ -72,6 +73,19 @@ def _storage_options_cached(minute: int) -> dict:
 def current_storage_options() -> dict:
     """S3 options from the ``aws_default`` connection, refreshed every few minutes (expiring roles)."""
     return _storage_options_cached(int(time.time() // 300))
+
+
+def run_conf(dag_id: str, run_id: str) -> dict | None:
+    """The ``conf`` an Airflow run was triggered with (``{}`` when none), from the metadata
+    database; None when there is no such run."""
+    from sqlalchemy import select
+
+    from airflow.models.dagrun import DagRun
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        found = session.execute(select(DagRun.conf).where(DagRun.dag_id == dag_id, DagRun.run_id == run_id)).first()
+    return None if found is None else dict(found[0] or {})
 
 
 def default_bucket() -> str:

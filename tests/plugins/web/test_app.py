@@ -51,6 +51,7 @@ def test_the_app_serves_every_route_it_served_before_the_move(app):
         ("POST", "/api/corrections/{item_id}/decision"),
         ("POST", "/api/corrections/{item_id}/upload"),
         ("GET", "/reports/{version}/{run}"),
+        ("GET", "/reports/runs/{dag_id}/{run_id}"),
     }
 
 
@@ -154,6 +155,34 @@ def test_report_route_reads_the_report_where_layout_puts_it_and_serves_it_sandbo
             refused = client.get(f"/reports/v1/present?bucket={bucket}")
             assert refused.status_code == 400, bucket
         assert len(read) == 1  # nothing was read from a bucket this deployment does not serve
+    finally:
+        app.dependency_overrides.clear()
+
+
+def test_a_runs_report_is_found_in_the_bucket_of_its_conf_and_redirected_to(app, monkeypatch, tmp_path):
+    runs = {"manual__2026-12-01T10:00:00+00:00": {"bucket": "my-bucket"}, "manual__old": {},
+            "manual__elsewhere": {"bucket": "someone-elses-bucket"}}
+    root = tmp_path / "my-bucket"
+    for version, run in (("v1", "manual__2026-12-01T10-00-00-00-00"), ("v2", "other")):
+        (root / "training" / version / run / "report").mkdir(parents=True)
+        (root / "training" / version / run / "report" / "report.html").write_text("<p>report</p>")
+    monkeypatch.setenv("AIRFLOW__BGREMOVAL__BUCKETS", "my-bucket")
+    monkeypatch.setattr(reports, "run_conf", lambda dag_id, run_id: runs.get(run_id))
+    monkeypatch.setattr(reports, "bucket_url", lambda bucket: common.bucket_url(bucket).replace("s3://", f"{tmp_path}/"))
+    monkeypatch.setattr(reports, "current_storage_options", lambda: None)
+    app.dependency_overrides[common.can_read_training.dependency] = lambda: None
+    try:
+        client = TestClient(app)
+        found = client.get("/reports/runs/bgremoval_training/manual__2026-12-01T10:00:00+00:00", follow_redirects=False)
+        assert found.status_code == 303
+        assert found.headers["location"].endswith("/reports/v1/manual__2026-12-01T10-00-00-00-00?bucket=my-bucket")
+        assert client.get(found.headers["location"]).text == "<p>report</p>"
+        not_yet = client.get("/reports/runs/bgremoval_training/manual__old")  # default bucket: no report there
+        assert not_yet.status_code == 404 and "no evaluation report yet" in not_yet.text
+        assert client.get("/reports/runs/bgremoval_training/manual__missing").status_code == 404
+        assert client.get("/reports/runs/bgremoval_training/manual__elsewhere").status_code == 400
+        other_dag = client.get("/reports/runs/bgremoval_inference/manual__old")
+        assert other_dag.status_code == 404 and "belong to runs of bgremoval_training" in other_dag.text
     finally:
         app.dependency_overrides.clear()
 

@@ -51,3 +51,11 @@ def test_join_and_options():
         {"AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s"}
     )
     assert options == {"key": "k", "secret": "s", "client_kwargs": {"endpoint_url": "http://127.0.0.1:9"}}
+
+
+def test_list_folders_names_the_folders_directly_below(root):
+    base, options = root
+    for key in ("t/v2/run/report.html", "t/v1/x.txt", "t/v10/a/b.txt", "t/file.txt"):
+        storage.write_bytes(storage.join(base, key), b"x", options)
+    assert storage.list_folders(storage.join(base, "t"), options) == ["v1", "v10", "v2"]
+    assert storage.list_folders(storage.join(base, "missing"), options) == []
