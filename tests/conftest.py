@@ -44,7 +44,51 @@ sys.path.insert(0, str(PROJECT_ROOT / "plugins"))
 
 #: Fixtures that start a server or another process: a test that uses one is a ``process`` test.
 PROCESS_FIXTURES = frozenset({"moto_endpoint", "s3_bucket", "airflow_db", "api_server", "second_api_server", "reviewer", "client_for",
-                              "browser"})
+                              "browser", "project_wheel", "uv"})
+#: uv from this venv (scripts/install.sh installs it), else from PATH; None when there is none.
+UV = shutil.which("uv", path=str(Path(sys.executable).parent)) or shutil.which("uv")
+
+
+def uv_environment() -> dict[str, str]:
+    """The environment for ``uv`` and for a fresh virtual environment's processes: no PYTHONPATH or
+    VIRTUAL_ENV of this one; a pip index set in the environment passed on, as scripts/install.sh does."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    if env.get("PIP_INDEX_URL") and not (env.get("UV_DEFAULT_INDEX") or env.get("UV_INDEX_URL")):
+        env["UV_DEFAULT_INDEX"] = env["PIP_INDEX_URL"]
+    return env
+
+
+def require_uv() -> str:
+    """The ``uv`` executable; skips the test when there is none, fails it under ``CI=true``."""
+    if UV is None:
+        reason = "uv is missing (scripts/install.sh installs it)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true but {reason}", pytrace=False)
+        pytest.skip(reason)
+    return UV
+
+
+@pytest.fixture(scope="session")
+def uv() -> tuple[str, dict[str, str]]:
+    """``(uv executable, environment for it and for fresh virtual environments' processes)``."""
+    return require_uv(), uv_environment()
+
+
+@pytest.fixture(scope="session")
+def project_wheel(tmp_path_factory) -> Path:
+    """The project's wheel, built by ``uv build`` from a copy of the checkout (building in the
+    checkout would leave build/ there): what a user installs and what a Databricks cluster gets."""
+    uv = require_uv()
+    work = tmp_path_factory.mktemp("wheel")
+    source = work / "source"
+    shutil.copytree(PROJECT_ROOT / "tasks", source / "tasks", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(PROJECT_ROOT / name, source / name)
+    done = subprocess.run([uv, "build", "--wheel", "--quiet", "--out-dir", str(work / "dist"), str(source)],
+                          capture_output=True, text=True, env=uv_environment(), timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (wheel,) = (work / "dist").glob("bgremoval-*.whl")
+    return wheel
 
 
 def pytest_collection_modifyitems(config, items):

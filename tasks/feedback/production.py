@@ -7,12 +7,17 @@ route each result by its quality score.
 * score < threshold → ``corrections/queue/<batch>--<stem>/`` for a person (the correction page);
 * an image that cannot be processed → ``production/<batch>/failed/<shard>.json`` with the reason.
 
+Queue items and pool pairs record the photo's SHA-256: a retried shard skips what it already did,
+while the same name dropped again with new content is processed under its own id
+(:func:`tasks.feedback.queue.photo_id`), the earlier photo's item and pair kept.
+
 Inputs are only read. The stage functions are :func:`plan_production` (list and shard the drop),
 :func:`process_shard` (one mapped task) and :func:`summarise_production`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -123,7 +128,7 @@ def process_shard(bucket_url: str, batch: str, shard_url: str, model_uri: str, c
     "scores": [...], "failed_url"}`` (scores rounded; no pixels).
     """
     from tasks.feedback.queue import (
-        CorrectionsError, PoolMeta, QueueItem, add_to_pool, enqueue, make_item_id, prepare_pair,
+        CorrectionsError, PoolMeta, QueueItem, add_to_pool, enqueue, photo_id, prepare_pair,
     )
     from tasks.serving.engines import load_engine
     from tasks.serving.pipeline import InferenceConfig, iter_remove_backgrounds, write_outputs
@@ -143,7 +148,8 @@ def process_shard(bucket_url: str, batch: str, shard_url: str, model_uri: str, c
             continue
         score = float(result.score)
         scores.append(round(score, 4))
-        item_id = make_item_id(batch, result.stem)
+        digest = hashlib.sha256(result.source_bytes).hexdigest()
+        item_id = photo_id(bucket_url, batch, result.stem, digest, storage_options)
         publish = score >= threshold
         try:  # the image's own work: any failure is this image's, recorded, and the shard goes on
             image_jpeg, mask_png = prepare_pair(result.source_bytes, result.mask_png,
@@ -158,11 +164,13 @@ def process_shard(bucket_url: str, batch: str, shard_url: str, model_uri: str, c
                 write_outputs(result, published_url, storage_options)
                 add_to_pool(bucket_url, item_id, image_jpeg, mask_png,
                             PoolMeta(origin="published", source_url=result.source_url, score=score,
-                                     model_version=model_version, item_id=item_id), storage_options)
+                                     model_version=model_version, item_id=item_id, source_sha256=digest),
+                            storage_options)
             else:
                 enqueue(bucket_url, QueueItem(stem=result.stem, batch=batch, source_url=result.source_url,
                                               score=score, threshold=threshold, model_uri=model_uri,
-                                              model_version=model_version, item_id=item_id),
+                                              model_version=model_version, item_id=item_id,
+                                              source_sha256=digest),
                         image_jpeg, mask_png, storage_options)
         except CorrectionsError as exc:  # the queue or pool refused this image's pair (an empty mask)
             counts["failed"] += 1

@@ -76,6 +76,23 @@ def make_item_id(batch: str, stem: str) -> str:
     return safe
 
 
+def photo_id(bucket_url: str, batch: str, stem: str, source_sha256: str,
+             storage_options: dict | None = None) -> str:
+    """The id of a dropped photo's queue item and pool pair: :func:`make_item_id` of batch and stem,
+    unless that id already holds a different photo (the same name dropped again under the same batch
+    with new content: its recorded ``source_sha256`` differs); then that id with the new photo's
+    digest appended. So a retried shard finds its own items (same content, same id) and skips them,
+    while a re-drop is processed, and the earlier photo's item, decision and pair are kept."""
+    base_id = make_item_id(batch, stem)
+    for url in (storage.join(queue_url(bucket_url, base_id), "item.json"),
+                storage.join(pool_url(bucket_url, base_id), "meta.json")):
+        if _exists(url, storage_options):
+            recorded = _read_json(url, storage_options).get("source_sha256")
+            if recorded and recorded != source_sha256:
+                return check_id(f"{base_id[:180]}--{source_sha256[:12]}")
+    return base_id
+
+
 def check_id(value: str, what: str = "item id") -> str:
     """Return ``value`` when it is a safe id (``[A-Za-z0-9._-]``, 1-200, no leading dot); else raise."""
     if not isinstance(value, str) or not _SAFE_ID.match(value):
@@ -101,6 +118,7 @@ class QueueItem:
     model_version: str = ""
     created_at: str = ""
     item_id: str = ""
+    source_sha256: str = ""
 
     def __post_init__(self) -> None:
         if not self.item_id:
@@ -131,6 +149,7 @@ class PoolMeta:
     user: str | None = None
     at: str = ""
     item_id: str | None = None
+    source_sha256: str = ""
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -496,7 +515,7 @@ def decide(
             meta = PoolMeta(
                 origin=decision, source_url=item["source_url"], score=item.get("score"),
                 model_version=item.get("model_version", ""), user=user, at=record["at"], item_id=item_id,
-                extra={"batch": item["batch"], "stem": item["stem"], "mask_source": mask_source},
+                source_sha256=item.get("source_sha256", ""), extra={"batch": item["batch"], "stem": item["stem"], "mask_source": mask_source},
             )
             add_to_pool(bucket_url, item_id, image_jpeg, final_png, meta, storage_options, replace=True)
         elif _exists(pair_meta_url, storage_options):

@@ -3,8 +3,6 @@ and ``bgremoval remove`` and ``bgremoval serve`` work in that environment."""
 
 from __future__ import annotations
 
-import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -23,41 +21,27 @@ from tasks.train.config import TrainConfig
 pytestmark = pytest.mark.process
 
 ROOT = Path(__file__).resolve().parents[2]
-UV = shutil.which("uv", path=str(Path(sys.executable).parent)) or shutil.which("uv")
-
-
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    if env.get("PIP_INDEX_URL") and not (env.get("UV_DEFAULT_INDEX") or env.get("UV_INDEX_URL")):
-        env["UV_DEFAULT_INDEX"] = env["PIP_INDEX_URL"]  # as scripts/install.sh passes the index on
-    return env
 
 
 @pytest.fixture(scope="module")
-def light_venv(tmp_path_factory) -> Path:
-    if UV is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("uv is missing (scripts/install.sh installs it)")
-        pytest.skip("uv is missing (scripts/install.sh installs it)")
-    work = tmp_path_factory.mktemp("light")
-    source = work / "source"  # a copy: building in the checkout would leave build/ there
-    shutil.copytree(ROOT / "tasks", source / "tasks", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy(ROOT / name, source / name)
-    venv = work / "venv"
-    subprocess.run([UV, "venv", "--quiet", "--python", sys.executable, str(venv)], check=True, env=_env())
-    done = subprocess.run([UV, "pip", "install", "--quiet", "--python", str(venv / "bin" / "python"), "-c",
-                           str(ROOT / "constraints.txt"), str(source)], capture_output=True, text=True, env=_env(),
-                          timeout=900)
+def light_venv(tmp_path_factory, project_wheel, uv) -> tuple[Path, dict[str, str]]:
+    """A fresh venv with the wheel installed without extras; ``(venv, environment for its processes)``."""
+    tool, env = uv
+    venv = tmp_path_factory.mktemp("light") / "venv"
+    subprocess.run([tool, "venv", "--quiet", "--python", sys.executable, str(venv)], check=True, env=env)
+    done = subprocess.run([tool, "pip", "install", "--quiet", "--python", str(venv / "bin" / "python"), "-c",
+                           str(ROOT / "constraints.txt"), str(project_wheel)], capture_output=True, text=True,
+                          env=env, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
-    return venv
+    return venv, env
 
 
 def test_the_core_install_cuts_out_without_airflow_or_torch(light_venv, tmp_path):
+    light_venv, env = light_venv
     python = str(light_venv / "bin" / "python")
     missing = subprocess.run([python, "-c", "import importlib.util as u; "
                               "print([m for m in ('torch', 'airflow', 'mlflow', 'pandas') if u.find_spec(m)])"],
-                             capture_output=True, text=True, cwd=tmp_path, env=_env())
+                             capture_output=True, text=True, cwd=tmp_path, env=env)
     assert missing.stdout.strip() == "[]", missing.stdout + missing.stderr
     config = TrainConfig(dataset_url="-", output_url="-", model_widths={"encoder": [[4, 8]] * 6,
                                                                         "decoder": [[4, 8]] * 5})
@@ -68,7 +52,7 @@ def test_the_core_install_cuts_out_without_airflow_or_torch(light_venv, tmp_path
     cli = str(light_venv / "bin" / "bgremoval")
     done = subprocess.run([cli, "remove", str(tmp_path / "p.jpg"), "-o", str(tmp_path / "out"), "--model",
                            str(tmp_path / "model.onnx"), "--quiet"], capture_output=True, text=True, cwd=tmp_path,
-                          env=_env(), timeout=300)
+                          env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "out" / "p.png").exists() and (tmp_path / "out" / "p.jpg").exists()
 
@@ -76,7 +60,7 @@ def test_the_core_install_cuts_out_without_airflow_or_torch(light_venv, tmp_path
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     server = subprocess.Popen([cli, "serve", "--model", str(tmp_path / "model.onnx"), "--port", str(port)],
-                              cwd=tmp_path, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                              cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and server.poll() is None:

@@ -6,12 +6,18 @@ not) calls through ``DatabricksHook``: ``POST /api/2.2/jobs/runs/submit``, ``GET
 A submission whose ``idempotency_token`` was used before gets that run's id and starts nothing.
 
 A submitted run must have the shape the training DAG sends (one task with ``new_cluster``, wheel
-``libraries`` and a ``spark_python_task``); the server then plays the cluster: it maps the task's
-``python_file`` (a ``dbfs:/`` path) to a local file through ``python_files``, and runs
-``python <that file> <parameters>`` as a subprocess with the cluster's ``spark_env_vars`` and
-``spark_conf``, pyspark in local mode (``PYSPARK_SUBMIT_ARGS=--master local[<cores>]``) and the
-interpreter running the tests as ``PYSPARK_PYTHON`` (the project is installed there, as the wheel
-library would be). The run goes PENDING → RUNNING → TERMINATED with result SUCCESS or FAILED from
+``libraries`` and a ``spark_python_task``); the server then plays the cluster. With a
+``cluster_python`` (a virtual environment standing for the Databricks runtime, with its own
+preinstalled packages), it first installs the task's ``whl`` libraries into that environment as a
+cluster does when it starts (``libraries`` maps each library path, e.g. ``/Volumes/...whl``, to a
+local wheel; a missing one or a failed installation fails the run before it starts, with
+Databricks' "Library installation failed" message), and runs the task with that interpreter and no
+``PYTHONPATH``: the code comes from the installed wheel only. Without one it runs the interpreter
+running the tests, where the project is installed. It maps the task's ``python_file`` to a local
+file through ``python_files`` and runs ``python <that file> <parameters>`` as a subprocess with the
+cluster's ``spark_env_vars`` and ``spark_conf``, pyspark in local mode (``PYSPARK_SUBMIT_ARGS=--master
+local[<cores>]``) and the same interpreter as ``PYSPARK_PYTHON``. The run goes PENDING → RUNNING →
+TERMINATED with result SUCCESS or FAILED from
 the exit status (CANCELED after ``runs/cancel``); a failed run's state message and ``get-output``
 error carry the last line of its stderr. ``run_page_url`` is ``<server>/runs/<run_id>``, a
 plain-text page with the state and the output.
@@ -60,6 +66,7 @@ class FakeRun:
     stderr: str = ""
     process: subprocess.Popen | None = None
     cancel_requested: bool = False
+    install_log: str = ""
 
     def state(self) -> dict[str, Any]:
         """The run's ``state`` object as the Jobs API returns it."""
@@ -118,13 +125,32 @@ class FakeJobsServer:
         token: the bearer token every request must carry (the connection's password).
         cores: the local Spark master is ``local[cores]`` (the simulated cluster's task slots).
         extra_env: more environment variables for the entry point (e.g. ``OMP_NUM_THREADS``).
+        cluster_python: the runtime's interpreter (None: the tests' own, without installing libraries).
+        libraries: a ``whl`` library path → the local wheel file installed in its place.
+        install_command: the command that installs a local wheel into the runtime (the wheel's path
+            is appended), e.g. ``[uv, "pip", "install", "--python", cluster_python]``.
+        cluster_env: the environment of the runtime's processes (default: this process's, without
+            ``PYTHONPATH`` when there is a ``cluster_python``).
 
-    ``submissions`` holds every accepted payload, ``runs`` every run by id, ``url`` the base URL.
+    ``submissions`` holds every accepted payload, ``runs`` every run by id, ``url`` the base URL,
+    ``installed`` every local wheel a run installed.
     """
 
     def __init__(self, python_files: dict[str, str], token: str = "fake-token", cores: int = 2,
-                 extra_env: dict[str, str] | None = None) -> None:
+                 extra_env: dict[str, str] | None = None, cluster_python: str | None = None,
+                 libraries: dict[str, str] | None = None, install_command: list[str] | None = None,
+                 cluster_env: dict[str, str] | None = None) -> None:
+        if cluster_python is not None and install_command is None:
+            raise ValueError("a cluster_python needs the install_command that installs its libraries")
         self.python_files = dict(python_files)
+        self.cluster_python = cluster_python
+        self.libraries = dict(libraries or {})
+        self.install_command = list(install_command or [])
+        base_env = dict(cluster_env if cluster_env is not None else os.environ)
+        if cluster_python is not None:
+            base_env.pop("PYTHONPATH", None)
+        self.base_env = base_env
+        self.installed: list[str] = []
         self.token = token
         self.cores = cores
         self.extra_env = dict(extra_env or {})
@@ -195,13 +221,14 @@ class FakeJobsServer:
         cluster = task["new_cluster"]
         python_task = task["spark_python_task"]
         local_file = self.python_files.get(python_task["python_file"])
-        command = [sys.executable, local_file or python_task["python_file"], *python_task.get("parameters", [])]
+        python = self.cluster_python or sys.executable
+        command = [python, local_file or python_task["python_file"], *python_task.get("parameters", [])]
         submit_args = ["--master", f"local[{self.cores}]", "--conf", "spark.ui.enabled=false"]
         for key, value in cluster.get("spark_conf", {}).items():
             if key not in ("spark.master", "spark.databricks.cluster.profile"):
                 submit_args += ["--conf", f"{key}={value}"]
-        env = {**os.environ, **self.extra_env, **cluster.get("spark_env_vars", {}),
-               "PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable,
+        env = {**self.base_env, **self.extra_env, **cluster.get("spark_env_vars", {}),
+               "PYSPARK_PYTHON": python, "PYSPARK_DRIVER_PYTHON": python,
                "PYSPARK_SUBMIT_ARGS": " ".join(submit_args + ["pyspark-shell"])}
         with self._lock:
             run = FakeRun(run_id=next(self._ids), task_run_id=next(self._ids), job_id=next(self._ids),
@@ -214,11 +241,35 @@ class FakeJobsServer:
             threading.Thread(target=self._execute, args=(run,), name=f"run-{run.run_id}", daemon=True).start()
         return run
 
+    def _install_libraries(self, run: FakeRun) -> str | None:
+        """Install the task's wheel libraries into the runtime; the reason when one fails."""
+        for library in run.payload["tasks"][0]["libraries"]:
+            path = library.get("whl") if isinstance(library, dict) else None
+            if not path:
+                continue
+            local = self.libraries.get(path)
+            if local is None:
+                return f"Library installation failed: {path} does not exist"
+            done = subprocess.run([*self.install_command, local], capture_output=True, text=True, env=self.base_env,
+                                  timeout=600)
+            run.install_log += done.stdout + done.stderr
+            if done.returncode != 0:
+                lines = [line for line in done.stderr.splitlines() if line.strip()]
+                return f"Library installation failed for {path}: {lines[-1] if lines else done.returncode}"
+            self.installed.append(local)
+        return None
+
     def _execute(self, run: FakeRun) -> None:
         time.sleep(0.5)  # "starting the cluster": lets a poller see PENDING first
         if run.cancel_requested:
             self._finish(run, None, "Run cancelled before it started")
             return
+        if self.cluster_python is not None:
+            run.state_message = "Installing libraries"
+            failure = self._install_libraries(run)
+            if failure is not None:
+                self._finish(run, 1, failure)
+                return
         # cwd: the launcher's folder, not the project, as on a cluster where only the wheel holds the code.
         process = subprocess.Popen(run.command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=run.env,
                                    cwd=os.path.dirname(run.command[1]), start_new_session=True, text=True)

@@ -12,7 +12,9 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import subprocess
 import sys
+import sysconfig
 from datetime import timedelta
 from pathlib import Path
 
@@ -21,6 +23,7 @@ import pytest
 
 from bgremoval_airflow.databricks import (
     DEFAULT_LAUNCHER_PATH,
+    DEFAULT_WHEEL_PATH,
     databricks_params,
     idempotency_token,
     launcher_source,
@@ -34,6 +37,7 @@ from tasks.train.distributor import spark_unavailable_reason
 from tasks.dev.synthetic import write_synthetic_dataset
 
 TINY = {"encoder": [[4, 8]] * 6, "decoder": [[4, 8]] * 5}
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
 
 def _server_module():
@@ -133,8 +137,24 @@ def test_reading_the_result_of_a_run_that_wrote_none_says_so(tmp_path) -> None:
 # ----------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def jobs_server(tmp_path_factory):
-    """The fake Jobs API with the launcher "uploaded" at the default python_file path."""
+def cluster_runtime(tmp_path_factory, uv) -> Path:
+    """A fresh virtual environment standing for the Databricks ML runtime: its preinstalled packages
+    (torch, pyspark, MLflow, pandas, as on the runtime) are this environment's, on its ``sys.path``
+    through a ``.pth`` file; bgremoval is not there until a run installs the wheel. Returns its
+    ``python``."""
+    tool, env = uv
+    venv = tmp_path_factory.mktemp("runtime") / "venv"
+    subprocess.run([tool, "venv", "--quiet", "--python", sys.executable, str(venv)], check=True, env=env)
+    site = Path(subprocess.run([str(venv / "bin" / "python"), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                               capture_output=True, text=True, check=True, env=env).stdout.strip())
+    (site / "databricks_runtime.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    return venv / "bin" / "python"
+
+
+@pytest.fixture(scope="module")
+def jobs_server(tmp_path_factory, cluster_runtime, project_wheel, uv):
+    """The fake Jobs API with the launcher "uploaded" at the default python_file path and the
+    project's wheel at the default library path, installed into :func:`cluster_runtime` by each run."""
     reason = spark_unavailable_reason()
     if reason is not None:
         if os.environ.get("CI") == "true":
@@ -143,8 +163,14 @@ def jobs_server(tmp_path_factory):
     folder = tmp_path_factory.mktemp("dbfs")
     launcher = folder / "train_entry.py"
     launcher.write_text(launcher_source())
-    server = jobs_api.FakeJobsServer(python_files={DEFAULT_LAUNCHER_PATH: str(launcher)}, token="dapi-test",
-                                     cores=2, extra_env={"SPARK_LOCAL_IP": "127.0.0.1", "OMP_NUM_THREADS": "1"})
+    tool, env = uv
+    server = jobs_api.FakeJobsServer(
+        python_files={DEFAULT_LAUNCHER_PATH: str(launcher)}, token="dapi-test", cores=2,
+        extra_env={"SPARK_LOCAL_IP": "127.0.0.1", "OMP_NUM_THREADS": "1"},
+        cluster_python=str(cluster_runtime), libraries={DEFAULT_WHEEL_PATH: str(project_wheel)},
+        install_command=[tool, "pip", "install", "--quiet", "--python", str(cluster_runtime), "-c",
+                         str(PROJECT_ROOT / "constraints.txt")],
+        cluster_env=env)
     with server:
         yield server
 
@@ -255,6 +281,36 @@ def test_deferrable_operator_trains_on_the_cluster_and_the_mlflow_run_id_comes_b
     assert mlflow_run.data.metrics["val_iou"] == pytest.approx(returned["val_iou"])
     hashes = {(tmp_path / "run" / f"weights-rank{r}.sha256").read_text() for r in range(2)}
     assert len(hashes) == 1
+
+
+@pytest.mark.integration
+def test_the_cluster_trained_from_the_installed_wheel_and_kept_its_runtimes_torch(
+        airflow_db, jobs_server, cluster_runtime, project_wheel, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("AIRFLOW_CONN_DATABRICKS_DEFAULT", jobs_server.connection_uri_json())
+    write_synthetic_dataset(str(tmp_path / "datasets" / "v1"), 6, seed=8, max_side=48,
+                            split_for=lambda i: "val" if i == 0 else "train")
+    params = {**_defaults(), "databricks_spark_version": "16.4.x-cpu-ml-scala2.12", "databricks_num_workers": 0,
+              "databricks_processes_per_worker": 1,
+              "databricks_mlflow_tracking_uri": f"sqlite:///{tmp_path}/mlflow.db"}
+    run, failures = _run_submit_dag("databricks_submit_wheel", submit_run_json(params, _config_json(tmp_path, epochs=1)),
+                                    str(tmp_path / "run"))
+    assert failures == [] and run.state == "success"
+    assert str(project_wheel) in jobs_server.installed
+
+    runtime_site = Path(sysconfig.get_paths()["purelib"])  # the runtime's preinstalled packages
+    where = subprocess.run(
+        [str(cluster_runtime), "-c", "import json, sysconfig, tasks, torch, mlflow; print(json.dumps("
+         "[tasks.__file__, torch.__file__, torch.__version__, mlflow.__file__, sysconfig.get_paths()['purelib']]))"],
+        capture_output=True, text=True, cwd=tmp_path, env=jobs_server.base_env)
+    assert where.returncode == 0, where.stderr[-2000:]
+    tasks_file, torch_file, torch_version, mlflow_file, own_site = json.loads(where.stdout)
+    assert Path(tasks_file).is_relative_to(own_site)  # the code came from the wheel, not from a checkout
+    import torch
+
+    assert Path(torch_file).is_relative_to(runtime_site) and torch_version == torch.__version__  # left alone
+    assert Path(mlflow_file).is_relative_to(runtime_site)
+    own = {p.name.split("-")[0].lower() for p in Path(own_site).iterdir()}
+    assert not own & {"torch", "mlflow", "pyspark", "airflow", "apache_airflow"}, sorted(own)  # no [train], no [airflow]
 
 
 @pytest.mark.integration

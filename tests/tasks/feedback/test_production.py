@@ -4,6 +4,10 @@ calibrate a threshold."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -22,6 +26,8 @@ from tasks.feedback.production import (
 )
 from tasks.dev.synth import SynthConfig, encode_jpeg, render_item
 from tasks.dev.synthetic import write_synthetic_dataset
+
+PROJECT_ROOT = Path(__file__).resolve().parents[3]
 
 
 
@@ -83,6 +89,24 @@ def test_shard_routes_by_score_and_reports_failures(drop, tmp_path, write_model_
     assert len([q for q in list_queue(bucket_url, options) if q["batch"] == "drop-1"]) == 3
     total = summarise_production("drop-1", [result])
     assert total["published"] == 3 and total["queued"] == 3 and total["published_share"] == 0.5
+
+    # The studio drops p0-p5 again under the same batch, with new photos: none is skipped, each gets
+    # its own item or pair next to the earlier photo's, which is kept.
+    first_queue = {q["item_id"]: q["source_sha256"] for q in list_queue(bucket_url, options) if q["batch"] == "drop-1"}
+    first_pool = {p["pair_id"]: p["source_sha256"] for p in list_pool(bucket_url, options) if p["pair_id"].startswith("drop-1--")}
+    for i in range(6):
+        storage.write_bytes(f"{bucket_url}/incoming/drop-1/p{i}.jpg",
+                            encode_jpeg(render_item(i, SynthConfig(n=6, seed=99, max_side=160)).image), options)
+    again = process_shard(bucket_url, "drop-1", plan["shard_urls"][0], model, ProductionConfig(threshold=threshold),
+                          "v8", options)
+    assert again["published"] + again["queued"] == 6
+    queue = {q["item_id"]: q["source_sha256"] for q in list_queue(bucket_url, options) if q["batch"] == "drop-1"}
+    pool = {p["pair_id"]: p["source_sha256"] for p in list_pool(bucket_url, options) if p["pair_id"].startswith("drop-1--")}
+    assert first_queue.items() <= queue.items() and first_pool.items() <= pool.items()  # nothing lost
+    assert len(queue) + len(pool) == 12 and len(set(queue.values()) | set(pool.values())) == 12
+    assert all(len(v) == 64 for v in (*queue.values(), *pool.values()))
+    process_shard(bucket_url, "drop-1", plan["shard_urls"][0], model, ProductionConfig(threshold=threshold), "v8", options)
+    assert len([q for q in list_queue(bucket_url, options) if q["batch"] == "drop-1"]) == len(queue)  # retry: no more
 
 
 def test_threshold_comes_from_the_calibration_unless_given(tmp_path, write_model_folder):
@@ -162,7 +186,19 @@ def test_a_drop_of_awkward_photos_completes_and_every_refusal_has_a_reason(tmp_p
         storage.write_bytes(f"{bucket_url}/incoming/awkward/{name}", data)
     model = write_model_folder(tmp_path / "model")
     plan = plan_production(bucket_url, "awkward", shard_size=100)
-    result = process_shard(bucket_url, "awkward", plan["shard_urls"][0], model, ProductionConfig(threshold=0.0), "v1")
+    # The shard runs in a fresh process, as a task does, so that its own peak memory can be read.
+    script = ("import json, resource, sys\n"
+              "from tasks.feedback.production import ProductionConfig, process_shard\n"
+              f"result = process_shard({bucket_url!r}, 'awkward', {plan['shard_urls'][0]!r}, {model!r}, "
+              "ProductionConfig(threshold=0.0), 'v1')\n"
+              "print(json.dumps({**result, 'peak_rss_kib': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
+                          cwd=PROJECT_ROOT, env={**os.environ, "PYTHONPATH": str(PROJECT_ROOT)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    peak_mib = result["peak_rss_kib"] / 1024
+    print(f"awkward drop: peak RSS of the shard's process {peak_mib:.0f} MiB (torch engine and model included)")
+    assert peak_mib < 1536  # the 144-megapixel bomb is refused from its header, never decoded (~430 MiB as RGB)
 
     failed = {entry["stem"]: entry["reason"] for entry in json.loads(storage.read_bytes(result["failed_url"]))}
     assert result["images"] == plan["n_images"] == 12
