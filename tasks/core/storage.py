@@ -54,6 +54,13 @@ def _url_for(fs: fsspec.AbstractFileSystem, path: str) -> str:
     return f"{protocol}://{path}"
 
 
+#: Errors that concern one object (it is missing, or this process may not read it): the item they
+#: belong to fails with its reason and the batch goes on. Any other error while reading or writing
+#: (the endpoint unreachable, a timeout, a server error) is the storage's, not the item's: it fails
+#: the task, whose retry redoes the shard.
+OBJECT_ERRORS: tuple[type[Exception], ...] = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
+
+
 def exists(url: str, storage_options: dict | None = None) -> bool:
     """True when an object (or a local file) exists at ``url``."""
     fs, path = filesystem(url, storage_options)

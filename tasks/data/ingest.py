@@ -174,7 +174,8 @@ class ReadAndCleaned:
 
 
 def read_and_clean(row: dict, config: CleaningConfig, storage_options: dict | None = None) -> ReadAndCleaned:
-    """Read ``row``'s ``image_source``/``mask_source``, clean and encode the pair; never raises.
+    """Read ``row``'s ``image_source``/``mask_source``, clean and encode the pair; raises only when the
+    storage fails (not :data:`tasks.core.storage.OBJECT_ERRORS`: the task's retry redoes the shard).
 
     ``row`` holds the provenance columns (``stem``, ``key``, ``batch``, ``image_source``,
     ``mask_source``). An unreadable object, a rejected pair or an unforeseen decoder failure gives
@@ -183,7 +184,7 @@ def read_and_clean(row: dict, config: CleaningConfig, storage_options: dict | No
     try:
         image_bytes = storage.read_bytes(row["image_source"], storage_options)
         mask_bytes = storage.read_bytes(row["mask_source"], storage_options)
-    except Exception as exc:  # a vanished or unreadable object quarantines one pair, not the batch
+    except storage.OBJECT_ERRORS as exc:  # a vanished or unreadable object quarantines one pair, not the batch
         return ReadAndCleaned(quarantined(row, Reason.READ_ERROR, repr(exc)[:500]))
     row = {**row, "image_sha256": sha256(image_bytes), "mask_sha256": sha256(mask_bytes),
            "image_bytes": len(image_bytes)}
@@ -209,18 +210,15 @@ def quarantined(row: dict, reason: Reason, detail: str) -> dict:
 
 def _clean_one(row: dict, batch: str, dataset_url: str, config: CleaningConfig, storage_options: dict | None,
                predict: Predict | None = None) -> dict:
-    """Clean one pair end to end; never raises: failures become a quarantined row."""
+    """Clean one pair end to end: the pair's failures become a quarantined row; a storage failure raises."""
     provenance = {key: row[key] for key in ("stem", "key", "image_source", "mask_source")}
     cleaned = read_and_clean({**provenance, "batch": batch}, config, storage_options)
     if cleaned.pair is None:
         return cleaned.row
     image_url, mask_url = clean_urls(dataset_url, row["key"])
-    try:
-        storage.write_bytes(image_url, cleaned.image_data, storage_options)
-        storage.write_bytes(mask_url, cleaned.mask_data, storage_options)
-    except Exception as exc:  # a failed write quarantines one pair, not the batch
-        log.exception("could not write the clean pair of %s", row["stem"])
-        return quarantined(cleaned.row, Reason.INTERNAL_ERROR, repr(exc)[:500])
+    # A failed write is the storage's fault, not the pair's: it fails the task, whose retry redoes the shard.
+    storage.write_bytes(image_url, cleaned.image_data, storage_options)
+    storage.write_bytes(mask_url, cleaned.mask_data, storage_options)
     reasons = _audit_reasons(cleaned.pair, config, predict)
     return {**cleaned.row, "image_url": image_url, "mask_url": mask_url,
             "audit_reasons": ",".join(reasons), "audit_decision": ""}

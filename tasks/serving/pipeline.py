@@ -316,7 +316,7 @@ def _load(item: tuple[str, str], engine: Engine, config: InferenceConfig, storag
     loaded = _Loaded(CutoutResult(stem=stem, source_url=url), time.perf_counter())
     try:
         data = storage.read_bytes(url, options_for(url, storage_options))
-    except Exception as exc:  # noqa: BLE001 - an unreadable input fails this image, not the run
+    except storage.OBJECT_ERRORS as exc:  # this photo is gone or unreadable; an unreachable store fails the run
         loaded.result.error = f"cannot read: {type(exc).__name__}: {exc}"
         return loaded
     return _decoded(loaded, data, engine, config)

@@ -105,6 +105,17 @@ def test_rerun_gives_same_version_and_no_duplicates_and_raw_is_untouched(corpus_
     assert _run(bucket, "b1")["version"] != first["version"]
 
 
+def test_an_unreachable_store_fails_the_shard_instead_of_quarantining_pairs():
+    from tasks.dev import stack
+
+    unreachable = {"key": "k", "secret": "s", "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 1},
+                   "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{stack.free_port()}", "region_name": "us-east-1"}}
+    row = {"stem": "a", "key": "a", "batch": "b1", "image_source": "s3://raw/b1/images/a.jpg",
+           "mask_source": "s3://raw/b1/masks/a.png"}
+    with pytest.raises(Exception, match="Could not connect to the endpoint URL"):
+        ingest.read_and_clean(row, CONFIG, unreachable)
+
+
 def test_a_file_that_vanishes_mid_run_is_quarantined_not_fatal(corpus_batch):
     bucket, _ = corpus_batch
     plan = ingest.plan_batch(bucket, "b1", CONFIG, shard_size=100)

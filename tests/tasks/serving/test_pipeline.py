@@ -15,6 +15,7 @@ import torch
 from PIL import Image, ImageOps
 
 from tasks import registry
+from tasks.dev import stack
 from tasks.evaluation.scoring import preprocess
 from tasks.model.export import export_onnx
 from tasks.serving.engines import Engine, FlipAveragedEngine, load_engine
@@ -211,6 +212,20 @@ def test_bad_inputs_are_reported_and_skipped_and_inputs_untouched(tmp_path):
     assert "empty" in results[0].error and "cannot read" in results[2].error and results[3].error
     assert results[0].cutout_png is None and results[0].summary()["score"] is None
     assert hashlib.sha256(good.read_bytes()).hexdigest() == before
+
+
+#: An S3 endpoint nobody listens on, tried once (the store is down, not the photo bad).
+UNREACHABLE_S3 = {"key": "k", "secret": "s", "config_kwargs": {"retries": {"max_attempts": 1}, "connect_timeout": 1},
+                  "client_kwargs": {"endpoint_url": f"http://127.0.0.1:{stack.free_port()}", "region_name": "us-east-1"}}
+
+
+def test_an_unreachable_store_fails_the_run_instead_of_failing_the_photos(tmp_path):
+    good = tmp_path / "good.jpg"
+    good.write_bytes(_jpeg(_photo()))
+    urls = [str(good), "s3://drops/d1/p1.jpg"]
+    with pytest.raises(Exception) as raised:
+        list(iter_remove_backgrounds(urls, SquareEngine(), InferenceConfig(batch_size=1), UNREACHABLE_S3))
+    assert "Could not connect to the endpoint URL" in str(raised.value)
 
 
 def test_write_outputs_layout_and_refuses_to_overwrite_inputs(tmp_path):
