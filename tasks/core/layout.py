@@ -40,6 +40,7 @@ PRODUCTION = "production"
 PUBLISHED = "published"
 CORRECTIONS_QUEUE = "corrections/queue"
 CORRECTIONS_DONE = "corrections/done"
+CORRECTIONS_INDEX = "corrections/index"
 RETRAINING_POOL = "retraining-pool"
 RETRAINING_STATE = "retraining/state.json"
 
@@ -227,6 +228,12 @@ def published(bucket_url: str, batch: str) -> str:
 def corrections_queue(bucket_url: str) -> str:
     """Doubtful cut-outs waiting for a person."""
     return storage.join(bucket_url, CORRECTIONS_QUEUE)
+
+
+def corrections_index(bucket_url: str) -> str:
+    """One empty key per queued item, ``<score>--<created_at>--<item_id>``: listing it gives the queue in
+    its order (worst score first, then oldest) without reading the items."""
+    return storage.join(bucket_url, CORRECTIONS_INDEX)
 
 
 def corrections_done(bucket_url: str) -> str:

@@ -303,7 +303,8 @@ def enqueue(bucket_url: str, item: QueueItem, image_jpeg: bytes, mask_png: bytes
     Takes the bucket URL (``s3://bucket``), the :class:`QueueItem`, the photo as an RGB JPEG and
     the predicted mask as PNG of the same size (see :func:`prepare_pair`). The mask is stored
     binarised to 0/255 (an empty predicted mask is allowed: that is what a person must fix).
-    ``item.json`` is written last, so a listed item is always complete. Items are never
+    ``item.json`` is written after the pictures, so a listed item is always complete, then its
+    index key (:func:`queue_order`). Items are never
     modified: enqueueing an id that is already queued (a retried task) leaves it as it was.
     """
     base = queue_url(bucket_url, item.item_id)
@@ -319,34 +320,101 @@ def enqueue(bucket_url: str, item: QueueItem, image_jpeg: bytes, mask_png: bytes
     storage.write_bytes(storage.join(base, "mask.png"), encode_png(np.where(decoded >= 128, 255, 0).astype(np.uint8)), storage_options)
     record = {**item.to_dict(), "width": size[0], "height": size[1]}
     storage.write_bytes(storage.join(base, "item.json"), _json_bytes(record), storage_options)
+    _write_index(bucket_url, record, storage_options)
     return base
 
 
+def _index_name(record: dict) -> str:
+    """The item's key in :func:`tasks.core.layout.corrections_index` (lexical order = queue order)."""
+    score = min(max(float(record.get("score", 0.0)), 0.0), 1.0)
+    return f"{score:.6f}--{record['created_at']}--{record['item_id']}"
+
+
+def _write_index(bucket_url: str, record: dict, storage_options: dict | None) -> None:
+    storage.write_bytes(storage.join(layout.corrections_index(bucket_url), _index_name(record)), b"", storage_options)
+
+
+def _ids_below(root: str, name: str, storage_options: dict | None) -> set[str]:
+    """The ids ``<id>/<name>`` directly below ``root``, from one listing."""
+    return {o.relpath.split("/")[0] for o in _list(root, storage_options)
+            if o.relpath.count("/") == 1 and o.relpath.endswith(f"/{name}")}
+
+
+@dataclass(frozen=True)
+class QueueOrder:
+    """The queue from listings only: every item id in order (worst score first, then oldest, then
+    id) and the decided ones."""
+
+    ids: list[str]
+    decided: set[str]
+
+    def selected(self, include_done: bool) -> list[str]:
+        """The open ids in order, or all of them with ``include_done``."""
+        return list(self.ids) if include_done else [i for i in self.ids if i not in self.decided]
+
+
+def queue_order(bucket_url: str, storage_options: dict | None = None) -> QueueOrder:
+    """List the queue's order without reading its items (three listings). An item without its
+    index key (queued before the index existed, or its task killed between the two writes) is read
+    once and indexed."""
+    items = _ids_below(layout.corrections_queue(bucket_url), "item.json", storage_options)
+    decided = _ids_below(layout.corrections_done(bucket_url), "decision.json", storage_options)
+    index_root = layout.corrections_index(bucket_url)
+    names = {}
+    for o in _list(index_root, storage_options):
+        parts = o.relpath.split("--", 2)
+        if len(parts) == 3 and parts[2] in items:
+            names[parts[2]] = o.relpath
+    for item_id in sorted(items - names.keys()):
+        record = _read_json(storage.join(queue_url(bucket_url, item_id), "item.json"), storage_options)
+        _write_index(bucket_url, record, storage_options)
+        names[item_id] = _index_name(record)
+    return QueueOrder(ids=sorted(items, key=names.__getitem__), decided=decided & items)
+
+
+@dataclass(frozen=True)
+class QueuePage:
+    """One page of the queue: its ``items`` (as :func:`list_queue` gives them), how many items the
+    selection holds (``total``), how many are open, and where the page starts."""
+
+    items: list[dict]
+    total: int
+    n_open: int
+    offset: int
+    limit: int | None
+
+
+def queue_page(bucket_url: str, storage_options: dict | None = None, include_done: bool = False,
+               offset: int = 0, limit: int | None = None) -> QueuePage:
+    """A page of the correction queue in its order (worst score first, then oldest): the items from
+    ``offset``, at most ``limit`` (None: all). Only that page's items (and decisions) are read."""
+    if offset < 0 or (limit is not None and limit < 1):
+        raise ValueError(f"offset must be >= 0 and limit >= 1, got {offset}, {limit}")
+    order = queue_order(bucket_url, storage_options)
+    selected = order.selected(include_done)
+    chosen = selected[offset:None if limit is None else offset + limit]
+    item_urls = [storage.join(queue_url(bucket_url, i), "item.json") for i in chosen]
+    decision_urls = [storage.join(done_url(bucket_url, i), "decision.json") for i in chosen if i in order.decided]
+    records = storage.read_many(item_urls, storage_options)
+    decisions = {json.loads(d)["item_id"]: json.loads(d) for d in storage.read_many(decision_urls, storage_options).values()}
+    items = []
+    for url in item_urls:
+        record = json.loads(records[url])
+        decision = decisions.get(record["item_id"])
+        items.append({**record, "decision": decision, "status": decision["decision"] if decision else "open"})
+    return QueuePage(items=items, total=len(selected), n_open=len(order.ids) - len(order.decided), offset=offset,
+                     limit=limit)
+
+
 def list_queue(bucket_url: str, storage_options: dict | None = None, include_done: bool = False) -> list[dict]:
-    """List the correction queue, worst first: by quality score (lowest first: the photos most
+    """List the whole correction queue, worst first: by quality score (lowest first: the photos most
     likely to need a person's hand), then oldest (``created_at``), then ``item_id``.
 
     Returns one dict per item: the ``item.json`` fields plus ``status`` (``open`` or the
     decision: ``accepted`` / ``rejected`` / ``corrected``) and ``decision`` (the decision dict,
-    or ``None``). Only open items unless ``include_done``.
+    or ``None``). Only open items unless ``include_done``. Pages: :func:`queue_page`.
     """
-    items_root = layout.corrections_queue(bucket_url)
-    item_urls = [o.url for o in _list(items_root, storage_options) if o.relpath.count("/") == 1 and o.relpath.endswith("/item.json")]
-    done_root = layout.corrections_done(bucket_url)
-    decision_urls = [o.url for o in _list(done_root, storage_options) if o.relpath.count("/") == 1 and o.relpath.endswith("/decision.json")]
-    decided = {url.rsplit("/", 2)[-2] for url in decision_urls}
-    decisions: dict[str, dict] = {}
-    if include_done:
-        decisions = {json.loads(d)["item_id"]: json.loads(d) for d in storage.read_many(decision_urls, storage_options).values()}
-    out = []
-    open_urls = [u for u in item_urls if include_done or u.rsplit("/", 2)[-2] not in decided]
-    for data in storage.read_many(open_urls, storage_options).values():
-        record = json.loads(data)
-        decision = decisions.get(record["item_id"])
-        record["decision"] = decision
-        record["status"] = decision["decision"] if decision else "open"
-        out.append(record)
-    return sorted(out, key=lambda r: (float(r.get("score", 0.0)), r["created_at"], r["item_id"]))
+    return queue_page(bucket_url, storage_options, include_done).items
 
 
 def read_item(bucket_url: str, item_id: str, storage_options: dict | None = None) -> dict:

@@ -25,6 +25,7 @@ from pydantic import BaseModel, Field
 
 from airflow.api_fastapi.core_api.security import GetUserDep
 from bgremoval_airflow.web.common import (
+    DATASET_VERSION,
     bucket_url,
     can_read_training,
     can_review_training,
@@ -84,21 +85,31 @@ def state_json(state, version: str, bucket: str) -> dict:
     }
 
 
+#: Dataset versions on one page of the start page.
+INDEX_PAGE_SIZE = 50
+
+
 def cluster_router() -> APIRouter:
     """The start page, the cluster review page and its API (paths below ``/bgremoval``)."""
     router = APIRouter()
     bucket_default = default_bucket()
 
     @router.get("/", response_class=HTMLResponse, dependencies=[can_read_training])
-    def index(bucket: str = Query(bucket_default)) -> str:
-        """The start page: the bucket's dataset versions that have proposed clusters."""
+    def index(bucket: str = Query(bucket_default), page: int = Query(1, ge=1)) -> str:
+        """The start page: the bucket's dataset versions, :data:`INDEX_PAGE_SIZE` per page, each
+        linking to its review page once clusters are proposed (one listing of ``datasets/``, then
+        one existence check per version on the page)."""
         from tasks.data.review import ASSIGNMENTS_PATH
 
         root = storage.join(bucket_url(bucket), layout.DATASETS)
-        versions = sorted(
-            {o.relpath.split("/")[0] for o in storage.list_objects(root, current_storage_options()) if o.relpath.endswith(ASSIGNMENTS_PATH)}
-        )
-        return render_page("dataset_index.html", bucket=bucket, versions=versions)
+        options = current_storage_options()
+        names = [v for v in storage.list_folders(root, options) if DATASET_VERSION.match(v)]
+        pages = max(1, -(-len(names) // INDEX_PAGE_SIZE))
+        shown = names[(page - 1) * INDEX_PAGE_SIZE:page * INDEX_PAGE_SIZE]
+        versions = [{"name": v, "clusters": storage.exists(storage.join(root, v, ASSIGNMENTS_PATH), options)}
+                    for v in shown]
+        return render_page("dataset_index.html", bucket=bucket, versions=versions, page=page, pages=pages,
+                           total=len(names))
 
     @router.get("/api/datasets/{version}/clusters", dependencies=[can_read_training])
     def get_clusters(version: str, bucket: str = Query(bucket_default)) -> dict:

@@ -7,9 +7,9 @@ The pages are rendered from ``templates/correction_queue.html`` and ``templates/
 
 Routes (all below ``/bgremoval``):
 
-* ``GET  /corrections?bucket=B[&show=all]``           the queue page (thumbnails, score, batch)
+* ``GET  /corrections?bucket=B[&show=all][&page=N]``  the queue page (thumbnails, score, batch), 48 per page
 * ``GET  /corrections/{item_id}?bucket=B``            the editor: photo + mask overlay, brush, upload
-* ``GET  /api/corrections?bucket=B[&include_done=1]`` the queue as JSON
+* ``GET  /api/corrections?bucket=B[&include_done=1][&offset=0&limit=100]`` a page of the queue as JSON
 * ``GET  /api/corrections/{item_id}?bucket=B``        one item (+ its decision, the next open item)
 * ``GET  /api/corrections/{item_id}/image|mask|final-mask|thumbnail?bucket=B``  JPEG / PNG bytes
 * ``POST /api/corrections/{item_id}/decision?bucket=B`` JSON ``{"decision": "accepted" | "rejected" |
@@ -83,11 +83,16 @@ def _links(item_id: str, bucket: str) -> dict:
     }
 
 
-def _queue(bucket: str, include_done: bool) -> list[dict]:
-    """The queue (:func:`tasks.feedback.queue.list_queue`), each item with its :func:`_links`."""
-    from tasks.feedback.queue import list_queue
+#: Items on one queue page (the page reads only these: :func:`tasks.feedback.queue.queue_page`).
+PAGE_SIZE = 48
 
-    return [{**item, "links": _links(item["item_id"], bucket)} for item in list_queue(bucket_url(bucket), current_storage_options(), include_done)]
+
+def _page(bucket: str, include_done: bool, offset: int, limit: int):
+    """A page of the queue (:func:`tasks.feedback.queue.queue_page`), each item with its :func:`_links`."""
+    from tasks.feedback.queue import queue_page
+
+    page = queue_page(bucket_url(bucket), current_storage_options(), include_done, offset, limit)
+    return page, [{**item, "links": _links(item["item_id"], bucket)} for item in page.items]
 
 
 def _item_bytes(bucket: str, item_id: str, name: str) -> bytes:
@@ -106,21 +111,23 @@ def correction_router() -> APIRouter:
     bucket_default = default_bucket()
 
     @router.get("/api/corrections", dependencies=[can_read])
-    def list_items(bucket: str = Query(bucket_default), include_done: bool = Query(False)) -> dict:
-        """The correction queue (open items, or all with ``include_done``)."""
-        items = _queue(bucket, include_done)
-        return {"bucket": bucket, "items": items, "open": sum(i["status"] == "open" for i in items)}
+    def list_items(bucket: str = Query(bucket_default), include_done: bool = Query(False),
+                   offset: int = Query(0, ge=0), limit: int = Query(100, ge=1, le=500)) -> dict:
+        """A page of the correction queue (open items, or all with ``include_done``), worst first."""
+        page, items = _page(bucket, include_done, offset, limit)
+        return {"bucket": bucket, "items": items, "open": page.n_open, "total": page.total, "offset": offset,
+                "limit": limit}
 
     @router.get("/api/corrections/{item_id}", dependencies=[can_read])
     def get_item(item_id: str, bucket: str = Query(bucket_default)) -> dict:
         """One item with its decision, its links and the next open item."""
-        from tasks.feedback.queue import read_item
+        from tasks.feedback.queue import queue_order, read_item
 
         try:
             item = read_item(bucket_url(bucket), _item_id(item_id), current_storage_options())
         except FileNotFoundError as exc:
             raise HTTPException(status_code=404, detail=str(exc)) from None
-        open_ids = [i["item_id"] for i in _queue(bucket, include_done=False)]
+        open_ids = queue_order(bucket_url(bucket), current_storage_options()).selected(include_done=False)
         later = [i for i in open_ids if i != item_id]
         if item_id in open_ids:
             position = open_ids.index(item_id)
@@ -178,12 +185,14 @@ def correction_router() -> APIRouter:
         return _decide(bucket, item_id, user.get_name(), decision="corrected", mask_png=data, mask_source="upload", note=note)
 
     @router.get("/corrections", response_class=HTMLResponse, dependencies=[can_read])
-    def queue_page(user: GetUserDep, bucket: str = Query(bucket_default), show: str = Query("open")) -> str:
-        """The queue page: one card per item linking to its editor."""
+    def queue_page(user: GetUserDep, bucket: str = Query(bucket_default), show: str = Query("open"),
+                   page: int = Query(1, ge=1)) -> str:
+        """The queue page: one card per item linking to its editor, :data:`PAGE_SIZE` per page."""
         include_done = show == "all"
-        items = _queue(bucket, include_done)
-        return render_page("correction_queue.html", items=items, n_open=sum(i["status"] == "open" for i in items),
-                           include_done=include_done, bucket=bucket, user=user.get_name())
+        listed, items = _page(bucket, include_done, (page - 1) * PAGE_SIZE, PAGE_SIZE)
+        pages = max(1, -(-listed.total // PAGE_SIZE))
+        return render_page("correction_queue.html", items=items, n_open=listed.n_open, total=listed.total,
+                           page=page, pages=pages, include_done=include_done, bucket=bucket, user=user.get_name())
 
     @router.get("/corrections/{item_id}", response_class=HTMLResponse, dependencies=[can_read])
     def item_page(item_id: str, user: GetUserDep, bucket: str = Query(bucket_default)) -> str:

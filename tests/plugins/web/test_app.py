@@ -97,15 +97,22 @@ def test_correction_queue_page_has_one_card_per_item_and_a_toggle():
     item = {"item_id": "i1", "stem": "dress<1>", "batch": "web-7", "score": 0.51234, "threshold": 0.8, "status": "accepted",
             "decision": {"user": "bob"}, "links": {"page": "corrections/i1?bucket=b", "thumbnail": "api/corrections/i1/thumbnail?bucket=b"}}
     opened = {**item, "item_id": "i2", "status": "open", "decision": None}
-    page = common.render_page("correction_queue.html", items=[item, opened], n_open=1, include_done=True, bucket="b", user="ann")
+    page = common.render_page("correction_queue.html", items=[item, opened], n_open=1, total=2, page=1, pages=1,
+                              include_done=True, bucket="b", user="ann")
     assert '<a class="card accepted" href="corrections/i1?bucket=b" data-item="i1">' in page
     assert 'data-item="i2"' in page and "score <b>0.512</b> (threshold 0.80)" in page
     assert "accepted by bob" in page and "dress&lt;1&gt;" in page
     assert '<span id="status" role="status">1 open · 1 decided</span>' in page
     assert '<a href="corrections?bucket=b">show open items only</a>' in page
-    empty = common.render_page("correction_queue.html", items=[], n_open=0, include_done=False, bucket="b", user="ann")
+    empty = common.render_page("correction_queue.html", items=[], n_open=0, total=0, page=1, pages=1, include_done=False,
+                               bucket="b", user="ann")
     assert "the queue is empty" in empty and '<span id="status" role="status">0 open</span>' in empty
     assert '<a href="corrections?bucket=b&amp;show=all">show decided items too</a>' in empty
+    assert "page 1 of" not in page
+    middle = common.render_page("correction_queue.html", items=[opened], n_open=100, total=100, page=2, pages=3,
+                                include_done=True, bucket="b", user="ann")
+    assert "page 2 of 3" in middle and '<a rel="prev" href="corrections?bucket=b&amp;show=all&amp;page=1">' in middle
+    assert '<a rel="next" href="corrections?bucket=b&amp;show=all&amp;page=3">' in middle
 
 
 def test_correction_editor_page_hands_the_item_to_the_script_in_body_data():
@@ -115,10 +122,13 @@ def test_correction_editor_page_hands_the_item_to_the_script_in_body_data():
     assert "const itemId = document.body.dataset.item, bucket = document.body.dataset.bucket;" in page
 
 
-def test_dataset_index_links_each_version():
-    page = common.render_page("dataset_index.html", bucket="b", versions=["v1", "v2"])
+def test_dataset_index_links_each_version_with_clusters_and_pages():
+    versions = [{"name": "v1", "clusters": True}, {"name": "v2", "clusters": True}, {"name": "v3", "clusters": False}]
+    page = common.render_page("dataset_index.html", bucket="b", versions=versions, page=1, pages=2, total=53)
     assert '<a href="review/v1?bucket=b">v1</a>' in page and '<a href="review/v2?bucket=b">v2</a>' in page
-    assert "none yet" in common.render_page("dataset_index.html", bucket="b", versions=[])
+    assert "v3 (no clusters proposed yet)" in page and "53 dataset versions" in page
+    assert '<a rel="next" href="?bucket=b&amp;page=2">' in page and 'rel="prev"' not in page
+    assert "none yet" in common.render_page("dataset_index.html", bucket="b", versions=[], page=1, pages=1, total=0)
 
 
 def test_names_are_validated_before_any_location_is_built():

@@ -70,6 +70,8 @@ def test_queue_then_accept_correct_reject_over_http_fills_the_retraining_pool(ap
     listing = reviewer.request("GET", f"/bgremoval/api/corrections{q}")
     assert [i["stem"] for i in listing["items"]] == ["accept-me", "upload-me", "paint-me", "reject-me"]
     assert listing["open"] == 4 and all(i["status"] == "open" for i in listing["items"])
+    second = reviewer.request("GET", f"/bgremoval/api/corrections{q}&offset=1&limit=2")  # a page
+    assert [i["stem"] for i in second["items"]] == ["upload-me", "paint-me"] and second["total"] == 4
 
     accept_id, truth, predicted = items["accept-me"]
     api = f"/bgremoval/api/corrections/{accept_id}"

@@ -74,6 +74,37 @@ def test_enqueue_lists_and_reads_an_item(bucket):
     assert [q["item_id"] for q in c.list_queue(bucket_url, options)] == ["b1--shirt-2", "b1--shirt-3", "b1--shirt-1"]
 
 
+def test_pages_of_the_queue_read_only_their_own_items(bucket, monkeypatch):
+    bucket_url, options = bucket
+    for i in range(7):
+        queue_one(bucket_url, options, stem=f"s{i}", score=0.1 * (7 - i), created_at=f"2030-01-01T00:00:0{i}+00:00")
+    c.decide(bucket_url, "b1--s6", "rejected", "ann", storage_options=options)  # the worst one is decided
+    read = []
+    real_read_many = storage.read_many
+    monkeypatch.setattr(storage, "read_many", lambda urls, opts=None: read.extend(urls) or real_read_many(urls, opts))
+    first = c.queue_page(bucket_url, options, offset=0, limit=4)
+    assert [i["item_id"] for i in first.items] == ["b1--s5", "b1--s4", "b1--s3", "b1--s2"]
+    assert (first.total, first.n_open) == (6, 6)
+    assert len(read) == 4  # four item.json, nothing else
+    rest = c.queue_page(bucket_url, options, offset=4, limit=4)
+    assert [i["item_id"] for i in rest.items] == ["b1--s1", "b1--s0"]
+    everything = c.queue_page(bucket_url, options, include_done=True, limit=2)
+    assert [(i["item_id"], i["status"]) for i in everything.items] == [("b1--s6", "rejected"), ("b1--s5", "open")]
+    assert everything.total == 7
+    with pytest.raises(ValueError):
+        c.queue_page(bucket_url, options, limit=0)
+
+
+def test_an_item_without_its_index_key_is_indexed_on_the_next_listing(bucket):
+    bucket_url, options = bucket
+    queue_one(bucket_url, options, stem="old", score=0.05)
+    queue_one(bucket_url, options, stem="new", score=0.5)
+    (key,) = [o.url for o in storage.list_objects(f"{bucket_url}/corrections/index", options) if o.relpath.endswith("--b1--old")]
+    storage.remove(key, options)  # as if queued before the index existed
+    assert c.queue_order(bucket_url, options).ids == ["b1--old", "b1--new"]
+    assert storage.exists(key, options)
+
+
 def test_enqueue_refuses_a_mask_of_another_size_and_never_rewrites_an_item(bucket):
     bucket_url, options = bucket
     image_jpeg, _, predicted = synthetic_pair()
