@@ -54,6 +54,9 @@ def test_publish_correct_retrain_promote(s3_bucket, reviewer, client_for, tmp_pa
     photos = SynthConfig(n=8, seed=44, max_side=200)
     for i in range(8):
         storage.write_bytes(f"{bucket_url}/incoming/drop-1/shot{i}.jpg", encode_jpeg(render_item(i, photos).image), options)
+    awkward = {"zero.jpg": b"", "caption.jpg": b"this is a caption, not a photo\n" * 10}  # a bad day's exports
+    for file_name, data in awkward.items():
+        storage.write_bytes(f"{bucket_url}/incoming/drop-1/{file_name}", data, options)
     storage.write_bytes(f"{bucket_url}/incoming/drop-1/_READY", b"", options)
     # a threshold between the champion's scores, so that both routes are taken
     engine = load_engine(registry.download_model(registry.model_uri(name), str(tmp_path / "dl")))
@@ -67,6 +70,9 @@ def test_publish_correct_retrain_promote(s3_bucket, reviewer, client_for, tmp_pa
     assert len([p for p in published if p.endswith(".png") and "/" not in p]) == 4
     queue = reviewer.request("GET", f"/bgremoval/api/corrections?bucket={bucket}")["items"]
     assert len(queue) == 4 and all(q["model_version"] == "1" for q in queue)
+    failed = {entry["stem"]: entry["reason"] for o in storage.list_objects(f"{bucket_url}/production/drop-1/failed", options)
+              for entry in json.loads(storage.read_bytes(o.url, options))}
+    assert set(failed) == {"zero", "caption"} and "empty" in failed["zero"] and "not an image" in failed["caption"]
     events = client_for("admin").request("GET", "/api/v2/assets/events?limit=50")["asset_events"]
     assert any(e["extra"].get("bucket") == bucket and e["extra"].get("new_pairs") == 4 for e in events)
 
