@@ -128,10 +128,11 @@ def list_objects(prefix_url: str, storage_options: dict | None = None) -> Iterat
 
 
 def list_folders(url: str, storage_options: dict | None = None) -> list[str]:
-    """The names of the folders directly below ``url``, sorted (none when ``url`` does not exist)."""
+    """The names of the folders directly below ``url``, sorted (none when ``url`` does not exist);
+    always a fresh listing (another process may have added one since)."""
     fs, root = filesystem(url, storage_options)
     try:
-        entries = fs.ls(root.rstrip("/"), detail=True)
+        entries = fs.ls(root.rstrip("/"), detail=True, refresh=True)
     except FileNotFoundError:
         return []
     return sorted(posixpath.basename(e["name"].rstrip("/")) for e in entries if e.get("type") == "directory")

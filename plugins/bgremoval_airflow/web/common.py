@@ -65,13 +65,19 @@ _templates = jinja2.Environment(
 )
 
 
+#: s3fs keeps the listings it made; in the long-lived api-server they expire after this many seconds
+#: (other processes write the buckets) and at most this many paths are kept.
+LISTINGS_EXPIRY_S, LISTINGS_MAX_PATHS = 30, 2000
+
+
 @functools.lru_cache(maxsize=4)
 def _storage_options_cached(minute: int) -> dict:
-    return s3_storage_options()
+    return {**s3_storage_options(), "listings_expiry_time": LISTINGS_EXPIRY_S, "max_paths": LISTINGS_MAX_PATHS}
 
 
 def current_storage_options() -> dict:
-    """S3 options from the ``aws_default`` connection, refreshed every few minutes (expiring roles)."""
+    """S3 options from the ``aws_default`` connection, refreshed every few minutes (expiring roles),
+    with a bounded, expiring listings cache."""
     return _storage_options_cached(int(time.time() // 300))
 
 

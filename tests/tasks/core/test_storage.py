@@ -59,3 +59,12 @@ def test_list_folders_names_the_folders_directly_below(root):
         storage.write_bytes(storage.join(base, key), b"x", options)
     assert storage.list_folders(storage.join(base, "t"), options) == ["v1", "v10", "v2"]
     assert storage.list_folders(storage.join(base, "missing"), options) == []
+
+
+def test_list_folders_sees_a_folder_another_client_added(root):
+    base, options = root
+    storage.write_bytes(storage.join(base, "u", "v1", "x"), b"x", options)
+    assert storage.list_folders(storage.join(base, "u"), options) == ["v1"]
+    other = {**options, "default_block_size": 6 * 2**20} if options else None  # another s3fs client: another process
+    storage.write_bytes(storage.join(base, "u", "v2", "x"), b"x", other)
+    assert storage.list_folders(storage.join(base, "u"), options) == ["v1", "v2"]
