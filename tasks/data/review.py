@@ -110,6 +110,9 @@ class ReviewState:
     mask_decisions: dict[str, str] = field(default_factory=dict)
     #: The proposal the corrections belong to (see the module docstring).
     clustering: str = ""
+    #: Stored corrections that no longer fit when replayed, with the reason: two reviewers changed
+    #: the same thing at once (e.g. gave two clusters one name); the one saved first wins.
+    conflicts: list[tuple[Correction, str]] = field(default_factory=list)
 
     def members(self, cluster: int) -> list[str]:
         """Keys in ``cluster``, sorted."""
@@ -273,7 +276,10 @@ def _state_of(dataset_url: str, assignments: bytes, storage_options: dict | None
         clustering=clustering,
     )
     for correction in _read_corrections(dataset_url, clustering, storage_options):
-        state.apply(correction)
+        try:
+            state.apply(correction)
+        except CorrectionError as exc:  # saved concurrently with one it contradicts: skipped, the review goes on
+            state.conflicts.append((correction, str(exc)))
     return state
 
 
@@ -301,7 +307,12 @@ def record_correction(
 def _store_correction(
     dataset_url: str, state: ReviewState, action: str, user: str, storage_options: dict | None, **fields
 ) -> ReviewState:
-    """Apply a new correction to ``state`` (validating it) and store it as a new object."""
+    """Apply a new correction to ``state`` (validating it), store it as a new object and return the
+    state replayed from the log. Raises :class:`CorrectionError` when the replay skips it: another
+    reviewer's contradicting change was saved first (the stored object stays, skipped on every replay);
+    :class:`ReviewClosed` when the review was closed meanwhile (the object is removed again).
+    :func:`apply_review` closes before it reads the log, so a change that was answered without an
+    error is in what it reads."""
     now = datetime.now(timezone.utc)
     correction = Correction(action=action, user=user, at=now.isoformat(timespec="seconds"), **fields)
     state.apply(correction)
@@ -310,7 +321,14 @@ def _store_correction(
     name = f"{now.strftime('%Y%m%dT%H%M%S%f')}-{uuid.uuid4().hex[:12]}.json"
     url = storage.join(review_log_url(dataset_url, state.clustering), "corrections", name)
     storage.write_bytes(url, correction.to_json().encode("utf-8"), storage_options)
-    return state
+    if is_closed(dataset_url, state.clustering, storage_options):  # approved while this was being saved
+        storage.remove(url, storage_options)
+        raise ReviewClosed("the review was approved while this change was being saved: it was not kept")
+    replayed = load_review_state(dataset_url, storage_options)
+    for skipped, reason in replayed.conflicts:
+        if skipped == correction:
+            raise CorrectionError(f"{reason} (another reviewer's change was saved first)")
+    return replayed
 
 
 def is_closed(dataset_url: str, clustering: str, storage_options: dict | None = None) -> bool:

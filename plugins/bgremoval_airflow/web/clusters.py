@@ -80,6 +80,8 @@ def state_json(state, version: str, bucket: str) -> dict:
             {k: v for k, v in vars(c).items() if v is not None} for c in state.corrections[-50:]
         ],
         "n_corrections": len(state.corrections),
+        "conflicts": [{**{k: v for k, v in vars(c).items() if v is not None}, "reason": reason}
+                      for c, reason in state.conflicts[-20:]],
         "masks_flagged": len(state.flagged),
         "masks_undecided": len(state.flagged) - len(state.mask_decisions),
     }

@@ -318,6 +318,30 @@ def test_concurrent_reviewers_lose_no_correction_and_a_new_clustering_starts_a_n
     assert read_corrections(clustered) == [] and load_review_state(clustered).moved() == {}
 
 
+def test_two_reviewers_giving_two_clusters_one_name_at_once_cannot_break_the_review(clustered):
+    from tasks.data.review import CorrectionError, _store_correction
+
+    ann_sees, bob_sees = load_review_state(clustered), load_review_state(clustered)  # two requests at once
+    _store_correction(clustered, ann_sees, "rename", "ann", None, cluster=0, name="Shoes")
+    with pytest.raises(CorrectionError, match="already named 'Shoes'.*saved first"):
+        _store_correction(clustered, bob_sees, "rename", "bob", None, cluster=1, name="Shoes")
+    state = load_review_state(clustered)  # the log still replays: the first rename wins, the second is skipped
+    assert state.names == {0: "Shoes", 1: "shorts"}
+    assert [(c.user, reason) for c, reason in state.conflicts] == [("bob", "another cluster is already named 'Shoes'")]
+    record_correction(clustered, "move", "cat", key="k0", to_cluster=1)  # later work goes on
+    assert apply_review(clustered)["sizes"] == {"Shoes": 2, "shorts": 4}
+
+
+def test_a_change_saved_while_the_review_is_approved_is_refused_not_silently_lost(clustered):
+    from tasks.data.review import _store_correction
+
+    seen = load_review_state(clustered)  # the request validated against the open review ...
+    apply_review(clustered)  # ... Approve was applied meanwhile ...
+    with pytest.raises(ReviewClosed, match="approved while this change was being saved"):
+        _store_correction(clustered, seen, "rename", "ann", None, cluster=0, name="Late")  # ... then it saves
+    assert read_corrections(clustered) == [] and load_review_state(clustered).names[0] == "long_pants"
+
+
 def test_old_manifest_without_audit_columns_still_works(clustered):
     url = storage.join(clustered, "manifest.parquet")
     write_table(read_table(url).drop(columns=["audit_reasons", "audit_decision"]), url)
