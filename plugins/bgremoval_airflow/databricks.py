@@ -75,6 +75,7 @@ def databricks_params() -> dict[str, Param]:
             "g5.2xlarge",
             type="string",
             minLength=1,
+            pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
             title="Worker instance type",
             description="Instance type of the driver and every worker, e.g. g5.2xlarge (1 × A10G) or "
             "g5.12xlarge (4 × A10G).",
@@ -121,6 +122,7 @@ def databricks_params() -> dict[str, Param]:
         "databricks_mlflow_tracking_uri": Param(
             "databricks",
             type="string",
+            pattern=r"^$|^databricks(://[A-Za-z0-9._-]+)?$|^https?://\S+$|^sqlite:///\S+$",
             title="MLflow tracking URI on the cluster",
             description="MLFLOW_TRACKING_URI of the training run: 'databricks' logs to the workspace's MLflow, "
             "an https:// URL to a tracking server the cluster can reach. Empty: the cluster's default.",
@@ -129,6 +131,7 @@ def databricks_params() -> dict[str, Param]:
         "databricks_instance_profile_arn": Param(
             "",
             type="string",
+            pattern=r"^$|^arn:aws[a-z-]*:iam::[0-9]{12}:instance-profile/\S+$",
             title="Instance profile ARN",
             description="Optional: the AWS instance profile that gives the cluster access to the S3 bucket "
             "(no keys are sent with the run).",
@@ -138,6 +141,7 @@ def databricks_params() -> dict[str, Param]:
             360,
             type="integer",
             minimum=10,
+            maximum=7 * 24 * 60,
             title="Run timeout (minutes)",
             description="Databricks cancels the run (and its cluster) after this long.",
             section=DATABRICKS_SECTION,

@@ -34,6 +34,9 @@ DEFAULT_BUCKET = "bgremoval"
 
 RAW = "raw"
 DATASETS = "datasets"
+#: A valid S3 bucket name (3-63 lower-case letters, digits, dots and hyphens).
+BUCKET_NAME_PATTERN = r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$"
+
 TRAINING = "training"
 INCOMING = "incoming"
 PRODUCTION = "production"

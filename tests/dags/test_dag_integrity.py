@@ -151,3 +151,29 @@ def test_the_training_dag_raises_a_deadline_alert_when_configured_and_it_survive
     assert alert.callback.path == f"{run_overdue.__module__}.run_overdue"
     serialised = json.dumps(DagSerialization.to_dict(training))
     assert "run_overdue" in serialised and "DagRunQueuedAtDeadline" in serialised
+
+
+def test_every_param_is_bounded_numbers_by_range_text_by_pattern(dagbag):
+    from airflow.sdk.exceptions import ParamValidationError
+
+    unbounded = []
+    for dag_id, dag in sorted(dagbag.dags.items()):
+        for name in dag.params:
+            schema = dag.params.get_param(name).schema
+            types = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
+            numeric = {"integer", "number"} & set(types)
+            if numeric and not ({"minimum", "exclusiveMinimum"} & set(schema) and "maximum" in schema):
+                unbounded.append(f"{dag_id}.{name}: no range")
+            if "string" in types and not ({"pattern", "enum"} & set(schema)):
+                unbounded.append(f"{dag_id}.{name}: no pattern")
+    assert unbounded == []
+
+    params = dagbag.dags["bgremoval_training"].params
+    for name, value in (("bucket", "my-studio.images"), ("init_from", "models:/bgremoval-u2net@champion"),
+                        ("init_from", "s3://b/training/v1/run/model.pt"), ("init_from", "scratch"),
+                        ("audit_model", "/models/u2netp.onnx"), ("registered_model", "bgremoval-u2net")):
+        params.get_param(name).resolve(value)
+    for name, value in (("bucket", "Someone_Else"), ("init_from", "models:/x; rm -rf /"), ("init_from", "../model.pt"),
+                        ("registered_model", "a b"), ("max_megapixels", 500), ("shard_size", 10**7)):
+        with pytest.raises(ParamValidationError):
+            params.get_param(name).resolve(value)

@@ -23,6 +23,16 @@ PRODUCTION = "Production"
 RETRAINING = "Retraining"
 
 
+#: A registered model's name in MLflow.
+REGISTERED_MODEL_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+#: A model a run may name: empty, a keyword (auto, none, champion, pretrained, scratch), an ``@alias``,
+#: ``models:/<name>@<alias>`` or ``models:/<name>/<version>``, a storage URL or an absolute path.
+MODEL_REFERENCE_PATTERN = (r"^$|^[a-z]+$|^@[A-Za-z0-9_-]+$|^models:/[A-Za-z0-9][A-Za-z0-9._-]*(@[A-Za-z0-9_-]+|/[0-9]+)$"
+                           r"|^(s3|gs|abfss|dbfs)://[^\s'\"]+$|^/[^\s'\"]+$")
+#: A dataset version's name, or empty for none.
+OPTIONAL_VERSION_PATTERN = r"^$|^[A-Za-z0-9][A-Za-z0-9._-]*$"
+
+
 def default(config_class: type, name: str) -> Any:
     """The default of field ``name`` of the dataclass ``config_class`` (a Param's default is read
     from the config it fills, so each default is written once). Raises ``KeyError`` for a field
@@ -56,6 +66,7 @@ def bucket_param() -> Param:
         configured_bucket(),
         type="string",
         minLength=3,
+        pattern=layout.BUCKET_NAME_PATTERN,
         title="S3 bucket",
         description="Bucket holding raw/, datasets/ and the rest of the storage layout.",
         section=BATCH,
@@ -81,6 +92,7 @@ def registered_model_param(section: str = GATE) -> Param:
         registry.DEFAULT_MODEL_NAME,
         type="string",
         minLength=1,
+        pattern=REGISTERED_MODEL_PATTERN,
         title="Registered model",
         description="MLflow registered model: a passing model becomes a new version with the alias 'champion'; "
         "the former champion gets 'previous'. Production uses its champion.",

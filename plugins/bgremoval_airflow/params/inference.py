@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 from airflow.sdk import Param
-from bgremoval_airflow.params.common import PRODUCTION, batch_params, default, registered_model_param
+from bgremoval_airflow.params.common import (
+    MODEL_REFERENCE_PATTERN,
+    PRODUCTION,
+    batch_params,
+    default,
+    registered_model_param,
+)
 
 from tasks.core import layout
 from tasks.feedback.production import PHOTOS_PER_SHARD, ProductionConfig
@@ -43,6 +49,7 @@ def production_params() -> dict[str, Param]:
             PHOTOS_PER_SHARD,
             type="integer",
             minimum=1,
+            maximum=10_000,
             title="Photos per shard",
             description="The drop is split into shards of this many photos, processed by parallel mapped tasks.",
             section=PRODUCTION,
@@ -50,6 +57,7 @@ def production_params() -> dict[str, Param]:
         "model_uri": Param(
             "",
             type="string",
+            pattern=MODEL_REFERENCE_PATTERN,
             title="Model",
             description="Empty: the champion of the registered model. Or a models:/ URI, or a folder with model.onnx.",
             section=PRODUCTION,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from airflow.sdk import Param
 from bgremoval_airflow.params.common import (
+    OPTIONAL_VERSION_PATTERN,
     RETRAINING,
     bucket_param,
     default,
@@ -21,6 +22,7 @@ def retraining_params() -> dict[str, Param]:
             default(RetrainingConfig, "min_new_pairs"),
             type="integer",
             minimum=1,
+            maximum=10_000_000,
             title="Least new pairs",
             description="Retrain only when at least this many new pairs (published, accepted or corrected) are in "
             "the retraining pool since the last retraining.",
@@ -30,6 +32,7 @@ def retraining_params() -> dict[str, Param]:
             3,
             type="integer",
             minimum=1,
+            maximum=1000,
             title="Retraining epochs",
             description="Epochs of the triggered training run; it starts from the champion's weights.",
             section=RETRAINING,
@@ -37,7 +40,7 @@ def retraining_params() -> dict[str, Param]:
         "base_dataset": Param(
             "",
             type="string",
-            pattern=r"^$|^[A-Za-z0-9][A-Za-z0-9._-]*$",
+            pattern=OPTIONAL_VERSION_PATTERN,
             title="Base dataset version",
             description="Empty: the champion's dataset version (its registry tag). Its rows and splits are kept; "
             "the test split does not change.",

@@ -9,6 +9,8 @@ from __future__ import annotations
 from airflow.sdk import Param
 from bgremoval_airflow.params.common import (
     BATCH,
+    MODEL_REFERENCE_PATTERN,
+    OPTIONAL_VERSION_PATTERN,
     CLEANING,
     GATE,
     REVIEW,
@@ -20,6 +22,7 @@ from bgremoval_airflow.params.common import (
     working_size_param,
 )
 
+from tasks.core.limits import MAX_PIXELS
 from tasks.core.manifest import PAIRS_PER_SHARD
 from tasks.data.config import AugmentConfig, CleaningConfig, ClusteringConfig, SplitConfig
 from tasks.evaluation.gate import GateConfig
@@ -39,6 +42,7 @@ def cleaning_params() -> dict[str, Param]:
             PAIRS_PER_SHARD,
             type="integer",
             minimum=1,
+            maximum=100_000,
             title="Pairs per shard",
             description="The batch is split into shards of this many pairs, cleaned (and featurised) in parallel "
             "by mapped tasks.",
@@ -57,6 +61,7 @@ def cleaning_params() -> dict[str, Param]:
             default(CleaningConfig, "max_pixels") / 1_000_000,
             type="number",
             minimum=1,
+            maximum=MAX_PIXELS / 1_000_000,  # a run may lower the decompression-bomb cap, never lift it
             title="Max. image size (megapixels)",
             description="Larger images are quarantined as image_too_large (decompression-bomb guard).",
             section=CLEANING,
@@ -64,6 +69,7 @@ def cleaning_params() -> dict[str, Param]:
         "audit_model": Param(
             "none",
             type="string",
+            pattern=MODEL_REFERENCE_PATTERN,
             title="Mask audit: model check",
             description="A model whose cut-outs the mask audit compares each mask with (a confident model that "
             "disagrees flags the mask as model_disagrees and keeps it out of training until reviewed). 'none' "
@@ -91,6 +97,7 @@ def review_params() -> dict[str, Param]:
             default(SplitConfig, "seed"),
             type="integer",
             minimum=0,
+            maximum=2**31 - 1,
             title="Random seed",
             description="Seeds clustering, splits, augmentation and training so a run can be repeated exactly.",
             section=REVIEW,
@@ -116,6 +123,7 @@ def review_params() -> dict[str, Param]:
         "previous_dataset": Param(
             "",
             type="string",
+            pattern=OPTIONAL_VERSION_PATTERN,
             title="Previous dataset version",
             description="Optional: an earlier dataset version under datasets/ whose train/val/test assignment is kept, "
             "so no image moves between splits when the dataset grows.",
@@ -125,6 +133,7 @@ def review_params() -> dict[str, Param]:
             default(AugmentConfig, "target_per_cluster"),
             type="integer",
             minimum=0,
+            maximum=1_000_000,
             title="Training images per cluster",
             description="Augmentation tops up the train split of each rarer cluster to this many images.",
             section=SPLITS,
@@ -138,7 +147,7 @@ def training_params() -> dict[str, Param]:
         "dataset_version": Param(
             "",
             type="string",
-            pattern=r"^$|^[A-Za-z0-9][A-Za-z0-9._-]*$",
+            pattern=OPTIONAL_VERSION_PATTERN,
             title="Existing dataset version (retraining)",
             description="Train on this version under datasets/ instead of a new studio batch: the sensor, cleaning, "
             "clustering and the review gate are skipped; its splits are kept. The retraining DAG sets it.",
@@ -164,18 +173,20 @@ def training_params() -> dict[str, Param]:
         "init_from": Param(
             "auto",
             type="string",
+            pattern=MODEL_REFERENCE_PATTERN,
             title="Initial weights",
             description="'auto' (default): the registered model's champion when there is one, else the published "
             "U2-NetP weights ('pretrained'; U2-NetP only). Or 'pretrained', 'champion', 'scratch' (random weights), "
             "a models:/ URI, or the URL of a model.pt / checkpoint. Retraining starts from the champion.",
             section=TRAINING,
         ),
-        "epochs": Param(default(TrainConfig, "epochs"), type="integer", minimum=1, title="Epochs",
+        "epochs": Param(default(TrainConfig, "epochs"), type="integer", minimum=1, maximum=1000, title="Epochs",
                         description="Training epochs over the balanced train split.", section=TRAINING),
         "batch_size": Param(
             default(TrainConfig, "batch_size"),
             type="integer",
             minimum=1,
+            maximum=4096,
             title="Batch size per worker",
             description="Images per worker and step; the effective batch is this times the number of workers.",
             section=TRAINING,
@@ -184,6 +195,7 @@ def training_params() -> dict[str, Param]:
             default(TrainConfig, "lr"),
             type="number",
             exclusiveMinimum=0,
+            maximum=1,
             title="Learning rate",
             description="Peak Adam learning rate (cosine schedule with warm-up).",
             section=TRAINING,
@@ -211,6 +223,7 @@ def training_params() -> dict[str, Param]:
             0,
             type="integer",
             minimum=0,
+            maximum=10_000_000,
             title="Max. steps per epoch",
             description="Cap on optimiser steps per epoch for quick trial runs; 0 means no cap.",
             section=TRAINING,

@@ -47,7 +47,7 @@ __all__ = [
 #: The DAG whose permissions guard the dataset pages (read access to look, HITL answers to change).
 TRAINING_DAG_ID = "bgremoval_training"
 #: A valid S3 bucket name (what ``?bucket=`` may hold).
-BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+BUCKET_NAME = re.compile(layout.BUCKET_NAME_PATTERN)
 #: A dataset version as it appears in a page's path.
 DATASET_VERSION = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,127}$")
 #: The key of a clean pair as it appears in a path (no ``/``, no ``..`` tricks beyond a plain name).
