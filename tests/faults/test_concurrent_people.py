@@ -7,6 +7,8 @@ the answers' status codes are printed (``pytest -s``) for the record."""
 
 from __future__ import annotations
 
+import os
+import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
@@ -24,8 +26,11 @@ from tasks.feedback import queue
 
 pytestmark = pytest.mark.process
 
-REVIEWERS, CORRECTIONS_EACH = 8, 6
-DECIDERS, ITEMS = 8, 20
+#: The suite runs a small crowd; BGREMOVAL_CROWD=full runs 20 reviewers x 50 corrections and 20 deciders
+#: on 200 items (minutes on 2 cores).
+FULL = os.environ.get("BGREMOVAL_CROWD") == "full"
+REVIEWERS, CORRECTIONS_EACH = (20, 50) if FULL else (8, 6)
+DECIDERS, ITEMS = (20, 200) if FULL else (8, 20)
 VERSION = "crowd-v1"
 
 
@@ -59,12 +64,14 @@ def test_concurrent_reviewers_on_two_api_servers_lose_no_correction(
                     "POST", api, {"action": "move", "key": keys[(index + step) % 12], "to_cluster": step % 3}))
                 for step in range(CORRECTIONS_EACH)]
 
+    started = time.monotonic()
     with ThreadPoolExecutor(max_workers=REVIEWERS) as pool:
         statuses = Counter(s for answers in pool.map(review, range(REVIEWERS)) for s in answers)
+    seconds = time.monotonic() - started
     kept = read_corrections(url, options)
     with capsys.disabled():
         print(f"\n{REVIEWERS} reviewers x {CORRECTIONS_EACH} moves on 2 api-servers: answers {dict(statuses)}, "
-              f"corrections kept {len(kept)}")
+              f"corrections kept {len(kept)}, {seconds:.1f} s")
     assert statuses == {200: REVIEWERS * CORRECTIONS_EACH}
     assert len(kept) == REVIEWERS * CORRECTIONS_EACH
 
@@ -90,13 +97,15 @@ def test_concurrent_deciders_on_two_api_servers_decide_each_item_exactly_once(
                     {"decision": "accepted" if index % 2 else "rejected"})))
                 for item_id in order]
 
+    started = time.monotonic()
     with ThreadPoolExecutor(max_workers=DECIDERS) as pool:
         answers = [a for batch in pool.map(decide, range(DECIDERS)) for a in batch]
+    seconds = time.monotonic() - started
     statuses = Counter(status for _, status in answers)
     winners = Counter(item_id for item_id, status in answers if status == 200)
     decided = {item_id: queue.read_decision(bucket_url, item_id, options) for item_id in ids}
     with capsys.disabled():
-        print(f"\n{DECIDERS} deciders on {ITEMS} items, 2 api-servers: answers {dict(statuses)}")
+        print(f"\n{DECIDERS} deciders on {ITEMS} items, 2 api-servers: answers {dict(statuses)}, {seconds:.1f} s")
     assert not [s for s in statuses if s >= 500]
     assert set(statuses) <= {200, 409}
     assert winners == Counter({item_id: 1 for item_id in ids})  # each item decided exactly once

@@ -312,3 +312,26 @@ def test_prepare_pair_transposes_exif_and_downscales():
     assert decoded.shape == (100, 50) and set(np.unique(decoded)) == {0, 255}
     with pytest.raises(c.CorrectionsError, match="photo is 100x200"):
         c.prepare_pair(raw.getvalue(), np.zeros((100, 200), np.uint8))
+
+
+def test_a_412_without_its_condition_as_minio_answers_is_an_existing_object(s3_bucket, monkeypatch):
+    import errno
+
+    from s3fs import S3FileSystem
+
+    bucket_url, options = s3_bucket
+
+    def minio_412(self, path, data, mode="overwrite", **kwargs):
+        raise OSError(errno.EINVAL, "An error occurred (PreconditionFailed) when calling the PutObject operation: "
+                                    "At least one of the pre-conditions you specified did not hold (412)")
+
+    monkeypatch.setattr(S3FileSystem, "pipe_file", minio_412)
+    with pytest.raises(FileExistsError):
+        c._create_exclusive(f"{bucket_url}/corrections/done/x/decision.json", b"{}", options)
+
+    def other_error(self, path, data, mode="overwrite", **kwargs):
+        raise OSError(errno.EINVAL, "InvalidArgument: something else")
+
+    monkeypatch.setattr(S3FileSystem, "pipe_file", other_error)
+    with pytest.raises(OSError, match="something else"):
+        c._create_exclusive(f"{bucket_url}/corrections/done/y/decision.json", b"{}", options)

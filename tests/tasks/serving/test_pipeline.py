@@ -361,3 +361,18 @@ def test_several_sessions_give_the_same_maps_as_one(model_dir, tmp_path):
         assert np.allclose(p1, p2, atol=1e-5) and np.allclose(s1, s2, atol=1e-5)
     with pytest.raises(ValueError, match="sessions"):
         load_engine(f"{model_dir}/model.onnx", sessions=0)
+
+
+def test_a_downloaded_models_folder_is_removed_when_the_process_ends(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = ("from tasks.serving.engines import _process_temp_dir\n"
+              "folder = _process_temp_dir('bgremoval-model-')\n"
+              "open(folder + '/model.onnx', 'wb').write(b'x' * 1000)\n"
+              "print(folder)\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[3])
+    folder = Path(done.stdout.strip())
+    assert done.returncode == 0 and folder.name.startswith("bgremoval-model-") and not folder.exists()
