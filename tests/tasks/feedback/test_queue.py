@@ -317,21 +317,21 @@ def test_prepare_pair_transposes_exif_and_downscales():
 def test_a_412_without_its_condition_as_minio_answers_is_an_existing_object(s3_bucket, monkeypatch):
     import errno
 
-    from s3fs import S3FileSystem
-
     bucket_url, options = s3_bucket
+    fs, _ = storage.filesystem(f"{bucket_url}/x", options)  # the (cached) client _create_exclusive writes with
 
-    def minio_412(self, path, data, mode="overwrite", **kwargs):
+    def minio_412(path, data, mode="overwrite", **kwargs):
         raise OSError(errno.EINVAL, "An error occurred (PreconditionFailed) when calling the PutObject operation: "
                                     "At least one of the pre-conditions you specified did not hold (412)")
 
-    monkeypatch.setattr(S3FileSystem, "pipe_file", minio_412)
+    monkeypatch.setattr(fs, "pipe_file", minio_412)
     with pytest.raises(FileExistsError):
         c._create_exclusive(f"{bucket_url}/corrections/done/x/decision.json", b"{}", options)
 
-    def other_error(self, path, data, mode="overwrite", **kwargs):
+    def other_error(path, data, mode="overwrite", **kwargs):
         raise OSError(errno.EINVAL, "InvalidArgument: something else")
 
-    monkeypatch.setattr(S3FileSystem, "pipe_file", other_error)
-    with pytest.raises(OSError, match="something else"):
+    monkeypatch.setattr(fs, "pipe_file", other_error)
+    with pytest.raises(OSError, match="something else") as raised:
         c._create_exclusive(f"{bucket_url}/corrections/done/y/decision.json", b"{}", options)
+    assert not isinstance(raised.value, FileExistsError)
