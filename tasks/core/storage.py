@@ -12,8 +12,10 @@ renamed into place.
 
 from __future__ import annotations
 
+import errno
 import os
 import posixpath
+import re
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -52,6 +54,37 @@ def _url_for(fs: fsspec.AbstractFileSystem, path: str) -> str:
         return path
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
     return f"{protocol}://{path}"
+
+
+def create_exclusive(url: str, data: bytes, storage_options: dict | None = None) -> None:
+    """Write ``data`` to ``url`` only if nothing is there; raises ``FileExistsError`` otherwise.
+
+    S3: one ``PutObject`` with ``If-None-Match: *`` (AWS S3, MinIO and moto honour it; a store
+    that ignores the header degrades to check-then-write). Local: a temporary file hard-linked
+    into place, which fails atomically when the target exists.
+    """
+    fs, path = filesystem(url, storage_options)
+    if isinstance(fs, LocalFileSystem):
+        os.makedirs(posixpath.dirname(path), exist_ok=True)
+        tmp = posixpath.join(posixpath.dirname(path), f".tmp-{uuid.uuid4().hex}")
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+        try:
+            os.link(tmp, path)
+        finally:
+            os.unlink(tmp)
+        return
+    fs.invalidate_cache(path)
+    if fs.exists(path):
+        raise FileExistsError(url)
+    try:
+        fs.pipe_file(path, data, mode="create")
+    except FileExistsError:
+        raise
+    except OSError as exc:  # a 412 that s3fs did not recognise as If-None-Match (MinIO leaves Condition out)
+        if exc.errno == errno.EINVAL and re.search(r"pre-?condition|\b412\b", str(exc), re.IGNORECASE):
+            raise FileExistsError(url) from None
+        raise
 
 
 #: Errors that concern one object (it is missing, or this process may not read it): the item they

@@ -320,7 +320,7 @@ def _store_correction(
         raise CorrectionError(f"no corrected mask was uploaded for {correction.key!r}: upload one to fix it")
     name = f"{now.strftime('%Y%m%dT%H%M%S%f')}-{uuid.uuid4().hex[:12]}.json"
     url = storage.join(review_log_url(dataset_url, state.clustering), "corrections", name)
-    storage.write_bytes(url, correction.to_json().encode("utf-8"), storage_options)
+    storage.create_exclusive(url, correction.to_json().encode("utf-8"), storage_options)  # never overwrites one
     if is_closed(dataset_url, state.clustering, storage_options):  # approved while this was being saved
         storage.remove(url, storage_options)
         raise ReviewClosed("the review was approved while this change was being saved: it was not kept")

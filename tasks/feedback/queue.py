@@ -19,12 +19,9 @@ a renamed temporary file on disk) or an exclusive create, so a reader never sees
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import io
 import json
-import os
-import posixpath
 import re
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -32,7 +29,6 @@ from datetime import datetime, timedelta, timezone
 
 import cv2
 import numpy as np
-from fsspec.implementations.local import LocalFileSystem
 
 from tasks.core import layout, storage
 from tasks.core.codecs import decode_mask_file, encode_png, image_size
@@ -250,37 +246,6 @@ def _json_bytes(data: dict) -> bytes:
     return json.dumps(data, ensure_ascii=False, indent=1, sort_keys=True).encode("utf-8")
 
 
-def _create_exclusive(url: str, data: bytes, storage_options: dict | None) -> None:
-    """Write ``data`` to ``url`` only if nothing is there; raises ``FileExistsError`` otherwise.
-
-    S3: one ``PutObject`` with ``If-None-Match: *`` (AWS S3, MinIO and moto honour it; a store
-    that ignores the header degrades to check-then-write). Local: a temporary file hard-linked
-    into place, which fails atomically when the target exists.
-    """
-    fs, path = storage.filesystem(url, storage_options)
-    if isinstance(fs, LocalFileSystem):
-        os.makedirs(posixpath.dirname(path), exist_ok=True)
-        tmp = posixpath.join(posixpath.dirname(path), f".tmp-{uuid.uuid4().hex}")
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-        try:
-            os.link(tmp, path)
-        finally:
-            os.unlink(tmp)
-        return
-    fs.invalidate_cache(path)
-    if fs.exists(path):
-        raise FileExistsError(url)
-    try:
-        fs.pipe_file(path, data, mode="create")
-    except FileExistsError:
-        raise
-    except OSError as exc:  # a 412 that s3fs did not recognise as If-None-Match (MinIO leaves Condition out)
-        if exc.errno == errno.EINVAL and re.search(r"pre-?condition|\b412\b", str(exc), re.IGNORECASE):
-            raise FileExistsError(url) from None
-        raise
-
-
 def _exists(url: str, storage_options: dict | None) -> bool:
     """``storage.exists`` without trusting cached listings."""
     storage.forget_listings(url, storage_options)
@@ -476,7 +441,7 @@ def _claim(bucket_url: str, item_id: str, user: str, storage_options: dict | Non
     url = storage.join(done_url(bucket_url, item_id), "claim.json")
     claim = {"user": user, "at": now_iso(), "token": uuid.uuid4().hex}
     try:
-        _create_exclusive(url, _json_bytes(claim), storage_options)
+        storage.create_exclusive(url, _json_bytes(claim), storage_options)
         return claim["token"]
     except FileExistsError:
         pass
@@ -489,7 +454,7 @@ def _claim(bucket_url: str, item_id: str, user: str, storage_options: dict | Non
         raise AlreadyDecided(f"item {item_id!r} is being decided by {held['user']} (since {held['at']})")
     takeover = storage.join(done_url(bucket_url, item_id), f"takeover-{held.get('token', 'none')}")
     try:
-        _create_exclusive(takeover, _json_bytes(claim), storage_options)
+        storage.create_exclusive(takeover, _json_bytes(claim), storage_options)
     except FileExistsError:
         raise AlreadyDecided(f"item {item_id!r} is being taken over by someone else") from None
     storage.write_bytes(url, _json_bytes(claim), storage_options)
@@ -592,7 +557,7 @@ def decide(
             if _read_json(pair_meta_url, storage_options).get("item_id") == item_id:
                 storage.remove(pair_meta_url, storage_options)
         try:
-            _create_exclusive(storage.join(dbase, "decision.json"), _json_bytes(record), storage_options)
+            storage.create_exclusive(storage.join(dbase, "decision.json"), _json_bytes(record), storage_options)
             committed = True
         except FileExistsError:
             d = read_decision(bucket_url, item_id, storage_options) or {}

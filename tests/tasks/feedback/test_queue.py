@@ -318,7 +318,7 @@ def test_a_412_without_its_condition_as_minio_answers_is_an_existing_object(s3_b
     import errno
 
     bucket_url, options = s3_bucket
-    fs, _ = storage.filesystem(f"{bucket_url}/x", options)  # the (cached) client _create_exclusive writes with
+    fs, _ = storage.filesystem(f"{bucket_url}/x", options)  # the (cached) client create_exclusive writes with
 
     def minio_412(path, data, mode="overwrite", **kwargs):
         raise OSError(errno.EINVAL, "An error occurred (PreconditionFailed) when calling the PutObject operation: "
@@ -326,12 +326,12 @@ def test_a_412_without_its_condition_as_minio_answers_is_an_existing_object(s3_b
 
     monkeypatch.setattr(fs, "pipe_file", minio_412)
     with pytest.raises(FileExistsError):
-        c._create_exclusive(f"{bucket_url}/corrections/done/x/decision.json", b"{}", options)
+        storage.create_exclusive(f"{bucket_url}/corrections/done/x/decision.json", b"{}", options)
 
     def other_error(path, data, mode="overwrite", **kwargs):
         raise OSError(errno.EINVAL, "InvalidArgument: something else")
 
     monkeypatch.setattr(fs, "pipe_file", other_error)
     with pytest.raises(OSError, match="something else") as raised:
-        c._create_exclusive(f"{bucket_url}/corrections/done/y/decision.json", b"{}", options)
+        storage.create_exclusive(f"{bucket_url}/corrections/done/y/decision.json", b"{}", options)
     assert not isinstance(raised.value, FileExistsError)
