@@ -117,7 +117,6 @@ GRABCUT_ITERATIONS = 5
 def _link_batch(work: Path, sets: list[str]) -> str:
     """A raw batch ``bucket/raw/<batch>/{images,masks}`` of per-file symlinks to the sets' files."""
     batch = "real-" + "+".join(sets)
-    from tasks.serving.mlflow_model import pyfunc_model
     from tasks.core import layout
 
     base = Path(layout.raw_batch(str(work / "bucket"), batch))
@@ -705,6 +704,7 @@ def main(argv: list[str] | None = None) -> int:
     calibration = registered = None
     if run_url is not None:
         from tasks import registry
+        from tasks.serving.mlflow_model import pyfunc_model
         from tasks.evaluation.calibration import calibrate_model
 
         with _InProcess() as calib_cost:
