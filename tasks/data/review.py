@@ -24,7 +24,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import posixpath
 import re
+import time
 import uuid
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -113,6 +115,8 @@ class ReviewState:
     #: Stored corrections that no longer fit when replayed, with the reason: two reviewers changed
     #: the same thing at once (e.g. gave two clusters one name); the one saved first wins.
     conflicts: list[tuple[Correction, str]] = field(default_factory=list)
+    #: The names of the correction objects this state was replayed from, in order.
+    read_objects: list[str] = field(default_factory=list)
 
     def members(self, cluster: int) -> list[str]:
         """Keys in ``cluster``, sorted."""
@@ -208,11 +212,13 @@ def review_log_url(dataset_url: str, clustering: str) -> str:
 def read_corrections(dataset_url: str, storage_options: dict | None = None) -> list[Correction]:
     """The corrections of the current proposal, in the order they are replayed."""
     clustering = _clustering_id(_read_assignments(dataset_url, storage_options))
-    return _read_corrections(dataset_url, clustering, storage_options)
+    return [c for _, c in _read_corrections(dataset_url, clustering, storage_options)]
 
 
-def _read_corrections(dataset_url: str, clustering: str, storage_options: dict | None) -> list[Correction]:
-    """The legacy log's lines, then the proposal's correction objects in name (time) order."""
+def _read_corrections(dataset_url: str, clustering: str,
+                      storage_options: dict | None) -> list[tuple[str, Correction]]:
+    """The legacy log's lines, then the proposal's correction objects in name (time) order, each
+    with its object's name (``legacy:<line>`` for the legacy log)."""
     lines: list[str] = []
     legacy = storage.join(dataset_url, LEGACY_CORRECTIONS_PATH)
     if storage.exists(legacy, storage_options):
@@ -225,8 +231,8 @@ def _read_corrections(dataset_url: str, clustering: str, storage_options: dict |
         if len(_stored_corrections) >= _CACHE_LIMIT:
             _stored_corrections.clear()
         _stored_corrections[url] = Correction(**json.loads(data))
-    legacy_corrections = [Correction(**json.loads(line)) for line in lines if line.strip()]
-    return legacy_corrections + [_stored_corrections[url] for url in urls if url in _stored_corrections]
+    legacy = [(f"legacy:{i}", Correction(**json.loads(line))) for i, line in enumerate(lines) if line.strip()]
+    return legacy + [(posixpath.basename(url), _stored_corrections[url]) for url in urls if url in _stored_corrections]
 
 
 def _read_flags(dataset_url: str, storage_options: dict | None) -> tuple[dict, dict]:
@@ -275,7 +281,8 @@ def _state_of(dataset_url: str, assignments: bytes, storage_options: dict | None
         sizes_of=sizes_of,
         clustering=clustering,
     )
-    for correction in _read_corrections(dataset_url, clustering, storage_options):
+    for name, correction in _read_corrections(dataset_url, clustering, storage_options):
+        state.read_objects.append(name)
         try:
             state.apply(correction)
         except CorrectionError as exc:  # saved concurrently with one it contradicts: skipped, the review goes on
@@ -310,9 +317,9 @@ def _store_correction(
     """Apply a new correction to ``state`` (validating it), store it as a new object and return the
     state replayed from the log. Raises :class:`CorrectionError` when the replay skips it: another
     reviewer's contradicting change was saved first (the stored object stays, skipped on every replay);
-    :class:`ReviewClosed` when the review was closed meanwhile (the object is removed again).
-    :func:`apply_review` closes before it reads the log, so a change that was answered without an
-    error is in what it reads."""
+    :class:`ReviewClosed` when the review was closed meanwhile and :func:`apply_review` did not read
+    this object (it is removed again). ``apply_review`` closes, reads the log and records what it read
+    (``applied.json``), so a change answered without an error is applied and one refused is not."""
     now = datetime.now(timezone.utc)
     correction = Correction(action=action, user=user, at=now.isoformat(timespec="seconds"), **fields)
     state.apply(correction)
@@ -321,7 +328,8 @@ def _store_correction(
     name = f"{now.strftime('%Y%m%dT%H%M%S%f')}-{uuid.uuid4().hex[:12]}.json"
     url = storage.join(review_log_url(dataset_url, state.clustering), "corrections", name)
     storage.create_exclusive(url, correction.to_json().encode("utf-8"), storage_options)  # never overwrites one
-    if is_closed(dataset_url, state.clustering, storage_options):  # approved while this was being saved
+    if is_closed(dataset_url, state.clustering, storage_options) and not _was_applied(
+            dataset_url, state.clustering, name, storage_options):  # approved while this was being saved
         storage.remove(url, storage_options)
         raise ReviewClosed("the review was approved while this change was being saved: it was not kept")
     replayed = load_review_state(dataset_url, storage_options)
@@ -329,6 +337,25 @@ def _store_correction(
         if skipped == correction:
             raise CorrectionError(f"{reason} (another reviewer's change was saved first)")
     return replayed
+
+
+#: How long a change saved while the review closes waits for ``applied.json`` (apply_review writes it
+#: right after reading the log).
+APPLIED_WAIT_S = 60.0
+
+
+def _was_applied(dataset_url: str, clustering: str, name: str, storage_options: dict | None) -> bool:
+    """Whether :func:`apply_review` read the correction object ``name`` (its ``applied.json``; waits
+    for it up to :data:`APPLIED_WAIT_S`, then says no)."""
+    url = storage.join(review_log_url(dataset_url, clustering), "applied.json")
+    deadline = time.monotonic() + APPLIED_WAIT_S
+    while True:
+        try:
+            return name in json.loads(storage.read_bytes(url, storage_options))["objects"]
+        except FileNotFoundError:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.5)
 
 
 def is_closed(dataset_url: str, clustering: str, storage_options: dict | None = None) -> bool:
@@ -415,6 +442,8 @@ def apply_review(dataset_url: str, storage_options: dict | None = None) -> dict:
         storage.write_text(closed, json.dumps({"at": datetime.now(timezone.utc).isoformat(timespec="seconds")}),
                            storage_options)
     state = _state_of(dataset_url, assignments, storage_options)
+    storage.write_text(storage.join(review_log_url(dataset_url, state.clustering), "applied.json"),
+                       json.dumps({"objects": state.read_objects}), storage_options)
     manifest_url = layout.manifest(dataset_url)
     manifest = read_table(manifest_url, storage_options)
     final_name = {key: state.names[c] for key, c in state.cluster_of.items()}
