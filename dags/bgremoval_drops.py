@@ -1,9 +1,10 @@
 """bgremoval_drops: every studio drop marked ready starts bgremoval_inference, once.
 
-    find_new_drops (incoming/<batch>/_READY without production/<batch>/_STARTED, every 5 minutes)
-      ─► start_inference ×N (bgremoval_inference, run id drop__<batch>: Airflow creates it once;
-                             a batch whose run exists is skipped)
-      ─► mark_started (production/<batch>/_STARTED, so that later polls pass over it)
+    find_new_drops (incoming/<batch>/_READY without production/<batch>/_STARTED, or written anew since
+                    it was marked; every 5 minutes)
+      ─► start_inference ×N (bgremoval_inference, run id drop__<batch>, drop__<batch>__<ready> for a
+                             later drop: Airflow creates each once; a run that exists is skipped)
+      ─► mark_started (production/<batch>/_STARTED with the _READY it was for)
 
 A scheduled discovery rather than Airflow 3's event-driven scheduling: an AssetWatcher needs a
 message queue trigger (SQS and the like) fed by bucket notifications, which MinIO and moto setups
@@ -40,11 +41,12 @@ from tasks.core import layout
 def bgremoval_drops():
     @task
     def find_new_drops(params=None) -> list[dict]:
-        from tasks.feedback.drops import drop_run_id, new_drops
+        from tasks.feedback.drops import new_drops
 
-        batches = new_drops(layout.bucket_url(params["bucket"]), s3_storage_options())
-        print(f"new drops: {batches or 'none'}")
-        return [{"trigger_run_id": drop_run_id(b), "conf": {"batch": b, "bucket": params["bucket"]}} for b in batches]
+        drops = new_drops(layout.bucket_url(params["bucket"]), s3_storage_options())
+        print(f"new drops: {[d['run_id'] for d in drops] or 'none'}")
+        return [{"trigger_run_id": d["run_id"], "conf": {"batch": d["batch"], "bucket": params["bucket"]}}
+                for d in drops]
 
     @task(trigger_rule="none_failed")
     def mark_started(drops: list[dict], params=None) -> list[str]:

@@ -4,23 +4,39 @@ them already have their ``bgremoval_inference`` run.
 The drop-discovery DAG lists the batch folders under ``incoming/`` (one delimited listing, not
 every photo), keeps those with a ``_READY`` marker and without ``production/<batch>/_STARTED``, and
 starts one inference run per batch with the run id :func:`drop_run_id`, which Airflow refuses to
-create twice. The marker only saves later polls from looking at old drops again.
+create twice. The marker records when ``_READY`` was written: a studio that drops the batch again
+(new photos, ``_READY`` written anew) gets one more run, with the run id of that ``_READY``, and the
+photos whose content changed are processed again (:func:`tasks.feedback.queue.photo_id`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import posixpath
 from datetime import datetime, timezone
 
 from tasks.core import layout, storage
 
-__all__ = ["drop_run_id", "mark_started", "new_drops"]
+__all__ = ["drop_run_id", "mark_started", "new_drops", "ready_written_at"]
 
 
-def drop_run_id(batch: str) -> str:
-    """The ``bgremoval_inference`` run id of a drop: the same batch always gets the same id."""
-    return f"drop__{batch}"
+def drop_run_id(batch: str, ready: str | None = None) -> str:
+    """The ``bgremoval_inference`` run id of a drop: ``drop__<batch>`` for its first drop, and
+    ``drop__<batch>__<8 hex>`` for a later one, from when its ``_READY`` was written; the same drop
+    always gets the same id."""
+    if ready is None:
+        return f"drop__{batch}"
+    return f"drop__{batch}__{hashlib.sha1(ready.encode()).hexdigest()[:8]}"
+
+
+def ready_written_at(bucket_url: str, batch: str, storage_options: dict | None = None) -> str:
+    """When ``incoming/<batch>/_READY`` was last written, as the store says (S3 ``LastModified``, a
+    local file's mtime)."""
+    fs, path = storage.filesystem(layout.ready_marker(layout.incoming(bucket_url, batch)), storage_options)
+    fs.invalidate_cache(path)
+    info = fs.info(path)
+    return str(info.get("LastModified") or info.get("mtime") or "")
 
 
 def _batch_folders(bucket_url: str, storage_options: dict | None) -> list[str]:
@@ -32,20 +48,31 @@ def _batch_folders(bucket_url: str, storage_options: dict | None) -> list[str]:
     return sorted(posixpath.basename(e["name"].rstrip("/")) for e in entries if e.get("type") == "directory")
 
 
-def new_drops(bucket_url: str, storage_options: dict | None = None) -> list[str]:
-    """The batches under ``incoming/`` with a ``_READY`` marker and no ``_STARTED`` marker, sorted."""
-    ready = []
+def new_drops(bucket_url: str, storage_options: dict | None = None) -> list[dict[str, str]]:
+    """The drops to start, sorted by batch: ``{"batch", "run_id"}`` for each batch under
+    ``incoming/`` with a ``_READY`` marker and either no ``_STARTED`` marker (its first drop) or one
+    recorded for an earlier ``_READY`` (dropped again)."""
+    found = []
     for batch in _batch_folders(bucket_url, storage_options):
         incoming = layout.incoming(bucket_url, batch)
-        if (storage.exists(layout.ready_marker(incoming), storage_options)
-                and not storage.exists(layout.drop_started(bucket_url, batch), storage_options)):
-            ready.append(batch)
-    return ready
+        if not storage.exists(layout.ready_marker(incoming), storage_options):
+            continue
+        started_url = layout.drop_started(bucket_url, batch)
+        if not storage.exists(started_url, storage_options):
+            found.append({"batch": batch, "run_id": drop_run_id(batch)})
+            continue
+        recorded = json.loads(storage.read_bytes(started_url, storage_options)).get("ready")
+        ready = ready_written_at(bucket_url, batch, storage_options)
+        if recorded and recorded != ready:  # markers written before this field was kept count as current
+            found.append({"batch": batch, "run_id": drop_run_id(batch, ready)})
+    return found
 
 
 def mark_started(bucket_url: str, batch: str, run_id: str, storage_options: dict | None = None) -> str:
-    """Record that ``batch``'s inference run ``run_id`` exists; returns the marker's URL."""
+    """Record that ``batch``'s inference run ``run_id`` exists, and for which ``_READY``; returns the
+    marker's URL."""
     url = layout.drop_started(bucket_url, batch)
-    body = {"batch": batch, "run_id": run_id, "marked_at": datetime.now(timezone.utc).isoformat()}
+    body = {"batch": batch, "run_id": run_id, "ready": ready_written_at(bucket_url, batch, storage_options),
+            "marked_at": datetime.now(timezone.utc).isoformat()}
     storage.write_text(url, json.dumps(body), storage_options)
     return url

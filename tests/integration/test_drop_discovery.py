@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -52,3 +53,9 @@ def test_each_ready_drop_starts_one_inference_run(s3_bucket, client_for, tmp_pat
                                      "/taskInstances?limit=100")["task_instances"]
     states = {ti["map_index"]: ti["state"] for ti in instances if ti["task_id"] == "start_inference"}
     assert states == {0: "skipped", 1: "success"}  # studio-a's run existed: not started twice
+
+    time.sleep(1.1)  # S3's LastModified has whole seconds
+    storage.write_bytes(layout.ready_marker(layout.incoming(bucket_url, "studio-b")), b"", options)  # dropped again
+    _discover(bucket, tmp_path / "third.log")
+    again = set(_inference_runs(admin)) - {"drop__studio-a", "drop__studio-b"}
+    assert len(again) == 1 and next(iter(again)).startswith("drop__studio-b__")  # one more run, for the new drop

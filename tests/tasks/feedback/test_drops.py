@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 from tasks.core import layout, storage
 from tasks.feedback.drops import drop_run_id, mark_started, new_drops
@@ -15,8 +16,34 @@ def test_ready_drops_are_found_until_marked_started(bucket):
         storage.write_bytes(storage.join(layout.incoming(bucket_url, batch), "p.jpg"), b"jpeg", options)
     storage.write_bytes(layout.ready_marker(layout.incoming(bucket_url, "a-1")), b"", options)
     storage.write_bytes(layout.ready_marker(layout.incoming(bucket_url, "b-2")), b"", options)
-    assert new_drops(bucket_url, options) == ["a-1", "b-2"]  # c-3 is still being copied
+    assert new_drops(bucket_url, options) == [{"batch": "a-1", "run_id": "drop__a-1"},
+                                              {"batch": "b-2", "run_id": "drop__b-2"}]  # c-3 is still being copied
     url = mark_started(bucket_url, "a-1", drop_run_id("a-1"), options)
     assert json.loads(storage.read_bytes(url, options))["run_id"] == "drop__a-1"
-    assert new_drops(bucket_url, options) == ["b-2"]
+    assert new_drops(bucket_url, options) == [{"batch": "b-2", "run_id": "drop__b-2"}]
     assert storage.exists(storage.join(layout.incoming(bucket_url, "a-1"), "p.jpg"), options)  # inputs untouched
+
+
+def test_a_batch_dropped_again_gets_one_more_run(bucket):
+    bucket_url, options = bucket
+    ready = layout.ready_marker(layout.incoming(bucket_url, "a-1"))
+    storage.write_bytes(storage.join(layout.incoming(bucket_url, "a-1"), "p.jpg"), b"jpeg", options)
+    storage.write_bytes(ready, b"", options)
+    mark_started(bucket_url, "a-1", drop_run_id("a-1"), options)
+    assert new_drops(bucket_url, options) == []
+    time.sleep(1.1)  # S3's LastModified has whole seconds
+    storage.write_bytes(storage.join(layout.incoming(bucket_url, "a-1"), "p.jpg"), b"new jpeg", options)
+    storage.write_bytes(ready, b"", options)  # the studio drops the batch again
+    (again,) = new_drops(bucket_url, options)
+    assert again["batch"] == "a-1" and again["run_id"].startswith("drop__a-1__") and len(again["run_id"]) == 19
+    assert new_drops(bucket_url, options) == [again]  # the same drop: the same run id until it is marked
+    mark_started(bucket_url, "a-1", again["run_id"], options)
+    assert new_drops(bucket_url, options) == []
+
+
+def test_a_marker_from_before_the_ready_time_was_kept_counts_as_current(bucket):
+    bucket_url, options = bucket
+    storage.write_bytes(layout.ready_marker(layout.incoming(bucket_url, "old")), b"", options)
+    storage.write_text(layout.drop_started(bucket_url, "old"), json.dumps({"batch": "old", "run_id": "drop__old"}),
+                       options)
+    assert new_drops(bucket_url, options) == []
