@@ -44,9 +44,7 @@ sys.path.insert(0, str(PROJECT_ROOT / "plugins"))
 
 #: Fixtures that start a server or another process: a test that uses one is a ``process`` test.
 PROCESS_FIXTURES = frozenset({"moto_endpoint", "s3_bucket", "airflow_db", "api_server", "second_api_server", "reviewer", "client_for",
-                              "browser", "project_wheel", "uv"})
-#: uv from this venv (scripts/install.sh installs it), else from PATH; None when there is none.
-UV = shutil.which("uv", path=str(Path(sys.executable).parent)) or shutil.which("uv")
+                              "browser", "project_wheel", "uv", "tool"})
 
 
 def uv_environment() -> dict[str, str]:
@@ -58,27 +56,40 @@ def uv_environment() -> dict[str, str]:
     return env
 
 
-def require_uv() -> str:
-    """The ``uv`` executable; skips the test when there is none, fails it under ``CI=true``."""
-    if UV is None:
-        reason = "uv is missing (scripts/install.sh installs it)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI=true but {reason}", pytrace=False)
-        pytest.skip(reason)
-    return UV
+def skip_or_fail(reason: str) -> None:
+    """Skip the calling test because ``reason`` (something it needs is missing); fail it instead
+    under ``CI=true``, where everything must be there."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"CI=true but {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+def require_tool(name: str, how: str) -> str:
+    """The console script ``name`` of this venv, else from PATH (:func:`tasks.dev.stack.venv_bin`);
+    :func:`skip_or_fail` saying ``how`` to get it when there is none."""
+    try:
+        return stack.venv_bin(name)
+    except FileNotFoundError:
+        skip_or_fail(f"{name} is missing ({how})")
+
+
+@pytest.fixture(scope="session")
+def tool():
+    """``tool(name, how)``: :func:`require_tool` for test modules (they cannot import conftest)."""
+    return require_tool
 
 
 @pytest.fixture(scope="session")
 def uv() -> tuple[str, dict[str, str]]:
     """``(uv executable, environment for it and for fresh virtual environments' processes)``."""
-    return require_uv(), uv_environment()
+    return require_tool("uv", "scripts/install.sh installs it"), uv_environment()
 
 
 @pytest.fixture(scope="session")
 def project_wheel(tmp_path_factory) -> Path:
     """The project's wheel, built by ``uv build`` from a copy of the checkout (building in the
     checkout would leave build/ there): what a user installs and what a Databricks cluster gets."""
-    uv = require_uv()
+    uv = require_tool("uv", "scripts/install.sh installs it")
     work = tmp_path_factory.mktemp("wheel")
     source = work / "source"
     shutil.copytree(PROJECT_ROOT / "tasks", source / "tasks", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
@@ -167,9 +178,7 @@ def published() -> Path:
 
     path = find_pretrained_onnx()
     if path is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("the published u2netp.onnx is missing: the install step (bgremoval pretrained fetch) must fetch it")
-        pytest.skip("the published u2netp.onnx is not on this machine (run `bgremoval pretrained fetch`)")
+        skip_or_fail("the published u2netp.onnx is not on this machine (the install step runs `bgremoval pretrained fetch`)")
     return path
 
 
