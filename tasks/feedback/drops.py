@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import posixpath
 from datetime import datetime, timezone
 
 from tasks.core import layout, storage
@@ -39,21 +38,12 @@ def ready_written_at(bucket_url: str, batch: str, storage_options: dict | None =
     return str(info.get("LastModified") or info.get("mtime") or "")
 
 
-def _batch_folders(bucket_url: str, storage_options: dict | None) -> list[str]:
-    fs, path = storage.filesystem(storage.join(bucket_url, layout.INCOMING), storage_options)
-    try:
-        entries = fs.ls(path, detail=True)
-    except FileNotFoundError:
-        return []
-    return sorted(posixpath.basename(e["name"].rstrip("/")) for e in entries if e.get("type") == "directory")
-
-
 def new_drops(bucket_url: str, storage_options: dict | None = None) -> list[dict[str, str]]:
     """The drops to start, sorted by batch: ``{"batch", "run_id"}`` for each batch under
     ``incoming/`` with a ``_READY`` marker and either no ``_STARTED`` marker (its first drop) or one
     recorded for an earlier ``_READY`` (dropped again)."""
     found = []
-    for batch in _batch_folders(bucket_url, storage_options):
+    for batch in storage.list_folders(storage.join(bucket_url, layout.INCOMING), storage_options):
         incoming = layout.incoming(bucket_url, batch)
         if not storage.exists(layout.ready_marker(incoming), storage_options):
             continue

@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,16 +17,11 @@ import numpy as np
 import pytest
 
 from tasks import registry
+from tasks.dev import stack
 from tasks.dev.synth import SynthConfig, encode_jpeg, render_item
 from tasks.serving.mlflow_model import pyfunc_model
 
 pytestmark = pytest.mark.process
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _wait_until_up(url: str, server: subprocess.Popen, log: Path, seconds: float = 180) -> None:
@@ -49,7 +43,7 @@ def test_mlflow_models_serve_runs_the_champion_on_image_bytes(tmp_path, private_
         registered = registry.register_model(write_model_folder(tmp_path / "run"), "pyfunc-served", run_id=run_id,
                                              pyfunc_model=pyfunc_model())
         registry.promote("pyfunc-served", registered["version"])
-        port, log = _free_port(), tmp_path / "serve.log"
+        port, log = stack.free_port(), tmp_path / "serve.log"
         mlflow_cli = Path(sys.executable).with_name("mlflow")
         with open(log, "wb") as out:
             server = subprocess.Popen(
