@@ -24,7 +24,6 @@ from tasks.evaluation.scoring import load_model, predict_probabilities, score_da
 from tasks.evaluation.gate import GateConfig, decide, format_decision
 from tasks.evaluation.metrics import format_summary, summarise
 from tasks.evaluation.report import GalleryItem, write_report
-from tasks.serving.mlflow_model import pyfunc_model
 from tasks.train.data import load_samples
 
 __all__ = ["AssessmentConfig", "assess_challenger", "register_and_promote"]
@@ -199,6 +198,8 @@ def register_and_promote(assessment: dict[str, Any], dataset_version: str, confi
     summary = assessment["summary"]
     tags = {**_metrics_for_mlflow(summary, "test_"), "dataset_version": dataset_version,
             "gate": "passed", "report": assessment["report_html"]}
+    from tasks.serving.mlflow_model import pyfunc_model  # MLflow and pandas: only when registering
+
     registered = registry.register_model(assessment["model_url"], config.registered_model,
                                          run_id=assessment.get("mlflow_run_id"), tags=tags,
                                          storage_options=storage_options, pyfunc_model=pyfunc_model(),

@@ -82,10 +82,13 @@ def photo_id(bucket_url: str, batch: str, stem: str, source_sha256: str,
     base_id = make_item_id(batch, stem)
     for url in (storage.join(queue_url(bucket_url, base_id), "item.json"),
                 storage.join(pool_url(bucket_url, base_id), "meta.json")):
-        if _exists(url, storage_options):
+        storage.forget_listings(url, storage_options)
+        try:
             recorded = _read_json(url, storage_options).get("source_sha256")
-            if recorded and recorded != source_sha256:
-                return check_id(f"{base_id[:180]}--{source_sha256[:12]}")
+        except FileNotFoundError:
+            continue
+        if recorded and recorded != source_sha256:
+            return check_id(f"{base_id[:180]}--{source_sha256[:12]}")
     return base_id
 
 
@@ -340,13 +343,11 @@ def queue_order(bucket_url: str, storage_options: dict | None = None) -> QueueOr
 @dataclass(frozen=True)
 class QueuePage:
     """One page of the queue: its ``items`` (as :func:`list_queue` gives them), how many items the
-    selection holds (``total``), how many are open, and where the page starts."""
+    selection holds (``total``) and how many are open."""
 
     items: list[dict]
     total: int
     n_open: int
-    offset: int
-    limit: int | None
 
 
 def queue_page(bucket_url: str, storage_options: dict | None = None, include_done: bool = False,
@@ -367,8 +368,7 @@ def queue_page(bucket_url: str, storage_options: dict | None = None, include_don
         record = json.loads(records[url])
         decision = decisions.get(record["item_id"])
         items.append({**record, "decision": decision, "status": decision["decision"] if decision else "open"})
-    return QueuePage(items=items, total=len(selected), n_open=len(order.ids) - len(order.decided), offset=offset,
-                     limit=limit)
+    return QueuePage(items=items, total=len(selected), n_open=len(order.ids) - len(order.decided))
 
 
 def list_queue(bucket_url: str, storage_options: dict | None = None, include_done: bool = False) -> list[dict]:

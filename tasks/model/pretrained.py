@@ -17,7 +17,6 @@ import io
 import json
 import os
 from collections.abc import Iterable
-from pathlib import Path
 
 import numpy as np
 import torch

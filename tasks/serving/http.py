@@ -34,12 +34,10 @@ from tasks.core.limits import MAX_PIXELS
 from tasks.serving.engines import Engine, load_engine
 from tasks.serving.pipeline import SINGLE_OUTPUTS, cut_out_bytes, single_output_config
 
-__all__ = ["OUTPUTS", "ModelHolder", "ServeConfig", "create_app", "serve"]
+__all__ = ["ModelHolder", "ServeConfig", "create_app", "serve"]
 
 log = logging.getLogger(__name__)
 
-#: What ``?output=`` may ask for, and the media type of each.
-OUTPUTS = SINGLE_OUTPUTS
 
 
 @dataclass(frozen=True)
@@ -158,7 +156,7 @@ def create_app(config: ServeConfig, holder: ModelHolder | None = None):
         return {"status": "ready", "model": holder.engine.describe(), "version": holder.version}
 
     @app.post("/api/remove")
-    async def remove(request: Request, output: str = Query("cutout", pattern="^(cutout|mask|jpeg)$"),
+    async def remove(request: Request, output: str = Query("cutout", pattern=f"^({'|'.join(SINGLE_OUTPUTS)})$"),
                      background: str = Query("#ffffff", pattern="^#[0-9a-fA-F]{6}$"),
                      decontaminate: bool = False):
         """Cut out one image: the raw body or the multipart field ``file``."""
@@ -191,7 +189,7 @@ def create_app(config: ServeConfig, holder: ModelHolder | None = None):
         if not result.ok:
             too_big = "too large" in (result.error or "")
             return error(413 if too_big else 422, result.error or "cannot cut out this image")
-        return Response(result.output(output), media_type=OUTPUTS[output], headers={"X-Quality-Score": f"{result.score:.4f}"})
+        return Response(result.output(output), media_type=SINGLE_OUTPUTS[output], headers={"X-Quality-Score": f"{result.score:.4f}"})
 
     return app
 

@@ -371,7 +371,7 @@ class _Tracker:
         from tasks.core.manifest import read_table
 
         try:
-            manifest = read_table(storage.join(dataset_url, layout.MANIFEST), storage_options)
+            manifest = read_table(layout.manifest(dataset_url), storage_options)
             name = posixpath.basename(dataset_url.rstrip("/")) or dataset_url
             with warnings.catch_warnings():  # MLflow's schema hints about integer columns
                 warnings.simplefilter("ignore", UserWarning)

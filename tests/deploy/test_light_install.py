@@ -3,7 +3,6 @@ and ``bgremoval remove`` and ``bgremoval serve`` work in that environment."""
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import time
@@ -13,6 +12,7 @@ import httpx
 import pytest
 import torch
 
+from tasks.dev import stack
 from tasks.dev.synth import SynthConfig, encode_jpeg, render_item
 from tasks.model.export import export_onnx
 from tasks.model.u2net import U2Net
@@ -56,9 +56,7 @@ def test_the_core_install_cuts_out_without_airflow_or_torch(light_venv, tmp_path
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "out" / "p.png").exists() and (tmp_path / "out" / "p.jpg").exists()
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = stack.free_port()
     server = subprocess.Popen([cli, "serve", "--model", str(tmp_path / "model.onnx"), "--port", str(port)],
                               cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:

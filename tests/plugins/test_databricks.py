@@ -137,7 +137,18 @@ def test_reading_the_result_of_a_run_that_wrote_none_says_so(tmp_path) -> None:
 # ----------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def cluster_runtime(tmp_path_factory, uv) -> Path:
+def spark_backend() -> None:
+    """Skips the module's cluster tests without pyspark and Java (fails them under ``CI=true``),
+    before anything is built for them."""
+    reason = spark_unavailable_reason()
+    if reason is not None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true but the Spark backend cannot run: {reason}")
+        pytest.skip(reason)
+
+
+@pytest.fixture(scope="module")
+def cluster_runtime(spark_backend, tmp_path_factory, uv) -> Path:
     """A fresh virtual environment standing for the Databricks ML runtime: its preinstalled packages
     (torch, pyspark, MLflow, pandas, as on the runtime) are this environment's, on its ``sys.path``
     through a ``.pth`` file; bgremoval is not there until a run installs the wheel. Returns its
@@ -155,11 +166,6 @@ def cluster_runtime(tmp_path_factory, uv) -> Path:
 def jobs_server(tmp_path_factory, cluster_runtime, project_wheel, uv):
     """The fake Jobs API with the launcher "uploaded" at the default python_file path and the
     project's wheel at the default library path, installed into :func:`cluster_runtime` by each run."""
-    reason = spark_unavailable_reason()
-    if reason is not None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI=true but the Spark backend cannot run: {reason}")
-        pytest.skip(reason)
     folder = tmp_path_factory.mktemp("dbfs")
     launcher = folder / "train_entry.py"
     launcher.write_text(launcher_source())

@@ -4,7 +4,6 @@ readiness, a small load test without memory growth, and the model swapped when i
 from __future__ import annotations
 
 import io
-import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -15,6 +14,7 @@ import pytest
 from PIL import Image
 
 from tasks import registry
+from tasks.dev import stack
 from tasks.dev.synth import SynthConfig, encode_jpeg, render_item
 from tasks.serving.engines import Engine
 from tasks.serving.http import ModelHolder, ServeConfig, create_app
@@ -23,20 +23,14 @@ from tasks.serving.mlflow_model import pyfunc_model
 pytestmark = pytest.mark.process
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Server:
     """``create_app`` under uvicorn in a thread, on a free loopback port."""
 
     def __init__(self, config: ServeConfig, holder: ModelHolder | None = None) -> None:
         import uvicorn
 
-        self.url = f"http://127.0.0.1:{_free_port()}"
-        port = int(self.url.rsplit(":", 1)[1])
+        port = stack.free_port()
+        self.url = f"http://127.0.0.1:{port}"
         self.server = uvicorn.Server(uvicorn.Config(create_app(config, holder), host="127.0.0.1", port=port,
                                                     log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)

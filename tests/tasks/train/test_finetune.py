@@ -6,13 +6,11 @@ under ``CI=true``.
 
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 
 from tasks.model.pretrained import write_pretrained_folder
-from tasks.model.published import find_pretrained_onnx
 from tasks.train.config import TrainConfig
 from tasks.train.loop import train
 from tasks.train.losses import LOSSES, segmentation_loss, soft_iou_loss, ssim_loss
@@ -37,13 +35,9 @@ def test_losses_are_zero_for_a_perfect_prediction_and_grow_with_errors():
         TrainConfig(dataset_url="d", output_url="o", loss="focal")
 
 
-def test_fine_tuning_starts_from_the_published_weights(tmp_path):
+def test_fine_tuning_starts_from_the_published_weights(tmp_path, published):
     """Two short epochs at 96 px: from the published weights the first validation is already
     good (random weights give a blob), and fine-tuning keeps it so."""
-    if find_pretrained_onnx() is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("the published u2netp.onnx is missing: the install step must fetch it")
-        pytest.skip("the published u2netp.onnx is not on this machine (run `bgremoval pretrained fetch`)")
     url = str(tmp_path / "data")
     write_synthetic_dataset(url, 12, seed=5, max_side=128, split_for=lambda i: "val" if i % 4 == 0 else "train")
     common = dict(dataset_url=url, model="u2netp", epochs=2, batch_size=3, input_size=96, lr=3e-4, amp="off",
