@@ -4,7 +4,7 @@
                     it was marked; every 5 minutes)
       ─► start_inference ×N (bgremoval_inference, run id drop__<batch>, drop__<batch>__<ready> for a
                              later drop: Airflow creates each once; a run that exists is skipped)
-      ─► mark_started (production/<batch>/_STARTED with the _READY it was for)
+      ─► mark_started (production/<batch>/_STARTED with the _READY it was for, as find_new_drops saw it)
 
 A scheduled discovery rather than Airflow 3's event-driven scheduling: an AssetWatcher needs a
 message queue trigger (SQS and the like) fed by bucket notifications, which MinIO and moto setups
@@ -45,14 +45,14 @@ def bgremoval_drops():
 
         drops = new_drops(layout.bucket_url(params["bucket"]), s3_storage_options())
         print(f"new drops: {[d['run_id'] for d in drops] or 'none'}")
-        return [{"trigger_run_id": d["run_id"], "conf": {"batch": d["batch"], "bucket": params["bucket"]}}
-                for d in drops]
+        return [{"trigger_run_id": d["run_id"],
+                 "conf": {"batch": d["batch"], "bucket": params["bucket"], "ready": d["ready"]}} for d in drops]
 
     @task(trigger_rule="none_failed")
     def mark_started(drops: list[dict], params=None) -> list[str]:
         from tasks.feedback.drops import mark_started as mark
 
-        return [mark(layout.bucket_url(params["bucket"]), d["conf"]["batch"], d["trigger_run_id"],
+        return [mark(layout.bucket_url(params["bucket"]), d["conf"]["batch"], d["trigger_run_id"], d["conf"]["ready"],
                      s3_storage_options()) for d in drops]
 
     drops = find_new_drops()

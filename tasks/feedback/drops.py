@@ -39,30 +39,33 @@ def ready_written_at(bucket_url: str, batch: str, storage_options: dict | None =
 
 
 def new_drops(bucket_url: str, storage_options: dict | None = None) -> list[dict[str, str]]:
-    """The drops to start, sorted by batch: ``{"batch", "run_id"}`` for each batch under
+    """The drops to start, sorted by batch: ``{"batch", "run_id", "ready"}`` for each batch under
     ``incoming/`` with a ``_READY`` marker and either no ``_STARTED`` marker (its first drop) or one
-    recorded for an earlier ``_READY`` (dropped again)."""
+    recorded for an earlier ``_READY`` (dropped again). ``ready`` is when the ``_READY`` this drop is
+    for was written: hand it to :func:`mark_started`, so that a ``_READY`` written again after this
+    listing is a drop of its own."""
     found = []
     for batch in storage.list_folders(storage.join(bucket_url, layout.INCOMING), storage_options):
-        incoming = layout.incoming(bucket_url, batch)
-        if not storage.exists(layout.ready_marker(incoming), storage_options):
-            continue
+        try:
+            ready = ready_written_at(bucket_url, batch, storage_options)
+        except FileNotFoundError:
+            continue  # still being copied
         started_url = layout.drop_started(bucket_url, batch)
         if not storage.exists(started_url, storage_options):
-            found.append({"batch": batch, "run_id": drop_run_id(batch)})
+            found.append({"batch": batch, "run_id": drop_run_id(batch), "ready": ready})
             continue
         recorded = json.loads(storage.read_bytes(started_url, storage_options)).get("ready")
-        ready = ready_written_at(bucket_url, batch, storage_options)
         if recorded and recorded != ready:  # markers written before this field was kept count as current
-            found.append({"batch": batch, "run_id": drop_run_id(batch, ready)})
+            found.append({"batch": batch, "run_id": drop_run_id(batch, ready), "ready": ready})
     return found
 
 
-def mark_started(bucket_url: str, batch: str, run_id: str, storage_options: dict | None = None) -> str:
-    """Record that ``batch``'s inference run ``run_id`` exists, and for which ``_READY``; returns the
-    marker's URL."""
+def mark_started(bucket_url: str, batch: str, run_id: str, ready: str,
+                 storage_options: dict | None = None) -> str:
+    """Record that ``batch``'s inference run ``run_id`` exists and which ``_READY`` it is for (``ready``,
+    as :func:`new_drops` found it, not read again); returns the marker's URL."""
     url = layout.drop_started(bucket_url, batch)
-    body = {"batch": batch, "run_id": run_id, "ready": ready_written_at(bucket_url, batch, storage_options),
+    body = {"batch": batch, "run_id": run_id, "ready": ready,
             "marked_at": datetime.now(timezone.utc).isoformat()}
     storage.write_text(url, json.dumps(body), storage_options)
     return url

@@ -42,6 +42,8 @@ def test_each_ready_drop_starts_one_inference_run(s3_bucket, client_for, tmp_pat
     runs = _inference_runs(admin)
     assert set(runs) == {"drop__studio-a"}  # studio-b has no _READY yet
     assert runs["drop__studio-a"]["batch"] == "studio-a" and runs["drop__studio-a"]["bucket"] == bucket
+    started = json.loads(storage.read_bytes(layout.drop_started(bucket_url, "studio-a"), options))
+    assert started["ready"] == runs["drop__studio-a"]["ready"]  # the _READY discovery saw, carried to the marker
     assert storage.exists(layout.drop_started(bucket_url, "studio-a"), options)
 
     storage.write_bytes(layout.ready_marker(layout.incoming(bucket_url, "studio-b")), b"", options)

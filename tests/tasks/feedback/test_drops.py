@@ -16,11 +16,11 @@ def test_ready_drops_are_found_until_marked_started(bucket):
         storage.write_bytes(storage.join(layout.incoming(bucket_url, batch), "p.jpg"), b"jpeg", options)
     storage.write_bytes(layout.ready_marker(layout.incoming(bucket_url, "a-1")), b"", options)
     storage.write_bytes(layout.ready_marker(layout.incoming(bucket_url, "b-2")), b"", options)
-    assert new_drops(bucket_url, options) == [{"batch": "a-1", "run_id": "drop__a-1"},
-                                              {"batch": "b-2", "run_id": "drop__b-2"}]  # c-3 is still being copied
-    url = mark_started(bucket_url, "a-1", drop_run_id("a-1"), options)
+    drops = new_drops(bucket_url, options)
+    assert [(d["batch"], d["run_id"]) for d in drops] == [("a-1", "drop__a-1"), ("b-2", "drop__b-2")]  # c-3: copying
+    url = mark_started(bucket_url, "a-1", drop_run_id("a-1"), drops[0]["ready"], options)
     assert json.loads(storage.read_bytes(url, options))["run_id"] == "drop__a-1"
-    assert new_drops(bucket_url, options) == [{"batch": "b-2", "run_id": "drop__b-2"}]
+    assert new_drops(bucket_url, options) == [drops[1]]
     assert storage.exists(storage.join(layout.incoming(bucket_url, "a-1"), "p.jpg"), options)  # inputs untouched
 
 
@@ -29,7 +29,8 @@ def test_a_batch_dropped_again_gets_one_more_run(bucket):
     ready = layout.ready_marker(layout.incoming(bucket_url, "a-1"))
     storage.write_bytes(storage.join(layout.incoming(bucket_url, "a-1"), "p.jpg"), b"jpeg", options)
     storage.write_bytes(ready, b"", options)
-    mark_started(bucket_url, "a-1", drop_run_id("a-1"), options)
+    (first,) = new_drops(bucket_url, options)
+    mark_started(bucket_url, "a-1", first["run_id"], first["ready"], options)
     assert new_drops(bucket_url, options) == []
     time.sleep(1.1)  # S3's LastModified has whole seconds
     storage.write_bytes(storage.join(layout.incoming(bucket_url, "a-1"), "p.jpg"), b"new jpeg", options)
@@ -37,8 +38,21 @@ def test_a_batch_dropped_again_gets_one_more_run(bucket):
     (again,) = new_drops(bucket_url, options)
     assert again["batch"] == "a-1" and again["run_id"].startswith("drop__a-1__") and len(again["run_id"]) == 19
     assert new_drops(bucket_url, options) == [again]  # the same drop: the same run id until it is marked
-    mark_started(bucket_url, "a-1", again["run_id"], options)
+    mark_started(bucket_url, "a-1", again["run_id"], again["ready"], options)
     assert new_drops(bucket_url, options) == []
+
+
+def test_a_ready_written_again_while_the_drop_starts_is_a_drop_of_its_own(bucket):
+    bucket_url, options = bucket
+    ready = layout.ready_marker(layout.incoming(bucket_url, "a-1"))
+    storage.write_bytes(storage.join(layout.incoming(bucket_url, "a-1"), "p.jpg"), b"jpeg", options)
+    storage.write_bytes(ready, b"", options)
+    (first,) = new_drops(bucket_url, options)
+    time.sleep(1.1)
+    storage.write_bytes(ready, b"", options)  # the studio drops again between discovery and the marker
+    mark_started(bucket_url, "a-1", first["run_id"], first["ready"], options)
+    (again,) = new_drops(bucket_url, options)  # the marker is for the first _READY: the second still runs
+    assert again["run_id"] != first["run_id"] and again["ready"] != first["ready"]
 
 
 def test_a_marker_from_before_the_ready_time_was_kept_counts_as_current(bucket):
