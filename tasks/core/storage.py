@@ -160,6 +160,32 @@ def list_objects(prefix_url: str, storage_options: dict | None = None) -> Iterat
         yield ObjectInfo(url=_url_for(fs, path), relpath=rel, size=int(info.get("size") or 0), etag=etag)
 
 
+def list_names_after(folder_url: str, after: str = "", storage_options: dict | None = None, *,
+                     page_size: int = 1000) -> list[str]:
+    """The names of the objects directly in ``folder_url`` that sort after ``after``, sorted; always a
+    fresh listing. On S3 the store skips the earlier ones (``ListObjectsV2`` with ``StartAfter``), so the
+    cost follows what is new, not the folder's size."""
+    fs, root = filesystem(folder_url, storage_options)
+    root = root.rstrip("/")
+    if isinstance(fs, LocalFileSystem):
+        try:
+            names = os.listdir(root)
+        except FileNotFoundError:
+            return []
+        return sorted(n for n in names if n > after and not n.startswith(".tmp-") and os.path.isfile(os.path.join(root, n)))
+    bucket, _, prefix = root.partition("/")
+    prefix = f"{prefix}/" if prefix else ""
+    names: list[str] = []
+    request = {"Bucket": bucket, "Prefix": prefix, "Delimiter": "/", "StartAfter": prefix + after, "MaxKeys": page_size}
+    while True:
+        page = fs.call_s3("list_objects_v2", **request)
+        names += [o["Key"][len(prefix):] for o in page.get("Contents", [])]
+        if not page.get("IsTruncated"):
+            break
+        request["ContinuationToken"] = page["NextContinuationToken"]
+    return sorted(n for n in names if n > after and not n.startswith(".tmp-"))
+
+
 def list_folders(url: str, storage_options: dict | None = None) -> list[str]:
     """The names of the folders directly below ``url``, sorted (none when ``url`` does not exist);
     always a fresh listing (another process may have added one since)."""
@@ -197,14 +223,21 @@ def ensure_bucket(url: str, storage_options: dict | None = None) -> None:
         fs.mkdir(bucket)
 
 
+#: s3fs keeps the listings it made for the life of its filesystem object; in every process (the
+#: long-lived api-server, a task, the CLI's ``--watch``) they expire after this many seconds, since other
+#: processes write the buckets, and at most this many paths are kept.
+LISTINGS_EXPIRY_S, LISTINGS_MAX_PATHS = 30, 2000
+
+
 def s3_storage_options(
     endpoint_url: str | None = None,
     key: str | None = None,
     secret: str | None = None,
     region: str | None = None,
 ) -> dict:
-    """Build s3fs ``storage_options`` from explicit values; ``None`` values are left out."""
-    options: dict = {}
+    """Build s3fs ``storage_options`` from explicit values (``None`` values are left out), with a
+    bounded, expiring listings cache."""
+    options: dict = {"listings_expiry_time": LISTINGS_EXPIRY_S, "max_paths": LISTINGS_MAX_PATHS}
     if key:
         options["key"] = key
     if secret:

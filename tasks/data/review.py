@@ -30,7 +30,7 @@ import time
 import uuid
 from collections import Counter
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 import numpy as np
 import pandas as pd
@@ -62,6 +62,15 @@ _NAME_PATTERN = re.compile(r"^[\w][\w &/+.,'()-]{0,59}$")
 #: a page load lists the log and fetches only what is new.
 _stored_corrections: dict[str, "Correction"] = {}
 _CACHE_LIMIT = 200_000
+#: Correction objects are named from their writer's clock just before they are stored, so each
+#: becomes visible within seconds of the time in its name. A process that listed a review's log
+#: before lists again only the names from this many seconds before the latest it knows (S3
+#: ``StartAfter``): a page load costs what is new, not the log's length. A correction whose save
+#: took half this long is withdrawn (:func:`_store_correction`), so none can fall behind the window.
+LISTING_WINDOW_S = 300.0
+_NAME_TIME_FORMAT = "%Y%m%dT%H%M%S%f"
+#: Folder URL -> the correction object names this process listed there, sorted.
+_listed_names: dict[str, list[str]] = {}
 
 
 class CorrectionError(ValueError):
@@ -106,6 +115,7 @@ class ReviewState:
     names: dict[int, str]
     stems: dict[str, str]
     proposed: dict[str, int]
+    proposed_names: dict[int, str] = field(default_factory=dict)
     corrections: list[Correction] = field(default_factory=list)
     flagged: dict[str, tuple[str, ...]] = field(default_factory=dict)
     sizes_of: dict[str, tuple[int, int]] = field(default_factory=dict)
@@ -117,6 +127,12 @@ class ReviewState:
     conflicts: list[tuple[Correction, str]] = field(default_factory=list)
     #: The names of the correction objects this state was replayed from, in order.
     read_objects: list[str] = field(default_factory=list)
+
+    def proposal(self) -> "ReviewState":
+        """The same proposal with no correction applied (nothing read again)."""
+        return ReviewState(cluster_of=dict(self.proposed), names=dict(self.proposed_names), stems=self.stems,
+                           proposed=self.proposed, proposed_names=self.proposed_names, flagged=self.flagged,
+                           sizes_of=self.sizes_of, clustering=self.clustering)
 
     def members(self, cluster: int) -> list[str]:
         """Keys in ``cluster``, sorted."""
@@ -224,15 +240,41 @@ def _read_corrections(dataset_url: str, clustering: str,
     if storage.exists(legacy, storage_options):
         lines += storage.read_bytes(legacy, storage_options).decode("utf-8").splitlines()
     folder = storage.join(review_log_url(dataset_url, clustering), "corrections")
-    storage.forget_listings(folder, storage_options)  # other processes add to it
-    urls = [o.url for o in storage.list_objects(folder, storage_options) if o.relpath.endswith(".json")]
+    urls = [storage.join(folder, name) for name in _list_log(folder, storage_options) if name.endswith(".json")]
     missing = [url for url in urls if url not in _stored_corrections]
-    for url, data in storage.read_many(missing, storage_options).items():  # objects never change: read once
+    found = storage.read_many(missing, storage_options)
+    for url, data in found.items():  # objects never change: read once
         if len(_stored_corrections) >= _CACHE_LIMIT:
             _stored_corrections.clear()
         _stored_corrections[url] = Correction(**json.loads(data))
+    if len(found) < len(missing):  # withdrawn since they were listed
+        gone = {posixpath.basename(url) for url in missing if url not in found}
+        _listed_names[folder] = [n for n in _listed_names.get(folder, []) if n not in gone]
     legacy = [(f"legacy:{i}", Correction(**json.loads(line))) for i, line in enumerate(lines) if line.strip()]
     return legacy + [(posixpath.basename(url), _stored_corrections[url]) for url in urls if url in _stored_corrections]
+
+
+def _list_log(folder: str, storage_options: dict | None) -> list[str]:
+    """The object names in a review's ``corrections/`` folder, sorted: this process's earlier listing up
+    to :data:`LISTING_WINDOW_S` before its latest name, and a fresh listing from there."""
+    known = _listed_names.get(folder)
+    after = _window_start(known[-1]) if known else ""
+    names = [n for n in known if n <= after] if after else []
+    names += storage.list_names_after(folder, after, storage_options)
+    if sum(map(len, _listed_names.values())) >= _CACHE_LIMIT:
+        _listed_names.clear()
+    _listed_names[folder] = names
+    return names
+
+
+def _window_start(name: str) -> str:
+    """The name prefix :data:`LISTING_WINDOW_S` before the time in a correction object's name ("" for
+    a name without one: list everything)."""
+    try:
+        named_at = datetime.strptime(name[:21], _NAME_TIME_FORMAT)
+    except ValueError:
+        return ""
+    return (named_at - timedelta(seconds=LISTING_WINDOW_S)).strftime(_NAME_TIME_FORMAT)
 
 
 def _read_flags(dataset_url: str, storage_options: dict | None) -> tuple[dict, dict]:
@@ -272,16 +314,22 @@ def _state_of(dataset_url: str, assignments: bytes, storage_options: dict | None
     names = {int(c): str(n) for c, n in table.groupby("cluster")["proposed_name"].first().items()}
     flagged, sizes_of = _read_flags(dataset_url, storage_options)
     clustering = _clustering_id(assignments)
-    state = ReviewState(
+    proposal = ReviewState(
         cluster_of=dict(proposed),
-        names=names,
+        names=dict(names),
         stems=dict(zip(table["key"].astype(str), table["stem"].astype(str), strict=True)),
         proposed=proposed,
+        proposed_names=names,
         flagged=flagged,
         sizes_of=sizes_of,
         clustering=clustering,
     )
-    for name, correction in _read_corrections(dataset_url, clustering, storage_options):
+    return _replayed(dataset_url, proposal, storage_options)
+
+
+def _replayed(dataset_url: str, state: ReviewState, storage_options: dict | None) -> ReviewState:
+    """``state`` (a proposal, changed in place) with its review's stored corrections replayed."""
+    for name, correction in _read_corrections(dataset_url, state.clustering, storage_options):
         state.read_objects.append(name)
         try:
             state.apply(correction)
@@ -325,14 +373,17 @@ def _store_correction(
     state.apply(correction)
     if correction.decision == "fix" and not storage.exists(fixed_mask_url(dataset_url, correction.key), storage_options):
         raise CorrectionError(f"no corrected mask was uploaded for {correction.key!r}: upload one to fix it")
-    name = f"{now.strftime('%Y%m%dT%H%M%S%f')}-{uuid.uuid4().hex[:12]}.json"
+    name = f"{now.strftime(_NAME_TIME_FORMAT)}-{uuid.uuid4().hex[:12]}.json"
     url = storage.join(review_log_url(dataset_url, state.clustering), "corrections", name)
     storage.create_exclusive(url, correction.to_json().encode("utf-8"), storage_options)  # never overwrites one
+    if (datetime.now(timezone.utc) - now).total_seconds() > LISTING_WINDOW_S / 2:  # see LISTING_WINDOW_S
+        storage.remove(url, storage_options)
+        raise CorrectionError("saving the change took too long and it was withdrawn: please make it again")
     if is_closed(dataset_url, state.clustering, storage_options) and not _was_applied(
             dataset_url, state.clustering, name, storage_options):  # approved while this was being saved
         storage.remove(url, storage_options)
         raise ReviewClosed("the review was approved while this change was being saved: it was not kept")
-    replayed = load_review_state(dataset_url, storage_options)
+    replayed = _replayed(dataset_url, state.proposal(), storage_options)  # the log may have grown meanwhile
     for skipped, reason in replayed.conflicts:
         if skipped == correction:
             raise CorrectionError(f"{reason} (another reviewer's change was saved first)")

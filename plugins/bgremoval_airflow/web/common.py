@@ -65,14 +65,9 @@ _templates = jinja2.Environment(
 )
 
 
-#: s3fs keeps the listings it made; in the long-lived api-server they expire after this many seconds
-#: (other processes write the buckets) and at most this many paths are kept.
-LISTINGS_EXPIRY_S, LISTINGS_MAX_PATHS = 30, 2000
-
-
 @functools.lru_cache(maxsize=4)
 def _storage_options_cached(minute: int) -> dict:
-    return {**s3_storage_options(), "listings_expiry_time": LISTINGS_EXPIRY_S, "max_paths": LISTINGS_MAX_PATHS}
+    return s3_storage_options()
 
 
 def current_storage_options() -> dict:

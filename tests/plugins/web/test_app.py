@@ -227,17 +227,3 @@ def test_no_module_imports_a_private_name_from_another():
             if isinstance(node, ast.ImportFrom):
                 private = [a.name for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
                 assert not private, f"{module}: imports {private} from {node.module}"
-
-
-def test_the_api_servers_listing_cache_is_bounded_and_expires(monkeypatch):
-    monkeypatch.setattr(common, "s3_storage_options", lambda: {"key": "k"})
-    common._storage_options_cached.cache_clear()
-    try:
-        options = common.current_storage_options()
-    finally:
-        common._storage_options_cached.cache_clear()
-    assert options == {"key": "k", "listings_expiry_time": common.LISTINGS_EXPIRY_S, "max_paths": common.LISTINGS_MAX_PATHS}
-    from s3fs import S3FileSystem
-
-    cache = S3FileSystem(anon=True, skip_instance_cache=True, **{k: v for k, v in options.items() if k != "key"}).dircache
-    assert (cache.listings_expiry_time, cache.max_paths) == (30, 2000)

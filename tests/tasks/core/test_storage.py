@@ -50,7 +50,16 @@ def test_join_and_options():
     options = storage.storage_options_from_env(
         {"AWS_ENDPOINT_URL": "http://127.0.0.1:9", "AWS_ACCESS_KEY_ID": "k", "AWS_SECRET_ACCESS_KEY": "s"}
     )
-    assert options == {"key": "k", "secret": "s", "client_kwargs": {"endpoint_url": "http://127.0.0.1:9"}}
+    assert options == {"key": "k", "secret": "s", "client_kwargs": {"endpoint_url": "http://127.0.0.1:9"},
+                       "listings_expiry_time": storage.LISTINGS_EXPIRY_S, "max_paths": storage.LISTINGS_MAX_PATHS}
+
+
+def test_every_s3_filesystem_keeps_a_bounded_expiring_listings_cache():
+    from s3fs import S3FileSystem
+
+    options = storage.s3_storage_options(endpoint_url="http://127.0.0.1:9")
+    cache = S3FileSystem(anon=True, skip_instance_cache=True, **options).dircache
+    assert (cache.listings_expiry_time, cache.max_paths) == (30, 2000)
 
 
 def test_list_folders_names_the_folders_directly_below(root):
@@ -68,3 +77,15 @@ def test_list_folders_sees_a_folder_another_client_added(root):
     other = {**options, "default_block_size": 6 * 2**20} if options else None  # another s3fs client: another process
     storage.write_bytes(storage.join(base, "u", "v2", "x"), b"x", other)
     assert storage.list_folders(storage.join(base, "u"), options) == ["v1", "v2"]
+
+
+def test_names_after_a_name_list_only_the_later_objects_of_the_folder(root):
+    base, options = root
+    folder = storage.join(base, "log")
+    assert storage.list_names_after(folder, "", options) == []
+    for name in ("003.json", "001.json", "002.json", "sub/004.json"):
+        storage.write_bytes(storage.join(folder, name), b"{}", options)
+    assert storage.list_names_after(folder, "", options) == ["001.json", "002.json", "003.json"]
+    assert storage.list_names_after(folder, "001.json", options) == ["002.json", "003.json"]
+    assert storage.list_names_after(folder, "003.json", options) == []
+    assert storage.list_names_after(folder, "", options, page_size=2) == ["001.json", "002.json", "003.json"]

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import struct
-import zlib
 
 import cv2
 import numpy as np
@@ -13,6 +11,7 @@ import pytest
 
 from tasks.core import storage
 from tasks.data.ingest import clean_urls
+from tasks.dev.badinputs import png_header_only
 from tasks.core.manifest import MANIFEST_COLUMNS, audit_excluded, read_table, to_frame, write_table
 from tasks.data.review import (
     MAX_FIXED_MASK_BYTES,
@@ -145,16 +144,6 @@ def audited(clustered):
 
 def png(array: np.ndarray) -> bytes:
     return cv2.imencode(".png", array)[1].tobytes()
-
-
-def png_header_only(width: int, height: int) -> bytes:
-    """A PNG whose header claims ``width`` x ``height`` but whose pixel data does not decode."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"junk")) + chunk(b"IEND", b"")
 
 
 def good_mask() -> np.ndarray:
@@ -399,3 +388,34 @@ def test_overlay_thumbnail_tints_the_background_holes_included():
     assert tinted[50, 60, 1] > 240  # product: untouched
     hole = tinted[70:90, 50:70]  # the hole is background too
     assert (hole[:, :, 1] < 160).mean() > 0.5
+
+
+def test_a_page_load_lists_only_the_recent_part_of_a_long_log(clustered, monkeypatch):
+    from datetime import datetime, timedelta, timezone
+
+    from tasks.data import review
+
+    for step in range(4):
+        record_correction(clustered, "move", "ann", key=f"k{step}", to_cluster=1)
+    asked = []
+    real = storage.list_names_after
+    monkeypatch.setattr(storage, "list_names_after", lambda folder, after, options: asked.append(after) or real(folder, after, options))
+    # a slow writer on another process: named two minutes ago, visible only now
+    late = (datetime.now(timezone.utc) - timedelta(seconds=120)).strftime("%Y%m%dT%H%M%S%f") + "-0123456789ab.json"
+    folder = storage.join(review.review_log_url(clustered, load_review_state(clustered).clustering), "corrections")
+    storage.write_text(storage.join(folder, late), review.Correction("move", "bob", "t", key="k5", to_cluster=0).to_json())
+    state = load_review_state(clustered)
+    assert len(state.corrections) == 5 and state.cluster_of["k5"] == 0  # seen, in name order
+    assert asked and all(after > "" for after in asked)  # the store listed from the window on, not from the start
+    review._listed_names.clear()  # a fresh process lists everything once
+    assert len(read_corrections(clustered)) == 5 and asked[-1] == ""
+
+
+def test_a_correction_whose_save_outlasts_the_listing_window_is_withdrawn(clustered, monkeypatch):
+    from tasks.data import review
+
+    monkeypatch.setattr(review, "LISTING_WINDOW_S", 0.0)  # every save "took too long"
+    with pytest.raises(CorrectionError, match="took too long"):
+        record_correction(clustered, "move", "ann", key="k0", to_cluster=1)
+    monkeypatch.undo()
+    assert read_corrections(clustered) == []
