@@ -56,13 +56,18 @@ def _orientation(image) -> int:
         return 1
 
 
+class ImageTooLarge(ValueError):
+    """An image whose header claims more pixels than allowed (a cap, or Pillow's decompression-bomb
+    limit): refused before any pixel is decoded."""
+
+
 def decode_image(data: bytes, max_pixels: int | None = None) -> np.ndarray:
     """Decode image bytes to an upright ``H×W×3`` RGB ``uint8`` array.
 
     The EXIF orientation is read with Pillow and applied as ``PIL.ImageOps.exif_transpose``
     would; pixels are decoded by OpenCV (faster), or by Pillow for formats OpenCV cannot read.
     Raises ``ValueError`` with a reason for empty or undecodable data, and, before any pixel is
-    decoded, for an image whose header claims more than ``max_pixels`` pixels.
+    decoded, :class:`ImageTooLarge` for an image whose header claims more than ``max_pixels`` pixels.
     """
     from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -71,7 +76,7 @@ def decode_image(data: bytes, max_pixels: int | None = None) -> np.ndarray:
     try:
         with Image.open(io.BytesIO(data)) as im:
             if max_pixels is not None and im.width * im.height > max_pixels:
-                raise ValueError(f"image too large: {im.width}x{im.height} is {im.width * im.height / 1e6:.1f} "
+                raise ImageTooLarge(f"image too large: {im.width}x{im.height} is {im.width * im.height / 1e6:.1f} "
                                  f"megapixels, over the limit of {max_pixels / 1e6:g}")
             orientation = _orientation(im)
             image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
@@ -80,7 +85,7 @@ def decode_image(data: bytes, max_pixels: int | None = None) -> np.ndarray:
     except UnidentifiedImageError:
         raise ValueError("not an image (unrecognised format)") from None
     except Image.DecompressionBombError as exc:
-        raise ValueError(f"image too large: {exc}") from None
+        raise ImageTooLarge(f"image too large: {exc}") from None
     except (OSError, SyntaxError) as exc:
         raise ValueError(f"cannot decode image: {exc}") from None
     if image.ndim != 3 or image.shape[0] == 0 or image.shape[1] == 0:
@@ -116,10 +121,6 @@ def decode_pair(image_bytes: bytes, mask_bytes: bytes) -> tuple[np.ndarray, np.n
     if image is None or mask is None:
         raise ValueError(f"{'image' if image is None else 'mask'} could not be decoded")
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB), mask
-
-
-class ImageTooLarge(ValueError):
-    """An image whose header claims more pixels than Pillow's decompression-bomb limit."""
 
 
 def image_size(data: bytes, formats: tuple[str, ...] | None = None) -> tuple[int, int]:

@@ -61,7 +61,7 @@ def _png(array: np.ndarray, **kwargs) -> bytes:
     return _encode(array, "PNG", **kwargs)
 
 
-def _png_header_only(width: int, height: int) -> bytes:
+def png_header_only(width: int, height: int) -> bytes:
     """A PNG whose header claims ``width``×``height`` pixels but holds almost no data.
 
     This is what a decompression bomb looks like to a reader that trusts the header.
@@ -197,7 +197,7 @@ def _case_mask_full(stem, rng):
 
 def _case_too_large(stem, rng):
     _, mask = _product(rng)
-    return _pair(stem, _png_header_only(40_000, 40_000), _png(mask), image_ext="png")
+    return _pair(stem, png_header_only(40_000, 40_000), _png(mask), image_ext="png")
 
 
 def _case_too_small(stem, rng):

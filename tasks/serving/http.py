@@ -187,8 +187,7 @@ def create_app(config: ServeConfig, holder: ModelHolder | None = None):
         finally:
             slots.release()
         if not result.ok:
-            too_big = "too large" in (result.error or "")
-            return error(413 if too_big else 422, result.error or "cannot cut out this image")
+            return error(413 if result.too_large else 422, result.error or "cannot cut out this image")
         return Response(result.output(output), media_type=SINGLE_OUTPUTS[output], headers={"X-Quality-Score": f"{result.score:.4f}"})
 
     return app

@@ -39,7 +39,7 @@ import numpy as np
 
 from tasks.core import storage
 from tasks.core.alpha import decontaminated_foreground
-from tasks.core.codecs import decode_image, encode
+from tasks.core.codecs import ImageTooLarge, decode_image, encode
 from tasks.core.limits import MAX_PIXELS
 from tasks.model.preprocess import prepare_input, resize_to_original
 from tasks.serving.engines import Engine, available_cores, unletterboxed
@@ -185,7 +185,8 @@ class CutoutResult:
     ``composite_jpeg``, ``mask_png``: encoded outputs (None when not made or on error);
     ``probability``: float32 map at the photo's size when ``keep_probability``;
     ``source_bytes``: the input file when ``keep_source``; ``quality``;
-    ``error``: why the image failed (None when it worked); ``seconds``: from the start of its
+    ``error``: why the image failed (None when it worked); ``too_large``: it failed because its
+    header claims more pixels than allowed (nothing was decoded); ``seconds``: from the start of its
     read to its outputs being ready.
     """
 
@@ -200,6 +201,7 @@ class CutoutResult:
     source_bytes: bytes | None = None
     quality: QualityScore | None = None
     error: str | None = None
+    too_large: bool = False
     seconds: float = 0.0
 
     @property
@@ -332,6 +334,7 @@ def _decoded(loaded: _Loaded, data: bytes, engine: Engine, config: InferenceConf
         loaded.tensor = prepare_input(rgb, engine.input_size, engine.resize, engine.mean, engine.std)
     except (ValueError, cv2.error) as exc:
         loaded.result.error = str(exc)
+        loaded.result.too_large = isinstance(exc, ImageTooLarge)
     except Exception as exc:  # anything else (MemoryError, a decoder bug) fails this image, not the run
         loaded.data = loaded.rgb = None
         loaded.result.error = f"cannot load: {type(exc).__name__}: {exc}"

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tasks.dev.badinputs import BAD_KINDS, _png_header_only, make_bad_inputs
+from tasks.dev.badinputs import BAD_KINDS, png_header_only, make_bad_inputs
 from tasks.data.cleaning import (
     CleaningConfig,
     Reason,
@@ -91,11 +91,11 @@ def test_zero_byte_mask_is_rejected_too():
 def test_decompression_bomb_is_rejected_from_the_header_without_decoding():
     _, mask = _product()
     started = time.perf_counter()
-    reason = _reject_reason(_png_header_only(30_000, 20_000), _png(mask))
+    reason = _reject_reason(png_header_only(30_000, 20_000), _png(mask))
     assert reason == "image_too_large"
     assert time.perf_counter() - started < 1.0
     # Under PIL's own bomb limit but over ours: our header check catches it.
-    assert _reject_reason(_png_header_only(9000, 8000), _png(mask), CleaningConfig(max_pixels=50_000_000)) == "image_too_large"
+    assert _reject_reason(png_header_only(9000, 8000), _png(mask), CleaningConfig(max_pixels=50_000_000)) == "image_too_large"
 
 
 def test_mask_must_be_png():

@@ -163,7 +163,12 @@ def awkward_photos() -> dict[str, bytes]:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
 
     jpeg = encode_jpeg(product)
+    side = 16_384  # 256 megapixels of greyscale, every row written: ~270 MB when decoded, ~260 KB compressed
+    stream, row = zlib.compressobj(9), b"\0" * (side + 1)
+    idat = b"".join(stream.compress(row * 1024) for _ in range(side // 1024)) + stream.flush()
     return {
+        "bomb256.png": b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0))
+        + chunk(b"IDAT", idat) + chunk(b"IEND", b""),
         "bomb.png": b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 1024))
         + chunk(b"IEND", b""),
         "zero.jpg": b"",
@@ -198,13 +203,14 @@ def test_a_drop_of_awkward_photos_completes_and_every_refusal_has_a_reason(tmp_p
     result = json.loads(done.stdout.strip().splitlines()[-1])
     peak_mib = result["peak_rss_kib"] / 1024
     print(f"awkward drop: peak RSS of the shard's process {peak_mib:.0f} MiB (torch engine and model included)")
-    assert peak_mib < 1536  # the 144-megapixel bomb is refused from its header, never decoded (~430 MiB as RGB)
+    assert peak_mib < 1536  # both bombs are refused from their headers, never decoded (~430/770 MiB as RGB)
 
     failed = {entry["stem"]: entry["reason"] for entry in json.loads(storage.read_bytes(result["failed_url"]))}
-    assert result["images"] == plan["n_images"] == 12
-    assert result["published"] + result["queued"] + result["failed"] == 12
-    assert {"bomb", "zero", "text"} <= set(failed)
+    assert result["images"] == plan["n_images"] == 13
+    assert result["published"] + result["queued"] + result["failed"] == 13
+    assert {"bomb256", "bomb", "zero", "text"} <= set(failed)
     assert "too large" in failed["bomb"] and "144.0 megapixels" in failed["bomb"]
+    assert "too large" in failed["bomb256"] and "268435456 pixels" in failed["bomb256"], failed["bomb256"]
     assert "empty" in failed["zero"] and "not an image" in failed["text"]
     assert all(reason for reason in failed.values())
     published = {o.relpath for o in storage.list_objects(f"{bucket_url}/published/awkward")}

@@ -309,7 +309,17 @@ def test_cut_out_bytes_equals_the_batched_pipeline_and_reports_bad_bytes(tmp_pat
         assert getattr(single, key) == getattr(batched, key)
     assert single.score == batched.score
     bad = cut_out_bytes(b"\x89PNG broken", SquareEngine(), config)
-    assert not bad.ok and bad.error and bad.cutout_png is None
+    assert not bad.ok and bad.error and bad.cutout_png is None and not bad.too_large
+
+
+def test_a_photo_over_the_pixel_cap_is_marked_too_large_not_just_described(tmp_path):
+    from tasks.dev.badinputs import png_header_only
+
+    capped = InferenceConfig(max_pixels=10_000)
+    over = cut_out_bytes(_jpeg(_photo()), SquareEngine(), capped)
+    assert not over.ok and over.too_large and "megapixels" in over.error
+    bomb = cut_out_bytes(png_header_only(20_000, 20_000), SquareEngine(), InferenceConfig())  # Pillow's own limit
+    assert not bomb.ok and bomb.too_large
 
 
 def test_only_the_requested_outputs_are_encoded(tmp_path):
