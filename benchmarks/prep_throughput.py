@@ -20,7 +20,8 @@ What it measures, on local storage in a temporary folder (nothing is written to 
    thread counts. Cleaning cannot beat full-resolution decoding, so
    "% of floor" (cleaning pairs/s over the faster decoder's pairs/s at the same thread count)
    says how much of the cleaning time is anything other than decoding. A reference row shows
-   Pillow's reduced-scale JPEG decoding (``Image.draft``), which cleaning does not use.
+   Pillow's reduced-scale JPEG decoding (``Image.draft``), which cleaning uses for the image (the
+   mask is always decoded whole), so cleaning's own decoding costs less than the floor's.
 3. **Peak memory, small vs large batch**: a batch of ``--mem-n`` pairs (default 500 and 5,000;
    distinct synthetic products at ``--max-side``) is cleaned in a fresh child process each
    (``prep_throughput.py --child ...``); the parent reads the child's peak RSS from
@@ -266,10 +267,8 @@ def decode_cv2(pair: Pair) -> None:
 
 
 def decode_pil_draft(pair: Pair, working_size: int = CleaningConfig().working_size) -> None:
-    """Decode the JPEG at the smallest DCT scale that still covers the working size; full mask.
-
-    Reference only: cleaning decodes at full resolution (it checks the mask against the full image).
-    """
+    """Decode the JPEG at the smallest DCT scale that still covers the working size; full mask:
+    the decoding cleaning itself does."""
     image, mask = pair
     with Image.open(io.BytesIO(image.read_bytes())) as img:
         img.draft("RGB", working_size_for(img.width, img.height, working_size))

@@ -217,6 +217,26 @@ def test_resize_keeps_aspect_and_mask_stays_binary_and_aligned():
     assert working_size_for(100, 400, 320) == (80, 320)
 
 
+def test_a_large_jpeg_is_decoded_at_a_reduced_scale_with_the_same_result_as_a_full_decode():
+    import cv2
+
+    rng = np.random.default_rng(5)
+    image, mask = _product(1600, 2400)
+    image = np.clip(image.astype(int) + rng.integers(-20, 21, image.shape), 0, 255).astype(np.uint8)  # texture
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored on its side: the header says 2400x1600
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(np.rot90(image, k=1))).save(buf, format="JPEG", quality=95, exif=exif.tobytes())
+    pair = clean_pair(buf.getvalue(), _png(mask), CONFIG)
+    assert (pair.orig_width, pair.orig_height) == (1600, 2400)  # the full upright size, not the decoded one
+    assert pair.image.shape[:2] == pair.mask.shape == (320, 213)
+    full = cv2.cvtColor(cv2.imdecode(np.frombuffer(buf.getvalue(), np.uint8), cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+    reference = cv2.resize(full, (213, 320), interpolation=cv2.INTER_AREA)  # full decode, then area average
+    assert np.abs(pair.image.astype(int) - reference.astype(int)).mean() < 2.0
+    coverage = cv2.resize((mask > 0).astype(np.float32), (213, 320), interpolation=cv2.INTER_AREA) >= 0.5
+    assert ((pair.mask > 0) != coverage).mean() < 0.005
+
+
 def test_pairing_rules():
     nfd = unicodedata.normalize("NFD", "café")
     result = pair_files(
