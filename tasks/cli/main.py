@@ -193,7 +193,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                 if reference else None)
         config = TrainConfig(dataset_url=args.dataset, output_url=args.out, model=args.model, epochs=args.epochs,
                              batch_size=args.batch_size, lr=args.lr, input_size=args.input_size, loss=args.loss,
-                             channels_last=True, init_from=init, storage_options=options,
+                             init_from=init, storage_options=options,
                              mlflow_enabled=bool(os.environ.get("MLFLOW_TRACKING_URI")), device=args.device)
     except (ValueError, FileNotFoundError) as exc:
         print(f"bgremoval train: {exc}", file=sys.stderr)

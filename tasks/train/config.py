@@ -78,7 +78,9 @@ class TrainConfig:
             ``"stretch"`` (the default, as U2-Net and rembg) or ``"letterbox"``.
         amp: ``"auto"`` (bf16 on a CPU with native bf16, fp16 with a gradient scaler on CUDA,
             otherwise off), ``"bf16"``, ``"fp16"`` (CUDA only) or ``"off"``.
-        channels_last: use the channels-last memory format for the model and the inputs.
+        channels_last: use the channels-last memory format for the model and the inputs (the
+            default: on the CPU 1.6-1.7x the training img/s of the contiguous layout, fp32 or bf16,
+            side by side in ``benchmarks/train_throughput.py``).
         grad_clip: clip the gradient norm to this value (None: no clipping).
         init_from: URL of a state dict or checkpoint to start from (e.g. the champion's
             ``model.pt``); used only on a fresh start, never on resume.
@@ -120,7 +122,7 @@ class TrainConfig:
     num_workers: int = 0
     seed: int = 0
     amp: str = "auto"
-    channels_last: bool = False
+    channels_last: bool = True
     device: str = "auto"
     train_split: str = "train"
     val_split: str = "val"

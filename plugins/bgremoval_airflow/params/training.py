@@ -321,7 +321,6 @@ def train_config(params: dict, dataset_url: str, output_url: str, storage_option
         lr=float(params["learning_rate"]),
         input_size=int(params["train_input_size"]),
         seed=int(params["seed"]),
-        channels_last=True,
         init_from=None,
         max_steps_per_epoch=int(params["max_steps_per_epoch"]) or None,
         storage_options=storage_options,
