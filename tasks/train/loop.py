@@ -33,6 +33,7 @@ import math
 import os
 import posixpath
 import random
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -42,6 +43,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
+from tqdm import tqdm
 
 from tasks.core import layout, storage
 from tasks.model.u2net import U2Net, U2NetOutput, build_model, count_parameters
@@ -429,6 +431,14 @@ class _Tracker:
 # Epochs
 # ----------------------------------------------------------------------------------------------
 
+def _epoch_bar(epoch: int, epochs: int, images: int, show: bool) -> tqdm:
+    """A progress bar over one epoch's images (all workers' together, counted on the main rank), whose
+    rate is the training img/s; on a terminal it redraws, in a log file (an Airflow task) it writes a
+    line every 30 seconds at the most."""
+    return tqdm(total=images, desc=f"epoch {epoch}/{epochs}", unit="img", disable=not show, file=sys.stderr,
+                mininterval=0.5 if sys.stderr.isatty() else 30.0, dynamic_ncols=True)
+
+
 def _to_device(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
     x = x.to(device, non_blocking=True)
     return x.contiguous(memory_format=torch.channels_last) if channels_last and x.dim() == 4 else x
@@ -608,6 +618,7 @@ def train(config: TrainConfig, rank_info: RankInfo | None = None) -> TrainResult
             net.train()
             loss_sum = torch.zeros((), dtype=torch.float64, device=device)
             seen = 0
+            bar = _epoch_bar(epoch, config.epochs, steps_per_epoch * batch_size * info.world_size, info.is_main)
             for step, (images, masks) in enumerate(loader):
                 if step >= steps_per_epoch:
                     break
@@ -629,6 +640,10 @@ def train(config: TrainConfig, rank_info: RankInfo | None = None) -> TrainResult
                 scheduler.step()
                 loss_sum += loss.detach().double() * images.shape[0]
                 seen += images.shape[0]
+                bar.update(images.shape[0] * info.world_size)
+                if bar.n >= bar.total or step % 10 == 0:
+                    bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+            bar.close()
             coll.broadcast_buffers(model)  # BatchNorm statistics: rank 0's everywhere
             val_loss, val_iou, val_count = _validate(model, val_loader, device, amp_dtype, config)
             total = coll.all_reduce_sum([float(loss_sum), seen, val_loss, val_iou, val_count])

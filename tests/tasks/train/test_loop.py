@@ -43,7 +43,7 @@ def _config(dataset: str, tmp_path, **changes) -> TrainConfig:
     return TrainConfig(**values)
 
 
-def test_u2netp_overfits_a_tiny_set(tmp_path) -> None:
+def test_u2netp_overfits_a_tiny_set(tmp_path, capfd) -> None:
     url = str(tmp_path / "four")
     # Shorts, a light-coloured product, a short-sleeved top and long pants, 64 px high.
     write_synthetic_dataset(url, 4, seed=3, max_side=64)
@@ -52,6 +52,8 @@ def test_u2netp_overfits_a_tiny_set(tmp_path) -> None:
                          cache_dir=str(tmp_path / "cache"), mlflow_enabled=False)
     result = train(config)
     assert result.epochs_run == 45 and result.n_train == result.n_val == 4
+    progress = capfd.readouterr().err  # one progress bar per epoch, its rate in images per second
+    assert "epoch 1/45" in progress and "epoch 45/45" in progress and "img/s" in progress and "loss=" in progress
     assert result.metrics["val_iou"] >= 0.95, [round(h["val_iou"], 3) for h in result.history]
     assert result.history[-1]["train_loss"] < result.history[0]["train_loss"] / 3
 
