@@ -116,6 +116,8 @@ SUBSET_CONFIGS = ("fp32", "cl+bf16", "cl+bf16+compile")
 #: Training img/s of the original U-2-Net code on the project's 2-core CPU at 320x320 (DESIGN.md).
 ORIGINAL_IMG_PER_S = {"u2netp": 0.61, "u2net": 0.40}
 TARGET_SPEEDUP = 1.5
+#: The seed's training job: 30,000 images x 30 epochs of U2-Net at 320 px took 9 h on 20 GPUs.
+SEED_IMAGES, SEED_GPU_HOURS = 30_000 * 30, 9 * 20
 #: The config name of the original code's rows (``--original``).
 ORIGINAL = "original"
 DISTINCT_IMAGES = 16  # rendered products per worker; larger batches repeat them
@@ -492,6 +494,39 @@ def speedup(row: dict, baselines: dict[str, float]) -> float | None:
     return row["images_per_s"] / baselines[row["model"]]
 
 
+def measure_loader(size: int, batch: int, workers: int, work: Path, batches: int = 24) -> dict:
+    """Images/s of the training data loader alone (``SegmentationDataset`` with its random flip,
+    ``DataLoader`` with ``workers`` processes, pinned memory on CUDA) over a synthetic clean dataset of
+    studio-size photos cleaned to ``size`` px: what one training process can be fed, to compare with
+    its training img/s. The first batch (worker start-up) is not timed."""
+    from torch.utils.data import DataLoader
+
+    from tasks.dev.synthetic import write_synthetic_dataset
+    from tasks.train.data import SegmentationDataset, prepare_split
+
+    url = str(work / f"loader-{size}")
+    if not Path(url, "manifest.parquet").exists():
+        write_synthetic_dataset(url, 64, seed=5, max_side=size)
+    dataset = SegmentationDataset(prepare_split(url, "train"), size, train=True)
+    sampler = torch.utils.data.RandomSampler(dataset, replacement=True, num_samples=batch * (batches + 1))
+    loader = DataLoader(dataset, batch_size=batch, sampler=sampler, num_workers=workers,
+                        pin_memory=torch.cuda.is_available())
+    iterator = iter(loader)
+    next(iterator)
+    started = time.perf_counter()
+    count = sum(images.shape[0] for images, _ in iterator)
+    seconds = time.perf_counter() - started
+    return {"size": size, "batch": batch, "workers": workers, "images_per_s": count / seconds,
+            "ms_per_batch": 1000 * seconds / batches}
+
+
+def seed_job(row: dict) -> str:
+    """The seed's workload (:data:`SEED_IMAGES` at this row's img/s): device-hours, i.e. GPU-hours on
+    CUDA (hours x workers, one GPU each) and hours of this whole machine on the CPU."""
+    hours = SEED_IMAGES / row["images_per_s"] / 3600
+    return f"{hours * row['workers']:,.0f} GPU-h" if row["device"] == "cuda" else f"{hours:,.0f} h"
+
+
 def fmt_mib(mib: float | None) -> str:
     """``812 MiB`` / ``3.41 GiB``, or ``-``."""
     if mib is None:
@@ -506,14 +541,14 @@ def format_row(row: dict, baselines: dict[str, float]) -> list[str]:
             str(row["workers"]), str(row["threads"]) if row["device"] == "cpu" else "-"]
     load = f"{row['load_1min_at_start']:.2f}" if row.get("load_1min_at_start") is not None else "-"
     if row.get("error"):
-        return lead + [str(row["batch"]), "FAILED: " + row["error"].splitlines()[0], "", "", "", "", "", load] + \
+        return lead + [str(row["batch"]), "FAILED: " + row["error"].splitlines()[0], "", "", "", "", "", "", load] + \
             ([""] if row["device"] == "cuda" else [])
     ratio = speedup(row, baselines)
     cells = lead + [str(row["batch"]), f"{row['images_per_s']:.3f}", f"{ratio:.2f}x" if ratio is not None else "-",
                     f"{row['step_s_median']:.2f}",
                     f"{row['compile_s']:.1f}" if row.get("compile_s") is not None else "-",
                     f"{row['first_step_s']:.1f}" if row.get("first_step_s") is not None else "-",
-                    fmt_mib(row["peak_rss_mib"]), load]
+                    fmt_mib(row["peak_rss_mib"]), seed_job(row), load]
     if row["device"] == "cuda":
         cells.append(fmt_mib(row.get("peak_gpu_mib")))
     return cells
@@ -533,13 +568,15 @@ def render_table(headers: list[str], rows: list[list[str]], right: set[int]) -> 
 def format_results(rows: list[dict], args: argparse.Namespace, baselines: dict[str, float]) -> str:
     """The results table."""
     headers = ["model", "size", "channels_last", "bf16", "compile", "workers", "threads/w", "batch/w", "img/s",
-               "speed-up", "step s", "compile s", "1st step s", "peak RSS", "load"]
+               "speed-up", "step s", "compile s", "1st step s", "peak RSS", "seed job", "load"]
     if args.device == "cuda":
         headers.append("peak GPU mem")
-    table = render_table(headers, [format_row(r, baselines) for r in rows], right={1, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15})
+    table = render_table(headers, [format_row(r, baselines) for r in rows], right=set(range(5, len(headers))) | {1})
     return (f"Training throughput ({args.warmup} warm-up + {args.steps} timed steps per row; img/s = all workers; "
             "speed-up vs the original U-2-Net code at 320; compile s = 1st step - steady step; "
-            "peak RSS = sum over workers; load = 1-min load average at the row's start)\n" + table)
+            "peak RSS = sum over workers; seed job = the seed's 30,000 images x 30 epochs at this img/s, "
+            f"against its {SEED_GPU_HOURS} GPU-hours for U2-Net at 320; load = 1-min load average at the row's start)\n"
+            + table)
 
 
 def verdicts(rows: list[dict], baselines: dict[str, float]) -> tuple[list[str], list[dict]]:
@@ -666,6 +703,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="reuse this inductor cache folder (default: an empty one per compiled measurement)")
     parser.add_argument("--cudnn-benchmark", action="store_true", help="set torch.backends.cudnn.benchmark on CUDA")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds one measurement may take (default 1800)")
+    parser.add_argument("--loader-workers", type=int, nargs="+", default=[0, 2], metavar="N",
+                        help="DataLoader worker processes for the data-loader rows (default 0 2)")
     parser.add_argument("--seed", type=int, default=0, help="weights and synthetic images seed (default 0)")
     parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write every number to PATH as JSON")
     parser.add_argument("--verbose", action="store_true", help="print a failed measurement's log tail as it happens")
@@ -751,6 +790,8 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="train_throughput-"))
     try:
         rows = run_grid(args, work, baselines)
+        loaders = [measure_loader(size, int(args.batch) if args.batch != "auto" else 32, workers, work)
+                   for size in args.sizes for workers in args.loader_workers]
     finally:
         shutil.rmtree(work, ignore_errors=True)
     load_end = load_average()
@@ -761,7 +802,12 @@ def main(argv: list[str] | None = None) -> int:
     for row in failures:
         notes.append(f"FAILED {row['model']} {row['size']} {row['config']} x{row['workers']}: {row['error']}")
     header = format_header(facts, args, baselines)  # the baselines measured in this run, with --original
-    report = "\n\n".join([header, format_results(rows, args, baselines),
+    loader_table = ("Data loader alone (SegmentationDataset + DataLoader, random flip; feeds ONE training process: "
+                    "compare with its img/s; the training loop logs the share of each epoch spent waiting for data)\n"
+                    + render_table(["size", "batch", "loader processes", "img/s", "ms/batch"],
+                                   [[str(r["size"]), str(r["batch"]), str(r["workers"]), f"{r['images_per_s']:.1f}",
+                                     f"{r['ms_per_batch']:.1f}"] for r in loaders], right={0, 1, 2, 3, 4}))
+    report = "\n\n".join([header, format_results(rows, args, baselines), loader_table,
                           *(["Target (1.5x the original code, same architecture, CPU, 320x320)\n" + "\n".join(lines)]
                             if lines else []),
                           *(["\n".join(notes)] if notes else [])])
@@ -771,7 +817,8 @@ def main(argv: list[str] | None = None) -> int:
         settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
                     if k not in ("worker", "spec", "out")}
         args.json.write_text(json.dumps({"machine": facts, "settings": settings, "baselines": baselines,
-                                         "rows": rows, "target": best, "load_average_at_end": load_end,
+                                         "rows": rows, "loaders": loaders, "target": best,
+                                         "load_average_at_end": load_end,
                                          "table": report}, indent=2, default=str))
         print(f"wrote {args.json}")
     return 1 if failures and len(failures) == len(rows) else 0

@@ -89,7 +89,10 @@ class EpochMetrics:
     ``train_loss``: mean deep-supervision loss per training image; ``val_loss`` and ``val_iou``
     (mean per-image IoU at threshold 0.5): over the validation split, None when it is empty;
     ``lr``: the learning rate after the epoch's last step; ``images``: training images seen by
-    all workers; ``seconds``: wall time of the epoch including validation.
+    all workers; ``seconds``: wall time of the epoch including validation; ``data_wait_s``: how long
+    a worker's training loop waited for its next batch from the data loader (mean over workers): near
+    zero when the loader keeps the device busy, a large share of ``seconds`` when it does not (raise
+    ``num_workers``).
     """
 
     epoch: int
@@ -99,6 +102,12 @@ class EpochMetrics:
     lr: float
     images: int
     seconds: float
+    data_wait_s: float = 0.0
+
+    @property
+    def data_wait_share(self) -> float:
+        """The share of the epoch's wall time spent waiting for batches."""
+        return self.data_wait_s / self.seconds if self.seconds > 0 else 0.0
 
     @property
     def images_per_s(self) -> float:
@@ -108,7 +117,8 @@ class EpochMetrics:
     def mlflow_metrics(self) -> dict[str, float]:
         """The metrics as MLflow logs them (None values left out)."""
         values = {"train_loss": self.train_loss, "val_loss": self.val_loss, "val_iou": self.val_iou,
-                  "lr": self.lr, "epoch_seconds": self.seconds, "train_images_per_s": self.images_per_s}
+                  "lr": self.lr, "epoch_seconds": self.seconds, "train_images_per_s": self.images_per_s,
+                  "data_wait_share": self.data_wait_share}
         return {k: float(v) for k, v in values.items() if v is not None}
 
 
@@ -619,7 +629,9 @@ def train(config: TrainConfig, rank_info: RankInfo | None = None) -> TrainResult
             loss_sum = torch.zeros((), dtype=torch.float64, device=device)
             seen = 0
             bar = _epoch_bar(epoch, config.epochs, steps_per_epoch * batch_size * info.world_size, info.is_main)
+            data_wait, asked_at = 0.0, time.perf_counter()
             for step, (images, masks) in enumerate(loader):
+                data_wait += time.perf_counter() - asked_at
                 if step >= steps_per_epoch:
                     break
                 images = _to_device(images, device, config.channels_last)
@@ -642,11 +654,13 @@ def train(config: TrainConfig, rank_info: RankInfo | None = None) -> TrainResult
                 seen += images.shape[0]
                 bar.update(images.shape[0] * info.world_size)
                 if bar.n >= bar.total or step % 10 == 0:
-                    bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+                    bar.set_postfix(loss=f"{loss.item():.4f}", data_wait=f"{data_wait / (time.perf_counter() - started):.0%}",
+                                    refresh=False)
+                asked_at = time.perf_counter()
             bar.close()
             coll.broadcast_buffers(model)  # BatchNorm statistics: rank 0's everywhere
             val_loss, val_iou, val_count = _validate(model, val_loader, device, amp_dtype, config)
-            total = coll.all_reduce_sum([float(loss_sum), seen, val_loss, val_iou, val_count])
+            total = coll.all_reduce_sum([float(loss_sum), seen, val_loss, val_iou, val_count, data_wait])
             metrics = EpochMetrics(
                 epoch=epoch,
                 train_loss=total[0] / max(total[1], 1),
@@ -655,6 +669,7 @@ def train(config: TrainConfig, rank_info: RankInfo | None = None) -> TrainResult
                 lr=float(optimizer.param_groups[0]["lr"]),
                 images=int(total[1]),
                 seconds=time.perf_counter() - started,
+                data_wait_s=total[5] / info.world_size,
             )
             history.append(dataclasses.asdict(metrics))
             rng_states = coll.all_gather_object(capture_rng_state())
@@ -668,9 +683,9 @@ def train(config: TrainConfig, rank_info: RankInfo | None = None) -> TrainResult
                     "world_size": info.world_size,
                 }, opts)
                 tracker.log_epoch(metrics)
-                log.info("epoch %d/%d: train loss %.4f, val loss %s, val IoU %s, lr %.2e, %.1f img/s", epoch,
-                         config.epochs, metrics.train_loss, metrics.val_loss, metrics.val_iou, metrics.lr,
-                         metrics.images_per_s)
+                log.info("epoch %d/%d: train loss %.4f, val loss %s, val IoU %s, lr %.2e, %.1f img/s, "
+                         "%.0f%% waiting for data", epoch, config.epochs, metrics.train_loss, metrics.val_loss,
+                         metrics.val_iou, metrics.lr, metrics.images_per_s, 100 * metrics.data_wait_share)
             coll.barrier()
             epochs_run += 1
             exit_if_asked(epoch, info.rank)

@@ -205,3 +205,22 @@ def test_tensorboard_event_files_hold_the_epoch_metrics(tmp_path) -> None:
     events.Reload()
     assert [(e.step, e.value) for e in events.Scalars("val_iou")] == [(1, 0.5), (2, 0.75)]
     assert [e.value for e in events.Scalars("train_images_per_s")] == [4.0, 4.0]
+
+
+def test_time_spent_waiting_for_the_data_loader_is_measured_per_epoch(dataset, tmp_path, monkeypatch) -> None:
+    import time
+
+    from tasks.train.data import SegmentationDataset
+
+    real = SegmentationDataset.__getitem__
+
+    def slow(self, index):  # a loader that cannot keep up: 0.15 s per image, read in the training process
+        time.sleep(0.15)
+        return real(self, index)
+
+    monkeypatch.setattr(SegmentationDataset, "__getitem__", slow)
+    result = train(_config(dataset, tmp_path, epochs=1, num_workers=0))
+    (epoch,) = result.history
+    assert epoch["data_wait_s"] >= 6 * 0.15 * 0.9  # six training images waited for, one by one
+    assert EpochMetrics(**epoch).data_wait_share > 0.3
+    assert "data_wait_share" in EpochMetrics(**epoch).mlflow_metrics()
