@@ -24,6 +24,7 @@ from tasks.feedback.production import (
     resolve_threshold,
     summarise_production,
 )
+from tasks.dev.awkward import CONVERTIBLE, REFUSED, awkward_drop
 from tasks.dev.synth import SynthConfig, encode_jpeg, render_item
 from tasks.dev.synthetic import write_synthetic_dataset
 
@@ -138,56 +139,9 @@ def test_the_run_uses_the_given_model_or_the_champion_and_says_when_there_is_non
         resolve_model("", "no-such-registered-model")
 
 
-def _encoded(image, fmt: str, **kwargs) -> bytes:
-    from io import BytesIO
-
-    out = BytesIO()
-    image.save(out, format=fmt, **kwargs)
-    return out.getvalue()
-
-
-def awkward_photos() -> dict[str, bytes]:
-    """A drop's worth of the photos a studio's exports and uploads produce on a bad day."""
-    import struct
-    import zlib
-
-    from PIL import Image
-
-    product = render_item(0, SynthConfig(n=1, seed=9, max_side=200)).image
-    rgb = Image.fromarray(product)
-    exif = Image.Exif()
-    exif[0x0112] = 6
-    ihdr = struct.pack(">IIBBBBB", 12_000, 12_000, 8, 0, 0, 0, 0)  # 144 megapixels, under Pillow's own limit
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    jpeg = encode_jpeg(product)
-    side = 16_384  # 256 megapixels of greyscale, every row written: ~270 MB when decoded, ~260 KB compressed
-    stream, row = zlib.compressobj(9), b"\0" * (side + 1)
-    idat = b"".join(stream.compress(row * 1024) for _ in range(side // 1024)) + stream.flush()
-    return {
-        "bomb256.png": b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0))
-        + chunk(b"IDAT", idat) + chunk(b"IEND", b""),
-        "bomb.png": b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 1024))
-        + chunk(b"IEND", b""),
-        "zero.jpg": b"",
-        "text.jpg": b"this is a caption, not a photo\n" * 10,
-        "truncated.jpg": jpeg[: len(jpeg) // 3],
-        "cmyk.jpg": _encoded(rgb.convert("CMYK"), "JPEG"),
-        "sixteen.png": _encoded(Image.fromarray((np.asarray(rgb.convert("L")).astype(np.uint16) * 257)), "PNG"),
-        "alpha.png": _encoded(rgb.convert("RGBA"), "PNG"),
-        "photo.webp": _encoded(rgb, "WEBP"),
-        "bad-exif.jpg": jpeg[:2] + b"\xff\xe1\x00\x10Exif\x00\x00MM\x00*\xff\xff\xff\xff" + jpeg[2:],
-        "rotated.jpg": _encoded(rgb, "JPEG", exif=exif),
-        "sliver.png": _encoded(Image.new("RGB", (40, 30_000), (200, 30, 30)), "PNG"),
-        "good.jpg": jpeg,
-    }
-
-
 def test_a_drop_of_awkward_photos_completes_and_every_refusal_has_a_reason(tmp_path, write_model_folder):
     bucket_url = str(tmp_path / "bucket")
-    for name, data in awkward_photos().items():
+    for name, data in awkward_drop().items():
         storage.write_bytes(f"{bucket_url}/incoming/awkward/{name}", data)
     model = write_model_folder(tmp_path / "model")
     plan = plan_production(bucket_url, "awkward", shard_size=100)
@@ -208,12 +162,12 @@ def test_a_drop_of_awkward_photos_completes_and_every_refusal_has_a_reason(tmp_p
     failed = {entry["stem"]: entry["reason"] for entry in json.loads(storage.read_bytes(result["failed_url"]))}
     assert result["images"] == plan["n_images"] == 13
     assert result["published"] + result["queued"] + result["failed"] == 13
-    assert {"bomb256", "bomb", "zero", "text"} <= set(failed)
+    assert set(REFUSED) <= set(failed)
     assert "too large" in failed["bomb"] and "144.0 megapixels" in failed["bomb"]
     assert "too large" in failed["bomb256"] and "268435456 pixels" in failed["bomb256"], failed["bomb256"]
     assert "empty" in failed["zero"] and "not an image" in failed["text"]
     assert all(reason for reason in failed.values())
     published = {o.relpath for o in storage.list_objects(f"{bucket_url}/published/awkward")}
-    for stem in ("good", "cmyk", "sixteen", "alpha", "photo", "bad-exif", "rotated"):
+    for stem in CONVERTIBLE:
         assert stem not in failed and f"{stem}.png" in published, (stem, failed.get(stem))
     assert storage.read_bytes(f"{bucket_url}/incoming/awkward/bomb.png")  # inputs are never touched

@@ -1,0 +1,70 @@
+"""A production drop of awkward photos: what a studio's exports and uploads produce on a bad day.
+
+Decompression bombs (a PNG whose header claims 144 megapixels over almost no data, and a real one:
+256 megapixels of greyscale, every row present, about 260 KB), empty and text files named ``.jpg``, a
+truncated JPEG, CMYK, 16-bit, alpha, WebP, a corrupt and a rotating EXIF block, a 40×30,000 sliver
+and one plain good photo. The fault tests drop them through ``process_shard`` and through the
+``bgremoval_inference`` DAG: the convertible ones must come out, the others land in ``failed/``
+with a reason, and the shard must complete.
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+from PIL import Image
+
+from tasks.core.codecs import encode_jpeg
+from tasks.dev.badinputs import png_header_only
+from tasks.dev.synth import SynthConfig, render_item
+
+#: The stems :func:`awkward_drop` writes that a production run must refuse (``failed/``), and those it
+#: must cut out (published or queued). ``truncated`` and ``sliver`` may go either way.
+REFUSED = ("bomb256", "bomb", "zero", "text")
+CONVERTIBLE = ("good", "cmyk", "sixteen", "alpha", "photo", "bad-exif", "rotated")
+
+
+def png_bomb(side: int) -> bytes:
+    """A greyscale ``side``×``side`` PNG of zeros with every row present: a few hundred KB that
+    decode to ``side``² bytes (a decompression bomb that is a valid image)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    stream, rows = zlib.compressobj(9), b"\0" * (side + 1) * 256  # each row: filter byte + pixels
+    idat = b"".join(stream.compress(rows) for _ in range(side // 256)) + stream.compress(b"\0" * (side + 1) * (side % 256))
+    header = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat + stream.flush()) + chunk(b"IEND", b"")
+
+
+def _encoded(image: Image.Image, fmt: str, **kwargs) -> bytes:
+    out = io.BytesIO()
+    image.save(out, format=fmt, **kwargs)
+    return out.getvalue()
+
+
+def awkward_drop() -> dict[str, bytes]:
+    """File name -> bytes of the awkward drop (see the module docstring)."""
+    product = render_item(0, SynthConfig(n=1, seed=9, max_side=200)).image
+    rgb = Image.fromarray(product)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    jpeg = encode_jpeg(product)
+    return {
+        "bomb256.png": png_bomb(16_384),
+        "bomb.png": png_header_only(12_000, 12_000),  # 144 megapixels: under Pillow's own limit, over the project's
+        "zero.jpg": b"",
+        "text.jpg": b"this is a caption, not a photo\n" * 10,
+        "truncated.jpg": jpeg[: len(jpeg) // 3],
+        "cmyk.jpg": _encoded(rgb.convert("CMYK"), "JPEG"),
+        "sixteen.png": _encoded(Image.fromarray(np.asarray(rgb.convert("L")).astype(np.uint16) * 257), "PNG"),
+        "alpha.png": _encoded(rgb.convert("RGBA"), "PNG"),
+        "photo.webp": _encoded(rgb, "WEBP"),
+        "bad-exif.jpg": jpeg[:2] + b"\xff\xe1\x00\x10Exif\x00\x00MM\x00*\xff\xff\xff\xff" + jpeg[2:],
+        "rotated.jpg": _encoded(rgb, "JPEG", exif=exif),
+        "sliver.png": _encoded(Image.new("RGB", (40, 30_000), (200, 30, 30)), "PNG"),
+        "good.jpg": jpeg,
+    }
