@@ -319,6 +319,8 @@ def bgremoval_training():
     trained_locally = train_model(training)
     compute >> trained_locally
     payload = databricks_run(training)
+    # While it waits in the triggerer, Airflow 3.3 does not apply execution_timeout (apache/airflow#69679):
+    # the run's own timeout_seconds (the form's databricks_timeout_minutes) is what stops it.
     train_on_databricks = DatabricksSubmitRunOperator(
         task_id="train_on_databricks", json=payload, databricks_conn_id=DATABRICKS_CONN_ID, deferrable=True,
         execution_timeout=TRAINING_TIMEOUT,
