@@ -158,21 +158,27 @@ def start_process(paths: StackPaths, name: str, argv: list[str], env: dict[str, 
     return proc
 
 
-def wait_http(url: str, timeout: float, proc: psutil.Process | None = None, log_file: Path | None = None) -> None:
-    """Wait until ``url`` answers HTTP; raise with the log's tail if ``proc`` dies first."""
+def wait_http(url: str, timeout: float, proc: psutil.Process | subprocess.Popen | None = None,
+              log_file: Path | None = None, status: int | None = None) -> None:
+    """Wait until ``url`` answers HTTP (with ``status`` when given, e.g. 200 once a model is loaded;
+    any answer otherwise); raise with the log's tail if ``proc`` dies first, ``TimeoutError`` after
+    ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if proc is not None and not proc.is_running():
-            tail = log_file.read_text(errors="replace")[-2000:] if log_file and log_file.exists() else ""
+        if proc is not None and not (proc.poll() is None if isinstance(proc, subprocess.Popen) else proc.is_running()):
+            tail = log_file.read_text(errors="replace")[-3000:] if log_file and log_file.exists() else ""
             raise RuntimeError(f"process for {url} exited early:\n{tail}")
         try:
-            with urllib.request.urlopen(url, timeout=2):
-                return
-        except urllib.error.HTTPError:
-            return  # the server answers, even if not with 200
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if status is None or response.status == status:
+                    return
+        except urllib.error.HTTPError as error:
+            if status is None or error.code == status:
+                return  # the server answers, even if not with 200
         except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
-            time.sleep(0.3)
-    raise TimeoutError(f"{url} did not answer within {timeout:.0f} s")
+            pass
+        time.sleep(0.3)
+    raise TimeoutError(f"{url} did not answer{f' {status}' if status else ''} within {timeout:.0f} s")
 
 
 # ------------------------------------------------------------------------------ environment

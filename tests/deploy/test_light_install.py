@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -60,13 +59,7 @@ def test_the_core_install_cuts_out_without_airflow_or_torch(light_venv, tmp_path
     server = subprocess.Popen([cli, "serve", "--model", str(tmp_path / "model.onnx"), "--port", str(port)],
                               cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and server.poll() is None:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/readyz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
+        stack.wait_http(f"http://127.0.0.1:{port}/readyz", 120, server, status=200)
         response = httpx.post(f"http://127.0.0.1:{port}/api/remove", content=(tmp_path / "p.jpg").read_bytes(),
                               timeout=60)
         assert response.status_code == 200 and response.headers["content-type"] == "image/png"

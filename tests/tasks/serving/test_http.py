@@ -37,15 +37,8 @@ class Server:
 
     def __enter__(self) -> str:
         self.thread.start()
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{self.url}/readyz").status_code == 200:
-                    return self.url
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError("the server did not become ready")
+        stack.wait_http(f"{self.url}/readyz", 60, status=200)
+        return self.url
 
     def __exit__(self, *exc) -> None:
         self.server.should_exit = True

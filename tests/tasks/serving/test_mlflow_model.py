@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import cv2
@@ -22,20 +21,6 @@ from tasks.dev.synth import SynthConfig, encode_jpeg, render_item
 from tasks.serving.mlflow_model import pyfunc_model
 
 pytestmark = pytest.mark.process
-
-
-def _wait_until_up(url: str, server: subprocess.Popen, log: Path, seconds: float = 180) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            pytest.fail(f"mlflow models serve exited with {server.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"{url}/ping", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.5)
-    pytest.fail(f"mlflow models serve did not answer /ping in {seconds:g} s:\n{log.read_text()[-3000:]}")
 
 
 def test_mlflow_models_serve_runs_the_champion_on_image_bytes(tmp_path, private_mlflow, write_model_folder):
@@ -53,7 +38,7 @@ def test_mlflow_models_serve_runs_the_champion_on_image_bytes(tmp_path, private_
                                                   "PATH": f"{mlflow_cli.parent}{os.pathsep}{os.environ.get('PATH', '')}"}, start_new_session=True)
         url = f"http://127.0.0.1:{port}"
         try:
-            _wait_until_up(url, server, log)
+            stack.wait_http(f"{url}/ping", 180, server, log, status=200)
             item = render_item(0, SynthConfig(n=1, seed=3, max_side=120))
             photo = encode_jpeg(item.image)
             body = {"dataframe_records": [{"image": base64.b64encode(photo).decode()},
