@@ -34,6 +34,7 @@ from bgremoval_airflow.web.common import (
     dataset_url,
     default_bucket,
     load_review_state,
+    page_count,
     render_page,
     review_errors,
 )
@@ -106,7 +107,7 @@ def cluster_router() -> APIRouter:
         root = storage.join(bucket_url(bucket), layout.DATASETS)
         options = current_storage_options()
         names = [v for v in storage.list_folders(root, options) if DATASET_VERSION.match(v)]
-        pages = max(1, -(-len(names) // INDEX_PAGE_SIZE))
+        pages = page_count(len(names), INDEX_PAGE_SIZE)
         shown = names[(page - 1) * INDEX_PAGE_SIZE:page * INDEX_PAGE_SIZE]
         versions = [{"name": v, "clusters": storage.exists(storage.join(root, v, ASSIGNMENTS_PATH), options)}
                     for v in shown]

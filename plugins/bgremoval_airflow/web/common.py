@@ -149,6 +149,11 @@ def review_errors():
     return answer_errors({CorrectionError: 422, ReviewClosed: 409, FileNotFoundError: 404})
 
 
+def page_count(total: int, per_page: int) -> int:
+    """How many pages of ``per_page`` rows ``total`` rows fill (at least one, for the empty list)."""
+    return max(1, -(-total // per_page))
+
+
 def render_page(template: str, **context) -> str:
     """Render one of the pages' templates (autoescaped; values for scripts go through ``|tojson``)."""
     return _templates.get_template(template).render(**context)

@@ -34,7 +34,8 @@ from pydantic import BaseModel, Field
 
 from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessEntity
 from airflow.api_fastapi.core_api.security import GetUserDep, requires_access_dag
-from bgremoval_airflow.web.common import answer_errors, bucket_url, current_storage_options, default_bucket, render_page
+from bgremoval_airflow.web.common import (answer_errors, bucket_url, current_storage_options, default_bucket, page_count,
+                                          render_page)
 from tasks.feedback.config import MAX_MASK_BYTES
 
 INFERENCE_DAG_ID = "bgremoval_inference"
@@ -190,7 +191,7 @@ def correction_router() -> APIRouter:
         """The queue page: one card per item linking to its editor, :data:`PAGE_SIZE` per page."""
         include_done = show == "all"
         listed, items = _page(bucket, include_done, (page - 1) * PAGE_SIZE, PAGE_SIZE)
-        pages = max(1, -(-listed.total // PAGE_SIZE))
+        pages = page_count(listed.total, PAGE_SIZE)
         return render_page("correction_queue.html", items=items, n_open=listed.n_open, total=listed.total,
                            page=page, pages=pages, include_done=include_done, bucket=bucket, user=user.get_name())
 
