@@ -49,6 +49,8 @@ __all__ = [
     "IMAGE_EXTENSIONS",
     "CutoutResult",
     "InferenceConfig",
+    "OUTPUT_KINDS",
+    "OutputKind",
     "SINGLE_OUTPUTS",
     "cut_out_bytes",
     "iter_remove_backgrounds",
@@ -106,8 +108,27 @@ def parse_canvas(value: str | Sequence[int] | None) -> tuple[int, int] | None:
     return width, height
 
 
+@dataclass(frozen=True)
+class OutputKind:
+    """One kind of output: its ``name`` (what ``bgremoval serve`` and the MLflow model call it), the
+    :class:`InferenceConfig` ``flag`` that asks for it, the :class:`CutoutResult` ``field`` that holds
+    its bytes and its ``media_type``."""
+
+    name: str
+    flag: str
+    field: str
+    media_type: str
+
+
+#: Every output an image can get, by name: the one table the config flags, the result's fields, the
+#: written files and the single-output callers are read from.
+OUTPUT_KINDS: dict[str, OutputKind] = {kind.name: kind for kind in (
+    OutputKind("cutout", "cutout", "cutout_png", "image/png"),
+    OutputKind("jpeg", "composite", "composite_jpeg", "image/jpeg"),
+    OutputKind("mask", "mask", "mask_png", "image/png"),
+)}
 #: The one output a caller of a single image asks for (``bgremoval serve``, the MLflow model), and its media type.
-SINGLE_OUTPUTS: dict[str, str] = {"cutout": "image/png", "mask": "image/png", "jpeg": "image/jpeg"}
+SINGLE_OUTPUTS: dict[str, str] = {name: kind.media_type for name, kind in OUTPUT_KINDS.items()}
 
 
 @dataclass(frozen=True)
@@ -170,10 +191,10 @@ def single_output_config(output: str, background: str = "#ffffff", decontaminate
                          max_pixels: int = MAX_PIXELS) -> InferenceConfig:
     """The :class:`InferenceConfig` that makes only ``output`` (a key of :data:`SINGLE_OUTPUTS`);
     raises ``ValueError`` for an unknown output or background."""
-    if output not in SINGLE_OUTPUTS:
-        raise ValueError(f"output must be one of {', '.join(SINGLE_OUTPUTS)}, got {output!r}")
-    return InferenceConfig(background=background, mask=output == "mask", cutout=output == "cutout",
-                           composite=output == "jpeg", decontaminate=decontaminate, max_pixels=max_pixels)
+    if output not in OUTPUT_KINDS:
+        raise ValueError(f"output must be one of {', '.join(OUTPUT_KINDS)}, got {output!r}")
+    flags = {kind.flag: name == output for name, kind in OUTPUT_KINDS.items()}
+    return InferenceConfig(background=background, decontaminate=decontaminate, max_pixels=max_pixels, **flags)
 
 
 @dataclass
@@ -215,8 +236,8 @@ class CutoutResult:
         return None if self.quality is None else self.quality.score
 
     def output(self, kind: str) -> bytes | None:
-        """The encoded output named ``kind`` (a key of :data:`SINGLE_OUTPUTS`)."""
-        return {"cutout": self.cutout_png, "mask": self.mask_png, "jpeg": self.composite_jpeg}[kind]
+        """The encoded output named ``kind`` (a key of :data:`OUTPUT_KINDS`)."""
+        return getattr(self, OUTPUT_KINDS[kind].field)
 
     def summary(self) -> dict[str, Any]:
         """A small JSON-ready dict (stem, source, size, score and its parts, error): no pixels."""

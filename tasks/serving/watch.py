@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from tasks.core import storage
 from tasks.serving.engines import Engine
 from tasks.serving.pipeline import (
+    OUTPUT_KINDS,
     InferenceConfig,
     iter_remove_backgrounds,
     list_images,
@@ -50,9 +51,8 @@ def _size(url: str, storage_options: dict | None) -> int | None:
 
 def _has_outputs(stem: str, out_url: str, config: InferenceConfig, storage_options: dict | None) -> bool:
     urls = output_urls(stem, out_url, mask_dir_for(config))
-    wanted = {"cutout_png": config.cutout, "composite_jpeg": config.composite, "mask_png": config.mask}
     options = options_for(out_url, storage_options)
-    return all(storage.exists(urls[key], options) for key, on in wanted.items() if on)
+    return all(storage.exists(urls[kind.field], options) for kind in OUTPUT_KINDS.values() if getattr(config, kind.flag))
 
 
 def poll_once(inputs: Sequence[str], out_url: str, engine: Engine, config: InferenceConfig, state: WatchState,
