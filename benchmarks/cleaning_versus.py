@@ -34,7 +34,14 @@ for path in (ROOT, ROOT / "benchmarks"):
 
 import cv2  # noqa: E402
 
-from prep_throughput import VITON_DIR, decode_cv2, decode_pil, evenly_spaced, generate_synthetic, list_pairs  # noqa: E402
+from prep_throughput import (  # noqa: E402
+    VITON_DIR,
+    decode_cv2,
+    decode_pil,
+    evenly_spaced,
+    generate_synthetic,
+    list_pairs,
+)
 from tasks.data import cleaning, mask_audit  # noqa: E402
 from tasks.data.config import CleaningConfig  # noqa: E402
 

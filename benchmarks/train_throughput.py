@@ -537,7 +537,8 @@ def fmt_mib(mib: float | None) -> str:
 def format_row(row: dict, baselines: dict[str, float]) -> list[str]:
     """One table line (the error's first line in place of the numbers when it failed)."""
     yes = {True: "yes", False: "no"}
-    lead = [row["model"] + (" (original code)" if row.get("original") else ""), str(row["size"]), yes[row["channels_last"]], yes[row["bf16"]], yes[row["compile"]],
+    name = row["model"] + (" (original code)" if row.get("original") else "")
+    lead = [name, str(row["size"]), yes[row["channels_last"]], yes[row["bf16"]], yes[row["compile"]],
             str(row["workers"]), str(row["threads"]) if row["device"] == "cpu" else "-"]
     load = f"{row['load_1min_at_start']:.2f}" if row.get("load_1min_at_start") is not None else "-"
     if row.get("error"):

@@ -172,7 +172,8 @@ def list_names_after(folder_url: str, after: str = "", storage_options: dict | N
             names = os.listdir(root)
         except FileNotFoundError:
             return []
-        return sorted(n for n in names if n > after and not n.startswith(".tmp-") and os.path.isfile(os.path.join(root, n)))
+        return sorted(n for n in names
+                      if n > after and not n.startswith(".tmp-") and os.path.isfile(os.path.join(root, n)))
     bucket, _, prefix = root.partition("/")
     prefix = f"{prefix}/" if prefix else ""
     names: list[str] = []

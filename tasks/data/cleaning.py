@@ -24,8 +24,9 @@ Policies (documented in the README as well):
   ``image_too_small``.
 * **Resize.** The aspect ratio is kept: the longer side becomes ``working_size`` (area
   interpolation when shrinking). A JPEG is decoded at the smallest DCT scale (1/2, 1/4, 1/8) that
-  still covers the working size, then resized; the mask is checked at the image's full size. The mask is resized as a fraction of coverage and re-thresholded
-  at one half, so edges stay where they were. Training later pads or resizes to its square input.
+  still covers the working size, then resized; the mask is checked at the image's full size. The
+  mask is resized as a fraction of coverage and re-thresholded at one half, so edges stay where
+  they were. Training later pads or resizes to its square input.
 """
 
 from __future__ import annotations
@@ -315,7 +316,10 @@ def _resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 def _resize_mask(binary: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Resize a uint8 {0, 255} mask by coverage (the area average of 0/255) and re-threshold at one
     half; returns uint8 {0, 255}."""
-    coverage = _area_average(binary, size) if size[0] < binary.shape[1] else cv2.resize(binary, size, interpolation=cv2.INTER_AREA)
+    if size[0] < binary.shape[1]:
+        coverage = _area_average(binary, size)
+    else:
+        coverage = cv2.resize(binary, size, interpolation=cv2.INTER_AREA)
     return cv2.threshold(coverage, 127, 255, cv2.THRESH_BINARY)[1]
 
 
