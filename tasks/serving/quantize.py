@@ -24,8 +24,12 @@ import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import onnx
 
 __all__ = [
     "DEFAULT_DOMINANCE",
@@ -63,13 +67,15 @@ def _session(model_bytes_or_path, threads: int | None = None):
     return ort.InferenceSession(model_bytes_or_path, options, providers=["CPUExecutionProvider"])
 
 
-def _prepared(src: str, work: str) -> str:
-    """``src`` at opset 13 with shapes inferred, as ONNX Runtime's quantiser wants it."""
+def _prepared(src: str, work: str) -> tuple[str, onnx.ModelProto, list]:
+    """``src`` at opset 13 with shapes inferred and every node named, as ONNX Runtime's quantiser
+    wants it: returns its path, the model and ``src``'s metadata (input size, normalisation)."""
     import onnx
     from onnx import version_converter
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     model = onnx.load(src)
+    metadata = list(model.metadata_props)
     opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), QDQ_OPSET)
     if opset < QDQ_OPSET:
         model = version_converter.convert_version(model, QDQ_OPSET)
@@ -77,21 +83,30 @@ def _prepared(src: str, work: str) -> str:
     onnx.save(model, converted)
     prepared = os.path.join(work, "prepared.onnx")
     quant_pre_process(converted, prepared, skip_symbolic_shape=True)
-    return prepared
+    model = onnx.load(prepared)
+    for i, node in enumerate(model.graph.node):
+        if not node.name:
+            node.name = f"{node.op_type}_{i}"
+    onnx.save(model, prepared)
+    return prepared, model, metadata
 
 
-def float_islands(model_path: str, inputs: Sequence[np.ndarray],
+def float_islands(model: str | onnx.ModelProto, inputs: Sequence[np.ndarray],
                   dominance: float = DEFAULT_DOMINANCE) -> tuple[list[str], dict[str, float]]:
     """The nodes to keep in float: for every 4-D tensor whose largest channel (max ``|value|``
     over ``inputs``) exceeds ``dominance`` times the median channel's, the node that makes it
     (with the convolution before it when that node is a ReLU) and the convolutions that read it.
+    ``model``: a path or a loaded model (left unchanged).
 
     Returns ``(node names in graph order, {tensor: largest / median channel})``.
     """
     import onnx
     from onnx import helper
 
-    model = onnx.load(model_path)
+    if isinstance(model, onnx.ModelProto):
+        model = onnx.ModelProto.FromString(model.SerializeToString())  # every tensor becomes an output below
+    else:
+        model = onnx.load(model)
     graph = model.graph
     known = {o.name for o in graph.output}
     for node in graph.node:
@@ -143,13 +158,8 @@ def quantize_model(src: str, dst: str, calibration: Sequence[np.ndarray],
         raise ValueError("quantisation needs calibration photos; none were given")
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="bgremoval-quantize-") as work:
-        prepared = _prepared(src, work)
-        model = onnx.load(prepared)
-        for i, node in enumerate(model.graph.node):
-            if not node.name:
-                node.name = f"{node.op_type}_{i}"
-        onnx.save(model, prepared)
-        keep, dominated = float_islands(prepared, calibration, dominance)
+        prepared, model, metadata = _prepared(src, work)
+        keep, dominated = float_islands(model, calibration, dominance)
         sigmoids = [n.name for n in model.graph.node if n.op_type == "Sigmoid"]
         input_name = model.graph.input[0].name
 
@@ -164,7 +174,7 @@ def quantize_model(src: str, dst: str, calibration: Sequence[np.ndarray],
                         weight_type=QuantType.QInt8, per_channel=True, nodes_to_exclude=keep + sigmoids)
     quantised = onnx.load(dst)
     del quantised.metadata_props[:]
-    quantised.metadata_props.extend(onnx.load(src, load_external_data=False).metadata_props)
+    quantised.metadata_props.extend(metadata)
     onnx.save(quantised, dst)
     n_quantised = sum(n.op_type == "QuantizeLinear" for n in quantised.graph.node)
     return QuantizationReport(output_path=dst, calibration_images=len(calibration), float_nodes=keep,
