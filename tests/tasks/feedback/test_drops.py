@@ -24,17 +24,20 @@ def test_ready_drops_are_found_until_marked_started(bucket):
     assert storage.exists(storage.join(layout.incoming(bucket_url, "a-1"), "p.jpg"), options)  # inputs untouched
 
 
+def drop(bucket_url: str, options, batch: str, photo: bytes = b"jpeg") -> None:
+    """The studio copies a photo into ``incoming/<batch>/`` and writes ``_READY``."""
+    storage.write_bytes(storage.join(layout.incoming(bucket_url, batch), "p.jpg"), photo, options)
+    storage.write_bytes(layout.ready_marker(layout.incoming(bucket_url, batch)), b"", options)
+
+
 def test_a_batch_dropped_again_gets_one_more_run(bucket):
     bucket_url, options = bucket
-    ready = layout.ready_marker(layout.incoming(bucket_url, "a-1"))
-    storage.write_bytes(storage.join(layout.incoming(bucket_url, "a-1"), "p.jpg"), b"jpeg", options)
-    storage.write_bytes(ready, b"", options)
+    drop(bucket_url, options, "a-1")
     (first,) = new_drops(bucket_url, options)
     mark_started(bucket_url, "a-1", first["run_id"], first["ready"], options)
     assert new_drops(bucket_url, options) == []
     time.sleep(1.1)  # S3's LastModified has whole seconds
-    storage.write_bytes(storage.join(layout.incoming(bucket_url, "a-1"), "p.jpg"), b"new jpeg", options)
-    storage.write_bytes(ready, b"", options)  # the studio drops the batch again
+    drop(bucket_url, options, "a-1", b"new jpeg")  # the studio drops the batch again
     (again,) = new_drops(bucket_url, options)
     assert again["batch"] == "a-1" and again["run_id"].startswith("drop__a-1__") and len(again["run_id"]) == 19
     assert new_drops(bucket_url, options) == [again]  # the same drop: the same run id until it is marked
@@ -44,12 +47,10 @@ def test_a_batch_dropped_again_gets_one_more_run(bucket):
 
 def test_a_ready_written_again_while_the_drop_starts_is_a_drop_of_its_own(bucket):
     bucket_url, options = bucket
-    ready = layout.ready_marker(layout.incoming(bucket_url, "a-1"))
-    storage.write_bytes(storage.join(layout.incoming(bucket_url, "a-1"), "p.jpg"), b"jpeg", options)
-    storage.write_bytes(ready, b"", options)
+    drop(bucket_url, options, "a-1")
     (first,) = new_drops(bucket_url, options)
     time.sleep(1.1)
-    storage.write_bytes(ready, b"", options)  # the studio drops again between discovery and the marker
+    drop(bucket_url, options, "a-1")  # the studio drops again between discovery and the marker
     mark_started(bucket_url, "a-1", first["run_id"], first["ready"], options)
     (again,) = new_drops(bucket_url, options)  # the marker is for the first _READY: the second still runs
     assert again["run_id"] != first["run_id"] and again["ready"] != first["ready"]
