@@ -173,9 +173,7 @@ def audit_pair(image: np.ndarray, mask: np.ndarray, config: AuditConfig = AuditC
 
     bg_labels, bg_areas = _components((~fg).view(np.uint8), connectivity=4)
     nb = len(bg_areas) + 1
-    enclosed = _lookup(np.ones(nb - 1, bool))
-    enclosed[_border(bg_labels)] = False  # a component with a pixel on the frame is not enclosed
-    enclosed = enclosed[1:]
+    enclosed = ~np.isin(np.arange(1, nb), _border(bg_labels))  # no pixel on the frame
     pinhole = enclosed & (bg_areas < speck_px)
     hole = enclosed & ~pinhole
     hole_area = int(bg_areas[hole].sum())

@@ -10,7 +10,6 @@ with a reason, and the shard must complete.
 
 from __future__ import annotations
 
-import io
 import struct
 import zlib
 
@@ -18,7 +17,7 @@ import numpy as np
 from PIL import Image
 
 from tasks.core.codecs import encode_jpeg
-from tasks.dev.badinputs import png_header_only
+from tasks.dev.badinputs import pillow_bytes, png_header_only
 from tasks.dev.synth import SynthConfig, render_item
 
 #: The stems :func:`awkward_drop` writes that a production run must refuse (``failed/``), and those it
@@ -40,16 +39,10 @@ def png_bomb(side: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat + stream.flush()) + chunk(b"IEND", b"")
 
 
-def _encoded(image: Image.Image, fmt: str, **kwargs) -> bytes:
-    out = io.BytesIO()
-    image.save(out, format=fmt, **kwargs)
-    return out.getvalue()
-
-
 def awkward_drop() -> dict[str, bytes]:
     """File name -> bytes of the awkward drop (see the module docstring)."""
     product = render_item(0, SynthConfig(n=1, seed=9, max_side=200)).image
-    rgb = Image.fromarray(product)
+    grey16 = np.asarray(Image.fromarray(product).convert("L")).astype(np.uint16) * 257
     exif = Image.Exif()
     exif[0x0112] = 6
     jpeg = encode_jpeg(product)
@@ -59,12 +52,12 @@ def awkward_drop() -> dict[str, bytes]:
         "zero.jpg": b"",
         "text.jpg": b"this is a caption, not a photo\n" * 10,
         "truncated.jpg": jpeg[: len(jpeg) // 3],
-        "cmyk.jpg": _encoded(rgb.convert("CMYK"), "JPEG"),
-        "sixteen.png": _encoded(Image.fromarray(np.asarray(rgb.convert("L")).astype(np.uint16) * 257), "PNG"),
-        "alpha.png": _encoded(rgb.convert("RGBA"), "PNG"),
-        "photo.webp": _encoded(rgb, "WEBP"),
+        "cmyk.jpg": pillow_bytes(product, "JPEG", mode="CMYK"),
+        "sixteen.png": pillow_bytes(grey16, "PNG"),
+        "alpha.png": pillow_bytes(product, "PNG", mode="RGBA"),
+        "photo.webp": pillow_bytes(product, "WEBP"),
         "bad-exif.jpg": jpeg[:2] + b"\xff\xe1\x00\x10Exif\x00\x00MM\x00*\xff\xff\xff\xff" + jpeg[2:],
-        "rotated.jpg": _encoded(rgb, "JPEG", exif=exif),
-        "sliver.png": _encoded(Image.new("RGB", (40, 30_000), (200, 30, 30)), "PNG"),
+        "rotated.jpg": pillow_bytes(product, "JPEG", exif=exif),
+        "sliver.png": pillow_bytes(np.full((30_000, 40, 3), (200, 30, 30), np.uint8), "PNG"),
         "good.jpg": jpeg,
     }

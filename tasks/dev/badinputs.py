@@ -44,7 +44,8 @@ def _product(rng: np.random.Generator, width: int = 240, height: int = 320) -> t
     return image, mask
 
 
-def _encode(array: np.ndarray, fmt: str, mode: str | None = None, **kwargs) -> bytes:
+def pillow_bytes(array: np.ndarray, fmt: str, mode: str | None = None, **kwargs) -> bytes:
+    """``array`` saved by Pillow as ``fmt`` (after converting to ``mode`` when given)."""
     buf = io.BytesIO()
     img = Image.fromarray(array)
     if mode:
@@ -54,11 +55,11 @@ def _encode(array: np.ndarray, fmt: str, mode: str | None = None, **kwargs) -> b
 
 
 def _jpeg(array: np.ndarray, **kwargs) -> bytes:
-    return _encode(array, "JPEG", quality=92, **kwargs)
+    return pillow_bytes(array, "JPEG", quality=92, **kwargs)
 
 
 def _png(array: np.ndarray, **kwargs) -> bytes:
-    return _encode(array, "PNG", **kwargs)
+    return pillow_bytes(array, "PNG", **kwargs)
 
 
 def png_header_only(width: int, height: int) -> bytes:
@@ -118,12 +119,12 @@ def _case_undecodable(stem, rng):
 
 def _case_unsupported_format(stem, rng):
     image, mask = _product(rng)
-    return _pair(stem, _encode(image, "GIF"), _png(mask), image_ext="gif")
+    return _pair(stem, pillow_bytes(image, "GIF"), _png(mask), image_ext="gif")
 
 
 def _case_disguised_format(stem, rng):
     image, mask = _product(rng)
-    return _pair(stem, _encode(image, "BMP"), _png(mask))  # BMP bytes behind a .jpg name
+    return _pair(stem, pillow_bytes(image, "BMP"), _png(mask))  # BMP bytes behind a .jpg name
 
 
 def _case_cmyk(stem, rng):
