@@ -45,7 +45,7 @@ RUN python -m venv .venv \
 COPY pyproject.toml constraints.txt README.md ./
 COPY scripts/ ./scripts/
 COPY tasks/ ./tasks/
-RUN pip install -c constraints.txt ".[airflow]" \
+RUN pip install -c constraints.txt ".[airflow,openvino]" \
  && if [ "$WITH_HOROVOD" = "true" ]; then scripts/install-horovod.sh; fi \
  && python -c "import airflow.providers.celery.executors.celery_executor, airflow.providers.amazon, airflow.providers.databricks, mlflow, psycopg2, torch, tasks; print('image ok: torch', torch.__version__)" \
  && bgremoval pretrained fetch

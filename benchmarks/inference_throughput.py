@@ -1,13 +1,18 @@
 """Background-removal throughput: our ``remove`` path beside rembg, on the same ONNX model.
 
-What is measured, per model (U2-NetP / U2-Net, untrained weights: speed does not depend on them),
-exported once with :func:`tasks.model.export.export_onnx` at ``--size`` (320, what rembg's
-``u2net_custom`` session feeds):
+What is measured, per model (U2-NetP / U2-Net) exported once with
+:func:`tasks.model.export.export_onnx` at ``--size`` (320, what rembg's ``u2net_custom`` session
+feeds): U2-NetP with the published weights converted into the project's model when they are on
+this machine, U2-Net untrained (no published weights ship in a wheel). Untrained weights give flat
+masks, whose PNGs encode faster than real ones: rows on untrained weights flatter the path that
+spends more of its time encoding.
 
 * ``bgremoval``: what ``bgremoval remove`` does per image — read the JPEG from disk, decode
-  (EXIF applied), preprocess, ONNX Runtime on batches of ``--batch`` (intra-op threads = the
-  threads given), resize the map back, quality score, RGBA PNG cut-out **and** JPEG on white,
-  both written to disk (:func:`tasks.serving.pipeline.iter_remove_backgrounds` + ``write_outputs``);
+  (EXIF applied), preprocess, the model on batches of ``--batch`` (the threads given) run by each
+  of ``--runtimes`` (``onnx``: ONNX Runtime, rows ``ORT``; ``openvino``: OpenVINO, rows ``OV``;
+  both by default when OpenVINO is installed), resize the map back, quality score, RGBA PNG
+  cut-out **and** JPEG on white, both written to disk
+  (:func:`tasks.serving.pipeline.iter_remove_backgrounds` + ``write_outputs``);
 * ``rembg``: rembg 2.0.86, ``new_session("u2net_custom", model_path=<the same .onnx>)`` with the
   file inside ``U2NET_HOME`` and ``OMP_NUM_THREADS`` = the same threads, ``remove(bytes)`` per
   image (decode, EXIF, inference at 320, resize, cut-out, PNG encode), the PNG written to disk.
@@ -40,6 +45,7 @@ Run from the project root:
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shutil
@@ -53,6 +59,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
+
+from tasks.serving.engines import ONNX_RUNTIMES, openvino_installed  # noqa: E402
+
+RUNTIME_LABELS = {"onnx": "ORT", "openvino": "OV"}
 
 
 def _cores() -> int:
@@ -75,18 +85,27 @@ def make_images(folder: Path, n: int, width: int, height: int, seed: int = 11) -
     return paths
 
 
-def export_model(name: str, size: int, home: Path) -> str:
-    """Export an untrained ``name`` to ``home/<name>_custom.onnx``; return the path."""
+def export_model(name: str, size: int, home: Path) -> tuple[str, str]:
+    """Export ``name`` with the project's exporter to ``home/<name>_custom.onnx``: U2-NetP with the
+    published weights when they are on this machine (real masks: the PNG encodes of both paths
+    cost what they cost on real work), otherwise untrained weights (flat masks that encode
+    faster). Returns ``(path, row name)``."""
     import torch
 
     from tasks.model.export import export_onnx
+    from tasks.model.pretrained import PRETRAINED_MODEL, load_pretrained_model
+    from tasks.model.published import find_pretrained_onnx
     from tasks.model.u2net import build_model
 
     home.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     path = str(home / f"{name}_custom.onnx")
-    export_onnx(build_model(name).eval(), path, size, model_name=name, check=False)
-    return path
+    if name == PRETRAINED_MODEL and find_pretrained_onnx() is not None:
+        model, label = load_pretrained_model(), f"{name} (export, published weights)"
+    else:
+        model, label = build_model(name), f"{name} (export, untrained)"
+    export_onnx(model.eval(), path, size, model_name=name, check=False)
+    return path, label
 
 
 def published_model(home: Path) -> str:
@@ -132,12 +151,12 @@ def _percentiles(latencies: list[float]) -> tuple[float, float]:
 
 
 def run_ours(onnx_path: str, paths: list[str], out: Path, threads: int, batch: int, warmup: int,
-             png_compression: int, sessions: int = 1) -> dict:
-    """Time the bgremoval path on ``paths``; returns img/s and latencies."""
+             png_compression: int, runtime: str, sessions: int = 1) -> dict:
+    """Time the bgremoval path on ``paths`` with the model on ``runtime``; returns img/s and latencies."""
     from tasks.serving.engines import load_engine
     from tasks.serving.pipeline import InferenceConfig, iter_remove_backgrounds, write_outputs
 
-    engine = load_engine(onnx_path, threads=threads, sessions=sessions)
+    engine = load_engine(onnx_path, backend=runtime, threads=threads, sessions=sessions)
     config = InferenceConfig(batch_size=batch, io_threads=threads, png_compression=png_compression)
 
     def once(batch_paths: list[str]) -> list[float]:
@@ -202,6 +221,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="add rows for `bgremoval quantize`'s int8 copy of each file (1 session, and one "
                              "single-thread session per core), calibrated on 48 real photos from ../shared/data "
                              "when present, else on the benchmark's own images")
+    parser.add_argument("--runtimes", nargs="+", choices=ONNX_RUNTIMES,
+                        default=list(ONNX_RUNTIMES) if openvino_installed() else ["onnx"],
+                        help="the model's runtimes for the bgremoval rows (default: both when OpenVINO is installed)")
     parser.add_argument("--json", help="write the rows as JSON here")
     args = parser.parse_args(argv)
 
@@ -215,8 +237,10 @@ def main(argv: list[str] | None = None) -> int:
               f"load {os.getloadavg()[0]:.2f}")
         names = ["u2netp (published)"] if args.published else args.models
         for name in names:
-            onnx_path = (published_model(tmp / "u2net_home") if args.published
-                         else export_model(name, args.size, tmp / "u2net_home"))
+            if args.published:
+                onnx_path = published_model(tmp / "u2net_home")
+            else:
+                onnx_path, name = export_model(name, args.size, tmp / "u2net_home")
             int8_path = (int8_model(onnx_path, _real_photos(48) or paths, tmp / f"{Path(onnx_path).stem}.int8.onnx")
                          if args.int8 else None)
             best: dict[tuple[str, int], dict] = {}
@@ -226,16 +250,17 @@ def main(argv: list[str] | None = None) -> int:
                     rembg = run_rembg(onnx_path, paths, _fresh(tmp / "out-rembg"), args.threads, len(warm))
                     if rembg is not None:
                         measured.append(({"model": name, "path": "rembg 2.0.86 (PNG)", "batch": 1}, rembg))
-                for batch in args.batches:
+                for batch, runtime in itertools.product(args.batches, args.runtimes):
                     ours = run_ours(onnx_path, paths, _fresh(tmp / "out-ours"), args.threads, batch, len(warm),
-                                    args.png_compression)
-                    measured.append(({"model": name, "path": "bgremoval (PNG+JPEG)", "batch": batch}, ours))
+                                    args.png_compression, runtime)
+                    label = f"bgremoval {RUNTIME_LABELS[runtime]} fp32"
+                    measured.append(({"model": name, "path": label, "batch": batch}, ours))
                     if int8_path is None:
                         continue
                     for sessions in sorted({1, min(args.threads, max(1, batch))}):
                         ours = run_ours(int8_path, paths, _fresh(tmp / "out-ours"), args.threads, batch, len(warm),
-                                        args.png_compression, sessions=sessions)
-                        label = f"bgremoval int8, {sessions} sess." if sessions > 1 else "bgremoval int8"
+                                        args.png_compression, runtime, sessions=sessions)
+                        label = f"bgremoval {RUNTIME_LABELS[runtime]} int8" + (f", {sessions} sess." if sessions > 1 else "")
                         measured.append(({"model": name, "path": label, "batch": batch}, ours))
                 for key, result in measured:
                     slot = (key["path"], key["batch"])
@@ -246,12 +271,12 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(tmp, ignore_errors=True)
 
     base = {r["model"]: r["images_per_s"] for r in rows if r["path"].startswith("rembg")}
-    print(f"\n{'model':<19} {'path':<22} {'batch':>5} {'img/s':>7} {'p50 ms':>8} {'p95 ms':>8} {'vs rembg':>9} {'load':>5}")
+    print(f"\n{'model':<34} {'path':<26} {'batch':>5} {'img/s':>7} {'p50 ms':>8} {'p95 ms':>8} {'vs rembg':>9} {'load':>5}")
     for r in rows:
         p50, p95 = _percentiles(r["latencies"])
         r["p50_ms"], r["p95_ms"] = p50 * 1000, p95 * 1000
         speedup = f"{r['images_per_s'] / base[r['model']]:.2f}x" if r["model"] in base else "-"
-        print(f"{r['model']:<19} {r['path']:<22} {r['batch']:>5} {r['images_per_s']:>7.2f} "
+        print(f"{r['model']:<34} {r['path']:<26} {r['batch']:>5} {r['images_per_s']:>7.2f} "
               f"{r['p50_ms']:>8.0f} {r['p95_ms']:>8.0f} {speedup:>9} {r['load']:>5.1f}")
     print(f"load at end {os.getloadavg()[0]:.2f}")
     if args.json:

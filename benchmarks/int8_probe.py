@@ -9,7 +9,8 @@ convolutions left in float; ``int8``). Then, in one run:
 
 * **speed**, model only, batch 1, rows interleaved over ``--repeat`` rounds (each keeps its
   fastest): fp32 and int8, each as one session with all cores' threads and as one single-thread
-  session per core running side by side;
+  session per core running side by side, through the project's engines: ONNX Runtime and, when it
+  is installed, OpenVINO (rows ``.../ov``; ``--runtimes``) on the same files;
 * **masks**, on the test side (hash >= 0.9, ``--n-test`` photos per set): mean IoU against the
   ground-truth masks and the share of photos at >= 95/97/99 %, fp32 beside both int8 files, and
   how far each int8 mask agrees with the fp32 one (IoU between the two);
@@ -32,6 +33,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -39,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
+from tasks.serving.engines import ONNX_RUNTIMES, openvino_installed  # noqa: E402
 from tasks.serving.quantize import DEFAULT_DOMINANCE  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -93,35 +96,31 @@ def quantise(src: str, work: Path, calibration: list[np.ndarray]) -> tuple[str, 
     return str(prepared), str(int8)
 
 
-def session(path: str, threads: int):
-    """An ONNX Runtime CPU session with the project engine's settings."""
-    import onnxruntime as ort
+def runner(path: str, runtime: str, threads: int) -> Callable[[np.ndarray], np.ndarray]:
+    """The fused probability map of a 1×3×S×S input, from the project's engine for ``runtime``
+    (``onnx``: ONNX Runtime, ``openvino``) with ``threads`` threads."""
+    from tasks.serving.engines import load_engine
 
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    engine = load_engine(path, backend=runtime, threads=threads)
+    return lambda x: engine.predict(x)[0]
 
 
-def time_rows(models: dict[str, str], inputs: list[np.ndarray], repeat: int) -> list[dict]:
-    """Model-only img/s per (model, layout), interleaved rounds, fastest round kept."""
+def time_rows(models: dict[str, tuple[str, str]], inputs: list[np.ndarray], repeat: int) -> list[dict]:
+    """Model-only img/s per (model, layout), interleaved rounds, fastest round kept; ``models``
+    maps a row name to ``(file, runtime)``."""
     cores = _cores()
     layouts = {f"1 session x {cores} threads": [1, cores], f"{cores} sessions x 1 thread": [cores, 1]}
-    sessions = {(m, lay): [session(path, threads) for _ in range(count)]
-                for m, path in models.items() for lay, (count, threads) in layouts.items()}
-    name = next(iter(sessions.values()))[0].get_inputs()[0].name
-    for group in sessions.values():
-        for s in group:
-            s.run(None, {name: inputs[0]})
+    runners = {(m, lay): [runner(path, runtime, threads) for _ in range(count)]
+               for m, (path, runtime) in models.items() for lay, (count, threads) in layouts.items()}
+    for group in runners.values():
+        for run in group:
+            run(inputs[0])
     best: dict[tuple[str, str], dict] = {}
     for _ in range(repeat):
-        for key, group in sessions.items():
+        for key, group in runners.items():
             share = [inputs[i::len(group)] for i in range(len(group))]
-            threads = [threading.Thread(target=lambda s=s, xs=xs: [s.run(None, {name: x}) for x in xs])
-                       for s, xs in zip(group, share, strict=True)]
+            threads = [threading.Thread(target=lambda run=run, xs=xs: [run(x) for x in xs])
+                       for run, xs in zip(group, share, strict=True)]
             start = time.perf_counter()
             for t in threads:
                 t.start()
@@ -138,10 +137,10 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.logical_and(a, b).sum() / union) if union else 1.0
 
 
-def mask_rows(models: dict[str, str], pairs: dict[str, list[tuple[Path, Path]]]) -> list[dict]:
+def mask_rows(models: dict[str, tuple[str, str]], pairs: dict[str, list[tuple[Path, Path]]]) -> list[dict]:
     """Per set: IoU against the ground truth for each model, and int8's agreement with fp32."""
     rows = []
-    sessions = {m: session(p, _cores()) for m, p in models.items()}
+    runners = {m: runner(path, runtime, _cores()) for m, (path, runtime) in models.items()}
     for set_name, items in pairs.items():
         ious: dict[str, list[float]] = {m: [] for m in models}
         agreement: dict[str, list[float]] = {m: [] for m in models}
@@ -149,8 +148,8 @@ def mask_rows(models: dict[str, str], pairs: dict[str, list[tuple[Path, Path]]])
             truth = cv2.imread(str(mask_path), cv2.IMREAD_GRAYSCALE) > 127
             x = network_input(image_path)
             masks = {}
-            for m, s in sessions.items():
-                prob = s.run(None, {s.get_inputs()[0].name: x})[0][0, 0]
+            for m, run in runners.items():
+                prob = run(x)[0]
                 masks[m] = cv2.resize(prob, truth.shape[::-1], interpolation=cv2.INTER_LINEAR) > 0.5
                 ious[m].append(_iou(masks[m], truth))
             for m in models:
@@ -223,7 +222,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", help="copy the int8 model (float islands) here")
     parser.add_argument("--dominance", type=float, default=DEFAULT_DOMINANCE,
                         help="bgremoval quantize's --dominance (lower: more left in float)")
+    parser.add_argument("--runtimes", nargs="+", choices=ONNX_RUNTIMES,
+                        default=list(ONNX_RUNTIMES) if openvino_installed() else ["onnx"],
+                        help="run every file on these (OpenVINO rows are named .../ov; fp32 on ONNX Runtime is "
+                             "the reference); default: both when OpenVINO is installed")
     args = parser.parse_args(argv)
+    if "onnx" not in args.runtimes:
+        parser.error("--runtimes needs onnx: fp32 on ONNX Runtime is every row's reference")
     if not DATA.is_dir():
         print(f"{DATA} not present: nothing to probe")
         return 0
@@ -245,20 +250,22 @@ def main(argv: list[str] | None = None) -> int:
               f"(tensors with one dominating channel: {report.dominated_tensors})")
         if args.keep:
             shutil.copy(report.output_path, args.keep)
-        models = {"fp32": fp32, "int8-all": int8, "int8": report.output_path}
+        files = {"fp32": fp32, "int8-all": int8, "int8": report.output_path}
+        models = {name if runtime == "onnx" else f"{name}/ov": (path, runtime)
+                  for runtime in args.runtimes for name, path in files.items()}
         timing_inputs = [network_input(img) for s in SETS for img, _ in tests[s][: args.n_time // 2]]
         speed = time_rows(models, timing_inputs, args.repeat)
         base = {r["layout"]: r["img_s"] for r in speed if r["model"] == "fp32"}
         print(f"\nmodel only, batch 1, {len(timing_inputs)} photos, {args.repeat} interleaved rounds:")
-        print(f"{'model':<8} {'layout':<26} {'img/s':>6} {'vs fp32':>8} {'load':>5}")
+        print(f"{'model':<12} {'layout':<26} {'img/s':>6} {'vs fp32':>8} {'load':>5}")
         for r in speed:
-            print(f"{r['model']:<8} {r['layout']:<26} {r['img_s']:>6.2f} {r['img_s'] / base[r['layout']]:>7.2f}x "
+            print(f"{r['model']:<12} {r['layout']:<26} {r['img_s']:>6.2f} {r['img_s'] / base[r['layout']]:>7.2f}x "
                   f"{r['load']:>5.2f}")
         print("\nmasks on the test photos (IoU with the ground truth; agreement = IoU of the int8 mask with fp32's):")
-        print(f"{'set':<16} {'model':<8} {'n':>4} {'mean':>8} {'>=95':>6} {'>=97':>6} {'>=99':>6} {'agreement':>10} {'min':>6}")
+        print(f"{'set':<16} {'model':<12} {'n':>4} {'mean':>8} {'>=95':>6} {'>=97':>6} {'>=99':>6} {'agreement':>10} {'min':>6}")
         for r in mask_rows(models, tests):
             agree = f"{r['agreement']:>9.2f}% {r['agreement_min']:>5.1f}%" if r["agreement"] is not None else ""
-            print(f"{r['set']:<16} {r['model']:<8} {r['n']:>4} {r['mean']:>7.3f}% {r['>=95']:>5.1f}% "
+            print(f"{r['set']:<16} {r['model']:<12} {r['n']:>4} {r['mean']:>7.3f}% {r['>=95']:>5.1f}% "
                   f"{r['>=97']:>5.1f}% {r['>=99']:>5.1f}% {agree}")
         print(f"\nwhere int8-all loses the signal (SQNR in dB against fp32, on {min(4, len(calibration))} photos):")
         print(f"{'node':<14} {'op':<8} {'inputs':>7} {'output':>7} {'drop':>6}")

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from tasks.registry import DEFAULT_MODEL_NAME
+from tasks.serving.engines import BACKENDS
 from tasks.serving.quantize import DEFAULT_DOMINANCE
 
 
@@ -418,13 +419,15 @@ def build_parser() -> argparse.ArgumentParser:
     remove.add_argument("--only-mask", action="store_true",
                         help="write only the mask (8-bit PNG at the photo's size) as <stem>.png")
     remove.add_argument("--batch-size", type=int, default=4)
-    remove.add_argument("--threads", type=int, help="ONNX Runtime threads (default: all cores)")
+    remove.add_argument("--threads", type=int, help="the model's threads (default: all cores)")
     remove.add_argument("--sessions", type=int, default=1,
-                        help="ONNX Runtime sessions sharing --threads, each running part of a batch (2 on 2 cores "
+                        help="model sessions (OpenVINO: streams) sharing --threads, each running part of a batch (2 on 2 cores "
                              "pays for an int8 model from `bgremoval quantize`; keep --batch-size >= sessions)")
     remove.add_argument("--io-threads", type=int, help="decode/encode threads (default: all cores)")
     remove.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    remove.add_argument("--backend", choices=["auto", "onnx", "torch"], default="auto")
+    remove.add_argument("--backend", choices=list(BACKENDS), default="auto",
+                        help="the model's runtime: auto (OpenVINO when installed, else ONNX Runtime, for an ONNX file on the "
+                             "CPU), onnx (ONNX Runtime), openvino or torch")
     remove.add_argument("--flip", action="store_true",
                         help="test-time flip: average with the mirrored photo's prediction (twice the model time)")
     remove.add_argument("--jpeg-quality", type=int, default=92)
@@ -482,8 +485,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on (no login: keep it on loopback "
                                                          "or behind an authenticating proxy)")
     srv.add_argument("--port", type=int, default=7000)
-    srv.add_argument("--threads", type=int, help="ONNX Runtime threads (default: all cores)")
-    srv.add_argument("--sessions", type=int, default=1, help="ONNX Runtime sessions sharing the threads")
+    srv.add_argument("--threads", type=int, help="the model's threads (default: all cores)")
+    srv.add_argument("--sessions", type=int, default=1, help="model sessions (OpenVINO: streams) sharing the threads")
     srv.add_argument("--concurrency", type=int, default=2, help="images in the model at once")
     srv.add_argument("--queue-timeout", type=float, default=30.0, help="seconds a request waits for a slot (then 503)")
     srv.add_argument("--max-mb", type=float, default=20.0, help="largest request body, MiB (then 413)")

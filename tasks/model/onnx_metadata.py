@@ -25,7 +25,8 @@ def read_onnx_metadata(onnx_path: str) -> dict[str, Any]:
     """Read how to feed an ONNX model file and read its outputs, from the file itself.
 
     Returns ``{"input_size": int, "resize": str, "mean": [3 floats], "std": [3 floats], "model": str,
-    "sides": bool, "side_outputs": [names], "batch": int | None, "probabilities": bool}``.
+    "output": name, "sides": bool, "side_outputs": [names], "batch": int | None, "probabilities": bool}``
+    (``output``: the name of output 0, the fused prediction).
 
     Files this project exports carry their preprocessing as metadata and a ``sides`` output
     (B×6×S×S). Files exported elsewhere — rembg's ``u2netp.onnx``/``u2net.onnx``, any U2-Net-family
@@ -59,6 +60,7 @@ def read_onnx_metadata(onnx_path: str) -> dict[str, Any]:
         "mean": json.loads(props["mean"]) if "mean" in props else list(IMAGENET_MEAN),
         "std": json.loads(props["std"]) if "std" in props else list(IMAGENET_STD),
         "model": props.get("model", ""),
+        "output": names[0],
         "sides": bool(side_outputs),
         "side_outputs": side_outputs,
         "batch": shape[0] if isinstance(shape[0], int) else None,

@@ -458,7 +458,7 @@ def test_dockerfile_installs_cpu_torch_first_then_the_pinned_project_and_copies_
     assert torch_arg == constraints["torch"]
     assert re.search(r"^ARG TORCH_INDEX_URL=https://download\.pytorch\.org/whl/cpu$", text, re.M)
     torch_at = joined.index('pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}"')
-    project_at = joined.index('pip install -c constraints.txt ".[airflow]"')  # the extra brings Airflow and torch
+    project_at = joined.index('pip install -c constraints.txt ".[airflow,openvino]"')  # Airflow, torch and OpenVINO
     assert torch_at < project_at
     for source in ("pyproject.toml", "constraints.txt", "tasks/", "dags/", "plugins/"):
         assert re.search(rf"^COPY (--chown=\S+ )?.*\b{re.escape(source)}", text, re.M), source

@@ -43,7 +43,7 @@ def test_metadata_names_the_preprocessing(exported):
     _, info = exported
     meta = read_onnx_metadata(info["path"])
     assert meta == {"input_size": 64, "resize": "stretch", "mean": [0.485, 0.456, 0.406],
-                    "std": [0.229, 0.224, 0.225], "model": "u2netp", "sides": True, "side_outputs": ["sides"],
+                    "std": [0.229, 0.224, 0.225], "model": "u2netp", "output": ONNX_OUTPUT, "sides": True, "side_outputs": ["sides"],
                     "batch": None, "probabilities": True}
 
 

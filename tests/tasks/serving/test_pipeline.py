@@ -18,7 +18,7 @@ from tasks import registry
 from tasks.dev import stack
 from tasks.evaluation.scoring import preprocess
 from tasks.model.export import export_onnx
-from tasks.serving.engines import Engine, FlipAveragedEngine, load_engine
+from tasks.serving.engines import ONNX_RUNTIMES, Engine, FlipAveragedEngine, load_engine, openvino_installed
 from tasks.serving.mlflow_model import pyfunc_model
 from tasks.serving.pipeline import (
     CutoutResult,
@@ -257,9 +257,11 @@ def test_list_images_expands_folders_and_reports_clashes(tmp_path):
 # ----------------------------------------------------------------------------------------------
 
 def test_load_engine_picks_the_backend_from_the_source(model_dir, tmp_path):
-    onnx = load_engine(model_dir)
+    onnx = load_engine(model_dir, backend="onnx")
     assert onnx.backend == "onnx" and onnx.input_size == SIZE and onnx.resize == "stretch"
-    assert load_engine(f"{model_dir}/model.onnx").backend == "onnx"
+    cpu_runtime = "openvino" if openvino_installed() else "onnx"
+    assert load_engine(model_dir).backend == cpu_runtime
+    assert load_engine(f"{model_dir}/model.onnx").backend == cpu_runtime
     assert load_engine(model_dir, backend="torch").backend == "torch"
     only_pt = write_model_dir(tmp_path / "pt_only", onnx=False)
     assert load_engine(only_pt).backend == "torch"
@@ -278,7 +280,7 @@ def test_registry_uris_are_downloaded_first(model_dir, private_mlflow, tmp_path)
         version = registry.register_model(model_dir, "engines-m", run_id=run_id, pyfunc_model=pyfunc_model())["version"]
         registry.promote("engines-m", version)
         engine = load_engine("models:/engines-m@champion")
-    assert engine.backend == "onnx" and engine.source == "models:/engines-m@champion"
+    assert engine.backend in ONNX_RUNTIMES and engine.source == "models:/engines-m@champion"
     assert engine.input_size == SIZE
 
 
@@ -360,12 +362,15 @@ def _fixed_batch_copy(src: str, dst: str) -> str:
     return dst
 
 
-def test_several_sessions_give_the_same_maps_as_one(model_dir, tmp_path):
+@pytest.mark.parametrize("backend", ONNX_RUNTIMES)
+def test_several_sessions_give_the_same_maps_as_one(model_dir, tmp_path, backend):
+    if backend == "openvino" and not openvino_installed():
+        pytest.skip("OpenVINO is not installed (test_openvino_engine.py fails under CI=true)")
     batch = np.stack([prepare_input(_photo(seed=i), SIZE) for i in range(5)])
     for path in (f"{model_dir}/model.onnx", _fixed_batch_copy(f"{model_dir}/model.onnx", str(tmp_path / "b1.onnx"))):
-        one = load_engine(path, threads=2)
-        two = load_engine(path, threads=2, sessions=2)
-        assert len(two.sessions) == 2
+        one = load_engine(path, threads=2, backend=backend)
+        two = load_engine(path, threads=2, sessions=2, backend=backend)
+        assert two.n_sessions == 2 and two.backend == backend
         (p1, s1), (p2, s2) = one.predict(batch), two.predict(batch)
         assert p1.shape == p2.shape == (5, SIZE, SIZE) and s1.shape == s2.shape
         assert np.allclose(p1, p2, atol=1e-5) and np.allclose(s1, s2, atol=1e-5)
