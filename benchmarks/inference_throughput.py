@@ -17,7 +17,10 @@ spends more of its time encoding.
   file inside ``U2NET_HOME`` and ``OMP_NUM_THREADS`` = the same threads, ``remove(bytes)`` per
   image (decode, EXIF, inference at 320, resize, cut-out, PNG encode), the PNG written to disk.
 
-``--published`` times the published ``u2netp.onnx`` (rembg's own file) instead of the exports, and
+``--published`` times the published ``u2netp.onnx`` (rembg's own file) instead of the exports;
+``--rembg-cli PATH`` then also times rembg's own command line (``rembg p -m u2netp``, needs
+``rembg[cli]``, e.g. in a separate venv) against ``bgremoval remove`` on the same folder, as the
+marginal rate after start-up (a run on one photo subtracted from a run on all); and
 ``--int8`` adds ``bgremoval quantize``'s int8 copy of each file (:mod:`tasks.serving.quantize`;
 calibrated on 48 real photos from ``../shared/data`` when present), run with one ONNX Runtime
 session and with one single-thread session per core (batches of 2 or more); its masks' IoU on real
@@ -47,9 +50,11 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -201,6 +206,41 @@ def run_rembg(onnx_path: str, paths: list[str], out: Path, threads: int, warmup:
     return {"images_per_s": len(paths) / wall, "latencies": latencies}
 
 
+def run_cli(command: list[str], env: dict[str, str], paths: list[str], work: Path) -> dict:
+    """Time a command line that cuts out a folder (``command``, with ``{in}`` and ``{out}`` for the
+    folders): once on one photo and once on all ``paths``; img/s is the marginal rate
+    ``(n - 1) / (t_n - t_1)``, so the command's start-up (imports, model load) is not counted for
+    either tool."""
+    def timed(chosen: list[str]) -> float:
+        folder, out = _fresh(work / "cli-in"), _fresh(work / "cli-out")
+        for path in chosen:
+            shutil.copy(path, folder)
+        start = time.perf_counter()
+        argv = [part.format(**{"in": folder, "out": out}) for part in command]
+        subprocess.run(argv, env={**os.environ, **env}, check=True,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return time.perf_counter() - start
+
+    one, all_of_them = timed(paths[:1]), timed(paths)
+    return {"images_per_s": (len(paths) - 1) / max(all_of_them - one, 1e-9), "latencies": [],
+            "startup_s": one}
+
+
+def cli_rows(args: argparse.Namespace, onnx_path: str, paths: list[str], work: Path) -> list[tuple[dict, dict]]:
+    """rembg's own command line (``rembg p -m u2netp``, the published file in ``U2NET_HOME``) and
+    ``bgremoval remove`` on the same folder, both with ``--threads`` threads."""
+    threads = {"OMP_NUM_THREADS": str(args.threads)}
+    home = work / "rembg-home"  # rembg looks for <U2NET_HOME>/u2netp.onnx and checks its md5
+    home.mkdir(exist_ok=True)
+    shutil.copy(onnx_path, home / "u2netp.onnx")
+    rembg = run_cli([args.rembg_cli, "p", "-m", "u2netp", "{in}", "{out}"], {"U2NET_HOME": str(home), **threads},
+                    paths, work)
+    ours = run_cli([str(Path(sys.executable).with_name("bgremoval")), "remove", "{in}", "-o", "{out}", "--model",
+                    onnx_path, "--quiet", "--threads", str(args.threads)], threads, paths, work)
+    return [({"model": "u2netp (published)", "path": "rembg p -m u2netp (CLI)", "batch": 1}, rembg),
+            ({"model": "u2netp (published)", "path": "bgremoval remove (CLI)", "batch": 1}, ours)]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", nargs="+", default=["u2netp", "u2net"])
@@ -224,8 +264,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runtimes", nargs="+", choices=ONNX_RUNTIMES,
                         default=list(ONNX_RUNTIMES) if openvino_installed() else ["onnx"],
                         help="the model's runtimes for the bgremoval rows (default: both when OpenVINO is installed)")
+    parser.add_argument("--rembg-cli", metavar="PATH",
+                        help="with --published: also time rembg's own command line (this `rembg` executable, "
+                             "e.g. from a venv with rembg[cli]) and `bgremoval remove` on the same folder, as the "
+                             "marginal rate after start-up")
     parser.add_argument("--json", help="write the rows as JSON here")
     args = parser.parse_args(argv)
+    if args.rembg_cli and not args.published:
+        parser.error("--rembg-cli needs --published (rembg's -m u2netp is the published file)")
 
     cv2.setNumThreads(1)
     tmp = Path(tempfile.mkdtemp(prefix="bgremoval-infer-bench-"))
@@ -262,6 +308,8 @@ def main(argv: list[str] | None = None) -> int:
                                         args.png_compression, runtime, sessions=sessions)
                         label = f"bgremoval {RUNTIME_LABELS[runtime]} int8" + (f", {sessions} sess." if sessions > 1 else "")
                         measured.append(({"model": name, "path": label, "batch": batch}, ours))
+                if args.rembg_cli:
+                    measured += cli_rows(args, onnx_path, paths, tmp)
                 for key, result in measured:
                     slot = (key["path"], key["batch"])
                     if slot not in best or result["images_per_s"] > best[slot]["images_per_s"]:
@@ -270,14 +318,20 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
-    base = {r["model"]: r["images_per_s"] for r in rows if r["path"].startswith("rembg")}
+    def kind(row: dict) -> tuple[str, bool]:  # command-line rows compare with rembg's command line
+        return row["model"], row["path"].endswith("(CLI)")
+
+    base = {kind(r): r["images_per_s"] for r in rows if r["path"].startswith("rembg")}
     print(f"\n{'model':<34} {'path':<26} {'batch':>5} {'img/s':>7} {'p50 ms':>8} {'p95 ms':>8} {'vs rembg':>9} {'load':>5}")
     for r in rows:
-        p50, p95 = _percentiles(r["latencies"])
+        p50, p95 = _percentiles(r["latencies"]) if r["latencies"] else (math.nan, math.nan)
         r["p50_ms"], r["p95_ms"] = p50 * 1000, p95 * 1000
-        speedup = f"{r['images_per_s'] / base[r['model']]:.2f}x" if r["model"] in base else "-"
+        speedup = f"{r['images_per_s'] / base[kind(r)]:.2f}x" if kind(r) in base else "-"
         print(f"{r['model']:<34} {r['path']:<26} {r['batch']:>5} {r['images_per_s']:>7.2f} "
               f"{r['p50_ms']:>8.0f} {r['p95_ms']:>8.0f} {speedup:>9} {r['load']:>5.1f}")
+    for r in rows:
+        if "startup_s" in r:
+            print(f"{r['path']}: {r['startup_s']:.1f} s for one photo (start-up included, not in img/s)")
     print(f"load at end {os.getloadavg()[0]:.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps([{k: v for k, v in r.items() if k != "latencies"} for r in rows],

@@ -193,7 +193,7 @@ class OpenVinoEngine(_OnnxFileEngine):
     """OpenVINO on the CPU (``pip install 'bgremoval[openvino]'``): the same ONNX file, compiled
     for this CPU in float32 (the precision is pinned: OpenVINO would otherwise pick bf16 on a CPU
     that has it, which moves the masks: ``benchmarks/README.md``). Measured side by side on the
-    published U2-NetP it runs the float32 model 1.15x faster than ONNX Runtime with the same
+    published U2-NetP it runs the float32 model 1.10x faster than ONNX Runtime with the same
     masks, and an int8 file from ``bgremoval quantize`` 1.6x faster than ONNX Runtime runs it.
     ``sessions`` become OpenVINO streams, one inference request each; a request serves one call
     at a time, so concurrent callers (``bgremoval serve``) each take a free one."""
