@@ -19,11 +19,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
 from tasks.core.shards import check_shard_size, shard_ranges
 from tasks.core import layout, storage
+
+log = logging.getLogger(__name__)
 
 #: Photos one mapped task of the inference DAG cuts out (its ``photos_per_shard``).
 PHOTOS_PER_SHARD = 200
@@ -135,6 +138,7 @@ def process_shard(bucket_url: str, batch: str, shard_url: str, model_uri: str, c
 
     items = [tuple(pair) for pair in json.loads(storage.read_bytes(shard_url, storage_options))]
     engine = load_engine(model_uri, storage_options)
+    log.info("shard %s: %d photos, model %s", shard_url, len(items), engine.describe())
     threshold, source = resolve_threshold(config, engine.model_dir)
     options = InferenceConfig(background=config.background, canvas=config.canvas, margin=config.margin,
                               mask=True, keep_source=True, batch_size=config.batch_size)

@@ -57,11 +57,14 @@ def test_plan_shards_the_drop(drop):
     assert len(capped["shard_urls"]) == 2  # seven photos, at most two mapped tasks: shards of four
 
 
-def test_shard_routes_by_score_and_reports_failures(drop, tmp_path, write_model_folder):
+def test_shard_routes_by_score_and_reports_failures(drop, tmp_path, write_model_folder, caplog):
     bucket_url, options = drop
     model = write_model_folder(tmp_path / "model")
     plan = plan_production(bucket_url, "drop-1", shard_size=10, storage_options=options)
-    probe = process_shard(bucket_url, "probe", plan["shard_urls"][0], model, ProductionConfig(threshold=0.0), "v1", options)
+    with caplog.at_level("INFO", logger="tasks.feedback.production"):
+        probe = process_shard(bucket_url, "probe", plan["shard_urls"][0], model, ProductionConfig(threshold=0.0), "v1",
+                              options)
+    assert "7 photos, model torch on cpu" in caplog.text  # the task log says which model ran, on what
     scores = sorted(probe["scores"])
     assert len(scores) == 6 and probe["failed"] == 1 and probe["published"] == 6
     threshold = (scores[2] + scores[3]) / 2
