@@ -182,8 +182,7 @@ class OnnxEngine(_OnnxFileEngine):
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.sessions = [ort.InferenceSession(onnx_path, options, providers=["CPUExecutionProvider"])
                          for _ in range(sessions)]
-        self.session = self.sessions[0]
-        self._input = self.session.get_inputs()[0].name
+        self._input = self.sessions[0].get_inputs()[0].name
 
     def _run_on(self, session: int, chunk: np.ndarray) -> list[np.ndarray]:
         return self.sessions[session].run(self._outputs, {self._input: chunk})
@@ -195,8 +194,9 @@ class OpenVinoEngine(_OnnxFileEngine):
     that has it, which moves the masks: ``benchmarks/README.md``). Measured side by side on the
     published U2-NetP it runs the float32 model 1.10x faster than ONNX Runtime with the same
     masks, and an int8 file from ``bgremoval quantize`` 1.6x faster than ONNX Runtime runs it.
-    ``sessions`` become OpenVINO streams, one inference request each; a request serves one call
-    at a time, so concurrent callers (``bgremoval serve``) each take a free one."""
+    ``sessions`` become OpenVINO streams; a batch's parts run side by side on inference requests
+    taken from a pool of idle ones (a request serves one call at a time, so concurrent callers,
+    e.g. ``bgremoval serve``, each take their own)."""
 
     backend = "openvino"
 
@@ -215,19 +215,18 @@ class OpenVinoEngine(_OnnxFileEngine):
         if missing:
             raise ValueError(f"OpenVINO does not see the outputs {missing} in {onnx_path}")
         self._ports = [ports[name] for name in self._outputs]
-        self._requests: list[queue.SimpleQueue] = [queue.SimpleQueue() for _ in range(sessions)]
+        self._free: queue.SimpleQueue = queue.SimpleQueue()  # idle requests; the streams serve any of them
 
     def _run_on(self, session: int, chunk: np.ndarray) -> list[np.ndarray]:
-        free = self._requests[session]
         try:
-            request = free.get_nowait()
+            request = self._free.get_nowait()
         except queue.Empty:
             request = self.compiled.create_infer_request()
         try:
             result = request.infer({0: chunk})  # copies the outputs: the request's buffers are reused
             return [result[port] for port in self._ports]
         finally:
-            free.put(request)
+            self._free.put(request)
 
 
 class TorchEngine(Engine):
