@@ -14,13 +14,22 @@ is printed before and after.
 
 It says whether a change to cleaning pays; ``prep_throughput.py`` says where the whole stage stands
 (planning, storage and finalising included, at several thread counts).
+
+``--stage`` times the whole stage instead (``plan_batch`` -> ``clean_shard`` -> ``finalize_dataset`` on
+local files, as ``prep_throughput.py`` runs it), the ``tasks`` package of ``--rev`` (a temporary
+``git worktree``) against this checkout's, each run in a fresh interpreter on the same raw batch,
+rounds interleaved, the fastest kept:
+
+    .venv/bin/python benchmarks/cleaning_versus.py --rev HEAD --stage --n 500 --threads 1 2
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -41,6 +50,8 @@ from prep_throughput import (  # noqa: E402
     evenly_spaced,
     generate_synthetic,
     list_pairs,
+    make_batch,
+    time_decode,
 )
 from tasks.data import cleaning, mask_audit  # noqa: E402
 from tasks.data.config import CleaningConfig  # noqa: E402
@@ -107,6 +118,69 @@ def measure(name: str, pairs, old: tuple, rev: str, rounds: int) -> list[list[st
     return table
 
 
+#: Run by a fresh interpreter whose ``sys.path`` starts at one tree: the whole stage once, pairs/s as JSON.
+STAGE_CHILD = """
+import json, shutil, sys, time
+sys.path.insert(0, sys.argv[1])
+from tasks.data.config import CleaningConfig
+import tasks
+from tasks.data.ingest import clean_shard, finalize_dataset, plan_batch
+assert tasks.__file__.startswith(sys.argv[1]), f"imported {tasks.__file__}, not the tree {sys.argv[1]}"
+bucket, batch, threads = sys.argv[2], sys.argv[3], int(sys.argv[4])
+config = CleaningConfig()
+for timed in (False, True):  # the first run pays the lazy imports and first calls; only the second is timed
+    shutil.rmtree(f"{bucket}/datasets", ignore_errors=True)
+    start = time.perf_counter()
+    plan = plan_batch(bucket, batch, config)
+    results = [clean_shard(url, plan["dataset_url"], batch, config, io_threads=threads) for url in plan["shard_urls"]]
+    finalize_dataset(plan["dataset_url"], batch, [r["result_url"] for r in results], plan["listing_rejects_url"])
+    seconds = time.perf_counter() - start
+print(json.dumps({"pairs_per_s": plan["n_pairs"] / seconds, "pairs": plan["n_pairs"]}))
+"""
+
+
+def stage_once(tree: Path, bucket: Path, batch: str, threads: int) -> float:
+    """Pairs/s of the whole stage with ``tree``'s ``tasks`` package, on a fresh ``datasets/`` (the second
+    of two runs in one interpreter)."""
+    out = subprocess.run([sys.executable, "-c", STAGE_CHILD, str(tree), str(bucket), batch, str(threads)],
+                         cwd=tree, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["pairs_per_s"]
+
+
+def measure_stage(name: str, pairs, work: Path, rev: str, rounds: int, thread_counts: list[int]) -> list[list[str]]:
+    """The table rows of one data set for ``--stage``: the stage at ``rev`` and now, and the decode floor,
+    at each thread count."""
+    bucket = work / f"bucket-{len(pairs)}-{abs(hash(name))}"
+    make_batch(bucket, "versus", pairs, link=True)
+    trees = {f"stage at {rev}": work / "tree", "stage, this checkout": ROOT}
+    table = []
+    for threads in thread_counts:
+        best = dict.fromkeys(trees, 0.0)
+        floor = 0.0
+        for _ in range(rounds):
+            for label, tree in trees.items():
+                best[label] = max(best[label], stage_once(tree, bucket, "versus", threads))
+            floor = max(floor, time_decode(pairs, decode_cv2, threads, False, "floor"),
+                        time_decode(pairs, decode_pil, threads, False, "floor"))
+        for label, rate in best.items():
+            speedup = f"{rate / best[f'stage at {rev}']:.2f}x" if label == "stage, this checkout" else ""
+            table.append([name, str(len(pairs)), str(threads), label, f"{1000 / rate:.2f}", f"{rate:.1f}",
+                          f"{rate / floor:.0%}", speedup])
+        table.append([name, str(len(pairs)), str(threads), "decode floor (faster of Pillow, cv2)", f"{1000 / floor:.2f}",
+                      f"{floor:.1f}", "", ""])
+    shutil.rmtree(bucket, ignore_errors=True)
+    return table
+
+
+def print_table(headers: list[str], rows: list[list[str]], right_from: int, title: str) -> None:
+    """Print ``rows`` under ``headers``, columns from ``right_from`` on right-aligned."""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    print(title)
+    for line in [headers, ["-" * w for w in widths], *rows]:
+        print("  ".join(cell.rjust(w) if i >= right_from else cell.ljust(w)
+                        for i, (cell, w) in enumerate(zip(line, widths))))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse the arguments, time both revisions and print the table."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -115,22 +189,35 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-side", type=int, default=1333, help="long side of synthetic images (default 1333)")
     parser.add_argument("--real-n", type=int, default=300, help="viton-garments pairs when present (default 300)")
     parser.add_argument("--rounds", type=int, default=4, help="interleaved rounds; the fastest is kept (default 4)")
+    parser.add_argument("--stage", action="store_true", help="time the whole stage in fresh interpreters instead")
+    parser.add_argument("--threads", type=int, nargs="+", default=[1], help="--stage: io_threads values (default 1)")
     args = parser.parse_args(argv)
     cv2.setNumThreads(1)
     load_start = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="cleaning-versus-") as work:
-        old = load_revision(args.rev, Path(work))
         sets = [(f"synthetic, max_side {args.max_side}", generate_synthetic(Path(work) / "synthetic", args.n,
                                                                             args.max_side, 0, False))]
         if VITON_DIR.is_dir():
             sets.append(("viton-garments (real)", evenly_spaced(list_pairs(VITON_DIR), args.real_n)))
-        rows = [row for name, pairs in sets for row in measure(name, pairs, old, args.rev, args.rounds)]
-    headers = ["dataset", "pairs", "what (1 thread, in memory)", "ms/pair", "pairs/s", "% of floor", "speed-up"]
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-    print(f"cleaning_versus: load average {load_start:.2f} at start, {os.getloadavg()[0]:.2f} at end "
-          f"({os.cpu_count()} cores); fastest of {args.rounds} interleaved rounds")
-    for line in [headers, ["-" * w for w in widths], *rows]:
-        print("  ".join(cell.rjust(w) if i >= 3 else cell.ljust(w) for i, (cell, w) in enumerate(zip(line, widths))))
+        if args.stage:
+            subprocess.run(["git", "worktree", "add", "--detach", str(Path(work) / "tree"), args.rev], cwd=ROOT,
+                           check=True, capture_output=True)
+            try:
+                rows = [row for name, pairs in sets
+                        for row in measure_stage(name, pairs, Path(work), args.rev, args.rounds, args.threads)]
+            finally:
+                subprocess.run(["git", "worktree", "remove", "--force", str(Path(work) / "tree")], cwd=ROOT, check=True)
+            headers = ["dataset", "pairs", "threads", "what (whole stage, local files)", "ms/pair", "pairs/s",
+                       "% of floor", "speed-up"]
+            right_from = 4
+        else:
+            old = load_revision(args.rev, Path(work))
+            rows = [row for name, pairs in sets for row in measure(name, pairs, old, args.rev, args.rounds)]
+            headers = ["dataset", "pairs", "what (1 thread, in memory)", "ms/pair", "pairs/s", "% of floor", "speed-up"]
+            right_from = 3
+    print_table(headers, rows, right_from,
+                f"cleaning_versus: load average {load_start:.2f} at start, {os.getloadavg()[0]:.2f} at end "
+                f"({os.cpu_count()} cores); fastest of {args.rounds} interleaved rounds")
     return 0
 
 

@@ -14,7 +14,9 @@ What it measures, on local storage in a temporary folder (nothing is written to 
       source files are only read). Skipped with a note when the folder is absent.
 
    Cleaning is timed at 1 thread, at one thread per core, and at ``--io-threads`` (default 4,
-   clean_shard's default).
+   clean_shard's default), all in one process; and with one spawned worker process per core, each
+   cleaning whole shards with one thread, which is how Airflow runs the DAG's mapped ``clean_shard``
+   tasks side by side (the workers are started before the clock runs, as task processes are).
 2. **The decode floor**: reading the same files and decoding image (JPEG) + mask (PNG), nothing
    else, with Pillow (``Image.open(...).load()``) and with OpenCV (``cv2.imdecode``), at the same
    thread counts. Cleaning cannot beat full-resolution decoding, so
@@ -53,7 +55,9 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+import multiprocessing
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -206,16 +210,20 @@ def profile_pairs(pairs: list[Pair]) -> dict:
 # --------------------------------------------------------------------------------------- cleaning
 
 
-def run_pipeline(bucket: Path, batch: str, io_threads: int, shard_size: int, progress: bool, desc: str) -> dict:
-    """Run plan_batch -> clean_shard (each shard) -> finalize_dataset once; return times and counts."""
+def run_pipeline(bucket: Path, batch: str, io_threads: int, shard_size: int, progress: bool, desc: str,
+                 pool: Executor | None = None) -> dict:
+    """Run plan_batch -> clean_shard (each shard) -> finalize_dataset once; return times and counts.
+
+    Without ``pool`` the shards are cleaned one after the other in this process; with a process pool
+    they are cleaned side by side, one shard per worker process at a time, as Airflow runs the
+    training DAG's mapped ``clean_shard`` tasks on several worker slots."""
     config = CleaningConfig()
     t0 = time.perf_counter()
     plan = plan_batch(str(bucket), batch, config, shard_size=shard_size)
     t1 = time.perf_counter()
-    results = [
-        clean_shard(url, plan["dataset_url"], batch, config, io_threads=io_threads)
-        for url in tqdm(plan["shard_urls"], desc=desc, unit="shard", leave=False, disable=not progress)
-    ]
+    clean = partial(clean_shard, dataset_url=plan["dataset_url"], batch=batch, config=config, io_threads=io_threads)
+    shards = tqdm(plan["shard_urls"], desc=desc, unit="shard", leave=False, disable=not progress)
+    results = list(pool.map(clean, shards)) if pool is not None else [clean(url) for url in shards]
     t2 = time.perf_counter()
     summary = finalize_dataset(plan["dataset_url"], batch, [r["result_url"] for r in results], plan["listing_rejects_url"])
     t3 = time.perf_counter()
@@ -233,18 +241,43 @@ def run_pipeline(bucket: Path, batch: str, io_threads: int, shard_size: int, pro
     }
 
 
-def measure_cleaning(bucket: Path, batch: str, io_threads: int, shard_size: int, repeats: int, progress: bool) -> dict:
-    """Clean the batch ``repeats`` times (a fresh ``datasets/`` each time); median and spread."""
+def _warm_up(seconds: float) -> int:
+    """Run in a worker process: its imports are done by now; hold the worker so the next warm-up
+    call lands on another one."""
+    time.sleep(seconds)
+    return os.getpid()
+
+
+def shard_processes(n: int) -> ProcessPoolExecutor:
+    """``n`` fresh worker processes (spawned, as Airflow's task processes are separate interpreters),
+    started and their imports done before anything is timed."""
+    pool = ProcessPoolExecutor(max_workers=n, mp_context=multiprocessing.get_context("spawn"))
+    started = set(pool.map(_warm_up, [0.5] * n))
+    if len(started) != n:
+        pool.shutdown()
+        raise RuntimeError(f"wanted {n} warm worker processes, got {len(started)}")
+    return pool
+
+
+def measure_cleaning(bucket: Path, batch: str, io_threads: int, shard_size: int, repeats: int, progress: bool,
+                     processes: int = 1) -> dict:
+    """Clean the batch ``repeats`` times (a fresh ``datasets/`` each time); median and spread. With
+    ``processes`` > 1 the shards go to that many warm worker processes (``io_threads`` each)."""
     runs = []
-    for index in range(repeats):
-        shutil.rmtree(bucket / layout.DATASETS, ignore_errors=True)
-        runs.append(run_pipeline(bucket, batch, io_threads, shard_size, progress,
-                                 f"clean {batch} x{io_threads} #{index + 1}"))
+    pool = shard_processes(processes) if processes > 1 else None
+    try:
+        for index in range(repeats):
+            shutil.rmtree(bucket / layout.DATASETS, ignore_errors=True)
+            label = f"clean {batch} {processes}p" if pool else f"clean {batch} x{io_threads}"
+            runs.append(run_pipeline(bucket, batch, io_threads, shard_size, progress, f"{label} #{index + 1}", pool))
+    finally:
+        if pool is not None:
+            pool.shutdown()
     shutil.rmtree(bucket / layout.DATASETS, ignore_errors=True)
     rates = [r["pairs_per_s"] for r in runs]
     best = runs[rates.index(statistics.median_low(rates))]
     return {**best, "pairs_per_s": statistics.median(rates), "min_pairs_per_s": min(rates),
-            "max_pairs_per_s": max(rates), "repeats": repeats}
+            "max_pairs_per_s": max(rates), "repeats": repeats, "processes": processes}
 
 
 # --------------------------------------------------------------------------------------- decode floor
@@ -313,15 +346,19 @@ def benchmark_dataset(name: str, bucket: Path, batch: str, pairs: list[Pair], ar
     result: dict = {"dataset": name, "pairs": len(pairs), "profile": profile_pairs(pairs), "cleaning": {}, "decode": {}}
     for threads in thread_counts:
         result["cleaning"][threads] = measure_cleaning(bucket, batch, threads, args.shard_size, args.repeats, args.progress)
+    cores = os.cpu_count() or 1
+    result["processes"] = {cores: measure_cleaning(bucket, batch, 1, args.shard_size, args.repeats, args.progress,
+                                                   processes=cores)} if cores > 1 else {}
     for key, _, decode in DECODERS:
         result["decode"][key] = {
             threads: measure_decode(pairs, decode, threads, args.repeats, args.progress, f"{key} x{threads}")
             for threads in thread_counts
         }
-    for threads in thread_counts:
-        floor = max(result["decode"][k][threads]["pairs_per_s"] for k in ("pil", "cv2"))
-        result["cleaning"][threads]["floor_pairs_per_s"] = floor
-        result["cleaning"][threads]["share_of_floor"] = result["cleaning"][threads]["pairs_per_s"] / floor
+    for runs in (result["cleaning"], result["processes"]):
+        for threads, entry in runs.items():
+            floor = max(result["decode"][k][threads]["pairs_per_s"] for k in ("pil", "cv2"))
+            entry["floor_pairs_per_s"] = floor
+            entry["share_of_floor"] = entry["pairs_per_s"] / floor
     return result
 
 
@@ -420,6 +457,9 @@ def format_throughput(results: list[dict]) -> str:
             rows.append(lead + ["cleaning: plan -> clean_shard -> finalize", str(threads), _rate(clean),
                                 _spread(clean), f"{clean['share_of_floor']:.0%}"])
             lead = blank
+        for processes, clean in res.get("processes", {}).items():
+            rows.append(blank + [f"cleaning: {processes} shard processes, 1 thread each", str(processes), _rate(clean),
+                                 _spread(clean), f"{clean['share_of_floor']:.0%}"])
         for key, label, _ in DECODERS:
             for threads, entry in res["decode"][key].items():
                 rows.append(blank + [label, str(threads), _rate(entry), _spread(entry), ""])
@@ -432,8 +472,10 @@ def format_stages(results: list[dict]) -> str:
     headers = ["dataset", "threads", "shards", "plan s", "clean_shard s", "finalize s", "total s", "clean", "quarantined"]
     rows = []
     for res in results:
-        for threads, c in res["cleaning"].items():
-            rows.append([res["dataset"], str(threads), str(c["shards"]), f"{c['plan_s']:.2f}", f"{c['shards_s']:.2f}",
+        runs = [(str(t), c) for t, c in res["cleaning"].items()]
+        runs += [(f"{n} processes", c) for n, c in res.get("processes", {}).items()]
+        for threads, c in runs:
+            rows.append([res["dataset"], threads, str(c["shards"]), f"{c['plan_s']:.2f}", f"{c['shards_s']:.2f}",
                          f"{c['finalize_s']:.2f}", f"{c['total_s']:.2f}", str(c["clean"]), str(c["quarantined"])])
     return "Cleaning time by stage (median run)\n" + render_table(headers, rows, right=set(range(1, 9)))
 

@@ -23,6 +23,8 @@ Steps (the project's own stages, as the training DAG runs them):
      prediction is binary, so its "MAE" is the share of wrong pixels;
    * **zero-shot**: the published U2-NetP (rembg's ``u2netp.onnx``) through ONNX Runtime at its
      fixed 320 px input (``tasks.evaluation.scoring.load_model`` on the ``.onnx`` path);
+     ``--also-zero-shot FILE...`` adds a column per file for other rembg-family ONNX files scored
+     the same way (e.g. rembg's ``u2net.onnx``, the full U2-Net);
    * **fine-tuned**: U2-NetP trained on the train split of all selected sets together
      (``tasks.train.ddp.launch_local``, ``--workers`` torch.distributed processes), starting from
      the published weights (``--init pretrained``; the loop calibrates their identity batch-norm
@@ -96,6 +98,7 @@ import resource
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -356,10 +359,11 @@ def _score_model(model_url: str, rows: list[TestRow], flip: bool = False) -> tup
     return scores, cost, meta
 
 
-def _run_zero_shot(rows: list[TestRow]) -> MethodResult:
+def _run_zero_shot(rows: list[TestRow], onnx_path: str | None = None) -> MethodResult:
+    """Scores of an ONNX file as it is (the published U2-NetP without ``onnx_path``)."""
     from tasks.model.published import require_pretrained_onnx
 
-    onnx_path = str(require_pretrained_onnx())
+    onnx_path = onnx_path or str(require_pretrained_onnx())
     scores, cost, meta = _score_model(onnx_path, rows)
     return MethodResult(scores=scores, score_cost=cost,
                         note=f"{onnx_path} via ONNX Runtime, {meta['input_size']} px {meta['resize']}")
@@ -427,6 +431,16 @@ def _comparison(columns: dict[str, dict]) -> str:
                  + f"{'–':>{width}}")
     lines.append(f"{'n':<22}" + "".join(f"{columns[n]['n']:>{width}d}" for n in names))
     return "\n".join(lines)
+
+
+def _also_method(path: Path) -> str:
+    """The column of an ``--also-zero-shot`` file."""
+    return f"zero-shot {path.stem}"
+
+
+def _methods(args: argparse.Namespace) -> list[str]:
+    """Every method's column, in table order."""
+    return [*METHODS[:2], *(_also_method(p) for p in args.also_zero_shot), *METHODS[2:]]
 
 
 def _cost_line(name: str, result: MethodResult, n_all: int) -> str:
@@ -533,6 +547,9 @@ def main(argv: list[str] | None = None) -> int:
                              "(under --work/anchor-scores; their cost is reported as measured then)")
     parser.add_argument("--skip-grabcut", action="store_true")
     parser.add_argument("--skip-zero-shot", action="store_true")
+    parser.add_argument("--also-zero-shot", type=Path, nargs="+", default=[], metavar="ONNX",
+                        help="more rembg-family ONNX files scored as they are, each a column "
+                             "'zero-shot <file stem>' (e.g. rembg's u2net.onnx)")
     parser.add_argument("--skip-finetune", action="store_true")
     parser.add_argument("--flip", action="store_true",
                         help="also score the fine-tuned model with test-time flip (two forward passes per photo)")
@@ -653,6 +670,8 @@ def main(argv: list[str] | None = None) -> int:
     # the anchors after training: with --reuse-anchors a parallel --skip-finetune run may have saved them meanwhile
     anchors = {"grabcut": (args.skip_grabcut, "GrabCut", lambda: _run_grabcut(rows)),
                "zero-shot": (args.skip_zero_shot, "zero-shot: published U2-NetP", lambda: _run_zero_shot(rows))}
+    for path in args.also_zero_shot:
+        anchors[_also_method(path)] = (False, f"zero-shot: {path}", partial(_run_zero_shot, rows, str(path)))
     for method, (skip, title, run) in anchors.items():
         if skip:
             continue
@@ -667,7 +686,7 @@ def main(argv: list[str] | None = None) -> int:
           f"load now {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f}, {os.cpu_count()} CPUs")
     tables: dict = {}
     for set_name, cluster in zip(args.sets, clusters):
-        per_method = {m: _summaries(results[m], cluster, drop) for m in METHODS if m in results}
+        per_method = {m: _summaries(results[m], cluster, drop) for m in _methods(args) if m in results}
         tables[set_name] = per_method
         for variant, label in VARIANTS:
             columns = {m: s[variant] for m, s in per_method.items() if variant in s}

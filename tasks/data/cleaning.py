@@ -248,32 +248,33 @@ def _orientation(img: Image.Image) -> int:
         return 1
 
 
-def _to_rgb(img: Image.Image, conversions: list[str]) -> np.ndarray:
-    """Convert any supported mode to an RGB uint8 array, recording what was done."""
+def _to_rgb(img: Image.Image, conversions: list[str]) -> Image.Image:
+    """Convert any supported mode to an RGB image, recording what was done. It stays a Pillow image:
+    the resize works on it in place of a copy into an array and back."""
     mode = img.mode
     if mode == "RGB":
-        return np.asarray(img)
+        return img
     if mode == "CMYK":
         conversions.append("cmyk->rgb")
-        return np.asarray(img.convert("RGB"))
+        return img.convert("RGB")
     if mode in ("I;16", "I;16B", "I;16L", "I"):
         conversions.append("16bit->8bit")
         arr = np.asarray(img).astype(np.float64)
         top = 65535.0 if arr.max() > 255 or mode.startswith("I;16") else 255.0
         grey = np.clip(np.round(arr / top * 255.0), 0, 255).astype(np.uint8)
         conversions.append("grey->rgb")
-        return np.repeat(grey[..., None], 3, axis=2)
+        return Image.fromarray(np.repeat(grey[..., None], 3, axis=2))
     if mode in ("L", "1"):
         conversions.append("grey->rgb")
-        return np.asarray(img.convert("RGB"))
+        return img.convert("RGB")
     if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in img.info):
         conversions.append("alpha->white")
         rgba = img.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return np.asarray(Image.alpha_composite(white, rgba).convert("RGB"))
+        return Image.alpha_composite(white, rgba).convert("RGB")
     if mode in ("P", "YCbCr", "LAB", "HSV"):
         conversions.append(f"{mode.lower()}->rgb")
-        return np.asarray(img.convert("RGB"))
+        return img.convert("RGB")
     raise Rejected(Reason.UNSUPPORTED_MODE, f"image mode {mode} is not supported")
 
 
@@ -299,25 +300,26 @@ def _to_grey(img: Image.Image, conversions: list[str]) -> np.ndarray:
     raise Rejected(Reason.UNSUPPORTED_MODE, f"mask mode {mode} is not supported")
 
 
-def _area_average(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Shrink a uint8 image (H×W or H×W×3) to ``size`` by area averaging: Pillow's box filter, which
+def _area_average(image: Image.Image, size: tuple[int, int]) -> np.ndarray:
+    """Shrink a uint8 image (L or RGB) to ``size`` by area averaging: Pillow's box filter, which
     weighs the partly covered source pixels as OpenCV's ``INTER_AREA`` does, in about half its time
     at the fractional scales cleaning meets. A shrink by two or more first averages whole blocks of
     pixels (``reducing_gap=1``), which moves about one pixel in a thousand of a re-thresholded mask."""
-    return np.asarray(Image.fromarray(array).resize(size, Image.Resampling.BOX, reducing_gap=1.0))
+    return np.asarray(image.resize(size, Image.Resampling.BOX, reducing_gap=1.0))
 
 
-def _resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    if size[0] < image.shape[1]:
+def _resize_image(image: Image.Image, size: tuple[int, int]) -> np.ndarray:
+    """The RGB image at ``size`` as an H×W×3 uint8 array: area averaging to shrink, bilinear to grow."""
+    if size[0] < image.width:
         return _area_average(image, size)
-    return cv2.resize(image, size, interpolation=cv2.INTER_LINEAR)
+    return cv2.resize(np.asarray(image), size, interpolation=cv2.INTER_LINEAR)
 
 
 def _resize_mask(binary: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Resize a uint8 {0, 255} mask by coverage (the area average of 0/255) and re-threshold at one
     half; returns uint8 {0, 255}."""
     if size[0] < binary.shape[1]:
-        coverage = _area_average(binary, size)
+        coverage = _area_average(Image.fromarray(binary), size)
     else:
         coverage = cv2.resize(binary, size, interpolation=cv2.INTER_AREA)
     return cv2.threshold(coverage, 127, 255, cv2.THRESH_BINARY)[1]

@@ -178,7 +178,7 @@ def audit_pair(image: np.ndarray, mask: np.ndarray, config: AuditConfig = AuditC
     hole = enclosed & ~pinhole
     hole_area = int(bg_areas[hole].sum())
 
-    clean = _lookup(~tiny)[labels] | _lookup(pinhole)[bg_labels]  # without specks and pinholes
+    clean = _without_specks(fg, labels, tiny, bg_labels, pinhole)
     magnitude = _gradient(image)
     supported = _edge_support(magnitude, clean, config)
     outline = clean & ~cv2.erode(clean.view(np.uint8), _CROSS).view(bool)  # the frame counts as inside
@@ -186,7 +186,7 @@ def audit_pair(image: np.ndarray, mask: np.ndarray, config: AuditConfig = AuditC
     suspect = _suspect_holes(image, magnitude, fg, bg_labels, nb, hole, enclosed, config)
 
     audit = MaskAudit(
-        foreground_share=float(fg.mean()),
+        foreground_share=int(np.count_nonzero(fg)) / fg.size,
         components=int(np.count_nonzero(~tiny)),
         specks=int(tiny.sum() + pinhole.sum()),
         roughness=_jagged_pixels(smooth != fg_u8, config.max_jag_area) / fg_area,
@@ -226,6 +226,8 @@ def _components(binary: np.ndarray, connectivity: int) -> tuple[np.ndarray, np.n
     ``connectedComponentsWithStats`` takes about four times as long, for bounding boxes not needed."""
     algorithm = cv2.CCL_BBDT if connectivity == 8 else cv2.CCL_SAUF
     n, labels = cv2.connectedComponentsWithAlgorithm(binary, connectivity, cv2.CV_32S, algorithm)
+    if n == 2:  # one component (the usual product, the usual background): its area is the pixel count
+        return labels, np.array([np.count_nonzero(binary)], dtype=np.intp)
     return labels, np.bincount(labels.ravel(), minlength=n)[1:]
 
 
@@ -287,6 +289,15 @@ def _working_copy(image: np.ndarray, fg: np.ndarray, probability: np.ndarray | N
     return image, fg, probability
 
 
+def _without_specks(fg: np.ndarray, labels: np.ndarray, tiny: np.ndarray, bg_labels: np.ndarray,
+                    pinhole: np.ndarray) -> np.ndarray:
+    """The foreground without its tiny components, with its pinholes filled; ``fg`` itself when there
+    are neither (most masks), which saves two label look-ups over the whole image."""
+    if not tiny.any() and not pinhole.any():
+        return fg
+    return _lookup(~tiny)[labels] | _lookup(pinhole)[bg_labels]
+
+
 def _lookup(per_component: np.ndarray) -> np.ndarray:
     """A label → bool table from per-component flags (label 0, the other side, is False)."""
     return np.concatenate([[False], per_component])
@@ -309,7 +320,7 @@ def _gradient(image: np.ndarray) -> np.ndarray:
 def _edge_support(magnitude: np.ndarray, fg: np.ndarray, config: AuditConfig) -> np.ndarray:
     """Pixels within ``edge_tolerance`` of an image edge (see the module docstring)."""
     far = ~cv2.dilate(fg.view(np.uint8), np.ones((9, 9), np.uint8)).view(bool)
-    noise = _median(magnitude[far]) if far.sum() >= 0.01 * far.size else _median(magnitude.ravel())
+    noise = _median(magnitude[far]) if np.count_nonzero(far) >= 0.01 * far.size else _median(magnitude.ravel())
     flat = magnitude.ravel()
     (p90,) = _kth_smallest(flat, [int(0.9 * (flat.size - 1))])
     threshold = max(config.edge_relative * p90, config.edge_noise_factor * noise, config.edge_min_gradient)

@@ -39,6 +39,18 @@ def test_atomic_write_leaves_no_temporary_keys(root):
     assert sorted(names) == ["0.bin", "1.bin", "2.bin"]
 
 
+def test_local_write_replaces_a_file_whole_and_cleans_up_when_it_fails(tmp_path):
+    target = tmp_path / "deep" / "er" / "a.png"
+    storage.write_bytes(str(target), b"first")
+    storage.write_bytes(str(target), b"second, longer")
+    assert target.read_bytes() == b"second, longer"
+    blocked = tmp_path / "folder"
+    (blocked / "inside").mkdir(parents=True)  # a directory in the way: the rename fails
+    with pytest.raises(OSError):
+        storage.write_bytes(str(blocked), b"x")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["deep", "folder"]  # no temporary file left
+
+
 def test_listing_skips_interrupted_temporary_writes(tmp_path):
     (tmp_path / ".tmp-1234-a.jpg").write_bytes(b"half")
     (tmp_path / "a.jpg").write_bytes(b"whole")

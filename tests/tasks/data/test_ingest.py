@@ -129,6 +129,20 @@ def test_a_file_that_vanishes_mid_run_is_quarantined_not_fatal(corpus_batch):
     assert result["n_pairs"] == len(shard)
 
 
+def test_a_shard_leaves_opencv_threads_as_it_found_them(corpus_batch):
+    import cv2
+
+    bucket, _ = corpus_batch
+    plan = ingest.plan_batch(bucket, "b1", CONFIG, shard_size=100)
+    before = cv2.getNumThreads()
+    cv2.setNumThreads(2)
+    try:
+        ingest.clean_shard(plan["shard_urls"][0], plan["dataset_url"], "b1", CONFIG, io_threads=2)
+        assert cv2.getNumThreads() == 2
+    finally:
+        cv2.setNumThreads(before)
+
+
 def test_empty_batch_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no images/ or masks/"):
         ingest.plan_batch(str(tmp_path), "nothing", CONFIG)
