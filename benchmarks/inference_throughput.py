@@ -98,15 +98,15 @@ def export_model(name: str, size: int, home: Path) -> tuple[str, str]:
     import torch
 
     from tasks.model.export import export_onnx
-    from tasks.model.pretrained import PRETRAINED_MODEL, load_pretrained_model
-    from tasks.model.published import find_pretrained_onnx
+    from tasks.model.pretrained import load_pretrained_model
+    from tasks.model.published import PUBLISHED, find_pretrained_onnx
     from tasks.model.u2net import build_model
 
     home.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
     path = str(home / f"{name}_custom.onnx")
-    if name == PRETRAINED_MODEL and find_pretrained_onnx() is not None:
-        model, label = load_pretrained_model(), f"{name} (export, published weights)"
+    if name in PUBLISHED and find_pretrained_onnx(model=name) is not None:
+        model, label = load_pretrained_model(model=name), f"{name} (export, published weights)"
     else:
         model, label = build_model(name), f"{name} (export, untrained)"
     export_onnx(model.eval(), path, size, model_name=name, check=False)

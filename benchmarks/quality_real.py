@@ -25,7 +25,7 @@ Steps (the project's own stages, as the training DAG runs them):
      fixed 320 px input (``tasks.evaluation.scoring.load_model`` on the ``.onnx`` path);
      ``--also-zero-shot FILE...`` adds a column per file for other rembg-family ONNX files scored
      the same way (e.g. rembg's ``u2net.onnx``, the full U2-Net);
-   * **fine-tuned**: U2-NetP trained on the train split of all selected sets together
+   * **fine-tuned**: U2-NetP (or U2-Net, ``--model``) trained on the train split of all selected sets together
      (``tasks.train.ddp.launch_local``, ``--workers`` torch.distributed processes), starting from
      the published weights (``--init pretrained``; the loop calibrates their identity batch-norm
      on the first training images) or from scratch (``--init scratch``), at ``--input-size``;
@@ -524,7 +524,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", default="/tmp/bgremoval-quality-real", help="working folder (dataset, runs, MLflow, sheets)")
     parser.add_argument("--sets", nargs="+", default=list(SETS), choices=list(SETS), help="which sets of ../shared/data")
     parser.add_argument("--working-size", type=int, default=512, help="cleaning size (longer side)")
-    parser.add_argument("--model", default="u2netp", choices=["u2netp", "u2net"], help="u2net needs --init scratch")
+    parser.add_argument("--model", default="u2netp", choices=["u2netp", "u2net"],
+                        help="u2net with --init pretrained needs `bgremoval pretrained fetch --model u2net` first")
     parser.add_argument("--init", default="pretrained", choices=["pretrained", "scratch"])
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--input-size", type=int, default=256)
@@ -564,8 +565,12 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         print(f"{', '.join(str(DATA / s) for s in missing)} not here: this benchmark needs ../shared/data", file=sys.stderr)
         return 2
-    if args.init == "pretrained" and args.model != "u2netp":
-        parser.error("the published weights are U2-NetP: use --model u2netp or --init scratch")
+    if args.init == "pretrained" and args.model == "u2net":
+        from tasks.model.published import find_pretrained_onnx
+
+        if find_pretrained_onnx(model="u2net") is None:
+            parser.error("--model u2net --init pretrained needs the published U2-Net: "
+                         "bgremoval pretrained fetch --model u2net")
     for name in ("max_train", "max_test"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -617,7 +622,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.init == "pretrained":
             from tasks.model.pretrained import write_pretrained_folder
 
-            init_url = write_pretrained_folder(str(work / "init"))
+            init_url = write_pretrained_folder(str(work / "init"), model=args.model)
         config = TrainConfig(
             dataset_url=train_url, output_url=run_url, model=args.model, epochs=args.epochs,
             batch_size=args.batch_size, lr=lr, input_size=args.input_size, loss=args.loss, init_from=init_url,

