@@ -118,31 +118,28 @@ def measure(name: str, pairs, old: tuple, rev: str, rounds: int) -> list[list[st
     return table
 
 
-#: Run by a fresh interpreter whose ``sys.path`` starts at one tree: the whole stage once, pairs/s as JSON.
+#: Run by a fresh interpreter: ``tree``'s ``tasks`` package first on ``sys.path`` (this checkout's
+#: ``benchmarks`` after it, for ``prep_throughput.run_pipeline``), the whole stage twice on a fresh
+#: ``datasets/``, pairs/s of the second run (the first pays the lazy imports) as JSON.
 STAGE_CHILD = """
-import json, shutil, sys, time
-sys.path.insert(0, sys.argv[1])
-from tasks.data.config import CleaningConfig
+import json, shutil, sys
+tree, root, bucket, batch, threads = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5])
+sys.path[:0] = [tree]
+sys.path += [root, root + "/benchmarks"]
 import tasks
-from tasks.data.ingest import clean_shard, finalize_dataset, plan_batch
-assert tasks.__file__.startswith(sys.argv[1]), f"imported {tasks.__file__}, not the tree {sys.argv[1]}"
-bucket, batch, threads = sys.argv[2], sys.argv[3], int(sys.argv[4])
-config = CleaningConfig()
-for timed in (False, True):  # the first run pays the lazy imports and first calls; only the second is timed
+assert tasks.__file__.startswith(tree), f"imported {tasks.__file__}, not the tree {tree}"
+from prep_throughput import SHARD_SIZE, run_pipeline
+for _ in range(2):
     shutil.rmtree(f"{bucket}/datasets", ignore_errors=True)
-    start = time.perf_counter()
-    plan = plan_batch(bucket, batch, config)
-    results = [clean_shard(url, plan["dataset_url"], batch, config, io_threads=threads) for url in plan["shard_urls"]]
-    finalize_dataset(plan["dataset_url"], batch, [r["result_url"] for r in results], plan["listing_rejects_url"])
-    seconds = time.perf_counter() - start
-print(json.dumps({"pairs_per_s": plan["n_pairs"] / seconds, "pairs": plan["n_pairs"]}))
+    run = run_pipeline(bucket, batch, threads, SHARD_SIZE, False, "stage")
+print(json.dumps({"pairs_per_s": run["pairs_per_s"], "pairs": run["pairs"]}))
 """
 
 
 def stage_once(tree: Path, bucket: Path, batch: str, threads: int) -> float:
     """Pairs/s of the whole stage with ``tree``'s ``tasks`` package, on a fresh ``datasets/`` (the second
     of two runs in one interpreter)."""
-    out = subprocess.run([sys.executable, "-c", STAGE_CHILD, str(tree), str(bucket), batch, str(threads)],
+    out = subprocess.run([sys.executable, "-c", STAGE_CHILD, str(tree), str(ROOT), str(bucket), batch, str(threads)],
                          cwd=tree, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])["pairs_per_s"]
 

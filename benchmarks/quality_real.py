@@ -675,10 +675,10 @@ def main(argv: list[str] | None = None) -> int:
     # the anchors after training: with --reuse-anchors a parallel --skip-finetune run may have saved them meanwhile
     anchors = {"grabcut": (args.skip_grabcut, "GrabCut", lambda: _run_grabcut(rows)),
                "zero-shot": (args.skip_zero_shot, "zero-shot: published U2-NetP", lambda: _run_zero_shot(rows))}
+    from tasks.model.published import md5sum
+
     cache_names = {method: method for method in anchors}
     for path in args.also_zero_shot:
-        from tasks.model.published import md5sum
-
         anchors[_also_method(path)] = (False, f"zero-shot: {path}", partial(_run_zero_shot, rows, str(path)))
         cache_names[_also_method(path)] = f"{_also_method(path)}-{md5sum(path)[:12]}"  # two files, one stem: two caches
     for method, (skip, title, run) in anchors.items():

@@ -24,7 +24,7 @@ from torch import nn
 
 from tasks.core import layout, storage
 from tasks.model.config import PRETRAINED, TRAINING_SIZE
-from tasks.model.published import DEFAULT, md5sum, published_weights, require_pretrained_onnx
+from tasks.model.published import DEFAULT, md5sum, require_pretrained_onnx
 from tasks.model.u2net import U2Net, build_model
 
 __all__ = [
@@ -118,8 +118,7 @@ def write_pretrained_folder(dst_url: str, path: str | os.PathLike | None = None,
     """Write the converted published weights of ``model`` as a model folder (``model.pt`` +
     ``config.json``, the layout training writes) at ``dst_url`` (local or ``s3://``); returns the
     ``model.pt`` URL."""
-    published_weights(model)  # a clear error for an architecture without published weights
-    source = require_pretrained_onnx(path, model)
+    source = require_pretrained_onnx(path, model)  # ValueError for an architecture without published weights
     state = onnx_to_state_dict(source, model)
     buffer = io.BytesIO()
     torch.save(state, buffer)

