@@ -1,0 +1,101 @@
+"""Does edge refinement (a guided filter on the photo) improve cut-outs on real photos?
+
+:func:`tasks.model.refine.refine_probability` pulls the probability map, resized to the photo, onto
+the photo's own edges. This script measures it on ``quality_real.py``'s test split (the same dataset
+version under ``--work``, the same rows, the same audit flags; ``../shared/data`` needed): for each
+photo the model's map is computed once, then scored plain and refined with every ``--radius`` ×
+``--eps``, by the project's metrics (IoU of the map at 0.5, boundary F) against the photo's own mask.
+The refinement's own time per photo is printed beside each row, and the machine load with the table.
+
+    .venv/bin/python benchmarks/edge_refinement.py --work /tmp/qr                      # the published U2-NetP
+    .venv/bin/python benchmarks/edge_refinement.py --work /tmp/qr --model /tmp/qr/runs/NAME --flip
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from itertools import product
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.append(str(Path(__file__).resolve().parent))
+
+import numpy as np  # noqa: E402
+
+
+def _row(label: str, ious: list[float], bfs: list[float], ms: float | None) -> str:
+    v = np.asarray(ious)
+    shares = " ".join(f"{np.mean(v >= t) * 100:5.1f} %" for t in (0.95, 0.97, 0.99))
+    cost = "" if ms is None else f"{ms:6.2f}"
+    return f"| {label:<26} | {len(v):>4} | {v.mean() * 100:7.3f} % | {shares} | {np.mean(bfs):.3f} | {cost:>6} |"
+
+
+def main(argv: list[str] | None = None) -> int:
+    import quality_real
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--work", default="/tmp/bgremoval-quality-real", help="quality_real.py's working folder")
+    parser.add_argument("--model", default="pretrained",
+                        help="'pretrained' (the published U2-NetP, zero-shot), an ONNX file or a training run folder")
+    parser.add_argument("--flip", action="store_true", help="test-time flip before refining")
+    parser.add_argument("--radius", type=float, nargs="+", default=[1, 2, 3, 4], help="radii in network pixels")
+    parser.add_argument("--eps", type=float, nargs="+", default=[1e-3, 1e-2], help="regularisations")
+    parser.add_argument("--sets", nargs="+", default=list(quality_real.SETS), choices=list(quality_real.SETS))
+    args = parser.parse_args(argv)
+    if not all((quality_real.DATA / s).is_dir() for s in args.sets):
+        print(f"{quality_real.DATA} not here: this benchmark needs ../shared/data", file=sys.stderr)
+        return 2
+
+    from tasks.evaluation.metrics import boundary_f, iou
+    from tasks.evaluation.scoring import load_model, predict_probabilities
+    from tasks.model.published import require_pretrained_onnx
+    from tasks.model.refine import RefineConfig, refine_probability
+
+    dataset = quality_real._prepare(Path(args.work).resolve(), args.sets, 512)
+    rows = quality_real._test_rows(dataset["manifest"])
+    model_url = str(require_pretrained_onnx()) if args.model == "pretrained" else args.model
+    model, meta = load_model(model_url)
+    input_size = int(meta["input_size"])
+    configs = {"plain": None} | {f"refined r{r:g} eps {e:g}": RefineConfig(r, e) for r, e in product(args.radius, args.eps)}
+    scores: dict[tuple[str, str], dict[str, tuple[list, list]]] = {}
+    seconds = dict.fromkeys(configs, 0.0)
+    load_start = os.getloadavg()
+    for row, (_, cluster, image, mask) in zip(rows, quality_real._pairs(rows)):
+        flagged = bool(row.audit)
+        height, width = mask.shape[:2]
+        prob = predict_probabilities(model, image, input_size, meta["resize"], (width, height))
+        if args.flip:
+            mirrored = predict_probabilities(model, np.ascontiguousarray(image[:, ::-1]), input_size, meta["resize"],
+                                             (width, height))
+            prob = 0.5 * (prob + mirrored[:, ::-1])
+        if image.shape[:2] != (height, width):
+            import cv2
+
+            image = cv2.resize(image, (width, height), interpolation=cv2.INTER_LINEAR)
+        truth = mask >= 128
+        for name, config in configs.items():
+            started = time.perf_counter()
+            out = prob if config is None else refine_probability(prob, image, input_size, config)
+            seconds[name] += time.perf_counter() - started
+            pred = out >= 0.5
+            for variant in ("all", "without flagged") if not flagged else ("all",):
+                ious, bfs = scores.setdefault((cluster, variant), {}).setdefault(name, ([], []))
+                ious.append(iou(pred, truth))
+                bfs.append(boundary_f(pred, truth))
+    load_end = os.getloadavg()
+    print(f"\nedge refinement, {model_url} at {input_size} px{' + test-time flip' if args.flip else ''}; "
+          f"load {load_start[0]:.2f} at start, {load_end[0]:.2f} at end, {os.cpu_count()} CPUs")
+    print("| test rows, method | n | mean IoU | ≥ 95 | ≥ 97 | ≥ 99 | boundary F | refine ms/photo |")
+    print("|---|---|---|---|---|---|---|---|")
+    for (cluster, variant), per_config in sorted(scores.items()):
+        for name, (ious, bfs) in per_config.items():
+            ms = None if configs[name] is None else seconds[name] / len(rows) * 1000
+            print(_row(f"{cluster} {variant}: {name}", ious, bfs, ms))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
