@@ -10,7 +10,9 @@ spends more of its time encoding.
 * ``bgremoval``: what ``bgremoval remove`` does per image — read the JPEG from disk, decode
   (EXIF applied), preprocess, the model on batches of ``--batch`` (the threads given) run by each
   of ``--runtimes`` (``onnx``: ONNX Runtime, rows ``ORT``; ``openvino``: OpenVINO, rows ``OV``;
-  both by default when OpenVINO is installed), resize the map back, quality score, RGBA PNG
+  both by default when OpenVINO is installed), resize the map back and refine its edges on the photo
+  (:mod:`tasks.model.refine`, on by default as in ``bgremoval remove``; ``--no-refine-too`` adds each
+  float row without it, interleaved, rows ``no-refine``), quality score, RGBA PNG
   cut-out **and** JPEG on white, both written to disk
   (:func:`tasks.serving.pipeline.iter_remove_backgrounds` + ``write_outputs``);
 * ``rembg``: rembg 2.0.86, ``new_session("u2net_custom", model_path=<the same .onnx>)`` with the
@@ -156,13 +158,16 @@ def _percentiles(latencies: list[float]) -> tuple[float, float]:
 
 
 def run_ours(onnx_path: str, paths: list[str], out: Path, threads: int, batch: int, warmup: int,
-             png_compression: int, runtime: str, sessions: int = 1) -> dict:
-    """Time the bgremoval path on ``paths`` with the model on ``runtime``; returns img/s and latencies."""
+             png_compression: int, runtime: str, sessions: int = 1, refine: bool = True) -> dict:
+    """Time the bgremoval path on ``paths`` with the model on ``runtime`` (edge refinement on, as
+    ``bgremoval remove`` runs, unless ``refine`` is false); returns img/s and latencies."""
+    from tasks.model.refine import RefineConfig
     from tasks.serving.engines import load_engine
     from tasks.serving.pipeline import InferenceConfig, iter_remove_backgrounds, write_outputs
 
     engine = load_engine(onnx_path, backend=runtime, threads=threads, sessions=sessions)
-    config = InferenceConfig(batch_size=batch, io_threads=threads, png_compression=png_compression)
+    config = InferenceConfig(batch_size=batch, io_threads=threads, png_compression=png_compression,
+                             refine=RefineConfig() if refine else None)
 
     def once(batch_paths: list[str]) -> list[float]:
         latencies = []
@@ -255,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=2,
                         help="rounds of all rows, interleaved; each row keeps its fastest round")
     parser.add_argument("--skip-rembg", action="store_true")
+    parser.add_argument("--no-refine-too", action="store_true",
+                        help="also time every float bgremoval row without the edge refinement (--no-refine), interleaved")
     parser.add_argument("--published", action="store_true",
                         help="time the published u2netp.onnx (rembg's file) instead of untrained exports")
     parser.add_argument("--int8", action="store_true",
@@ -301,6 +308,10 @@ def main(argv: list[str] | None = None) -> int:
                                     args.png_compression, runtime)
                     label = f"bgremoval {RUNTIME_LABELS[runtime]} fp32"
                     measured.append(({"model": name, "path": label, "batch": batch}, ours))
+                    if args.no_refine_too:
+                        raw = run_ours(onnx_path, paths, _fresh(tmp / "out-ours"), args.threads, batch, len(warm),
+                                       args.png_compression, runtime, refine=False)
+                        measured.append(({"model": name, "path": f"{label} no-refine", "batch": batch}, raw))
                     if int8_path is None:
                         continue
                     for sessions in sorted({1, min(args.threads, max(1, batch))}):

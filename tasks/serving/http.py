@@ -2,7 +2,8 @@
 
 ``POST /api/remove`` takes one image — the raw body, or a multipart form field ``file`` — and
 answers with the RGBA PNG cut-out (``?output=cutout``, the default), the mask (``mask``) or a JPEG on
-a colour (``jpeg&background=%23f4f4f4``); ``decontaminate=true`` as in ``bgremoval remove``. The
+a colour (``jpeg&background=%23f4f4f4``); ``decontaminate=true`` and ``refine=false`` as in ``bgremoval
+remove`` (``--decontaminate``, ``--no-refine``). The
 quality score comes back in the ``X-Quality-Score`` header. ``GET /healthz`` says the process is up,
 ``GET /readyz`` that a model is loaded (and which).
 
@@ -158,7 +159,7 @@ def create_app(config: ServeConfig, holder: ModelHolder | None = None):
     @app.post("/api/remove")
     async def remove(request: Request, output: str = Query("cutout", pattern=f"^({'|'.join(SINGLE_OUTPUTS)})$"),
                      background: str = Query("#ffffff", pattern="^#[0-9a-fA-F]{6}$"),
-                     decontaminate: bool = False):
+                     decontaminate: bool = False, refine: bool = True):
         """Cut out one image: the raw body or the multipart field ``file``."""
         data = await _read_body(request, config.max_bytes)
         if data is None:
@@ -177,7 +178,7 @@ def create_app(config: ServeConfig, holder: ModelHolder | None = None):
         engine = holder.engine
         if engine is None:
             return error(503, "no model loaded yet", **{"Retry-After": "5"})
-        inference = single_output_config(output, background, decontaminate, config.max_pixels)
+        inference = single_output_config(output, background, decontaminate, config.max_pixels, refine)
         try:
             await asyncio.wait_for(slots.acquire(), config.queue_timeout)
         except TimeoutError:

@@ -13,6 +13,10 @@ batches, and the same pool turns each prediction into the outputs while the next
   fixed canvas with a margin, aspect kept (the mask stays at the photo's size, aligned with it);
 * ``quality``: :func:`tasks.serving.quality.quality_score` of the prediction.
 
+The probability map, resized to the photo, is refined on the photo's own edges
+(:func:`tasks.model.refine.refine_probability`, a guided filter; ``config.refine=None`` turns it
+off) before any output is made from it; the quality score is taken on the network's own map.
+
 :func:`cut_out_bytes` does the same for one image held in memory (stdin, an HTTP body).
 
 A bad input (unreadable, empty, undecodable) gives a :class:`CutoutResult` with ``error`` set and
@@ -42,6 +46,7 @@ from tasks.core.alpha import decontaminated_foreground
 from tasks.core.codecs import ImageTooLarge, decode_image, encode
 from tasks.core.limits import MAX_PIXELS
 from tasks.model.preprocess import prepare_input, resize_to_original
+from tasks.model.refine import RefineConfig, refine_probability
 from tasks.serving.engines import Engine, available_cores, unletterboxed
 from tasks.serving.quality import QualityConfig, QualityScore, quality_score
 
@@ -141,7 +146,9 @@ class InferenceConfig:
     probability map in the result (large: 4 bytes per pixel); ``cutout`` / ``composite``: encode
     the RGBA PNG / the JPEG on the background (at least one of the three outputs is needed);
     ``decontaminate``: give the soft edge of the cut-out and the JPEG the product's colours
-    instead of the old background's (:func:`tasks.core.alpha.decontaminated_foreground`); ``keep_source``: keep the input
+    instead of the old background's (:func:`tasks.core.alpha.decontaminated_foreground`); ``refine``: pull the
+    map's outline onto the photo's edges (:func:`tasks.model.refine.refine_probability`), None to publish the
+    network's map as resized; ``keep_source``: keep the input
     file's bytes in the result (spares a second read when the original is stored too);
     ``batch_size``: images per model
     call; ``io_threads``: decode/encode threads (None: one per core); ``jpeg_quality``;
@@ -158,6 +165,7 @@ class InferenceConfig:
     cutout: bool = True
     composite: bool = True
     decontaminate: bool = False
+    refine: RefineConfig | None = field(default_factory=RefineConfig)
     keep_probability: bool = False
     keep_source: bool = False
     batch_size: int = 4
@@ -188,13 +196,15 @@ class InferenceConfig:
 
 
 def single_output_config(output: str, background: str = "#ffffff", decontaminate: bool = False,
-                         max_pixels: int = MAX_PIXELS) -> InferenceConfig:
-    """The :class:`InferenceConfig` that makes only ``output`` (a key of :data:`SINGLE_OUTPUTS`);
-    raises ``ValueError`` for an unknown output or background."""
+                         max_pixels: int = MAX_PIXELS, refine: bool = True) -> InferenceConfig:
+    """The :class:`InferenceConfig` that makes only ``output`` (a key of :data:`SINGLE_OUTPUTS`), with
+    the default edge refinement unless ``refine`` is false; raises ``ValueError`` for an unknown
+    output or background."""
     if output not in OUTPUT_KINDS:
         raise ValueError(f"output must be one of {', '.join(OUTPUT_KINDS)}, got {output!r}")
     flags = {kind.flag: name == output for name, kind in OUTPUT_KINDS.items()}
-    return InferenceConfig(background=background, decontaminate=decontaminate, max_pixels=max_pixels, **flags)
+    return InferenceConfig(background=background, decontaminate=decontaminate, max_pixels=max_pixels,
+                           refine=RefineConfig() if refine else None, **flags)
 
 
 @dataclass
@@ -370,7 +380,11 @@ def _finish(loaded: _Loaded, prob_s: np.ndarray, sides: np.ndarray | None, engin
         height, width = loaded.rgb.shape[:2]
         prob_s, sides = unletterboxed(prob_s, sides, engine, height, width)
         result.quality = quality_score(prob_s, sides, config.quality)
-        prob = resize_to_original(np.ascontiguousarray(prob_s, dtype=np.float32), (width, height))
+        prob_s = np.ascontiguousarray(prob_s, dtype=np.float32)
+        if config.refine is None:
+            prob = resize_to_original(prob_s, (width, height))
+        else:  # resized to the photo and refined in one step
+            prob = refine_probability(prob_s, loaded.rgb, engine.input_size, config.refine)
         for key, value in _render(loaded.rgb, prob, config).items():
             setattr(result, key, value)
         if config.keep_probability:

@@ -74,7 +74,8 @@ def test_the_registered_model_is_a_pyfunc_from_code_that_cuts_out_image_bytes(tm
     pyfunc = mlflow.pyfunc.load_model("models:/m/1")
     inputs = pyfunc.metadata.get_input_schema()
     assert inputs.input_names() == ["image"] and inputs.inputs[0].type.name == "binary"
-    assert [p.name for p in pyfunc.metadata.get_params_schema().params] == ["output", "background", "decontaminate"]
+    assert [p.name for p in pyfunc.metadata.get_params_schema().params] == ["output", "background", "decontaminate",
+                                                                             "refine"]
     photo = cv2.imencode(".jpg", np.full((40, 30, 3), 200, np.uint8))[1].tobytes()
     rows = pyfunc.predict(pd.DataFrame({"image": [photo, b"not an image"]}), params={"output": "mask"})
     assert list(rows.columns) == ["output", "media_type", "quality", "error"]
@@ -82,6 +83,8 @@ def test_the_registered_model_is_a_pyfunc_from_code_that_cuts_out_image_bytes(tm
     assert mask.shape == (40, 30) and rows["media_type"][0] == "image/png" and rows["error"][0] == ""
     assert 0 <= rows["quality"][0] <= 1
     assert rows["output"][1] == b"" and "not an image" in rows["error"][1]
+    raw = pyfunc.predict(pd.DataFrame({"image": [photo]}), params={"output": "mask", "refine": False})
+    assert cv2.imdecode(np.frombuffer(raw["output"][0], np.uint8), cv2.IMREAD_UNCHANGED).shape == (40, 30)
     cutout = pyfunc.predict(pd.DataFrame({"image": [photo]}))  # the default output: the RGBA cut-out
     assert cv2.imdecode(np.frombuffer(cutout["output"][0], np.uint8), cv2.IMREAD_UNCHANGED).shape == (40, 30, 4)
 

@@ -83,6 +83,19 @@ def test_remove_with_test_time_flip(model_dir, tmp_path, capsys):
     assert _open((out / f"{stem}.png").read_bytes()).size == size
 
 
+def test_remove_refines_edges_unless_told_not_to(model_dir, tmp_path):
+    stem, data, size = _products(1)[0]
+    (tmp_path / f"{stem}.jpg").write_bytes(data)
+    masks = {}
+    for name, flags in (("refined", []), ("raw", ["--no-refine"])):
+        out = tmp_path / name
+        assert main(["remove", str(tmp_path / f"{stem}.jpg"), "-o", str(out), "--model", model_dir, "--only-mask",
+                     "--quiet", *flags]) == 0
+        masks[name] = np.asarray(_open((out / f"{stem}.png").read_bytes()))
+    assert masks["refined"].shape == masks["raw"].shape == size[::-1]
+    assert not np.array_equal(masks["refined"], masks["raw"])
+
+
 def test_remove_s3_prefix_with_canvas(model_dir, s3_bucket, capsys):
     bucket, options = s3_bucket
     products = _products(3)

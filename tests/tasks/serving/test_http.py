@@ -72,6 +72,8 @@ def test_outputs_caps_and_readiness(model_dir):
         assert (_open(cut.content).mode, _open(cut.content).size) == ("RGBA", size)
         mask = httpx.post(f"{url}/api/remove?output=mask", files={"file": ("p.jpg", data, "image/jpeg")})
         assert mask.status_code == 200 and (_open(mask.content).mode, _open(mask.content).size) == ("L", size)
+        raw = httpx.post(f"{url}/api/remove?output=mask&refine=false", content=data)  # bgremoval remove --no-refine
+        assert raw.status_code == 200 and (_open(raw.content).mode, _open(raw.content).size) == ("L", size)
         jpeg = httpx.post(f"{url}/api/remove?output=jpeg&background=%23336699&decontaminate=true", content=data)
         assert jpeg.status_code == 200 and jpeg.headers["content-type"] == "image/jpeg"
         assert _open(jpeg.content).mode == "RGB"

@@ -31,6 +31,7 @@ from tasks.serving.pipeline import (
     parse_canvas,
     prepare_input,
     remove_backgrounds,
+    single_output_config,
     write_outputs,
 )
 from tasks.model.u2net import U2Net
@@ -184,12 +185,33 @@ def _band(n: int) -> np.ndarray:
     return p
 
 
+def test_the_published_outline_is_pulled_onto_the_photos_edges(tmp_path):
+    """The engine's square lands on photo rows/cols [64:192]; the photo's own bright square is
+    [60:196]. Refined (the default), the published mask moves towards the photo's edges; with
+    ``refine=None`` it is the engine's square as resized; the quality score is the same."""
+    photo = np.full((256, 256, 3), 40, np.uint8)
+    photo[60:196, 60:196] = 220
+    (tmp_path / "a.png").write_bytes(cv2.imencode(".png", photo)[1].tobytes())
+    refined, = remove_backgrounds([str(tmp_path / "a.png")], SquareEngine(), InferenceConfig(mask=True))
+    plain, = remove_backgrounds([str(tmp_path / "a.png")], SquareEngine(), InferenceConfig(mask=True, refine=None))
+
+    def extent(result) -> tuple[int, int]:
+        cols = np.nonzero(np.asarray(_open(result.mask_png))[128] >= 128)[0]
+        return int(cols.min()), int(cols.max()) + 1
+
+    assert extent(plain) == pytest.approx((64, 192), abs=1)
+    lo, hi = extent(refined)
+    assert 60 <= lo < 63 and 193 < hi <= 196, (lo, hi)
+    assert refined.score == plain.score
+    assert single_output_config("mask").refine is not None and single_output_config("mask", refine=False).refine is None
+
+
 def test_canvas_crops_and_centres_the_product(tmp_path):
     image = _photo(200, 100)
     (tmp_path / "a.png").write_bytes(cv2.imencode(".png", image)[1].tobytes())
     # product = rows/cols [16:32] of the 64-px map → a 25×50 px box in the 100×200 photo
     result, = remove_backgrounds([str(tmp_path / "a.png")], SquareEngine(16, 32),
-                                 InferenceConfig(canvas=(300, 300), margin=0.1, mask=True))
+                                 InferenceConfig(canvas=(300, 300), margin=0.1, mask=True, refine=None))
     cut, jpg, mask = _open(result.cutout_png), _open(result.composite_jpeg), _open(result.mask_png)
     assert cut.size == jpg.size == (300, 300) and cut.mode == "RGBA" and jpg.mode == "RGB"
     assert mask.size == (100, 200)  # the mask stays aligned with the photo
