@@ -63,6 +63,7 @@ def cmd_clean(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from tasks.evaluation.scoring import evaluate_folder
     from tasks.evaluation.metrics import format_summary
+    from tasks.model.refine import RefineConfig
 
     import tempfile
 
@@ -74,7 +75,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         if registry.is_model_uri(model):
             _mlflow_environment()
             model = registry.download_model(model, tmp)
-        summary = evaluate_folder(model, args.images, args.masks, storage_options=options, threshold=args.threshold)
+        summary = evaluate_folder(model, args.images, args.masks, storage_options=options, threshold=args.threshold,
+                                  refine=RefineConfig() if args.refine else None)
     summary["model_url"] = args.model
     print(format_summary(summary))
     if summary.get("skipped"):
@@ -399,6 +401,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--images", required=True, help="folder or URL with <stem>.jpg|png images")
     evaluate.add_argument("--masks", required=True, help="folder or URL with <stem>.png masks (any resolution)")
     evaluate.add_argument("--threshold", type=float, default=0.5, help="probability threshold for the masks")
+    evaluate.add_argument("--refine", action="store_true",
+                          help="score the maps refined on the photos' edges, as `bgremoval remove` publishes them "
+                               "(default: the network's own map, as the training DAG's gate scores it)")
     evaluate.add_argument("--json", help="also write the summary as JSON to this file")
     evaluate.set_defaults(func=cmd_evaluate)
 

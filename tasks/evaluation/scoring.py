@@ -16,6 +16,7 @@ import posixpath
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import cv2
 import numpy as np
 import torch
 from torch import nn
@@ -25,6 +26,7 @@ from tasks.core.codecs import read_image, read_mask
 from tasks.evaluation.metrics import ImageScore, boundary_f, iou, mae, resize_to_original, summarise
 from tasks.model.io import load_model as load_torch_model
 from tasks.model.preprocess import check_image, letterbox_box, preprocess
+from tasks.model.refine import RefineConfig, refine_probability
 from tasks.train.data import DEFAULT_CLUSTER, load_samples
 
 __all__ = [
@@ -77,7 +79,8 @@ def _fused(output: Any) -> torch.Tensor:
 
 def predict_batch(model: nn.Module, images_rgb: Sequence[np.ndarray], input_size: int,
                   resize: str = "stretch",
-                  output_sizes: Sequence[tuple[int, int] | None] | None = None) -> list[np.ndarray]:
+                  output_sizes: Sequence[tuple[int, int] | None] | None = None,
+                  refine: RefineConfig | None = None) -> list[np.ndarray]:
     """Predict foreground probabilities for several RGB images in one forward pass.
 
     Each image is preprocessed by :func:`tasks.model.preprocess.preprocess`; the model (called on the device of its
@@ -85,7 +88,9 @@ def predict_batch(model: nn.Module, images_rgb: Sequence[np.ndarray], input_size
     anything with a ``.fused`` attribute, or a tuple whose first item is the fused logits.
     Returns one float32 map in [0, 1] per image, at that image's own size, or at
     ``output_sizes[i] = (width, height)`` where given (one resize from the network output, e.g.
-    to a full-resolution mask's size).
+    to a full-resolution mask's size). With ``refine`` each map is refined on its image's edges
+    as ``bgremoval remove`` publishes it (:func:`tasks.model.refine.refine_probability`; the image is
+    resized to an ``output_sizes`` entry that differs from its own size).
     """
     if len(images_rgb) == 0:
         return []
@@ -106,19 +111,35 @@ def predict_batch(model: nn.Module, images_rgb: Sequence[np.ndarray], input_size
         if resize == "letterbox":
             x0, y0, new_w, new_h = letterbox_box(height, width, int(input_size))
             prob = prob[y0:y0 + new_h, x0:x0 + new_w]
-        out.append(resize_to_original(np.ascontiguousarray(prob, dtype=np.float32), size or (width, height)))
+        prob = np.ascontiguousarray(prob, dtype=np.float32)
+        if refine is None:
+            out.append(resize_to_original(prob, size or (width, height)))
+        else:
+            out.append(refine_probability(prob, _photo_at(image, size), int(input_size), refine))
     return out
 
 
+def _photo_at(image: np.ndarray, size: tuple[int, int] | None) -> np.ndarray:
+    """``image`` as uint8 RGB at ``size = (width, height)`` (its own size when None): the guide
+    of the edge refinement."""
+    if image.dtype != np.uint8:
+        image = np.round(np.clip(image, 0.0, 1.0) * 255).astype(np.uint8)
+    if size is None or tuple(size) == (image.shape[1], image.shape[0]):
+        return image
+    return cv2.resize(image, tuple(size), interpolation=cv2.INTER_LINEAR)
+
+
 def predict_probabilities(model: nn.Module, image_rgb: np.ndarray, input_size: int,
-                          resize: str = "stretch", output_size: tuple[int, int] | None = None) -> np.ndarray:
+                          resize: str = "stretch", output_size: tuple[int, int] | None = None,
+                          refine: RefineConfig | None = None) -> np.ndarray:
     """Predict the foreground probability of one ``H×W×3`` RGB image.
 
     Preprocesses like training (:func:`tasks.model.preprocess.preprocess`), applies the sigmoid to the fused logits and
     resizes the map back to the image's size (or to ``output_size = (width, height)``) with
-    :func:`tasks.model.preprocess.resize_to_original`. Returns float32 ``H×W`` in [0, 1].
+    :func:`tasks.model.preprocess.resize_to_original` (refined on the photo with ``refine``, as in
+    :func:`predict_batch`). Returns float32 ``H×W`` in [0, 1].
     """
-    return predict_batch(model, [image_rgb], input_size, resize, [output_size])[0]
+    return predict_batch(model, [image_rgb], input_size, resize, [output_size], refine)[0]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -135,7 +156,8 @@ def _mask_2d(mask: np.ndarray) -> np.ndarray:
 
 
 def evaluate_pairs(model: nn.Module, pairs: Iterable[tuple[str, str | None, np.ndarray, np.ndarray]],
-                   input_size: int, threshold: float = 0.5, resize: str = "stretch") -> list[ImageScore]:
+                   input_size: int, threshold: float = 0.5, resize: str = "stretch",
+                   refine: RefineConfig | None = None) -> list[ImageScore]:
     """Score the model on ``(stem, cluster, image_rgb, mask)`` pairs.
 
     The probability map is resized from the network output straight to the mask's size with
@@ -143,7 +165,9 @@ def evaluate_pairs(model: nn.Module, pairs: Iterable[tuple[str, str | None, np.n
     mask's resolution for e.g. a full-size mask of a downscaled image (one resize, and the truth
     is never resampled). The binary
     prediction is ``probability > threshold``; IoU and boundary F use it, MAE the probabilities.
-    A null cluster counts as ``"all"``. Returns one :class:`ImageScore` per pair, in order.
+    A null cluster counts as ``"all"``. ``refine`` scores the map refined on the photo, as
+    ``bgremoval remove`` publishes it (the gate leaves it None: it judges the network's own map).
+    Returns one :class:`ImageScore` per pair, in order.
     Raises ``ValueError`` for a threshold outside (0, 1) or a malformed image or mask.
     """
     if not 0 < threshold < 1:
@@ -151,7 +175,7 @@ def evaluate_pairs(model: nn.Module, pairs: Iterable[tuple[str, str | None, np.n
     scores = []
     for stem, cluster, image, mask in pairs:
         truth = _mask_2d(mask)
-        prob = predict_probabilities(model, image, input_size, resize, (truth.shape[1], truth.shape[0]))
+        prob = predict_probabilities(model, image, input_size, resize, (truth.shape[1], truth.shape[0]), refine)
         pred = prob > threshold
         scores.append(ImageScore(stem=str(stem), cluster=DEFAULT_CLUSTER if cluster is None else str(cluster),
                                  iou=iou(pred, truth), mae=mae(prob, truth), boundary_f=boundary_f(pred, truth)))
@@ -226,14 +250,15 @@ def _by_stem(folder_url: str, extensions: tuple[str, ...], storage_options: dict
 
 def evaluate_folder(model_url: str, images_dir_or_url: str, masks_dir_or_url: str,
                     storage_options: dict | None = None, threshold: float = 0.5,
-                    model_name: str | None = None) -> dict[str, Any]:
+                    model_name: str | None = None, refine: RefineConfig | None = None) -> dict[str, Any]:
     """Evaluate the model on any labelled folder: ``images/<stem>.{jpg,jpeg,png}`` with
     ``masks/<stem>.png``, paired by stem, all in cluster ``"all"``.
 
     Masks may be at another resolution than their images (e.g. the original full-size masks);
     each score is then measured at the mask's resolution (see :func:`evaluate_pairs`). Only the
-    top level of each folder is read. Returns :func:`tasks.evaluation.metrics.summarise` of the scores plus
-    ``model_url``, ``images_url``, ``masks_url``, ``threshold``, ``input_size``, ``skipped`` (stems
+    top level of each folder is read. ``refine`` scores the maps refined on the photos, as ``bgremoval
+    remove`` publishes them. Returns :func:`tasks.evaluation.metrics.summarise` of the scores plus
+    ``model_url``, ``images_url``, ``masks_url``, ``threshold``, ``input_size``, ``refined``, ``skipped`` (stems
     of images without a mask, sorted) and ``unmatched_masks`` (stems of masks without an image).
     Raises ``ValueError`` when no image has a mask or two images share a stem.
     """
@@ -246,9 +271,9 @@ def evaluate_folder(model_url: str, images_dir_or_url: str, masks_dir_or_url: st
     model, meta = load_model(model_url, model_name, storage_options)
     pairs = ((stem, DEFAULT_CLUSTER, read_image(images[stem], storage_options),
               read_mask(masks[stem], storage_options)) for stem in stems)
-    scores = evaluate_pairs(model, pairs, meta["input_size"], threshold, meta["resize"])
+    scores = evaluate_pairs(model, pairs, meta["input_size"], threshold, meta["resize"], refine)
     summary = summarise(scores)
     summary.update(model_url=model_url, images_url=images_dir_or_url, masks_url=masks_dir_or_url,
-                   threshold=float(threshold), input_size=meta["input_size"],
+                   threshold=float(threshold), input_size=meta["input_size"], refined=refine is not None,
                    skipped=sorted(set(images) - set(masks)), unmatched_masks=sorted(set(masks) - set(images)))
     return summary

@@ -44,4 +44,8 @@ def test_evaluate_prints_the_seed_table_and_writes_json(tmp_path, capsys):
     summary = json.loads(out_json.read_text())
     assert summary["n"] == 3 and 0.0 <= summary["mean_iou"] <= 1.0
     assert "mean IoU" in capsys.readouterr().out
-    assert np.isfinite(summary["mean_mae"])
+    assert np.isfinite(summary["mean_mae"]) and summary["refined"] is False
+    assert main(["evaluate", "--model", str(run / "model.pt"), "--images", str(tmp_path / "labelled" / "images"),
+                 "--masks", str(tmp_path / "labelled" / "masks"), "--json", str(out_json), "--refine"]) == 0
+    refined = json.loads(out_json.read_text())
+    assert refined["refined"] is True and refined["n"] == 3 and 0.0 <= refined["mean_iou"] <= 1.0

@@ -184,3 +184,22 @@ def test_evaluate_folder_pairs_by_stem_and_reports_skipped(tmp_path):
     assert summary["skipped"] == ["c"] and summary["unmatched_masks"] == ["orphan"]
     with pytest.raises(ValueError, match="no image"):
         evaluate_folder(url, str(images), str(tmp_path / "empty"))
+
+
+def test_refined_scores_follow_the_photos_edges_as_remove_publishes_them():
+    """The model's square lands on photo pixels [64:192]; the product (and its mask) is [60:196].
+    Scored refined, as ``bgremoval remove`` publishes, the IoU rises; also at a mask's larger size."""
+    from tasks.model.refine import RefineConfig
+
+    photo = np.full((256, 256, 3), 40, np.uint8)
+    photo[60:196, 60:196] = 220
+    truth = np.zeros((256, 256), np.uint8)
+    truth[60:196, 60:196] = 255
+    big_truth = cv2.resize(truth, (512, 512), interpolation=cv2.INTER_NEAREST)
+    model = SquareModel(16, 48)
+    plain, refined, big = (evaluate_pairs(model, [("a", None, photo, mask)], SIZE, refine=refine)[0]
+                           for mask, refine in ((truth, None), (truth, RefineConfig()), (big_truth, RefineConfig())))
+    assert plain.iou == pytest.approx((128 / 136) ** 2, abs=0.01)
+    assert refined.iou > plain.iou + 0.02 and big.iou > plain.iou + 0.02
+    prob = predict_probabilities(model, photo, SIZE, output_size=(512, 512), refine=RefineConfig())
+    assert prob.shape == (512, 512) and prob.dtype == np.float32
