@@ -62,12 +62,16 @@ class AirflowClient:
             raise AirflowHTTPError(method, path, error.code, detail) from None
         return json.loads(payload) if "json" in kind and payload else payload
 
+    def waiting_human_tasks(self, dag_id: str) -> list[dict]:
+        """The HITL details of every task of ``dag_id`` (any run) that waits for a human answer now."""
+        details = self.request("GET", f"/api/v2/dags/{dag_id}/dagRuns/~/hitlDetails")["hitl_details"]
+        return [d for d in details if not d.get("response_received")]
+
     def wait_for_human_task(self, dag_id: str, timeout: float = 900, poll: float = 1.0) -> dict:
         """Wait until a task of ``dag_id`` asks for a human answer; return its HITL detail."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            details = self.request("GET", f"/api/v2/dags/{dag_id}/dagRuns/~/hitlDetails")["hitl_details"]
-            waiting = [d for d in details if not d.get("response_received")]
+            waiting = self.waiting_human_tasks(dag_id)
             if waiting:
                 return waiting[0]
             time.sleep(poll)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from tasks.core import storage
+from tasks.dev.airflow_client import AirflowHTTPError
 from tasks.dev.badinputs import BAD_KINDS, write_bad_inputs
 from tasks.core.manifest import read_table
 
@@ -28,15 +30,25 @@ def _snapshot(url, options):
     return {o.relpath: (o.size, o.etag) for o in storage.list_objects(url, options)}
 
 
-def _reject_review_when_asked(reviewer) -> threading.Thread:
-    """The review gate is not under test here: a reviewer rejects, which ends the run after clustering."""
+def _reject_review_when_asked(reviewer) -> threading.Event:
+    """The review gate is not under test here: a reviewer rejects, which ends the run after clustering.
+
+    Only reviews of runs that start after this call are answered (another test's run in the same
+    metadata database may still wait), and an answer the API refuses is tried again, until the
+    returned event is set: a lost answer would leave ``dag.test`` waiting for input forever."""
+    stale = {d["task_instance"]["dag_run_id"] for d in reviewer.waiting_human_tasks("bgremoval_training")}
+    stop = threading.Event()
 
     def reject():
-        reviewer.answer(reviewer.wait_for_human_task("bgremoval_training"), "Reject")
+        while not stop.is_set():
+            for detail in reviewer.waiting_human_tasks("bgremoval_training"):
+                if detail["task_instance"]["dag_run_id"] not in stale:
+                    with contextlib.suppress(AirflowHTTPError):  # not ready for an answer yet: asked again
+                        reviewer.answer(detail, "Reject")
+            stop.wait(1.0)
 
-    thread = threading.Thread(target=reject, daemon=True)
-    thread.start()
-    return thread
+    threading.Thread(target=reject, daemon=True).start()
+    return stop
 
 
 def test_sensor_waits_then_cleaning_runs_mapped_and_reads_back(airflow_db, s3_bucket, reviewer):
@@ -58,11 +70,14 @@ def test_sensor_waits_then_cleaning_runs_mapped_and_reads_back(airflow_db, s3_bu
     uploader = threading.Thread(target=finish_upload)
     started = time.monotonic()
     uploader.start()
-    _reject_review_when_asked(reviewer)
-    run = dag.test(
-        # with the audit's model check (the published weights when on this machine): the wiring runs
-        run_conf={"batch": "shoot-1", "bucket": bucket, "shard_size": 8, "working_size": 160, "audit_model": "auto"},
-    )
+    reviewing = _reject_review_when_asked(reviewer)
+    try:
+        run = dag.test(
+            # with the audit's model check (the published weights when on this machine): the wiring runs
+            run_conf={"batch": "shoot-1", "bucket": bucket, "shard_size": 8, "working_size": 160, "audit_model": "auto"},
+        )
+    finally:
+        reviewing.set()
     uploader.join()
 
     assert run.state == "success"
@@ -87,10 +102,13 @@ def test_sensor_waits_then_cleaning_runs_mapped_and_reads_back(airflow_db, s3_bu
     assert raw_after == raw_before  # raw/ is never modified
 
     # Re-running the same batch: same version, nothing duplicated.
-    _reject_review_when_asked(reviewer)
-    again = dag.test(
-        run_conf={"batch": "shoot-1", "bucket": bucket, "shard_size": 5, "working_size": 160},
-    )
+    reviewing = _reject_review_when_asked(reviewer)
+    try:
+        again = dag.test(
+            run_conf={"batch": "shoot-1", "bucket": bucket, "shard_size": 5, "working_size": 160},
+        )
+    finally:
+        reviewing.set()
     assert again.state == "success"
     versions = {o.relpath.split("/")[0] for o in storage.list_objects(storage.join(bucket_url, "datasets"), options)}
     assert states[("apply_review", -1)] == "skipped" and states[("train_model", -1)] == "skipped"
