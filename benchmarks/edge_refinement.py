@@ -23,6 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.append(str(Path(__file__).resolve().parent))
 
+import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
 
@@ -40,7 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", default="/tmp/bgremoval-quality-real", help="quality_real.py's working folder")
     parser.add_argument("--model", default="pretrained",
                         help="'pretrained' (the published U2-NetP, zero-shot), an ONNX file or a training run folder")
-    parser.add_argument("--flip", action="store_true", help="test-time flip before refining")
+    parser.add_argument("--flip", action="store_true",
+                        help="test-time flip before refining, as `bgremoval remove --flip` runs it (mean of the logits)")
     parser.add_argument("--radius", type=float, nargs="+", default=[1, 2, 3, 4], help="radii in network pixels")
     parser.add_argument("--eps", type=float, nargs="+", default=[1e-3, 1e-2], help="regularisations")
     parser.add_argument("--sets", nargs="+", default=list(quality_real.SETS), choices=list(quality_real.SETS))
@@ -50,14 +52,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from tasks.evaluation.metrics import boundary_f, iou
-    from tasks.evaluation.scoring import load_model, predict_probabilities
+    from tasks.evaluation.scoring import predict_probabilities
     from tasks.model.published import require_pretrained_onnx
     from tasks.model.refine import RefineConfig, refine_probability
 
     dataset = quality_real._prepare(Path(args.work).resolve(), args.sets, 512)
     rows = quality_real._test_rows(dataset["manifest"])
     model_url = str(require_pretrained_onnx()) if args.model == "pretrained" else args.model
-    model, meta = load_model(model_url)
+    model, meta = quality_real.scoring_model(model_url, args.flip)
     input_size = int(meta["input_size"])
     configs = {"plain": None} | {f"refined r{r:g} eps {e:g}": RefineConfig(r, e) for r, e in product(args.radius, args.eps)}
     scores: dict[tuple[str, str], dict[str, tuple[list, list]]] = {}
@@ -67,13 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         flagged = bool(row.audit)
         height, width = mask.shape[:2]
         prob = predict_probabilities(model, image, input_size, meta["resize"], (width, height))
-        if args.flip:
-            mirrored = predict_probabilities(model, np.ascontiguousarray(image[:, ::-1]), input_size, meta["resize"],
-                                             (width, height))
-            prob = 0.5 * (prob + mirrored[:, ::-1])
         if image.shape[:2] != (height, width):
-            import cv2
-
             image = cv2.resize(image, (width, height), interpolation=cv2.INTER_LINEAR)
         truth = mask >= 128
         for name, config in configs.items():

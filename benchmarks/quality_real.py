@@ -342,19 +342,26 @@ def _run_grabcut(rows: list[TestRow]) -> MethodResult:
                         note=f"rectangle margin {GRABCUT_MARGIN:.0%}, {GRABCUT_ITERATIONS} iterations, binary output")
 
 
-def _score_model(model_url: str, rows: list[TestRow], flip: bool = False) -> tuple[list, Cost, dict]:
-    from tasks.evaluation.scoring import evaluate_pairs, load_model
+def scoring_model(model_url: str, flip: bool = False):
+    """``(model, meta)`` to score ``model_url`` with: :func:`tasks.evaluation.scoring.load_model`, or
+    with ``flip`` the test-time flip ``bgremoval remove --flip`` runs (the mean of the logits on the
+    photo and its mirror, as a torch module)."""
+    from tasks.evaluation.scoring import load_model
     from tasks.serving.engines import FlipAveragedEngine, load_engine
     from tasks.serving.onnx_module import EngineModule
 
+    if not flip:
+        return load_model(model_url)
+    backend = "onnx" if model_url.lower().endswith(".onnx") else "torch"  # the file load_model reads
+    engine = load_engine(model_url, device="cpu", backend=backend)
+    return EngineModule(FlipAveragedEngine(engine)), {"input_size": engine.input_size, "resize": engine.resize}
+
+
+def _score_model(model_url: str, rows: list[TestRow], flip: bool = False) -> tuple[list, Cost, dict]:
+    from tasks.evaluation.scoring import evaluate_pairs
+
     with _InProcess() as cost:
-        if flip:
-            backend = "onnx" if model_url.lower().endswith(".onnx") else "torch"  # the file load_model reads
-            engine = load_engine(model_url, device="cpu", backend=backend)
-            model, meta = EngineModule(FlipAveragedEngine(engine)), {"input_size": engine.input_size,
-                                                                     "resize": engine.resize}
-        else:
-            model, meta = load_model(model_url)
+        model, meta = scoring_model(model_url, flip)
         scores = evaluate_pairs(model, _pairs(rows), meta["input_size"], 0.5, meta["resize"])
     return scores, cost, meta
 

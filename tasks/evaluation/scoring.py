@@ -16,17 +16,16 @@ import posixpath
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-import cv2
 import numpy as np
 import torch
 from torch import nn
 
 from tasks.core import storage
 from tasks.core.codecs import read_image, read_mask
-from tasks.evaluation.metrics import ImageScore, boundary_f, iou, mae, resize_to_original, summarise
+from tasks.evaluation.metrics import ImageScore, boundary_f, iou, mae, summarise
 from tasks.model.io import load_model as load_torch_model
 from tasks.model.preprocess import check_image, letterbox_box, preprocess
-from tasks.model.refine import RefineConfig, refine_probability
+from tasks.model.refine import RefineConfig, map_at_photo
 from tasks.train.data import DEFAULT_CLUSTER, load_samples
 
 __all__ = [
@@ -112,21 +111,15 @@ def predict_batch(model: nn.Module, images_rgb: Sequence[np.ndarray], input_size
             x0, y0, new_w, new_h = letterbox_box(height, width, int(input_size))
             prob = prob[y0:y0 + new_h, x0:x0 + new_w]
         prob = np.ascontiguousarray(prob, dtype=np.float32)
-        if refine is None:
-            out.append(resize_to_original(prob, size or (width, height)))
-        else:
-            out.append(refine_probability(prob, _photo_at(image, size), int(input_size), refine))
+        out.append(map_at_photo(prob, _as_uint8(image) if refine else image, int(input_size), refine, size))
     return out
 
 
-def _photo_at(image: np.ndarray, size: tuple[int, int] | None) -> np.ndarray:
-    """``image`` as uint8 RGB at ``size = (width, height)`` (its own size when None): the guide
-    of the edge refinement."""
-    if image.dtype != np.uint8:
-        image = np.round(np.clip(image, 0.0, 1.0) * 255).astype(np.uint8)
-    if size is None or tuple(size) == (image.shape[1], image.shape[0]):
+def _as_uint8(image: np.ndarray) -> np.ndarray:
+    """A float image in [0, 1] (which :func:`preprocess` also takes) as uint8, the refinement's guide."""
+    if image.dtype == np.uint8:
         return image
-    return cv2.resize(image, tuple(size), interpolation=cv2.INTER_LINEAR)
+    return np.round(np.clip(image, 0.0, 1.0) * 255).astype(np.uint8)
 
 
 def predict_probabilities(model: nn.Module, image_rgb: np.ndarray, input_size: int,

@@ -45,8 +45,8 @@ from tasks.core import storage
 from tasks.core.alpha import decontaminated_foreground
 from tasks.core.codecs import ImageTooLarge, decode_image, encode
 from tasks.core.limits import MAX_PIXELS
-from tasks.model.preprocess import prepare_input, resize_to_original
-from tasks.model.refine import RefineConfig, refine_probability
+from tasks.model.preprocess import prepare_input
+from tasks.model.refine import RefineConfig, map_at_photo
 from tasks.serving.engines import Engine, available_cores, unletterboxed
 from tasks.serving.quality import QualityConfig, QualityScore, quality_score
 
@@ -380,11 +380,8 @@ def _finish(loaded: _Loaded, prob_s: np.ndarray, sides: np.ndarray | None, engin
         height, width = loaded.rgb.shape[:2]
         prob_s, sides = unletterboxed(prob_s, sides, engine, height, width)
         result.quality = quality_score(prob_s, sides, config.quality)
-        prob_s = np.ascontiguousarray(prob_s, dtype=np.float32)
-        if config.refine is None:
-            prob = resize_to_original(prob_s, (width, height))
-        else:  # resized to the photo and refined in one step
-            prob = refine_probability(prob_s, loaded.rgb, engine.input_size, config.refine)
+        prob = map_at_photo(np.ascontiguousarray(prob_s, dtype=np.float32), loaded.rgb, engine.input_size,
+                            config.refine)
         for key, value in _render(loaded.rgb, prob, config).items():
             setattr(result, key, value)
         if config.keep_probability:
