@@ -30,8 +30,8 @@ pytestmark = pytest.mark.process
 #: runs 20 reviewers x 50 corrections and 20 deciders on 200 items (about 6 minutes on 2 cores, most of
 #: it moto listing and reading the growing log).
 FULL = os.environ.get("BGREMOVAL_CROWD") == "full"
-REVIEWERS, CORRECTIONS_EACH = (20, 50) if FULL else (20, 10)
-DECIDERS, ITEMS = (20, 200) if FULL else (20, 50)
+REVIEWERS, CORRECTIONS_EACH = (20, 50) if FULL else (20, 5)
+DECIDERS, ITEMS = (20, 200) if FULL else (20, 24)
 VERSION = "crowd-v1"
 
 

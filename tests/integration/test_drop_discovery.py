@@ -1,28 +1,16 @@
-"""Drop-driven production: ``bgremoval_drops`` (``airflow dags test``, moto S3, the Airflow
+"""Drop-driven production: ``bgremoval_drops`` (``dag.test()``, moto S3, the Airflow
 api-server) starts ``bgremoval_inference`` for each ready drop, exactly once however often it runs."""
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from tasks.core import layout, storage
 
 pytestmark = pytest.mark.integration
-AIRFLOW = str(Path(sys.executable).parent / "airflow")
-
-
-def _discover(bucket: str, log: Path) -> None:
-    with open(log, "wb") as out:
-        code = subprocess.run([AIRFLOW, "dags", "test", "bgremoval_drops", "--conf", json.dumps({"bucket": bucket})],
-                              stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ), timeout=600).returncode
-    assert code == 0, log.read_text()[-5000:]
 
 
 def _inference_runs(client) -> dict[str, dict]:
@@ -30,7 +18,7 @@ def _inference_runs(client) -> dict[str, dict]:
     return {r["dag_run_id"]: r.get("conf") or {} for r in runs if r["dag_run_id"].startswith("drop__")}
 
 
-def test_each_ready_drop_starts_one_inference_run(s3_bucket, client_for, tmp_path):
+def test_each_ready_drop_starts_one_inference_run(s3_bucket, client_for, run_dag):
     bucket_url, options = s3_bucket
     bucket = bucket_url.removeprefix("s3://")
     admin = client_for("admin")
@@ -38,7 +26,7 @@ def test_each_ready_drop_starts_one_inference_run(s3_bucket, client_for, tmp_pat
         storage.write_bytes(storage.join(layout.incoming(bucket_url, batch), "p.jpg"), b"jpeg", options)
     storage.write_bytes(layout.ready_marker(layout.incoming(bucket_url, "studio-a")), b"", options)
 
-    _discover(bucket, tmp_path / "first.log")
+    assert run_dag("bgremoval_drops", {"bucket": bucket}).state == "success"
     runs = _inference_runs(admin)
     assert set(runs) == {"drop__studio-a"}  # studio-b has no _READY yet
     assert runs["drop__studio-a"]["batch"] == "studio-a" and runs["drop__studio-a"]["bucket"] == bucket
@@ -48,7 +36,7 @@ def test_each_ready_drop_starts_one_inference_run(s3_bucket, client_for, tmp_pat
 
     storage.write_bytes(layout.ready_marker(layout.incoming(bucket_url, "studio-b")), b"", options)
     storage.remove(layout.drop_started(bucket_url, "studio-a"), options)  # a lost marker: the run id still guards
-    _discover(bucket, tmp_path / "second.log")
+    assert run_dag("bgremoval_drops", {"bucket": bucket}).state == "success"
     assert set(_inference_runs(admin)) == {"drop__studio-a", "drop__studio-b"}
     runs = admin.request("GET", "/api/v2/dags/bgremoval_drops/dagRuns?order_by=-start_date&limit=1")["dag_runs"]
     instances = admin.request("GET", f"/api/v2/dags/bgremoval_drops/dagRuns/{runs[0]['dag_run_id']}"
@@ -58,6 +46,6 @@ def test_each_ready_drop_starts_one_inference_run(s3_bucket, client_for, tmp_pat
 
     time.sleep(1.1)  # S3's LastModified has whole seconds
     storage.write_bytes(layout.ready_marker(layout.incoming(bucket_url, "studio-b")), b"", options)  # dropped again
-    _discover(bucket, tmp_path / "third.log")
+    assert run_dag("bgremoval_drops", {"bucket": bucket}).state == "success"
     again = set(_inference_runs(admin)) - {"drop__studio-a", "drop__studio-b"}
     assert len(again) == 1 and next(iter(again)).startswith("drop__studio-b__")  # one more run, for the new drop

@@ -1,4 +1,4 @@
-"""The production loop end to end, on moto S3, the Airflow api-server and ``airflow dags test``:
+"""The production loop end to end, on moto S3, the Airflow api-server and ``dag.test()``:
 
 champion → ``bgremoval_inference`` publishes confident cut-outs and queues doubtful ones →
 a reviewer accepts and corrects through the correction page's HTTP API → ``bgremoval_retraining``
@@ -11,9 +11,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -29,17 +26,9 @@ from tasks.dev.synth import SynthConfig, encode_jpeg, render_item
 from tasks.dev.synthetic import write_synthetic_dataset
 
 pytestmark = pytest.mark.integration
-AIRFLOW = str(Path(sys.executable).parent / "airflow")
 
 
-def _dags_test(dag_id: str, conf: dict, log: Path) -> None:
-    with open(log, "wb") as out:
-        code = subprocess.run([AIRFLOW, "dags", "test", dag_id, "--conf", json.dumps(conf)], stdout=out,
-                              stderr=subprocess.STDOUT, env=dict(os.environ), timeout=900).returncode
-    assert code == 0, log.read_text()[-5000:]
-
-
-def test_publish_correct_retrain_promote(s3_bucket, reviewer, client_for, tmp_path, write_model_folder):
+def test_publish_correct_retrain_promote(s3_bucket, reviewer, client_for, tmp_path, write_model_folder, run_dag, capfd):
     bucket_url, options = s3_bucket
     bucket = bucket_url.removeprefix("s3://")
     name = f"loop-{bucket}"
@@ -64,8 +53,9 @@ def test_publish_correct_retrain_promote(s3_bucket, reviewer, client_for, tmp_pa
     scores = sorted(r.score for r in iter_remove_backgrounds(urls, engine, InferenceConfig(), options))
     threshold = (scores[3] + scores[4]) / 2
 
-    _dags_test("bgremoval_inference", {"batch": "drop-1", "bucket": bucket, "registered_model": name,
-                                       "quality_threshold": threshold, "photos_per_shard": 3}, tmp_path / "inference.log")
+    inference = run_dag("bgremoval_inference", {"batch": "drop-1", "bucket": bucket, "registered_model": name,
+                                                "quality_threshold": threshold, "photos_per_shard": 3})
+    assert inference.state == "success"
     published = {o.relpath for o in storage.list_objects(f"{bucket_url}/published/drop-1", options)}
     assert len([p for p in published if p.endswith(".png") and "/" not in p]) == 4
     queue = reviewer.request("GET", f"/bgremoval/api/corrections?bucket={bucket}")["items"]
@@ -89,9 +79,9 @@ def test_publish_correct_retrain_promote(s3_bucket, reviewer, client_for, tmp_pa
 
     training_conf = {"epochs": 1, "train_input_size": 64, "batch_size": 4, "workers": 1, "max_steps_per_epoch": 2,
                      "target_per_cluster": 6, "iou_gate": 0.0, "cluster_iou_gate": 0.0, "tolerance": 1.0}
-    _dags_test("bgremoval_retraining", {"bucket": bucket, "registered_model": name, "min_new_pairs": 6,
-                                        "retrain_epochs": 1, "working_size": 96, "training_conf": training_conf},
-               tmp_path / "retraining.log")
+    retraining = run_dag("bgremoval_retraining", {"bucket": bucket, "registered_model": name, "min_new_pairs": 6,
+                                                  "retrain_epochs": 1, "working_size": 96, "training_conf": training_conf})
+    assert retraining.state == "success"
     state = json.loads(storage.read_bytes(f"{bucket_url}/retraining/state.json", options))
     version = state["last_dataset_version"]
     assert version.startswith("retrain-") and state["history"][-1]["n_new"] == 6
@@ -108,9 +98,9 @@ def test_publish_correct_retrain_promote(s3_bucket, reviewer, client_for, tmp_pa
     assert conf["init_from"] == "champion" and conf["epochs"] == 1 and conf["registered_model"] == name
 
     # the triggered run's conf, executed: reuses the dataset, starts from the champion, passes the gate
-    _dags_test("bgremoval_training", conf, tmp_path / "training.log")
-    log = (tmp_path / "training.log").read_text()
-    assert "retraining on the existing dataset version" in log
+    capfd.readouterr()
+    assert run_dag("bgremoval_training", conf).state == "success"
+    assert "retraining on the existing dataset version" in capfd.readouterr().out
     assert registry.alias_version(name, "champion") == "2" and registry.alias_version(name, "previous") == "1"
     tags = registry.version_tags(name, "2")
     assert tags["dataset_version"] == version

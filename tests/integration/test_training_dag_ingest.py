@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
@@ -14,16 +13,7 @@ from tasks.dev.airflow_client import AirflowHTTPError
 from tasks.dev.badinputs import BAD_KINDS, write_bad_inputs
 from tasks.core.manifest import read_table
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.integration
-
-
-def _load_dag():
-    from airflow.dag_processing.dagbag import DagBag
-
-    bag = DagBag(dag_folder=str(PROJECT_ROOT / "dags" / "bgremoval_training.py"))
-    assert bag.import_errors == {}
-    return bag.dags["bgremoval_training"]
 
 
 def _snapshot(url, options):
@@ -51,7 +41,7 @@ def _reject_review_when_asked(reviewer) -> threading.Event:
     return stop
 
 
-def test_sensor_waits_then_cleaning_runs_mapped_and_reads_back(airflow_db, s3_bucket, reviewer):
+def test_sensor_waits_then_cleaning_runs_mapped_and_reads_back(run_dag, s3_bucket, reviewer):
     bucket_url, options = s3_bucket
     bucket = bucket_url.removeprefix("s3://")
     batch_url = storage.join(bucket_url, "raw", "shoot-1")
@@ -66,16 +56,14 @@ def test_sensor_waits_then_cleaning_runs_mapped_and_reads_back(airflow_db, s3_bu
         storage.write_bytes(storage.join(batch_url, "_READY"), b"", options)
         ready_at["t"] = time.monotonic()
 
-    dag = _load_dag()
     uploader = threading.Thread(target=finish_upload)
     started = time.monotonic()
     uploader.start()
     reviewing = _reject_review_when_asked(reviewer)
     try:
-        run = dag.test(
-            # with the audit's model check (the published weights when on this machine): the wiring runs
-            run_conf={"batch": "shoot-1", "bucket": bucket, "shard_size": 8, "working_size": 160, "audit_model": "auto"},
-        )
+        # with the audit's model check (the published weights when on this machine): the wiring runs
+        run = run_dag("bgremoval_training",
+                      {"batch": "shoot-1", "bucket": bucket, "shard_size": 8, "working_size": 160, "audit_model": "auto"})
     finally:
         reviewing.set()
     uploader.join()
@@ -104,9 +92,7 @@ def test_sensor_waits_then_cleaning_runs_mapped_and_reads_back(airflow_db, s3_bu
     # Re-running the same batch: same version, nothing duplicated.
     reviewing = _reject_review_when_asked(reviewer)
     try:
-        again = dag.test(
-            run_conf={"batch": "shoot-1", "bucket": bucket, "shard_size": 5, "working_size": 160},
-        )
+        again = run_dag("bgremoval_training", {"batch": "shoot-1", "bucket": bucket, "shard_size": 5, "working_size": 160})
     finally:
         reviewing.set()
     assert again.state == "success"
