@@ -106,8 +106,11 @@ def pytest_collection_modifyitems(config, items):
     """Give every test one tier: ``integration`` (marked: whole pipelines on real servers),
     ``process`` (marked: it trains or exports a real model, or starts a process; or it uses a
     fixture that starts a server) or ``unit`` (the rest: in-process, no server, seconds at most;
-    ``make test-fast`` runs these)."""
+    ``make test-fast`` runs these). Tests that run a DAG in this process time out by
+    :func:`_timeout_by_thread`."""
     for item in items:
+        if "airflow_db" in getattr(item, "fixturenames", ()):
+            _timeout_by_thread(item)
         if item.get_closest_marker("integration") or item.get_closest_marker("process"):
             continue
         callspec = getattr(item, "callspec", None)
@@ -116,6 +119,19 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.process)
         else:
             item.add_marker(pytest.mark.unit)
+
+
+def _timeout_by_thread(item) -> None:
+    """Keep the test's timeout (its marker's, else ``pyproject.toml``'s) but enforce it with
+    pytest-timeout's thread method. ``dag.test()`` runs each task under Airflow's own SIGALRM
+    timer, which replaces the signal method's handler: a run stuck there (a review nobody answers)
+    would never time out and would hold its worker until CI's limit. The thread method prints every
+    thread's stack and ends the worker process; xdist reports the test as crashed and goes on."""
+    marker = item.get_closest_marker("timeout")
+    seconds = None
+    if marker is not None:
+        seconds = marker.kwargs.get("timeout", marker.args[0] if marker.args else None)
+    item.add_marker(pytest.mark.timeout(seconds or float(item.config.getini("timeout")), method="thread"), append=False)
 
 
 @pytest.fixture(autouse=True)
