@@ -29,7 +29,11 @@ from tasks.dev.airflow_client import AirflowClient
 
 DAG_ID = "bgremoval_training"
 INFERENCE_DAG_ID = "bgremoval_inference"
-REGISTERED_MODEL = registry.DEFAULT_MODEL_NAME
+#: The demo's model learns from generated photos, so it is registered apart from the model that
+#: ``bgremoval remove`` and the DAGs use by default (``registry.DEFAULT_MODEL_NAME``): under that
+#: name its champion would cut out a user's real photos after ``make demo``, worse than the
+#: published weights it started from.
+REGISTERED_MODEL = f"{registry.DEFAULT_MODEL_NAME}-demo"
 
 
 @dataclass(frozen=True)
@@ -197,7 +201,10 @@ def _print_evaluation(run_url: str, options: dict) -> None:
     version = registry.alias_version(REGISTERED_MODEL, registry.CHAMPION)
     previous = registry.alias_version(REGISTERED_MODEL, registry.PREVIOUS)
     print(f"  registry: {REGISTERED_MODEL} champion = version {version}, previous = {previous or 'none'} "
-          f"(`bgremoval model rollback` restores the previous one)")
+          f"(`bgremoval model rollback --name {REGISTERED_MODEL}` restores the previous one)")
+    print(f"  `bgremoval remove` without --model still uses {registry.DEFAULT_MODEL_NAME}'s champion, else the "
+          f"published weights: this model learned from generated photos (`--model models:/{REGISTERED_MODEL}"
+          "@champion` runs it)")
 
 
 def _production_pass(config: DemoConfig, bucket: str, env: dict[str, str], options: dict, logs: Path,
@@ -215,7 +222,8 @@ def _production_pass(config: DemoConfig, bucket: str, env: dict[str, str], optio
         storage.write_bytes(f"{incoming}/new-{i:03d}.jpg", encode_jpeg(render_item(i, photos).image), options)
     storage.write_bytes(layout.ready_marker(incoming), b"", options)
     log_path = logs / f"demo-{INFERENCE_DAG_ID}.log"
-    run = _start_dag_run({"batch": drop, "bucket": bucket}, env, log_path, INFERENCE_DAG_ID)
+    run = _start_dag_run({"batch": drop, "bucket": bucket, "registered_model": REGISTERED_MODEL}, env, log_path,
+                         INFERENCE_DAG_ID)
     if run.wait() != 0:
         tail = log_path.read_text(errors="replace")[-4000:]
         raise RuntimeError(f"`airflow dags test {INFERENCE_DAG_ID}` failed (exit {run.returncode}); log {log_path}:\n{tail}")
