@@ -29,7 +29,7 @@ import numpy as np  # noqa: E402
 
 def _row(label: str, ious: list[float], bfs: list[float], ms: float | None) -> str:
     v = np.asarray(ious)
-    shares = " ".join(f"{np.mean(v >= t) * 100:5.1f} %" for t in (0.95, 0.97, 0.99))
+    shares = " | ".join(f"{np.mean(v >= t) * 100:5.1f} %" for t in (0.95, 0.97, 0.99))
     cost = "" if ms is None else f"{ms:6.2f}"
     return f"| {label:<26} | {len(v):>4} | {v.mean() * 100:7.3f} % | {shares} | {np.mean(bfs):.3f} | {cost:>6} |"
 
@@ -38,17 +38,16 @@ def main(argv: list[str] | None = None) -> int:
     import quality_real
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--work", default="/tmp/bgremoval-quality-real", help="quality_real.py's working folder")
+    quality_real.add_split_arguments(parser)
     parser.add_argument("--model", default="pretrained",
                         help="'pretrained' (the published U2-NetP, zero-shot), an ONNX file or a training run folder")
     parser.add_argument("--flip", action="store_true",
                         help="test-time flip before refining, as `bgremoval remove --flip` runs it (mean of the logits)")
     parser.add_argument("--radius", type=float, nargs="+", default=[1, 2, 3, 4], help="radii in network pixels")
     parser.add_argument("--eps", type=float, nargs="+", default=[1e-3, 1e-2], help="regularisations")
-    parser.add_argument("--sets", nargs="+", default=list(quality_real.SETS), choices=list(quality_real.SETS))
     args = parser.parse_args(argv)
-    if not all((quality_real.DATA / s).is_dir() for s in args.sets):
-        print(f"{quality_real.DATA} not here: this benchmark needs ../shared/data", file=sys.stderr)
+    rows = quality_real.split_rows(args)
+    if rows is None:
         return 2
 
     from tasks.evaluation.metrics import boundary_f, iou
@@ -56,8 +55,6 @@ def main(argv: list[str] | None = None) -> int:
     from tasks.model.published import require_pretrained_onnx
     from tasks.model.refine import RefineConfig, refine_probability
 
-    dataset = quality_real._prepare(Path(args.work).resolve(), args.sets, 512)
-    rows = quality_real._test_rows(dataset["manifest"])
     model_url = str(require_pretrained_onnx()) if args.model == "pretrained" else args.model
     model, meta = quality_real.scoring_model(model_url, args.flip)
     input_size = int(meta["input_size"])

@@ -105,6 +105,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 DATA = ROOT.parent / "shared" / "data"
+DEFAULT_WORK = "/tmp/bgremoval-quality-real"
 #: set folder → (cluster of its rows, stem prefix)
 SETS = {"viton-garments": ("tops", "viton_"), "ccp-people": ("people", "ccp_")}
 SEED_TABLE = {"mean_iou": 0.99435, 0.95: 0.993, 0.97: 0.987, 0.99: 0.931}
@@ -244,6 +245,21 @@ def _test_rows(manifest) -> list[TestRow]:
     return [TestRow(str(r.key), str(r.stem), str(r.cluster), str(r.image_source), str(r.mask_source),
                     str(r.audit_reasons or "") if r.audit_flagged_now else "")
             for r in rows.itertuples()]
+
+
+def add_split_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--work`` and ``--sets``: which of this script's test splits another benchmark scores."""
+    parser.add_argument("--work", default=DEFAULT_WORK, help="quality_real.py's working folder")
+    parser.add_argument("--sets", nargs="+", default=list(SETS), choices=list(SETS))
+
+
+def split_rows(args: argparse.Namespace) -> list[TestRow] | None:
+    """The test rows of the split under ``args.work`` (cleaned there on first use), the rows this
+    script scores; None, saying why, without ``../shared/data``."""
+    if not all((DATA / s).is_dir() for s in args.sets):
+        print(f"{DATA} not here: this benchmark needs ../shared/data", file=sys.stderr)
+        return None
+    return _test_rows(_prepare(Path(args.work).resolve(), args.sets, 512)["manifest"])
 
 
 def _audit_counts(manifest, clusters: list[str]) -> str:
@@ -528,7 +544,7 @@ def _contact_sheet(model_url: str, rows: list[TestRow], worst: list[dict], path:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--work", default="/tmp/bgremoval-quality-real", help="working folder (dataset, runs, MLflow, sheets)")
+    parser.add_argument("--work", default=DEFAULT_WORK, help="working folder (dataset, runs, MLflow, sheets)")
     parser.add_argument("--sets", nargs="+", default=list(SETS), choices=list(SETS), help="which sets of ../shared/data")
     parser.add_argument("--working-size", type=int, default=512, help="cleaning size (longer side)")
     parser.add_argument("--model", default="u2netp", choices=["u2netp", "u2net"],
