@@ -24,14 +24,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.append(str(Path(__file__).resolve().parent))
 
 import cv2  # noqa: E402
-import numpy as np  # noqa: E402
-
-
-def _row(label: str, ious: list[float], bfs: list[float], ms: float | None) -> str:
-    v = np.asarray(ious)
-    shares = " | ".join(f"{np.mean(v >= t) * 100:5.1f} %" for t in (0.95, 0.97, 0.99))
-    cost = "" if ms is None else f"{ms:6.2f}"
-    return f"| {label:<26} | {len(v):>4} | {v.mean() * 100:7.3f} % | {shares} | {np.mean(bfs):.3f} | {cost:>6} |"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,7 +42,6 @@ def main(argv: list[str] | None = None) -> int:
     if rows is None:
         return 2
 
-    from tasks.evaluation.metrics import boundary_f, iou
     from tasks.evaluation.scoring import predict_probabilities
     from tasks.model.published import require_pretrained_onnx
     from tasks.model.refine import RefineConfig, refine_probability
@@ -59,11 +50,10 @@ def main(argv: list[str] | None = None) -> int:
     model, meta = quality_real.scoring_model(model_url, args.flip)
     input_size = int(meta["input_size"])
     configs = {"plain": None} | {f"refined r{r:g} eps {e:g}": RefineConfig(r, e) for r, e in product(args.radius, args.eps)}
-    scores: dict[tuple[str, str], dict[str, tuple[list, list]]] = {}
+    table = quality_real.VariantTable()
     seconds = dict.fromkeys(configs, 0.0)
     load_start = os.getloadavg()
-    for row, (_, cluster, image, mask) in zip(rows, quality_real._pairs(rows)):
-        flagged = bool(row.audit)
+    for row, (_, _, image, mask) in zip(rows, quality_real._pairs(rows)):
         height, width = mask.shape[:2]
         prob = predict_probabilities(model, image, input_size, meta["resize"], (width, height))
         if image.shape[:2] != (height, width):
@@ -73,20 +63,12 @@ def main(argv: list[str] | None = None) -> int:
             started = time.perf_counter()
             out = prob if config is None else refine_probability(prob, image, input_size, config)
             seconds[name] += time.perf_counter() - started
-            pred = out >= 0.5
-            for variant in ("all", "without flagged") if not flagged else ("all",):
-                ious, bfs = scores.setdefault((cluster, variant), {}).setdefault(name, ([], []))
-                ious.append(iou(pred, truth))
-                bfs.append(boundary_f(pred, truth))
+            table.add(row, name, out >= 0.5, truth)
     load_end = os.getloadavg()
     print(f"\nedge refinement, {model_url} at {input_size} px{' + test-time flip' if args.flip else ''}; "
           f"load {load_start[0]:.2f} at start, {load_end[0]:.2f} at end, {os.cpu_count()} CPUs")
-    print("| test rows, method | n | mean IoU | ≥ 95 | ≥ 97 | ≥ 99 | boundary F | refine ms/photo |")
-    print("|---|---|---|---|---|---|---|---|")
-    for (cluster, variant), per_config in sorted(scores.items()):
-        for name, (ious, bfs) in per_config.items():
-            ms = None if configs[name] is None else seconds[name] / len(rows) * 1000
-            print(_row(f"{cluster} {variant}: {name}", ious, bfs, ms))
+    table.print("test rows, method", "refine ms/photo",
+                lambda name: None if configs[name] is None else seconds[name] / len(rows) * 1000)
     return 0
 
 

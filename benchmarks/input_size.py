@@ -39,7 +39,6 @@ def _torch_model(model: str):
 
 def main(argv: list[str] | None = None) -> int:
     import quality_real
-    from edge_refinement import _row
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     quality_real.add_split_arguments(parser)
@@ -53,32 +52,24 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     rows = [r for r in rows if not args.clusters or r.cluster in args.clusters]
 
-    from tasks.evaluation.metrics import boundary_f, iou
     from tasks.evaluation.scoring import predict_probabilities
 
     model, resize = _torch_model(args.model)
-    scores: dict[tuple[str, str], dict[int, tuple[list, list]]] = {}
-    seconds = dict.fromkeys(args.sizes, 0.0)
+    table = quality_real.VariantTable()
+    seconds = {f"{size} px": 0.0 for size in args.sizes}
     load_start = os.getloadavg()
-    for row, (_, cluster, image, mask) in zip(rows, quality_real._pairs(rows)):
+    for row, (_, _, image, mask) in zip(rows, quality_real._pairs(rows)):
         height, width = mask.shape[:2]
         truth = mask >= 128
         for size in args.sizes:
             started = time.process_time()
             pred = predict_probabilities(model, image, size, resize, (width, height)) >= 0.5
-            seconds[size] += time.process_time() - started
-            for variant in ("all", "without flagged") if not row.audit else ("all",):
-                ious, bfs = scores.setdefault((cluster, variant), {}).setdefault(size, ([], []))
-                ious.append(iou(pred, truth))
-                bfs.append(boundary_f(pred, truth))
+            seconds[f"{size} px"] += time.process_time() - started
+            table.add(row, f"{size} px", pred, truth)
     load_end = os.getloadavg()
     print(f"\ninput size, {args.model} ({resize}); load {load_start[0]:.2f} at start, {load_end[0]:.2f} at end, "
           f"{os.cpu_count()} CPUs")
-    print("| test rows, input | n | mean IoU | ≥ 95 | ≥ 97 | ≥ 99 | boundary F | CPU ms/photo |")
-    print("|---|---|---|---|---|---|---|---|")
-    for (cluster, variant), per_size in sorted(scores.items()):
-        for size, (ious, bfs) in per_size.items():
-            print(_row(f"{cluster} {variant}: {size} px", ious, bfs, seconds[size] / len(rows) * 1000))
+    table.print("test rows, input", "CPU ms/photo", lambda label: seconds[label] / len(rows) * 1000)
     return 0
 
 

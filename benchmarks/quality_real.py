@@ -262,6 +262,39 @@ def split_rows(args: argparse.Namespace) -> list[TestRow] | None:
     return _test_rows(_prepare(Path(args.work).resolve(), args.sets, 512)["manifest"])
 
 
+class VariantTable:
+    """IoU and boundary F of several variants of one model (refinements, input sizes) on the split's
+    rows, per set, on all rows and without the audit-flagged masks; printed as one markdown table."""
+
+    def __init__(self) -> None:
+        self.scores: dict[tuple[str, str], dict[str, tuple[list, list]]] = {}
+
+    def add(self, row: TestRow, variant: str, pred, truth) -> None:
+        """Score one row's binary prediction ``pred`` of ``variant`` against ``truth``."""
+        from tasks.evaluation.metrics import boundary_f, iou
+
+        for rows_kind in ("all", "without flagged") if not row.audit else ("all",):
+            ious, bfs = self.scores.setdefault((row.cluster, rows_kind), {}).setdefault(variant, ([], []))
+            ious.append(iou(pred, truth))
+            bfs.append(boundary_f(pred, truth))
+
+    def print(self, first_column: str, cost_column: str, cost_ms) -> None:
+        """The table: one line per set, rows kind and variant; ``cost_ms(variant)`` fills the last column
+        (None leaves it empty)."""
+        import numpy as np
+
+        print(f"| {first_column} | n | mean IoU | ≥ 95 | ≥ 97 | ≥ 99 | boundary F | {cost_column} |")
+        print("|---|---|---|---|---|---|---|---|")
+        for (cluster, rows_kind), per_variant in sorted(self.scores.items()):
+            for variant, (ious, bfs) in per_variant.items():
+                v, ms = np.asarray(ious), cost_ms(variant)
+                shares = " | ".join(f"{np.mean(v >= t) * 100:5.1f} %" for t in (0.95, 0.97, 0.99))
+                cost = "" if ms is None else f"{ms:6.2f}"
+                label = f"{cluster} {rows_kind}: {variant}"
+                print(f"| {label:<34} | {len(v):>4} | {v.mean() * 100:7.3f} % | {shares} "
+                      f"| {np.mean(bfs):.3f} | {cost:>6} |")
+
+
 def _audit_counts(manifest, clusters: list[str]) -> str:
     """Per set and split: how many clean pairs the cleaning's mask audit flagged."""
     from collections import Counter
