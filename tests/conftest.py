@@ -217,14 +217,10 @@ def run_dag(airflow_db):
     goes to this process's stdout (``capfd``)."""
     from airflow.dag_processing.dagbag import DagBag
 
-    parsed = {}
-
     def run(dag_id: str, conf: dict):
-        if dag_id not in parsed:  # parsed once a session, as the DAG processor keeps it
-            bag = DagBag(dag_folder=str(PROJECT_ROOT / "dags" / f"{dag_id}.py"))
-            assert bag.import_errors == {}, bag.import_errors
-            parsed[dag_id] = bag.dags[dag_id]
-        return parsed[dag_id].test(run_conf=conf)
+        bag = DagBag(dag_folder=str(PROJECT_ROOT / "dags" / f"{dag_id}.py"))
+        assert bag.import_errors == {}, bag.import_errors
+        return bag.dags[dag_id].test(run_conf=conf)
 
     return run
 
