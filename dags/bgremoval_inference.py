@@ -75,7 +75,7 @@ def bgremoval_inference():
                                production_config(params), model_version=model["version"],
                                storage_options=s3_storage_options())
         print(f"published {result['published']}, queued for correction {result['queued']}, failed {result['failed']} "
-              f"(threshold {result['threshold']:.3f} from {result['threshold_source']})")
+              f"(threshold {result['threshold']:.3f} from {result['threshold_source']}; edge refinement {result['refine']})")
         return result
 
     @task(outlets=[retraining_pool])

@@ -11,7 +11,8 @@
                                            ─► databricks_result (MLflow run id back to Airflow)
       ─► evaluate_model (challenger and champion on the same test split; HTML report to S3 and MLflow)
       ─► check_gate (mean IoU, every cluster, not worse than the champion; a failure skips promotion)
-      ─► calibrate_quality (the production quality threshold, on the val split; routing measured on test)
+      ─► calibrate_quality (the production quality threshold and whether cut-outs are edge-refined, on the
+                            val split; both measured on test)
       ─► promote_model (registers PyTorch + ONNX; alias champion, the former one becomes previous)
 
 Trigger it from the UI with the parameter form (batch name, bucket, working resolution, clusters,

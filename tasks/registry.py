@@ -28,6 +28,7 @@ from typing import Any
 
 from tasks.core import layout, storage
 from tasks.model.config import PRETRAINED
+from tasks.model.refine_choice import REFINE_CHOICE_FILE
 
 __all__ = [
     "AUTO",
@@ -53,7 +54,8 @@ CHAMPION = "champion"
 PREVIOUS = "previous"
 _HISTORY_TAG = "champion_history"
 _EXTRA_FILES = (layout.MODEL_WEIGHTS, layout.MODEL_CONFIG, "model.onnx")
-_OPTIONAL_FILES = ("quality.json",)  # the calibrated routing threshold (tasks.evaluation.calibration)
+# the calibrated routing threshold and the edge-refinement choice (tasks.evaluation.calibration)
+_OPTIONAL_FILES = ("quality.json", REFINE_CHOICE_FILE)
 _FILE_FOLDERS = ("artifacts", "extra_files")  # the pyfunc's artifacts; versions logged before it used extra files
 
 
@@ -79,11 +81,6 @@ def alias_version(name: str = DEFAULT_MODEL_NAME, alias: str = CHAMPION, trackin
         return str(_client(tracking_uri).get_model_version_by_alias(name, alias).version)
     except MlflowException:
         return None
-
-
-def _folder_of(model_url: str) -> str:
-    """The run folder of a model reference (the folder itself, or the folder of a ``model.pt``)."""
-    return model_url.rstrip("/").rsplit("/", 1)[0] if model_url.rstrip("/").endswith(".pt") else model_url
 
 
 def _sha256(path: str) -> str:
@@ -142,7 +139,7 @@ def register_model(model_url: str, name: str = DEFAULT_MODEL_NAME, run_id: str |
         onnx_info = export_onnx(model, os.path.join(tmp, "model.onnx"), size, meta["resize"], meta["model"])
         files = [os.path.join(tmp, f) for f in _EXTRA_FILES]
         for optional in _OPTIONAL_FILES:
-            url = storage.join(_folder_of(model_url), optional)
+            url = storage.join(layout.model_folder(model_url), optional)
             if storage.exists(url, storage_options):
                 with open(os.path.join(tmp, optional), "wb") as fh:
                     fh.write(storage.read_bytes(url, storage_options))
@@ -284,7 +281,7 @@ def download_model(uri: str, dst_dir: str | None = None, tracking_uri: str | Non
         dst_dir: the folder to fill (created; default: a new temporary folder).
 
     Returns the folder, holding ``model.pt``, ``config.json``, ``model.onnx`` and, when the
-    model was calibrated, ``quality.json``. Raises
+    model was calibrated, ``quality.json`` and ``refinement.json``. Raises
     ``FileNotFoundError`` when the model lacks them (it was not logged by this project).
     """
     import mlflow

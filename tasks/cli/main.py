@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import os
@@ -11,8 +12,10 @@ from pathlib import Path
 
 from tasks.model.published import DEFAULT as PUBLISHED_DEFAULT
 from tasks.model.published import PUBLISHED
+from tasks.model.refine_choice import REFINE_MODES
 from tasks.registry import DEFAULT_MODEL_NAME
 from tasks.serving.engines import BACKENDS
+from tasks.serving.quality import TARGET_IOU
 from tasks.serving.quantize import DEFAULT_DOMINANCE
 
 
@@ -92,8 +95,7 @@ STREAM = "-"
 
 
 def cmd_remove(args: argparse.Namespace) -> int:
-    from tasks.serving.engines import FlipAveragedEngine, default_model, load_engine
-    from tasks.model.refine import RefineConfig
+    from tasks.serving.engines import FlipAveragedEngine, default_model, load_engine, refinement_for
     from tasks.serving.pipeline import InferenceConfig, remove_to
 
     streaming = STREAM in args.inputs or args.out == STREAM
@@ -111,7 +113,7 @@ def cmd_remove(args: argparse.Namespace) -> int:
                                  mask=args.mask or args.only_mask, cutout=not args.only_mask,
                                  composite=not (args.only_mask or args.out == STREAM),
                                  decontaminate=args.decontaminate,
-                                 refine=None if args.no_refine else RefineConfig(),
+                                 refine=None,
                                  batch_size=args.batch_size, io_threads=args.io_threads,
                                  jpeg_quality=args.jpeg_quality, png_compression=args.png_compression)
         model = args.model
@@ -125,10 +127,13 @@ def cmd_remove(args: argparse.Namespace) -> int:
                              sessions=args.sessions)
         if args.flip:
             engine = FlipAveragedEngine(engine)
+        refine, why = refinement_for(engine, args.refine)
+        config = dataclasses.replace(config, refine=refine)
     except (ValueError, FileNotFoundError) as exc:
         print(f"bgremoval remove: {exc}", file=sys.stderr)
         return 2
     say(f"model: {engine.describe()}")
+    say(f"edge refinement: {why}")
     if streaming:
         return _remove_one(args.inputs[0], args.out, engine, config, options, say)
     if args.watch:
@@ -212,6 +217,23 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"  epoch {epoch['epoch']}: train loss {epoch['train_loss']:.4f}  val IoU "
               f"{(epoch['val_iou'] or 0) * 100:.2f} %")
     print(f"model: {result.model_url}")
+    print(f"next: bgremoval calibrate --model {args.out} --dataset {args.dataset} "
+          "(the quality threshold and the edge-refinement choice `remove` follows)")
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from tasks.core import layout
+    from tasks.evaluation.calibration import calibrate_model
+
+    options = _storage_options(args.model) or _storage_options(args.dataset)
+    try:
+        calibration = calibrate_model(args.model, args.dataset, options, target_iou=args.target_iou)
+    except (ValueError, OSError) as exc:
+        print(f"bgremoval calibrate: {exc}", file=sys.stderr)
+        return 2
+    print(calibration["text"])
+    print(f"written next to the model: quality.json, refinement.json ({layout.model_folder(args.model)})")
     return 0
 
 
@@ -427,9 +449,11 @@ def build_parser() -> argparse.ArgumentParser:
     remove.add_argument("--mask", action="store_true", help="also write the mask (masks/<stem>.png)")
     remove.add_argument("--decontaminate", action="store_true",
                         help="edge colours from the product, not the old background (no rim on a new background)")
-    remove.add_argument("--no-refine", action="store_true",
-                        help="publish the network's map as resized to the photo, without pulling its outline onto the "
-                             "photo's edges (a guided filter, about 2 ms a photo; on by default: benchmarks/README.md)")
+    remove.add_argument("--refine", choices=REFINE_MODES, default="auto",
+                        help="pull the map's outline onto the photo's edges (a guided filter, about 2 ms a photo): auto "
+                             "(default) follows the choice measured for the model when it was calibrated "
+                             "(refinement.json), else on; on; off publishes the network's map as resized")
+    remove.add_argument("--no-refine", dest="refine", action="store_const", const="off", help="--refine off")
     remove.add_argument("--only-mask", action="store_true",
                         help="write only the mask (8-bit PNG at the photo's size) as <stem>.png")
     remove.add_argument("--batch-size", type=int, default=4)
@@ -476,6 +500,14 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--workers", type=int, default=2, help="torch.distributed worker processes")
     train.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     train.set_defaults(func=cmd_train)
+
+    calibrate = sub.add_parser("calibrate", help="measure a trained model on its dataset's val split for production: "
+                               "the routing threshold (quality.json) and whether to refine edges (refinement.json)")
+    calibrate.add_argument("--model", required=True, help="training run folder or URL (model.pt + config.json)")
+    calibrate.add_argument("--dataset", required=True, help="dataset version folder or URL (manifest.parquet with splits)")
+    calibrate.add_argument("--target-iou", type=float, default=TARGET_IOU,
+                           help="cut-outs whose IoU would fall below this go to people (routing's recall target 0.9)")
+    calibrate.set_defaults(func=cmd_calibrate)
 
     quant = sub.add_parser("quantize", help="an int8 copy of an ONNX model for faster CPU inference, calibrated on "
                                             "your photos (the layers that cannot take it stay float)")

@@ -195,6 +195,12 @@ def model_config(folder: str) -> str:
     return storage.join(folder, MODEL_CONFIG)
 
 
+def model_folder(model_url: str) -> str:
+    """The run folder of a model reference: the folder itself, or the folder of a ``model.pt``."""
+    url = model_url.rstrip("/")
+    return url.rsplit("/", 1)[0] if url.endswith(".pt") else model_url
+
+
 def train_result(folder: str) -> str:
     """``result.json`` of a training run."""
     return storage.join(folder, TRAIN_RESULT)

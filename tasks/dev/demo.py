@@ -26,6 +26,7 @@ from tasks import registry
 from tasks.core import layout, storage
 from tasks.dev import stack
 from tasks.dev.airflow_client import AirflowClient
+from tasks.model.refine_choice import load_refine_choice
 
 DAG_ID = "bgremoval_training"
 INFERENCE_DAG_ID = "bgremoval_inference"
@@ -198,6 +199,9 @@ def _print_evaluation(run_url: str, options: dict) -> None:
         else:
             print(f"  production quality threshold {quality['threshold']:.3f}, calibrated on val to route images below "
                   f"{quality['target_iou'] * 100:g} % IoU: recall {report['recall']:.2f}, precision {report['precision']:.2f}")
+    choice = load_refine_choice(run_url, options)
+    if choice is not None:
+        print(f"  edge refinement: {choice.describe()}")
     version = registry.alias_version(REGISTERED_MODEL, registry.CHAMPION)
     previous = registry.alias_version(REGISTERED_MODEL, registry.PREVIOUS)
     print(f"  registry: {REGISTERED_MODEL} champion = version {version}, previous = {previous or 'none'} "

@@ -219,10 +219,11 @@ def register_and_promote(assessment: dict[str, Any], dataset_version: str, confi
 
 def calibrate_challenger(assessment: dict[str, Any], dataset_url: str, target_iou: float,
                          storage_options: dict | None = None) -> dict[str, Any]:
-    """The ``calibrate_quality`` stage: the production quality threshold of the challenger that
-    passed the gate (:func:`tasks.evaluation.calibration.calibrate_model`, on the val split; routing
-    measured on test), logged to the challenger's MLflow run as ``quality_threshold`` and
-    ``routing_<split>_precision|recall`` when it has one. Returns the calibration with its ``text``."""
+    """The ``calibrate_quality`` stage: the production quality threshold and the edge-refinement
+    choice of the challenger that passed the gate (:func:`tasks.evaluation.calibration.calibrate_model`,
+    on the val split; both measured on test), logged to the challenger's MLflow run as
+    ``quality_threshold``, ``routing_<split>_precision|recall``, ``refine_<split>_plain|refined_mean_iou``
+    and the tag ``edge_refinement`` (on/off) when it has one. Returns the calibration with its ``text``."""
     calibration = calibrate_model(assessment["model_url"], dataset_url, storage_options, target_iou=target_iou)
     run_id = assessment.get("mlflow_run_id")
     if run_id:
@@ -234,4 +235,10 @@ def calibrate_challenger(assessment: dict[str, Any], dataset_url: str, target_io
             if calibration[split]:
                 client.log_metric(run_id, f"routing_{split}_precision", calibration[split]["precision"])
                 client.log_metric(run_id, f"routing_{split}_recall", calibration[split]["recall"])
+        choice, on_test = calibration["refinement"], calibration["refinement_test"]
+        client.set_tag(run_id, "edge_refinement", "on" if choice["refine"] else "off")
+        for split, figures in ((choice["split"], choice), ("test", on_test)):
+            if figures:
+                client.log_metric(run_id, f"refine_{split}_plain_mean_iou", figures["plain_mean_iou"])
+                client.log_metric(run_id, f"refine_{split}_refined_mean_iou", figures["refined_mean_iou"])
     return calibration

@@ -25,6 +25,7 @@ from typing import Any
 
 from tasks.core.shards import check_shard_size, shard_ranges
 from tasks.core import layout, storage
+from tasks.model.refine_choice import REFINE_MODES
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +43,8 @@ class ProductionConfig:
     ``quality.json`` next to the model); ``background``: the JPEG's colour ``'#rrggbb'``;
     ``canvas``: ``"WxH"`` to crop products onto a fixed canvas with ``margin``; ``batch_size``:
     images per model call; ``review_max_side``: photos queued for correction are downscaled to
-    this longer side for the page.
+    this longer side for the page; ``refine``: the edge refinement (``auto``: the choice measured
+    for the model, :func:`tasks.serving.engines.refinement_for`; ``on``; ``off``).
     """
 
     threshold: float | None = None
@@ -51,9 +53,12 @@ class ProductionConfig:
     margin: float = 0.05
     batch_size: int = 4
     review_max_side: int = 2000
+    refine: str = "auto"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.refine not in REFINE_MODES:
+            raise ValueError(f"refine must be one of {', '.join(REFINE_MODES)}, got {self.refine!r}")
         if self.threshold is not None and not 0 <= self.threshold <= 1:
             raise ValueError(f"threshold must lie in [0, 1] (a quality score), got {self.threshold!r}")
 
@@ -127,21 +132,23 @@ def process_shard(bucket_url: str, batch: str, shard_url: str, model_uri: str, c
             every shard uses the same version even if the champion moves meanwhile).
         config: threshold and output options; model_version: recorded with queued and pooled pairs.
 
-    Returns ``{"shard", "images", "published", "queued", "failed", "threshold", "threshold_source",
+    Returns ``{"shard", "images", "published", "queued", "failed", "threshold", "threshold_source", "refine",
     "scores": [...], "failed_url"}`` (scores rounded; no pixels).
     """
     from tasks.feedback.queue import (
         CorrectionsError, PoolMeta, QueueItem, add_to_pool, enqueue, photo_id, prepare_pair,
     )
-    from tasks.serving.engines import load_engine
+    from tasks.serving.engines import load_engine, refinement_for
     from tasks.serving.pipeline import InferenceConfig, iter_remove_backgrounds, write_outputs
 
     items = [tuple(pair) for pair in json.loads(storage.read_bytes(shard_url, storage_options))]
     engine = load_engine(model_uri, storage_options)
     log.info("shard %s: %d photos, model %s", shard_url, len(items), engine.describe())
     threshold, source = resolve_threshold(config, engine.model_dir)
+    refine, why = refinement_for(engine, config.refine)
+    log.info("edge refinement: %s", why)
     options = InferenceConfig(background=config.background, canvas=config.canvas, margin=config.margin,
-                              mask=True, keep_source=True, batch_size=config.batch_size)
+                              mask=True, keep_source=True, batch_size=config.batch_size, refine=refine)
     published_url = layout.published(bucket_url, batch)
     counts = {"published": 0, "queued": 0, "failed": 0}
     failed, scores = [], []
@@ -187,7 +194,7 @@ def process_shard(bucket_url: str, batch: str, shard_url: str, model_uri: str, c
         failed_url = storage.join(layout.production(bucket_url, batch), "failed", name)
         storage.write_bytes(failed_url, json.dumps(failed, indent=2).encode(), storage_options)
     return {"shard": shard_url, "images": len(items), **counts, "threshold": threshold,
-            "threshold_source": source, "scores": scores, "failed_url": failed_url}
+            "threshold_source": source, "refine": why, "scores": scores, "failed_url": failed_url}
 
 
 def summarise_production(batch: str, shard_results: list[dict[str, Any]]) -> dict[str, Any]:

@@ -11,40 +11,24 @@ and not with the radius.
 The radius grows with the photo above the network's input size: a photo four times the input size
 gets four times the radius, so the filter reaches as far as the network's own uncertainty. Measured
 on real photos (``benchmarks/edge_refinement.py``; ``benchmarks/README.md``): a radius of 2 with
-``eps`` 1e-3 adds 0.1-0.2 point of mean IoU on packshots and on people, zero-shot and fine-tuned,
-for about 2 ms a photo; wider windows start to lose thin parts.
+``eps`` 1e-3 adds 0.1-0.2 point of mean IoU on packshots and on people with the published weights
+and a short fine-tune, for about 2 ms a photo, and takes 0.1 point on people from a model whose
+outline is already tight; wider windows start to lose thin parts. Whether a model's cut-outs are
+refined is measured per model (:mod:`tasks.model.refine_choice`).
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import cv2
 import numpy as np
 
 from tasks.model.preprocess import resize_to_original
+from tasks.model.refine_choice import RefineConfig
 
 __all__ = ["GRID_SCALE", "RefineConfig", "guided_filter", "map_at_photo", "refine_probability"]
 
 #: Above this many times the network input, the filter's coefficients are fitted on a coarser grid.
 GRID_SCALE = 2
-
-
-@dataclass(frozen=True)
-class RefineConfig:
-    """How :func:`refine_probability` refines. ``radius``: the window's half size in photo pixels for
-    a photo no larger than the network input, times the photo's scale above it (rounded, at least 1);
-    ``eps``: the regularisation of the linear fit, in units of the luminance's variance on [0, 1]
-    (smaller follows weaker edges)."""
-
-    radius: float = 2.0
-    eps: float = 1e-3
-
-    def __post_init__(self) -> None:
-        if not self.radius > 0:
-            raise ValueError(f"radius must be positive, got {self.radius!r}")
-        if not self.eps > 0:
-            raise ValueError(f"eps must be positive, got {self.eps!r}")
 
 
 def _coefficients(guide: np.ndarray, src: np.ndarray, radius: int, eps: float) -> tuple[np.ndarray, np.ndarray]:

@@ -33,6 +33,9 @@ from tasks.model.config import PRETRAINED
 from tasks.model.published import DEFAULT as PUBLISHED_DEFAULT
 from tasks.model.published import find_pretrained_onnx, require_pretrained_onnx
 from tasks.model.preprocess import IMAGENET_MEAN, IMAGENET_STD, letterbox_box, prepare_input, resize_to_original
+from tasks.model.refine_choice import RefineConfig
+from tasks.model.refine_choice import REFINE_CHOICE_FILE, load_refine_choice, resolve_refine
+from tasks.serving.quality import CALIBRATION_FILE
 
 __all__ = [
     "BACKENDS",
@@ -50,6 +53,7 @@ __all__ = [
     "load_engine",
     "openvino_installed",
     "probability_map",
+    "refinement_for",
     "unletterboxed",
 ]
 
@@ -372,6 +376,17 @@ def load_engine(source: str, storage_options: dict | None = None, device: str = 
     return runtime(_local_copy(onnx_url, storage_options), threads=threads, source=original, sessions=sessions)
 
 
+def refinement_for(engine: Engine, mode: str | bool = "auto") -> tuple[RefineConfig | None, str]:
+    """The edge refinement to publish ``engine``'s cut-outs with under ``mode`` (``auto``: the choice
+    measured for its model, ``refinement.json`` in its folder, else on; ``on``/``off``; see
+    :func:`tasks.model.refine_choice.resolve_refine`). Returns ``(RefineConfig or None, why)``;
+    raises ``ValueError`` for an unknown mode."""
+    config, why = resolve_refine(mode, load_refine_choice(engine.model_dir))
+    if engine.model_dir is None and why.startswith("on (the model has no"):
+        why = "on (no local model folder to read a measured choice from)"
+    return config, why
+
+
 def openvino_installed() -> bool:
     """Whether the ``openvino`` package can be imported (the ``openvino`` extra)."""
     return importlib.util.find_spec("openvino") is not None
@@ -447,14 +462,25 @@ def _process_temp_dir(prefix: str) -> str:
     return folder
 
 
+#: Files beside a model that production reads: the routing threshold and the refinement choice.
+MODEL_SIDECARS = (CALIBRATION_FILE, REFINE_CHOICE_FILE)
+
+
 def _local_copy(url: str, storage_options: dict | None) -> str:
-    """A local path for ``url`` (ONNX Runtime reads files): the path itself, or a temp copy."""
+    """A local path for ``url`` (ONNX Runtime reads files): the path itself, or a temp copy, with
+    the :data:`MODEL_SIDECARS` found beside it copied next to it."""
     fs, path = storage.filesystem(url, storage_options)
     if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
         return path
-    local = os.path.join(_process_temp_dir("bgremoval-onnx-"), posixpath.basename(path))
+    folder = _process_temp_dir("bgremoval-onnx-")
+    local = os.path.join(folder, posixpath.basename(path))
     with open(local, "wb") as fh:
         fh.write(storage.read_bytes(url, storage_options))
+    for name in MODEL_SIDECARS:
+        sidecar = storage.join(url.rstrip("/").rsplit("/", 1)[0], name)
+        if storage.exists(sidecar, storage_options):
+            with open(os.path.join(folder, name), "wb") as fh:
+                fh.write(storage.read_bytes(sidecar, storage_options))
     return local
 
 

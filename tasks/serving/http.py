@@ -2,8 +2,9 @@
 
 ``POST /api/remove`` takes one image — the raw body, or a multipart form field ``file`` — and
 answers with the RGBA PNG cut-out (``?output=cutout``, the default), the mask (``mask``) or a JPEG on
-a colour (``jpeg&background=%23f4f4f4``); ``decontaminate=true`` and ``refine=false`` as in ``bgremoval
-remove`` (``--decontaminate``, ``--no-refine``). The
+a colour (``jpeg&background=%23f4f4f4``); ``decontaminate=true`` and ``refine=auto|on|off`` as in
+``bgremoval remove`` (``--decontaminate``, ``--refine``; ``auto``, the default, follows the choice
+measured for the model; ``true``/``false`` mean on/off). The
 quality score comes back in the ``X-Quality-Score`` header. ``GET /healthz`` says the process is up,
 ``GET /readyz`` that a model is loaded (and which).
 
@@ -32,12 +33,16 @@ from starlette.concurrency import run_in_threadpool
 
 from tasks import registry
 from tasks.core.limits import MAX_PIXELS
-from tasks.serving.engines import Engine, load_engine
+from tasks.model.refine_choice import REFINE_MODES
+from tasks.serving.engines import Engine, load_engine, refinement_for
 from tasks.serving.pipeline import SINGLE_OUTPUTS, cut_out_bytes, single_output_config
 
 __all__ = ["ModelHolder", "ServeConfig", "create_app", "serve"]
 
 log = logging.getLogger(__name__)
+
+#: ``refine``'s values: the modes, and true/false for on/off.
+REFINE_PATTERN = f"^(?i:{'|'.join((*REFINE_MODES, 'true', 'false'))})$"
 
 
 
@@ -86,7 +91,8 @@ class ModelHolder:
         engine = load_engine(self.config.model, threads=self.config.threads, sessions=self.config.sessions)
         with self._lock:
             self.engine, self.version = engine, version
-        log.info("serving %s%s", engine.describe(), f" (version {version})" if version else "")
+        log.info("serving %s%s; edge refinement with refine=auto: %s", engine.describe(),
+                 f" (version {version})" if version else "", refinement_for(engine)[1])
         return engine
 
     def reload_if_moved(self) -> bool:
@@ -159,7 +165,7 @@ def create_app(config: ServeConfig, holder: ModelHolder | None = None):
     @app.post("/api/remove")
     async def remove(request: Request, output: str = Query("cutout", pattern=f"^({'|'.join(SINGLE_OUTPUTS)})$"),
                      background: str = Query("#ffffff", pattern="^#[0-9a-fA-F]{6}$"),
-                     decontaminate: bool = False, refine: bool = True):
+                     decontaminate: bool = False, refine: str = Query("auto", pattern=REFINE_PATTERN)):
         """Cut out one image: the raw body or the multipart field ``file``."""
         data = await _read_body(request, config.max_bytes)
         if data is None:
@@ -178,7 +184,8 @@ def create_app(config: ServeConfig, holder: ModelHolder | None = None):
         engine = holder.engine
         if engine is None:
             return error(503, "no model loaded yet", **{"Retry-After": "5"})
-        inference = single_output_config(output, background, decontaminate, config.max_pixels, refine)
+        inference = single_output_config(output, background, decontaminate, config.max_pixels,
+                                         refinement_for(engine, refine.lower())[0])
         try:
             await asyncio.wait_for(slots.acquire(), config.queue_timeout)
         except TimeoutError:

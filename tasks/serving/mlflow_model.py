@@ -8,11 +8,12 @@ and Pillow, not this project's installation nor torch. A request::
 
     POST /invocations
     {"dataframe_records": [{"image": "<base64 of a JPEG or PNG>"}],
-     "params": {"output": "mask", "background": "#f4f4f4", "decontaminate": false, "refine": true}}
+     "params": {"output": "mask", "background": "#f4f4f4", "decontaminate": false, "refine": "auto"}}
 
 Input: a binary column ``image`` (JSON clients send base64). Params: ``output`` (``cutout``: the
 RGBA PNG, ``mask``, ``jpeg``: the product on ``background``), ``decontaminate``, ``refine`` (the edge
-refinement of ``bgremoval remove``; false is its ``--no-refine``). One row comes back per
+refinement of ``bgremoval remove --refine``: ``auto`` follows the choice measured for this model when
+it was calibrated, ``on``/``off`` force it). One row comes back per
 image: ``output`` (the bytes; base64 in JSON), ``media_type``, ``quality`` (the production quality
 score) and ``error`` (empty when the image worked; a photo that cannot be cut out gets its reason
 and no bytes, and the other rows are kept).
@@ -30,7 +31,7 @@ import numpy as np
 import pandas as pd
 
 from tasks.core.codecs import encode_jpeg
-from tasks.serving.engines import load_engine
+from tasks.serving.engines import load_engine, refinement_for
 from tasks.serving.pipeline import SINGLE_OUTPUTS, cut_out_bytes, single_output_config
 
 __all__ = ["DEFAULT_PARAMS", "INPUT_COLUMN", "MODEL_ARTIFACT", "MODEL_CODE", "OUTPUT_COLUMNS", "CutoutModel",
@@ -44,7 +45,8 @@ INPUT_COLUMN = "image"
 #: The columns of the rows :meth:`CutoutModel.predict` returns, with their MLflow types.
 OUTPUT_COLUMNS: dict[str, str] = {"output": "binary", "media_type": "string", "quality": "double", "error": "string"}
 #: The params a request may set, with their defaults (the model signature's param schema).
-DEFAULT_PARAMS: dict[str, Any] = {"output": "cutout", "background": "#ffffff", "decontaminate": False, "refine": True}
+DEFAULT_PARAMS: dict[str, Any] = {"output": "cutout", "background": "#ffffff", "decontaminate": False,
+                                  "refine": "auto"}
 
 
 class CutoutModel(mlflow.pyfunc.PythonModel):
@@ -60,7 +62,7 @@ class CutoutModel(mlflow.pyfunc.PythonModel):
         list of bytes); see the module's docstring for params and the rows returned."""
         chosen = {**DEFAULT_PARAMS, **(params or {})}
         config = single_output_config(str(chosen["output"]), str(chosen["background"]),
-                                      bool(chosen["decontaminate"]), refine=bool(chosen["refine"]))
+                                      bool(chosen["decontaminate"]), refine=refinement_for(self.engine, chosen["refine"])[0])
         rows = []
         for i, data in enumerate(_images_of(model_input)):
             result = cut_out_bytes(bytes(data or b""), self.engine, config, stem=f"row{i}", source=f"row {i}")

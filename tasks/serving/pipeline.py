@@ -196,15 +196,15 @@ class InferenceConfig:
 
 
 def single_output_config(output: str, background: str = "#ffffff", decontaminate: bool = False,
-                         max_pixels: int = MAX_PIXELS, refine: bool = True) -> InferenceConfig:
+                         max_pixels: int = MAX_PIXELS, refine: RefineConfig | None = RefineConfig()) -> InferenceConfig:
     """The :class:`InferenceConfig` that makes only ``output`` (a key of :data:`SINGLE_OUTPUTS`), with
-    the default edge refinement unless ``refine`` is false; raises ``ValueError`` for an unknown
-    output or background."""
+    the edge refinement ``refine`` (None: plain maps; :func:`tasks.serving.engines.refinement_for`
+    gives a model's own); raises ``ValueError`` for an unknown output or background."""
     if output not in OUTPUT_KINDS:
         raise ValueError(f"output must be one of {', '.join(OUTPUT_KINDS)}, got {output!r}")
     flags = {kind.flag: name == output for name, kind in OUTPUT_KINDS.items()}
     return InferenceConfig(background=background, decontaminate=decontaminate, max_pixels=max_pixels,
-                           refine=RefineConfig() if refine else None, **flags)
+                           refine=refine, **flags)
 
 
 @dataclass

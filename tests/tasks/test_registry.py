@@ -16,6 +16,8 @@ import torch
 
 from tasks import registry
 from tasks.evaluation.scoring import load_model
+from tasks.model.refine_choice import choose_refinement, load_refine_choice, save_refine_choice
+from tasks.serving.engines import refinement_for
 from tasks.serving.mlflow_model import pyfunc_model
 
 pytestmark = pytest.mark.process  # trains, exports or registers real models: tens of seconds
@@ -35,10 +37,14 @@ def tracking(tmp_path_factory, private_mlflow):
 def three_versions(tracking, write_model_folder):
     """Three tiny models registered as versions 1-3 of ``m`` (registering exports ONNX: ~10 s each)."""
     run_id, folder = tracking
-    return [registry.register_model(write_model_folder(folder / f"run{i}", seed=i), "m", run_id=run_id,
-                                    tags={"mean_iou": 0.5 + i / 10, "dataset_version": f"d{i}"},
-                                    pyfunc_model=pyfunc_model())
-            for i in range(3)]
+    versions = []
+    for i in range(3):
+        model = write_model_folder(folder / f"run{i}", seed=i)
+        if i == 2:  # the last one was calibrated: its refinement did not pay
+            save_refine_choice(choose_refinement([0.99], [0.98], "val"), model)
+        versions.append(registry.register_model(model, "m", run_id=run_id, pyfunc_model=pyfunc_model(),
+                                                tags={"mean_iou": 0.5 + i / 10, "dataset_version": f"d{i}"}))
+    return versions
 
 
 def test_register_logs_pytorch_and_onnx_with_tags(tmp_path, tracking, three_versions):
@@ -83,10 +89,18 @@ def test_the_registered_model_is_a_pyfunc_from_code_that_cuts_out_image_bytes(tm
     assert mask.shape == (40, 30) and rows["media_type"][0] == "image/png" and rows["error"][0] == ""
     assert 0 <= rows["quality"][0] <= 1
     assert rows["output"][1] == b"" and "not an image" in rows["error"][1]
-    raw = pyfunc.predict(pd.DataFrame({"image": [photo]}), params={"output": "mask", "refine": False})
+    raw = pyfunc.predict(pd.DataFrame({"image": [photo]}), params={"output": "mask", "refine": "off"})
     assert cv2.imdecode(np.frombuffer(raw["output"][0], np.uint8), cv2.IMREAD_UNCHANGED).shape == (40, 30)
     cutout = pyfunc.predict(pd.DataFrame({"image": [photo]}))  # the default output: the RGBA cut-out
     assert cv2.imdecode(np.frombuffer(cutout["output"][0], np.uint8), cv2.IMREAD_UNCHANGED).shape == (40, 30, 4)
+
+
+def test_the_measured_refinement_choice_travels_with_the_model(tmp_path, three_versions):
+    folder = registry.download_model("models:/m/3", str(tmp_path / "dl3"))
+    assert load_refine_choice(folder) == choose_refinement([0.99], [0.98], "val")
+    engine = mlflow.pyfunc.load_model("models:/m/3").unwrap_python_model().engine
+    assert refinement_for(engine) == (None, load_refine_choice(folder).describe())  # the pyfunc's auto: off
+    assert load_refine_choice(registry.download_model("models:/m/1", str(tmp_path / "dl1"))) is None
 
 
 def test_promotion_moves_champion_and_previous_then_rollback_walks_back(three_versions):

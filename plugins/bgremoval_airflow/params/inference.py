@@ -12,6 +12,7 @@ from bgremoval_airflow.params.common import (
 )
 
 from tasks.core import layout
+from tasks.model.refine_choice import REFINE_MODES
 from tasks.feedback.production import PHOTOS_PER_SHARD, ProductionConfig
 
 
@@ -45,6 +46,15 @@ def production_params() -> dict[str, Param]:
             "the photo's frame.",
             section=PRODUCTION,
         ),
+        "edge_refinement": Param(
+            default(ProductionConfig, "refine"),
+            type="string",
+            enum=list(REFINE_MODES),
+            title="Edge refinement",
+            description="Pull each mask's outline onto the photo's edges. auto follows the choice measured for the model "
+            "when it was calibrated (refinement.json); on; off publishes the network's map as resized.",
+            section=PRODUCTION,
+        ),
         "photos_per_shard": Param(
             PHOTOS_PER_SHARD,
             type="integer",
@@ -75,4 +85,4 @@ def production_config(params: dict) -> ProductionConfig:
     """The ``ProductionConfig`` of a production run."""
     threshold = float(params["quality_threshold"])
     return ProductionConfig(threshold=threshold or None, background=params["background"],
-                            canvas=params["canvas"].strip() or None)
+                            canvas=params["canvas"].strip() or None, refine=params["edge_refinement"])

@@ -49,3 +49,21 @@ def test_evaluate_prints_the_seed_table_and_writes_json(tmp_path, capsys):
                  "--masks", str(tmp_path / "labelled" / "masks"), "--json", str(out_json), "--refine"]) == 0
     refined = json.loads(out_json.read_text())
     assert refined["refined"] is True and refined["n"] == 3 and 0.0 <= refined["mean_iou"] <= 1.0
+
+
+def test_calibrate_writes_the_threshold_and_the_refinement_choice_next_to_the_model(tmp_path, capsys,
+                                                                                      write_model_folder):
+    from tasks.dev.synthetic import write_synthetic_dataset
+    from tasks.model.refine_choice import load_refine_choice
+
+    dataset = str(tmp_path / "datasets" / "v1")
+    write_synthetic_dataset(dataset, 8, seed=3, max_side=48,
+                            split_for=lambda i: "val" if i < 4 else "test" if i < 6 else "train")
+    model = write_model_folder(tmp_path / "run")
+    assert main(["calibrate", "--model", f"{model}/model.pt", "--dataset", dataset]) == 0  # or the run folder
+    out = capsys.readouterr().out
+    choice = load_refine_choice(model)
+    assert choice is not None and f"edge refinement: {choice.describe()}" in out and "quality threshold" in out
+    assert (tmp_path / "run" / "quality.json").exists()
+    assert main(["calibrate", "--model", str(tmp_path / "nothing"), "--dataset", dataset]) == 2
+    assert main(["calibrate", "--model", model, "--dataset", dataset, "--target-iou", "1.5"]) == 2

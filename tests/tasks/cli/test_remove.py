@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +15,7 @@ from PIL import Image
 from tasks.core import storage
 from tasks.cli.main import main
 from tasks.model.export import export_onnx
+from tasks.model.refine_choice import choose_refinement, save_refine_choice
 from tasks.model.u2net import U2Net
 from tasks.dev.synth import SynthConfig, encode_jpeg, render_item
 from tasks.train.config import TrainConfig
@@ -96,6 +99,32 @@ def test_remove_refines_edges_unless_told_not_to(model_dir, tmp_path):
     assert not np.array_equal(masks["refined"], masks["raw"])
 
 
+def test_remove_follows_the_refinement_measured_for_the_model_unless_told(model_dir, tmp_path, capsys):
+    """A model whose calibration found refinement not paying (``refinement.json``) is published plain
+    by default (``--refine auto``); ``--refine on`` still refines; a model without a choice is refined."""
+    stem, data, _ = _products(1)[0]
+    (tmp_path / f"{stem}.jpg").write_bytes(data)
+    measured = tmp_path / "measured"
+    shutil.copytree(model_dir, measured)
+    save_refine_choice(choose_refinement([0.99], [0.98], "val"), str(measured))
+
+    def mask(model: str, *flags: str) -> tuple[np.ndarray, str]:
+        out = tmp_path / f"out{len(list(tmp_path.iterdir()))}"
+        assert main(["remove", str(tmp_path / f"{stem}.jpg"), "-o", str(out), "--model", model, "--only-mask",
+                     "--quiet", *flags]) == 0
+        said = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("edge refinement:"))
+        return np.asarray(_open((out / f"{stem}.png").read_bytes())), said
+
+    followed, said = mask(str(measured))
+    assert said == "edge refinement: off (measured for this model on 1 val pairs: mean IoU refined 98.000 % vs plain 99.000 %)"
+    plain, said_off = mask(model_dir, "--refine", "off")
+    refined, said_default = mask(model_dir)
+    forced, said_on = mask(str(measured), "--refine", "on")
+    assert np.array_equal(followed, plain) and np.array_equal(forced, refined) and not np.array_equal(plain, refined)
+    assert (said_off, said_on) == ("edge refinement: off (asked for)", "edge refinement: on (asked for)")
+    assert said_default.startswith("edge refinement: on (the model has no measured choice")
+
+
 def test_remove_s3_prefix_with_canvas(model_dir, s3_bucket, capsys):
     bucket, options = s3_bucket
     products = _products(3)
@@ -113,6 +142,20 @@ def test_remove_s3_prefix_with_canvas(model_dir, s3_bucket, capsys):
     assert not storage.exists(f"{bucket}/published/masks/{products[0][0]}.png", options)
     assert storage.exists(f"{bucket}/published/results.jsonl", options)
     assert {o.url: o.etag for o in storage.list_objects(f"{bucket}/incoming", options)} == originals
+
+
+def test_a_model_folder_on_s3_brings_its_refinement_choice(model_dir, s3_bucket, tmp_path, capsys):
+    bucket, options = s3_bucket
+    folder = f"{bucket}/training/v1/run-s3"
+    storage.write_bytes(f"{folder}/model.onnx", (Path(model_dir) / "model.onnx").read_bytes(), options)
+    stem, data, _ = _products(1)[0]
+    (tmp_path / f"{stem}.jpg").write_bytes(data)
+    run = ["remove", str(tmp_path / f"{stem}.jpg"), "-o", str(tmp_path / "out"), "--model", folder, "--quiet"]
+    assert main(run) == 0
+    assert "edge refinement: on (the model has no measured choice" in capsys.readouterr().out
+    save_refine_choice(choose_refinement([0.99], [0.98], "val"), folder, options)
+    assert main(run) == 0
+    assert "edge refinement: off (measured for this model on 1 val pairs" in capsys.readouterr().out
 
 
 def test_remove_refuses_a_missing_model(tmp_path, capsys):

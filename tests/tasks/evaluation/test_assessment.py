@@ -118,15 +118,20 @@ def test_flagged_test_masks_are_left_out_of_the_gate_and_listed_with_both_figure
     assert "mask audit" in (tmp_path / "report" / "report.html").read_text()
 
 
-def test_the_calibration_stage_logs_the_threshold_to_the_challengers_run(write_model_folder, private_mlflow, tmp_path):
+def test_the_calibration_stage_logs_the_threshold_and_refinement_to_the_challengers_run(write_model_folder, private_mlflow, tmp_path):
     dataset = str(tmp_path / "datasets" / "v1")
     write_synthetic_dataset(dataset, 9, seed=8, max_side=48,
                             split_for=lambda i: "val" if i < 4 else "test" if i < 7 else "train")
     model = write_model_folder(tmp_path / "model")
     with private_mlflow(tmp_path, "calibrate") as run_id:
         calibration = calibrate_challenger({"model_url": model, "mlflow_run_id": run_id}, dataset, 0.97)
-        metrics = mlflow.MlflowClient().get_run(run_id).data.metrics
+        run = mlflow.MlflowClient().get_run(run_id)
+        metrics = run.data.metrics
     assert metrics["quality_threshold"] == pytest.approx(calibration["threshold"])
+    choice = calibration["refinement"]
+    assert run.data.tags["edge_refinement"] == ("on" if choice["refine"] else "off")
+    assert metrics["refine_val_refined_mean_iou"] == pytest.approx(choice["refined_mean_iou"])
+    assert metrics["refine_test_plain_mean_iou"] == pytest.approx(calibration["refinement_test"]["plain_mean_iou"])
     assert metrics["routing_test_recall"] == pytest.approx(calibration["test"]["recall"])
     assert metrics["routing_val_precision"] == pytest.approx(calibration["val"]["precision"])
     assert "quality threshold" in calibration["text"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import asdict
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,8 @@ import pytest
 from tasks.core import storage
 from tasks.evaluation.calibration import calibrate_model, score_quality
 from tasks.feedback.queue import list_pool, list_queue
+from tasks.model.refine import RefineConfig
+from tasks.model.refine_choice import load_refine_choice
 from tasks.feedback.production import (
     ProductionConfig,
     plan_production,
@@ -134,6 +137,36 @@ def test_threshold_comes_from_the_calibration_unless_given(tmp_path, write_model
     assert resolve_threshold(ProductionConfig(), model) == (pytest.approx(calibration["threshold"]),
                                                             f"calibration in {model}/quality.json")
     assert resolve_threshold(ProductionConfig(threshold=0.3), model)[0] == 0.3
+
+
+def test_calibration_measures_the_edge_refinement_and_production_follows_it(tmp_path, write_model_folder, s3_bucket):
+    """The val pairs scored plain and refined (the network run once) decide ``refinement.json``; the
+    threshold is calibrated on the IoU of what will be published; a production pass says what it follows."""
+    dataset = str(tmp_path / "datasets" / "v1")
+    write_synthetic_dataset(dataset, 9, seed=8, max_side=48,
+                            split_for=lambda i: "val" if i < 4 else "test" if i < 7 else "train")
+    model = write_model_folder(tmp_path / "model")
+    calibration = calibrate_model(model, dataset, target_iou=0.97, target_recall=0.9)
+    choice = load_refine_choice(model)
+    points = score_quality(model, dataset, "val", refine=RefineConfig())
+    assert [p.iou for p in points] == [p.iou for p in score_quality(model, dataset, "val")]
+    assert (choice.n, choice.split) == (4, "val") and calibration["refinement"] == asdict(choice)
+    assert choice.plain_mean_iou == pytest.approx(np.mean([p.iou for p in points]))
+    assert choice.refined_mean_iou == pytest.approx(np.mean([p.refined_iou for p in points]))
+    assert choice.refine == (choice.refined_mean_iou > choice.plain_mean_iou)
+    assert calibration["val"]["n_bad"] == sum(p.published_iou(choice.refine) < 0.97 for p in points)
+    assert calibration["refinement_test"]["n"] == 3 and f"edge refinement: {choice.describe()}" in calibration["text"]
+
+    bucket_url, options = s3_bucket
+    storage.write_bytes(f"{bucket_url}/incoming/drop-r/p0.jpg",
+                        encode_jpeg(render_item(0, SynthConfig(n=1, seed=3, max_side=96)).image), options)
+    plan = plan_production(bucket_url, "drop-r", shard_size=10, storage_options=options)
+    followed = process_shard(bucket_url, "drop-r", plan["shard_urls"][0], model, ProductionConfig(), "v1", options)
+    forced = process_shard(bucket_url, "drop-r", plan["shard_urls"][0], model, ProductionConfig(refine="on"), "v1",
+                           options)
+    assert followed["refine"] == choice.describe() and forced["refine"] == "on (asked for)"
+    with pytest.raises(ValueError, match="refine must be one of"):
+        ProductionConfig(refine="maybe")
 
 
 def test_the_run_uses_the_given_model_or_the_champion_and_says_when_there_is_none():

@@ -74,6 +74,10 @@ def test_outputs_caps_and_readiness(model_dir):
         assert mask.status_code == 200 and (_open(mask.content).mode, _open(mask.content).size) == ("L", size)
         raw = httpx.post(f"{url}/api/remove?output=mask&refine=false", content=data)  # bgremoval remove --no-refine
         assert raw.status_code == 200 and (_open(raw.content).mode, _open(raw.content).size) == ("L", size)
+        off = httpx.post(f"{url}/api/remove?output=mask&refine=OFF", content=data)
+        on = httpx.post(f"{url}/api/remove?output=mask&refine=on", content=data)
+        assert off.content == raw.content and on.content == mask.content  # auto, with no measured choice: on
+        assert httpx.post(f"{url}/api/remove?refine=sometimes", content=data).status_code == 422
         jpeg = httpx.post(f"{url}/api/remove?output=jpeg&background=%23336699&decontaminate=true", content=data)
         assert jpeg.status_code == 200 and jpeg.headers["content-type"] == "image/jpeg"
         assert _open(jpeg.content).mode == "RGB"

@@ -203,7 +203,7 @@ def test_the_published_outline_is_pulled_onto_the_photos_edges(tmp_path):
     lo, hi = extent(refined)
     assert 60 <= lo < 63 and 193 < hi <= 196, (lo, hi)
     assert refined.score == plain.score
-    assert single_output_config("mask").refine is not None and single_output_config("mask", refine=False).refine is None
+    assert single_output_config("mask").refine is not None and single_output_config("mask", refine=None).refine is None
 
 
 def test_canvas_crops_and_centres_the_product(tmp_path):
