@@ -108,7 +108,8 @@ def read_table(url: str, storage_options: dict | None = None) -> pd.DataFrame:
 def dataset_version(batch: str, listing: list[tuple[str, int, str]], config: dict) -> str:
     """Return a version id that changes only when the batch's files or the cleaning config change.
 
-    ``listing`` holds ``(relative path, size, etag or "")`` for every file of the batch. The same
+    ``listing`` holds ``(relative path, size, etag or "")`` for every file of the batch; ``config``
+    the cleaning's settings (the caller adds the cleaning code's revision to them). The same
     batch cleaned twice with the same config gets the same version, so a re-run overwrites its own
     outputs instead of adding a second dataset.
     """

@@ -454,13 +454,15 @@ def make_sample(
 
     Raises ``ValueError`` when a two-pair op is asked for without a ``secondary`` pair.
 
-    The geometry ops run first, the pair is then fitted to ``working_size`` (longer side), and the
-    look ops run at that final size so edges are composited at output resolution. Returns
-    ``(image, mask)``.
+    The geometry ops run first, the pair is then fitted to the primary's own longer side, at most
+    ``working_size`` (a crop is zoomed back to it; a photo cleaning kept below the working size is not
+    enlarged), and the look ops run at that final size so edges are composited at output
+    resolution. Returns ``(image, mask)``.
     """
     if secondary is None and ("side_by_side" in ops or "place" in ops):
         raise ValueError(f"ops {ops} need a second pair")
     image, mask = primary
+    size = min(working_size, max(mask.shape[:2]))
     for op in ops:
         if op == "crop":
             image, mask = random_crop_keep_product(image, mask, rng)
@@ -469,9 +471,9 @@ def make_sample(
         elif op == "side_by_side":
             image, mask = side_by_side(image, mask, rng, *secondary)
         elif op == "place":
-            other = fit_longer_side(*secondary, working_size)
+            other = fit_longer_side(*secondary, size)
             image, mask = place_on_background(image, mask, rng, *other)
-    image, mask = fit_longer_side(image, mask, working_size)
+    image, mask = fit_longer_side(image, mask, size)
     for op in ops:
         if op == "background":
             image, mask = replace_background(image, mask, rng)
@@ -537,12 +539,14 @@ class _PairCache:
 
 
 def _working_size(manifest: pd.DataFrame, config: AugmentConfig) -> int:
-    """The longer side of the outputs: the config's, or the most common one among clean pairs."""
+    """The largest longer side of the outputs: the config's, or the longest among the clean pairs
+    (the cleaning's working size whenever a photo reached it: cleaning shrinks larger photos to it
+    and never enlarges smaller ones; :func:`make_sample` keeps each sample at most its primary's size)."""
     if config.working_size is not None:
         return config.working_size
     ok = manifest[manifest["status"] == STATUS_OK]
     sides = np.maximum(ok["width"].astype("int64"), ok["height"].astype("int64"))
-    return int(sides.mode().iloc[0])
+    return int(sides.max())
 
 
 def augmented_urls(dataset_url: str, key: str) -> tuple[str, str]:

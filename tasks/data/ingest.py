@@ -32,7 +32,7 @@ from tasks.data.mask_audit import audit_pair
 from tasks.core import layout, storage
 from tasks.core.shards import check_shard_size, shard_ranges
 from tasks.data.cleaning import (
-    CleanPair, CleaningConfig, Reason, Rejected, clean_pair, encode_clean_pair, pair_files, safe_stem, sha256,
+    CLEANING_REVISION, CleanPair, CleaningConfig, Reason, Rejected, clean_pair, encode_clean_pair, pair_files, safe_stem, sha256,
 )
 from tasks.core.manifest import (
     PAIRS_PER_SHARD,
@@ -92,7 +92,8 @@ def plan_batch(
         raise FileNotFoundError(f"no images/ or masks/ files under {raw_url}")
     by_relpath = {o.relpath: o for o in objects}
     pairing = pair_files(list(by_relpath))
-    version = dataset_version(batch, [(o.relpath, o.size, o.etag) for o in objects], config.to_dict())
+    version = dataset_version(batch, [(o.relpath, o.size, o.etag) for o in objects],
+                              {**config.to_dict(), "cleaning_revision": CLEANING_REVISION})
     dataset_url = layout.dataset(bucket_url, version)
     work_url = storage.join(dataset_url, "_work")
 

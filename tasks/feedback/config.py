@@ -22,8 +22,8 @@ def _is_int(value) -> bool:
 class RetrainingConfig:
     """Settings of the retraining loop (each a DAG ``Param`` of ``bgremoval_retraining``).
 
-    ``min_new_pairs``: pool pairs needed before a new dataset is built; ``working_size``: longer
-    side of the cleaned pairs (the base's working size); ``val_fraction``: share of new pairs that
+    ``min_new_pairs``: pool pairs needed before a new dataset is built; ``working_size``: the
+    largest longer side of the cleaned pairs (the base's working size; smaller pairs keep their size); ``val_fraction``: share of new pairs that
     go to ``val`` (the rest to ``train``); ``seed``: the seed of that hash.
     """
 

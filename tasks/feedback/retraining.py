@@ -62,7 +62,7 @@ import pandas as pd
 from tasks.core import layout, storage
 from tasks.feedback.config import RetrainingConfig
 from tasks.core.codecs import decode_pair
-from tasks.data.cleaning import CleaningConfig, Reason, safe_stem
+from tasks.data.cleaning import CLEANING_REVISION, CleaningConfig, Reason, safe_stem
 from tasks.data.clustering import FEATURE_WEIGHTS
 from tasks.feedback.queue import list_pool, now_iso
 from tasks.data.features import FEATURE_NAMES, pair_features
@@ -199,16 +199,18 @@ def new_pool_pairs(bucket_url: str, state: dict, storage_options: dict | None = 
 # --------------------------------------------------------------------------------------------
 
 def retraining_version(base_version: str, pairs: list[dict], config: RetrainingConfig) -> str:
-    """``retrain-<12 hex>`` from the base version, the sorted ``(pair_id, at)`` and the config.
+    """``retrain-<12 hex>`` from the base version, the sorted ``(pair_id, at)``, the config and the
+    cleaning's revision.
 
     The same inputs always give the same id; another pair, a rewritten pair (new ``at``), another
-    base or config give another one.
+    base, config or cleaning revision give another one.
     """
     payload = json.dumps(
         {
             "base": base_version,
             "pairs": sorted((str(p["pair_id"]), str(p.get("at") or "")) for p in pairs),
             "config": config.to_dict(),
+            "cleaning_revision": CLEANING_REVISION,
         },
         sort_keys=True,
     )

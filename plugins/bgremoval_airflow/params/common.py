@@ -81,7 +81,8 @@ def working_size_param(section: str = CLEANING) -> Param:
         minimum=32,
         maximum=2048,
         title="Working resolution (px)",
-        description="Clean pairs are resized so that their longer side has this many pixels; aspect is kept.",
+        description="Clean pairs larger than this are shrunk so that their longer side has this many pixels "
+        "(aspect kept); smaller ones keep their size.",
         section=section,
     )
 

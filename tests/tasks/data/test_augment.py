@@ -88,6 +88,10 @@ def test_whole_recipes_keep_alignment_and_working_size(seed):
     image, mask = augment.make_sample(primary, secondary, ops, rng, working_size=128)
     assert max(mask.shape) == 128, ops
     _assert_aligned(image, mask)
+    small = tuple(cv2.resize(a, (75, 100), interpolation=cv2.INTER_NEAREST) for a in primary)
+    image, mask = augment.make_sample(small, secondary, ops, _rng(seed), working_size=128)
+    assert max(mask.shape) == 100, ops  # a pair smaller than the working size is not enlarged
+    _assert_aligned(image, mask)
 
 
 def test_inputs_are_never_modified():
@@ -412,3 +416,12 @@ def test_augment_cluster_on_s3(s3_bucket):
     augmented = read_table(summary["manifest_url"], options)
     assert summary["n"] == 3 and all(u.startswith("s3://") for u in augmented["image_url"])
     assert storage.exists(summary["gallery_url"], options)
+
+
+def test_outputs_take_the_datasets_working_size_not_its_most_common_size():
+    """Cleaning no longer enlarges small photos, so a dataset mixes sizes: samples are made at the
+    longest clean side (the cleaning's working size) unless the config names one."""
+    manifest = pd.DataFrame({"status": ["ok", "ok", "ok", "quarantined"], "width": [192, 192, 346, 2000],
+                             "height": [256, 256, 512, 3000]})
+    assert augment._working_size(manifest, AugmentConfig()) == 512
+    assert augment._working_size(manifest, AugmentConfig(working_size=320)) == 320
