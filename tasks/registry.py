@@ -28,7 +28,6 @@ from typing import Any
 
 from tasks.core import layout, storage
 from tasks.model.config import PRETRAINED
-from tasks.model.refine_choice import REFINE_CHOICE_FILE
 
 __all__ = [
     "AUTO",
@@ -54,8 +53,7 @@ CHAMPION = "champion"
 PREVIOUS = "previous"
 _HISTORY_TAG = "champion_history"
 _EXTRA_FILES = (layout.MODEL_WEIGHTS, layout.MODEL_CONFIG, "model.onnx")
-# the calibrated routing threshold and the edge-refinement choice (tasks.evaluation.calibration)
-_OPTIONAL_FILES = ("quality.json", REFINE_CHOICE_FILE)
+_OPTIONAL_FILES = layout.MODEL_SIDECARS  # written by the calibration, when the model was calibrated
 _FILE_FOLDERS = ("artifacts", "extra_files")  # the pyfunc's artifacts; versions logged before it used extra files
 
 

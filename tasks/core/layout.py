@@ -55,6 +55,11 @@ MODEL_WEIGHTS = "model.pt"
 MODEL_CONFIG = "config.json"
 TRAIN_RESULT = "result.json"
 CHECKPOINT = "checkpoint.pt"
+#: Beside a model, what production reads: the routing threshold and the edge-refinement choice
+#: (``tasks.evaluation.calibration`` writes both; the registry and the engines carry them along).
+CALIBRATION_FILE = "quality.json"
+REFINE_CHOICE_FILE = "refinement.json"
+MODEL_SIDECARS = (CALIBRATION_FILE, REFINE_CHOICE_FILE)
 
 
 def bucket_url(bucket: str) -> str:

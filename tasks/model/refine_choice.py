@@ -19,13 +19,13 @@ import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 
-from tasks.core import storage
+from tasks.core import layout, storage
 
 __all__ = ["REFINE_CHOICE_FILE", "REFINE_MODES", "RefineChoice", "RefineConfig", "choose_refinement",
            "load_refine_choice", "resolve_refine", "save_refine_choice"]
 
 #: File name of the choice saved next to a model (``<model folder>/refinement.json``).
-REFINE_CHOICE_FILE = "refinement.json"
+REFINE_CHOICE_FILE = layout.REFINE_CHOICE_FILE
 #: ``auto`` follows the model's measured choice (refined when there is none); ``on``/``off`` force it.
 REFINE_MODES = ("auto", "on", "off")
 
@@ -100,14 +100,18 @@ def load_refine_choice(folder_url: str | None, storage_options: dict | None = No
     return RefineChoice(**{f.name: saved[f.name] for f in fields(RefineChoice)})  # fields added later are ignored
 
 
-def resolve_refine(mode: str | bool, choice: RefineChoice | None,
-                   config: RefineConfig = RefineConfig()) -> tuple[RefineConfig | None, str]:
+#: Why ``auto`` refines a model that has no measured choice.
+NO_CHOICE = "the model has no measured choice; refinement pays on the published weights"
+
+
+def resolve_refine(mode: str | bool, choice: RefineChoice | None, config: RefineConfig = RefineConfig(),
+                   no_choice: str = NO_CHOICE) -> tuple[RefineConfig | None, str]:
     """The refinement to publish with under ``mode`` (one of :data:`REFINE_MODES`; True/False and
     ``"true"``/``"false"`` mean on/off) for a model whose measured choice is ``choice``.
 
     Returns ``(RefineConfig or None, a sentence saying which and why)``. ``on`` uses ``config``;
-    ``auto`` uses the measured choice, or ``config`` when the model has none. Raises ``ValueError``
-    for another mode."""
+    ``auto`` uses the measured choice, or ``config`` when the model has none (``no_choice`` says
+    why). Raises ``ValueError`` for another mode."""
     mode = {True: "on", False: "off", "true": "on", "false": "off"}.get(mode, mode)
     if mode not in REFINE_MODES:
         raise ValueError(f"refine must be one of {', '.join(REFINE_MODES)}, got {mode!r}")
@@ -116,5 +120,5 @@ def resolve_refine(mode: str | bool, choice: RefineChoice | None,
     if mode == "off":
         return None, "off (asked for)"
     if choice is None:
-        return config, "on (the model has no measured choice; refinement pays on the published weights)"
+        return config, f"on ({no_choice})"
     return choice.config(), choice.describe()

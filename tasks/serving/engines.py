@@ -28,14 +28,12 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from tasks import registry
-from tasks.core import storage
+from tasks.core import layout, storage
 from tasks.model.config import PRETRAINED
 from tasks.model.published import DEFAULT as PUBLISHED_DEFAULT
 from tasks.model.published import find_pretrained_onnx, require_pretrained_onnx
 from tasks.model.preprocess import IMAGENET_MEAN, IMAGENET_STD, letterbox_box, prepare_input, resize_to_original
-from tasks.model.refine_choice import RefineConfig
-from tasks.model.refine_choice import REFINE_CHOICE_FILE, load_refine_choice, resolve_refine
-from tasks.serving.quality import CALIBRATION_FILE
+from tasks.model.refine_choice import RefineChoice, RefineConfig, load_refine_choice, resolve_refine
 
 __all__ = [
     "BACKENDS",
@@ -92,6 +90,12 @@ class Engine(ABC):
     def predict(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         """Take float32 ``B×3×S×S``; return ``(B×S×S fused probabilities, B×6×S×S side
         probabilities or None)``."""
+
+    @functools.cached_property
+    def refine_choice(self) -> RefineChoice | None:
+        """The edge-refinement choice measured for this model (``refinement.json`` in
+        ``model_dir``), read once per engine; None when there is none."""
+        return load_refine_choice(self.model_dir)
 
     def describe(self) -> str:
         """One line: backend, device, input size and source."""
@@ -378,13 +382,12 @@ def load_engine(source: str, storage_options: dict | None = None, device: str = 
 
 def refinement_for(engine: Engine, mode: str | bool = "auto") -> tuple[RefineConfig | None, str]:
     """The edge refinement to publish ``engine``'s cut-outs with under ``mode`` (``auto``: the choice
-    measured for its model, ``refinement.json`` in its folder, else on; ``on``/``off``; see
+    measured for its model, ``refinement.json`` in its folder, read once per engine, else on; ``on``/``off``; see
     :func:`tasks.model.refine_choice.resolve_refine`). Returns ``(RefineConfig or None, why)``;
     raises ``ValueError`` for an unknown mode."""
-    config, why = resolve_refine(mode, load_refine_choice(engine.model_dir))
-    if engine.model_dir is None and why.startswith("on (the model has no"):
-        why = "on (no local model folder to read a measured choice from)"
-    return config, why
+    if engine.model_dir is None:
+        return resolve_refine(mode, None, no_choice="no local model folder to read a measured choice from")
+    return resolve_refine(mode, engine.refine_choice)
 
 
 def openvino_installed() -> bool:
@@ -462,13 +465,9 @@ def _process_temp_dir(prefix: str) -> str:
     return folder
 
 
-#: Files beside a model that production reads: the routing threshold and the refinement choice.
-MODEL_SIDECARS = (CALIBRATION_FILE, REFINE_CHOICE_FILE)
-
-
 def _local_copy(url: str, storage_options: dict | None) -> str:
     """A local path for ``url`` (ONNX Runtime reads files): the path itself, or a temp copy, with
-    the :data:`MODEL_SIDECARS` found beside it copied next to it."""
+    the :data:`tasks.core.layout.MODEL_SIDECARS` found beside it copied next to it."""
     fs, path = storage.filesystem(url, storage_options)
     if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
         return path
@@ -476,7 +475,7 @@ def _local_copy(url: str, storage_options: dict | None) -> str:
     local = os.path.join(folder, posixpath.basename(path))
     with open(local, "wb") as fh:
         fh.write(storage.read_bytes(url, storage_options))
-    for name in MODEL_SIDECARS:
+    for name in layout.MODEL_SIDECARS:
         sidecar = storage.join(url.rstrip("/").rsplit("/", 1)[0], name)
         if storage.exists(sidecar, storage_options):
             with open(os.path.join(folder, name), "wb") as fh:

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from tasks.core import storage
+from tasks.core import layout, storage
 
 __all__ = [
     "CALIBRATION_FILE",
@@ -44,7 +44,7 @@ __all__ = [
 ]
 
 #: File name of the calibration saved next to a model (``<model folder>/quality.json``).
-CALIBRATION_FILE = "quality.json"
+CALIBRATION_FILE = layout.CALIBRATION_FILE
 #: The production target: a cut-out below this IoU should reach a person (the routing's "bad").
 TARGET_IOU = 0.97
 #: The share of bad cut-outs the calibrated threshold must route to people.
