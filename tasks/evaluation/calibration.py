@@ -11,7 +11,8 @@ as a whole and per cluster (people photos and packshots are routed very differen
 
 The same validation pairs decide the edge refinement (:mod:`tasks.model.refine_choice`): each map is
 scored as the network gave it and refined on the photo, and ``refinement.json`` records whether the
-refined maps scored better. The threshold is then calibrated on the IoU of what will be published.
+refined maps scored better by more than the noise. The threshold is then calibrated on the IoU of what
+will be published.
 """
 
 from __future__ import annotations

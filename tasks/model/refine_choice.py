@@ -9,6 +9,12 @@ the model (``refinement.json``); it travels into the registry with the model, an
 path follows it unless told otherwise (``auto``). A model without a measured choice (rembg's file,
 the published weights) is refined, as measured on the published weights.
 
+Refinement is chosen only when its gain is larger than the noise of the measurement: the mean of the
+per-pair gains (refined minus plain IoU, on the same pairs) must exceed :data:`MIN_GAIN_Z` standard
+errors, on at least :data:`MIN_PAIRS` pairs. Otherwise the plain maps, which cost less, are kept: on
+a strong model the two means differ by a few hundredths of a point either way, and which side wins
+depends on the split.
+
 The module holds settings only (no OpenCV): the DAG files' forms and the registry import it at parse
 time; the filter itself is :mod:`tasks.model.refine`.
 """
@@ -16,18 +22,24 @@ time; the filter itself is :mod:`tasks.model.refine`.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
 
 from tasks.core import layout, storage
 
-__all__ = ["REFINE_CHOICE_FILE", "REFINE_MODES", "RefineChoice", "RefineConfig", "choose_refinement",
-           "load_refine_choice", "resolve_refine", "save_refine_choice"]
+__all__ = ["MIN_GAIN_Z", "MIN_PAIRS", "REFINE_CHOICE_FILE", "REFINE_MODES", "RefineChoice", "RefineConfig",
+           "choose_refinement", "load_refine_choice", "resolve_refine", "save_refine_choice"]
 
 #: File name of the choice saved next to a model (``<model folder>/refinement.json``).
 REFINE_CHOICE_FILE = layout.REFINE_CHOICE_FILE
 #: ``auto`` follows the model's measured choice (refined when there is none); ``on``/``off`` force it.
 REFINE_MODES = ("auto", "on", "off")
+#: Refinement is chosen when its mean per-pair gain exceeds this many standard errors (one-sided, about
+#: 95 % under the normal approximation of a mean over many pairs) …
+MIN_GAIN_Z = 1.645
+#: … measured on at least this many pairs (fewer cannot show a gain: the plain maps stay).
+MIN_PAIRS = 30
 
 
 @dataclass(frozen=True)
@@ -49,8 +61,10 @@ class RefineConfig:
 
 @dataclass(frozen=True)
 class RefineChoice:
-    """A model's measured choice: ``refine`` when the refined maps' mean IoU beat the plain maps'
-    on ``n`` pairs of ``split``; ``radius``/``eps``: the :class:`RefineConfig` measured."""
+    """A model's measured choice on ``n`` pairs of ``split``: ``refine`` when the refined maps' mean
+    IoU beat the plain maps' by more than the noise (see the module docstring); ``radius``/``eps``:
+    the :class:`RefineConfig` measured; ``gain_se``: the standard error of the mean per-pair gain
+    (None for a single pair, or a choice saved before it was recorded)."""
 
     refine: bool
     plain_mean_iou: float
@@ -59,28 +73,44 @@ class RefineChoice:
     split: str
     radius: float
     eps: float
+    gain_se: float | None = None
 
     def config(self) -> RefineConfig | None:
         """The refinement to publish with: the measured one, or None (plain maps)."""
         return RefineConfig(self.radius, self.eps) if self.refine else None
 
     def describe(self) -> str:
-        """One line: the choice and the two figures it came from."""
-        return (f"{'on' if self.refine else 'off'} (measured for this model on {self.n} {self.split} pairs: "
-                f"mean IoU refined {self.refined_mean_iou * 100:.3f} % vs plain {self.plain_mean_iou * 100:.3f} %)")
+        """One line: the choice, the figures it came from and, when refinement scored higher but is
+        off, why."""
+        gain = self.refined_mean_iou - self.plain_mean_iou
+        figures = (f"measured for this model on {self.n} {self.split} pairs: mean IoU refined "
+                   f"{self.refined_mean_iou * 100:.3f} % vs plain {self.plain_mean_iou * 100:.3f} %")
+        if self.gain_se is not None:
+            figures += f", gain {gain * 100:+.3f} ± {self.gain_se * 100:.3f} point"
+        if not self.refine and gain > 0:
+            figures += (f"; fewer than {MIN_PAIRS} pairs cannot show a gain" if self.n < MIN_PAIRS
+                        else "; within the noise, so the plain maps, which cost less, are kept")
+        return f"{'on' if self.refine else 'off'} ({figures})"
 
 
 def choose_refinement(plain_ious: Sequence[float], refined_ious: Sequence[float], split: str,
                       config: RefineConfig = RefineConfig()) -> RefineChoice:
-    """Refine when the refined maps' mean IoU is above the plain maps' on the same pairs (a tie
-    keeps the plain maps: they cost less). Raises ``ValueError`` for no pairs or unequal lengths."""
+    """Refine when the mean per-pair gain of the refined maps over the plain ones (IoUs of the same
+    pairs, in the same order) exceeds :data:`MIN_GAIN_Z` standard errors on at least
+    :data:`MIN_PAIRS` pairs; otherwise keep the plain maps, which cost less. Raises ``ValueError``
+    for no pairs or unequal lengths."""
     if len(plain_ious) != len(refined_ious) or not plain_ious:
         raise ValueError(f"need the same non-zero number of plain and refined IoUs, got {len(plain_ious)} "
                          f"and {len(refined_ious)}")
-    plain = sum(map(float, plain_ious)) / len(plain_ious)
-    refined = sum(map(float, refined_ious)) / len(refined_ious)
-    return RefineChoice(refine=refined > plain, plain_mean_iou=plain, refined_mean_iou=refined, n=len(plain_ious),
-                        split=split, radius=float(config.radius), eps=float(config.eps))
+    n = len(plain_ious)
+    plain = sum(map(float, plain_ious)) / n
+    refined = sum(map(float, refined_ious)) / n
+    gains = [float(r) - float(p) for p, r in zip(plain_ious, refined_ious)]
+    mean_gain = sum(gains) / n
+    gain_se = math.sqrt(sum((g - mean_gain) ** 2 for g in gains) / (n - 1) / n) if n > 1 else None
+    refine = n >= MIN_PAIRS and gain_se is not None and mean_gain > 0 and mean_gain > MIN_GAIN_Z * gain_se
+    return RefineChoice(refine=refine, plain_mean_iou=plain, refined_mean_iou=refined, n=n, split=split,
+                        radius=float(config.radius), eps=float(config.eps), gain_se=gain_se)
 
 
 def save_refine_choice(choice: RefineChoice, folder_url: str, storage_options: dict | None = None) -> str:
@@ -97,7 +127,8 @@ def load_refine_choice(folder_url: str | None, storage_options: dict | None = No
     if not storage.exists(url, storage_options):
         return None
     saved = json.loads(storage.read_bytes(url, storage_options))
-    return RefineChoice(**{f.name: saved[f.name] for f in fields(RefineChoice)})  # fields added later are ignored
+    # unknown keys (a later version's) are ignored; a key this version added takes its default
+    return RefineChoice(**{f.name: saved[f.name] for f in fields(RefineChoice) if f.name in saved})
 
 
 #: Why ``auto`` refines a model that has no measured choice.

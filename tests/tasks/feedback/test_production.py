@@ -18,7 +18,7 @@ from tasks.core import storage
 from tasks.evaluation.calibration import calibrate_model, score_quality
 from tasks.feedback.queue import list_pool, list_queue
 from tasks.model.refine import RefineConfig
-from tasks.model.refine_choice import load_refine_choice
+from tasks.model.refine_choice import choose_refinement, load_refine_choice
 from tasks.feedback.production import (
     ProductionConfig,
     plan_production,
@@ -153,7 +153,7 @@ def test_calibration_measures_the_edge_refinement_and_production_follows_it(tmp_
     assert (choice.n, choice.split) == (4, "val") and calibration["refinement"] == asdict(choice)
     assert choice.plain_mean_iou == pytest.approx(np.mean([p.iou for p in points]))
     assert choice.refined_mean_iou == pytest.approx(np.mean([p.refined_iou for p in points]))
-    assert choice.refine == (choice.refined_mean_iou > choice.plain_mean_iou)
+    assert choice == choose_refinement([p.iou for p in points], [p.refined_iou for p in points], "val")
     assert calibration["val"]["n_bad"] == sum(p.published_iou(choice.refine) < 0.97 for p in points)
     assert calibration["refinement_test"]["n"] == 3 and f"edge refinement: {choice.describe()}" in calibration["text"]
 
