@@ -212,3 +212,20 @@ def test_a_thin_strap_is_not_a_ragged_outline():
     assert audit_pair(image, mask).reasons == ()
     # counted as jags, the removed straps would have made it "ragged"
     assert "ragged" in audit_pair(image, mask, AuditConfig(max_jag_area=10**9)).reasons
+
+
+def test_the_gradient_quantiles_are_exactly_what_a_full_partition_gives():
+    """The audit's edge threshold takes two quantiles of a gradient map among its positive values
+    only; they must equal ``np.partition``'s and ``np.median``'s to the bit (half zeros, as a flat
+    background gives; ties; all zeros; a single value; ranks at both ends)."""
+    from tasks.data.mask_audit import _kth_smallest, _median
+
+    rng = np.random.default_rng(3)
+    maps = [np.sqrt(rng.integers(0, 2, 4000) * rng.integers(1, 2_080_800, 4000)).astype(np.float32),
+            np.sqrt(rng.integers(0, 50, 999)).astype(np.float32), np.zeros(17, np.float32),
+            np.full(5, 3.0, np.float32), np.float32(rng.random(2048) * 1e3)]
+    for values in maps:
+        ks = sorted({0, values.size // 3, int(0.9 * (values.size - 1)), values.size - 1})
+        expected = np.partition(values, ks)[ks]
+        assert [v.tobytes() for v in _kth_smallest(values, ks)] == [v.tobytes() for v in expected]
+        assert _median(values) == np.float32(np.median(values))
