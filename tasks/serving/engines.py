@@ -74,7 +74,8 @@ class Engine(ABC):
 
     Attributes: ``input_size`` (S), ``resize`` (``"stretch"``/``"letterbox"``), ``mean``/``std``
     (the normalisation, RGB), ``backend`` (``"onnx"``/``"openvino"``/``"torch"``), ``device``, ``source`` and
-    ``model_dir`` (the local folder the model came from, or None).
+    ``model_dir`` (the local folder the model came from; for a model on an object store, a local folder
+    holding copies of the files beside it; None when neither exists).
     """
 
     input_size: int
@@ -256,7 +257,7 @@ class TorchEngine(Engine):
         self.input_size, self.resize = int(meta["input_size"]), str(meta["resize"])
         self.mean, self.std = tuple(IMAGENET_MEAN), tuple(IMAGENET_STD)
         self.source = source or model_url
-        self.model_dir = _local_dir(meta["model_url"])
+        self.model_dir = _local_dir(meta["model_url"]) or _sidecars_copy(meta["model_url"], storage_options)
 
     def predict(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         torch = self._torch
@@ -471,16 +472,24 @@ def _local_copy(url: str, storage_options: dict | None) -> str:
     fs, path = storage.filesystem(url, storage_options)
     if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
         return path
-    folder = _process_temp_dir("bgremoval-onnx-")
+    folder = _sidecars_copy(url, storage_options, prefix="bgremoval-onnx-")
     local = os.path.join(folder, posixpath.basename(path))
     with open(local, "wb") as fh:
         fh.write(storage.read_bytes(url, storage_options))
+    return local
+
+
+def _sidecars_copy(url: str, storage_options: dict | None, prefix: str = "bgremoval-model-") -> str:
+    """A new local folder holding the :data:`tasks.core.layout.MODEL_SIDECARS` found beside the model
+    file at ``url`` (the calibrated threshold, the refinement choice), which production and ``auto``
+    read from the engine's ``model_dir``."""
+    folder = _process_temp_dir(prefix)
     for name in layout.MODEL_SIDECARS:
         sidecar = storage.join(url.rstrip("/").rsplit("/", 1)[0], name)
         if storage.exists(sidecar, storage_options):
             with open(os.path.join(folder, name), "wb") as fh:
                 fh.write(storage.read_bytes(sidecar, storage_options))
-    return local
+    return folder
 
 
 def unletterboxed(prob_s: np.ndarray, sides: np.ndarray | None, engine: Engine, height: int,

@@ -144,13 +144,18 @@ def test_remove_s3_prefix_with_canvas(model_dir, s3_bucket, capsys):
     assert {o.url: o.etag for o in storage.list_objects(f"{bucket}/incoming", options)} == originals
 
 
-def test_a_model_folder_on_s3_brings_its_refinement_choice(model_dir, s3_bucket, tmp_path, capsys):
+@pytest.mark.parametrize("backend", ["onnx", "torch"])
+def test_a_model_folder_on_s3_brings_its_refinement_choice(model_dir, s3_bucket, tmp_path, capsys, backend):
+    """ONNX Runtime reads a local copy of the file, PyTorch the object itself: either way the files
+    beside the model come along, so ``auto`` follows the model's own choice."""
     bucket, options = s3_bucket
-    folder = f"{bucket}/training/v1/run-s3"
-    storage.write_bytes(f"{folder}/model.onnx", (Path(model_dir) / "model.onnx").read_bytes(), options)
+    folder = f"{bucket}/training/v1/run-s3-{backend}"
+    for name in ("model.onnx", "model.pt", "config.json"):
+        storage.write_bytes(f"{folder}/{name}", (Path(model_dir) / name).read_bytes(), options)
     stem, data, _ = _products(1)[0]
     (tmp_path / f"{stem}.jpg").write_bytes(data)
-    run = ["remove", str(tmp_path / f"{stem}.jpg"), "-o", str(tmp_path / "out"), "--model", folder, "--quiet"]
+    run = ["remove", str(tmp_path / f"{stem}.jpg"), "-o", str(tmp_path / "out"), "--model", folder, "--quiet",
+           "--backend", backend]
     assert main(run) == 0
     assert "edge refinement: on (the model has no measured choice" in capsys.readouterr().out
     save_refine_choice(choose_refinement([0.99], [0.98], "val"), folder, options)
