@@ -64,9 +64,10 @@ def cmd_clean(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from tasks.core import layout
     from tasks.evaluation.scoring import evaluate_folder
     from tasks.evaluation.metrics import format_summary
-    from tasks.model.refine import RefineConfig
+    from tasks.model.refine_choice import load_refine_choice, resolve_refine
 
     import tempfile
 
@@ -78,9 +79,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         if registry.is_model_uri(model):
             _mlflow_environment()
             model = registry.download_model(model, tmp)
+        if args.refine is None:
+            refine, why = None, "off (the default: the network's own map, as the training DAG's gate scores it)"
+        else:
+            folder = layout.model_folder(model)
+            choice = load_refine_choice(folder, _storage_options(model)) if args.refine == "auto" else None
+            refine, why = resolve_refine(args.refine, choice)
+        print(f"edge refinement: {why}")
         summary = evaluate_folder(model, args.images, args.masks, storage_options=options, threshold=args.threshold,
-                                  refine=RefineConfig() if args.refine else None)
-    summary["model_url"] = args.model
+                                  refine=refine)
+    summary.update(model_url=args.model, edge_refinement=why)
     print(format_summary(summary))
     if summary.get("skipped"):
         print(f"images without a mask (not scored): {len(summary['skipped'])}")
@@ -423,9 +431,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--images", required=True, help="folder or URL with <stem>.jpg|png images")
     evaluate.add_argument("--masks", required=True, help="folder or URL with <stem>.png masks (any resolution)")
     evaluate.add_argument("--threshold", type=float, default=0.5, help="probability threshold for the masks")
-    evaluate.add_argument("--refine", action="store_true",
-                          help="score the maps refined on the photos' edges, as `bgremoval remove` publishes them "
-                               "(default: the network's own map, as the training DAG's gate scores it)")
+    evaluate.add_argument("--refine", choices=REFINE_MODES, nargs="?", const="on", default=None,
+                          help="off (default): the network's own map, as the training DAG's gate scores it; auto: "
+                               "the map as `bgremoval remove` publishes it (the model's measured choice, "
+                               "refinement.json, else refined); on (or --refine alone): refined on the photos' edges")
     evaluate.add_argument("--json", help="also write the summary as JSON to this file")
     evaluate.set_defaults(func=cmd_evaluate)
 

@@ -201,9 +201,12 @@ def model_config(folder: str) -> str:
 
 
 def model_folder(model_url: str) -> str:
-    """The run folder of a model reference: the folder itself, or the folder of a ``model.pt``."""
+    """The run folder of a model reference: the folder itself, or the folder of a model file
+    (``.pt`` or ``.onnx``; ``.`` for a bare file name)."""
     url = model_url.rstrip("/")
-    return url.rsplit("/", 1)[0] if url.endswith(".pt") else model_url
+    if not url.lower().endswith((".pt", ".onnx")):
+        return model_url
+    return url.rsplit("/", 1)[0] if "/" in url else "."
 
 
 def train_result(folder: str) -> str:

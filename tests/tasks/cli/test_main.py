@@ -9,6 +9,7 @@ import torch
 
 from tasks.cli.main import main
 from tasks.model.config import StageWidths, U2NetConfig
+from tasks.model.refine_choice import choose_refinement, save_refine_choice
 from tasks.model.u2net import U2Net
 from tasks.dev.synth import SynthConfig, generate_catalogue
 from tasks.train.config import TrainConfig
@@ -45,10 +46,25 @@ def test_evaluate_prints_the_seed_table_and_writes_json(tmp_path, capsys):
     assert summary["n"] == 3 and 0.0 <= summary["mean_iou"] <= 1.0
     assert "mean IoU" in capsys.readouterr().out
     assert np.isfinite(summary["mean_mae"]) and summary["refined"] is False
+    assert summary["edge_refinement"].startswith("off (the default: the network's own map")
     assert main(["evaluate", "--model", str(run / "model.pt"), "--images", str(tmp_path / "labelled" / "images"),
                  "--masks", str(tmp_path / "labelled" / "masks"), "--json", str(out_json), "--refine"]) == 0
     refined = json.loads(out_json.read_text())
     assert refined["refined"] is True and refined["n"] == 3 and 0.0 <= refined["mean_iou"] <= 1.0
+    assert refined["edge_refinement"] == "on (asked for)" and "edge refinement: on (asked for)" in capsys.readouterr().out
+
+    # auto scores what `remove` would publish: the model's measured choice
+    auto = ["evaluate", "--model", str(run), "--images", str(tmp_path / "labelled" / "images"),
+            "--masks", str(tmp_path / "labelled" / "masks"), "--json", str(out_json), "--refine", "auto"]
+    assert main(auto) == 0
+    assert json.loads(out_json.read_text())["refined"] is True
+    assert "edge refinement: on (the model has no measured choice" in capsys.readouterr().out
+    save_refine_choice(choose_refinement([0.99], [0.98], "val"), str(run))
+    for model in (str(run), str(run / "model.pt")):  # the run folder, or the weights in it
+        auto[2] = model
+        assert main(auto) == 0
+        assert json.loads(out_json.read_text())["refined"] is False
+        assert "edge refinement: off (measured for this model on 1 val pairs" in capsys.readouterr().out
 
 
 def test_calibrate_writes_the_threshold_and_the_refinement_choice_next_to_the_model(tmp_path, capsys,

@@ -59,3 +59,10 @@ def test_asset_uris_follow_the_configured_bucket():
 
 def test_local_roots_work_the_same_way(tmp_path):
     assert layout.dataset(str(tmp_path), "v") == f"{tmp_path}/datasets/v"
+
+
+def test_the_model_folder_of_a_run_or_of_a_file_in_it():
+    assert layout.model_folder("s3://b/training/v1/run") == "s3://b/training/v1/run"
+    assert layout.model_folder("s3://b/training/v1/run/model.pt") == "s3://b/training/v1/run"
+    assert layout.model_folder("/runs/r1/MODEL.ONNX") == "/runs/r1"
+    assert layout.model_folder("model.pt") == "."  # a bare file name: the working folder
