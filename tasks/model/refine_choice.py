@@ -11,9 +11,9 @@ the published weights) is refined, as measured on the published weights.
 
 Refinement is chosen only when its gain is larger than the noise of the measurement: the mean of the
 per-pair gains (refined minus plain IoU, on the same pairs) must exceed :data:`MIN_GAIN_Z` standard
-errors, on at least :data:`MIN_PAIRS` pairs. Otherwise the plain maps, which cost less, are kept: on
-a strong model the two means differ by a few hundredths of a point either way, and which side wins
-depends on the split.
+errors, on at least :data:`MIN_PAIRS` pairs. Otherwise the plain maps, which cost less, are kept: a
+small validation split, or a gain within the spread of the per-pair gains, cannot show that
+refinement pays. A choice saved before this rule (no ``gain_se``) is followed as it was made.
 
 The module holds settings only (no OpenCV): the DAG files' forms and the registry import it at parse
 time; the filter itself is :mod:`tasks.model.refine`.
@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 
 from tasks.core import layout, storage
 
@@ -127,6 +127,10 @@ def load_refine_choice(folder_url: str | None, storage_options: dict | None = No
     if not storage.exists(url, storage_options):
         return None
     saved = json.loads(storage.read_bytes(url, storage_options))
+    required = [f.name for f in fields(RefineChoice) if f.default is MISSING]
+    missing = [name for name in required if not isinstance(saved, dict) or name not in saved]
+    if missing:
+        raise ValueError(f"{url} is not a refinement choice: it lacks {', '.join(missing)}")
     # unknown keys (a later version's) are ignored; a key this version added takes its default
     return RefineChoice(**{f.name: saved[f.name] for f in fields(RefineChoice) if f.name in saved})
 

@@ -211,3 +211,37 @@ def test_a_drop_of_awkward_photos_completes_and_every_refusal_has_a_reason(tmp_p
     for stem in CONVERTIBLE:
         assert stem not in failed and f"{stem}.png" in published, (stem, failed.get(stem))
     assert storage.read_bytes(f"{bucket_url}/incoming/awkward/bomb.png")  # inputs are never touched
+
+
+def test_a_model_whose_refinement_pays_is_calibrated_and_published_refined(tmp_path, write_model_folder, monkeypatch):
+    """A split of a few synthetic pairs cannot show a gain, so the choice is made to come out on here:
+    the threshold and the test routing must then be computed on the refined maps' IoUs, and
+    production must refine."""
+    import dataclasses
+
+    from tasks.evaluation import calibration as calibration_module
+
+    measured = calibration_module.choose_refinement
+    monkeypatch.setattr(calibration_module, "choose_refinement",
+                        lambda *args: dataclasses.replace(measured(*args), refine=True))
+    dataset = str(tmp_path / "datasets" / "v1")
+    write_synthetic_dataset(dataset, 9, seed=8, max_side=48,
+                            split_for=lambda i: "val" if i < 4 else "test" if i < 7 else "train")
+    model = write_model_folder(tmp_path / "model")
+    val = score_quality(model, dataset, "val", refine=RefineConfig())
+    test = score_quality(model, dataset, "test", refine=RefineConfig())
+    # a target IoU at which the plain and the refined maps count a different number of bad images
+    points = val + test
+    target = next(t for t in sorted({p.iou for p in points} | {p.refined_iou for p in points})
+                  if sum(p.iou < t for p in points) != sum(p.refined_iou < t for p in points))
+    calibration = calibrate_model(model, dataset, target_iou=target, target_recall=0.9)
+    assert load_refine_choice(model).refine and calibration["refinement"]["refine"]
+    assert (calibration["val"]["n_bad"], calibration["test"]["n_bad"]) == (
+        sum(p.refined_iou < target for p in val), sum(p.refined_iou < target for p in test))
+
+    bucket_url = str(tmp_path / "bucket")
+    storage.write_bytes(f"{bucket_url}/incoming/drop-on/p0.jpg",
+                        encode_jpeg(render_item(0, SynthConfig(n=1, seed=3, max_side=96)).image))
+    plan = plan_production(bucket_url, "drop-on", shard_size=10)
+    followed = process_shard(bucket_url, "drop-on", plan["shard_urls"][0], model, ProductionConfig(), "v1")
+    assert followed["refine"].startswith("on (measured for this model on 4 val pairs")

@@ -61,6 +61,10 @@ def test_a_choice_saved_before_the_gain_s_spread_was_recorded_still_loads(tmp_pa
     choice = load_refine_choice(str(tmp_path))
     assert choice.refine and choice.gain_se is None and choice.config() == RefineConfig()
     assert choice.describe() == "on (measured for this model on 370 val pairs: mean IoU refined 96.130 % vs plain 96.000 %)"
+    for broken in ({"refine": True}, ["not", "a", "choice"]):
+        (tmp_path / REFINE_CHOICE_FILE).write_text(json.dumps(broken))
+        with pytest.raises(ValueError, match=f"{REFINE_CHOICE_FILE} is not a refinement choice: it lacks "):
+            load_refine_choice(str(tmp_path))
 
 
 def test_auto_follows_the_measured_choice_and_on_or_off_force_it():
