@@ -104,7 +104,8 @@ def calibrate_model(model_url: str, dataset_url: str, storage_options: dict | No
     of what will be published, writes ``<model_url>/quality.json`` and measures both on ``test``.
     Returns ``{"threshold", "target_iou", "target_recall", "calibrated_on", "val": RoutingReport dict,
     "test": RoutingReport dict or None, "test_by_cluster": {cluster: RoutingReport dict},
-    "refinement": RefineChoice dict, "refinement_test": {"plain_mean_iou", "refined_mean_iou", "n"} or None,
+    "refinement": RefineChoice dict, "refinement_by_cluster": {cluster: the RefineChoice dict its pairs alone
+    give}, "refinement_test": {"plain_mean_iou", "refined_mean_iou", "n"} or None,
     "text": a printable summary}``.
     """
     model_url = layout.model_folder(model_url)
@@ -115,6 +116,7 @@ def calibrate_model(model_url: str, dataset_url: str, storage_options: dict | No
     if not points:
         raise ValueError(f"{dataset_url} has no val or train pairs to calibrate on")
     choice = choose_refinement([p.iou for p in points], [p.refined_iou for p in points], calibrated_on, refine)
+    choice_by_cluster = _refinement_by_cluster(points, calibrated_on, refine)
     published = [p.published_iou(choice.refine) for p in points]
     calibration = calibrate_threshold([p.score for p in points], published, target_iou, target_recall)
     save_refine_choice(choice, model_url, storage_options)
@@ -122,10 +124,13 @@ def calibrate_model(model_url: str, dataset_url: str, storage_options: dict | No
     test = score_quality(model_url, dataset_url, "test", storage_options, refine=refine)
     test_report = routing_report([p.score for p in test], [p.published_iou(choice.refine) for p in test],
                                  calibration.threshold, target_iou) if test else None
-    text = [f"edge refinement: {choice.describe()}",
-            f"quality threshold {calibration.threshold:.4f}, calibrated on {calibrated_on} ({len(points)} images) "
-            f"to send images below {target_iou * 100:g} % IoU to people (target recall {target_recall:g})",
-            calibration.report.format()]
+    text = [f"edge refinement: {choice.describe()}"]
+    if len(choice_by_cluster) > 1:
+        text.append(f"  per cluster on {calibrated_on} (what each would choose alone; a model publishes one choice):")
+        text += [_cluster_choice_line(name, c) for name, c in choice_by_cluster.items()]
+    text += [f"quality threshold {calibration.threshold:.4f}, calibrated on {calibrated_on} ({len(points)} images) "
+             f"to send images below {target_iou * 100:g} % IoU to people (target recall {target_recall:g})",
+             calibration.report.format()]
     if calibration.note:
         text.append(f"note: {calibration.note}")
     by_cluster, refinement_test = {}, None
@@ -144,7 +149,22 @@ def calibrate_model(model_url: str, dataset_url: str, storage_options: dict | No
             "calibrated_on": calibrated_on, "val": calibration.report.to_dict(),
             "test": None if test_report is None else test_report.to_dict(),
             "test_by_cluster": {name: r.to_dict() for name, r in by_cluster.items()},
-            "refinement": asdict(choice), "refinement_test": refinement_test, "text": "\n".join(text)}
+            "refinement": asdict(choice), "refinement_by_cluster": {name: asdict(c) for name, c in choice_by_cluster.items()},
+            "refinement_test": refinement_test, "text": "\n".join(text)}
+
+
+def _cluster_choice_line(name: str, choice: RefineChoice) -> str:
+    gain = (choice.refined_mean_iou - choice.plain_mean_iou) * 100
+    spread = "" if choice.gain_se is None else f" ± {choice.gain_se * 100:.3f}"
+    return f"    {name:<12} {choice.n:>5d} pairs: gain {gain:+.3f}{spread} point ({'on' if choice.refine else 'off'})"
+
+
+def _refinement_by_cluster(points: list[QualityPoint], split: str, refine: RefineConfig) -> dict[str, RefineChoice]:
+    """The refinement choice each cluster's pairs would make alone (people photos and packshots can
+    disagree: ``benchmarks/README.md``, "A gain beyond the noise")."""
+    clusters = sorted({p.cluster for p in points})
+    return {c: choose_refinement([p.iou for p in points if p.cluster == c],
+                                 [p.refined_iou for p in points if p.cluster == c], split, refine) for c in clusters}
 
 
 def _refinement_figures(points: list[QualityPoint]) -> dict[str, float]:

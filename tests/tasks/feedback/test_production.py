@@ -156,6 +156,13 @@ def test_calibration_measures_the_edge_refinement_and_production_follows_it(tmp_
     assert choice == choose_refinement([p.iou for p in points], [p.refined_iou for p in points], "val")
     assert calibration["val"]["n_bad"] == sum(p.published_iou(choice.refine) < 0.97 for p in points)
     assert calibration["refinement_test"]["n"] == 3 and f"edge refinement: {choice.describe()}" in calibration["text"]
+    by_cluster = calibration["refinement_by_cluster"]  # what each product type's val pairs alone would choose
+    assert by_cluster == {c: asdict(choose_refinement([p.iou for p in points if p.cluster == c],
+                                                      [p.refined_iou for p in points if p.cluster == c], "val"))
+                          for c in {p.cluster for p in points}}
+    if len(by_cluster) > 1:
+        assert "per cluster on val (what each would choose alone" in calibration["text"]
+        assert all(f"{c:<12} {r['n']:>5d} pairs: gain" in calibration["text"] for c, r in by_cluster.items())
 
     bucket_url, options = s3_bucket
     storage.write_bytes(f"{bucket_url}/incoming/drop-r/p0.jpg",
