@@ -108,9 +108,10 @@ def resolve_model(model_uri: str, registered_model: str) -> dict[str, str]:
     return {"model_uri": registry.model_uri(registered_model, version=version), "version": version}
 
 
-def resolve_threshold(config: ProductionConfig, model_dir: str | None) -> tuple[float, str]:
+def resolve_threshold(config: ProductionConfig, model_dir: str | None, model: str | None = None) -> tuple[float, str]:
     """The publishing threshold and where it came from: the config's, else the calibrated one in
-    ``<model_dir>/quality.json``. Raises ``ValueError`` when neither exists."""
+    ``<model_dir>/quality.json``, named after ``model`` when given (a registered or remote model's
+    ``model_dir`` is a temporary copy). Raises ``ValueError`` when neither exists."""
     from tasks.serving.quality import load_calibration
 
     if config.threshold is not None:
@@ -118,7 +119,8 @@ def resolve_threshold(config: ProductionConfig, model_dir: str | None) -> tuple[
     calibration = load_calibration(model_dir) if model_dir else None
     if calibration is None:
         raise ValueError("the model has no calibrated quality threshold (quality.json): set the threshold parameter")
-    return float(calibration.threshold), f"calibration in {model_dir}/quality.json"
+    where = f"{model_dir}/quality.json" if model is None else f"quality.json of {model}"
+    return float(calibration.threshold), f"calibration in {where}"
 
 
 def process_shard(bucket_url: str, batch: str, shard_url: str, model_uri: str, config: ProductionConfig,
@@ -144,7 +146,7 @@ def process_shard(bucket_url: str, batch: str, shard_url: str, model_uri: str, c
     items = [tuple(pair) for pair in json.loads(storage.read_bytes(shard_url, storage_options))]
     engine = load_engine(model_uri, storage_options)
     log.info("shard %s: %d photos, model %s", shard_url, len(items), engine.describe())
-    threshold, source = resolve_threshold(config, engine.model_dir)
+    threshold, source = resolve_threshold(config, engine.model_dir, model_uri)
     refine, why = refinement_for(engine, config.refine)
     log.info("edge refinement: %s", why)
     options = InferenceConfig(background=config.background, canvas=config.canvas, margin=config.margin,

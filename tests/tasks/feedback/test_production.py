@@ -137,6 +137,8 @@ def test_threshold_comes_from_the_calibration_unless_given(tmp_path, write_model
     assert resolve_threshold(ProductionConfig(), model) == (pytest.approx(calibration["threshold"]),
                                                             f"calibration in {model}/quality.json")
     assert resolve_threshold(ProductionConfig(threshold=0.3), model)[0] == 0.3
+    # a registered model's folder is a temporary download: the message names the model instead
+    assert resolve_threshold(ProductionConfig(), model, "models:/m/3")[1] == "calibration in quality.json of models:/m/3"
 
 
 def test_calibration_measures_the_edge_refinement_and_production_follows_it(tmp_path, write_model_folder, s3_bucket):
