@@ -47,7 +47,9 @@ subprocesses not). "load" is the machine's 1-minute load
 average when the measurement started: other work on the machine shows up in the numbers.
 
 The grid. ``--configs`` names combinations as ``fp32`` or ``+``-joined flags from ``cl``
-(channels-last), ``bf16`` and ``compile`` (e.g. ``cl+bf16+compile``; ``all`` = the 8 combinations).
+(channels-last), ``bf16`` and ``compile`` (e.g. ``cl+bf16+compile``; ``all`` = the 8 combinations),
+and ``heap``: freed memory kept in the process's heap, as training on the CPU does
+(``tasks.core.heap.keep_freed_memory``; without it glibc's defaults, as before that change).
 Without ``--configs``: all 8 for u2netp at 320, and ``fp32``, ``cl+bf16``, ``cl+bf16+compile``
 for every other model/size. Without ``--workers`` (``auto``): every config with 1 worker, then
 for each model/size 2 workers for ``fp32`` and for the fastest 1-worker config (on CUDA only when
@@ -99,6 +101,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from torch import nn  # noqa: E402
 
+from tasks.core.heap import keep_freed_memory  # noqa: E402
 from tasks.model.config import MODEL_NAMES  # noqa: E402
 from tasks.model.u2net import build_model, count_parameters  # noqa: E402
 from tasks.dev.synth import SynthConfig, render_item  # noqa: E402
@@ -108,8 +111,8 @@ from tasks.train.ddp import stop_process_group, torchrun_executable  # noqa: E40
 from tasks.train.loop import cpu_supports_bf16, deep_supervision_loss, resolve_amp  # noqa: E402
 
 MIB = 1024 * 1024
-FLAGS = ("cl", "bf16", "compile")
-#: Every combination of the three flags, baseline first.
+FLAGS = ("cl", "bf16", "compile", "heap")
+#: Every combination of the first three flags, baseline first (``heap`` is asked for by name).
 ALL_CONFIGS = tuple("+".join(f for f, on in zip(FLAGS, bits) if on) or "fp32"
                     for bits in sorted(itertools.product((False, True), repeat=3), key=lambda b: (sum(b), b[::-1])))
 SUBSET_CONFIGS = ("fp32", "cl+bf16", "cl+bf16+compile")
@@ -139,7 +142,8 @@ def parse_config(name: str) -> dict:
         raise ValueError(f"unknown config flag(s) {sorted(unknown)} in {name!r}: use fp32 or "
                          f"+-joined flags from {', '.join(FLAGS)} (e.g. cl+bf16+compile), or 'all'")
     canonical = "+".join(f for f in FLAGS if f in tokens) or "fp32"
-    return {"name": canonical, "channels_last": "cl" in tokens, "bf16": "bf16" in tokens, "compile": "compile" in tokens}
+    return {"name": canonical, "channels_last": "cl" in tokens, "bf16": "bf16" in tokens, "compile": "compile" in tokens,
+            "heap": "heap" in tokens}
 
 
 def expand_configs(names: list[str]) -> list[str]:
@@ -309,6 +313,8 @@ def worker_main(spec: dict, out_path: str | None) -> int:
     else:
         device = torch.device("cpu")
         torch.set_num_threads(spec["threads"])
+    if spec.get("heap"):
+        keep_freed_memory()  # as tasks.train.loop.train does on the CPU
     if world_size > 1:
         backend = "nccl" if device.type == "cuda" else "gloo"
         kwargs = {"device_id": device} if backend == "nccl" else {}
@@ -478,7 +484,8 @@ def make_spec(model: str, size: int, config: str, workers: int, args: argparse.N
     flags = parse_config("fp32" if config == ORIGINAL else config)
     threads = max(1, usable_cores() // workers) if args.device == "cpu" else 1
     return {"model": model, "size": size, "config": flags["name"], "channels_last": flags["channels_last"],
-            "bf16": flags["bf16"], "compile": flags["compile"], "workers": workers, "threads": threads,
+            "bf16": flags["bf16"], "compile": flags["compile"], "heap": flags["heap"], "workers": workers,
+            "threads": threads,
             "batch": args.batch, "auto_start": args.auto_start, "warmup": args.warmup, "steps": args.steps,
             "device": args.device, "seed": args.seed, "timeout": args.timeout,
             "cudnn_benchmark": args.cudnn_benchmark,
