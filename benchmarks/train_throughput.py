@@ -113,7 +113,7 @@ from tasks.train.loop import cpu_supports_bf16, deep_supervision_loss, resolve_a
 MIB = 1024 * 1024
 FLAGS = ("cl", "bf16", "compile", "heap")
 #: Every combination of the first three flags, baseline first (``heap`` is asked for by name).
-ALL_CONFIGS = tuple("+".join(f for f, on in zip(FLAGS, bits) if on) or "fp32"
+ALL_CONFIGS = tuple("+".join(f for f, on in zip(FLAGS[:3], bits) if on) or "fp32"
                     for bits in sorted(itertools.product((False, True), repeat=3), key=lambda b: (sum(b), b[::-1])))
 SUBSET_CONFIGS = ("fp32", "cl+bf16", "cl+bf16+compile")
 #: Training img/s of the original U-2-Net code on the project's 2-core CPU at 320x320 (DESIGN.md).
@@ -313,8 +313,8 @@ def worker_main(spec: dict, out_path: str | None) -> int:
     else:
         device = torch.device("cpu")
         torch.set_num_threads(spec["threads"])
-    if spec.get("heap"):
-        keep_freed_memory()  # as tasks.train.loop.train does on the CPU
+    if spec.get("heap") and not keep_freed_memory():  # as tasks.train.loop.train does on the CPU
+        raise RuntimeError("the heap row cannot keep freed memory here (not glibc, or BGREMOVAL_SYSTEM_MALLOC set)")
     if world_size > 1:
         backend = "nccl" if device.type == "cuda" else "gloo"
         kwargs = {"device_id": device} if backend == "nccl" else {}
@@ -546,7 +546,7 @@ def format_row(row: dict, baselines: dict[str, float]) -> list[str]:
     yes = {True: "yes", False: "no"}
     name = row["model"] + (" (original code)" if row.get("original") else "")
     lead = [name, str(row["size"]), yes[row["channels_last"]], yes[row["bf16"]], yes[row["compile"]],
-            str(row["workers"]), str(row["threads"]) if row["device"] == "cpu" else "-"]
+            yes[bool(row.get("heap"))], str(row["workers"]), str(row["threads"]) if row["device"] == "cpu" else "-"]
     load = f"{row['load_1min_at_start']:.2f}" if row.get("load_1min_at_start") is not None else "-"
     if row.get("error"):
         return lead + [str(row["batch"]), "FAILED: " + row["error"].splitlines()[0], "", "", "", "", "", "", load] + \
@@ -575,11 +575,11 @@ def render_table(headers: list[str], rows: list[list[str]], right: set[int]) -> 
 
 def format_results(rows: list[dict], args: argparse.Namespace, baselines: dict[str, float]) -> str:
     """The results table."""
-    headers = ["model", "size", "channels_last", "bf16", "compile", "workers", "threads/w", "batch/w", "img/s",
+    headers = ["model", "size", "channels_last", "bf16", "compile", "heap", "workers", "threads/w", "batch/w", "img/s",
                "speed-up", "step s", "compile s", "1st step s", "peak RSS", "seed job", "load"]
     if args.device == "cuda":
         headers.append("peak GPU mem")
-    table = render_table(headers, [format_row(r, baselines) for r in rows], right=set(range(5, len(headers))) | {1})
+    table = render_table(headers, [format_row(r, baselines) for r in rows], right=set(range(6, len(headers))) | {1})
     return (f"Training throughput ({args.warmup} warm-up + {args.steps} timed steps per row; img/s = all workers; "
             "speed-up vs the original U-2-Net code at 320; compile s = 1st step - steady step; "
             "peak RSS = sum over workers; seed job = the seed's 30,000 images x 30 epochs at this img/s, "
@@ -689,8 +689,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="models to measure (default: u2netp u2net)")
     parser.add_argument("--sizes", nargs="+", type=int, default=[320, 160], help="square input sizes (default 320 160)")
     parser.add_argument("--configs", nargs="+", default=None,
-                        help="fp32, or +-joined flags from cl, bf16, compile (e.g. cl+bf16+compile), or all "
-                             "(default: all 8 for u2netp at 320, fp32 cl+bf16 cl+bf16+compile elsewhere)")
+                        help="fp32, or +-joined flags from cl, bf16, compile, heap (e.g. cl+bf16+compile), or all "
+                             "(the 8 combinations of cl, bf16, compile; default: all 8 for u2netp at 320, fp32 cl+bf16 "
+                             "cl+bf16+compile elsewhere)")
     parser.add_argument("--workers", nargs="+", default=["auto"],
                         help="worker counts for every config, e.g. 1 2 (default auto: 1 for every config, then 2 "
                              "for fp32 and the fastest 1-worker config)")

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from tasks.core import layout
+from tasks.core.heap import keep_freed_memory
 from tasks.core.codecs import read_image, read_mask
 from tasks.evaluation.metrics import iou, resize_to_original
 from tasks.model.refine import RefineConfig, map_at_photo
@@ -74,6 +75,7 @@ def score_quality(model_url: str, dataset_url: str, split: str, storage_options:
     if not rows:
         return []
     engine = TorchEngine(model_url, device="cpu", storage_options=storage_options)
+    keep_freed_memory()  # a scoring pass on the CPU: 1.6-1.8x faster (tasks.core.heap)
     points = []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]

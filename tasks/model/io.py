@@ -16,7 +16,6 @@ import torch
 from torch import nn
 
 from tasks.core import layout, storage
-from tasks.core.heap import keep_freed_memory
 from tasks.model.config import MODEL_NAMES, RESIZE_MODES, TRAINING_SIZE, StageWidths, U2NetConfig
 from tasks.model.u2net import U2Net, build_model
 
@@ -99,8 +98,7 @@ def load_model(model_url: str, model_name: str | None = None,
     (name), ``model_widths`` (or None), ``input_size`` (the config's, else 320), ``resize``
     (``"stretch"`` or ``"letterbox"``), ``model_url`` and ``config_source`` (``"config.json"``,
     ``"result.json"`` or ``"none"``). Raises ``FileNotFoundError`` when there is no model file and
-    ``ValueError`` when the weights fit no architecture or the named one. Keeps freed memory in the
-    process's heap from then on (:func:`tasks.core.heap.keep_freed_memory`).
+    ``ValueError`` when the weights fit no architecture or the named one.
     """
     if model_url.lower().endswith(".onnx"):
         raise ValueError(f"{model_url} is an ONNX file: ONNX Runtime runs it (tasks.serving.onnx_module, or "
@@ -112,7 +110,6 @@ def load_model(model_url: str, model_name: str | None = None,
         raise FileNotFoundError(f"no model at {model_url}: pass a model.pt written by training or its run folder")
     state = load_state_dict_from_url(model_url, storage_options)
     config, source = read_run_config(_parent(model_url), storage_options)
-    keep_freed_memory()  # the model will run on the CPU: 1.5x faster scoring (tasks.core.heap)
     widths = config.get("model_widths")
     name = model_name or config.get("model")
     if widths:

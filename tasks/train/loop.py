@@ -505,7 +505,7 @@ def train(config: TrainConfig, rank_info: RankInfo | None = None) -> TrainResult
     info = rank_info or RankInfo.from_env()
     device = resolve_device(config, info)
     if device.type == "cpu":
-        keep_freed_memory()  # 1.2x the images/s of 2 workers at 320 px (benchmarks/README.md)
+        keep_freed_memory()  # 1.27x the images/s of 2 workers at 320 px (benchmarks/README.md)
     coll: Collectives = default_collectives(info, device)
     amp_dtype, use_scaler = resolve_amp(config.amp, device)
     opts = config.storage_options or None

@@ -65,6 +65,7 @@ NOT_FROM_COMPOSE = {
     "HOROVOD_STALL_SHUTDOWN_TIME_SECONDS": "set by the Horovod backend itself",
     "BGREMOVAL_PRETRAINED_DIR": "where the published U2-NetP weights are kept; the image sets it and fetches them at build",
     "U2NET_HOME": "rembg's model folder, looked at first for the published weights when a user has rembg",
+    "BGREMOVAL_SYSTEM_MALLOC": "opt-out of keeping freed memory in the heap for PyTorch on the CPU; unset by default",
 }
 
 

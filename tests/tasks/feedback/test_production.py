@@ -254,3 +254,4 @@ def test_a_model_whose_refinement_pays_is_calibrated_and_published_refined(tmp_p
     plan = plan_production(bucket_url, "drop-on", shard_size=10)
     followed = process_shard(bucket_url, "drop-on", plan["shard_urls"][0], model, ProductionConfig(), "v1")
     assert followed["refine"].startswith("on (measured for this model on 4 val pairs")
+    assert followed["threshold_source"] == f"calibration in quality.json of {model}"
