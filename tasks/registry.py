@@ -81,6 +81,20 @@ def alias_version(name: str = DEFAULT_MODEL_NAME, alias: str = CHAMPION, trackin
         return None
 
 
+def copy_sidecars(model_url: str, folder: str, storage_options: dict | None = None) -> list[str]:
+    """Copy the :data:`tasks.core.layout.MODEL_SIDECARS` found beside a model (a run folder, or a
+    ``.pt``/``.onnx`` file in it; local or remote) into the local ``folder``; returns the paths written."""
+    written = []
+    for name in _OPTIONAL_FILES:
+        url = storage.join(layout.model_folder(model_url), name)
+        if storage.exists(url, storage_options):
+            path = os.path.join(folder, name)
+            with open(path, "wb") as fh:
+                fh.write(storage.read_bytes(url, storage_options))
+            written.append(path)
+    return written
+
+
 def _sha256(path: str) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
@@ -135,13 +149,7 @@ def register_model(model_url: str, name: str = DEFAULT_MODEL_NAME, run_id: str |
         with open(os.path.join(tmp, layout.MODEL_CONFIG), "w") as fh:
             json.dump(config, fh, indent=2)
         onnx_info = export_onnx(model, os.path.join(tmp, "model.onnx"), size, meta["resize"], meta["model"])
-        files = [os.path.join(tmp, f) for f in _EXTRA_FILES]
-        for optional in _OPTIONAL_FILES:
-            url = storage.join(layout.model_folder(model_url), optional)
-            if storage.exists(url, storage_options):
-                with open(os.path.join(tmp, optional), "wb") as fh:
-                    fh.write(storage.read_bytes(url, storage_options))
-                files.append(os.path.join(tmp, optional))
+        files = [os.path.join(tmp, f) for f in _EXTRA_FILES] + copy_sidecars(model_url, tmp, storage_options)
         onnx_sha = _sha256(onnx_info["path"])
         if run_id is None:
             experiment_id = (client.get_experiment_by_name(experiment) or None)

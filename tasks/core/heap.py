@@ -24,10 +24,8 @@ import ctypes
 import os
 import platform
 
-__all__ = ["DISABLE_ENV", "TRIM_THRESHOLD", "keep_freed_memory"]
+__all__ = ["TRIM_THRESHOLD", "keep_freed_memory"]
 
-#: Set to 1, true or yes to leave glibc's defaults alone.
-DISABLE_ENV = "BGREMOVAL_SYSTEM_MALLOC"
 #: Freed memory up to this many bytes stays in the heap (above it, the heap's free top is trimmed).
 TRIM_THRESHOLD = 1 << 30
 
@@ -40,7 +38,7 @@ def keep_freed_memory() -> bool:
     """Serve every allocation from the heap and keep freed memory there (see the module docstring).
 
     Idempotent. Returns True when the setting is in force, False on a C library other than glibc or
-    when :data:`DISABLE_ENV` is set.
+    when ``BGREMOVAL_SYSTEM_MALLOC`` refuses it.
     """
     global _applied
     if _applied:

@@ -161,22 +161,25 @@ def _cluster_choice_line(name: str, choice: RefineChoice) -> str:
     return f"    {name:<12} {choice.n:>5d} pairs: gain {gain:+.3f}{spread} point ({'on' if choice.refine else 'off'})"
 
 
+def _per_cluster(points: list[QualityPoint]) -> dict[str, list[QualityPoint]]:
+    """The points of each cluster, clusters in name order."""
+    return {c: [p for p in points if p.cluster == c] for c in sorted({p.cluster for p in points})}
+
+
 def _refinement_by_cluster(points: list[QualityPoint], split: str, refine: RefineConfig) -> dict[str, RefineChoice]:
     """The refinement choice each cluster's pairs would make alone (people photos and packshots can
     disagree: ``benchmarks/README.md``, "A gain beyond the noise")."""
-    clusters = sorted({p.cluster for p in points})
-    return {c: choose_refinement([p.iou for p in points if p.cluster == c],
-                                 [p.refined_iou for p in points if p.cluster == c], split, refine) for c in clusters}
+    return {c: choose_refinement([p.iou for p in group], [p.published_iou(True) for p in group], split, refine)
+            for c, group in _per_cluster(points).items()}
 
 
 def _refinement_figures(points: list[QualityPoint]) -> dict[str, float]:
-    return {"plain_mean_iou": float(np.mean([p.iou for p in points])),
-            "refined_mean_iou": float(np.mean([p.published_iou(True) for p in points])), "n": len(points)}
+    measured = choose_refinement([p.iou for p in points], [p.published_iou(True) for p in points], "test")
+    return {"plain_mean_iou": measured.plain_mean_iou, "refined_mean_iou": measured.refined_mean_iou, "n": measured.n}
 
 
 def _by_cluster(points: list[QualityPoint], threshold: float, target_iou: float,
                 choice: RefineChoice) -> dict[str, RoutingReport]:
-    clusters = sorted({p.cluster for p in points})
-    return {c: routing_report([p.score for p in points if p.cluster == c],
-                              [p.published_iou(choice.refine) for p in points if p.cluster == c], threshold, target_iou)
-            for c in clusters}
+    return {c: routing_report([p.score for p in group], [p.published_iou(choice.refine) for p in group], threshold,
+                              target_iou)
+            for c, group in _per_cluster(points).items()}

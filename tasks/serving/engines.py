@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from tasks import registry
-from tasks.core import layout, storage
+from tasks.core import storage
 from tasks.model.config import PRETRAINED
 from tasks.model.published import DEFAULT as PUBLISHED_DEFAULT
 from tasks.model.published import find_pretrained_onnx, require_pretrained_onnx
@@ -480,15 +480,11 @@ def _local_copy(url: str, storage_options: dict | None) -> str:
 
 
 def _sidecars_copy(url: str, storage_options: dict | None, prefix: str = "bgremoval-model-") -> str:
-    """A new local folder holding the :data:`tasks.core.layout.MODEL_SIDECARS` found beside the model
-    file at ``url`` (the calibrated threshold, the refinement choice), which production and ``auto``
-    read from the engine's ``model_dir``."""
+    """A new local folder holding the files found beside the model file at ``url`` (the calibrated
+    threshold, the refinement choice: :func:`tasks.registry.copy_sidecars`), which production and
+    ``auto`` read from the engine's ``model_dir``."""
     folder = _process_temp_dir(prefix)
-    for name in layout.MODEL_SIDECARS:
-        sidecar = storage.join(url.rstrip("/").rsplit("/", 1)[0], name)
-        if storage.exists(sidecar, storage_options):
-            with open(os.path.join(folder, name), "wb") as fh:
-                fh.write(storage.read_bytes(sidecar, storage_options))
+    registry.copy_sidecars(url, folder, storage_options)
     return folder
 
 
