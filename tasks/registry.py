@@ -376,13 +376,13 @@ def _champion_mismatch(name: str, key: str) -> str | None:
     return None
 
 
-def choose_start(reference: str, model: str, name: str = DEFAULT_MODEL_NAME) -> str | None:
+def choose_start(reference: str, model: str, name: str = DEFAULT_MODEL_NAME, registry: bool = True) -> str | None:
     """Resolve ``init_from``'s keywords to what :func:`stage_weights` takes, or None for random
     weights.
 
     ``"auto"``: ``"champion"`` when ``name`` has one of the same architecture (``model``, standard
-    widths), else ``"pretrained"`` when the architecture has published weights (U2-NetP, U2-Net)
-    and their file is on this machine, else None. ``""``, ``"scratch"``, ``"none"``: None.
+    widths; never when ``registry`` is False: no registry is configured), else ``"pretrained"`` when
+    the architecture has published weights (U2-NetP, U2-Net) and their file is on this machine, else None. ``""``, ``"scratch"``, ``"none"``: None.
     ``"pretrained"`` with an architecture without published weights raises ``ValueError``.
     Anything else is returned as it is.
     """
@@ -391,7 +391,7 @@ def choose_start(reference: str, model: str, name: str = DEFAULT_MODEL_NAME) -> 
     if reference.lower() in SCRATCH:
         return None
     if reference == AUTO:
-        reason = _champion_mismatch(name, key)
+        reason = _champion_mismatch(name, key) if registry else "no MLflow registry is configured"
         if reason is None:
             return CHAMPION
         print(f"init_from=auto: not starting from the champion of {name!r}: {reason}")

@@ -1,15 +1,17 @@
-"""The ``bgremoval`` command line: synthetic data, local cleaning, the embedded stack and the demo."""
+"""The bgremoval command line: cut out photos (remove, serve, quantize), prepare data (synth, clean),
+train, evaluate and calibrate models, manage the registry, and run the embedded stack and the demo."""
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import functools
+import importlib.util
 import json
 import os
 import sys
 from pathlib import Path
 
+from tasks.cli.environment import first_line, registry_missing, storage_options
+from tasks.cli.remove import cmd_remove
 from tasks.model.published import DEFAULT as PUBLISHED_DEFAULT
 from tasks.model.published import PUBLISHED
 from tasks.model.refine_choice import REFINE_MODES
@@ -19,21 +21,11 @@ from tasks.serving.quality import TARGET_IOU
 from tasks.serving.quantize import DEFAULT_DOMINANCE
 
 
-def _storage_options(url: str) -> dict | None:
-    """s3fs options from the environment (or a running embedded stack) for ``s3://`` URLs."""
-    if not url.startswith("s3://"):
-        return None
-    from tasks.dev import stack
-    from tasks.core import storage
-
-    return storage.storage_options_from_env({**stack.read_env_file(), **os.environ})
-
-
 def cmd_synth(args: argparse.Namespace) -> int:
     from tasks.core import layout, storage
     from tasks.dev.synth import SynthConfig, generate_catalogue
 
-    options = _storage_options(args.out)
+    options = storage_options(args.out)
     if storage.exists(layout.ready_marker(args.out), options) and not args.force:
         print(f"{args.out} already holds a finished batch (_READY exists); use --force to write it again", file=sys.stderr)
         return 2
@@ -49,7 +41,7 @@ def cmd_clean(args: argparse.Namespace) -> int:
     from tasks.data import ingest
     from tasks.data.cleaning import CleaningConfig
 
-    options = _storage_options(args.bucket)
+    options = storage_options(args.bucket)
     config = CleaningConfig(working_size=args.working_size)
     plan = ingest.plan_batch(args.bucket, args.batch, config, shard_size=args.shard_size, storage_options=options)
     results = [
@@ -64,6 +56,8 @@ def cmd_clean(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from mlflow.exceptions import MlflowException
+
     from tasks.core import layout
     from tasks.evaluation.scoring import evaluate_folder
     from tasks.evaluation.metrics import format_summary
@@ -71,144 +65,62 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     import tempfile
 
-    from tasks import registry
-
-    options = _storage_options(args.model) or _storage_options(args.images)
+    options = storage_options(args.model) or storage_options(args.images)
     with tempfile.TemporaryDirectory(prefix="bgremoval-evaluate-") as tmp:
-        model = args.model
-        if registry.is_model_uri(model):
-            _mlflow_environment()
-            model = registry.download_model(model, tmp)
-        if args.refine is None:
-            refine, why = None, "off (the default: the network's own map, as the training DAG's gate scores it)"
-        else:
-            folder = layout.model_folder(model)
-            choice = load_refine_choice(folder, _storage_options(model)) if args.refine == "auto" else None
-            refine, why = resolve_refine(args.refine, choice)
-        print(f"edge refinement: {why}")
-        summary = evaluate_folder(model, args.images, args.masks, storage_options=options, threshold=args.threshold,
-                                  refine=refine)
+        try:
+            model = _local_model_source(args.model, tmp)
+            if args.refine is None:
+                refine, why = None, "off (the default: the network's own map, as the training DAG's gate scores it)"
+            else:
+                folder = layout.model_folder(model)
+                choice = load_refine_choice(folder, storage_options(model)) if args.refine == "auto" else None
+                refine, why = resolve_refine(args.refine, choice)
+            print(f"edge refinement: {why}")
+            summary = evaluate_folder(model, args.images, args.masks, storage_options=options,
+                                      threshold=args.threshold, refine=refine)
+        except (ValueError, FileNotFoundError, MlflowException) as exc:
+            print(f"bgremoval evaluate: {first_line(exc)}", file=sys.stderr)
+            return 2
     summary.update(model_url=args.model, edge_refinement=why)
     print(format_summary(summary))
     if summary.get("skipped"):
         print(f"images without a mask (not scored): {len(summary['skipped'])}")
+    for bad in summary["unreadable"]:
+        print(f"not scored, unreadable: {bad['stem']}: {bad['reason']}")
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2, default=str))
         print(f"written to {args.json}")
-    return 0
+    return 1 if summary["unreadable"] else 0
 
 
-#: ``bgremoval remove``'s name for stdin (as an input) and stdout (as ``--out``).
-STREAM = "-"
+def _local_model_source(model: str, tmp: str) -> str:
+    """What the scoring code opens for ``--model``: a registered model downloaded into ``tmp``, the
+    published weights' file for ``pretrained`` / ``pretrained:u2net``, else the argument as given."""
+    from tasks import registry
+    from tasks.serving.engines import published_source
 
-
-def cmd_remove(args: argparse.Namespace) -> int:
-    from tasks.serving.engines import FlipAveragedEngine, default_model, load_engine, refinement_for
-    from tasks.serving.pipeline import InferenceConfig, remove_to
-
-    streaming = STREAM in args.inputs or args.out == STREAM
-    say = functools.partial(print, file=sys.stderr if args.out == STREAM else sys.stdout)
-    if streaming and args.watch:
-        print("bgremoval remove: --watch reads folders or prefixes, not '-'", file=sys.stderr)
-        return 2
-    if streaming and len(args.inputs) != 1:
-        print("bgremoval remove: '-' (stdin or stdout) takes exactly one input", file=sys.stderr)
-        return 2
-    urls = [*args.inputs, args.out, args.model or ""]
-    options = next((o for o in map(_storage_options, urls) if o is not None), None)
-    try:
-        config = InferenceConfig(background=args.background, canvas=args.canvas, margin=args.margin,
-                                 mask=args.mask or args.only_mask, cutout=not args.only_mask,
-                                 composite=not (args.only_mask or args.out == STREAM),
-                                 decontaminate=args.decontaminate,
-                                 refine=None,
-                                 batch_size=args.batch_size, io_threads=args.io_threads,
-                                 jpeg_quality=args.jpeg_quality, png_compression=args.png_compression)
-        model = args.model
-        if model is None:
-            _mlflow_environment()
-            model, why = default_model(args.registered_model)
-            say(f"no --model given: using {why}")
-        if model.startswith("models:/"):
-            _mlflow_environment()
-        engine = load_engine(model, options, device=args.device, backend=args.backend, threads=args.threads,
-                             sessions=args.sessions)
-        if args.flip:
-            engine = FlipAveragedEngine(engine)
-        refine, why = refinement_for(engine, args.refine)
-        config = dataclasses.replace(config, refine=refine)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"bgremoval remove: {exc}", file=sys.stderr)
-        return 2
-    say(f"model: {engine.describe()}")
-    say(f"edge refinement: {why}")
-    if streaming:
-        return _remove_one(args.inputs[0], args.out, engine, config, options, say)
-    if args.watch:
-        return _watch(args, engine, config, options)
-    summary = remove_to(args.inputs, args.out, engine, config, options, progress=not args.quiet)
-    say(f"{summary['ok']} of {summary['images']} images done, {summary['failed']} failed, "
-        f"{summary['images_per_s']} img/s; outputs in {args.out}")
-    return 0 if summary["failed"] == 0 and summary["images"] > 0 else 1
-
-
-def _watch(args: argparse.Namespace, engine, config, options: dict | None) -> int:
-    """``bgremoval remove --watch``: poll the inputs until Ctrl-C or SIGTERM, then say what was done."""
-    import signal
-    import threading
-
-    from tasks.serving.watch import watch
-
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    print(f"watching {', '.join(args.inputs)} every {args.interval:g} s; outputs in {args.out} (Ctrl-C stops)")
-    try:
-        state = watch(args.inputs, args.out, engine, config, options, interval=args.interval, stop=stop)
-    except KeyboardInterrupt:
-        stop.set()
-        return 0
-    print(f"stopped: {state.ok} images done, {state.failed} failed")
-    return 0
-
-
-def _remove_one(source: str, out: str, engine, config, options: dict | None, say) -> int:
-    """``bgremoval remove`` with stdin as the input or stdout as the output: one image. stdout
-    gets one PNG: the mask with ``--only-mask``, else the cut-out."""
-    from tasks.core import storage
-    from tasks.serving.pipeline import cut_out_bytes, save_result
-
-    try:
-        data = sys.stdin.buffer.read() if source == STREAM else storage.read_bytes(source, options)
-    except (OSError, ValueError) as exc:
-        print(f"bgremoval remove: cannot read {source}: {exc}", file=sys.stderr)
-        return 1
-    stem = "stdin" if source == STREAM else Path(source.rstrip("/")).stem
-    result = cut_out_bytes(data, engine, config, stem=stem, source=source)
-    if not result.ok:
-        print(f"bgremoval remove: {source}: {result.error}", file=sys.stderr)
-        return 1
-    if out == STREAM:
-        sys.stdout.buffer.write(result.cutout_png if config.cutout else result.mask_png)
-        sys.stdout.buffer.flush()
-        return 0
-    written = save_result(result, out, config, options)
-    if not result.ok:
-        print(f"bgremoval remove: {source}: {result.error}", file=sys.stderr)
-        return 1
-    say(f"1 image done (quality score {result.score:.3f}): {', '.join(written.values())}")
-    return 0
+    if registry.is_model_uri(model):
+        missing = registry_missing()
+        if missing:
+            raise ValueError(missing)
+        return registry.download_model(model, tmp)
+    return published_source(model)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from tasks import registry
     from tasks.train.config import TrainConfig
+    from tasks.train.data import require_manifest
     from tasks.train.ddp import launch_local
 
-    options = _storage_options(args.dataset) or _storage_options(args.out) or {}
-    if args.init_from in (registry.AUTO, registry.CHAMPION) or args.init_from.startswith(("@", "models:/")):
-        _mlflow_environment()
+    options = storage_options(args.dataset) or storage_options(args.out) or {}
+    missing = registry_missing()
+    if missing and (args.init_from == registry.CHAMPION or args.init_from.startswith(("@", "models:/"))):
+        print(f"bgremoval train: --init-from {args.init_from}: {missing}", file=sys.stderr)
+        return 2
     try:
-        reference = registry.choose_start(args.init_from, args.model, args.registered_model)
+        require_manifest(args.dataset, options or None)  # before any worker starts: their logs would bury it
+        reference = registry.choose_start(args.init_from, args.model, args.registered_model, registry=not missing)
         init = (registry.stage_weights(reference, f"{args.out.rstrip('/')}/init", args.registered_model, options,
                                        model=args.model) if reference else None)
         config = TrainConfig(dataset_url=args.dataset, output_url=args.out, model=args.model, epochs=args.epochs,
@@ -234,7 +146,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from tasks.core import layout
     from tasks.evaluation.calibration import calibrate_model
 
-    options = _storage_options(args.model) or _storage_options(args.dataset)
+    options = storage_options(args.model) or storage_options(args.dataset)
     try:
         calibration = calibrate_model(args.model, args.dataset, options, target_iou=args.target_iou)
     except (ValueError, OSError) as exc:
@@ -256,7 +168,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from tasks.serving.pipeline import list_images
     from tasks.serving.quantize import mask_agreement, quantize_model
 
-    options = next((o for o in map(_storage_options, [*args.calibrate, args.model]) if o is not None), None)
+    options = next((o for o in map(storage_options, [*args.calibrate, args.model]) if o is not None), None)
     try:
         engine = load_engine(args.model, options, backend="onnx")
     except (ValueError, FileNotFoundError) as exc:
@@ -295,8 +207,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from tasks.serving.http import ServeConfig, serve
 
-    if args.model.startswith("models:/"):
-        _mlflow_environment()
+    if args.model.startswith("models:/") and (missing := registry_missing()):
+        print(f"bgremoval serve: {missing}", file=sys.stderr)
+        return 2
     try:
         config = ServeConfig(model=args.model, threads=args.threads, sessions=args.sessions,
                              max_bytes=int(args.max_mb * 2**20), max_pixels=int(args.max_megapixels * 1e6),
@@ -305,8 +218,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"bgremoval serve: {exc}", file=sys.stderr)
         return 2
+    _say_project_logs()
     serve(config, host=args.host, port=args.port)
     return 0
+
+
+def _say_project_logs() -> None:
+    """Show the project's own INFO lines (which model is served, the edge-refinement choice and why)
+    on stderr beside uvicorn's, without turning on every library's."""
+    import logging
+
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s:     %(message)s"))
+    logger = logging.getLogger("tasks")
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
 
 
 def cmd_pretrained(args: argparse.Namespace) -> int:
@@ -325,7 +251,7 @@ def cmd_pretrained(args: argparse.Namespace) -> int:
                 return 2
             from tasks.model import pretrained  # the conversion needs torch
 
-            url = pretrained.write_pretrained_folder(args.out, args.file, _storage_options(args.out), model=args.model)
+            url = pretrained.write_pretrained_folder(args.out, args.file, storage_options(args.out), model=args.model)
             print(f"converted to the project's {title}: {url}")
     except (FileNotFoundError, RuntimeError, ValueError) as exc:
         print(f"bgremoval pretrained {args.action}: {exc}", file=sys.stderr)
@@ -333,20 +259,15 @@ def cmd_pretrained(args: argparse.Namespace) -> int:
     return 0
 
 
-def _mlflow_environment() -> None:
-    """Point MLflow at the embedded stack's store when no MLFLOW_TRACKING_URI is set."""
-    from tasks.dev import stack
-
-    if not os.environ.get("MLFLOW_TRACKING_URI"):
-        uri = stack.read_env_file().get("MLFLOW_TRACKING_URI")
-        if uri:
-            os.environ["MLFLOW_TRACKING_URI"] = uri
-
-
 def cmd_model(args: argparse.Namespace) -> int:
+    from mlflow.exceptions import MlflowException
+
     from tasks import registry
 
-    _mlflow_environment()
+    missing = registry_missing()
+    if missing:
+        print(f"bgremoval model {args.action}: {missing}", file=sys.stderr)
+        return 2
     try:
         if args.action == "rollback":
             moved = registry.rollback(args.name, user=args.user)
@@ -364,8 +285,8 @@ def cmd_model(args: argparse.Namespace) -> int:
                 iou = f"{float(row['tags']['test_mean_iou']) * 100:.3f} %" if "test_mean_iou" in row["tags"] else "-"
                 print(f"version {row['version']:>4}  {aliases:<18} test mean IoU {iou:>10}  "
                       f"dataset {row['tags'].get('dataset_version', '-')}  created {row['created']}")
-    except ValueError as exc:
-        print(f"bgremoval model {args.action}: {exc}", file=sys.stderr)
+    except (ValueError, MlflowException) as exc:
+        print(f"bgremoval model {args.action}: {first_line(exc)}", file=sys.stderr)
         return 2
     return 0
 
@@ -402,9 +323,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
     )
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("bgremoval")
+    except PackageNotFoundError:
+        return "(not installed as a package)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser of the ``bgremoval`` command."""
     parser = argparse.ArgumentParser(prog="bgremoval", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     synth = sub.add_parser("synth", help="write a synthetic fashion catalogue batch (images, masks, _READY)")
@@ -426,8 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = sub.add_parser("evaluate", help="score a trained model on any labelled folder (the seed's IoU table)")
     evaluate.add_argument("--model", required=True,
                           help="models:/<name>@<alias> or models:/<name>/<version> from the MLflow registry, a "
-                               "model.pt (or its run folder) written by training, or an exported model.onnx; "
-                               "s3:// or local")
+                               "model.pt (or its run folder) written by training, an exported model.onnx (s3:// "
+                               "or local), or 'pretrained' / 'pretrained:u2net' (the published weights)")
     evaluate.add_argument("--images", required=True, help="folder or URL with <stem>.jpg|png images")
     evaluate.add_argument("--masks", required=True, help="folder or URL with <stem>.png masks (any resolution)")
     evaluate.add_argument("--threshold", type=float, default=0.5, help="probability threshold for the masks")
@@ -465,19 +396,22 @@ def build_parser() -> argparse.ArgumentParser:
     remove.add_argument("--no-refine", dest="refine", action="store_const", const="off", help="--refine off")
     remove.add_argument("--only-mask", action="store_true",
                         help="write only the mask (8-bit PNG at the photo's size) as <stem>.png")
-    remove.add_argument("--batch-size", type=int, default=4)
+    remove.add_argument("--batch-size", type=int, default=4, help="photos per model call (default 4)")
     remove.add_argument("--threads", type=int, help="the model's threads (default: all cores)")
     remove.add_argument("--sessions", type=int, default=1,
                         help="model sessions (OpenVINO: streams) sharing --threads, each running part of a batch (2 on 2 cores "
                              "pays for an int8 model from `bgremoval quantize`; keep --batch-size >= sessions)")
     remove.add_argument("--io-threads", type=int, help="decode/encode threads (default: all cores)")
-    remove.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    remove.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                        help="where the model runs (default auto: a CUDA GPU when torch sees one and the model has "
+                             "a model.pt, else the CPU)")
     remove.add_argument("--backend", choices=list(BACKENDS), default="auto",
                         help="the model's runtime: auto (OpenVINO when installed, else ONNX Runtime, for an ONNX file on the "
                              "CPU), onnx (ONNX Runtime), openvino or torch")
     remove.add_argument("--flip", action="store_true",
                         help="test-time flip: average with the mirrored photo's prediction (twice the model time)")
-    remove.add_argument("--jpeg-quality", type=int, default=92)
+    remove.add_argument("--jpeg-quality", type=int, default=92, help="quality of the JPEG on the background, 1-100 "
+                                                                     "(default 92)")
     remove.add_argument("--png-compression", type=int, default=1, help="zlib level 0-9 (6 = smaller, slower)")
     remove.add_argument("--quiet", action="store_true", help="no progress bar")
     remove.add_argument("--watch", action="store_true",
@@ -583,10 +517,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: The extra (``pip install 'bgremoval[EXTRA]'``) that brings each library a command may need
+#: beyond the core install, which cuts out photos and serves them and nothing else (as
+#: ``[project.optional-dependencies]`` in pyproject.toml groups them).
+EXTRA_FOR_MODULE = {
+    **dict.fromkeys(("torch", "mlflow", "onnxscript", "sklearn", "pandas", "pyarrow", "tensorboard", "matplotlib"),
+                    "train"),
+    **dict.fromkeys(("airflow", "celery", "psycopg2"), "airflow"),
+    **dict.fromkeys(("moto", "psutil"), "dev"),  # the embedded stack: moto_server, and Airflow's psutil
+}
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``bgremoval`` console script; returns the exit status."""
+    """Entry point of the ``bgremoval`` console script; returns the exit status (2 with the extra
+    to install when the command needs a library this install lacks)."""
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except ModuleNotFoundError as exc:
+        top = (exc.name or "").split(".")[0]
+        extra = EXTRA_FOR_MODULE.get(top)
+        if extra is None or _installed(top):  # installed but broken (or not one of ours): show it whole
+            raise
+        print(f"bgremoval {args.command}: needs {exc.name}, which this install lacks: "
+              f"pip install 'bgremoval[{extra}]'", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

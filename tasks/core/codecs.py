@@ -97,8 +97,10 @@ def decode_image(data: bytes, max_pixels: int | None = None) -> np.ndarray:
 
 
 def read_image(url: str, storage_options: dict | None) -> np.ndarray:
-    """Read and decode an image file into ``H×W×3`` RGB ``uint8``; ``ValueError`` when undecodable."""
+    """Read and decode an image file into ``H×W×3`` RGB ``uint8``; ``ValueError`` when empty or undecodable."""
     data = np.frombuffer(storage.read_bytes(url, storage_options), np.uint8)
+    if not data.size:
+        raise ValueError(f"image {url} is an empty file")
     image = cv2.imdecode(data, cv2.IMREAD_COLOR)
     if image is None:
         raise ValueError(f"cannot decode image {url}")
@@ -106,8 +108,10 @@ def read_image(url: str, storage_options: dict | None) -> np.ndarray:
 
 
 def read_mask(url: str, storage_options: dict | None) -> np.ndarray:
-    """Read and decode a mask file into ``H×W`` ``uint8``; ``ValueError`` when undecodable."""
+    """Read and decode a mask file into ``H×W`` ``uint8``; ``ValueError`` when empty or undecodable."""
     data = np.frombuffer(storage.read_bytes(url, storage_options), np.uint8)
+    if not data.size:
+        raise ValueError(f"mask {url} is an empty file")
     mask = cv2.imdecode(data, cv2.IMREAD_GRAYSCALE)
     if mask is None:
         raise ValueError(f"cannot decode mask {url}")

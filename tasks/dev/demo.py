@@ -24,7 +24,7 @@ from pathlib import Path
 
 from tasks import registry
 from tasks.core import layout, storage
-from tasks.dev import stack
+from tasks.dev import stack, stack_env
 from tasks.dev.airflow_client import AirflowClient
 from tasks.model.refine_choice import load_refine_choice
 
@@ -247,7 +247,7 @@ def run_demo(config: DemoConfig) -> int:
     started = time.monotonic()
     print("== starting the embedded stack: moto S3, Airflow api-server (SQLite), MLflow (SQLite)")
     info = stack.up(airflow="api-server")
-    env = {**os.environ, **stack.read_env_file()}
+    env = {**os.environ, **stack_env.read_env_file()}
     options = storage.storage_options_from_env(env)
     bucket = info["bucket"]
     batch = f"demo-{config.seed}-{config.n}"

@@ -20,21 +20,16 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
+from tasks.dev.stack_env import PROJECT_ROOT, StackPaths, default_state_dir
+
 DEFAULT_BUCKET = "bgremoval"
 S3_KEY = "bgremoval-local"
 S3_SECRET = "bgremoval-local-secret"
 S3_REGION = "us-east-1"
-
-
-def default_state_dir() -> Path:
-    """Return the stack's state folder: ``$BGREMOVAL_STATE`` or ``<project>/.bgremoval``."""
-    return Path(os.environ.get("BGREMOVAL_STATE") or PROJECT_ROOT / ".bgremoval").resolve()
 
 
 def free_port() -> int:
@@ -53,37 +48,6 @@ def venv_bin(name: str) -> str:
     if not found:
         raise FileNotFoundError(f"{name!r} not found next to {sys.executable} or on PATH; run `make install`")
     return found
-
-
-@dataclass
-class StackPaths:
-    """Where the stack keeps its state."""
-
-    root: Path
-
-    @property
-    def pids(self) -> Path:
-        return self.root / "pids"
-
-    @property
-    def logs(self) -> Path:
-        return self.root / "logs"
-
-    @property
-    def airflow_home(self) -> Path:
-        return self.root / "airflow"
-
-    @property
-    def mlflow(self) -> Path:
-        return self.root / "mlflow"
-
-    @property
-    def env_file(self) -> Path:
-        return self.root / "stack.env"
-
-    @property
-    def info_file(self) -> Path:
-        return self.root / "stack.json"
 
 
 # ------------------------------------------------------------------------------ process bookkeeping
@@ -246,21 +210,6 @@ def write_env_file(paths: StackPaths, env: dict[str, str]) -> None:
 
 def _shell_quote(value: str) -> str:
     return "'" + value.replace("'", "'\"'\"'") + "'"
-
-
-def read_env_file(state_dir: Path | None = None) -> dict[str, str]:
-    """Read the variables of a running stack back from ``stack.env``; empty when there is none."""
-    paths = StackPaths(state_dir or default_state_dir())
-    if not paths.env_file.exists():
-        return {}
-    import shlex
-
-    env = {}
-    for line in paths.env_file.read_text().splitlines():
-        if line.startswith("export "):
-            key, _, value = line[len("export "):].partition("=")
-            env[key] = shlex.split(value)[0] if value else ""
-    return env
 
 
 # ------------------------------------------------------------------------------ up / down

@@ -39,7 +39,10 @@ from tasks.serving.quality import (
 )
 from tasks.train.data import load_samples
 
-__all__ = ["QualityPoint", "calibrate_model", "score_quality"]
+__all__ = ["MIN_CALIBRATION_IMAGES", "QualityPoint", "calibrate_model", "score_quality"]
+
+#: Below this many images the calibration says its threshold is only a rough guide.
+MIN_CALIBRATION_IMAGES = 30
 
 
 @dataclass(frozen=True)
@@ -135,6 +138,12 @@ def calibrate_model(model_url: str, dataset_url: str, storage_options: dict | No
              calibration.report.format()]
     if calibration.note:
         text.append(f"note: {calibration.note}")
+    if calibrated_on == "train":
+        text.append("caution: the dataset has no val split, so the threshold was set on photos the model trained "
+                    "on, where it scores better than on new ones: calibrate on a dataset version with a val split")
+    if len(points) < MIN_CALIBRATION_IMAGES:
+        text.append(f"caution: {len(points)} images are too few for a threshold to generalise "
+                    f"(at least {MIN_CALIBRATION_IMAGES})")
     by_cluster, refinement_test = {}, None
     if test_report is not None:
         refinement_test = _refinement_figures(test)

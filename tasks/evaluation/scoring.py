@@ -13,7 +13,7 @@ sigmoid and are resized back to the image's own size with
 from __future__ import annotations
 
 import posixpath
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -256,8 +256,10 @@ def evaluate_folder(model_url: str, images_dir_or_url: str, masks_dir_or_url: st
     top level of each folder is read. ``refine`` scores the maps refined on the photos, as ``bgremoval
     remove`` publishes them. Returns :func:`tasks.evaluation.metrics.summarise` of the scores plus
     ``model_url``, ``images_url``, ``masks_url``, ``threshold``, ``input_size``, ``refined``, ``skipped`` (stems
-    of images without a mask, sorted) and ``unmatched_masks`` (stems of masks without an image).
-    Raises ``ValueError`` when no image has a mask or two images share a stem.
+    of images without a mask, sorted), ``unmatched_masks`` (stems of masks without an image) and
+    ``unreadable`` (``{"stem", "reason"}`` of the pairs whose image or mask could not be read or decoded:
+    left out, the rest is scored). Raises ``ValueError`` when no image has a mask, none can be read,
+    or two images share a stem.
     """
     images = _by_stem(images_dir_or_url, IMAGE_EXTENSIONS, storage_options, "images")
     masks = _by_stem(masks_dir_or_url, (".png",), storage_options, "masks")
@@ -266,11 +268,30 @@ def evaluate_folder(model_url: str, images_dir_or_url: str, masks_dir_or_url: st
         raise ValueError(f"no image in {images_dir_or_url} has a mask <stem>.png in {masks_dir_or_url} "
                          f"({len(images)} images, {len(masks)} masks)")
     model, meta = load_model(model_url, model_name, storage_options)
-    pairs = ((stem, DEFAULT_CLUSTER, read_image(images[stem], storage_options),
-              read_mask(masks[stem], storage_options)) for stem in stems)
+    unreadable: list[dict[str, str]] = []
+    pairs = _readable_pairs(stems, images, masks, storage_options, unreadable)
     scores = evaluate_pairs(model, pairs, meta["input_size"], threshold, meta["resize"], refine)
+    if not scores:
+        raise ValueError(f"none of the {len(stems)} pairs in {images_dir_or_url} could be read: "
+                         f"{unreadable[0]['stem']}: {unreadable[0]['reason']}")
     summary = summarise(scores)
     summary.update(model_url=model_url, images_url=images_dir_or_url, masks_url=masks_dir_or_url,
                    threshold=float(threshold), input_size=meta["input_size"], refined=refine is not None,
-                   skipped=sorted(set(images) - set(masks)), unmatched_masks=sorted(set(masks) - set(images)))
+                   skipped=sorted(set(images) - set(masks)), unmatched_masks=sorted(set(masks) - set(images)),
+                   unreadable=unreadable)
     return summary
+
+
+def _readable_pairs(stems: Sequence[str], images: dict[str, str], masks: dict[str, str],
+                    storage_options: dict | None,
+                    unreadable: list[dict[str, str]]) -> Iterator[tuple[str, str, np.ndarray, np.ndarray]]:
+    """The ``(stem, cluster, image, mask)`` pairs of :func:`evaluate_folder`; a pair whose image or mask
+    cannot be read or decoded is left out and appended to ``unreadable`` with the reason."""
+    for stem in stems:
+        try:
+            image = read_image(images[stem], storage_options)
+            mask = read_mask(masks[stem], storage_options)
+        except (OSError, ValueError) as exc:
+            unreadable.append({"stem": stem, "reason": str(exc).strip().splitlines()[-1][:300]})
+            continue
+        yield stem, DEFAULT_CLUSTER, image, mask

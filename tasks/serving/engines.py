@@ -51,6 +51,7 @@ __all__ = [
     "load_engine",
     "openvino_installed",
     "probability_map",
+    "published_source",
     "refinement_for",
     "unletterboxed",
 ]
@@ -316,6 +317,14 @@ def _cuda_available() -> bool:
     return bool(torch.cuda.is_available())
 
 
+def published_source(source: str) -> str:
+    """The published weights' ONNX file for ``"pretrained"`` / ``"pretrained:<model>"`` (raises
+    ``FileNotFoundError`` saying how to fetch one that is missing); any other source as it is."""
+    if source == PRETRAINED or source.startswith(f"{PRETRAINED}:"):
+        return str(require_pretrained_onnx(model=source.partition(":")[2] or PUBLISHED_DEFAULT))
+    return source
+
+
 def load_engine(source: str, storage_options: dict | None = None, device: str = "auto",
                 backend: str = "auto", threads: int | None = None, sessions: int = 1) -> Engine:
     """Open a model for inference.
@@ -342,16 +351,17 @@ def load_engine(source: str, storage_options: dict | None = None, device: str = 
         raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if threads is not None and threads < 1:
+        raise ValueError(f"threads must be at least 1 (leave it out for all cores), got {threads}")
     if device == "cuda" and backend in ONNX_RUNTIMES:
         raise ValueError(f"the {backend} engine runs on the CPU; use backend='torch' (or 'auto') for CUDA")
     if backend == "openvino" and not openvino_installed():
         raise ValueError("backend='openvino' needs OpenVINO: pip install 'bgremoval[openvino]'")
     if device == "cuda" and not _cuda_available():
         raise ValueError("device='cuda' but torch sees no CUDA GPU")
-    original = source
-    if source == PRETRAINED or source.startswith(f"{PRETRAINED}:"):
-        source = str(require_pretrained_onnx(model=source.partition(":")[2] or PUBLISHED_DEFAULT))
-        original = f"{original} ({source})"
+    original, resolved = source, published_source(source)
+    if resolved != source:
+        original, source = f"{source} ({resolved})", resolved
     if source.startswith("models:/"):
         source = registry.download_model(source, _process_temp_dir("bgremoval-model-"))
         storage_options = None
@@ -373,7 +383,9 @@ def load_engine(source: str, storage_options: dict | None = None, device: str = 
     use_torch = backend == "torch" or gpu or (backend == "auto" and onnx_url is None)
     if use_torch:
         if pt_url is None:
-            raise FileNotFoundError(f"the PyTorch engine needs model.pt + config.json; {source} has only {onnx_url}")
+            raise FileNotFoundError(f"the PyTorch engine needs a model.pt + config.json, and {original} is an ONNX "
+                                    "model only: use --backend onnx or openvino, or, for the published weights, "
+                                    "`bgremoval pretrained export --out DIR` then --model DIR")
         return TorchEngine(pt_url, "cuda" if gpu else "cpu", storage_options, source=original)
     if onnx_url is None:
         raise FileNotFoundError(f"no model.onnx at {source} (backend={backend!r})")

@@ -33,7 +33,7 @@ import os
 import posixpath
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -59,7 +59,9 @@ __all__ = [
     "SINGLE_OUTPUTS",
     "cut_out_bytes",
     "iter_remove_backgrounds",
+    "InputListing",
     "list_images",
+    "list_inputs",
     "mask_dir_for",
     "options_for",
     "output_urls",
@@ -500,63 +502,130 @@ def output_urls(stem: str, out_url: str, mask_dir: str = "masks") -> dict[str, s
 
 
 def write_outputs(result: CutoutResult, out_url: str, storage_options: dict | None = None,
-                  mask_dir: str = "masks") -> dict[str, str]:
+                  mask_dir: str = "masks", protected: Collection[str] = ()) -> dict[str, str]:
     """Write a result's encoded outputs atomically under ``out_url`` (see :func:`output_urls`).
     Returns ``{output name: URL}`` of the files written (empty for a failed image). Raises
-    ``ValueError`` when an output would overwrite the result's own input."""
-    written: dict[str, str] = {}
+    ``ValueError``, before writing any of them, when an output would overwrite the result's own
+    input or one of ``protected`` (the run's other inputs, as :func:`path_key` gives them)."""
     if not result.ok:
-        return written
-    for key, url in output_urls(result.stem, out_url, mask_dir).items():
-        data = getattr(result, key)
-        if data is None:
-            continue
-        if _same_path(url, result.source_url):
-            raise ValueError(f"refusing to overwrite the input {result.source_url} with an output")
-        written[key] = storage.write_bytes(url, data, options_for(url, storage_options))
-    return written
+        return {}
+    planned = {key: url for key, url in output_urls(result.stem, out_url, mask_dir).items()
+               if getattr(result, key) is not None}
+    for url in planned.values():
+        if path_key(url) == path_key(result.source_url) or path_key(url) in protected:
+            raise ValueError(f"refusing to overwrite the input {url} with an output")
+    return {key: storage.write_bytes(url, getattr(result, key), options_for(url, storage_options))
+            for key, url in planned.items()}
 
 
 def save_result(result: CutoutResult, out_url: str, config: InferenceConfig,
-                storage_options: dict | None = None) -> dict[str, str]:
+                storage_options: dict | None = None, protected: Collection[str] = ()) -> dict[str, str]:
     """:func:`write_outputs` for a result of ``config`` (masks named by :func:`mask_dir_for`); a
     write that fails sets the result's ``error`` instead of raising. Returns the files written."""
     if not result.ok:
         return {}
     try:
-        return write_outputs(result, out_url, storage_options, mask_dir=mask_dir_for(config))
+        return write_outputs(result, out_url, storage_options, mask_dir=mask_dir_for(config), protected=protected)
     except (OSError, ValueError) as exc:
         result.error = f"cannot write outputs: {exc}"
         return {}
 
 
-def _same_path(a: str, b: str) -> bool:
-    if "://" in a or "://" in b:
-        return a.rstrip("/") == b.rstrip("/")
-    return os.path.abspath(a) == os.path.abspath(b)
+def path_key(url: str) -> str:
+    """A URL or local path in the form two names of the same file share (a local path absolute,
+    through its symbolic links; a URL without a trailing slash)."""
+    if "://" in url:
+        return url.rstrip("/")
+    return os.path.realpath(url)
+
+
+def is_inside(url: str, folder: str) -> bool:
+    """True when ``url`` lies below ``folder`` (both local paths, or both URLs)."""
+    sep = "/" if "://" in folder else os.sep
+    return path_key(url).startswith(path_key(folder).rstrip(sep) + sep)
+
+
+def check_output_location(inputs: Sequence[str], out_url: str, storage_options: dict | None = None) -> None:
+    """Refuse, before any photo is read, an output location that cannot work: an existing file, an
+    input folder itself (its cut-outs would be read back as photos on the next run, and a photo named
+    like an output overwritten; a folder inside an input folder is fine, it is left out of the
+    inputs), or a remote location that cannot be reached (no credentials, no bucket). Raises
+    ``ValueError`` saying which."""
+    for entry in inputs:
+        if path_key(entry) == path_key(out_url):
+            raise ValueError(f"the output location {out_url} is an input folder: give another one "
+                             "(a folder inside it is fine, it is left out of the inputs)")
+        if path_key(_parent(entry)) == path_key(out_url) and _is_file(entry, storage_options):
+            raise ValueError(f"the output location {out_url} holds the input {entry}: outputs there could replace "
+                             "photos; give another folder")
+    if "://" not in out_url:
+        if os.path.isfile(out_url):
+            raise ValueError(f"the output location {out_url} is a file: give a folder (or '-' for stdout)")
+        return
+    fs, path = storage.filesystem(out_url, options_for(out_url, storage_options))
+    bucket = path.split("/", 1)[0]
+    try:
+        fs.info(bucket)  # the endpoint and the credentials answer here
+    except PermissionError:
+        pass  # a role may write objects without reading the bucket: the writes will tell
+    except FileNotFoundError:
+        raise ValueError(f"the output location {out_url}: no bucket {bucket!r}") from None
+    except Exception as exc:  # noqa: BLE001 - whatever else the store raises, the run cannot write there
+        raise ValueError(f"cannot reach the output location {out_url}: {type(exc).__name__}: {exc}") from None
 
 
 # ----------------------------------------------------------------------------------------------
 # Listing inputs
 # ----------------------------------------------------------------------------------------------
 
+def _parent(url: str) -> str:
+    return posixpath.dirname(url.rstrip("/")) if "://" in url else os.path.dirname(os.path.abspath(url))
+
+
+def _is_file(url: str, storage_options: dict | None) -> bool:
+    fs, path = storage.filesystem(url, options_for(url, storage_options))
+    return fs.isfile(path)
+
+
+@dataclass(frozen=True)
+class InputListing:
+    """What :func:`list_inputs` found: the photos to take (``(url, stem)``), the inputs left out and why,
+    and every photo listed, those left out included (what no output may replace)."""
+
+    items: list[tuple[str, str]]
+    problems: list[str]
+    listed: frozenset[str]
+
+
 def list_images(inputs: Sequence[str], storage_options: dict | None = None,
-                extensions: Sequence[str] = IMAGE_EXTENSIONS) -> tuple[list[tuple[str, str]], list[str]]:
+                extensions: Sequence[str] = IMAGE_EXTENSIONS,
+                exclude: str | None = None) -> tuple[list[tuple[str, str]], list[str]]:
+    """:func:`list_inputs`'s ``(items, problems)``."""
+    listing = list_inputs(inputs, storage_options, extensions, exclude)
+    return listing.items, listing.problems
+
+
+def list_inputs(inputs: Sequence[str], storage_options: dict | None = None,
+                extensions: Sequence[str] = IMAGE_EXTENSIONS,
+                exclude: str | None = None) -> InputListing:
     """Expand files, folders and ``s3://`` prefixes into ``(url, stem)`` pairs.
 
     A file or object is taken whatever its extension; a folder or prefix contributes the files
     below it (recursively) with an image extension, the stem being the path relative to it
-    without extension. Returns ``(items, problems)``: ``problems`` lists inputs that do not exist
-    and names two inputs would share (the later one is left out).
+    without extension, except those under ``exclude`` (the run's output location, when it lies
+    inside an input folder). ``problems`` lists inputs that do not exist and names two inputs
+    would share (the later one is left out).
     """
     items: list[tuple[str, str]] = []
     problems: list[str] = []
+    listed: set[str] = set()
     seen: dict[str, str] = {}
     allowed = tuple(e.lower() for e in extensions)
 
     def add(url: str, stem: str) -> None:
+        listed.add(path_key(url))
         if stem in seen:
-            problems.append(f"{url}: skipped, its output name {stem!r} is taken by {seen[stem]}")
+            problems.append(f"{url}: left out, its output name {stem!r} is taken by {seen[stem]}")
             return
         seen[stem] = url
         items.append((url, stem))
@@ -567,18 +636,23 @@ def list_images(inputs: Sequence[str], storage_options: dict | None = None,
         if fs.isfile(path):
             add(entry, _stem_of(entry))
             continue
-        listed = [o for o in storage.list_objects(entry, options)
-                  if posixpath.splitext(o.relpath)[1].lower() in allowed]
-        if not listed and not fs.exists(path):
+        found = [o for o in storage.list_objects(entry, options)
+                 if posixpath.splitext(o.relpath)[1].lower() in allowed
+                 and not (exclude and is_inside(o.url, exclude))]
+        if not found and not fs.exists(path):
             problems.append(f"{entry}: no such file, folder or prefix")
-        for obj in listed:
+        for obj in found:
             add(obj.url, posixpath.splitext(obj.relpath)[0])
-    return items, problems
+    return InputListing(items, problems, frozenset(listed))
 
 
-def results_line(result: CutoutResult, written: dict[str, str] | None = None) -> str:
-    """One JSON line for a results log: :meth:`CutoutResult.summary` plus the files written."""
-    return json.dumps({**result.summary(), "outputs": written or {}})
+def results_line(result: CutoutResult, written: dict[str, str] | None = None, threshold: float | None = None) -> str:
+    """One JSON line for a results log: :meth:`CutoutResult.summary` plus the files written, and with
+    the model's calibrated ``threshold``, ``below_threshold`` (production would send the photo to a person)."""
+    line = {**result.summary(), "outputs": written or {}}
+    if threshold is not None and result.ok:
+        line["below_threshold"] = bool(result.score < threshold)
+    return json.dumps(line)
 
 
 
@@ -591,39 +665,52 @@ def mask_dir_for(config: InferenceConfig) -> str:
 
 def remove_to(inputs: Sequence[str], out_url: str, engine: Engine, config: InferenceConfig = InferenceConfig(),
               storage_options: dict | None = None, progress: bool = True,
-              log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """What ``bgremoval remove`` does: list ``inputs`` (:func:`list_images`), remove the
-    backgrounds (:func:`iter_remove_backgrounds`) with a tqdm progress bar, write each result's
-    files under ``out_url`` as it comes (:func:`write_outputs`) and a ``results.jsonl`` line per
-    image, and report every failure through ``log`` (default: a line on stderr that keeps the
-    progress bar intact). ``storage_options`` apply to remote URLs.
+              log: Callable[[str], None] | None = None, threshold: float | None = None) -> dict[str, Any]:
+    """What ``bgremoval remove`` does: list ``inputs`` (:func:`list_inputs`; an output location
+    inside an input folder is left out), remove the backgrounds (:func:`iter_remove_backgrounds`)
+    with a tqdm progress bar, write each result's files under ``out_url`` as it comes
+    (:func:`write_outputs`; never over any listed photo) and a ``results.jsonl`` line per image, and
+    report every failure through ``log`` (default: a line on stderr that keeps the progress bar
+    intact). ``storage_options`` apply to remote URLs. Interrupted (Ctrl-C), it stops, writes
+    ``results.jsonl`` for the images done so far and returns with ``interrupted`` set.
 
-    Returns ``{"images", "ok", "failed", "problems", "seconds", "images_per_s", "out_url",
-    "results_url"}``.
+    Returns ``{"images", "ok", "failed", "empty", "below_threshold", "threshold", "problems",
+    "interrupted", "seconds", "images_per_s", "out_url", "results_url"}``: ``empty`` counts cut-outs
+    in which the model found nothing (quality score 0), ``below_threshold`` those scored under
+    ``threshold`` (the model's calibrated routing threshold; None without one), which production
+    would send to a person.
     """
     import sys
 
     from tqdm import tqdm
 
     log = log or (lambda line: tqdm.write(line, file=sys.stderr))
-    items, problems = list_images(inputs, storage_options)
-    for problem in problems:
+    listing = list_inputs(inputs, storage_options, exclude=out_url)
+    for problem in listing.problems:
         log(f"skipped: {problem}")
     started = time.perf_counter()
-    ok, failed, lines = 0, 0, []
-    results = iter_remove_backgrounds(items, engine, config, storage_options)
-    for result in tqdm(results, total=len(items), desc="removing backgrounds", unit="img", disable=not progress):
-        written = save_result(result, out_url, config, storage_options)
-        if result.ok:
-            ok += 1
-        else:
-            failed += 1
-            log(f"failed: {result.source_url}: {result.error}")
-        lines.append(results_line(result, written))
+    ok, failed, empty, below, lines, interrupted = 0, 0, 0, 0, [], False
+    results = iter_remove_backgrounds(listing.items, engine, config, storage_options)
+    try:
+        for result in tqdm(results, total=len(listing.items), desc="removing backgrounds", unit="img",
+                           disable=not progress):
+            written = save_result(result, out_url, config, storage_options, protected=listing.listed)
+            if result.ok:
+                ok += 1
+                empty += result.score == 0.0
+                below += threshold is not None and result.score < threshold
+            else:
+                failed += 1
+                log(f"failed: {result.source_url}: {result.error}")
+            lines.append(results_line(result, written, threshold))
+    except KeyboardInterrupt:
+        interrupted = True
     seconds = time.perf_counter() - started
     results_url = storage.join(out_url, "results.jsonl")
     if lines:
         storage.write_text(results_url, "\n".join(lines) + "\n", options_for(out_url, storage_options))
-    return {"images": len(items), "ok": ok, "failed": failed, "problems": problems, "seconds": round(seconds, 3),
-            "images_per_s": round(len(items) / seconds, 3) if seconds > 0 and items else 0.0,
+    done = ok + failed
+    return {"images": len(listing.items), "ok": ok, "failed": failed, "empty": empty, "below_threshold": below,
+            "threshold": threshold, "problems": listing.problems, "interrupted": interrupted,
+            "seconds": round(seconds, 3), "images_per_s": round(done / seconds, 3) if seconds > 0 and done else 0.0,
             "out_url": out_url, "results_url": results_url if lines else None}

@@ -19,7 +19,7 @@ from tasks.serving.pipeline import (
     OUTPUT_KINDS,
     InferenceConfig,
     iter_remove_backgrounds,
-    list_images,
+    list_inputs,
     mask_dir_for,
     options_for,
     output_urls,
@@ -56,12 +56,14 @@ def _has_outputs(stem: str, out_url: str, config: InferenceConfig, storage_optio
 
 
 def poll_once(inputs: Sequence[str], out_url: str, engine: Engine, config: InferenceConfig, state: WatchState,
-              storage_options: dict | None = None, log: Callable[[str], None] = print) -> int:
+              storage_options: dict | None = None, log: Callable[[str], None] = print,
+              threshold: float | None = None) -> int:
     """One round of :func:`watch`: cut out every photo that has become ready since the last round.
-    Returns how many were taken."""
-    items, _ = list_images(inputs, storage_options)
+    Returns how many were taken. The output location is left out of the inputs, and no output is
+    written over a photo of the inputs."""
+    listing = list_inputs(inputs, storage_options, exclude=out_url)
     ready = []
-    for url, stem in items:
+    for url, stem in listing.items:
         if url in state.done:
             continue
         if url not in state.sizes and _has_outputs(stem, out_url, config, storage_options):
@@ -73,7 +75,7 @@ def poll_once(inputs: Sequence[str], out_url: str, engine: Engine, config: Infer
         if size is not None:
             state.sizes[url] = size
     for result in iter_remove_backgrounds(ready, engine, config, storage_options):
-        written = save_result(result, out_url, config, storage_options)
+        written = save_result(result, out_url, config, storage_options, protected=listing.listed)
         state.done.add(result.source_url)
         if result.ok:
             state.ok += 1
@@ -81,7 +83,7 @@ def poll_once(inputs: Sequence[str], out_url: str, engine: Engine, config: Infer
         else:
             state.failed += 1
             log(f"failed: {result.source_url}: {result.error}")
-        state.lines.append(results_line(result, written))
+        state.lines.append(results_line(result, written, threshold))
     if ready:
         storage.write_text(storage.join(out_url, "results.jsonl"), "\n".join(state.lines) + "\n",
                            options_for(out_url, storage_options))
@@ -90,13 +92,15 @@ def poll_once(inputs: Sequence[str], out_url: str, engine: Engine, config: Infer
 
 def watch(inputs: Sequence[str], out_url: str, engine: Engine, config: InferenceConfig = InferenceConfig(),
           storage_options: dict | None = None, interval: float = 2.0, stop: threading.Event | None = None,
-          log: Callable[[str], None] = print) -> WatchState:
+          log: Callable[[str], None] = print, state: WatchState | None = None,
+          threshold: float | None = None) -> WatchState:
     """Poll ``inputs`` every ``interval`` seconds and cut out each new photo into ``out_url`` (as
-    :func:`tasks.serving.pipeline.remove_to` does, ``results.jsonl`` included) until ``stop`` is
-    set (or forever). Returns the :class:`WatchState`."""
+    :func:`tasks.serving.pipeline.remove_to` does, ``results.jsonl`` with ``below_threshold`` under
+    a ``threshold`` included) until ``stop`` is set (or forever). Returns the :class:`WatchState`
+    (``state`` when given, so a caller still has the counts after a ``KeyboardInterrupt``)."""
     stop = stop or threading.Event()
-    state = WatchState()
+    state = state if state is not None else WatchState()
     while not stop.is_set():
-        poll_once(inputs, out_url, engine, config, state, storage_options, log)
+        poll_once(inputs, out_url, engine, config, state, storage_options, log, threshold)
         stop.wait(interval)
     return state

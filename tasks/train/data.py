@@ -47,6 +47,7 @@ __all__ = [
     "default_cache_dir",
     "load_samples",
     "prepare_split",
+    "require_manifest",
 ]
 
 #: The cluster of a row whose ``cluster`` is null.
@@ -88,14 +89,21 @@ def _absolute(url: str, base_url: str) -> str:
 AUDIT_SELECTIONS = ("exclude", "only", "all")
 
 
-def _read_rows(dataset_url: str, split: str, include_augmented: bool, storage_options: dict | None,
-               audit: str = "exclude") -> pd.DataFrame:
+def require_manifest(dataset_url: str, storage_options: dict | None = None) -> str:
+    """The URL of ``dataset_url``'s manifest; ``FileNotFoundError`` saying what a dataset version is
+    when it has none."""
     manifest_url = layout.manifest(dataset_url)
     if not storage.exists(manifest_url, storage_options):
         raise FileNotFoundError(
             f"no manifest at {manifest_url}: dataset_url must be a dataset version folder "
             "(datasets/<version>) written by the cleaning stage"
         )
+    return manifest_url
+
+
+def _read_rows(dataset_url: str, split: str, include_augmented: bool, storage_options: dict | None,
+               audit: str = "exclude") -> pd.DataFrame:
+    manifest_url = require_manifest(dataset_url, storage_options)
     frames = [(read_table(manifest_url, storage_options), dataset_url)]
     augmented_url = layout.manifest(layout.augmented(dataset_url))
     if include_augmented and split == "train" and storage.exists(augmented_url, storage_options):

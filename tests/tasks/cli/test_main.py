@@ -52,6 +52,12 @@ def test_evaluate_prints_the_seed_table_and_writes_json(tmp_path, capsys):
     refined = json.loads(out_json.read_text())
     assert refined["refined"] is True and refined["n"] == 3 and 0.0 <= refined["mean_iou"] <= 1.0
     assert refined["edge_refinement"] == "on (asked for)" and "edge refinement: on (asked for)" in capsys.readouterr().out
+    # what cannot be scored is a message and status 2, not a traceback
+    assert main(["evaluate", "--model", str(tmp_path / "nothing.pt"), "--images", str(tmp_path / "labelled" / "images"),
+                 "--masks", str(tmp_path / "labelled" / "masks")]) == 2
+    assert main(["evaluate", "--model", str(run), "--images", str(tmp_path / "nowhere"),
+                 "--masks", str(tmp_path / "labelled" / "masks")]) == 2
+    assert "bgremoval evaluate: no image in" in capsys.readouterr().err
 
     # auto scores what `remove` would publish: the model's measured choice
     auto = ["evaluate", "--model", str(run), "--images", str(tmp_path / "labelled" / "images"),
@@ -83,3 +89,25 @@ def test_calibrate_writes_the_threshold_and_the_refinement_choice_next_to_the_mo
     assert (tmp_path / "run" / "quality.json").exists()
     assert main(["calibrate", "--model", str(tmp_path / "nothing"), "--dataset", dataset]) == 2
     assert main(["calibrate", "--model", model, "--dataset", dataset, "--target-iou", "1.5"]) == 2
+
+
+def test_train_without_a_dataset_says_so_before_starting_workers(tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["train", "--dataset", str(tmp_path / "nowhere"), "--out", str(out), "--init-from", "scratch"]) == 2
+    assert "no manifest at" in capsys.readouterr().err and not out.exists()
+
+
+def test_model_commands_need_a_configured_registry_and_name_what_is_missing(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("BGREMOVAL_STATE", str(tmp_path / "no-stack"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert main(["model", "list"]) == 2
+    assert "no MLflow registry is configured" in capsys.readouterr().err
+    assert main(["evaluate", "--model", "models:/bgremoval-u2net@champion", "--images", str(tmp_path),
+                 "--masks", str(tmp_path)]) == 2
+    assert main(["train", "--dataset", str(tmp_path), "--out", str(tmp_path / "run"), "--init-from", "champion"]) == 2
+    assert capsys.readouterr().err.count("no MLflow registry is configured") == 2
+    assert list(tmp_path.iterdir()) == []  # no mlflow.db left in the working folder
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert main(["model", "promote", "--version", "7"]) == 2
+    assert "bgremoval model promote: Model Version (name=bgremoval-u2net, version=7) not found" in capsys.readouterr().err

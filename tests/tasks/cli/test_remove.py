@@ -221,6 +221,52 @@ def test_remove_one_file_to_stdout_equals_the_folder_run(model_dir, tmp_path, ca
     assert np.array_equal(streamed, np.asarray(_open((tmp_path / "out" / f"{stem}.png").read_bytes())))
 
 
+def test_remove_one_photo_into_a_named_file_as_rembg_does(model_dir, tmp_path, capsys, monkeypatch):
+    stem, data, size = _products(1)[0]
+    photo = tmp_path / f"{stem}.jpg"
+    photo.write_bytes(data)
+    assert main(["remove", str(photo), "-o", str(tmp_path / "out"), "--model", model_dir, "--quiet", "--mask"]) == 0
+    folder_run = tmp_path / "out"
+    for name, kind in (("cut.png", f"{stem}.png"), ("deep/on-white.jpg", f"{stem}.jpg")):
+        assert main(["remove", str(photo), "-o", str(tmp_path / name), "--model", model_dir]) == 0
+        assert (tmp_path / name).read_bytes() == (folder_run / kind).read_bytes()
+    assert main(["remove", str(photo), "-o", str(tmp_path / "mask.png"), "--model", model_dir, "--only-mask"]) == 0
+    assert (tmp_path / "mask.png").read_bytes() == (folder_run / "masks" / f"{stem}.png").read_bytes()
+    assert main(["remove", str(photo), "-o", str(photo), "--model", model_dir]) == 2
+    assert main(["remove", str(photo), "-o", str(tmp_path / "m.jpg"), "--model", model_dir, "--only-mask"]) == 2
+    assert main(["remove", str(photo), "-o", str(tmp_path / "m.png"), "--model", model_dir, "--mask"]) == 2
+    assert photo.read_bytes() == data and not (tmp_path / "m.jpg").exists() and not (tmp_path / "m.png").exists()
+    err = capsys.readouterr().err
+    assert "refusing to overwrite the input" in err and "a mask is written as a PNG" in err and "give a folder" in err
+    # from stdin too; a name that ends in a slash is a folder
+    monkeypatch.setattr("sys.stdin", _Stdin(data))
+    assert main(["remove", "-", "-o", str(tmp_path / "from-stdin.png"), "--model", model_dir]) == 0
+    assert (tmp_path / "from-stdin.png").read_bytes() == (folder_run / f"{stem}.png").read_bytes()
+    assert main(["remove", str(photo), "-o", str(tmp_path / "a-folder.png") + "/", "--model", model_dir, "--quiet"]) == 0
+    assert (tmp_path / "a-folder.png" / f"{stem}.png").read_bytes() == (folder_run / f"{stem}.png").read_bytes()
+
+
+def test_remove_refuses_an_output_it_cannot_use_before_loading_the_model(model_dir, tmp_path, capsys, monkeypatch):
+    stem, data, _ = _products(1)[0]
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / f"{stem}.jpg").write_bytes(data)
+    (tmp_path / "a-file").write_bytes(b"x")
+    for out in (tmp_path / "in", tmp_path / "a-file"):
+        assert main(["remove", str(tmp_path / "in"), "-o", str(out), "--model", str(tmp_path / "no-model")]) == 2
+    err = capsys.readouterr().err
+    assert "is an input folder" in err and "is a file" in err and "no-model" not in err
+    # a mistyped input is a failed run, and finding no photo says so
+    assert main(["remove", str(tmp_path / "missing"), "-o", str(tmp_path / "o"), "--model", model_dir, "--quiet"]) == 1
+    captured = capsys.readouterr()
+    assert "no such file" in captured.err and f"no photos found in {tmp_path / 'missing'}" in captured.err
+    # a registered model needs a registry: said up front, no mlflow.db appears in the working folder
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("BGREMOVAL_STATE", str(tmp_path / "no-stack"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert main(["remove", str(tmp_path / "in"), "-o", str(tmp_path / "o"), "--model", "models:/m@champion"]) == 2
+    assert "no MLflow registry is configured" in capsys.readouterr().err and not (tmp_path / "mlflow.db").exists()
+
+
 def test_remove_stdin_errors_are_clear(model_dir, tmp_path, monkeypatch, capsysbinary):
     monkeypatch.setattr("sys.stdin", _Stdin(b"not an image"))
     assert main(["remove", "-", "-o", "-", "--model", model_dir]) == 1

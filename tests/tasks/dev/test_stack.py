@@ -13,7 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tasks.dev import stack
+from tasks.dev import stack, stack_env
 
 pytestmark = pytest.mark.process
 
@@ -48,7 +48,7 @@ def test_up_is_idempotent_and_down_stops_by_pid_after_the_starter_is_gone(tmp_pa
     assert set(pids) == {"moto"}
     with urllib.request.urlopen(f"{info['s3_endpoint']}/moto-api/", timeout=5):
         pass
-    env = stack.read_env_file(state)
+    env = stack_env.read_env_file(state)
     assert json.loads(env["AIRFLOW_CONN_AWS_DEFAULT"])["extra"]["endpoint_url"] == info["s3_endpoint"]
     assert env["AIRFLOW__CORE__PARALLELISM"] == "4" and env["AIRFLOW__CORE__LOAD_EXAMPLES"] == "False"
     assert (state / "airflow" / "airflow.db").exists() and env["MLFLOW_TRACKING_URI"].startswith("sqlite:///")

@@ -181,9 +181,17 @@ def test_evaluate_folder_pairs_by_stem_and_reports_skipped(tmp_path):
     summary = evaluate_folder(url, str(images), str(masks))
     assert summary["n"] == 2 and summary["clusters"]["all"]["n"] == 2
     assert sorted(w["stem"] for w in summary["worst"]) == ["a", "b"]
-    assert summary["skipped"] == ["c"] and summary["unmatched_masks"] == ["orphan"]
+    assert summary["skipped"] == ["c"] and summary["unmatched_masks"] == ["orphan"] and summary["unreadable"] == []
     with pytest.raises(ValueError, match="no image"):
         evaluate_folder(url, str(images), str(tmp_path / "empty"))
+    # an empty image and a corrupt mask are left out with their reasons; the rest is scored
+    storage.write_bytes(str(images / "empty.jpg"), b"")
+    storage.write_bytes(str(masks / "empty.png"), storage.read_bytes(str(masks / "a.png")))
+    storage.write_bytes(str(masks / "c.png"), b"not a png")
+    summary = evaluate_folder(url, str(images), str(masks))
+    assert summary["n"] == 2 and summary["unreadable"] == [
+        {"stem": "c", "reason": f"cannot decode mask {masks / 'c.png'}"},
+        {"stem": "empty", "reason": f"image {images / 'empty.jpg'} is an empty file"}]
 
 
 def test_refined_scores_follow_the_photos_edges_as_remove_publishes_them():

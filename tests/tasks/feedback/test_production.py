@@ -134,6 +134,7 @@ def test_threshold_comes_from_the_calibration_unless_given(tmp_path, write_model
                                                           for c in {p.cluster for p in test_points}}
     assert sum(r["true_positive"] for r in by_cluster.values()) == calibration["test"]["true_positive"]
     assert "per cluster:" in calibration["text"] and "short_sleeved" in calibration["text"]
+    assert "caution: 4 images are too few" in calibration["text"] and "no val split" not in calibration["text"]
     assert resolve_threshold(ProductionConfig(), model) == (pytest.approx(calibration["threshold"]),
                                                             f"calibration in {model}/quality.json")
     assert resolve_threshold(ProductionConfig(threshold=0.3), model)[0] == 0.3

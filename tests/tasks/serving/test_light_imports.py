@@ -1,4 +1,4 @@
-"""Cutting out needs neither torch nor MLflow nor Airflow: ``bgremoval remove``, ``pretrained path`` and the HTTP
+"""Cutting out needs neither torch nor MLflow nor Airflow (nor the stack's psutil): ``bgremoval remove``, ``pretrained path`` and the HTTP
 service run in a process where importing them fails (the first step of a light install)."""
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ import sys
 class Blocked:
     def find_spec(self, name, path=None, target=None):
         if name.split(".")[0] in {"torch", "mlflow", "airflow", "torchvision", "pandas", "pyarrow", "sklearn",
-                                  "matplotlib", "moto", "tensorboard", "celery"}:
-            raise ImportError(f"{name} is not installed here")
+                                  "matplotlib", "moto", "tensorboard", "celery", "psutil"}:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
 
 sys.meta_path.insert(0, Blocked())
 """
@@ -41,8 +41,11 @@ def test_remove_and_serve_run_without_torch_mlflow_or_airflow(tmp_path):
     (tmp_path / "p.jpg").write_bytes(encode_jpeg(item.image))
     script = BLOCKER + f"""
 from fastapi.testclient import TestClient
+from tasks.cli.environment import mlflow_environment
 from tasks.cli.main import main
 from tasks.serving.http import ServeConfig, create_app
+
+mlflow_environment()  # what `remove` with no --model does first: reads a running stack's env file
 
 assert main(["remove", {str(tmp_path / "p.jpg")!r}, "-o", {str(tmp_path / "out")!r}, "--model",
              {str(tmp_path / "model.onnx")!r}, "--quiet"]) == 0
@@ -50,10 +53,12 @@ assert main(["pretrained", "path", "--file", {str(tmp_path / "model.onnx")!r}]) 
 with TestClient(create_app(ServeConfig(model={str(tmp_path / "model.onnx")!r}))) as client:
     response = client.post("/api/remove?output=mask", content=open({str(tmp_path / "p.jpg")!r}, "rb").read())
     assert response.status_code == 200, response.text
+assert main(["synth", "--n", "1", "--out", {str(tmp_path / "synth")!r}]) == 2  # says which extra to install
 print("loaded:", sorted(m for m in ("torch", "mlflow", "airflow") if m in sys.modules))
 """
     done = subprocess.run([sys.executable, "-c", script], cwd=PROJECT, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONPATH": str(PROJECT), "MLFLOW_TRACKING_URI": ""})
     assert done.returncode == 0, done.stderr[-3000:]
     assert "loaded: []" in done.stdout
+    assert "bgremoval synth: needs pandas, which this install lacks: pip install 'bgremoval[train]'" in done.stderr
     assert (tmp_path / "out" / "p.png").exists()

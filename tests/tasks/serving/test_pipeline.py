@@ -23,6 +23,7 @@ from tasks.serving.mlflow_model import pyfunc_model
 from tasks.serving.pipeline import (
     CutoutResult,
     InferenceConfig,
+    check_output_location,
     cut_out_bytes,
     decode_image,
     iter_remove_backgrounds,
@@ -31,6 +32,7 @@ from tasks.serving.pipeline import (
     parse_canvas,
     prepare_input,
     remove_backgrounds,
+    remove_to,
     single_output_config,
     write_outputs,
 )
@@ -262,6 +264,68 @@ def test_write_outputs_layout_and_refuses_to_overwrite_inputs(tmp_path):
     with pytest.raises(ValueError, match="overwrite the input"):
         write_outputs(result, str(tmp_path / "in"))
     assert write_outputs(CutoutResult("x", "y", error="bad"), str(tmp_path / "out")) == {}
+
+
+def test_no_output_is_written_over_another_input_and_the_output_folder_is_not_an_input(tmp_path):
+    folder = tmp_path / "drop"
+    folder.mkdir()
+    webp, png = cv2.imencode(".webp", _photo(seed=1))[1].tobytes(), cv2.imencode(".png", _photo(seed=2))[1].tobytes()
+    (folder / "shirt.webp").write_bytes(webp)
+    (folder / "shirt.png").write_bytes(png)  # another photo, named as shirt.webp's cut-out: it loses the name clash
+    # written beside the photos, shirt.webp's cut-out would replace shirt.png: the run refuses it and writes nothing
+    summary = remove_to([str(folder / "shirt.webp"), str(folder / "shirt.png")], str(folder), SquareEngine(),
+                        InferenceConfig(), progress=False, log=lambda line: None)
+    assert (summary["ok"], summary["failed"], len(summary["problems"])) == (0, 1, 1)
+    assert (folder / "shirt.png").read_bytes() == png and not (folder / "shirt.jpg").exists()
+    # every output is checked before the first is written: a later one hitting a photo stops them all
+    result, = remove_backgrounds([str(folder / "shirt.webp")], SquareEngine(), InferenceConfig())
+    with pytest.raises(ValueError, match="overwrite the input"):
+        write_outputs(result, str(tmp_path / "elsewhere"), protected={str(tmp_path / "elsewhere" / "shirt.jpg")})
+    assert not (tmp_path / "elsewhere").exists()
+    # an output folder inside the input folder is left out of the inputs, on every run
+    for _ in range(2):
+        again = remove_to([str(folder)], str(folder / "out"), SquareEngine(), InferenceConfig(), progress=False,
+                          log=lambda line: None)
+        assert (again["images"], again["ok"]) == (1, 1)
+    assert sorted(p.name for p in (folder / "out").iterdir()) == ["results.jsonl", "shirt.jpg", "shirt.png"]
+    # the input folder itself, the folder holding an input photo, or the same folder through a link: refused
+    (tmp_path / "link").symlink_to(folder)
+    for inputs, out in (([folder], folder), ([folder / "shirt.webp"], folder), ([folder], tmp_path / "link")):
+        with pytest.raises(ValueError, match="is an input folder|holds the input"):
+            check_output_location([str(i) for i in inputs], str(out))
+    assert sorted(p.name for p in folder.iterdir()) == ["out", "results.jsonl", "shirt.png", "shirt.webp"]
+
+
+def test_an_output_location_that_cannot_work_is_refused_before_any_photo_is_read(tmp_path):
+    (tmp_path / "a.jpg").write_bytes(b"x")
+    with pytest.raises(ValueError, match="is a file"):
+        check_output_location([str(tmp_path)], str(tmp_path / "a.jpg"))
+    with pytest.raises(ValueError, match="cannot reach the output location s3://out/x"):
+        check_output_location([str(tmp_path)], "s3://out/x", UNREACHABLE_S3)
+    check_output_location([str(tmp_path)], str(tmp_path / "new" / "folder"))  # created when written
+
+
+def test_remove_to_counts_empty_and_below_threshold_cut_outs_and_keeps_its_log_when_interrupted(tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(4):
+        (folder / f"p{i}.jpg").write_bytes(_jpeg(_photo(seed=i)))
+    summary = remove_to([str(folder)], str(tmp_path / "out"), SquareEngine(lo=0, hi=0), InferenceConfig(),
+                        progress=False, threshold=0.5)
+    assert (summary["ok"], summary["empty"], summary["below_threshold"], summary["threshold"]) == (4, 4, 4, 0.5)
+    assert all(json.loads(line)["below_threshold"] for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines())
+
+    class Interrupting(SquareEngine):
+        def predict(self, batch):
+            if len(self.batches) == 2:  # the third photo's batch
+                raise KeyboardInterrupt
+            return super().predict(batch)
+
+    stopped = remove_to([str(folder)], str(tmp_path / "cut"), Interrupting(), InferenceConfig(batch_size=1),
+                        progress=False)
+    lines = (tmp_path / "cut" / "results.jsonl").read_text().splitlines()
+    stems = [json.loads(line)["stem"] for line in lines]  # the photos finished before the interruption
+    assert stopped["interrupted"] and stems and stems == ["p0", "p1"][:len(stems)] and stopped["ok"] == len(stems)
 
 
 def test_list_images_expands_folders_and_reports_clashes(tmp_path):

@@ -59,7 +59,7 @@ def test_a_batch_of_four_runs_through_a_batch_one_file(published, photos):
 def test_remove_with_no_model_uses_the_published_weights(published, photos, tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.chdir(tmp_path)  # no embedded stack's env file here
-    monkeypatch.setattr("tasks.dev.stack.read_env_file", lambda *a, **k: {})
+    monkeypatch.setattr("tasks.dev.stack_env.read_env_file", lambda *a, **k: {})
     folder, items = photos
     out = tmp_path / "out"
     assert main(["remove", str(folder), "-o", str(out), "--quiet"]) == 0

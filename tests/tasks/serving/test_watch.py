@@ -65,6 +65,17 @@ def test_a_photo_is_taken_once_after_its_size_settles(engine, tmp_path):
     assert poll_once([str(incoming)], str(out), engine, InferenceConfig(), restarted, log=lines.append) == 0
 
 
+def test_an_output_folder_inside_the_hot_folder_is_not_watched(engine, tmp_path):
+    incoming = tmp_path / "hot"
+    incoming.mkdir()
+    (incoming / "a.jpg").write_bytes(_jpeg(_photo()))
+    state = WatchState()
+    for _ in range(4):
+        poll_once([str(incoming)], str(incoming / "out"), engine, InferenceConfig(), state, log=lambda line: None)
+    assert (state.ok, state.failed) == (1, 0)
+    assert sorted(p.name for p in (incoming / "out").iterdir()) == ["a.jpg", "a.png", "results.jsonl"]
+
+
 def test_watch_runs_until_stopped(engine, tmp_path):
     incoming, out = tmp_path / "in", tmp_path / "out"
     incoming.mkdir()

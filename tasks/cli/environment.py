@@ -1,0 +1,43 @@
+"""What the commands read from their surroundings: object-store credentials and the MLflow registry,
+from the environment or from a running embedded stack (``bgremoval stack up``)."""
+
+from __future__ import annotations
+
+import os
+
+__all__ = ["first_line", "mlflow_environment", "registry_missing", "storage_options"]
+
+
+def storage_options(url: str) -> dict | None:
+    """s3fs options from the environment (or a running embedded stack) for ``s3://`` URLs; None for others."""
+    if not url.startswith("s3://"):
+        return None
+    from tasks.core import storage
+    from tasks.dev.stack_env import read_env_file
+
+    return storage.storage_options_from_env({**read_env_file(), **os.environ})
+
+
+def mlflow_environment() -> None:
+    """Point MLflow at the embedded stack's store when no MLFLOW_TRACKING_URI is set."""
+    from tasks.dev.stack_env import read_env_file
+
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
+        uri = read_env_file().get("MLFLOW_TRACKING_URI")
+        if uri:
+            os.environ["MLFLOW_TRACKING_URI"] = uri
+
+
+def registry_missing() -> str | None:
+    """Why a command that needs the MLflow registry cannot reach one, or None when one is configured.
+    Without this check MLflow would quietly create an empty ``mlflow.db`` in the working folder."""
+    mlflow_environment()
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return None
+    return "no MLflow registry is configured: set MLFLOW_TRACKING_URI (or start the embedded stack: bgremoval stack up)"
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's message on one line (its class name when the message is empty)."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
