@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["first_line", "mlflow_environment", "registry_missing", "storage_options"]
+__all__ = ["first_line", "mlflow_environment", "registry_missing", "registry_missing_for", "storage_options"]
 
 
 def storage_options(url: str) -> dict | None:
@@ -35,6 +35,11 @@ def registry_missing() -> str | None:
     if os.environ.get("MLFLOW_TRACKING_URI"):
         return None
     return "no MLflow registry is configured: set MLFLOW_TRACKING_URI (or start the embedded stack: bgremoval stack up)"
+
+
+def registry_missing_for(model: str) -> str | None:
+    """:func:`registry_missing` for a registered model (``models:/...``); None for any other model source."""
+    return registry_missing() if model.startswith("models:/") else None
 
 
 def first_line(exc: BaseException) -> str:

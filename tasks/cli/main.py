@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from tasks.cli.environment import first_line, registry_missing, storage_options
+from tasks.cli.environment import first_line, registry_missing, registry_missing_for, storage_options
 from tasks.cli.remove import cmd_remove
 from tasks.model.published import DEFAULT as PUBLISHED_DEFAULT
 from tasks.model.published import PUBLISHED
@@ -100,8 +100,7 @@ def _local_model_source(model: str, tmp: str) -> str:
     from tasks.serving.engines import published_source
 
     if registry.is_model_uri(model):
-        missing = registry_missing()
-        if missing:
+        if missing := registry_missing_for(model):
             raise ValueError(missing)
         return registry.download_model(model, tmp)
     return published_source(model)
@@ -169,6 +168,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     from tasks.serving.quantize import mask_agreement, quantize_model
 
     options = next((o for o in map(storage_options, [*args.calibrate, args.model]) if o is not None), None)
+    if missing := registry_missing_for(args.model):
+        print(f"bgremoval quantize: {missing}", file=sys.stderr)
+        return 2
     try:
         engine = load_engine(args.model, options, backend="onnx")
     except (ValueError, FileNotFoundError) as exc:
@@ -207,7 +209,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from tasks.serving.http import ServeConfig, serve
 
-    if args.model.startswith("models:/") and (missing := registry_missing()):
+    if missing := registry_missing_for(args.model):
         print(f"bgremoval serve: {missing}", file=sys.stderr)
         return 2
     try:

@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from tasks.cli.environment import registry_missing, storage_options
+from tasks.cli.environment import registry_missing, registry_missing_for, storage_options
 
 __all__ = ["FILE_OUTPUT_EXTENSIONS", "STREAM", "cmd_remove", "single_file_output"]
 
@@ -75,7 +75,7 @@ def _open_engine(args: argparse.Namespace, options: dict | None, say: Callable[[
         registry_missing()  # reads a running stack's registry address; none is fine here
         model, why = default_model(args.registered_model)
         say(f"no --model given: using {why}")
-    elif model.startswith("models:/") and (missing := registry_missing()):
+    elif missing := registry_missing_for(model):
         raise ValueError(missing)
     engine = load_engine(model, options, device=args.device, backend=args.backend, threads=args.threads,
                          sessions=args.sessions)

@@ -106,7 +106,9 @@ def test_model_commands_need_a_configured_registry_and_name_what_is_missing(tmp_
     assert main(["evaluate", "--model", "models:/bgremoval-u2net@champion", "--images", str(tmp_path),
                  "--masks", str(tmp_path)]) == 2
     assert main(["train", "--dataset", str(tmp_path), "--out", str(tmp_path / "run"), "--init-from", "champion"]) == 2
-    assert capsys.readouterr().err.count("no MLflow registry is configured") == 2
+    assert main(["quantize", "--model", "models:/bgremoval-u2net@champion", "--calibrate", str(tmp_path),
+                 "-o", str(tmp_path / "q.onnx")]) == 2
+    assert capsys.readouterr().err.count("no MLflow registry is configured") == 3
     assert list(tmp_path.iterdir()) == []  # no mlflow.db left in the working folder
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert main(["model", "promote", "--version", "7"]) == 2
