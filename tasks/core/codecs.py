@@ -61,13 +61,28 @@ class ImageTooLarge(ValueError):
     limit): refused before any pixel is decoded."""
 
 
+#: Pillow modes that carry an alpha channel (a palette or grey image may carry transparency too).
+_ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+
+
+def _on_white(image) -> np.ndarray:
+    """A Pillow image with transparency composited on white, as an RGB array."""
+    from PIL import Image
+
+    rgba = image.convert("RGBA")
+    return np.asarray(Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB"))
+
+
 def decode_image(data: bytes, max_pixels: int | None = None) -> np.ndarray:
     """Decode image bytes to an upright ``H×W×3`` RGB ``uint8`` array.
 
     The EXIF orientation is read with Pillow and applied as ``PIL.ImageOps.exif_transpose``
     would; pixels are decoded by OpenCV (faster), or by Pillow for formats OpenCV cannot read.
-    Raises ``ValueError`` with a reason for empty or undecodable data, and, before any pixel is
-    decoded, :class:`ImageTooLarge` for an image whose header claims more than ``max_pixels`` pixels.
+    An image with transparency (an earlier cut-out, say) is laid on white, as the studio shoots
+    and cleaning does: the colours under its transparent pixels are not shown to the model or the
+    output. Raises ``ValueError`` with a reason for empty or undecodable data, and, before any
+    pixel is decoded, :class:`ImageTooLarge` for an image whose header claims more than
+    ``max_pixels`` pixels.
     """
     from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -79,6 +94,8 @@ def decode_image(data: bytes, max_pixels: int | None = None) -> np.ndarray:
                 raise ImageTooLarge(f"image too large: {im.width}x{im.height} is {im.width * im.height / 1e6:.1f} "
                                  f"megapixels, over the limit of {max_pixels / 1e6:g}")
             orientation = _orientation(im)
+            if im.mode in _ALPHA_MODES or "transparency" in im.info:
+                return _on_white(ImageOps.exif_transpose(im))
             image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
             if image is None:  # a format OpenCV lacks: let Pillow decode it
                 return np.ascontiguousarray(np.asarray(ImageOps.exif_transpose(im).convert("RGB")))

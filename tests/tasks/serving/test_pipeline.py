@@ -127,6 +127,24 @@ def test_decode_applies_exif_orientation_like_pillow(orientation):
     np.testing.assert_array_equal(decode_image(buf.getvalue()), want)
 
 
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P"])
+def test_a_photo_with_transparency_is_laid_on_white_not_on_its_hidden_colours(mode):
+    rgba = np.zeros((40, 30, 4), np.uint8)  # hidden black everywhere, one opaque red square, a half-transparent band
+    rgba[10:30, 5:25] = (220, 20, 20, 255)
+    rgba[0:5, :] = (0, 0, 0, 128)
+    image = Image.fromarray(rgba, "RGBA")
+    image = image.convert(mode) if mode != "P" else image.convert("RGB").convert("P")
+    if mode == "P":
+        image.info["transparency"] = 0  # palette index 0 (black) is transparent
+    buf = io.BytesIO()
+    image.save(buf, "PNG")
+    decoded = decode_image(buf.getvalue())
+    assert decoded.shape == (40, 30, 3) and (decoded[35:, :] == 255).all()  # the transparent part is white
+    assert decoded[20, 15].tolist() == np.asarray(image.convert("RGB"))[20, 15].tolist()  # opaque: its own colour
+    if mode != "P":
+        assert 120 <= decoded[2, 2, 0] <= 135  # half-transparent black over white
+
+
 def test_decode_reports_bad_data():
     for data, reason in [(b"", "empty"), (b"not an image at all", "not an image"),
                          (_jpeg(_photo())[:40], "decode")]:
