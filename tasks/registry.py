@@ -278,6 +278,21 @@ def rollback(name: str = DEFAULT_MODEL_NAME, user: str | None = None,
     return {"champion": restored, "demoted": current, "previous": before}
 
 
+def _download_registered(uri: str, dst: str) -> str:
+    """MLflow's download of a ``models:/`` URI into ``dst``; ``FileNotFoundError`` naming the URI and the
+    registry when the model, version or alias is not there."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=dst)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST" and "not found" not in str(exc):  # an unknown alias: the latter
+            raise
+        reason = (str(exc).strip().splitlines() or [exc.error_code])[0]
+        raise FileNotFoundError(f"{uri} is not in the registry at {mlflow.get_tracking_uri()}: {reason}") from None
+
+
 def download_model(uri: str, dst_dir: str | None = None, tracking_uri: str | None = None) -> str:
     """Fetch a registered model's production files into one local folder.
 
@@ -288,16 +303,17 @@ def download_model(uri: str, dst_dir: str | None = None, tracking_uri: str | Non
 
     Returns the folder, holding ``model.pt``, ``config.json``, ``model.onnx`` and, when the
     model was calibrated, ``quality.json`` and ``refinement.json``. Raises
-    ``FileNotFoundError`` when the model lacks them (it was not logged by this project).
+    ``FileNotFoundError`` when the registry has no such model, version or alias, or the model lacks
+    those files (it was not logged by this project).
     """
     import mlflow
 
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
-    dst = dst_dir or tempfile.mkdtemp(prefix="bgremoval-model-")
-    os.makedirs(dst, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="bgremoval-download-") as tmp:
-        local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp)
+        local = _download_registered(uri, tmp)
+        dst = dst_dir or tempfile.mkdtemp(prefix="bgremoval-model-")
+        os.makedirs(dst, exist_ok=True)
         missing = []
         for name in (*_EXTRA_FILES, *_OPTIONAL_FILES):
             src = next((os.path.join(local, folder, name) for folder in _FILE_FOLDERS

@@ -18,6 +18,7 @@ import cv2
 import numpy as np
 
 from tasks.core import storage
+from tasks.core.limits import MAX_PIXELS
 
 __all__ = [
     "decode_image",
@@ -168,9 +169,12 @@ def image_size(data: bytes, formats: tuple[str, ...] | None = None) -> tuple[int
         raise ValueError(f"the file is not {what}") from None
 
 
-def decode_mask_file(data: bytes, size: tuple[int, int], max_bytes: int, reference: str = "the photo") -> np.ndarray:
+def decode_mask_file(data: bytes, size: tuple[int, int], max_bytes: int, reference: str = "the photo",
+                     shrink_to_fit: bool = False) -> np.ndarray:
     """Decode an uploaded mask PNG to an ``H×W`` ``uint8`` array of 0/255, checking first, from the
-    header, that it is at most ``max_bytes``, a PNG and exactly ``size`` (``(width, height)``).
+    header, that it is at most ``max_bytes``, a PNG and exactly ``size`` (``(width, height)``), or,
+    with ``shrink_to_fit``, larger with the same aspect ratio (within 1 %; a mask drawn on the full-size
+    photo of a pair cleaning shrank): it is then shrunk by coverage (area averaging) to ``size``.
 
     Greyscale, RGB (its grey value) and 16-bit (the top byte) masks are accepted; a not fully
     opaque alpha channel is the mask (a cut-out). Pixels at or above half intensity become 255.
@@ -187,9 +191,32 @@ def decode_mask_file(data: bytes, size: tuple[int, int], max_bytes: int, referen
         raise ValueError(f"the mask is far larger than {reference} ({size[0]}x{size[1]} pixels)") from None
     except ValueError:
         raise ValueError("the mask file is not a PNG image") from None
-    if (width, height) != tuple(size):
+    shrink = shrink_to_fit and _larger_same_aspect((width, height), size)
+    if shrink and width * height > MAX_PIXELS:
+        raise ValueError(f"the mask is {width}x{height} pixels, over the {MAX_PIXELS / 1e6:g} megapixels a photo may have")
+    if (width, height) != tuple(size) and not shrink:
+        larger = " or larger with the same aspect ratio" if shrink_to_fit else ""
         raise ValueError(f"the mask is {width}x{height} pixels but {reference} is {size[0]}x{size[1]}: "
-                         "they must be the same size")
+                         f"they must be the same size{larger}")
+    binary = _binary_mask(data)
+    if shrink:
+        coverage = cv2.resize(binary, tuple(size), interpolation=cv2.INTER_AREA)
+        return np.where(coverage >= 128, 255, 0).astype(np.uint8)
+    return binary
+
+
+def _larger_same_aspect(found: tuple[int, int], size: tuple[int, int], tolerance: float = 0.01) -> bool:
+    """True when ``found`` is larger than ``size`` and has its aspect ratio within ``tolerance``."""
+    (width, height), (want_w, want_h) = found, size
+    return (width >= want_w and height >= want_h
+            and abs(width / height - want_w / want_h) <= tolerance * (want_w / want_h))
+
+
+def _binary_mask(data: bytes) -> np.ndarray:
+    """A mask PNG's pixels as 0/255: its alpha when not fully opaque, else its grey value (16-bit: the
+    top byte), at or above half intensity."""
+    from PIL import Image
+
     try:
         with Image.open(io.BytesIO(data), formats=["PNG"]) as image:
             image.load()

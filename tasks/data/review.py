@@ -151,7 +151,8 @@ class ReviewState:
 
     def flagged_pairs(self) -> list[dict]:
         """The flagged pairs for the masks page, sorted by key: ``key``, ``stem``, ``reasons``,
-        ``cluster``, ``cluster_name``, ``decision`` ("" while undecided) and who decided when."""
+        ``cluster``, ``cluster_name``, ``size`` (the clean pair's ``"W×H"``, "" when unknown),
+        ``decision`` ("" while undecided) and who decided when."""
         last = {c.key: c for c in self.corrections if c.action == "mask"}
         pairs = []
         for key in sorted(self.flagged):
@@ -163,6 +164,7 @@ class ReviewState:
                 "reasons": list(self.flagged[key]),
                 "cluster": cluster,
                 "cluster_name": self.names.get(cluster, "") if cluster is not None else "",
+                "size": "{}×{}".format(*self.sizes_of[key]) if key in self.sizes_of else "",
                 "decision": self.mask_decisions.get(key, ""),
                 "decided_by": decided.user if decided else "",
                 "decided_at": decided.at if decided else "",
@@ -417,7 +419,7 @@ def is_closed(dataset_url: str, clustering: str, storage_options: dict | None = 
 def _mask_array(png_bytes: bytes, size: tuple[int, int]) -> np.ndarray:
     """Check an uploaded mask's format and size from its header, then decode it to 0/255."""
     try:
-        return decode_mask_file(png_bytes, size, MAX_FIXED_MASK_BYTES, reference="the clean pair")
+        return decode_mask_file(png_bytes, size, MAX_FIXED_MASK_BYTES, reference="the clean pair", shrink_to_fit=True)
     except ValueError as exc:
         raise CorrectionError(str(exc)) from None
 
@@ -427,9 +429,10 @@ def save_fixed_mask(
 ) -> ReviewState:
     """Store a reviewer's corrected mask for a flagged pair and record the ``fix`` decision.
 
-    The upload must be a PNG (at most :data:`MAX_FIXED_MASK_BYTES`) of exactly the clean pair's
-    width × height from the manifest; both are checked from the file's header before any pixel is
-    decoded. It is decoded as greyscale (a not fully opaque alpha channel is the mask), thresholded
+    The upload must be a PNG (at most :data:`MAX_FIXED_MASK_BYTES`) of the clean pair's width ×
+    height from the manifest, or of the full-size photo's (larger, the same aspect ratio: it is
+    shrunk by coverage as cleaning shrank the pair); both are checked from the file's header before
+    any pixel is decoded. It is decoded as greyscale (a not fully opaque alpha channel is the mask), thresholded
     at 128 to 0/255 and written to ``review/masks/<key>.png``: the clean mask and the inputs are
     never touched. Returns the new state; raises :class:`CorrectionError` for an unknown or
     unflagged key and for a file that does not fit (nothing is written then).

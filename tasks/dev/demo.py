@@ -203,6 +203,9 @@ def _print_evaluation(run_url: str, options: dict) -> None:
     if choice is not None:
         print(f"  edge refinement: {choice.describe()}")
     version = registry.alias_version(REGISTERED_MODEL, registry.CHAMPION)
+    if version is None:
+        print(f"  registry: {REGISTERED_MODEL} has no champion: nothing was promoted")
+        return
     previous = registry.alias_version(REGISTERED_MODEL, registry.PREVIOUS)
     print(f"  registry: {REGISTERED_MODEL} champion = version {version}, previous = {previous or 'none'} "
           f"(`bgremoval model rollback --name {REGISTERED_MODEL}` restores the previous one)")
@@ -310,6 +313,7 @@ def run_demo(config: DemoConfig) -> int:
             _production_pass(config, bucket, env, options, log_path.parent, info["airflow_url"])
         else:
             print("\n== production skipped: no champion model (the gate did not pass)")
+            status = 1  # the demo exists to show a model through the production gate
         print(f"== done in {time.monotonic() - started:.0f} s")
         return status
     finally:

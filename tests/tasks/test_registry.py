@@ -163,6 +163,18 @@ def test_download_of_a_foreign_model_names_the_missing_files(tmp_path, tracking)
         registry.download_model("models:/plain/1", str(tmp_path / "x"))
 
 
+def test_a_model_version_or_alias_not_in_the_registry_is_named_as_such(tmp_path, three_versions, capsys):
+    from tasks.cli.main import main
+
+    for uri, reason in (("models:/absent@champion", "name=absent not found"), ("models:/m/99", "version=99) not found"),
+                        ("models:/m@nope", "alias nope not found")):
+        with pytest.raises(FileNotFoundError) as raised:
+            registry.download_model(uri, str(tmp_path / "x"))
+        assert f"{uri} is not in the registry at " in str(raised.value) and reason in str(raised.value)
+    assert main(["remove", str(tmp_path), "-o", str(tmp_path / "out"), "--model", "models:/absent@champion"]) == 2
+    assert "models:/absent@champion is not in the registry" in capsys.readouterr().err
+
+
 def test_stage_weights_writes_the_champions_state_dict(tmp_path, three_versions):
     registry.promote("m", "1")
     staged = registry.stage_weights("champion", str(tmp_path / "init"), name="m")

@@ -158,7 +158,7 @@ def test_flagged_pairs_come_from_the_manifest(audited):
     assert state.mask_decisions == {}
     assert state.flagged_pairs()[0] == {
         "key": "k1", "stem": "s1", "reasons": ["speckle", "ragged"], "cluster": 0, "cluster_name": "long_pants",
-        "decision": "", "decided_by": "", "decided_at": "",
+        "size": f"{W}×{H}", "decision": "", "decided_by": "", "decided_at": "",
     }
 
 
@@ -219,6 +219,15 @@ def test_cut_out_with_transparency_uses_its_alpha(audited):
     save_fixed_mask(audited, "k4", png(rgba), "carol")
     stored = cv2.imdecode(np.frombuffer(storage.read_bytes(fixed_mask_url(audited, "k4")), np.uint8), cv2.IMREAD_UNCHANGED)
     assert np.array_equal(stored, good_mask())
+
+
+def test_a_mask_drawn_on_the_full_size_photo_is_shrunk_to_the_clean_pair(audited):
+    full = cv2.resize(good_mask(), (W * 3, H * 3), interpolation=cv2.INTER_NEAREST)  # the photo before cleaning
+    save_fixed_mask(audited, "k4", png(full), "carol")
+    stored = cv2.imdecode(np.frombuffer(storage.read_bytes(fixed_mask_url(audited, "k4")), np.uint8), cv2.IMREAD_UNCHANGED)
+    assert np.array_equal(stored, good_mask())
+    with pytest.raises(CorrectionError, match="is 123x90 pixels .* same size or larger with the same aspect ratio"):
+        save_fixed_mask(audited, "k1", png(np.full((90, 123), 255, np.uint8)), "carol")  # 2.5 % wider
 
 
 @pytest.mark.parametrize(
