@@ -478,24 +478,30 @@ class ReviewLinks:
     masks_page: str
 
 
-def review_request(summary: dict, dataset: dict, batch: str, links: ReviewLinks, table: str | None = None) -> str:
-    """The Markdown the review gate shows: what was clustered, where to review it, the table
-    (``table``, or :func:`format_clusters` of ``summary``) and how many masks the audit flagged
-    (``dataset`` is the cleaning stage's summary)."""
-    table = format_clusters(summary) if table is None else table
+def review_request(summary: dict, dataset: dict, batch: str, links: ReviewLinks) -> str:
+    """The Markdown the review gate shows: what was clustered, where to review it, one line per
+    proposed cluster (Airflow's Required Actions view joins the lines of a code block into one) and
+    how many masks the audit flagged (``dataset`` is the cleaning stage's summary)."""
+    scores = [f"{label} {summary[key]:.3f}"
+              for key, label in (("adjusted_rand_index", "ARI"), ("purity", "purity"), ("name_agreement", "names"))
+              if summary.get(key) is not None]
+    clusters = "\n".join(f"- cluster {cluster}: **{summary['names'][cluster]}**, {summary['sizes'][cluster]} images"
+                          for cluster in sorted(summary["sizes"], key=int))
     text = (
         f"**{dataset['clean']} clean images** of batch `{batch}` were grouped into "
-        f"{summary['k']} proposed product clusters.\n\n"
+        f"{summary['k']} proposed product clusters"
+        + (f" (against the generator's truth: {', '.join(scores)})" if scores else "") + ":\n\n"
+        f"{clusters}\n\n"
         f"Open the [review page]({links.clusters_page}) to rename clusters and move misplaced images; every change is "
         "saved with your name. Then choose **Approve** to continue to splitting and augmentation, or "
-        "**Reject** to end this run without training.\n\n"
-        f"```\n{table}\n```"
+        "**Reject** to end this run without training."
     )
     flagged = int(dataset.get("audit_flagged") or 0)
     if flagged:
         reasons = ", ".join(f"{code} {count}" for code, count in (dataset.get("audit_reasons") or {}).items())
-        text += (f"\n\n**{flagged} masks look broken** ({reasons}): they stay out of training and the test split "
-                 f"unless you keep or fix them on the [masks page]({links.masks_page}).")
+        text += (f"\n\n**{flagged} {'mask looks' if flagged == 1 else 'masks look'} broken** ({reasons}): "
+                 f"{'it stays' if flagged == 1 else 'they stay'} out of training and the test split unless you keep "
+                 f"or fix {'it' if flagged == 1 else 'them'} on the [masks page]({links.masks_page}).")
     return text
 
 
@@ -512,4 +518,4 @@ def propose_clusters(dataset: dict, feature_urls: list[str], config: ClusteringC
         truth_url = None
     summary = cluster_dataset(dataset["dataset_url"], feature_urls, config, truth_url, storage_options)
     table = format_clusters(summary)
-    return {**summary, "table": table, "review_markdown": review_request(summary, dataset, batch, links, table)}
+    return {**summary, "table": table, "review_markdown": review_request(summary, dataset, batch, links)}

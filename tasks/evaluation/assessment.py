@@ -146,7 +146,7 @@ def assess_challenger(model_url: str, dataset_url: str, report_url: str, config:
               "input size": meta["input_size"], "threshold": config.threshold,
               "champion": f"{champion_uri} (version {champion_version})" if champion_uri else "none yet",
               **({"MLflow run": mlflow_run_id} if mlflow_run_id else {}),
-              **({"mask audit": audited["text"]} if audited else {}), **(facts or {})}
+              **({"mask audit": audited["text"].removeprefix("mask audit: ")} if audited else {}), **(facts or {})}
     with tempfile.TemporaryDirectory(prefix="bgremoval-report-") as tmp:
         gallery = _gallery(model, meta, dataset_url, config.split, summary["worst"], storage_options)
         files = write_report(tmp, summary, [s.iou for s in scores], gallery, decision.to_dict(), champion_summary,

@@ -208,7 +208,12 @@ def test_the_cluster_stage_writes_the_reviewers_request(clustered, tmp_path) -> 
     text = summary["review_markdown"]
     assert summary["adjusted_rand_index"] is None
     assert "**200 clean images** of batch `b`" in text and "[review page](http://ui/review/v)" in text
-    assert summary["table"] in text
+    # one Markdown list item per cluster: Required Actions joins a code block's lines into one
+    items = [line for line in text.splitlines() if line.startswith("- cluster ")]
+    assert items == [f"- cluster {c}: **{summary['names'][c]}**, {summary['sizes'][c]} images"
+                     for c in sorted(summary["sizes"], key=int)] and "```" not in text
     assert "**3 masks look broken** (speckle 2, holes 1)" in text and "(http://ui/review/v/masks)" in text
+    one = review_request(summary, {**dataset, "audit_flagged": 1, "audit_reasons": {"ragged": 1}}, "b", links)
+    assert "**1 mask looks broken** (ragged 1): it stays out of training" in one
     quiet = review_request(summary, {**dataset, "audit_flagged": 0}, "b", links)
     assert "masks look broken" not in quiet
