@@ -127,6 +127,8 @@ class ReviewState:
     conflicts: list[tuple[Correction, str]] = field(default_factory=list)
     #: The names of the correction objects this state was replayed from, in order.
     read_objects: list[str] = field(default_factory=list)
+    #: The review was approved and applied (:func:`is_closed`): the pages show it and take no change.
+    closed: bool = False
 
     def proposal(self) -> "ReviewState":
         """The same proposal with no correction applied (nothing read again)."""
@@ -325,6 +327,7 @@ def _state_of(dataset_url: str, assignments: bytes, storage_options: dict | None
         flagged=flagged,
         sizes_of=sizes_of,
         clustering=clustering,
+        closed=is_closed(dataset_url, clustering, storage_options),
     )
     return _replayed(dataset_url, proposal, storage_options)
 

@@ -85,6 +85,7 @@ def state_json(state, version: str, bucket: str) -> dict:
                       for c, reason in state.conflicts[-20:]],
         "masks_flagged": len(state.flagged),
         "masks_undecided": len(state.flagged) - len(state.mask_decisions),
+        "closed": state.closed,
     }
 
 

@@ -58,6 +58,7 @@ def masks_json(state, version: str, bucket: str) -> dict:
         "flagged": len(pairs),
         "decided": counts,
         "undecided": len(pairs) - sum(counts.values()),
+        "closed": state.closed,
     }
 
 

@@ -84,14 +84,14 @@ def test_mask_review_page_lists_the_flagged_pairs():
             "decision": "keep",
             "decided_by": "ann", "decided_at": "2030-01-01T00:00:00", "thumbnail": "api/datasets/v1/masks/k1/thumbnail?bucket=b"}
     page = common.render_page("mask_review.html", version="v1", bucket="b", user="ann", base="../../", pairs=[pair],
-                              flagged=1, decided={"keep": 1, "exclude": 0, "fix": 0}, undecided=0)
+                              flagged=1, decided={"keep": 1, "exclude": 0, "fix": 0}, undecided=0, closed=False)
     assert '<article class="tile keep" data-key="k1" data-decision="keep">' in page
     assert '<img src="../../api/datasets/v1/masks/k1/thumbnail?bucket=b"' in page
     assert '<li title="holes that look like product">holes</li>' in page and "kept by ann" in page
     assert "cluster 0 · tops · 40×30 px" in page  # the size a corrected mask may have (or the photo's own)
     assert 'const base = new URL("../../", window.location.href);' in page
     empty = common.render_page("mask_review.html", version="v1", bucket="b", user="ann", base="../../", pairs=[],
-                               flagged=0, decided={}, undecided=0)
+                               flagged=0, decided={}, undecided=0, closed=False)
     assert 'id="none"' in empty
 
 

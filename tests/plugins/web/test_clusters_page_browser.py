@@ -14,7 +14,7 @@ from tasks.core import layout
 from tasks.data.cleaning import CleaningConfig
 from tasks.data.clustering import ClusteringConfig, cluster_dataset
 from tasks.data.features import extract_shard_features, plan_feature_shards
-from tasks.data.review import load_review_state
+from tasks.data.review import apply_review, load_review_state
 from tasks.dev.synth import SynthConfig, generate_catalogue
 
 pytestmark = pytest.mark.integration
@@ -68,3 +68,9 @@ def test_log_in_open_review_page_move_one_image_and_see_it_saved(
     after = load_review_state(dataset_url, options)
     assert after.cluster_of[key] == target
     assert [(c.user, c.action, c.key) for c in after.corrections] == [("reviewer", "move", key)]
+
+    apply_review(dataset_url, options)  # Approve: the page now says the review is closed and offers no control
+    page.reload()
+    expect(page.locator("#closed")).to_be_visible(timeout=30_000)
+    expect(page.locator(f'select[data-key="{key}"]')).to_be_disabled()
+    expect(page.get_by_role("button", name="Rename").first).to_be_disabled()

@@ -121,9 +121,15 @@ def test_list_keep_exclude_and_fix_over_http_then_apply(api_server, reviewer, fl
     clusters_page = reviewer.request("GET", f"/bgremoval/review/{VERSION}{q}").decode()
     assert f'href="{VERSION}/masks?bucket={bucket}"' in clusters_page
     assert reviewer.request("GET", f"/bgremoval/api/datasets/{VERSION}/clusters{q}")["masks_flagged"] == 3
+    assert 'id="closed"' not in page and " disabled>" not in page and listing["closed"] is False
 
     summary = apply_review(url, options)
     assert summary["masks"] == {"flagged": 3, "kept": 1, "excluded": 1, "fixed": 1, "undecided": 0}
+    # once approved, both pages say so and offer no control
+    closed_page = reviewer.request("GET", f"/bgremoval/review/{VERSION}/masks{q}").decode()
+    assert 'id="closed"' in closed_page and closed_page.count(" disabled>") == 9  # 3 tiles x Keep, Exclude, Fix
+    assert reviewer.request("GET", f"/bgremoval/api/datasets/{VERSION}/clusters{q}")["closed"] is True
+    assert reviewer.status("POST", f"{api}/{keep}{q}", {"decision": "exclude"}) == 409
     manifest = read_table(layout.manifest(url), options).set_index("key")
     assert manifest.loc[[keep, exclude, fix], "audit_decision"].tolist() == ["keep", "exclude", "fixed"]
     assert manifest.loc[fix, "mask_url"] == fixed_mask_url(url, fix)

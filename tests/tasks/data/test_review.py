@@ -343,15 +343,17 @@ def test_a_change_saved_while_the_review_is_approved_is_refused_not_silently_los
 def test_a_change_saved_while_approve_reads_the_log_is_kept_when_it_was_read(clustered, monkeypatch):
     from tasks.data import review
 
-    real_is_closed, applied = review.is_closed, []
+    real_is_closed, armed, applied = review.is_closed, [], []
 
     def approve_in_between(*args):  # Approve runs after the object was written, before the writer checks
-        if not applied:
-            applied.append(apply_review(clustered))
+        if armed and not applied:
+            applied.append(None)  # once: Approve reads the review state, which asks again
+            applied[0] = apply_review(clustered)
         return real_is_closed(*args)
 
     monkeypatch.setattr(review, "is_closed", approve_in_between)
     seen = load_review_state(clustered)
+    armed.append(True)
     state = review._store_correction(clustered, seen, "rename", "ann", None, cluster=0, name="Read in time")
     assert state.names[0] == "Read in time" and applied[0]["renamed"] == 1  # answered 200 and applied
     manifest = read_table(storage.join(clustered, "manifest.parquet"))
