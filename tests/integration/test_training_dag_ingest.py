@@ -24,16 +24,18 @@ def _reject_review_when_asked(reviewer) -> threading.Event:
     """The review gate is not under test here: a reviewer rejects, which ends the run after clustering.
 
     Only reviews of runs that start after this call are answered (another test's run in the same
-    metadata database may still wait), and an answer the API refuses is tried again, until the
-    returned event is set: a lost answer would leave ``dag.test`` waiting for input forever."""
+    metadata database may still wait), and an answer the API refuses, or a request the busy
+    api-server does not answer in time, is tried again, until the returned event is set: a lost
+    answer (or a polling thread ended by one timeout) would leave ``dag.test`` waiting for input
+    forever, as it once did on a loaded machine."""
     stale = {d["task_instance"]["dag_run_id"] for d in reviewer.waiting_human_tasks("bgremoval_training")}
     stop = threading.Event()
 
     def reject():
         while not stop.is_set():
-            for detail in reviewer.waiting_human_tasks("bgremoval_training"):
-                if detail["task_instance"]["dag_run_id"] not in stale:
-                    with contextlib.suppress(AirflowHTTPError):  # not ready for an answer yet: asked again
+            with contextlib.suppress(AirflowHTTPError, OSError):  # not ready yet, or a timeout: asked again
+                for detail in reviewer.waiting_human_tasks("bgremoval_training"):
+                    if detail["task_instance"]["dag_run_id"] not in stale:
                         reviewer.answer(detail, "Reject")
             stop.wait(1.0)
 
