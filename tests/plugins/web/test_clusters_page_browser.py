@@ -69,6 +69,13 @@ def test_log_in_open_review_page_move_one_image_and_see_it_saved(
     assert after.cluster_of[key] == target
     assert [(c.user, c.action, c.key) for c in after.corrections] == [("reviewer", "move", key)]
 
+    name = page.get_by_label("name of cluster 0")
+    saved_name = name.input_value()
+    name.fill("")  # refused: the box shows the saved name again, not the blank
+    page.locator('section[data-cluster="0"]').get_by_role("button", name="Rename").click()
+    expect(page.get_by_role("status")).to_contain_text("not saved", timeout=30_000)
+    expect(page.get_by_label("name of cluster 0")).to_have_value(saved_name)
+
     apply_review(dataset_url, options)  # Approve: the page now says the review is closed and offers no control
     page.reload()
     expect(page.locator("#closed")).to_be_visible(timeout=30_000)
