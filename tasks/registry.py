@@ -27,6 +27,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from tasks.core import layout, storage
+from tasks.core.errors import first_line
 from tasks.model.config import PRETRAINED
 
 __all__ = [
@@ -289,8 +290,7 @@ def _download_registered(uri: str, dst: str) -> str:
     except MlflowException as exc:
         if exc.error_code != "RESOURCE_DOES_NOT_EXIST" and "not found" not in str(exc):  # an unknown alias: the latter
             raise
-        reason = (str(exc).strip().splitlines() or [exc.error_code])[0]
-        raise FileNotFoundError(f"{uri} is not in the registry at {mlflow.get_tracking_uri()}: {reason}") from None
+        raise FileNotFoundError(f"{uri} is not in the registry at {mlflow.get_tracking_uri()}: {first_line(exc)}") from None
 
 
 def download_model(uri: str, dst_dir: str | None = None, tracking_uri: str | None = None) -> str:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 
+from tasks.core.errors import first_line
+
 __all__ = ["first_line", "mlflow_environment", "registry_missing", "registry_missing_for", "storage_options"]
 
 
@@ -39,10 +41,6 @@ def registry_missing() -> str | None:
 
 def registry_missing_for(model: str) -> str | None:
     """:func:`registry_missing` for a registered model (``models:/...``); None for any other model source."""
-    return registry_missing() if model.startswith("models:/") else None
+    from tasks.registry import is_model_uri
 
-
-def first_line(exc: BaseException) -> str:
-    """An exception's message on one line (its class name when the message is empty)."""
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
+    return registry_missing() if is_model_uri(model) else None

@@ -100,7 +100,7 @@ def _local_model_source(model: str, tmp: str) -> str:
     from tasks.serving.engines import published_source
 
     if registry.is_model_uri(model):
-        if missing := registry_missing_for(model):
+        if missing := registry_missing():
             raise ValueError(missing)
         return registry.download_model(model, tmp)
     return published_source(model)

@@ -15,7 +15,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from tasks.cli.environment import registry_missing, registry_missing_for, storage_options
+from tasks.cli.environment import mlflow_environment, registry_missing_for, storage_options
 
 __all__ = ["FILE_OUTPUT_EXTENSIONS", "STREAM", "cmd_remove", "single_file_output"]
 
@@ -72,7 +72,7 @@ def _open_engine(args: argparse.Namespace, options: dict | None, say: Callable[[
 
     model = args.model
     if model is None:
-        registry_missing()  # reads a running stack's registry address; none is fine here
+        mlflow_environment()  # a running stack's registry address, when there is one
         model, why = default_model(args.registered_model)
         say(f"no --model given: using {why}")
     elif missing := registry_missing_for(model):

@@ -7,7 +7,9 @@ pair's bytes → RGB image and grey mask), :func:`image_size` (width and height 
 pixel decoded) and :func:`decode_mask_file` (an uploaded mask → 0/255, its format and size checked
 from the header before any pixel is decoded). Encoding: :func:`encode_jpeg` (RGB → JPEG at a
 quality), :func:`encode_png` (a single-channel mask → 8-bit grayscale PNG) and :func:`encode`
-(an OpenCV ``imencode`` with explicit params, ``ValueError`` when it fails).
+(an OpenCV ``imencode`` with explicit params, ``ValueError`` when it fails). Shared pixel steps:
+:func:`on_white` (transparency laid on white), :func:`area_average` and :func:`shrink_mask` (the
+shrink cleaning applies to a pair, and the masks page to a mask drawn on the full-size photo).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from tasks.core import storage
 from tasks.core.limits import MAX_PIXELS
 
 __all__ = [
+    "area_average",
     "decode_image",
     "decode_mask_file",
     "decode_pair",
@@ -29,8 +32,10 @@ __all__ = [
     "encode_png",
     "ImageTooLarge",
     "image_size",
+    "on_white",
     "read_image",
     "read_mask",
+    "shrink_mask",
 ]
 
 
@@ -66,12 +71,33 @@ class ImageTooLarge(ValueError):
 _ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
 
 
-def _on_white(image) -> np.ndarray:
-    """A Pillow image with transparency composited on white, as an RGB array."""
+def on_white(image):
+    """A Pillow image with transparency composited on white, as an RGB Pillow image."""
     from PIL import Image
 
     rgba = image.convert("RGBA")
-    return np.asarray(Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB"))
+    return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+
+
+def area_average(image, size: tuple[int, int]) -> np.ndarray:
+    """Shrink a uint8 Pillow image (L or RGB) to ``size`` by area averaging: Pillow's box filter, which
+    weighs the partly covered source pixels as OpenCV's ``INTER_AREA`` does, in about half its time
+    at the fractional scales cleaning meets. A shrink by two or more first averages whole blocks of
+    pixels (``reducing_gap=1``), which moves about one pixel in a thousand of a re-thresholded mask."""
+    from PIL import Image
+
+    return np.asarray(image.resize(size, Image.Resampling.BOX, reducing_gap=1.0))
+
+
+def shrink_mask(binary: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Shrink a uint8 {0, 255} mask to ``size`` (at most its own) by coverage (the area average of
+    0/255) and re-threshold at one half; returns uint8 {0, 255} (the mask itself at its own size)."""
+    from PIL import Image
+
+    if size == (binary.shape[1], binary.shape[0]):
+        return binary
+    coverage = area_average(Image.fromarray(binary), size)
+    return cv2.threshold(coverage, 127, 255, cv2.THRESH_BINARY)[1]
 
 
 def decode_image(data: bytes, max_pixels: int | None = None) -> np.ndarray:
@@ -96,7 +122,7 @@ def decode_image(data: bytes, max_pixels: int | None = None) -> np.ndarray:
                                  f"megapixels, over the limit of {max_pixels / 1e6:g}")
             orientation = _orientation(im)
             if im.mode in _ALPHA_MODES or "transparency" in im.info:
-                return _on_white(ImageOps.exif_transpose(im))
+                return np.asarray(on_white(ImageOps.exif_transpose(im)))
             image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
             if image is None:  # a format OpenCV lacks: let Pillow decode it
                 return np.ascontiguousarray(np.asarray(ImageOps.exif_transpose(im).convert("RGB")))
@@ -181,8 +207,6 @@ def decode_mask_file(data: bytes, size: tuple[int, int], max_bytes: int, referen
     Raises ``ValueError`` saying what is wrong (``reference`` names what the mask belongs to);
     nothing is decoded for a file of the wrong size.
     """
-    from PIL import Image
-
     if len(data) > max_bytes:
         raise ValueError(f"the mask file is larger than {max_bytes / 2**20:g} MiB")
     try:
@@ -191,18 +215,14 @@ def decode_mask_file(data: bytes, size: tuple[int, int], max_bytes: int, referen
         raise ValueError(f"the mask is far larger than {reference} ({size[0]}x{size[1]} pixels)") from None
     except ValueError:
         raise ValueError("the mask file is not a PNG image") from None
-    shrink = shrink_to_fit and _larger_same_aspect((width, height), size)
+    shrink = shrink_to_fit and (width, height) != tuple(size) and _larger_same_aspect((width, height), size)
     if shrink and width * height > MAX_PIXELS:
         raise ValueError(f"the mask is {width}x{height} pixels, over the {MAX_PIXELS / 1e6:g} megapixels a photo may have")
     if (width, height) != tuple(size) and not shrink:
         larger = " or larger with the same aspect ratio" if shrink_to_fit else ""
         raise ValueError(f"the mask is {width}x{height} pixels but {reference} is {size[0]}x{size[1]}: "
                          f"they must be the same size{larger}")
-    binary = _binary_mask(data)
-    if shrink:
-        coverage = cv2.resize(binary, tuple(size), interpolation=cv2.INTER_AREA)
-        return np.where(coverage >= 128, 255, 0).astype(np.uint8)
-    return binary
+    return shrink_mask(_binary_mask(data), tuple(size))
 
 
 def _larger_same_aspect(found: tuple[int, int], size: tuple[int, int], tolerance: float = 0.01) -> bool:

@@ -48,6 +48,7 @@ import cv2
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from tasks.core.codecs import area_average, on_white, shrink_mask
 from tasks.data.config import CleaningConfig
 
 #: Changes whenever the same raw pair and config would clean to other bytes (2: never enlarged), so
@@ -276,9 +277,7 @@ def _to_rgb(img: Image.Image, conversions: list[str]) -> Image.Image:
         return img.convert("RGB")
     if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in img.info):
         conversions.append("alpha->white")
-        rgba = img.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
+        return on_white(img)
     if mode in ("P", "YCbCr", "LAB", "HSV"):
         conversions.append(f"{mode.lower()}->rgb")
         return img.convert("RGB")
@@ -307,28 +306,11 @@ def _to_grey(img: Image.Image, conversions: list[str]) -> np.ndarray:
     raise Rejected(Reason.UNSUPPORTED_MODE, f"mask mode {mode} is not supported")
 
 
-def _area_average(image: Image.Image, size: tuple[int, int]) -> np.ndarray:
-    """Shrink a uint8 image (L or RGB) to ``size`` by area averaging: Pillow's box filter, which
-    weighs the partly covered source pixels as OpenCV's ``INTER_AREA`` does, in about half its time
-    at the fractional scales cleaning meets. A shrink by two or more first averages whole blocks of
-    pixels (``reducing_gap=1``), which moves about one pixel in a thousand of a re-thresholded mask."""
-    return np.asarray(image.resize(size, Image.Resampling.BOX, reducing_gap=1.0))
-
-
 def _resize_image(image: Image.Image, size: tuple[int, int]) -> np.ndarray:
     """The RGB image at ``size`` (at most its own) as an H×W×3 uint8 array, shrunk by area averaging."""
     if size == image.size:
         return np.array(image)
-    return _area_average(image, size)
-
-
-def _resize_mask(binary: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Shrink a uint8 {0, 255} mask to ``size`` (at most its own) by coverage (the area average of
-    0/255) and re-threshold at one half; returns uint8 {0, 255} (the mask itself at its own size)."""
-    if size == (binary.shape[1], binary.shape[0]):
-        return binary
-    coverage = _area_average(Image.fromarray(binary), size)
-    return cv2.threshold(coverage, 127, 255, cv2.THRESH_BINARY)[1]
+    return area_average(image, size)
 
 
 def working_size_for(width: int, height: int, working_size: int) -> tuple[int, int]:
@@ -394,7 +376,7 @@ def clean_pair(image_bytes: bytes, mask_bytes: bytes, config: CleaningConfig) ->
     target = working_size_for(width, height, config.working_size)
     return CleanPair(
         image=_resize_image(rgb, target),
-        mask=_resize_mask(binary, target),
+        mask=shrink_mask(binary, target),
         orig_width=width,
         orig_height=height,
         fg_fraction=fg_fraction,

@@ -134,7 +134,7 @@ class ReviewState:
         """The same proposal with no correction applied (nothing read again)."""
         return ReviewState(cluster_of=dict(self.proposed), names=dict(self.proposed_names), stems=self.stems,
                            proposed=self.proposed, proposed_names=self.proposed_names, flagged=self.flagged,
-                           sizes_of=self.sizes_of, clustering=self.clustering)
+                           sizes_of=self.sizes_of, clustering=self.clustering, closed=self.closed)
 
     def members(self, cluster: int) -> list[str]:
         """Keys in ``cluster``, sorted."""
@@ -311,8 +311,10 @@ def load_review_state(dataset_url: str, storage_options: dict | None = None) -> 
     return _state_of(dataset_url, _read_assignments(dataset_url, storage_options), storage_options)
 
 
-def _state_of(dataset_url: str, assignments: bytes, storage_options: dict | None) -> ReviewState:
-    """The proposal in ``assignments`` (the parquet file's bytes) with its corrections replayed."""
+def _state_of(dataset_url: str, assignments: bytes, storage_options: dict | None,
+              closed: bool | None = None) -> ReviewState:
+    """The proposal in ``assignments`` (the parquet file's bytes) with its corrections replayed;
+    ``closed`` when the caller knows it (else :func:`is_closed` is asked)."""
     table = pd.read_parquet(io.BytesIO(assignments))
     proposed = {str(k): int(c) for k, c in zip(table["key"], table["cluster"], strict=True)}
     names = {int(c): str(n) for c, n in table.groupby("cluster")["proposed_name"].first().items()}
@@ -327,7 +329,7 @@ def _state_of(dataset_url: str, assignments: bytes, storage_options: dict | None
         flagged=flagged,
         sizes_of=sizes_of,
         clustering=clustering,
-        closed=is_closed(dataset_url, clustering, storage_options),
+        closed=is_closed(dataset_url, clustering, storage_options) if closed is None else closed,
     )
     return _replayed(dataset_url, proposal, storage_options)
 
@@ -359,7 +361,7 @@ def record_correction(
     action that does not fit and :class:`ReviewClosed` after approval (nothing is written then).
     """
     state = load_review_state(dataset_url, storage_options)
-    if is_closed(dataset_url, state.clustering, storage_options):
+    if state.closed:
         raise ReviewClosed("the review was approved and applied: this change would never be used")
     return _store_correction(dataset_url, state, action, user, storage_options, **fields)
 
@@ -443,7 +445,7 @@ def save_fixed_mask(
     import cv2
 
     state = load_review_state(dataset_url, storage_options)
-    if is_closed(dataset_url, state.clustering, storage_options):
+    if state.closed:
         raise ReviewClosed("the review was approved and applied: this fix would never be used")
     state.check_flagged(key)
     if key not in state.sizes_of:
@@ -498,7 +500,7 @@ def apply_review(dataset_url: str, storage_options: dict | None = None) -> dict:
     if not storage.exists(closed, storage_options):
         storage.write_text(closed, json.dumps({"at": datetime.now(timezone.utc).isoformat(timespec="seconds")}),
                            storage_options)
-    state = _state_of(dataset_url, assignments, storage_options)
+    state = _state_of(dataset_url, assignments, storage_options, closed=True)
     storage.write_text(storage.join(review_log_url(dataset_url, state.clustering), "applied.json"),
                        json.dumps({"objects": state.read_objects}), storage_options)
     manifest_url = layout.manifest(dataset_url)

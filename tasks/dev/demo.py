@@ -63,7 +63,7 @@ class DemoConfig:
 def _start_dag_run(conf: dict, env: dict[str, str], log_path: Path, dag_id: str = DAG_ID) -> subprocess.Popen:
     argv = [stack.venv_bin("airflow"), "dags", "test", dag_id, "--conf", json.dumps(conf)]
     log = open(log_path, "wb")
-    return subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=stack.PROJECT_ROOT)
+    return subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=stack_env.PROJECT_ROOT)
 
 
 def _wait_for_review_or_exit(client: AirflowClient, run: subprocess.Popen, log_path: Path) -> dict:
@@ -256,7 +256,7 @@ def run_demo(config: DemoConfig) -> int:
     bucket = info["bucket"]
     batch = f"demo-{config.seed}-{config.n}"
     batch_url = layout.raw_batch(layout.bucket_url(bucket), batch)
-    log_path = stack.StackPaths(stack.default_state_dir()).logs / f"demo-{DAG_ID}.log"
+    log_path = stack_env.StackPaths(stack_env.default_state_dir()).logs / f"demo-{DAG_ID}.log"
     run = None
     try:
         print(f"== generating {config.n} products and {config.bad} bad inputs into {batch_url}")

@@ -120,7 +120,7 @@ def calibrate_model(model_url: str, dataset_url: str, storage_options: dict | No
         calibrated_on, points = "train", score_quality(model_url, dataset_url, "train", storage_options, refine=refine)
     if not points:
         raise ValueError(f"{dataset_url} has no val or train pairs to calibrate on")
-    choice = choose_refinement([p.iou for p in points], [p.refined_iou for p in points], calibrated_on, refine)
+    choice = _refinement_of(points, calibrated_on, refine)
     choice_by_cluster = _refinement_by_cluster(points, calibrated_on, refine)
     published = [p.published_iou(choice.refine) for p in points]
     calibration = calibrate_threshold([p.score for p in points], published, target_iou, target_recall)
@@ -175,15 +175,19 @@ def _per_cluster(points: list[QualityPoint]) -> dict[str, list[QualityPoint]]:
     return {c: [p for p in points if p.cluster == c] for c in sorted({p.cluster for p in points})}
 
 
+def _refinement_of(points: list[QualityPoint], split: str, refine: RefineConfig = RefineConfig()) -> RefineChoice:
+    """:func:`choose_refinement` on the points' plain and refined IoU."""
+    return choose_refinement([p.iou for p in points], [p.published_iou(True) for p in points], split, refine)
+
+
 def _refinement_by_cluster(points: list[QualityPoint], split: str, refine: RefineConfig) -> dict[str, RefineChoice]:
     """The refinement choice each cluster's pairs would make alone (people photos and packshots can
     disagree: ``benchmarks/README.md``, "A gain beyond the noise")."""
-    return {c: choose_refinement([p.iou for p in group], [p.published_iou(True) for p in group], split, refine)
-            for c, group in _per_cluster(points).items()}
+    return {c: _refinement_of(group, split, refine) for c, group in _per_cluster(points).items()}
 
 
 def _refinement_figures(points: list[QualityPoint]) -> dict[str, float]:
-    measured = choose_refinement([p.iou for p in points], [p.published_iou(True) for p in points], "test")
+    measured = _refinement_of(points, "test")
     return {"plain_mean_iou": measured.plain_mean_iou, "refined_mean_iou": measured.refined_mean_iou, "n": measured.n}
 
 

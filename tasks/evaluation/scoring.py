@@ -22,6 +22,7 @@ from torch import nn
 
 from tasks.core import storage
 from tasks.core.codecs import read_image, read_mask
+from tasks.core.errors import first_line
 from tasks.core.heap import keep_freed_memory
 from tasks.evaluation.metrics import ImageScore, boundary_f, iou, mae, summarise
 from tasks.model.io import load_model as load_torch_model
@@ -292,6 +293,6 @@ def _readable_pairs(stems: Sequence[str], images: dict[str, str], masks: dict[st
             image = read_image(images[stem], storage_options)
             mask = read_mask(masks[stem], storage_options)
         except (OSError, ValueError) as exc:
-            unreadable.append({"stem": stem, "reason": str(exc).strip().splitlines()[-1][:300]})
+            unreadable.append({"stem": stem, "reason": first_line(exc)[:300]})
             continue
         yield stem, DEFAULT_CLUSTER, image, mask

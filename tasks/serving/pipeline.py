@@ -511,8 +511,9 @@ def write_outputs(result: CutoutResult, out_url: str, storage_options: dict | No
         return {}
     planned = {key: url for key, url in output_urls(result.stem, out_url, mask_dir).items()
                if getattr(result, key) is not None}
+    forbidden = {path_key(result.source_url), *protected}
     for url in planned.values():
-        if path_key(url) == path_key(result.source_url) or path_key(url) in protected:
+        if path_key(url) in forbidden:
             raise ValueError(f"refusing to overwrite the input {url} with an output")
     return {key: storage.write_bytes(url, getattr(result, key), options_for(url, storage_options))
             for key, url in planned.items()}
@@ -539,10 +540,12 @@ def path_key(url: str) -> str:
     return os.path.realpath(url)
 
 
-def is_inside(url: str, folder: str) -> bool:
-    """True when ``url`` lies below ``folder`` (both local paths, or both URLs)."""
+def relative_inside(url: str, folder: str) -> str | None:
+    """``url``'s path below ``folder`` with ``/`` separators (both local paths, or both URLs); None
+    when it does not lie below it."""
     sep = "/" if "://" in folder else os.sep
-    return path_key(url).startswith(path_key(folder).rstrip(sep) + sep)
+    inner, outer = path_key(url), path_key(folder).rstrip(sep) + sep
+    return inner[len(outer):].replace(os.sep, "/") if inner.startswith(outer) else None
 
 
 def check_output_location(inputs: Sequence[str], out_url: str, storage_options: dict | None = None) -> None:
@@ -551,11 +554,12 @@ def check_output_location(inputs: Sequence[str], out_url: str, storage_options: 
     like an output overwritten; a folder inside an input folder is fine, it is left out of the
     inputs), or a remote location that cannot be reached (no credentials, no bucket). Raises
     ``ValueError`` saying which."""
+    out_key = path_key(out_url)
     for entry in inputs:
-        if path_key(entry) == path_key(out_url):
+        if path_key(entry) == out_key:
             raise ValueError(f"the output location {out_url} is an input folder: give another one "
                              "(a folder inside it is fine, it is left out of the inputs)")
-        if path_key(_parent(entry)) == path_key(out_url) and _is_file(entry, storage_options):
+        if path_key(_parent(entry)) == out_key and _is_file(entry, storage_options):
             raise ValueError(f"the output location {out_url} holds the input {entry}: outputs there could replace "
                              "photos; give another folder")
     if "://" not in out_url:
@@ -612,9 +616,9 @@ def list_inputs(inputs: Sequence[str], storage_options: dict | None = None,
 
     A file or object is taken whatever its extension; a folder or prefix contributes the files
     below it (recursively) with an image extension, the stem being the path relative to it
-    without extension, except those under ``exclude`` (the run's output location, when it lies
-    inside an input folder). ``problems`` lists inputs that do not exist and names two inputs
-    would share (the later one is left out).
+    without extension, except those under ``exclude`` when it lies inside that folder (the run's
+    output location). ``problems`` lists inputs that do not exist and names two inputs would share
+    (the later one is left out).
     """
     items: list[tuple[str, str]] = []
     problems: list[str] = []
@@ -636,9 +640,10 @@ def list_inputs(inputs: Sequence[str], storage_options: dict | None = None,
         if fs.isfile(path):
             add(entry, _stem_of(entry))
             continue
+        skip = relative_inside(exclude, entry) if exclude else None  # the output folder inside this one
         found = [o for o in storage.list_objects(entry, options)
                  if posixpath.splitext(o.relpath)[1].lower() in allowed
-                 and not (exclude and is_inside(o.url, exclude))]
+                 and not (skip and o.relpath.startswith(skip + "/"))]
         if not found and not fs.exists(path):
             problems.append(f"{entry}: no such file, folder or prefix")
         for obj in found:

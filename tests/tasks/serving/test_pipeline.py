@@ -314,6 +314,14 @@ def test_no_output_is_written_over_another_input_and_the_output_folder_is_not_an
     assert sorted(p.name for p in folder.iterdir()) == ["out", "results.jsonl", "shirt.png", "shirt.webp"]
 
 
+def test_an_output_folder_around_the_input_folder_leaves_the_photos_in(tmp_path):
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "a.jpg").write_bytes(_jpeg(_photo()))
+    check_output_location([str(tmp_path / "photos")], str(tmp_path))
+    summary = remove_to([str(tmp_path / "photos")], str(tmp_path), SquareEngine(), InferenceConfig(), progress=False)
+    assert (summary["images"], summary["ok"]) == (1, 1) and (tmp_path / "a.png").exists()
+
+
 def test_an_output_location_that_cannot_work_is_refused_before_any_photo_is_read(tmp_path):
     (tmp_path / "a.jpg").write_bytes(b"x")
     with pytest.raises(ValueError, match="is a file"):
