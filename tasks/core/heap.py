@@ -1,4 +1,4 @@
-"""Keep freed memory in the process's heap while PyTorch computes on the CPU.
+"""Keep freed memory in the process's heap during passes that allocate the same buffers again and again.
 
 glibc's ``malloc`` hands a freed block above its mmap threshold (at most 32 MiB) back to the kernel
 at once, and trims the free top of the heap when it grows past the trim threshold. A network that
@@ -11,7 +11,8 @@ the next batch. (Other threads' arenas still map blocks above 64 MiB on their ow
 The price is memory: the process keeps what its largest batch needed for the rest of its life, plus
 what fragmentation adds (18-33 % above glibc's peak in the measurements; a forked data-loader worker
 inherits the setting). That suits training and scoring passes, which run one model over many
-batches and then end; it is why only they call it, and only on the CPU.
+batches and then end, and cleaning's shards, whose every pair allocates the same full-size decode
+buffers; it is why only they call it (training and scoring only on the CPU).
 
 The setting is process-wide and takes effect for allocations made after the call. It applies only
 to glibc (on another C library the call does nothing) and is refused when ``BGREMOVAL_SYSTEM_MALLOC``

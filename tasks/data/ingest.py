@@ -30,6 +30,7 @@ import pandas as pd
 
 from tasks.data.mask_audit import audit_pair
 from tasks.core import layout, storage
+from tasks.core.heap import keep_freed_memory
 from tasks.core.shards import check_shard_size, shard_ranges
 from tasks.data.cleaning import (
     CLEANING_REVISION, CleanPair, CleaningConfig, Reason, Rejected, clean_pair, encode_clean_pair, pair_files, safe_stem, sha256,
@@ -257,8 +258,11 @@ def clean_shard(
     bound to an engine); with it the mask audit also flags masks a confident model disagrees with
     (``model_disagrees``). Returns ``{"result_url", "n_pairs", "n_ok", "n_quarantined",
     "reasons"}``. Pairs are processed one at a time per thread, so memory stays flat however large
-    the shard.
+    the shard. The process keeps freed memory in its heap (:func:`tasks.core.heap.keep_freed_memory`):
+    every pair allocates the same full-size buffers, which the kernel would otherwise fault in again
+    for each (about 1 ms of a 7-8 ms pair at studio sizes, ``benchmarks/README.md``).
     """
+    keep_freed_memory()
     shard = read_table(shard_url, storage_options)
     rows = shard.astype(object).where(shard.notna(), None).to_dict("records")
     with _opencv_single_threaded(), ThreadPoolExecutor(max_workers=max(1, io_threads)) as pool:

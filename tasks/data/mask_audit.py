@@ -320,23 +320,48 @@ def _gradient(image: np.ndarray) -> np.ndarray:
 def _edge_support(magnitude: np.ndarray, fg: np.ndarray, config: AuditConfig) -> np.ndarray:
     """Pixels within ``edge_tolerance`` of an image edge (see the module docstring)."""
     far = ~cv2.dilate(fg.view(np.uint8), np.ones((9, 9), np.uint8)).view(bool)
-    noise = _median(magnitude[far]) if np.count_nonzero(far) >= 0.01 * far.size else _median(magnitude.ravel())
+    background = magnitude[far] if np.count_nonzero(far) >= 0.01 * far.size else magnitude.ravel()
     flat = magnitude.ravel()
-    (p90,) = _kth_smallest(flat, [int(0.9 * (flat.size - 1))])
-    threshold = max(config.edge_relative * p90, config.edge_noise_factor * noise, config.edge_min_gradient)
+    k90 = int(0.9 * (flat.size - 1))
+    floor = config.edge_min_gradient
+    # Each term of the threshold is selected exactly only when it can exceed the others: a count
+    # tells whether its quantile lies below the value at which it would (most photos: a flat
+    # background far from the product, whose median gradient is 0, and a 90th percentile that
+    # decides).
+    factor, relative = config.edge_noise_factor, config.edge_relative
+    if factor <= 0 or _kth_at_most(background, background.size // 2, floor / factor):
+        noise_term = 0.0  # the median is below floor / factor: the noise term never decides
+    else:
+        noise_term = factor * _median(background)
+    others = max(noise_term, floor)
+    if relative <= 0 or _kth_at_most(flat, k90, others / relative):
+        threshold = others
+    else:
+        (p90,) = _kth_smallest(flat, [k90], above=others / relative)
+        threshold = max(relative * p90, others)
     size = 2 * config.edge_tolerance + 1
-    return cv2.dilate(magnitude, np.ones((size, size), np.uint8)) >= threshold
+    return cv2.dilate((magnitude >= threshold).view(np.uint8), np.ones((size, size), np.uint8)).view(bool)
 
 
-def _kth_smallest(values: np.ndarray, ks: list[int]) -> list[np.float32]:
+def _kth_at_most(values: np.ndarray, k: int, bound: float) -> bool:
+    """Whether the ``k``-th smallest (0-based) of ``values`` is below ``bound`` by a margin of one
+    part in a million (so that a term computed from it cannot reach a threshold computed from
+    ``bound`` through rounding), found by counting instead of selecting."""
+    return int(np.count_nonzero(values < bound * (1 - 1e-6))) > k
+
+
+def _kth_smallest(values: np.ndarray, ks: list[int], above: float = 0.0) -> list[np.float32]:
     """The ``k``-th smallest (0-based) of a flat array of non-negative values, for each ``k``: what
-    ``np.partition`` gives, found among the positive values only (a photo's flat background makes
-    half of a gradient map exactly zero, which slows the selection down several-fold)."""
-    positive = values[values > 0]
-    zeros = values.size - positive.size
-    wanted = sorted({k - zeros for k in ks if k >= zeros})
-    chosen = np.partition(positive, wanted) if wanted else positive
-    return [values.dtype.type(0) if k < zeros else chosen[k - zeros] for k in ks]
+    ``np.partition`` gives, found among the values above ``above`` only when every wanted one lies
+    there (a photo's flat background makes half of a gradient map exactly zero, and most of the
+    rest is small: selecting among all of them is several times slower)."""
+    upper = values[values > above]
+    below = values.size - upper.size
+    if above > 0 and min(ks) < below:
+        return _kth_smallest(values, ks)
+    wanted = sorted({k - below for k in ks if k >= below})
+    chosen = np.partition(upper, wanted) if wanted else upper
+    return [values.dtype.type(0) if k < below else chosen[k - below] for k in ks]
 
 
 def _median(values: np.ndarray) -> np.float32:

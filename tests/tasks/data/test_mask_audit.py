@@ -229,3 +229,33 @@ def test_the_gradient_quantiles_are_exactly_what_a_full_partition_gives():
         expected = np.partition(values, ks)[ks]
         assert [v.tobytes() for v in _kth_smallest(values, ks)] == [v.tobytes() for v in expected]
         assert _median(values) == np.float32(np.median(values))
+        for above in (0.5, float(np.median(values)), float(values.max())):  # wanted ranks on either side
+            assert [v.tobytes() for v in _kth_smallest(values, ks, above=above)] == [v.tobytes() for v in expected]
+
+
+def _edge_support_by_the_formula(magnitude, fg, config):
+    """The module docstring's edge rule computed the plain way: every quantile selected in full."""
+    far = ~cv2.dilate(fg.view(np.uint8), np.ones((9, 9), np.uint8)).view(bool)
+    background = magnitude[far] if far.sum() >= 0.01 * far.size else magnitude.ravel()
+    flat = magnitude.ravel()
+    p90 = np.partition(flat, int(0.9 * (flat.size - 1)))[int(0.9 * (flat.size - 1))]
+    threshold = max(config.edge_relative * p90, config.edge_noise_factor * np.float32(np.median(background)),
+                    config.edge_min_gradient)
+    size = 2 * config.edge_tolerance + 1
+    return cv2.dilate(magnitude, np.ones((size, size), np.uint8)) >= threshold
+
+
+@pytest.mark.parametrize("noise", [0.0, 2.0, 25.0])
+def test_the_edge_map_is_the_documented_rule_whichever_term_decides(noise):
+    """The edge map skips selecting a quantile when a count shows it cannot decide the threshold; it
+    must equal the rule computed in full, on photos where each term decides (a flat background: the
+    90th percentile or the floor; a noisy one: the noise term) and under configs that move the terms."""
+    from tasks.data.mask_audit import _edge_support, _gradient
+
+    mask = _shape()
+    magnitude = _gradient(_photo(mask, seed=5, noise=noise))
+    fg = mask >= 128
+    configs = [AuditConfig(), AuditConfig(edge_min_gradient=60.0), AuditConfig(edge_noise_factor=40.0),
+               AuditConfig(edge_relative=0.9), AuditConfig(edge_min_gradient=0.0, edge_noise_factor=0.0)]
+    for config in configs:
+        assert np.array_equal(_edge_support(magnitude, fg, config), _edge_support_by_the_formula(magnitude, fg, config))
