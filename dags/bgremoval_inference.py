@@ -5,9 +5,12 @@
       ─► cut_out_shard ×N (champion model, batched; quality score per image;
                            good → published/ + retraining-pool/, doubtful → corrections/queue/)
       ─► report_drop (counts; updates the retraining-pool Asset, which schedules bgremoval_retraining)
+    publish_decided (catch-up: photos a person accepted or corrected whose publishing did not happen
+                     at the decision; each is cut out with the decided mask into published/<batch>/)
 
 Doubtful images appear on the correction page (menu "Correct masks"), where a person accepts,
-rejects or corrects the mask; accepted and corrected pairs join the retraining pool too.
+rejects or corrects the mask; accepted and corrected photos are then published with that mask, and
+their pairs join the retraining pool too.
 """
 
 from __future__ import annotations
@@ -89,6 +92,15 @@ def bgremoval_inference():
                                                 "new_pairs": summary["published"]}
         return summary
 
+    @task
+    def publish_decided(params=None) -> dict:
+        from tasks.feedback.publishing import publish_decisions
+
+        done = publish_decisions(layout.bucket_url(params["bucket"]), s3_storage_options())
+        print(f"published {len(done['published'])} decided photos; failed {done['failed'] or 'none'}")
+        return done
+
+    publish_decided()
     plan = plan_drop()
     wait_for_drop >> plan
     model = resolve_model()

@@ -2,7 +2,8 @@
 
     (retraining-pool Asset updated by bgremoval_inference, or weekly on Monday 04:00 UTC)
     find_new_pairs ─► enough_new_pairs (at least min_new_pairs, else the run ends here)
-      ─► build_dataset (champion's dataset + new pairs, cleaned, de-duplicated, clustered; test split unchanged)
+      ─► build_dataset (champion's dataset + new pairs + earlier runs' pairs it lacks, cleaned, de-duplicated,
+                       clustered; test split unchanged)
       ─► training_conf ─► trigger_training (bgremoval_training with dataset_version, init_from=champion,
                                             fewer epochs: the same gate decides about promotion)
       ─► record_state (retraining/state.json: which pairs were used)

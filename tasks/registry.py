@@ -430,15 +430,19 @@ def list_versions(name: str = DEFAULT_MODEL_NAME, tracking_uri: str | None = Non
 
     client = _client(tracking_uri)
     try:
-        client.get_registered_model(name)
+        registered = client.get_registered_model(name)
     except MlflowException as exc:
         import mlflow
 
         raise ValueError(f"no registered model {name!r} on {mlflow.get_tracking_uri()}") from exc
+    # The registered model's alias table: the versions search_model_versions returns carry none.
+    aliases: dict[str, list[str]] = {}
+    for alias, version in sorted((registered.aliases or {}).items()):
+        aliases.setdefault(str(version), []).append(alias)
     rows = []
     for v in client.search_model_versions(f"name = '{name}'"):
         created = datetime.fromtimestamp(v.creation_timestamp / 1000, timezone.utc).isoformat(timespec="seconds")
-        rows.append({"version": str(v.version), "aliases": list(v.aliases or []), "tags": dict(v.tags or {}),
+        rows.append({"version": str(v.version), "aliases": aliases.get(str(v.version), []), "tags": dict(v.tags or {}),
                      "created": created, "run_id": v.run_id})
     return sorted(rows, key=lambda r: int(r["version"]), reverse=True)
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from tasks.cli.environment import first_line, registry_missing, registry_missing_for, storage_options
 from tasks.cli.remove import cmd_remove
+from tasks.data.config import SplitConfig
 from tasks.model.published import DEFAULT as PUBLISHED_DEFAULT
 from tasks.model.published import PUBLISHED
 from tasks.model.refine_choice import REFINE_MODES
@@ -43,7 +44,11 @@ def cmd_clean(args: argparse.Namespace) -> int:
 
     options = storage_options(args.bucket)
     config = CleaningConfig(working_size=args.working_size)
-    plan = ingest.plan_batch(args.bucket, args.batch, config, shard_size=args.shard_size, storage_options=options)
+    try:
+        plan = ingest.plan_batch(args.bucket, args.batch, config, shard_size=args.shard_size, storage_options=options)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"bgremoval clean: {first_line(exc)}", file=sys.stderr)
+        return 2
     results = [
         ingest.clean_shard(url, plan["dataset_url"], args.batch, config, storage_options=options)
         for url in tqdm(plan["shard_urls"], desc="cleaning shards", unit="shard")
@@ -52,32 +57,64 @@ def cmd_clean(args: argparse.Namespace) -> int:
         plan["dataset_url"], args.batch, [r["result_url"] for r in results], plan["listing_rejects_url"], options
     )
     print(ingest.format_summary(summary))
+    _print_quarantine(summary["quarantine_url"], options)
+    print(f"dataset: {summary['dataset_url']}")
+    print(f"next: bgremoval split --dataset {summary['dataset_url']}  (train / val / test, before training)")
+    return 0
+
+
+def _print_quarantine(quarantine_url: str, options: dict | None, limit: int = 20) -> None:
+    """The quarantined files, one line each (the first ``limit``), with their reasons."""
+    from tasks.core.manifest import read_table
+
+    quarantine = read_table(quarantine_url, options)
+    for row in quarantine.head(limit).itertuples():
+        print(f"  quarantined {row.stem}: {row.reason}: {row.detail}")
+    if len(quarantine) > limit:
+        print(f"  ... and {len(quarantine) - limit} more in {quarantine_url}")
+
+
+def cmd_split(args: argparse.Namespace) -> int:
+    from tasks.data.config import SplitConfig
+    from tasks.data.splits import split_dataset
+    from tasks.train.data import require_manifest
+
+    options = storage_options(args.dataset)
+    try:
+        require_manifest(args.dataset, options)
+        config = SplitConfig(train=1.0 - args.val - args.test, val=args.val, test=args.test, seed=args.seed)
+        result = split_dataset(args.dataset, config, args.keep_from, options)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"bgremoval split: {first_line(exc)}", file=sys.stderr)
+        return 2
+    print(f"splits written into {result['manifest_url']} (hash of each stem, seed {args.seed}; per cluster):")
+    for cluster, counts in result["counts"].items():
+        print(f"  {cluster:<16} " + "  ".join(f"{split} {n:>5}" for split, n in counts.items()))
+    print("  total            " + "  ".join(f"{split} {n:>5}" for split, n in result["totals"].items()))
+    if args.keep_from:
+        print(f"  kept from {args.keep_from}: {result['kept_from_previous']}")
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from mlflow.exceptions import MlflowException
-
-    from tasks.core import layout
-    from tasks.evaluation.scoring import evaluate_folder
-    from tasks.evaluation.metrics import format_summary
-    from tasks.model.refine_choice import load_refine_choice, resolve_refine
-
     import tempfile
 
-    options = storage_options(args.model) or storage_options(args.images)
+    from mlflow.exceptions import MlflowException
+
+    from tasks.evaluation.metrics import format_summary
+
+    if bool(args.dataset) == bool(args.images or args.masks) or (args.images is None) != (args.masks is None):
+        print("bgremoval evaluate: give --images and --masks (any labelled folder), or --dataset "
+              "(a dataset version's split)", file=sys.stderr)
+        return 2
+    if args.dataset and args.refine is not None:
+        print("bgremoval evaluate: --refine applies to --images/--masks; a dataset's split is scored as the "
+              "training DAG's gate scores it (the network's own map)", file=sys.stderr)
+        return 2
+    options = storage_options(args.model) or storage_options(args.images or args.dataset)
     with tempfile.TemporaryDirectory(prefix="bgremoval-evaluate-") as tmp:
         try:
-            model = _local_model_source(args.model, tmp)
-            if args.refine is None:
-                refine, why = None, "off (the default: the network's own map, as the training DAG's gate scores it)"
-            else:
-                folder = layout.model_folder(model)
-                choice = load_refine_choice(folder, storage_options(model)) if args.refine == "auto" else None
-                refine, why = resolve_refine(args.refine, choice)
-            print(f"edge refinement: {why}")
-            summary = evaluate_folder(model, args.images, args.masks, storage_options=options,
-                                      threshold=args.threshold, refine=refine)
+            summary, why = _evaluation(args, _local_model_source(args.model, tmp), options)
         except (ValueError, FileNotFoundError, MlflowException) as exc:
             print(f"bgremoval evaluate: {first_line(exc)}", file=sys.stderr)
             return 2
@@ -91,6 +128,29 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         Path(args.json).write_text(json.dumps(summary, indent=2, default=str))
         print(f"written to {args.json}")
     return 1 if summary["unreadable"] else 0
+
+
+def _evaluation(args: argparse.Namespace, model: str, options: dict | None) -> tuple[dict, str]:
+    """``bgremoval evaluate``'s summary of ``model`` (a local source) on a dataset's split or on the
+    labelled folders, and the edge-refinement line it printed."""
+    from tasks.core import layout
+    from tasks.evaluation.scoring import evaluate_dataset, evaluate_folder
+    from tasks.model.refine_choice import load_refine_choice, resolve_refine
+
+    if args.dataset:
+        why = "off (a dataset's split is scored as the gate scores it)"
+        print(f"edge refinement: {why}")
+        summary = evaluate_dataset(model, args.dataset, args.split, storage_options(args.dataset) or options,
+                                   threshold=args.threshold)
+        return {**summary, "unreadable": []}, why
+    if args.refine is None:
+        refine, why = None, "off (the default: the network's own map, as the training DAG's gate scores it)"
+    else:
+        choice = load_refine_choice(layout.model_folder(model), storage_options(model)) if args.refine == "auto" else None
+        refine, why = resolve_refine(args.refine, choice)
+    print(f"edge refinement: {why}")
+    return evaluate_folder(model, args.images, args.masks, storage_options=options, threshold=args.threshold,
+                           refine=refine), why
 
 
 def _local_model_source(model: str, tmp: str) -> str:
@@ -129,16 +189,33 @@ def cmd_train(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as exc:
         print(f"bgremoval train: {exc}", file=sys.stderr)
         return 2
+    splits = _split_counts(args.dataset, options or None)
+    if not splits.get("val"):
+        print("bgremoval train: warning: the dataset has no val split, so every clean pair trains (test pairs "
+              f"included) and nothing measures the model; run `bgremoval split --dataset {args.dataset}` first",
+              file=sys.stderr)
     print(f"training {config.model} from {reference or 'random weights'} (init_from={args.init_from!r}), "
-          f"{args.workers} torch.distributed workers; outputs in {args.out}")
-    result = launch_local(config, nproc=args.workers)
+          f"{args.workers} torch.distributed workers, lr {config.lr:g}, {config.epochs} epoch(s); "
+          f"outputs in {args.out}")
+    result = launch_local(config, nproc=args.workers, echo_progress=True)
     for epoch in result.history:
-        print(f"  epoch {epoch['epoch']}: train loss {epoch['train_loss']:.4f}  val IoU "
-              f"{(epoch['val_iou'] or 0) * 100:.2f} %")
+        val = "-" if epoch["val_iou"] is None else f"{epoch['val_iou'] * 100:.2f} %"
+        print(f"  epoch {epoch['epoch']}: train loss {epoch['train_loss']:.4f}  val IoU {val}")
     print(f"model: {result.model_url}")
     print(f"next: bgremoval calibrate --model {args.out} --dataset {args.dataset} "
           "(the quality threshold and the edge-refinement choice `remove` follows)")
     return 0
+
+
+def _split_counts(dataset_url: str, options: dict | None) -> dict[str, int]:
+    """Clean pairs per split of a dataset version (unsplit pairs are not counted)."""
+    from tasks.core import layout
+    from tasks.core.manifest import STATUS_OK, read_table
+
+    manifest = read_table(layout.manifest(dataset_url), options)
+    if "split" not in manifest:
+        return {}
+    return {str(k): int(v) for k, v in manifest.loc[manifest["status"] == STATUS_OK, "split"].value_counts().items()}
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
@@ -207,8 +284,18 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from tasks.cli.environment import mlflow_environment
+    from tasks.serving.engines import default_model
     from tasks.serving.http import ServeConfig, serve
 
+    if args.model is None:  # as `remove`: the champion (re-read as the alias moves), else the published weights
+        mlflow_environment()
+        try:
+            args.model, why = default_model(args.registered_model)
+        except FileNotFoundError as exc:
+            print(f"bgremoval serve: {first_line(exc)}", file=sys.stderr)
+            return 2
+        print(f"no --model given: serving {why}", file=sys.stderr)
     if missing := registry_missing_for(args.model):
         print(f"bgremoval serve: {missing}", file=sys.stderr)
         return 2
@@ -271,6 +358,8 @@ def cmd_model(args: argparse.Namespace) -> int:
         print(f"bgremoval model {args.action}: {missing}", file=sys.stderr)
         return 2
     try:
+        if args.action == "register":
+            return _register(args)
         if args.action == "rollback":
             moved = registry.rollback(args.name, user=args.user)
             print(f"{args.name}: champion is version {moved['champion']} again (version {moved['demoted']} "
@@ -290,6 +379,42 @@ def cmd_model(args: argparse.Namespace) -> int:
     except (ValueError, MlflowException) as exc:
         print(f"bgremoval model {args.action}: {first_line(exc)}", file=sys.stderr)
         return 2
+    return 0
+
+
+def _register(args: argparse.Namespace) -> int:
+    """``bgremoval model register``: a training run as a new version, with its test figures when a
+    dataset is given (what `model list` shows and the gate compares)."""
+    from tasks import registry
+    from tasks.serving.mlflow_model import pyfunc_model
+
+    if not args.run:
+        print("bgremoval model register needs --run (a training run folder or URL)", file=sys.stderr)
+        return 2
+    options = storage_options(args.run)
+    tags: dict = {}
+    if args.dataset:
+        from tasks.evaluation.assessment import metrics_for_mlflow
+        from tasks.evaluation.metrics import format_summary
+        from tasks.evaluation.scoring import evaluate_dataset
+
+        try:
+            summary = evaluate_dataset(args.run, args.dataset, "test", storage_options(args.dataset) or options)
+        except (ValueError, FileNotFoundError) as exc:
+            print(f"bgremoval model register: --dataset: {first_line(exc)}", file=sys.stderr)
+            return 2
+        print(format_summary(summary))
+        tags = {**metrics_for_mlflow(summary, "test_"),
+                "dataset_version": os.path.basename(args.dataset.rstrip("/"))}
+    try:
+        registered = registry.register_model(args.run, args.name, tags=tags, storage_options=options,
+                                             pyfunc_model=pyfunc_model(), description=args.description)
+    except FileNotFoundError as exc:
+        print(f"bgremoval model register: {first_line(exc)}", file=sys.stderr)
+        return 2
+    print(f"{args.name}: registered version {registered['version']} ({registered['model_uri']})")
+    print(f"next: bgremoval model promote --name {args.name} --version {registered['version']}  "
+          "(makes it the champion `remove` and the production DAG use)")
     return 0
 
 
@@ -349,20 +474,38 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--force", action="store_true", help="write even if the batch is already finished")
     synth.set_defaults(func=cmd_synth)
 
-    clean = sub.add_parser("clean", help="clean a batch without Airflow (same stage functions as the DAG)")
-    clean.add_argument("--bucket", required=True, help="bucket URL holding raw/<batch>, e.g. s3://bgremoval")
-    clean.add_argument("--batch", required=True)
-    clean.add_argument("--working-size", type=int, default=320)
-    clean.add_argument("--shard-size", type=int, default=250)
+    clean = sub.add_parser("clean", help="clean a batch without Airflow (same stage functions as the DAG)",
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    clean.add_argument("--bucket", required=True, help="bucket URL or local folder holding raw/<batch>/images and "
+                                                       "raw/<batch>/masks, e.g. s3://bgremoval or ./data")
+    clean.add_argument("--batch", required=True, help="the batch's folder name under raw/")
+    clean.add_argument("--working-size", type=int, default=320,
+                       help="longest side of the clean pairs; larger photos are shrunk, smaller ones kept as they are")
+    clean.add_argument("--shard-size", type=int, default=250, help="pairs per shard (one task each in the DAG)")
     clean.set_defaults(func=cmd_clean)
+
+    split = sub.add_parser("split", help="assign a dataset version's clean pairs to train / val / test (a hash of "
+                                         "each stem, per cluster: the same pair always lands in the same split)",
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    split.add_argument("--dataset", required=True, help="dataset version folder or URL (what `clean` printed)")
+    split.add_argument("--val", type=float, default=SplitConfig.val, help="share of each cluster for val")
+    split.add_argument("--test", type=float, default=SplitConfig.test, help="share of each cluster for test")
+    split.add_argument("--seed", type=int, default=SplitConfig.seed, help="hash seed")
+    split.add_argument("--keep-from", help="an earlier version's manifest.parquet whose pairs keep their split")
+    split.set_defaults(func=cmd_split)
 
     evaluate = sub.add_parser("evaluate", help="score a trained model on any labelled folder (the seed's IoU table)")
     evaluate.add_argument("--model", required=True,
                           help="models:/<name>@<alias> or models:/<name>/<version> from the MLflow registry, a "
                                "model.pt (or its run folder) written by training, an exported model.onnx (s3:// "
                                "or local), or 'pretrained' / 'pretrained:u2net' (the published weights)")
-    evaluate.add_argument("--images", required=True, help="folder or URL with <stem>.jpg|png images")
-    evaluate.add_argument("--masks", required=True, help="folder or URL with <stem>.png masks (any resolution)")
+    evaluate.add_argument("--images", help="folder or URL with <stem>.jpg|png images")
+    evaluate.add_argument("--masks", help="folder or URL with <stem>.png masks (any resolution)")
+    evaluate.add_argument("--dataset", help="instead of --images/--masks: a dataset version (what `clean` printed), "
+                                            "scored on its --split as the training DAG's gate scores it (clean "
+                                            "pairs, audit-flagged masks left out)")
+    evaluate.add_argument("--split", default="test", choices=["train", "val", "test"],
+                          help="the dataset's split to score (default test)")
     evaluate.add_argument("--threshold", type=float, default=0.5, help="probability threshold for the masks")
     evaluate.add_argument("--refine", choices=REFINE_MODES, nargs="?", const="on", default=None,
                           help="off (default): the network's own map, as the training DAG's gate scores it; auto: "
@@ -422,14 +565,20 @@ def build_parser() -> argparse.ArgumentParser:
     remove.add_argument("--interval", type=float, default=2.0, help="seconds between polls with --watch")
     remove.set_defaults(func=cmd_remove)
 
-    model = sub.add_parser("model", help="the MLflow registry: list versions, promote one, roll the champion back")
-    model.add_argument("action", choices=["list", "promote", "rollback"])
+    model = sub.add_parser("model", help="the MLflow registry: list versions, register a training run, promote "
+                                         "one, roll the champion back")
+    model.add_argument("action", choices=["list", "register", "promote", "rollback"])
     model.add_argument("--name", default=DEFAULT_MODEL_NAME, help="registered model name")
     model.add_argument("--version", help="the version to promote (promote only)")
+    model.add_argument("--run", help="register: the training run folder or URL (model.pt, config.json)")
+    model.add_argument("--dataset", help="register: score the run on this dataset version's test split first and "
+                                         "record the figures on the version (as the training DAG's gate does)")
+    model.add_argument("--description", help="register: the version's description")
     model.add_argument("--user", default=os.environ.get("USER", "cli"), help="recorded on the version's tags")
     model.set_defaults(func=cmd_model)
 
-    train = sub.add_parser("train", help="train or fine-tune on a dataset version here (torch.distributed workers)")
+    train = sub.add_parser("train", help="train or fine-tune on a dataset version here (torch.distributed workers)",
+                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     train.add_argument("--dataset", required=True, help="dataset version folder or URL (manifest.parquet with splits)")
     train.add_argument("--out", required=True, help="run folder or URL for checkpoint.pt, model.pt, result.json")
     train.add_argument("--init-from", default="auto",
@@ -437,10 +586,13 @@ def build_parser() -> argparse.ArgumentParser:
                             "'pretrained', 'champion', 'scratch', a models:/ URI or a model.pt URL")
     train.add_argument("--registered-model", default=DEFAULT_MODEL_NAME, help="whose champion 'auto'/'champion' use")
     train.add_argument("--model", default="u2netp", choices=["u2netp", "u2net"])
-    train.add_argument("--epochs", type=int, default=10)
+    train.add_argument("--epochs", type=int, default=10, help="passes over the train split")
     train.add_argument("--batch-size", type=int, default=8, help="per worker")
-    train.add_argument("--lr", type=float, default=1e-3)
-    train.add_argument("--input-size", type=int, default=320)
+    train.add_argument("--lr", type=float, default=1e-3,
+                       help="peak learning rate (cosine schedule; warm-up at most 30 %% of the run). Fine-tuning "
+                            "published weights on a few hundred pairs for one epoch: 5e-4 or lower "
+                            "(benchmarks/README.md)")
+    train.add_argument("--input-size", type=int, default=320, help="network input size in pixels")
     train.add_argument("--loss", default="bce", help="bce, bce+iou or bce+iou+ssim (tasks.train.losses)")
     train.add_argument("--workers", type=int, default=2, help="torch.distributed worker processes")
     train.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -470,9 +622,12 @@ def build_parser() -> argparse.ArgumentParser:
     quant.set_defaults(func=cmd_quantize)
 
     srv = sub.add_parser("serve", help="background removal over HTTP: POST /api/remove (rembg's `rembg s`)")
-    srv.add_argument("--model", default="pretrained",
+    srv.add_argument("--model",
                      help="'pretrained', a .onnx file, a model folder/URL, or models:/<name>@<alias> (re-read "
-                          "every --reload-interval seconds and swapped in when the alias moves)")
+                          "every --reload-interval seconds and swapped in when the alias moves). Default, as "
+                          "`remove`: the registry's champion when MLflow is configured and has one, else 'pretrained'")
+    srv.add_argument("--registered-model", default=DEFAULT_MODEL_NAME,
+                     help="registered model whose champion is the default")
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on (no login: keep it on loopback "
                                                          "or behind an authenticating proxy)")
     srv.add_argument("--port", type=int, default=7000)
@@ -537,6 +692,22 @@ def _installed(module: str) -> bool:
         return False
 
 
+#: botocore's errors for an object store that cannot be reached as configured (matched by name:
+#: the core install has no botocore).
+_UNREACHABLE_STORE_ERRORS = frozenset({"NoCredentialsError", "PartialCredentialsError", "EndpointConnectionError"})
+
+
+def _unreachable_store(exc: BaseException) -> str | None:
+    """The first line of ``exc`` (or of an exception it was raised from) when it says the object store
+    cannot be reached as configured; None otherwise."""
+    seen = exc
+    while seen is not None:
+        if type(seen).__name__ in _UNREACHABLE_STORE_ERRORS:
+            return first_line(seen)
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``bgremoval`` console script; returns the exit status (2 with the extra
     to install when the command needs a library this install lacks)."""
@@ -550,6 +721,13 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"bgremoval {args.command}: needs {exc.name}, which this install lacks: "
               f"pip install 'bgremoval[{extra}]'", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        unreachable = _unreachable_store(exc)
+        if unreachable is None:
+            raise
+        print(f"bgremoval {args.command}: cannot reach the object store: {unreachable} (set AWS credentials and "
+              "AWS_ENDPOINT_URL, or `bgremoval stack up` and its env file for the embedded one)", file=sys.stderr)
         return 2
 
 

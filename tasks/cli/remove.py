@@ -26,6 +26,11 @@ STREAM = "-"
 FILE_OUTPUT_EXTENSIONS = (".png", ".jpg", ".jpeg")
 
 
+#: Image file names `remove` cannot write (it writes PNG and JPEG): taken for a folder, they would
+#: surprise.
+_OTHER_IMAGE_SUFFIXES = frozenset({".webp", ".tif", ".tiff", ".gif", ".bmp", ".avif", ".heic"})
+
+
 def single_file_output(inputs: list[str], out: str) -> bool:
     """True when one local photo (or stdin) is cut out into one file: ``-o`` names a PNG or JPEG
     on the local disk that is not a folder."""
@@ -39,6 +44,11 @@ def _refusal(args: argparse.Namespace, to_file: bool) -> str | None:
     from tasks.serving.pipeline import path_key
 
     one_image = STREAM in args.inputs or args.out == STREAM or to_file
+    suffix = Path(args.out).suffix.lower()
+    if (not to_file and len(args.inputs) == 1 and os.path.isfile(args.inputs[0]) and suffix in _OTHER_IMAGE_SUFFIXES
+            and not os.path.isdir(args.out)):
+        return (f"cannot write {args.out}: one photo is written as a .png (the cut-out, or the mask with --only-mask) "
+                "or a .jpg (on the background); give a folder for both")
     if to_file and args.only_mask and Path(args.out).suffix.lower() != ".png":
         return f"a mask is written as a PNG, not {args.out}"
     if to_file and args.mask:
@@ -96,6 +106,8 @@ def cmd_remove(args: argparse.Namespace) -> int:
         print(f"bgremoval remove: {refusal}", file=sys.stderr)
         return 2
     say = functools.partial(print, file=sys.stderr if args.out == STREAM else sys.stdout)
+    if args.quiet:  # MLflow's own bar, when a registered model is downloaded
+        os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
     urls = [*args.inputs, args.out, args.model or ""]
     options = next((o for o in map(storage_options, urls) if o is not None), None)
     try:

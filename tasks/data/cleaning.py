@@ -51,9 +51,10 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from tasks.core.codecs import area_average, on_white, shrink_mask
 from tasks.data.config import CleaningConfig
 
-#: Changes whenever the same raw pair and config would clean to other bytes (2: never enlarged), so
+#: Changes whenever the same raw pair and config would clean to other bytes (2: never enlarged; 3: 0/1
+#: label masks kept, no longer quarantined as empty), so
 #: the dataset version (:func:`tasks.core.manifest.dataset_version`) moves with it.
-CLEANING_REVISION = 2
+CLEANING_REVISION = 3
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 MASK_EXTENSIONS = (".png",)
 IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "MPO")
@@ -288,7 +289,11 @@ def _to_grey(img: Image.Image, conversions: list[str]) -> np.ndarray:
     """Convert a mask of any supported mode to a uint8 greyscale array."""
     mode = img.mode
     if mode == "L":
-        return np.asarray(img)
+        grey = np.asarray(img)
+        if grey.max() == 1:  # a label image of 0 and 1 (many tools write masks so), not an almost-black mask
+            conversions.append("mask_0_1->0_255")
+            return grey * np.uint8(255)
+        return grey
     if mode == "1":
         return np.asarray(img.convert("L"))
     if mode in ("I;16", "I;16B", "I;16L", "I"):

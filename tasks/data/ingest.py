@@ -305,6 +305,30 @@ def _collapse_duplicates(manifest: pd.DataFrame, dataset_url: str, storage_optio
     return manifest
 
 
+#: Manifest columns that stages after cleaning write (clusters, splits, the reviewer's answers).
+LATER_STAGE_COLUMNS = ("cluster", "split", "audit_decision")
+
+
+def _keep_later_stages(manifest: pd.DataFrame, manifest_url: str, storage_options: dict | None) -> pd.DataFrame:
+    """``manifest`` with the clusters, splits and review answers that an earlier cleaning of the same
+    version gave its pairs (same key, same bytes), so cleaning a batch again loses none of them."""
+    if not storage.exists(manifest_url, storage_options):
+        return manifest
+    previous = read_table(manifest_url, storage_options)
+    columns = [c for c in LATER_STAGE_COLUMNS if c in previous]
+    if not columns or not len(previous):
+        return manifest
+    ident = ["key", "image_sha256", "mask_sha256"]
+    kept = previous.loc[previous["status"] == STATUS_OK, ident + columns].drop_duplicates("key")
+    ok = manifest["status"] == STATUS_OK
+    merged = manifest.loc[ok, ident].merge(kept, on=ident, how="left")
+    for column in columns:
+        values = merged[column].to_numpy()
+        manifest[column] = manifest[column].astype(object)
+        manifest.loc[ok, column] = [None if pd.isna(v) else v for v in values]
+    return to_frame(manifest.astype(object).where(manifest.notna(), None).to_dict("records"), MANIFEST_COLUMNS)
+
+
 def finalize_dataset(
     dataset_url: str,
     batch: str,
@@ -324,6 +348,7 @@ def finalize_dataset(
     manifest = pd.concat(frames, ignore_index=True) if frames else to_frame([], MANIFEST_COLUMNS)
     manifest = _collapse_duplicates(manifest, dataset_url, storage_options)
     manifest = to_frame(manifest.astype(object).where(manifest.notna(), None).to_dict("records"), MANIFEST_COLUMNS)
+    manifest = _keep_later_stages(manifest, layout.manifest(dataset_url), storage_options)
     quarantine = manifest.loc[manifest["status"] == STATUS_QUARANTINED, list(QUARANTINE_COLUMNS)].reset_index(drop=True)
 
     manifest_url = write_table(manifest, layout.manifest(dataset_url), storage_options)

@@ -45,7 +45,9 @@ class AssessmentConfig:
     worst: int = 16
 
 
-def _metrics_for_mlflow(summary: dict, prefix: str) -> dict[str, float]:
+def metrics_for_mlflow(summary: dict, prefix: str) -> dict[str, float]:
+    """An evaluation summary as flat MLflow metrics (and version tags): mean IoU, MAE and boundary F,
+    the share of images at each IoU threshold, and each cluster's mean IoU, keys prefixed."""
     metrics = {f"{prefix}mean_iou": summary["mean_iou"], f"{prefix}mean_mae": summary["mean_mae"],
                f"{prefix}mean_boundary_f": summary["mean_boundary_f"]}
     for th, share in summary["share_at_least"].items():
@@ -174,7 +176,7 @@ def _log_to_mlflow(run_id: str, summary: dict, champion: dict | None, passed: bo
     import mlflow
 
     client = mlflow.MlflowClient()
-    metrics = _metrics_for_mlflow(summary, "test_")
+    metrics = metrics_for_mlflow(summary, "test_")
     if champion is not None:
         metrics["champion_test_mean_iou"] = float(champion["mean_iou"])
     for key, value in metrics.items():
@@ -196,7 +198,7 @@ def register_and_promote(assessment: dict[str, Any], dataset_version: str, confi
     if not assessment["gate"]["passed"]:
         raise ValueError("the gate did not pass: " + "; ".join(assessment["gate"]["reasons"]))
     summary = assessment["summary"]
-    tags = {**_metrics_for_mlflow(summary, "test_"), "dataset_version": dataset_version,
+    tags = {**metrics_for_mlflow(summary, "test_"), "dataset_version": dataset_version,
             "gate": "passed", "report": assessment["report_html"]}
     from tasks.serving.mlflow_model import pyfunc_model  # MLflow and pandas: only when registering
 

@@ -183,7 +183,9 @@ def process_shard(bucket_url: str, batch: str, shard_url: str, model_uri: str, c
                 enqueue(bucket_url, QueueItem(stem=result.stem, batch=batch, source_url=result.source_url,
                                               score=score, threshold=threshold, model_uri=model_uri,
                                               model_version=model_version, item_id=item_id,
-                                              source_sha256=digest),
+                                              source_sha256=digest,
+                                              outputs={"background": config.background, "canvas": config.canvas,
+                                                       "margin": config.margin}),
                         image_jpeg, mask_png, storage_options)
         except CorrectionsError as exc:  # the queue or pool refused this image's pair (an empty mask)
             counts["failed"] += 1

@@ -118,6 +118,9 @@ class QueueItem:
     created_at: str = ""
     item_id: str = ""
     source_sha256: str = ""
+    #: How the run would have published it (``background``, ``canvas``, ``margin``): a decided item
+    #: is published the same way (:mod:`tasks.feedback.publishing`).
+    outputs: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.item_id:
@@ -187,7 +190,8 @@ def _decode_image_size(image_jpeg: bytes) -> tuple[int, int]:
 
 
 def binarise_mask(mask_bytes: bytes, size: tuple[int, int]) -> np.ndarray:
-    """Decode a mask PNG of ``size`` (``(width, height)``) to an HxW uint8 array of 0/255.
+    """Decode a mask PNG of ``size`` (``(width, height)``) to an HxW uint8 array of 0/255; a mask of the
+    original photo, larger than the page's copy with the same aspect ratio, is shrunk to ``size``.
 
     Format, size and the :data:`MAX_MASK_BYTES` limit are checked from the header before any pixel
     is decoded (:func:`tasks.core.codecs.decode_mask_file`: grey, RGB, 16-bit, or a not fully
@@ -197,7 +201,7 @@ def binarise_mask(mask_bytes: bytes, size: tuple[int, int]) -> np.ndarray:
     if not mask_bytes:
         raise CorrectionsError("the mask file is empty (0 bytes)")
     try:
-        mask = decode_mask_file(mask_bytes, size, MAX_MASK_BYTES, reference="the image")
+        mask = decode_mask_file(mask_bytes, size, MAX_MASK_BYTES, reference="the image", shrink_to_fit=True)
     except ValueError as exc:
         raise CorrectionsError(str(exc)) from None
     if not mask.any():

@@ -194,6 +194,23 @@ def new_pool_pairs(bucket_url: str, state: dict, storage_options: dict | None = 
     return [p for p in pairs if consumed.get(str(p["pair_id"])) != str(p.get("at") or "")]
 
 
+def pool_pairs_missing_from(bucket_url: str, base_version: str, state: dict,
+                            storage_options: dict | None = None) -> list[dict]:
+    """The pool pairs an earlier run used (``state["consumed"]`` at their current ``at``) that the
+    base version does not hold: that run's dataset was never promoted (its training failed the gate
+    or never ran), so the champion's dataset lacks them. Without them they would be lost for good.
+    Returns :func:`tasks.feedback.queue.list_pool` records, oldest first; none when the base has no
+    manifest (the run then stops on that)."""
+    manifest_url = layout.manifest(layout.dataset(bucket_url, base_version))
+    if not base_version or not storage.exists(manifest_url, storage_options):
+        return []
+    manifest = read_table(manifest_url, storage_options)
+    held = set(manifest.loc[manifest["batch"] == POOL_BATCH, "stem"].astype(str)) if "batch" in manifest else set()
+    consumed = state.get("consumed") or {}
+    return [p for p in list_pool(bucket_url, storage_options)
+            if consumed.get(str(p["pair_id"])) == str(p.get("at") or "") and str(p["pair_id"]) not in held]
+
+
 # --------------------------------------------------------------------------------------------
 # Versions and the base
 # --------------------------------------------------------------------------------------------

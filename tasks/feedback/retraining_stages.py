@@ -18,6 +18,7 @@ from tasks.feedback.retraining import (
     build_retraining_dataset,
     format_result,
     new_pool_pairs,
+    pool_pairs_missing_from,
     read_state,
     write_state,
 )
@@ -36,19 +37,23 @@ def base_dataset(requested: str, registered_model: str, state: dict) -> str:
 
 def find_new_pairs(bucket_url: str, requested_base: str, registered_model: str,
                    storage_options: dict | None = None) -> dict[str, Any]:
-    """The ``find_new_pairs`` stage: the pool pairs added since the last run and the base dataset.
+    """The ``find_new_pairs`` stage: the pool pairs added since the last run, the base dataset, and
+    the pairs an earlier run used that the base lacks (:func:`pool_pairs_missing_from`: they go into
+    the new version again, but only new pairs count towards ``min_new_pairs``).
 
     Returns ``{"n_new", "until" (the newest pair's time, the cut-off the next stages use),
-    "base_version", "origins": {origin: n}}``.
+    "base_version", "origins": {origin: n}, "n_carried"}``.
     """
     state = read_state(bucket_url, storage_options)
     pairs = new_pool_pairs(bucket_url, state, storage_options)
     base = base_dataset(requested_base, registered_model, state)
+    carried = pool_pairs_missing_from(bucket_url, base, state, storage_options)
     newest = max((p["at"] for p in pairs), default=None)
     print(f"{len(pairs)} new pairs in the retraining pool since {state.get('last_pair_at') or 'the beginning'}; "
-          f"base dataset: {base or 'none'}")
+          f"base dataset: {base or 'none'}"
+          + (f"; {len(carried)} pairs of an earlier run that the base lacks come again" if carried else ""))
     return {"n_new": len(pairs), "until": newest, "base_version": base,
-            "origins": {o: sum(p.get("origin") == o for p in pairs) for o in POOL_ORIGINS}}
+            "origins": {o: sum(p.get("origin") == o for p in pairs) for o in POOL_ORIGINS}, "n_carried": len(carried)}
 
 
 def worth_retraining(found: dict[str, Any], min_new_pairs: int) -> bool:
@@ -65,9 +70,12 @@ def worth_retraining(found: dict[str, Any], min_new_pairs: int) -> bool:
 def build_dataset(bucket_url: str, found: dict[str, Any], config: RetrainingConfig,
                   storage_options: dict | None = None) -> dict[str, Any]:
     """The ``build_dataset`` stage: the base version plus the pool pairs up to ``found["until"]``
-    (pairs that arrived while the run was going wait for the next one)."""
-    pairs = [p for p in new_pool_pairs(bucket_url, read_state(bucket_url, storage_options), storage_options)
+    (pairs that arrived while the run was going wait for the next one) and the earlier runs' pairs
+    the base lacks."""
+    state = read_state(bucket_url, storage_options)
+    pairs = [p for p in new_pool_pairs(bucket_url, state, storage_options)
              if found["until"] is None or p["at"] <= found["until"]]
+    pairs += pool_pairs_missing_from(bucket_url, found["base_version"], state, storage_options)
     result = build_retraining_dataset(bucket_url, found["base_version"], pairs, config, storage_options)
     print(format_result(result))
     return result

@@ -323,6 +323,29 @@ def _render(rgb: np.ndarray, prob: np.ndarray, config: InferenceConfig) -> dict[
     return out
 
 
+def cutout_with_mask(stem: str, source_url: str, data: bytes, mask: np.ndarray,
+                     config: InferenceConfig) -> CutoutResult:
+    """One photo's outputs from a mask a person drew or accepted, in place of the model's map.
+
+    ``data``: the photo's bytes (decoded as the pipeline decodes them: EXIF applied, transparency on
+    white); ``mask``: ``H×W`` ``uint8`` 0/255 of the photo's aspect at any size (the correction
+    page's copy), resized to the photo bilinearly, so its outline is the one-pixel ramp a map gives.
+    A photo that cannot be cut out comes back with ``error`` set.
+    """
+    result = CutoutResult(stem=stem, source_url=source_url)
+    try:
+        rgb = decode_image(data, max_pixels=config.max_pixels)
+        height, width = rgb.shape[:2]
+        scaled = mask if mask.shape == (height, width) else cv2.resize(mask, (width, height),
+                                                                       interpolation=cv2.INTER_LINEAR)
+        result.width, result.height = width, height
+        for key, value in _render(rgb, scaled.astype(np.float32) * np.float32(1 / 255), config).items():
+            setattr(result, key, value)
+    except (ValueError, cv2.error) as exc:
+        result.error = f"cannot produce outputs: {exc}"
+    return result
+
+
 # ----------------------------------------------------------------------------------------------
 # The pipeline
 # ----------------------------------------------------------------------------------------------

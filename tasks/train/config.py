@@ -23,6 +23,9 @@ LOSSES: tuple[str, ...] = ("bce", "bce+iou", "bce+iou+ssim")
 AMP_MODES: tuple[str, ...] = ("auto", "bf16", "fp16", "off")
 #: Accepted values of ``TrainConfig.schedule``.
 SCHEDULES: tuple[str, ...] = ("cosine", "onecycle", "constant")
+#: The cosine schedule's warm-up takes at most this share of the run's steps: a one-epoch fine-tune
+#: with one epoch of warm-up would end at its peak learning rate, never decaying.
+MAX_WARMUP_SHARE: float = 0.3
 #: Accepted values of ``TrainConfig.device``.
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
 
@@ -68,8 +71,9 @@ class TrainConfig:
             (starting at ``batch_size_start`` and halving on out-of-memory errors).
         lr, weight_decay: AdamW learning rate and decoupled weight decay (0 → plain Adam, as in
             the original U2-Net: lr 1e-3, no decay).
-        schedule: ``"cosine"`` (linear warm-up for ``warmup_epochs`` then cosine to
-            ``min_lr_ratio × lr``), ``"onecycle"`` or ``"constant"``; stepped every iteration.
+        schedule: ``"cosine"`` (linear warm-up for ``warmup_epochs``, at most
+            :data:`MAX_WARMUP_SHARE` of the run, then cosine to ``min_lr_ratio × lr``),
+            ``"onecycle"`` or ``"constant"``; stepped every iteration.
         fused_weight: weight of the fused output's loss; the six side losses weigh 1 each (the
             original sums all seven with weight 1).
         loss: the loss of each output, one of :data:`LOSSES`: ``"bce"`` (the

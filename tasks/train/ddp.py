@@ -24,6 +24,8 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
+from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -123,9 +125,39 @@ def stop_process_group(process: subprocess.Popen) -> None:
             continue
 
 
+def _absolute_local_paths(config: TrainConfig) -> TrainConfig:
+    """``config`` with its relative local paths made absolute: the workers run in the project's
+    folder, where a relative path would name another file or none."""
+    def absolute(url: str | None) -> str | None:
+        return url if not url or "://" in url or os.path.isabs(url) else os.path.abspath(url)
+
+    return replace(config, dataset_url=absolute(config.dataset_url), output_url=absolute(config.output_url),
+                   init_from=absolute(config.init_from), cache_dir=absolute(config.cache_dir))
+
+
+def _copy_output(source, log_file, echo: bool) -> None:
+    """Copy the workers' output into ``log_file``; with ``echo``, also show their epoch progress bars
+    (the main rank's ``epoch i/n`` lines) on this process's standard error as they advance."""
+    pending = b""
+    for chunk in iter(lambda: source.read1(65536), b""):
+        log_file.write(chunk)
+        log_file.flush()
+        if not echo:
+            continue
+        pending += chunk
+        *pieces, pending = pending.replace(b"\r", b"\n").split(b"\n")
+        for piece in pieces:
+            if piece.startswith(b"epoch "):
+                sys.stderr.write(("\r" if sys.stderr.isatty() else "") + piece.decode("utf-8", "replace")
+                                 + ("" if sys.stderr.isatty() else "\n"))
+                sys.stderr.flush()
+    if echo and sys.stderr.isatty():
+        sys.stderr.write("\n")
+
+
 def run_launcher(name: str, nproc: int, command: Callable[[str], list[str]], config: TrainConfig,
                  timeout_s: float | None = None, log_path: str | None = None,
-                 env: dict[str, str] | None = None) -> TrainResult:
+                 env: dict[str, str] | None = None, echo_progress: bool = False) -> TrainResult:
     """Run a multi-worker launcher (``torchrun``, ``horovodrun``) over ``config`` and wait.
 
     Args:
@@ -137,12 +169,14 @@ def run_launcher(name: str, nproc: int, command: Callable[[str], list[str]], con
         log_path: where the workers' combined output goes (default: a temporary file, deleted
             after a successful run).
         env: extra environment variables for the workers.
+        echo_progress: also show the epochs' progress bars on standard error (the command line).
 
     On the CPU each worker gets ``OMP_NUM_THREADS=1`` (unless ``env`` sets it), so workers do
     not fight over the cores. Returns rank 0's :class:`TrainResult`, read from
     ``<output_url>/result.json``. Raises ``RuntimeError`` with the exit status and the tail of
     the log when the launcher fails (or times out).
     """
+    config = _absolute_local_paths(config)
     workdir = tempfile.mkdtemp(prefix=f"bgremoval-{name}-")  # private (0700): the config may hold S3 keys
     config_path = os.path.join(workdir, "config.json")
     with open(os.open(config_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w", encoding="utf-8") as handle:
@@ -152,13 +186,17 @@ def run_launcher(name: str, nproc: int, command: Callable[[str], list[str]], con
     child_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_PROJECT_ROOT), child_env.get("PYTHONPATH")) if p)
     if not _uses_cuda(config):
         child_env["OMP_NUM_THREADS"] = "1"
+    if echo_progress and sys.stderr.isatty():
+        child_env["BGREMOVAL_PROGRESS_REDRAW"] = "1"  # the bars redraw as on a terminal, through the pipe
     child_env.update(env or {})
     argv = command(config_path)
     log.info("launching %s (log: %s)", " ".join(argv), log_file)
     with open(log_file, "wb") as output:
         # A session of its own, so a timeout can stop the launcher and every worker it started.
-        process = subprocess.Popen(argv, stdout=output, stderr=subprocess.STDOUT, env=child_env,
+        process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=child_env,
                                    cwd=str(_PROJECT_ROOT), start_new_session=True)
+        copier = threading.Thread(target=_copy_output, args=(process.stdout, output, echo_progress), daemon=True)
+        copier.start()
         try:
             returncode: int | None = process.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
@@ -169,6 +207,7 @@ def run_launcher(name: str, nproc: int, command: Callable[[str], list[str]], con
             raise
         finally:
             os.remove(config_path)  # the workers read it at start; nothing with credentials stays behind
+            copier.join(timeout=10)
     if returncode != 0:
         with open(log_file, "rb") as handle:
             tail = handle.read()[-6000:].decode("utf-8", "replace")
@@ -181,7 +220,8 @@ def run_launcher(name: str, nproc: int, command: Callable[[str], list[str]], con
 
 
 def launch_local(config: TrainConfig, nproc: int, timeout_s: float | None = None,
-                 log_path: str | None = None, env: dict[str, str] | None = None) -> TrainResult:
+                 log_path: str | None = None, env: dict[str, str] | None = None,
+                 echo_progress: bool = False) -> TrainResult:
     """Run ``torchrun --standalone --nproc_per_node=nproc -m tasks.train.ddp`` here and wait.
 
     ``nproc`` is the number of worker processes on this machine (one per GPU on a GPU machine);
@@ -194,7 +234,7 @@ def launch_local(config: TrainConfig, nproc: int, timeout_s: float | None = None
         return [torchrun_executable(), "--standalone", f"--nproc_per_node={nproc}",
                 "-m", "tasks.train.ddp", "--config", config_path]
 
-    return run_launcher("torchrun", nproc, command, config, timeout_s, log_path, env)
+    return run_launcher("torchrun", nproc, command, config, timeout_s, log_path, env, echo_progress)
 
 
 if __name__ == "__main__":

@@ -59,7 +59,7 @@ from tasks.train.checkpoint import (
     state_dict_sha256,
 )
 from tasks.train.collectives import Collectives, RankInfo, default_collectives
-from tasks.train.config import RESUME_FREE_FIELDS, TrainConfig
+from tasks.train.config import MAX_WARMUP_SHARE, RESUME_FREE_FIELDS, TrainConfig
 from tasks.train.faults import exit_if_asked
 from tasks.train.data import ClusterBalancedDistributedSampler, SegmentationDataset, ShardSampler, prepare_split
 from tasks.train.losses import segmentation_loss
@@ -240,7 +240,8 @@ def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig,
                     steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler:
     """Return the per-iteration LR scheduler of ``config.schedule`` for ``config.epochs`` epochs.
 
-    ``"cosine"``: linear warm-up over ``warmup_epochs`` then half a cosine from ``lr`` down to
+    ``"cosine"``: linear warm-up over ``warmup_epochs`` (at most :data:`MAX_WARMUP_SHARE` of the run,
+    so that a short fine-tune still decays) then half a cosine from ``lr`` down to
     ``min_lr_ratio · lr``; ``"onecycle"``: ``OneCycleLR`` with ``max_lr = lr``;
     ``"constant"``: ``lr`` throughout. Call ``scheduler.step()`` after every optimiser step.
     """
@@ -249,7 +250,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig,
         return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=total)
     if config.schedule == "constant":
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    warmup = int(round(config.warmup_epochs * steps_per_epoch))
+    warmup = min(int(round(config.warmup_epochs * steps_per_epoch)), int(MAX_WARMUP_SHARE * total))
     floor = config.min_lr_ratio
 
     def factor(step: int) -> float:
@@ -344,8 +345,9 @@ class _Tracker:
             return os.environ["BGREMOVAL_MLFLOW_ARTIFACTS"]
         uri = self._mlflow.get_tracking_uri()
         if uri.startswith("sqlite:///"):
-            # MLflow's default would be ./mlruns under the current directory; keep it by the DB.
-            return os.path.join(os.path.dirname(os.path.abspath(uri[len("sqlite:///"):])), "artifacts")
+            # MLflow's default would be ./mlruns under the current directory; keep it by the DB, named
+            # after it (a store in a shared folder such as /tmp gets a folder of its own).
+            return os.path.splitext(os.path.abspath(uri[len("sqlite:///"):]))[0] + "-artifacts"
         return None
 
     def _start_tensorboard(self) -> None:
@@ -444,10 +446,12 @@ class _Tracker:
 
 def _epoch_bar(epoch: int, epochs: int, images: int, show: bool) -> tqdm:
     """A progress bar over one epoch's images (all workers' together, counted on the main rank), whose
-    rate is the training img/s; on a terminal it redraws, in a log file (an Airflow task) it writes a
-    line every 30 seconds at the most."""
+    rate is the training img/s; on a terminal (or through ``bgremoval train``'s pipe to one:
+    ``BGREMOVAL_PROGRESS_REDRAW=1``) it redraws, in a log file (an Airflow task) it writes a line every
+    30 seconds at the most."""
+    redraw = sys.stderr.isatty() or os.environ.get("BGREMOVAL_PROGRESS_REDRAW") == "1"
     return tqdm(total=images, desc=f"epoch {epoch}/{epochs}", unit="img", disable=not show, file=sys.stderr,
-                mininterval=0.5 if sys.stderr.isatty() else 30.0, dynamic_ncols=True)
+                mininterval=0.5 if redraw else 30.0, dynamic_ncols=True)
 
 
 def _to_device(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:

@@ -75,7 +75,10 @@ def test_publish_correct_retrain_promote(s3_bucket, reviewer, client_for, tmp_pa
     painted[mask.shape[0] // 4: 3 * mask.shape[0] // 4, mask.shape[1] // 4: 3 * mask.shape[1] // 4] = 255
     body = {"decision": "corrected", "mask_source": "brush",
             "mask_png_base64": base64.b64encode(cv2.imencode(".png", painted)[1].tobytes()).decode()}
-    reviewer.request("POST", f"/bgremoval/api/corrections/{second}/decision?bucket={bucket}", body)
+    answer = reviewer.request("POST", f"/bgremoval/api/corrections/{second}/decision?bucket={bucket}", body)
+    assert answer["decision"] == "corrected" and sorted(answer["published"]) == ["composite_jpeg", "cutout_png", "mask_png"]
+    published_now = {o.relpath for o in storage.list_objects(f"{bucket_url}/published/drop-1", options)}
+    assert len([p for p in published_now if p.endswith(".png") and "/" not in p]) == 6  # both decided photos too
 
     training_conf = {"epochs": 1, "train_input_size": 64, "batch_size": 4, "workers": 1, "max_steps_per_epoch": 2,
                      "target_per_cluster": 6, "iou_gate": 0.0, "cluster_iou_gate": 0.0, "tolerance": 1.0}

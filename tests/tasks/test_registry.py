@@ -109,6 +109,8 @@ def test_promotion_moves_champion_and_previous_then_rollback_walks_back(three_ve
     assert registry.promote("m", "2", user="ana") == {"champion": "2", "previous": "1"}
     assert registry.promote("m", "2") == {"champion": "2", "previous": "1"}  # idempotent
     assert registry.promote("m", "3") == {"champion": "3", "previous": "2"}
+    listed = {row["version"]: row["aliases"] for row in registry.list_versions("m")}
+    assert listed == {"3": [registry.CHAMPION], "2": [registry.PREVIOUS], "1": []}  # what `model list` shows
     tags = mlflow.MlflowClient().get_model_version("m", "2").tags
     assert tags["promoted_by"] == "ana" and "promoted_at" in tags
 
@@ -224,3 +226,25 @@ def test_auto_start_skips_a_champion_of_another_architecture(tracking, write_mod
     assert registry.choose_start("auto", "u2netp", "arch") == "champion"
     assert registry.choose_start("auto", "u2net", "arch") is None  # a U2-NetP champion; U2-Net's file not here
     assert registry.choose_start("champion", "u2netp", "arch") == "champion"  # asked for by name: as it is
+
+
+def test_cli_registers_a_training_run_with_its_test_figures(tmp_path, tracking, write_model_folder, capsys):
+    """`bgremoval model register`: a run trained from the command line becomes a version, scored on the
+    dataset's test split first so that `model list` shows its figure, then promotes by its number."""
+    from tasks.cli.main import main
+    from tasks.dev.synthetic import write_synthetic_dataset
+
+    dataset = tmp_path / "datasets" / "v9"
+    write_synthetic_dataset(str(dataset), 4, seed=1, max_side=48, split_for=lambda i: "test")
+    run = write_model_folder(tmp_path / "cli-run")
+    assert main(["model", "register", "--name", "cli", "--run", run, "--dataset", str(dataset)]) == 0
+    out = capsys.readouterr().out
+    assert "cli: registered version 1" in out and "next: bgremoval model promote --name cli --version 1" in out
+    tags = registry.version_tags("cli", "1")
+    assert tags["dataset_version"] == "v9" and 0.0 <= float(tags["test_mean_iou"]) <= 1.0
+    assert main(["model", "promote", "--name", "cli", "--version", "1"]) == 0
+    assert main(["model", "list", "--name", "cli"]) == 0
+    listing = capsys.readouterr().out
+    assert "champion" in listing and "test mean IoU" in listing and "dataset v9" in listing
+    assert main(["model", "register", "--name", "cli"]) == 2  # --run is needed
+    assert main(["model", "register", "--name", "cli", "--run", str(tmp_path / "nothing")]) == 2

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import logging
 from typing import Literal
 
 from fastapi import APIRouter, Depends, File, Form, HTTPException, Query, UploadFile
@@ -37,6 +38,8 @@ from airflow.api_fastapi.core_api.security import GetUserDep, requires_access_da
 from bgremoval_airflow.web.common import (answer_errors, bucket_url, current_storage_options, default_bucket, page_count,
                                           render_page)
 from tasks.feedback.config import MAX_MASK_BYTES
+
+log = logging.getLogger(__name__)
 
 INFERENCE_DAG_ID = "bgremoval_inference"
 
@@ -65,11 +68,21 @@ def _item_id(item_id: str) -> str:
 
 
 def _decide(bucket: str, item_id: str, user: str, **kwargs) -> dict:
-    """Call :func:`tasks.feedback.queue.decide` and turn its errors into HTTP answers."""
+    """Call :func:`tasks.feedback.queue.decide` and turn its errors into HTTP answers; then publish
+    an accepted or corrected photo (``published``: its files; ``publish_error`` when that failed:
+    the decision stands, and the inference DAG's ``publish_decided`` tries again)."""
+    from tasks.feedback.publishing import publish_decision
     from tasks.feedback.queue import AlreadyDecided, CorrectionsError, decide
 
+    url, options = bucket_url(bucket), current_storage_options()
     with answer_errors({AlreadyDecided: 409, CorrectionsError: 422, FileNotFoundError: 404}):
-        return decide(bucket_url(bucket), _item_id(item_id), user=user, storage_options=current_storage_options(), **kwargs)
+        record = decide(url, _item_id(item_id), user=user, storage_options=options, **kwargs)
+    try:
+        published = publish_decision(url, record["item_id"], options)
+    except (ValueError, OSError) as exc:
+        log.warning("publishing %s after its decision failed: %s", record["item_id"], exc)
+        return {**record, "published": None, "publish_error": str(exc)}
+    return {**record, "published": published["files"] if published else None}
 
 
 def _links(item_id: str, bucket: str) -> dict:

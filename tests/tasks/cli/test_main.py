@@ -25,6 +25,37 @@ def test_synth_then_clean_prints_the_summary(tmp_path, capsys):
     assert main(["clean", "--bucket", str(tmp_path / "bucket"), "--batch", "b", "--working-size", "96"]) == 0
     out = capsys.readouterr().out
     assert "pairs in" in out and "quarantined" in out and "missing_mask" in out
+    dataset = next(line.split(": ", 1)[1] for line in out.splitlines() if line.startswith("dataset: "))
+    assert "  quarantined " in out and f"next: bgremoval split --dataset {dataset}" in out  # which files, and what next
+    assert main(["clean", "--bucket", str(tmp_path / "bucket"), "--batch", "nope"]) == 2  # a line, not a traceback
+    assert "bgremoval clean: " in capsys.readouterr().err
+
+    assert main(["split", "--dataset", dataset, "--val", "0.25", "--test", "0.25"]) == 0
+    out = capsys.readouterr().out
+    assert "splits written into" in out and "total" in out
+    from tasks.core.manifest import read_table
+
+    manifest = read_table(f"{dataset}/manifest.parquet")
+    assert set(manifest.loc[manifest["status"] == "ok", "split"]) <= {"train", "val", "test"}
+    assert main(["split", "--dataset", dataset, "--val", "0.7", "--test", "0.7"]) == 2  # fractions over one
+    assert main(["split", "--dataset", str(tmp_path / "nowhere")]) == 2
+
+
+def test_evaluate_scores_a_dataset_split_as_the_gate_does(tmp_path, capsys, write_model_folder, monkeypatch):
+    from tasks.dev.synthetic import write_synthetic_dataset
+
+    dataset = tmp_path / "datasets" / "v1"
+    write_synthetic_dataset(str(dataset), 6, seed=3, max_side=48, split_for=lambda i: "test" if i < 4 else "train")
+    model = write_model_folder(tmp_path / "run")
+    out_json = tmp_path / "scores.json"
+    monkeypatch.chdir(tmp_path)  # a relative dataset path works as any path does
+    assert main(["evaluate", "--model", model, "--dataset", "datasets/v1", "--json", str(out_json)]) == 0
+    summary = json.loads(out_json.read_text())
+    assert summary["n"] == 4 and summary["split"] == "test"
+    assert main(["evaluate", "--model", model, "--dataset", str(dataset), "--images", str(tmp_path)]) == 2
+    assert main(["evaluate", "--model", model]) == 2
+    assert main(["evaluate", "--model", model, "--dataset", str(dataset), "--refine"]) == 2
+    assert "give --images and --masks" in capsys.readouterr().err
 
 
 def test_evaluate_prints_the_seed_table_and_writes_json(tmp_path, capsys):
@@ -113,3 +144,18 @@ def test_model_commands_need_a_configured_registry_and_name_what_is_missing(tmp_
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert main(["model", "promote", "--version", "7"]) == 2
     assert "bgremoval model promote: Model Version (name=bgremoval-u2net, version=7) not found" in capsys.readouterr().err
+
+
+def test_serve_defaults_to_what_remove_uses_and_says_which(monkeypatch, capsys):
+    """`serve` with no --model serves the champion (the alias, so that it follows promotions) or the
+    published weights, as `remove` does, and says which."""
+    import tasks.serving.engines as engines
+    import tasks.serving.http as http
+
+    served = {}
+    monkeypatch.setattr(http, "serve", lambda config, host, port: served.update(model=config.model))
+    monkeypatch.setattr(engines, "default_model", lambda name: (f"models:/{name}@champion", f"the champion of {name!r}"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////nonexistent/mlflow.db")
+    assert main(["serve", "--registered-model", "shop"]) == 0
+    assert served["model"] == "models:/shop@champion"
+    assert "no --model given: serving the champion of 'shop'" in capsys.readouterr().err

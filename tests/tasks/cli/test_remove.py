@@ -235,9 +235,12 @@ def test_remove_one_photo_into_a_named_file_as_rembg_does(model_dir, tmp_path, c
     assert main(["remove", str(photo), "-o", str(photo), "--model", model_dir]) == 2
     assert main(["remove", str(photo), "-o", str(tmp_path / "m.jpg"), "--model", model_dir, "--only-mask"]) == 2
     assert main(["remove", str(photo), "-o", str(tmp_path / "m.png"), "--model", model_dir, "--mask"]) == 2
+    assert main(["remove", str(photo), "-o", str(tmp_path / "m.webp"), "--model", model_dir]) == 2  # not a folder
     assert photo.read_bytes() == data and not (tmp_path / "m.jpg").exists() and not (tmp_path / "m.png").exists()
+    assert not (tmp_path / "m.webp").exists()
     err = capsys.readouterr().err
     assert "refusing to overwrite the input" in err and "a mask is written as a PNG" in err and "give a folder" in err
+    assert "cannot write" in err and "m.webp" in err
     # from stdin too; a name that ends in a slash is a folder
     monkeypatch.setattr("sys.stdin", _Stdin(data))
     assert main(["remove", "-", "-o", str(tmp_path / "from-stdin.png"), "--model", model_dir]) == 0

@@ -196,6 +196,16 @@ def test_soft_edged_mask_is_kept():
     assert 0 < pair.ambiguous_fraction <= CONFIG.max_ambiguous_fraction
 
 
+def test_a_mask_of_zeros_and_ones_is_read_as_a_label_image():
+    """Many labelling tools write 0/1 PNGs: cleaning scales them to 0/255 (as evaluation reads them)
+    instead of calling them empty; an almost-black 0/255 mask is still empty."""
+    image, mask = _product()
+    pair = clean_pair(_jpeg(image), _png((mask >= 128).astype(np.uint8)), CONFIG)
+    reference = clean_pair(_jpeg(image), _png(mask), CONFIG)
+    assert "mask_0_1->0_255" in pair.conversions
+    assert np.array_equal(pair.mask, reference.mask)
+
+
 def test_empty_and_full_mask_limits():
     image, mask = _product()
     tiny = np.zeros_like(mask)

@@ -105,6 +105,27 @@ def test_rerun_gives_same_version_and_no_duplicates_and_raw_is_untouched(corpus_
     assert _run(bucket, "b1")["version"] != first["version"]
 
 
+def test_cleaning_a_version_again_keeps_its_clusters_splits_and_review_answers(corpus_batch):
+    from tasks.core.manifest import STATUS_OK, write_table
+
+    bucket, _ = corpus_batch
+    first = _run(bucket, "b1")
+    manifest = read_table(first["manifest_url"])
+    ok = manifest.index[manifest["status"] == STATUS_OK]
+    manifest["cluster"] = manifest["cluster"].astype(object)
+    manifest["split"] = manifest["split"].astype(object)
+    manifest["audit_decision"] = manifest["audit_decision"].astype(object)
+    manifest.loc[ok, "cluster"] = "tops"
+    manifest.loc[ok, "split"] = ["test" if i % 2 else "train" for i in range(len(ok))]
+    manifest.loc[ok[0], "audit_decision"] = "keep"
+    write_table(manifest, first["manifest_url"])  # what the features, split and review stages write
+
+    again = read_table(_run(bucket, "b1", shard_size=11)["manifest_url"]).set_index("key")
+    before = manifest.set_index("key")
+    assert (again.loc[before.index[ok], ["cluster", "split", "audit_decision"]].fillna("")
+            == before.loc[before.index[ok], ["cluster", "split", "audit_decision"]].fillna("")).all().all()
+
+
 def test_an_unreachable_store_fails_the_shard_instead_of_quarantining_pairs():
     from tasks.dev import stack
 

@@ -27,7 +27,7 @@ def test_new_pairs_are_counted_by_origin_and_a_run_needs_a_base_and_enough_of_th
     _add(bucket_url, "p2", "2026-03-01T10:00:02.000000+00:00", origin="corrected")
     found = stages.find_new_pairs(bucket_url, "base-v1", "no-such-model")
     assert found == {"n_new": 2, "until": "2026-03-01T10:00:02.000000+00:00", "base_version": "base-v1",
-                     "origins": {"published": 1, "accepted": 0, "corrected": 1}}
+                     "origins": {"published": 1, "accepted": 0, "corrected": 1}, "n_carried": 0}
     assert stages.worth_retraining(found, min_new_pairs=2)
     assert not stages.worth_retraining(found, min_new_pairs=3)
     assert not stages.worth_retraining({**found, "base_version": ""}, min_new_pairs=1)
@@ -49,3 +49,33 @@ def test_recording_a_run_moves_the_pool_cursor(tmp_path):
     state = read_state(bucket_url)
     assert state["history"][-1]["training_run"] == "training-run"
     assert state["history"][-1]["retraining_run"] == "retraining-run"
+
+
+def test_pairs_of_a_run_whose_model_never_became_champion_come_again(tmp_path):
+    """A retraining run marks its pairs used, but when its model fails the gate (or its training never
+    runs) the champion's dataset lacks them: the next run on that base takes them again, and only the
+    new pairs count towards min_new_pairs."""
+    import pandas as pd
+
+    from tasks.core import layout
+    from tasks.core.manifest import write_table
+    from tasks.feedback.retraining import POOL_BATCH
+
+    bucket_url = str(tmp_path / "bucket")
+    base = pd.DataFrame({"stem": ["sku-1", "p1"], "batch": ["shoot", POOL_BATCH], "status": ["ok", "ok"]})
+    write_table(base, layout.manifest(layout.dataset(bucket_url, "base-v1")))  # holds p1 from an older promoted run
+    for i, pair_id in enumerate(("p1", "p2", "p3")):
+        _add(bucket_url, pair_id, f"2026-03-01T10:00:0{i + 1}.000000+00:00")
+    used = {"version": "retrain-v2", "base_version": "base-v1", "n_new": 3, "n_new_ok": 3, "n_quarantined": 0,
+            "last_pair_at": "2026-03-01T10:00:03.000000+00:00",
+            "consumed": {p["pair_id"]: p["at"] for p in queue.list_pool(bucket_url)}}
+    stages.record_state(bucket_url, used, "retraining-run", "training-run")  # retrain-v2 was never promoted
+    _add(bucket_url, "p4", "2026-03-01T10:00:04.000000+00:00")
+
+    found = stages.find_new_pairs(bucket_url, "base-v1", "no-such-model")
+    assert found["n_new"] == 1 and found["n_carried"] == 2  # p4 new; p2, p3 again; p1 is in the base already
+    assert not stages.worth_retraining(found, min_new_pairs=2)
+    from tasks.feedback.retraining import pool_pairs_missing_from
+
+    assert [p["pair_id"] for p in pool_pairs_missing_from(bucket_url, "base-v1", read_state(bucket_url))] == ["p2", "p3"]
+    assert pool_pairs_missing_from(bucket_url, "no-such-version", read_state(bucket_url)) == []

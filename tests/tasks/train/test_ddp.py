@@ -78,3 +78,34 @@ def test_a_killed_worker_fails_the_run_and_the_next_launch_resumes(
     # Epoch 1 was logged by the first launch, before the worker died, and kept its value.
     first = {m.step: m.value for m in client.get_metric_history(result.mlflow_run_id, "train_loss")}
     assert first[1] == pytest.approx(checkpoint["history"][0]["train_loss"])
+
+
+def test_relative_local_paths_reach_the_workers_as_absolute_ones(tmp_path, monkeypatch) -> None:
+    """The workers run in the project's folder: a path relative to the caller's folder would name
+    another file there (or none), so the launcher hands them absolute ones; URLs stay as they are."""
+    from tasks.train.config import TrainConfig
+    from tasks.train.ddp import _absolute_local_paths
+
+    monkeypatch.chdir(tmp_path)
+    config = _absolute_local_paths(TrainConfig(dataset_url="datasets/v1", output_url="runs/r1",
+                                               init_from="runs/r1/init/model.pt", cache_dir="s3://b/cache"))
+    assert config.dataset_url == str(tmp_path / "datasets" / "v1")
+    assert config.output_url == str(tmp_path / "runs" / "r1")
+    assert config.init_from == str(tmp_path / "runs" / "r1" / "init" / "model.pt")
+    assert config.cache_dir == "s3://b/cache"
+
+
+def test_the_epoch_bars_are_shown_and_everything_is_logged(tmp_path, capsys) -> None:
+    """`bgremoval train` shows the workers' epoch bars as they advance; the log keeps every line."""
+    import io
+
+    from tasks.train.ddp import _copy_output
+
+    output = (b"W1205 some warning from gloo\nepoch 1/2:  50%|#####     | 8/16 [00:01<00:01, 7.9img/s]\r"
+              b"epoch 1/2: 100%|##########| 16/16 [00:02<00:00, 7.9img/s]\n[rank0]: done\n")
+    log = tmp_path / "train.log"
+    with open(log, "wb") as handle:
+        _copy_output(io.BufferedReader(io.BytesIO(output)), handle, echo=True)
+    assert log.read_bytes() == output
+    shown = capsys.readouterr().err
+    assert "epoch 1/2:  50%" in shown and "epoch 1/2: 100%" in shown and "gloo" not in shown and "rank0" not in shown

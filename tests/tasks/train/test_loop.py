@@ -165,18 +165,29 @@ def test_deep_supervision_loss_sums_seven_bce_terms() -> None:
     assert weighted == pytest.approx(sum(terms).item() + terms[0].item(), rel=1e-6)
 
 
-def test_cosine_schedule_warms_up_then_decays_per_iteration() -> None:
-    config = TrainConfig(dataset_url="d", output_url="o", epochs=4, lr=1.0, warmup_epochs=1, min_lr_ratio=0.1)
+def _learning_rates(config: TrainConfig, steps_per_epoch: int) -> tuple[list[float], float]:
+    """The learning rate of every step of ``config``'s schedule, and the one after the last step."""
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    scheduler = build_scheduler(optimizer, config, steps_per_epoch=10)
+    scheduler = build_scheduler(optimizer, config, steps_per_epoch=steps_per_epoch)
     lrs = []
-    for _ in range(40):
+    for _ in range(config.epochs * steps_per_epoch):
         lrs.append(optimizer.param_groups[0]["lr"])
         optimizer.step()
         scheduler.step()
+    return lrs, optimizer.param_groups[0]["lr"]
+
+
+def test_cosine_schedule_warms_up_then_decays_per_iteration() -> None:
+    config = TrainConfig(dataset_url="d", output_url="o", epochs=4, lr=1.0, warmup_epochs=1, min_lr_ratio=0.1)
+    lrs, last = _learning_rates(config, 10)
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)  # linear warm-up over 10 steps
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))  # then monotone decay
-    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.1)  # ends at min_lr_ratio · lr
+    assert last == pytest.approx(0.1)  # ends at min_lr_ratio · lr
+    short = TrainConfig(dataset_url="d", output_url="o", epochs=1, lr=1.0, warmup_epochs=1, min_lr_ratio=0.1)
+    lrs, _ = _learning_rates(short, 10)
+    # a one-epoch fine-tune warms up over 3 of its 10 steps (MAX_WARMUP_SHARE), not all of them, then decays
+    assert lrs[2] == pytest.approx(1.0) and lrs[-1] < 0.2
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     onecycle = build_scheduler(optimizer, TrainConfig(dataset_url="d", output_url="o", schedule="onecycle"), 5)
     assert isinstance(onecycle, torch.optim.lr_scheduler.OneCycleLR) and onecycle.total_steps == 50
 
