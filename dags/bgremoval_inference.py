@@ -50,10 +50,14 @@ def bgremoval_inference():
     )
 
     @task
-    def plan_drop(params=None) -> dict:
+    def plan_drop(params=None, run_id=None) -> dict:
+        from tasks.feedback.drops import claim_drop
         from tasks.feedback.production import plan_production
 
-        plan = plan_production(layout.bucket_url(params["bucket"]), params["batch"], int(params["photos_per_shard"]),
+        bucket_url = layout.bucket_url(params["bucket"])
+        if claim_drop(bucket_url, params["batch"], run_id, s3_storage_options()):
+            print(f"drop {params['batch']} marked as handled by {run_id} (bgremoval_drops starts no other run for it)")
+        plan = plan_production(bucket_url, params["batch"], int(params["photos_per_shard"]),
                                s3_storage_options(), max_shards=max_map_length())
         print(f"{plan['n_images']} photos in {len(plan['shard_urls'])} shards")
         for problem in plan["problems"]:

@@ -11,7 +11,9 @@ server's credentials. ``[bgremoval] failure_email`` (comma-separated addresses) 
 log line (:mod:`bgremoval_airflow.operations`). ``[bgremoval] reviewers`` (comma-separated user
 names) are the people the cluster review is assigned to (anyone with access when empty), and
 ``[bgremoval] review_timeout_hours`` (72) how long it waits before it counts as rejected.
-``[bgremoval] training_deadline_hours`` turns on the training DAG's deadline alert: a run not finished
+``[bgremoval] registered_model`` (``AIRFLOW__BGREMOVAL__REGISTERED_MODEL``) is the MLflow registered
+model the DAGs' ``registered_model`` parameter defaults to (``bgremoval-u2net``), so that the runs the
+scheduler starts by itself use it too. ``[bgremoval] training_deadline_hours`` turns on the training DAG's deadline alert: a run not finished
 that many hours after it was queued is reported (0, the default: no deadline; the compose file sets
 108 h, the review's 72 h plus a day and a half). It is off by default because Airflow 3.3's
 ``dag.test()`` / ``airflow dags test`` — how ``make demo`` and the tests run the training DAG — fails
@@ -33,6 +35,18 @@ from tasks.core import layout
 POOLS_FILE = Path(__file__).with_name("pools.json")
 #: One slot: promotions run one at a time (the champion check and the alias move are one step).
 PROMOTION_POOL = "bgremoval_promotion"
+
+
+def configured_registered_model() -> str:
+    """The MLflow registered model the DAGs use unless a run names another: ``[bgremoval]
+    registered_model`` (``AIRFLOW__BGREMOVAL__REGISTERED_MODEL``), else
+    ``tasks.registry.DEFAULT_MODEL_NAME``. Runs the scheduler starts by itself (a drop's inference,
+    the retraining the pool schedules) take this one."""
+    from airflow.configuration import conf
+
+    from tasks.registry import DEFAULT_MODEL_NAME
+
+    return conf.get("bgremoval", "registered_model", fallback=DEFAULT_MODEL_NAME) or DEFAULT_MODEL_NAME
 
 
 def configured_bucket() -> str:

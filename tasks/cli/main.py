@@ -430,6 +430,8 @@ def cmd_stack(args: argparse.Namespace) -> int:
             print(f"Airflow UI:  {info['airflow_url']}")
             for user, password in info["login"].items():
                 print(f"login:       {user} / {password}")
+        for warning in info["warnings"]:
+            print(f"warning: {warning}", file=sys.stderr)
     elif args.action == "down":
         stopped = stack.down(state)
         print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
@@ -661,10 +663,10 @@ def build_parser() -> argparse.ArgumentParser:
     stack_parser.set_defaults(func=cmd_stack)
 
     demo = sub.add_parser("demo", help="start the stack, generate a catalogue, run the training DAG, print results")
-    demo.add_argument("--n", type=int, default=120)
-    demo.add_argument("--bad", type=int, default=26)
-    demo.add_argument("--seed", type=int, default=7)
-    demo.add_argument("--max-side", type=int, default=800)
+    demo.add_argument("--n", type=int, default=120, help="generated products (default 120)")
+    demo.add_argument("--bad", type=int, default=26, help="bad inputs among them, one per kind, for cleaning to quarantine (default 26)")
+    demo.add_argument("--seed", type=int, default=7, help="the catalogue's seed (default 7)")
+    demo.add_argument("--max-side", type=int, default=800, help="longest side of the generated photos in pixels (default 800)")
     demo.add_argument("--target-per-cluster", type=int, default=40, help="augmentation target per product cluster")
     demo.add_argument("--drop", type=int, default=24, help="new photos for the production pass at the end")
     demo.add_argument("--keep", action="store_true", help="leave the stack running afterwards")

@@ -2,8 +2,8 @@
 
 Decompression bombs (a PNG whose header claims 144 megapixels over almost no data, and a real one:
 256 megapixels of greyscale, every row present, about 260 KB), empty and text files named ``.jpg``, a
-truncated JPEG, CMYK, 16-bit, alpha, WebP, a corrupt and a rotating EXIF block, a 40×30,000 sliver
-and one plain good photo. The fault tests drop them through ``process_shard`` and through the
+truncated JPEG, CMYK, 16-bit, alpha, WebP, a corrupt and a rotating EXIF block, a 40×30,000 sliver,
+a 20×24 thumbnail and one plain good photo. The fault tests drop them through ``process_shard`` and through the
 ``bgremoval_inference`` DAG: the convertible ones must come out, the others land in ``failed/``
 with a reason, and the shard must complete.
 """
@@ -22,7 +22,7 @@ from tasks.dev.synth import SynthConfig, render_item
 
 #: The stems :func:`awkward_drop` writes that a production run must refuse (``failed/``), and those it
 #: must cut out (published or queued). ``truncated`` and ``sliver`` may go either way.
-REFUSED = ("bomb256", "bomb", "zero", "text")
+REFUSED = ("bomb256", "bomb", "zero", "text", "thumbnail")
 CONVERTIBLE = ("good", "cmyk", "sixteen", "alpha", "photo", "bad-exif", "rotated")
 
 
@@ -59,5 +59,6 @@ def awkward_drop() -> dict[str, bytes]:
         "bad-exif.jpg": jpeg[:2] + b"\xff\xe1\x00\x10Exif\x00\x00MM\x00*\xff\xff\xff\xff" + jpeg[2:],
         "rotated.jpg": pillow_bytes(product, "JPEG", exif=exif),
         "sliver.png": pillow_bytes(np.full((30_000, 40, 3), (200, 30, 30), np.uint8), "PNG"),
+        "thumbnail.jpg": pillow_bytes(np.asarray(Image.fromarray(product).resize((20, 24))), "JPEG"),
         "good.jpg": jpeg,
     }

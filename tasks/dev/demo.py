@@ -321,6 +321,11 @@ def run_demo(config: DemoConfig) -> int:
         if run is not None and run.poll() is None:
             run.terminate()
         if config.keep:
-            print(f"stack left running; `source {info['env_file']}` to use it, `make down` to stop it")
+            state = stack_env.default_state_dir()
+            prefix = f"BGREMOVAL_STATE={state} " if os.environ.get("BGREMOVAL_STATE") else ""
+            print(f"stack left running (S3, MLflow, the Airflow api-server: runs go through `airflow dags test`); "
+                  f"`source {info['env_file']}` to use it, `{prefix}make up` for the scheduler too (the drops and "
+                  f"retraining DAGs; AIRFLOW__BGREMOVAL__REGISTERED_MODEL={REGISTERED_MODEL} makes them use this "
+                  f"model), `{prefix}make down` to stop it")
         else:
             stack.down()

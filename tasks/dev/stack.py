@@ -260,6 +260,10 @@ def status(state_dir: Path | None = None) -> dict:
 
 
 AIRFLOW_MODES = ("none", "api-server", "standalone")
+#: Said when the embedded S3 starts again next to an earlier Airflow or MLflow state.
+S3_RESTARTED = ("the embedded S3 (moto) keeps its objects in memory: what it held before it stopped is gone, "
+                "while this state folder's Airflow history and MLflow registry remain and name datasets and "
+                "models that no longer exist there. Remove the state folder for a fresh stack.")
 
 
 def up(state_dir: Path | None = None, airflow: str = "none", bucket: str = DEFAULT_BUCKET) -> dict:
@@ -269,7 +273,8 @@ def up(state_dir: Path | None = None, airflow: str = "none", bucket: str = DEFAU
     ``"api-server"`` (the REST API, the UI and the review pages, no scheduler: runs are executed
     by ``airflow dags test``) or ``"standalone"`` (everything, for ``make up``); and the bucket to
     create. Returns ``{"s3_endpoint", "bucket", "env_file"}`` plus ``"airflow_url"`` and
-    ``"login"`` when Airflow serves HTTP.
+    ``"login"`` when Airflow serves HTTP, and ``"warnings"`` (:data:`S3_RESTARTED`). Asked for
+    ``"standalone"`` while an api-server alone runs (``demo --keep``), it replaces it on its port.
     """
     if airflow not in AIRFLOW_MODES:
         raise ValueError(f"airflow must be one of {AIRFLOW_MODES}, got {airflow!r}")
@@ -281,9 +286,12 @@ def up(state_dir: Path | None = None, airflow: str = "none", bucket: str = DEFAU
     current = status(paths.root)
     info = current["info"]
 
+    warnings = []
     if "moto" in current["running"] and info.get("s3_port"):
         s3_port = int(info["s3_port"])
     else:
+        if (paths.mlflow / "mlflow.db").exists() or (paths.airflow_home / "airflow.db").exists():
+            warnings.append(S3_RESTARTED)
         s3_port = free_port()
         proc = start_process(paths, "moto", [venv_bin("moto_server"), "-H", "127.0.0.1", "-p", str(s3_port)], dict(os.environ))
         wait_http(f"http://127.0.0.1:{s3_port}/moto-api/", 60, proc, paths.logs / "moto.log")
@@ -292,20 +300,28 @@ def up(state_dir: Path | None = None, airflow: str = "none", bucket: str = DEFAU
 
     airflow_running = "airflow" in current["running"] and info.get("api_port")
     api_port = int(info["api_port"]) if airflow_running else (free_port() if airflow != "none" else None)
+    if airflow_running and airflow == "standalone" and info.get("airflow_mode") != "standalone":
+        # an api-server alone (what `demo --keep` leaves): the whole of Airflow takes its place and port
+        if (api_server := _recorded_process(paths.pids / "airflow.pid")) is not None:
+            stop_process_tree(api_server)
+        (paths.pids / "airflow.pid").unlink(missing_ok=True)
+        airflow_running = False
     env = stack_environment(paths, s3_port, api_port, bucket)
     write_env_file(paths, env)
     full_env = {**os.environ, **env}
     _migrate_airflow(paths, full_env)
 
+    mode = info.get("airflow_mode", "api-server") if airflow_running else airflow
     info = {"s3_port": s3_port, "s3_endpoint": endpoint, "bucket": bucket, "env_file": str(paths.env_file)}
     if api_port:
         if not airflow_running:
             argv = [venv_bin("airflow"), "standalone"] if airflow == "standalone" else [venv_bin("airflow"), "api-server"]
             proc = start_process(paths, "airflow", argv, full_env)
             wait_http(f"http://127.0.0.1:{api_port}/api/v2/monitor/health", 240, proc, paths.logs / "airflow.log")
-        info.update(api_port=api_port, airflow_url=f"http://127.0.0.1:{api_port}", login=airflow_login(paths))
+        info.update(api_port=api_port, airflow_url=f"http://127.0.0.1:{api_port}", login=airflow_login(paths),
+                    airflow_mode=mode)
     paths.info_file.write_text(json.dumps(info, indent=2))
-    return info
+    return {**info, "warnings": warnings}
 
 
 def airflow_login(paths: StackPaths) -> dict[str, str]:

@@ -17,7 +17,7 @@ from datetime import datetime, timezone
 
 from tasks.core import layout, storage
 
-__all__ = ["drop_run_id", "mark_started", "new_drops", "ready_written_at"]
+__all__ = ["claim_drop", "drop_run_id", "mark_started", "new_drops", "ready_written_at"]
 
 
 def drop_run_id(batch: str, ready: str | None = None) -> str:
@@ -69,3 +69,21 @@ def mark_started(bucket_url: str, batch: str, run_id: str, ready: str,
             "marked_at": datetime.now(timezone.utc).isoformat()}
     storage.write_text(url, json.dumps(body), storage_options)
     return url
+
+
+def claim_drop(bucket_url: str, batch: str, run_id: str, storage_options: dict | None = None) -> bool:
+    """Record that the inference run ``run_id`` handles ``batch``'s current drop, unless a run already
+    does (its ``_STARTED`` names the same ``_READY``): a run started by hand marks the drop as the
+    drops DAG's runs are marked, so that the drops DAG does not start another for it. Returns whether
+    this call wrote the marker (False also for a drop without ``_READY``: nothing to claim)."""
+    try:
+        ready = ready_written_at(bucket_url, batch, storage_options)
+    except FileNotFoundError:
+        return False
+    started_url = layout.drop_started(bucket_url, batch)
+    if storage.exists(started_url, storage_options):
+        recorded = json.loads(storage.read_bytes(started_url, storage_options)).get("ready")
+        if not recorded or recorded == ready:
+            return False
+    mark_started(bucket_url, batch, run_id, ready, storage_options)
+    return True

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tasks.core.shards import check_shard_size, shard_ranges
+from tasks.data.config import CleaningConfig
 from tasks.core import layout, storage
 from tasks.model.refine_choice import REFINE_MODES
 
@@ -44,7 +45,9 @@ class ProductionConfig:
     ``canvas``: ``"WxH"`` to crop products onto a fixed canvas with ``margin``; ``batch_size``:
     images per model call; ``review_max_side``: photos queued for correction are downscaled to
     this longer side for the page; ``refine``: the edge refinement (``auto``: the choice measured
-    for the model, :func:`tasks.serving.engines.refinement_for`; ``on``; ``off``).
+    for the model, :func:`tasks.serving.engines.refinement_for`; ``on``; ``off``); ``min_side``: a
+    photo with a shorter side fails instead (a thumbnail is no catalogue photo, and cleaning would
+    quarantine its pair as ``image_too_small``).
     """
 
     threshold: float | None = None
@@ -54,6 +57,7 @@ class ProductionConfig:
     batch_size: int = 4
     review_max_side: int = 2000
     refine: str = "auto"
+    min_side: int = CleaningConfig.min_side
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -158,6 +162,11 @@ def process_shard(bucket_url: str, batch: str, shard_url: str, model_uri: str, c
         if not result.ok:
             counts["failed"] += 1
             failed.append({"stem": result.stem, "source_url": result.source_url, "reason": result.error})
+            continue
+        if min(result.width, result.height) < config.min_side:
+            counts["failed"] += 1
+            failed.append({"stem": result.stem, "source_url": result.source_url,
+                           "reason": f"too small: {result.width}x{result.height}, a side under min_side={config.min_side}"})
             continue
         score = float(result.score)
         scores.append(round(score, 4))

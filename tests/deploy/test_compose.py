@@ -66,6 +66,8 @@ NOT_FROM_COMPOSE = {
     "BGREMOVAL_PRETRAINED_DIR": "where the published U2-NetP weights are kept; the image sets it and fetches them at build",
     "U2NET_HOME": "rembg's model folder, looked at first for the published weights when a user has rembg",
     "BGREMOVAL_SYSTEM_MALLOC": "opt-out of keeping freed memory in the heap for PyTorch on the CPU; unset by default",
+    "BGREMOVAL_PROGRESS_REDRAW": "set by `bgremoval train` for its workers when it shows their bars on a terminal",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "set off by `bgremoval remove --quiet`; MLflow's own default otherwise",
 }
 
 

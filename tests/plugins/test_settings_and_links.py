@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from bgremoval_airflow.links import mask_review_page_url, report_page_url, review_page_url
-from bgremoval_airflow.settings import configured_bucket
+from bgremoval_airflow.settings import configured_bucket, configured_registered_model
 
 from tasks.core import layout
 
@@ -13,6 +13,20 @@ def test_the_bucket_comes_from_the_configuration(monkeypatch):
     assert configured_bucket() == layout.DEFAULT_BUCKET
     monkeypatch.setenv("AIRFLOW__BGREMOVAL__BUCKET", "shop-images")
     assert configured_bucket() == "shop-images"
+
+
+def test_the_registered_model_the_dags_default_to_comes_from_the_configuration(monkeypatch):
+    """Runs the scheduler starts by itself (a drop's inference, the pool's retraining) name no model:
+    the deployment's setting decides which champion they use."""
+    from bgremoval_airflow.params.inference import dag_params
+
+    from tasks.registry import DEFAULT_MODEL_NAME
+
+    monkeypatch.delenv("AIRFLOW__BGREMOVAL__REGISTERED_MODEL", raising=False)
+    assert configured_registered_model() == DEFAULT_MODEL_NAME
+    monkeypatch.setenv("AIRFLOW__BGREMOVAL__REGISTERED_MODEL", "shop-model")
+    assert configured_registered_model() == "shop-model"
+    assert dag_params()["registered_model"].value == "shop-model"
 
 
 def test_page_links_hang_from_the_public_address(monkeypatch):

@@ -6,9 +6,8 @@ import dataclasses
 from typing import Any
 
 from airflow.sdk import Param
-from bgremoval_airflow.settings import configured_bucket
+from bgremoval_airflow.settings import configured_bucket, configured_registered_model
 
-from tasks import registry
 from tasks.core import layout
 from tasks.data.config import CleaningConfig
 
@@ -88,9 +87,10 @@ def working_size_param(section: str = CLEANING) -> Param:
 
 
 def registered_model_param(section: str = GATE) -> Param:
-    """The MLflow registered model whose champion serves and whose versions training adds."""
+    """The MLflow registered model whose champion serves and whose versions training adds (default:
+    the deployment's, :func:`bgremoval_airflow.settings.configured_registered_model`)."""
     return Param(
-        registry.DEFAULT_MODEL_NAME,
+        configured_registered_model(),
         type="string",
         minLength=1,
         pattern=REGISTERED_MODEL_PATTERN,

@@ -63,6 +63,13 @@ def test_up_is_idempotent_and_down_stops_by_pid_after_the_starter_is_gone(tmp_pa
     assert not psutil.pid_exists(pids["moto"]) or psutil.Process(pids["moto"]).status() == psutil.STATUS_ZOMBIE
     assert not list((state / "pids").glob("*.pid"))
 
+    # S3 starts again empty beside the Airflow database it had: said, not left for a failed run to find
+    restarted = _cli("up", state=state)
+    try:
+        assert restarted.returncode == 0 and "warning: the embedded S3 (moto) keeps its objects in memory" in restarted.stderr
+    finally:
+        _cli("down", state=state)
+
 
 def test_down_ignores_stale_and_reused_pids(tmp_path):
     paths = stack.StackPaths(tmp_path)
@@ -94,9 +101,12 @@ def test_stop_process_tree_terminates_children_before_parent(tmp_path):
 @pytest.mark.integration
 def test_up_with_airflow_ui_serves_the_dags_and_down_stops_every_process(tmp_path):
     state = tmp_path / "ui"
-    result = _cli("up", "--airflow", state=state, timeout=400)
+    api_only = _cli("up", "--services", "api-server", state=state, timeout=400)  # what `demo --keep` leaves
+    result = _cli("up", "--airflow", state=state, timeout=400)  # then the whole of Airflow, in its place
     try:
+        assert api_only.returncode == 0, api_only.stderr[-3000:]
         assert result.returncode == 0, result.stderr[-3000:]
+        assert json.loads((state / "stack.json").read_text())["airflow_mode"] == "standalone"
         assert "Airflow UI:  http://127.0.0.1:" in result.stdout and "login:" in result.stdout
         info = json.loads((state / "stack.json").read_text())
         user, password = next(iter(info["login"].items()))

@@ -62,3 +62,19 @@ def test_a_marker_from_before_the_ready_time_was_kept_counts_as_current(bucket):
     storage.write_text(layout.drop_started(bucket_url, "old"), json.dumps({"batch": "old", "run_id": "drop__old"}),
                        options)
     assert new_drops(bucket_url, options) == []
+
+
+def test_a_run_started_by_hand_claims_its_drop_so_that_no_second_run_starts(bucket):
+    from tasks.feedback.drops import claim_drop
+
+    bucket_url, options = bucket
+    drop(bucket_url, options, "shop-1")
+    assert not claim_drop(bucket_url, "nothing-here", "manual__1", options)  # no _READY: nothing to claim
+    assert claim_drop(bucket_url, "shop-1", "manual__1", options)
+    assert new_drops(bucket_url, options) == []  # the drops DAG leaves it to the hand-started run
+    assert not claim_drop(bucket_url, "shop-1", "drop__shop-1", options)  # a second run does not rewrite it
+    marker = json.loads(storage.read_bytes(layout.drop_started(bucket_url, "shop-1"), options))
+    assert marker["run_id"] == "manual__1"
+    time.sleep(1.1)  # a new _READY (the batch dropped again) is a drop of its own
+    drop(bucket_url, options, "shop-1", photo=b"other")
+    assert [d["batch"] for d in new_drops(bucket_url, options)] == ["shop-1"]

@@ -210,12 +210,13 @@ def test_a_drop_of_awkward_photos_completes_and_every_refusal_has_a_reason(tmp_p
     assert peak_mib < 1536  # both bombs are refused from their headers, never decoded (~430/770 MiB as RGB)
 
     failed = {entry["stem"]: entry["reason"] for entry in json.loads(storage.read_bytes(result["failed_url"]))}
-    assert result["images"] == plan["n_images"] == 13
-    assert result["published"] + result["queued"] + result["failed"] == 13
+    assert result["images"] == plan["n_images"] == 14
+    assert result["published"] + result["queued"] + result["failed"] == 14
     assert set(REFUSED) <= set(failed)
     assert "too large" in failed["bomb"] and "144.0 megapixels" in failed["bomb"]
     assert "too large" in failed["bomb256"] and "268435456 pixels" in failed["bomb256"], failed["bomb256"]
     assert "empty" in failed["zero"] and "not an image" in failed["text"]
+    assert failed["thumbnail"] == "too small: 20x24, a side under min_side=32"
     assert all(reason for reason in failed.values())
     published = {o.relpath for o in storage.list_objects(f"{bucket_url}/published/awkward")}
     for stem in CONVERTIBLE:
