@@ -36,6 +36,7 @@ from tasks.data.cleaning import (
     CLEANING_REVISION, CleanPair, CleaningConfig, Reason, Rejected, clean_pair, encode_clean_pair, pair_files, safe_stem, sha256,
 )
 from tasks.core.manifest import (
+    AUDIT_FIXED,
     PAIRS_PER_SHARD,
     MANIFEST_COLUMNS,
     QUARANTINE_COLUMNS,
@@ -311,7 +312,8 @@ LATER_STAGE_COLUMNS = ("cluster", "split", "audit_decision")
 
 def _keep_later_stages(manifest: pd.DataFrame, manifest_url: str, storage_options: dict | None) -> pd.DataFrame:
     """``manifest`` with the clusters, splits and review answers that an earlier cleaning of the same
-    version gave its pairs (same key, same bytes), so cleaning a batch again loses none of them."""
+    version gave its pairs (same key, same bytes), and a reviewer's fixed mask where the answer was
+    ``fixed``, so cleaning a batch again loses none of them."""
     if not storage.exists(manifest_url, storage_options):
         return manifest
     previous = read_table(manifest_url, storage_options)
@@ -319,13 +321,17 @@ def _keep_later_stages(manifest: pd.DataFrame, manifest_url: str, storage_option
     if not columns or not len(previous):
         return manifest
     ident = ["key", "image_sha256", "mask_sha256"]
-    kept = previous.loc[previous["status"] == STATUS_OK, ident + columns].drop_duplicates("key")
+    kept = previous.loc[previous["status"] == STATUS_OK, ident + columns + ["mask_url"]].drop_duplicates("key")
     ok = manifest["status"] == STATUS_OK
     merged = manifest.loc[ok, ident].merge(kept, on=ident, how="left")
     for column in columns:
         values = merged[column].to_numpy()
         manifest[column] = manifest[column].astype(object)
         manifest.loc[ok, column] = [None if pd.isna(v) else v for v in values]
+    if "audit_decision" in columns:  # a reviewer's fixed mask stays the pair's mask
+        fixed = (merged["audit_decision"] == AUDIT_FIXED).to_numpy()
+        rows = manifest.index[ok][fixed]
+        manifest.loc[rows, "mask_url"] = merged.loc[fixed, "mask_url"].to_numpy()
     return to_frame(manifest.astype(object).where(manifest.notna(), None).to_dict("records"), MANIFEST_COLUMNS)
 
 

@@ -300,7 +300,7 @@ def up(state_dir: Path | None = None, airflow: str = "none", bucket: str = DEFAU
 
     airflow_running = "airflow" in current["running"] and info.get("api_port")
     api_port = int(info["api_port"]) if airflow_running else (free_port() if airflow != "none" else None)
-    if airflow_running and airflow == "standalone" and info.get("airflow_mode") != "standalone":
+    if airflow_running and airflow == "standalone" and _airflow_mode(paths, info) != "standalone":
         # an api-server alone (what `demo --keep` leaves): the whole of Airflow takes its place and port
         if (api_server := _recorded_process(paths.pids / "airflow.pid")) is not None:
             stop_process_tree(api_server)
@@ -311,7 +311,7 @@ def up(state_dir: Path | None = None, airflow: str = "none", bucket: str = DEFAU
     full_env = {**os.environ, **env}
     _migrate_airflow(paths, full_env)
 
-    mode = info.get("airflow_mode", "api-server") if airflow_running else airflow
+    mode = _airflow_mode(paths, info) if airflow_running else airflow
     info = {"s3_port": s3_port, "s3_endpoint": endpoint, "bucket": bucket, "env_file": str(paths.env_file)}
     if api_port:
         if not airflow_running:
@@ -322,6 +322,18 @@ def up(state_dir: Path | None = None, airflow: str = "none", bucket: str = DEFAU
                     airflow_mode=mode)
     paths.info_file.write_text(json.dumps(info, indent=2))
     return {**info, "warnings": warnings}
+
+
+def _airflow_mode(paths: StackPaths, info: dict) -> str:
+    """How the running Airflow was started: as recorded, else (a state written before the mode was
+    recorded) from its command line."""
+    if info.get("airflow_mode"):
+        return info["airflow_mode"]
+    proc = _recorded_process(paths.pids / "airflow.pid")
+    try:
+        return "standalone" if proc is not None and "standalone" in proc.cmdline() else "api-server"
+    except psutil.Error:
+        return "api-server"
 
 
 def airflow_login(paths: StackPaths) -> dict[str, str]:

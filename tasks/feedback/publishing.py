@@ -13,6 +13,7 @@ failed or was interrupted. Both are idempotent: a published item is not written 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 
@@ -39,8 +40,8 @@ def publish_decision(bucket_url: str, item_id: str, storage_options: dict | None
     when it was published already), or None when the item is open or rejected.
 
     Raises ``FileNotFoundError`` for an unknown item or a vanished original photo and
-    ``ValueError`` when the photo cannot be cut out; nothing is recorded then, so a later call
-    tries again.
+    ``ValueError`` when the photo cannot be cut out, or was replaced since it was queued (its bytes
+    differ from the item's ``source_sha256``); nothing is recorded then, so a later call tries again.
     """
     item = read_item(bucket_url, item_id, storage_options)
     decision = item["decision"]
@@ -57,6 +58,9 @@ def publish_decision(bucket_url: str, item_id: str, storage_options: dict | None
     config = InferenceConfig(background=outputs.get("background") or "#ffffff", canvas=outputs.get("canvas"),
                              margin=float(outputs.get("margin", 0.05)), mask=True, refine=None)
     photo = storage.read_bytes(item["source_url"], storage_options)
+    if item.get("source_sha256") and hashlib.sha256(photo).hexdigest() != item["source_sha256"]:
+        raise ValueError(f"{item_id}: the photo at {item['source_url']} changed since it was queued (a later drop "
+                         "replaced it; that drop has its own outputs): the decided mask is not for it")
     result = cutout_with_mask(item["stem"], item["source_url"], photo, mask, config)
     if not result.ok:
         raise ValueError(f"{item_id}: {result.error}")
@@ -81,7 +85,7 @@ def publish_decisions(bucket_url: str, storage_options: dict | None = None) -> d
             continue
         try:
             publish_decision(bucket_url, item_id, storage_options)
-        except (ValueError, OSError) as exc:  # this item's photo or mask; the others still go out
+        except Exception as exc:  # noqa: BLE001 - this item's photo, mask or record; the others still go out
             failed[item_id] = f"{type(exc).__name__}: {exc}"
             continue
         published.append(item_id)

@@ -62,7 +62,7 @@ import pandas as pd
 from tasks.core import layout, storage
 from tasks.feedback.config import RetrainingConfig
 from tasks.core.codecs import decode_pair
-from tasks.data.cleaning import CLEANING_REVISION, CleaningConfig, Reason, safe_stem
+from tasks.data.cleaning import CLEANING_REVISION, CleaningConfig, Reason, safe_stem, sha256
 from tasks.data.clustering import FEATURE_WEIGHTS
 from tasks.feedback.queue import list_pool, now_iso
 from tasks.data.features import FEATURE_NAMES, pair_features
@@ -197,18 +197,25 @@ def new_pool_pairs(bucket_url: str, state: dict, storage_options: dict | None = 
 def pool_pairs_missing_from(bucket_url: str, base_version: str, state: dict,
                             storage_options: dict | None = None) -> list[dict]:
     """The pool pairs an earlier run used (``state["consumed"]`` at their current ``at``) that the
-    base version does not hold: that run's dataset was never promoted (its training failed the gate
-    or never ran), so the champion's dataset lacks them. Without them they would be lost for good.
+    base version does not hold, or holds with another mask (a person corrected the pair since): that
+    run's dataset was never promoted (its training failed the gate or never ran), so the champion's
+    dataset lacks them. Without them they would be lost for good.
     Returns :func:`tasks.feedback.queue.list_pool` records, oldest first; none when the base has no
     manifest (the run then stops on that)."""
     manifest_url = layout.manifest(layout.dataset(bucket_url, base_version))
     if not base_version or not storage.exists(manifest_url, storage_options):
         return []
     manifest = read_table(manifest_url, storage_options)
-    held = set(manifest.loc[manifest["batch"] == POOL_BATCH, "stem"].astype(str)) if "batch" in manifest else set()
+    pool_rows = manifest[manifest["batch"] == POOL_BATCH] if "batch" in manifest else manifest.iloc[:0]
+    digests = pool_rows["mask_sha256"] if "mask_sha256" in pool_rows else [None] * len(pool_rows)
+    held = dict(zip(pool_rows["stem"].astype(str), digests))
     consumed = state.get("consumed") or {}
-    return [p for p in list_pool(bucket_url, storage_options)
-            if consumed.get(str(p["pair_id"])) == str(p.get("at") or "") and str(p["pair_id"]) not in held]
+    used = [p for p in list_pool(bucket_url, storage_options) if consumed.get(str(p["pair_id"])) == str(p.get("at") or "")]
+    # The base holds a pair only in the version it was cleaned from: a correction made since (the same
+    # id, another mask) that a failed run used is missing from it too.
+    masks = storage.read_many([p["mask_url"] for p in used if str(p["pair_id"]) in held], storage_options)
+    return [p for p in used if str(p["pair_id"]) not in held
+            or sha256(masks.get(p["mask_url"], b"")) != held[str(p["pair_id"])]]
 
 
 # --------------------------------------------------------------------------------------------

@@ -336,6 +336,8 @@ def cutout_with_mask(stem: str, source_url: str, data: bytes, mask: np.ndarray,
     try:
         rgb = decode_image(data, max_pixels=config.max_pixels)
         height, width = rgb.shape[:2]
+        if abs(mask.shape[1] / mask.shape[0] - width / height) > 0.01 * width / height:
+            raise ValueError(f"the mask is {mask.shape[1]}x{mask.shape[0]}, not of the photo's aspect ({width}x{height})")
         scaled = mask if mask.shape == (height, width) else cv2.resize(mask, (width, height),
                                                                        interpolation=cv2.INTER_LINEAR)
         result.width, result.height = width, height

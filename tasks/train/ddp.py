@@ -138,10 +138,15 @@ def _absolute_local_paths(config: TrainConfig) -> TrainConfig:
 def _copy_output(source, log_file, echo: bool) -> None:
     """Copy the workers' output into ``log_file``; with ``echo``, also show their epoch progress bars
     (the main rank's ``epoch i/n`` lines) on this process's standard error as they advance."""
-    pending = b""
+    pending, logging_ok = b"", True
     for chunk in iter(lambda: source.read1(65536), b""):
-        log_file.write(chunk)
-        log_file.flush()
+        if logging_ok:
+            try:
+                log_file.write(chunk)
+                log_file.flush()
+            except OSError as exc:  # a full disk: keep draining the pipe, or the workers would block on it
+                logging_ok = False
+                log.warning("the workers' log cannot be written any more (%s); their output is dropped", exc)
         if not echo:
             continue
         pending += chunk

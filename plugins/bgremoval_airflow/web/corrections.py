@@ -79,7 +79,7 @@ def _decide(bucket: str, item_id: str, user: str, **kwargs) -> dict:
         record = decide(url, _item_id(item_id), user=user, storage_options=options, **kwargs)
     try:
         published = publish_decision(url, record["item_id"], options)
-    except (ValueError, OSError) as exc:
+    except Exception as exc:  # noqa: BLE001 - the decision is recorded: say what failed, never a 500
         log.warning("publishing %s after its decision failed: %s", record["item_id"], exc)
         return {**record, "published": None, "publish_error": str(exc)}
     return {**record, "published": published["files"] if published else None}

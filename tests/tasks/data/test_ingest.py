@@ -118,12 +118,15 @@ def test_cleaning_a_version_again_keeps_its_clusters_splits_and_review_answers(c
     manifest.loc[ok, "cluster"] = "tops"
     manifest.loc[ok, "split"] = ["test" if i % 2 else "train" for i in range(len(ok))]
     manifest.loc[ok[0], "audit_decision"] = "keep"
+    manifest.loc[ok[1], "audit_decision"] = "fixed"
+    manifest["mask_url"] = manifest["mask_url"].astype(object)
+    manifest.loc[ok[1], "mask_url"] = "review/masks/fixed.png"  # where apply_review points a fixed pair
     write_table(manifest, first["manifest_url"])  # what the features, split and review stages write
 
     again = read_table(_run(bucket, "b1", shard_size=11)["manifest_url"]).set_index("key")
     before = manifest.set_index("key")
-    assert (again.loc[before.index[ok], ["cluster", "split", "audit_decision"]].fillna("")
-            == before.loc[before.index[ok], ["cluster", "split", "audit_decision"]].fillna("")).all().all()
+    columns = ["cluster", "split", "audit_decision", "mask_url"]
+    assert (again.loc[before.index[ok], columns].fillna("") == before.loc[before.index[ok], columns].fillna("")).all().all()
 
 
 def test_an_unreachable_store_fails_the_shard_instead_of_quarantining_pairs():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import cv2
@@ -21,11 +22,13 @@ def _queued(bucket_url: str, options, stem: str, width: int = 300, height: int =
     cv2.rectangle(truth, (width // 4, height // 4), (3 * width // 4, 3 * height // 4), 255, -1)
     image[truth > 0] = (180, 40, 40)
     source = storage.join(bucket_url, "incoming", "b1", f"{stem}.jpg")
-    storage.write_bytes(source, encode_jpeg(image), options)
+    photo = encode_jpeg(image)
+    storage.write_bytes(source, photo, options)
     predicted = truth.copy()
     predicted[height // 2:] = 0  # the model missed the lower half
-    image_jpeg, mask_png = q.prepare_pair(encode_jpeg(image), predicted, max_side=max(width, height) // 2)
+    image_jpeg, mask_png = q.prepare_pair(photo, predicted, max_side=max(width, height) // 2)
     item = q.QueueItem(stem=stem, batch="b1", source_url=source, score=0.3, threshold=0.8,
+                       source_sha256=hashlib.sha256(photo).hexdigest(),
                        outputs={"background": "#000000", "canvas": canvas, "margin": 0.05})
     q.enqueue(bucket_url, item, image_jpeg, mask_png, options)
     small = cv2.resize(truth, (width // 2, height // 2), interpolation=cv2.INTER_AREA)
@@ -87,3 +90,15 @@ def test_a_mask_drawn_on_the_original_photo_is_taken_for_its_smaller_copy(bucket
     stored = cv2.imdecode(np.frombuffer(storage.read_bytes(storage.join(q.done_url(bucket_url, item_id), "mask.png"),
                                                            options), np.uint8), cv2.IMREAD_GRAYSCALE)
     assert stored.shape == (100, 150) and stored[50, 75] == 255 and stored[5, 5] == 0
+
+
+def test_a_photo_replaced_since_it_was_queued_is_not_published_with_the_old_mask(bucket):
+    """A later drop may replace a photo under the same name; the decided mask belongs to the old one."""
+    bucket_url, options = bucket
+    item_id, corrected = _queued(bucket_url, options, "replaced")
+    q.decide(bucket_url, item_id, "corrected", "ana", mask_png=encode_png(corrected), storage_options=options)
+    other = np.full((100, 400, 3), 90, np.uint8)
+    storage.write_bytes(storage.join(bucket_url, "incoming", "b1", "replaced.jpg"), encode_jpeg(other), options)
+    done = publish_decisions(bucket_url, options)
+    assert done["published"] == [] and "changed since it was queued" in done["failed"][item_id]
+    assert not storage.exists(storage.join(layout.published(bucket_url, "b1"), "replaced.png"), options)

@@ -61,11 +61,15 @@ def test_pairs_of_a_run_whose_model_never_became_champion_come_again(tmp_path):
     from tasks.core.manifest import write_table
     from tasks.feedback.retraining import POOL_BATCH
 
+    from tasks.data.cleaning import sha256
+
     bucket_url = str(tmp_path / "bucket")
-    base = pd.DataFrame({"stem": ["sku-1", "p1"], "batch": ["shoot", POOL_BATCH], "status": ["ok", "ok"]})
-    write_table(base, layout.manifest(layout.dataset(bucket_url, "base-v1")))  # holds p1 from an older promoted run
     for i, pair_id in enumerate(("p1", "p2", "p3")):
         _add(bucket_url, pair_id, f"2026-03-01T10:00:0{i + 1}.000000+00:00")
+    p1_mask = next(p["mask_url"] for p in queue.list_pool(bucket_url) if p["pair_id"] == "p1")
+    base = pd.DataFrame({"stem": ["sku-1", "p1"], "batch": ["shoot", POOL_BATCH], "status": ["ok", "ok"],
+                         "mask_sha256": ["x", sha256(open(p1_mask, "rb").read())]})
+    write_table(base, layout.manifest(layout.dataset(bucket_url, "base-v1")))  # holds p1 from an older promoted run
     used = {"version": "retrain-v2", "base_version": "base-v1", "n_new": 3, "n_new_ok": 3, "n_quarantined": 0,
             "last_pair_at": "2026-03-01T10:00:03.000000+00:00",
             "consumed": {p["pair_id"]: p["at"] for p in queue.list_pool(bucket_url)}}
@@ -79,3 +83,31 @@ def test_pairs_of_a_run_whose_model_never_became_champion_come_again(tmp_path):
 
     assert [p["pair_id"] for p in pool_pairs_missing_from(bucket_url, "base-v1", read_state(bucket_url))] == ["p2", "p3"]
     assert pool_pairs_missing_from(bucket_url, "no-such-version", read_state(bucket_url)) == []
+
+
+def test_a_correction_that_a_failed_run_used_comes_again_though_the_base_holds_the_pair(tmp_path):
+    """p1 is in the champion's dataset as published; a person corrects it (same id, new mask); a run
+    uses the correction but its model is never promoted: the next run takes the correction again."""
+    import pandas as pd
+
+    from tasks.core import layout
+    from tasks.core.manifest import write_table
+    from tasks.data.cleaning import sha256
+    from tasks.dev.synth import encode_png
+    from tasks.feedback.retraining import POOL_BATCH, pool_pairs_missing_from
+
+    bucket_url = str(tmp_path / "bucket")
+    _add(bucket_url, "p1", "2026-03-01T10:00:01.000000+00:00")
+    (published,) = queue.list_pool(bucket_url)
+    base = pd.DataFrame({"stem": ["p1"], "batch": [POOL_BATCH], "status": ["ok"],
+                         "mask_sha256": [sha256(open(published["mask_url"], "rb").read())]})
+    write_table(base, layout.manifest(layout.dataset(bucket_url, "base-v1")))
+    item = render_item(1, SynthConfig(n=2, seed=3, max_side=96))
+    meta = queue.PoolMeta(origin="corrected", source_url=f"{bucket_url}/incoming/b/p1.jpg",
+                          at="2026-03-02T10:00:00.000000+00:00", user="ana")
+    queue.add_to_pool(bucket_url, "p1", encode_jpeg(item.image), encode_png(item.mask), meta, replace=True)
+    (corrected,) = queue.list_pool(bucket_url)
+    used = {"version": "retrain-v2", "base_version": "base-v1", "n_new": 1, "n_new_ok": 1, "n_quarantined": 0,
+            "last_pair_at": corrected["at"], "consumed": {"p1": corrected["at"]}}
+    stages.record_state(bucket_url, used, "retraining-run", "training-run")  # its model failed the gate
+    assert [p["pair_id"] for p in pool_pairs_missing_from(bucket_url, "base-v1", read_state(bucket_url))] == ["p1"]

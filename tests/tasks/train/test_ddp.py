@@ -109,3 +109,20 @@ def test_the_epoch_bars_are_shown_and_everything_is_logged(tmp_path, capsys) -> 
     assert log.read_bytes() == output
     shown = capsys.readouterr().err
     assert "epoch 1/2:  50%" in shown and "epoch 1/2: 100%" in shown and "gloo" not in shown and "rank0" not in shown
+
+
+def test_a_log_that_cannot_be_written_does_not_stop_the_pipe_being_drained(capsys) -> None:
+    """With the disk full, the workers must still be able to write: their output keeps being read."""
+    import io
+
+    from tasks.train.ddp import _copy_output
+
+    class FullDisk(io.RawIOBase):
+        def write(self, data):
+            raise OSError(28, "No space left on device")
+
+    output = b"x" * 200_000 + b"\nepoch 1/1: 100%|##########| 4/4\n"
+    source = io.BufferedReader(io.BytesIO(output))
+    _copy_output(source, FullDisk(), echo=True)
+    assert source.read() == b""  # all of it was read
+    assert "epoch 1/1: 100%" in capsys.readouterr().err
