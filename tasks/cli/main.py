@@ -13,6 +13,7 @@ from pathlib import Path
 from tasks.cli.environment import first_line, registry_missing, registry_missing_for, storage_options
 from tasks.cli.remove import cmd_remove
 from tasks.data.config import SplitConfig
+from tasks.train.config import FINE_TUNE_LR, TrainConfig
 from tasks.model.published import DEFAULT as PUBLISHED_DEFAULT
 from tasks.model.published import PUBLISHED
 from tasks.model.refine_choice import REFINE_MODES
@@ -168,7 +169,6 @@ def _local_model_source(model: str, tmp: str) -> str:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from tasks import registry
-    from tasks.train.config import TrainConfig
     from tasks.train.data import require_manifest
     from tasks.train.ddp import launch_local
 
@@ -182,8 +182,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         reference = registry.choose_start(args.init_from, args.model, args.registered_model, registry=not missing)
         init = (registry.stage_weights(reference, f"{args.out.rstrip('/')}/init", args.registered_model, options,
                                        model=args.model) if reference else None)
+        lr = args.lr if args.lr is not None else (FINE_TUNE_LR if init else TrainConfig.lr)
         config = TrainConfig(dataset_url=args.dataset, output_url=args.out, model=args.model, epochs=args.epochs,
-                             batch_size=args.batch_size, lr=args.lr, input_size=args.input_size, loss=args.loss,
+                             batch_size=args.batch_size, lr=lr, input_size=args.input_size, loss=args.loss,
                              init_from=init, storage_options=options,
                              mlflow_enabled=bool(os.environ.get("MLFLOW_TRACKING_URI")), device=args.device)
     except (ValueError, FileNotFoundError) as exc:
@@ -198,9 +199,16 @@ def cmd_train(args: argparse.Namespace) -> int:
           f"{args.workers} torch.distributed workers, lr {config.lr:g}, {config.epochs} epoch(s); "
           f"outputs in {args.out}")
     result = launch_local(config, nproc=args.workers, echo_progress=True)
+    if result.start_val_iou is not None:
+        print(f"  start ({reference}): val IoU {result.start_val_iou * 100:.2f} %")
     for epoch in result.history:
         val = "-" if epoch["val_iou"] is None else f"{epoch['val_iou'] * 100:.2f} %"
         print(f"  epoch {epoch['epoch']}: train loss {epoch['train_loss']:.4f}  val IoU {val}")
+    final = result.metrics.get("val_iou")
+    if result.start_val_iou is not None and final is not None and final < result.start_val_iou:
+        print(f"bgremoval train: warning: the trained model scores below its starting weights on val "
+              f"({final * 100:.2f} % < {result.start_val_iou * 100:.2f} %): keep the start, or train with a lower "
+              "--lr, more pairs or more epochs", file=sys.stderr)
     print(f"model: {result.model_url}")
     print(f"next: bgremoval calibrate --model {args.out} --dataset {args.dataset} "
           "(the quality threshold and the edge-refinement choice `remove` follows)")
@@ -590,10 +598,10 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--model", default="u2netp", choices=["u2netp", "u2net"])
     train.add_argument("--epochs", type=int, default=10, help="passes over the train split")
     train.add_argument("--batch-size", type=int, default=8, help="per worker")
-    train.add_argument("--lr", type=float, default=1e-3,
-                       help="peak learning rate (cosine schedule; warm-up at most 30 %% of the run). Fine-tuning "
-                            "published weights on a few hundred pairs for one epoch: 5e-4 or lower "
-                            "(benchmarks/README.md)")
+    train.add_argument("--lr", type=float, default=None,
+                       help=f"peak learning rate (cosine schedule; warm-up at most 30 %% of the run). Default: "
+                            f"{FINE_TUNE_LR:g} when starting from trained weights (a higher rate undoes them on a "
+                            f"few hundred pairs: benchmarks/README.md), {TrainConfig.lr:g} from scratch")
     train.add_argument("--input-size", type=int, default=320, help="network input size in pixels")
     train.add_argument("--loss", default="bce", help="bce, bce+iou or bce+iou+ssim (tasks.train.losses)")
     train.add_argument("--workers", type=int, default=2, help="torch.distributed worker processes")

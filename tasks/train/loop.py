@@ -158,6 +158,9 @@ class TrainResult:
     mlflow_run_id: str | None
     mlflow_experiment_id: str | None = None
     config: dict[str, Any] = field(default_factory=dict)
+    #: Val IoU of the starting weights (``init_from``, before any step; None when training from
+    #: scratch or without val pairs): what a fine-tune must beat.
+    start_val_iou: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Return the result as a JSON-serialisable dict."""
@@ -408,6 +411,11 @@ class _Tracker:
         client = self._mlflow.tracking.MlflowClient()
         return {m.step for m in client.get_metric_history(self.run_id, metric)}
 
+    def log_start(self, val_iou: float) -> None:
+        """Log the starting weights' val IoU (``start_val_iou``, at step 0)."""
+        if self._mlflow is not None:
+            self._mlflow.log_metrics({"start_val_iou": val_iou}, step=0)
+
     def log_epoch(self, metrics: EpochMetrics) -> None:
         """Log one epoch's metrics at ``step = epoch`` to MLflow and TensorBoard."""
         if self._mlflow is not None:
@@ -628,6 +636,15 @@ def train(config: TrainConfig, rank_info: RankInfo | None = None) -> TrainResult
                 if entry["epoch"] not in logged:
                     tracker.log_epoch(EpochMetrics(**entry))
 
+        start_val_iou = checkpoint.get("start_val_iou") if checkpoint is not None else None
+        if checkpoint is None and config.init_from:
+            _, start_iou, start_count = _validate(model, val_loader, device, amp_dtype, config)
+            total = coll.all_reduce_sum([start_iou, start_count])
+            start_val_iou = total[0] / total[1] if total[1] else None
+            if info.is_main and start_val_iou is not None:
+                log.info("val IoU of the starting weights: %.4f", start_val_iou)
+                tracker.log_start(start_val_iou)
+
         epochs_run = 0
         for epoch in range(start_epoch, config.epochs + 1):
             started = time.perf_counter()
@@ -687,7 +704,7 @@ def train(config: TrainConfig, rank_info: RankInfo | None = None) -> TrainResult
                     "scaler": scaler.state_dict() if use_scaler else {}, "sampler_epoch": sampler.epoch,
                     "batch_size": batch_size, "rng": rng_states, "history": history,
                     "mlflow_run_id": tracker.run_id, "config": _public_config(config),
-                    "world_size": info.world_size,
+                    "world_size": info.world_size, "start_val_iou": start_val_iou,
                 }, opts)
                 tracker.log_epoch(metrics)
                 log.info("epoch %d/%d: train loss %.4f, val loss %s, val IoU %s, lr %.2e, %.1f img/s, "
@@ -714,7 +731,7 @@ def train(config: TrainConfig, rank_info: RankInfo | None = None) -> TrainResult
             n_val=len(val_set), images_per_s=(sum(h["images"] for h in this_call) / seconds) if seconds else None,
             output_url=out, checkpoint_url=checkpoint_url, model_url=model_url, result_url=result_url,
             weights_sha256=digest, mlflow_run_id=run_id, mlflow_experiment_id=experiment_id,
-            config=_public_config(config),
+            config=_public_config(config), start_val_iou=start_val_iou,
         )
         if info.is_main:
             buffer = io.BytesIO()
