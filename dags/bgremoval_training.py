@@ -226,13 +226,11 @@ def bgremoval_training():
 
     @task(retries=2, execution_timeout=TRAINING_TIMEOUT)
     def train_model(dataset: dict, params=None, run_id=None) -> dict:
-        from dataclasses import replace
-
         from tasks.train.ddp import launch_local
 
         options, output_url = s3_storage_options(), _output_url(params, dataset, run_id)
-        config = train_config(params, dataset["dataset_url"], output_url, options)
-        config = replace(config, init_from=_start_weights(params, output_url, options))
+        config = train_config(params, dataset["dataset_url"], output_url, options,
+                              init_from=_start_weights(params, output_url, options))
         result = launch_local(config, nproc=int(params["workers"]))
         print(f"trained {result.model}: val IoU {result.metrics.get('val_iou')}, MLflow run {result.mlflow_run_id}")
         return {k: v for k, v in result.to_dict().items() if k not in ("history", "config")}
@@ -244,9 +242,9 @@ def bgremoval_training():
         # The cluster reaches S3 through its instance profile (no credentials in the run's parameters)
         # and MLflow through the cluster's MLFLOW_TRACKING_URI, not the Airflow worker's.
         output_url = _output_url(params, dataset, run_id)
-        config = train_config(params, dataset["dataset_url"], output_url, {})
-        init_from = _start_weights(params, output_url, s3_storage_options())
-        return submit_run_json(params, replace(config, mlflow_tracking_uri=None, init_from=init_from).to_json(),
+        config = train_config(params, dataset["dataset_url"], output_url, {},
+                              init_from=_start_weights(params, output_url, s3_storage_options()))
+        return submit_run_json(params, replace(config, mlflow_tracking_uri=None).to_json(),
                                idempotency_token(dag.dag_id, run_id))  # a retried submission gets the same run
 
     @task

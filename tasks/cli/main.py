@@ -13,7 +13,7 @@ from pathlib import Path
 from tasks.cli.environment import first_line, registry_missing, registry_missing_for, storage_options
 from tasks.cli.remove import cmd_remove
 from tasks.data.config import SplitConfig
-from tasks.train.config import FINE_TUNE_LR, TrainConfig
+from tasks.train.config import FINE_TUNE_LR, TrainConfig, default_lr
 from tasks.model.published import DEFAULT as PUBLISHED_DEFAULT
 from tasks.model.published import PUBLISHED
 from tasks.model.refine_choice import REFINE_MODES
@@ -182,7 +182,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         reference = registry.choose_start(args.init_from, args.model, args.registered_model, registry=not missing)
         init = (registry.stage_weights(reference, f"{args.out.rstrip('/')}/init", args.registered_model, options,
                                        model=args.model) if reference else None)
-        lr = args.lr if args.lr is not None else (FINE_TUNE_LR if init else TrainConfig.lr)
+        lr = args.lr if args.lr is not None else default_lr(init is not None)
         config = TrainConfig(dataset_url=args.dataset, output_url=args.out, model=args.model, epochs=args.epochs,
                              batch_size=args.batch_size, lr=lr, input_size=args.input_size, loss=args.loss,
                              init_from=init, storage_options=options,

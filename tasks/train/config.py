@@ -26,7 +26,7 @@ SCHEDULES: tuple[str, ...] = ("cosine", "onecycle", "constant")
 #: The cosine schedule's warm-up takes at most this share of the run's steps: a one-epoch fine-tune
 #: with one epoch of warm-up would end at its peak learning rate, never decaying.
 MAX_WARMUP_SHARE: float = 0.3
-#: The learning rate ``bgremoval train`` fine-tunes trained weights with unless told otherwise (the
+#: The learning rate a run fine-tunes trained weights with unless told otherwise (the
 #: published or a registered model's: ``TrainConfig.lr``'s 1e-3 is the original U-2-Net's, from
 #: scratch). One epoch on 148 real pairs from the published U2-NetP: test IoU 91.1 % at 1e-3, 97.1 %
 #: at 5e-4 against 97.0 % for the start (benchmarks/README.md).
@@ -231,3 +231,9 @@ class TrainConfig:
     def from_json(cls, text: str) -> TrainConfig:
         """Parse a config from a JSON string made by ``to_json``."""
         return cls.from_dict(json.loads(text))
+
+
+def default_lr(starts_from_weights: bool) -> float:
+    """The learning rate a run gets when none is given: :data:`FINE_TUNE_LR` when it starts from
+    trained weights, ``TrainConfig``'s (the original U-2-Net's, from scratch) otherwise."""
+    return FINE_TUNE_LR if starts_from_weights else TrainConfig.lr

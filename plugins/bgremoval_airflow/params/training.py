@@ -28,7 +28,7 @@ from tasks.data.config import AugmentConfig, CleaningConfig, ClusteringConfig, S
 from tasks.evaluation.gate import GateConfig
 from tasks.model.config import MODEL_NAMES
 from tasks.serving.quality import TARGET_IOU
-from tasks.train.config import TrainConfig
+from tasks.train.config import FINE_TUNE_LR, TrainConfig, default_lr
 
 #: k-means restarts in the DAG: more than ``ClusteringConfig``'s quick default, as a reviewer waits on it.
 CLUSTERING_RESTARTS = 30
@@ -192,12 +192,14 @@ def training_params() -> dict[str, Param]:
             section=TRAINING,
         ),
         "learning_rate": Param(
-            default(TrainConfig, "lr"),
-            type="number",
+            None,
+            type=["null", "number"],
             exclusiveMinimum=0,
             maximum=1,
             title="Learning rate",
-            description="Peak Adam learning rate (cosine schedule with warm-up).",
+            description=f"Peak Adam learning rate (cosine schedule, warm-up at most 30 % of the run). Empty: "
+            f"{FINE_TUNE_LR:g} when the run starts from trained weights (init_from auto, pretrained, champion: "
+            f"a higher rate undoes them on a few hundred pairs), {TrainConfig.lr:g} from scratch.",
             section=TRAINING,
         ),
         "train_input_size": Param(
@@ -307,10 +309,14 @@ def augment_config(params: dict) -> AugmentConfig:
                          working_size=int(params["working_size"]))
 
 
-def train_config(params: dict, dataset_url: str, output_url: str, storage_options: dict) -> TrainConfig:
-    """The ``TrainConfig`` of a run. The MLflow tracking URI comes from the worker's
-    ``MLFLOW_TRACKING_URI``; ``init_from`` is left unset: the DAG stages the chosen weights."""
+def train_config(params: dict, dataset_url: str, output_url: str, storage_options: dict,
+                 init_from: str | None = None) -> TrainConfig:
+    """The ``TrainConfig`` of a run starting from ``init_from`` (the weights the DAG staged; None: random).
+    The MLflow tracking URI comes from the worker's ``MLFLOW_TRACKING_URI``; an empty learning rate
+    is :func:`tasks.train.config.default_lr`'s for that start."""
     import os
+
+    given = params.get("learning_rate")
 
     return TrainConfig(
         dataset_url=dataset_url,
@@ -318,10 +324,10 @@ def train_config(params: dict, dataset_url: str, output_url: str, storage_option
         model=params["model"],
         epochs=int(params["epochs"]),
         batch_size=int(params["batch_size"]),
-        lr=float(params["learning_rate"]),
+        lr=float(given) if given is not None else default_lr(init_from is not None),
         input_size=int(params["train_input_size"]),
         seed=int(params["seed"]),
-        init_from=None,
+        init_from=init_from,
         max_steps_per_epoch=int(params["max_steps_per_epoch"]) or None,
         storage_options=storage_options,
         mlflow_tracking_uri=os.environ.get("MLFLOW_TRACKING_URI"),

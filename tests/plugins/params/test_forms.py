@@ -13,7 +13,7 @@ from tasks.evaluation.gate import GateConfig
 from tasks.feedback.production import ProductionConfig
 from tasks.feedback.config import RetrainingConfig
 from tasks.serving.quality import TARGET_IOU
-from tasks.train.config import TrainConfig
+from tasks.train.config import FINE_TUNE_LR, TrainConfig
 
 FORMS = {
     "bgremoval_training": {**training.dag_params(), **databricks_params()},
@@ -56,6 +56,12 @@ def test_the_defaults_are_the_configs_defaults():
     defaults = TrainConfig(dataset_url="file:///d", output_url="file:///o")
     for field in ("model", "epochs", "batch_size", "lr", "input_size", "seed"):
         assert getattr(config, field) == getattr(defaults, field), field
+    # an empty learning rate is the fine-tuning one when the run starts from trained weights
+    tuned = training.train_config({**form, "batch": "b"}, "file:///d", "file:///o", {}, init_from="file:///w.pt")
+    assert tuned.lr == FINE_TUNE_LR and tuned.init_from == "file:///w.pt"
+    given = training.train_config({**form, "batch": "b", "learning_rate": 2e-3}, "file:///d", "file:///o", {},
+                                  init_from="file:///w.pt")
+    assert given.lr == 2e-3
     assert inference.production_config(_defaults(FORMS["bgremoval_inference"])) == ProductionConfig()
     retrain = _defaults(FORMS["bgremoval_retraining"])
     assert retraining.retraining_config(retrain) == RetrainingConfig()
