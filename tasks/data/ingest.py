@@ -324,15 +324,16 @@ def _keep_later_stages(manifest: pd.DataFrame, manifest_url: str, storage_option
     kept = previous.loc[previous["status"] == STATUS_OK, ident + columns + ["mask_url"]].drop_duplicates("key")
     ok = manifest["status"] == STATUS_OK
     merged = manifest.loc[ok, ident].merge(kept, on=ident, how="left")
+    for column in (*columns, "mask_url"):
+        manifest[column] = manifest[column].astype(object) if column in manifest else None
     for column in columns:
         values = merged[column].to_numpy()
-        manifest[column] = manifest[column].astype(object)
         manifest.loc[ok, column] = [None if pd.isna(v) else v for v in values]
     if "audit_decision" in columns:  # a reviewer's fixed mask stays the pair's mask
         fixed = (merged["audit_decision"] == AUDIT_FIXED).to_numpy()
         rows = manifest.index[ok][fixed]
         manifest.loc[rows, "mask_url"] = merged.loc[fixed, "mask_url"].to_numpy()
-    return to_frame(manifest.astype(object).where(manifest.notna(), None).to_dict("records"), MANIFEST_COLUMNS)
+    return manifest
 
 
 def finalize_dataset(
@@ -353,8 +354,8 @@ def finalize_dataset(
     frames = [f for f in frames if len(f)]
     manifest = pd.concat(frames, ignore_index=True) if frames else to_frame([], MANIFEST_COLUMNS)
     manifest = _collapse_duplicates(manifest, dataset_url, storage_options)
-    manifest = to_frame(manifest.astype(object).where(manifest.notna(), None).to_dict("records"), MANIFEST_COLUMNS)
     manifest = _keep_later_stages(manifest, layout.manifest(dataset_url), storage_options)
+    manifest = to_frame(manifest.astype(object).where(manifest.notna(), None).to_dict("records"), MANIFEST_COLUMNS)
     quarantine = manifest.loc[manifest["status"] == STATUS_QUARANTINED, list(QUARANTINE_COLUMNS)].reset_index(drop=True)
 
     manifest_url = write_table(manifest, layout.manifest(dataset_url), storage_options)

@@ -50,14 +50,21 @@ def new_drops(bucket_url: str, storage_options: dict | None = None) -> list[dict
             ready = ready_written_at(bucket_url, batch, storage_options)
         except FileNotFoundError:
             continue  # still being copied
-        started_url = layout.drop_started(bucket_url, batch)
-        if not storage.exists(started_url, storage_options):
+        marked = _marked_ready(bucket_url, batch, storage_options)
+        if marked is None:
             found.append({"batch": batch, "run_id": drop_run_id(batch), "ready": ready})
-            continue
-        recorded = json.loads(storage.read_bytes(started_url, storage_options)).get("ready")
-        if recorded and recorded != ready:  # markers written before this field was kept count as current
+        elif marked and marked != ready:  # markers written before this field was kept count as current
             found.append({"batch": batch, "run_id": drop_run_id(batch, ready), "ready": ready})
     return found
+
+
+def _marked_ready(bucket_url: str, batch: str, storage_options: dict | None) -> str | None:
+    """The ``_READY`` time the batch's ``_STARTED`` marker was written for: None without a marker,
+    "" for a marker from before that field was kept."""
+    started_url = layout.drop_started(bucket_url, batch)
+    if not storage.exists(started_url, storage_options):
+        return None
+    return json.loads(storage.read_bytes(started_url, storage_options)).get("ready") or ""
 
 
 def mark_started(bucket_url: str, batch: str, run_id: str, ready: str,
@@ -80,10 +87,8 @@ def claim_drop(bucket_url: str, batch: str, run_id: str, storage_options: dict |
         ready = ready_written_at(bucket_url, batch, storage_options)
     except FileNotFoundError:
         return False
-    started_url = layout.drop_started(bucket_url, batch)
-    if storage.exists(started_url, storage_options):
-        recorded = json.loads(storage.read_bytes(started_url, storage_options)).get("ready")
-        if not recorded or recorded == ready:
-            return False
+    marked = _marked_ready(bucket_url, batch, storage_options)
+    if marked is not None and marked in ("", ready):
+        return False
     mark_started(bucket_url, batch, run_id, ready, storage_options)
     return True

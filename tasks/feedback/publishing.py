@@ -44,12 +44,24 @@ def publish_decision(bucket_url: str, item_id: str, storage_options: dict | None
     differ from the item's ``source_sha256``); nothing is recorded then, so a later call tries again.
     """
     item = read_item(bucket_url, item_id, storage_options)
-    decision = item["decision"]
-    if decision is None or decision["decision"] not in PUBLISHED_DECISIONS:
-        return None
+    record = _publish(bucket_url, item, storage_options)
+    if record is None and _publishable(item):  # published before: its record
+        return json.loads(storage.read_bytes(published_marker(bucket_url, item_id), storage_options))
+    return record
+
+
+def _publishable(item: dict) -> bool:
+    return item["decision"] is not None and item["decision"]["decision"] in PUBLISHED_DECISIONS
+
+
+def _publish(bucket_url: str, item: dict, storage_options: dict | None) -> dict | None:
+    """Publish an item already read (``item.json`` fields and ``decision``); returns the new
+    ``published.json`` record, or None when there is nothing to publish (open, rejected, or
+    published before)."""
+    item_id, decision = item["item_id"], item["decision"]
     marker = published_marker(bucket_url, item_id)
-    if storage.exists(marker, storage_options):
-        return json.loads(storage.read_bytes(marker, storage_options))
+    if not _publishable(item) or storage.exists(marker, storage_options):
+        return None
     mask_png = storage.read_bytes(storage.join(done_url(bucket_url, item_id), "mask.png"), storage_options)
     mask = cv2.imdecode(np.frombuffer(mask_png, np.uint8), cv2.IMREAD_GRAYSCALE)
     if mask is None:
@@ -78,15 +90,12 @@ def publish_decisions(bucket_url: str, storage_options: dict | None = None) -> d
     published: list[str] = []
     failed: dict[str, str] = {}
     for entry in list_queue(bucket_url, storage_options, include_done=True):
-        if entry["status"] not in PUBLISHED_DECISIONS:
-            continue
         item_id = entry["item_id"]
-        if storage.exists(published_marker(bucket_url, item_id), storage_options):
-            continue
         try:
-            publish_decision(bucket_url, item_id, storage_options)
+            record = _publish(bucket_url, entry, storage_options)
         except Exception as exc:  # noqa: BLE001 - this item's photo, mask or record; the others still go out
             failed[item_id] = f"{type(exc).__name__}: {exc}"
             continue
-        published.append(item_id)
+        if record is not None:
+            published.append(item_id)
     return {"published": published, "failed": failed}

@@ -177,31 +177,32 @@ def _instant(timestamp: str) -> datetime:
     return datetime.fromisoformat(timestamp)
 
 
-def new_pool_pairs(bucket_url: str, state: dict, storage_options: dict | None = None) -> list[dict]:
+def new_pool_pairs(bucket_url: str, state: dict, storage_options: dict | None = None,
+                   pool: list[dict] | None = None) -> list[dict]:
     """The retraining-pool pairs no run has used: ids not in ``state["consumed"]``, or rewritten since
     (another ``at``, e.g. a person's correction of a published pair). A pair that became visible
     late, with an older ``at`` than pairs already used, is still new: nothing is cut off by time.
 
     A state written before ``consumed`` existed counts the pairs up to its ``last_pair_at`` as used.
     Returns :func:`tasks.feedback.queue.list_pool` records (``pair_id``, ``at``, ``origin``,
-    ``image_url``, ``mask_url``...), oldest first.
+    ``image_url``, ``mask_url``...), oldest first; ``pool``: the pool as already listed.
     """
     consumed = state.get("consumed") or {}
     legacy_cutoff = None if consumed else state.get("last_pair_at")
-    pairs = list_pool(bucket_url, storage_options)
+    pairs = list_pool(bucket_url, storage_options) if pool is None else pool
     if legacy_cutoff:
-        pairs = list_pool(bucket_url, storage_options, since=legacy_cutoff)
+        pairs = [p for p in pairs if _instant(p["at"]) > _instant(legacy_cutoff)]
     return [p for p in pairs if consumed.get(str(p["pair_id"])) != str(p.get("at") or "")]
 
 
 def pool_pairs_missing_from(bucket_url: str, base_version: str, state: dict,
-                            storage_options: dict | None = None) -> list[dict]:
+                            storage_options: dict | None = None, pool: list[dict] | None = None) -> list[dict]:
     """The pool pairs an earlier run used (``state["consumed"]`` at their current ``at``) that the
     base version does not hold, or holds with another mask (a person corrected the pair since): that
     run's dataset was never promoted (its training failed the gate or never ran), so the champion's
     dataset lacks them. Without them they would be lost for good.
     Returns :func:`tasks.feedback.queue.list_pool` records, oldest first; none when the base has no
-    manifest (the run then stops on that)."""
+    manifest (the run then stops on that). ``pool``: the pool as already listed."""
     manifest_url = layout.manifest(layout.dataset(bucket_url, base_version))
     if not base_version or not storage.exists(manifest_url, storage_options):
         return []
@@ -210,7 +211,8 @@ def pool_pairs_missing_from(bucket_url: str, base_version: str, state: dict,
     digests = pool_rows["mask_sha256"] if "mask_sha256" in pool_rows else [None] * len(pool_rows)
     held = dict(zip(pool_rows["stem"].astype(str), digests))
     consumed = state.get("consumed") or {}
-    used = [p for p in list_pool(bucket_url, storage_options) if consumed.get(str(p["pair_id"])) == str(p.get("at") or "")]
+    listed = list_pool(bucket_url, storage_options) if pool is None else pool
+    used = [p for p in listed if consumed.get(str(p["pair_id"])) == str(p.get("at") or "")]
     # The base holds a pair only in the version it was cleaned from: a correction made since (the same
     # id, another mask) that a failed run used is missing from it too.
     masks = storage.read_many([p["mask_url"] for p in used if str(p["pair_id"]) in held], storage_options)

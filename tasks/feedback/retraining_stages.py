@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from tasks import registry
-from tasks.feedback.queue import POOL_ORIGINS
+from tasks.feedback.queue import POOL_ORIGINS, list_pool
 from tasks.feedback.retraining import (
     RetrainingConfig,
     advance_state,
@@ -45,15 +45,21 @@ def find_new_pairs(bucket_url: str, requested_base: str, registered_model: str,
     "base_version", "origins": {origin: n}, "n_carried"}``.
     """
     state = read_state(bucket_url, storage_options)
-    pairs = new_pool_pairs(bucket_url, state, storage_options)
     base = base_dataset(requested_base, registered_model, state)
-    carried = pool_pairs_missing_from(bucket_url, base, state, storage_options)
+    pairs, carried = _pairs_for(bucket_url, base, state, storage_options)
     newest = max((p["at"] for p in pairs), default=None)
     print(f"{len(pairs)} new pairs in the retraining pool since {state.get('last_pair_at') or 'the beginning'}; "
           f"base dataset: {base or 'none'}"
           + (f"; {len(carried)} pairs of an earlier run that the base lacks come again" if carried else ""))
     return {"n_new": len(pairs), "until": newest, "base_version": base,
             "origins": {o: sum(p.get("origin") == o for p in pairs) for o in POOL_ORIGINS}, "n_carried": len(carried)}
+
+
+def _pairs_for(bucket_url: str, base: str, state: dict, storage_options: dict | None) -> tuple[list[dict], list[dict]]:
+    """The pool, listed once: its new pairs and the used pairs ``base`` lacks."""
+    pool = list_pool(bucket_url, storage_options)
+    return (new_pool_pairs(bucket_url, state, storage_options, pool=pool),
+            pool_pairs_missing_from(bucket_url, base, state, storage_options, pool=pool))
 
 
 def worth_retraining(found: dict[str, Any], min_new_pairs: int) -> bool:
@@ -72,10 +78,9 @@ def build_dataset(bucket_url: str, found: dict[str, Any], config: RetrainingConf
     """The ``build_dataset`` stage: the base version plus the pool pairs up to ``found["until"]``
     (pairs that arrived while the run was going wait for the next one) and the earlier runs' pairs
     the base lacks."""
-    state = read_state(bucket_url, storage_options)
-    pairs = [p for p in new_pool_pairs(bucket_url, state, storage_options)
-             if found["until"] is None or p["at"] <= found["until"]]
-    pairs += pool_pairs_missing_from(bucket_url, found["base_version"], state, storage_options)
+    new, carried = _pairs_for(bucket_url, found["base_version"], read_state(bucket_url, storage_options),
+                              storage_options)
+    pairs = [p for p in new if found["until"] is None or p["at"] <= found["until"]] + carried
     result = build_retraining_dataset(bucket_url, found["base_version"], pairs, config, storage_options)
     print(format_result(result))
     return result
