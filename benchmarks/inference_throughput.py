@@ -65,7 +65,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import cv2  # noqa: E402
-import numpy as np  # noqa: E402
 
 from tasks.serving.engines import ONNX_RUNTIMES, openvino_installed  # noqa: E402
 

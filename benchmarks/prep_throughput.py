@@ -7,16 +7,19 @@ What it measures, on local storage in a temporary folder (nothing is written to 
    other, each with its ``io_threads`` pool) -> ``finalize_dataset``, with the default
    ``CleaningConfig()`` (working size 320) and ``shard_size`` 250. It runs on
 
-   a. a synthetic catalogue from ``tasks.dev.synth.generate_catalogue`` (``--n`` pairs, long side up to
-      ``--max-side`` = 1333 px, the studio sizes); generation time is not counted;
-   b. ``../shared/data/viton-garments`` (real in-shop garment photos, 192x256) when that folder is
+   a. a synthetic catalogue from ``tasks.dev.synth.generate_catalogue`` (``--n`` pairs, web-catalogue
+      sizes: long sides 480-1333 px, capped at ``--max-side``); generation time is not counted;
+   b. the same catalogue rendered at studio size: ``--studio-n`` pairs whose long side is each of
+      ``--studio-sides`` (default 2000 and 3000 px, what a studio camera's export delivers);
+   c. ``../shared/data/viton-garments`` (real in-shop garment photos, 192x256) when that folder is
       present: ``--real-n`` pairs are copied into a temporary ``raw/<batch>/images|masks`` (the
       source files are only read). Skipped with a note when the folder is absent.
 
    Cleaning is timed at 1 thread, at one thread per core, and at ``--io-threads`` (default 4,
    clean_shard's default), all in one process; and with one spawned worker process per core, each
    cleaning whole shards with one thread, which is how Airflow runs the DAG's mapped ``clean_shard``
-   tasks side by side (the workers are started before the clock runs, as task processes are).
+   tasks side by side (the workers are started before the clock runs, as task processes are; a
+   data set with fewer shards than cores, such as the studio sizes' 100 pairs, has no such row).
 2. **The decode floor**: reading the same files and decoding image (JPEG) + mask (PNG), nothing
    else, with Pillow (``Image.open(...).load()``) and with OpenCV (``cv2.imdecode``), at the same
    thread counts. Cleaning cannot beat full-resolution decoding, so
@@ -26,8 +29,11 @@ What it measures, on local storage in a temporary folder (nothing is written to 
    mask is always decoded whole), so cleaning's own decoding costs less than the floor's.
 3. **Peak memory, small vs large batch**: a batch of ``--mem-n`` pairs (default 500 and 5,000;
    distinct synthetic products at ``--max-side``) is cleaned in a fresh child process each
-   (``prep_throughput.py --child ...``); the parent reads the child's peak RSS from
-   ``os.wait4`` once it exits. The peak must not grow with the batch size; the ratio is printed.
+   (``prep_throughput.py --child ...``), which reports its own peak RSS (``VmHWM``: the high-water
+   mark of its address space since ``exec``; ``os.wait4``'s ``ru_maxrss`` is the larger of that
+   and the parent's resident memory, which the child holds between ``fork`` and ``exec``: earlier
+   versions of this script printed the parent's size for both batches). The peak must not grow
+   with the batch size; the ratio is printed.
 
 All inputs come from the page cache (they were just written), so the numbers are CPU-bound; with
 S3 the network adds to them. Every throughput is the median of ``--repeats`` runs. The load
@@ -35,7 +41,7 @@ average at start and end is printed: other work on the machine shows up in the n
 
 Run it from the project root:
 
-    .venv/bin/python benchmarks/prep_throughput.py            # full run, 4-6 minutes on 2 cores
+    .venv/bin/python benchmarks/prep_throughput.py            # full run, 8-10 minutes on 2 cores
     .venv/bin/python benchmarks/prep_throughput.py --quick    # smaller sizes, about 1 minute
     .venv/bin/python benchmarks/prep_throughput.py --json benchmarks/results/prep.json
 """
@@ -125,20 +131,31 @@ def machine_facts() -> dict:
     }
 
 
-def rss_now_mib() -> float:
-    """This process's current resident set size in MiB (``VmRSS`` from ``/proc/self/status``)."""
+def _proc_status_mib(field: str) -> float | None:
+    """A ``kB`` field of ``/proc/self/status`` in MiB; None where there is no such file."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
-    return float("nan")
+    return None
+
+
+def rss_now_mib() -> float:
+    """This process's current resident set size in MiB (``VmRSS`` from ``/proc/self/status``)."""
+    now = _proc_status_mib("VmRSS")
+    return float("nan") if now is None else now
 
 
 def peak_rss_self_mib() -> float:
-    """This process's peak resident set size so far, in MiB (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """This process's peak resident set size so far, in MiB: ``VmHWM``, the high-water mark of its
+    own address space. ``getrusage``'s ``ru_maxrss`` (the fallback where ``/proc`` is missing) is,
+    in a process started by ``fork`` + ``exec``, at least the parent's resident memory, which the
+    child held before its ``exec``: from a parent holding 600 MiB it reads 611 MiB for a bare
+    interpreter whose ``VmHWM`` is 11."""
+    peak = _proc_status_mib("VmHWM")
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 if peak is None else peak
 
 
 # --------------------------------------------------------------------------------------- inputs
@@ -157,9 +174,12 @@ def evenly_spaced(items: list, n: int) -> list:
     return [items[i * len(items) // n] for i in range(n)]
 
 
-def generate_synthetic(folder: Path, n: int, max_side: int, seed: int, progress: bool) -> list[Pair]:
-    """Write ``n`` synthetic products under ``folder`` with ``generate_catalogue``; return the pairs."""
-    generate_catalogue(str(folder), SynthConfig(n=n, seed=seed, max_side=max_side), progress=progress)
+def generate_synthetic(folder: Path, n: int, max_side: int, seed: int, progress: bool,
+                       long_side: int | None = None) -> list[Pair]:
+    """Write ``n`` synthetic products under ``folder`` with ``generate_catalogue`` (each scaled to
+    ``long_side`` when given); return the pairs."""
+    config = SynthConfig(n=n, seed=seed, max_side=max_side, long_side=long_side)
+    generate_catalogue(str(folder), config, progress=progress)
     return list_pairs(folder)
 
 
@@ -347,8 +367,10 @@ def benchmark_dataset(name: str, bucket: Path, batch: str, pairs: list[Pair], ar
     for threads in thread_counts:
         result["cleaning"][threads] = measure_cleaning(bucket, batch, threads, args.shard_size, args.repeats, args.progress)
     cores = os.cpu_count() or 1
+    shards = -(-len(pairs) // args.shard_size)
+    # With fewer shards than processes some processes would have nothing to clean: no such row.
     result["processes"] = {cores: measure_cleaning(bucket, batch, 1, args.shard_size, args.repeats, args.progress,
-                                                   processes=cores)} if cores > 1 else {}
+                                                   processes=cores)} if 1 < cores <= shards else {}
     for key, _, decode in DECODERS:
         result["decode"][key] = {
             threads: measure_decode(pairs, decode, threads, args.repeats, args.progress, f"{key} x{threads}")
@@ -376,19 +398,18 @@ def child_main(args: argparse.Namespace) -> int:
 
 
 def run_child(bucket: Path, batch: str, out: Path, args: argparse.Namespace) -> dict:
-    """Clean ``batch`` in a fresh interpreter; return its report plus the peak RSS seen by ``wait4``."""
+    """Clean ``batch`` in a fresh interpreter; return its report, whose ``peak_rss_mib`` is the one
+    the child measured of itself (:func:`peak_rss_self_mib`)."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child",
            "--child-bucket", str(bucket), "--child-batch", batch, "--child-out", str(out),
            "--io-threads", str(args.io_threads), "--shard-size", str(args.shard_size)]
     if not args.progress:
         cmd.append("--no-progress")
-    proc = subprocess.Popen(cmd)
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        raise RuntimeError(f"child for batch {batch} exited with {proc.returncode}")
+    returncode = subprocess.run(cmd, check=False).returncode
+    if returncode != 0:
+        raise RuntimeError(f"child for batch {batch} exited with {returncode}")
     report = json.loads(out.read_text())
-    report["peak_rss_mib"] = usage.ru_maxrss / 1024
+    report["peak_rss_mib"] = report["peak_rss_self_mib"]
     return report
 
 
@@ -487,7 +508,7 @@ def format_memory(rows: list[dict], args: argparse.Namespace) -> str:
               f"{r['peak_rss_mib']:.0f} MiB", f"{r['peak_rss_mib'] - r['rss_after_imports_mib']:.0f} MiB",
               f"{r['pairs_per_s']:.1f}", str(r["clean"])] for r in rows]
     text = (f"Peak memory (one fresh child process per batch, io_threads {args.io_threads}, shard_size {args.shard_size}; "
-            "peak RSS from os.wait4)\n" + render_table(headers, table, right=set(range(1, 8))))
+            "peak RSS: the child's VmHWM)\n" + render_table(headers, table, right=set(range(1, 8))))
     if len(rows) >= 2:
         small, large = rows[0], rows[-1]
         ratio = large["peak_rss_mib"] / small["peak_rss_mib"]
@@ -508,6 +529,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="about 1 minute: --n 100 --real-n 200 --mem-n 100 1000 --repeats 1")
     parser.add_argument("--n", type=int, default=500, help="synthetic pairs for the throughput rows (default 500)")
     parser.add_argument("--max-side", type=int, default=1333, help="long side of synthetic images (default 1333)")
+    parser.add_argument("--studio-sides", type=int, nargs="*", default=[2000, 3000], metavar="PX",
+                        help="also measure the catalogue rendered with each of these long sides (default 2000 3000; "
+                             "none: skip)")
+    parser.add_argument("--studio-n", type=int, default=100, help="pairs per studio size (default 100)")
     parser.add_argument("--real-n", type=int, default=1000, help="viton-garments pairs to use (default 1000)")
     parser.add_argument("--viton-dir", type=Path, default=VITON_DIR, help=f"real pairs (default {VITON_DIR})")
     parser.add_argument("--mem-n", type=int, nargs="+", default=[500, 5000],
@@ -532,7 +557,7 @@ def apply_quick(args: argparse.Namespace, parser: argparse.ArgumentParser) -> No
     """Shrink the sizes for ``--quick`` unless they were given explicitly."""
     if not args.quick:
         return
-    quick = {"n": 100, "real_n": 200, "mem_n": [100, 1000], "repeats": 1}
+    quick = {"n": 100, "studio_n": 30, "real_n": 200, "mem_n": [100, 1000], "repeats": 1}
     for name, value in quick.items():
         if getattr(args, name) == parser.get_default(name):
             setattr(args, name, value)
@@ -540,8 +565,10 @@ def apply_quick(args: argparse.Namespace, parser: argparse.ArgumentParser) -> No
 
 def validate(args: argparse.Namespace) -> None:
     """Reject sizes that cannot produce a measurement."""
-    if min([args.n, args.real_n, args.io_threads, args.shard_size, args.repeats, *args.mem_n]) < 1:
-        raise SystemExit("--n, --real-n, --mem-n, --io-threads, --shard-size and --repeats must be >= 1")
+    if min([args.n, args.studio_n, args.real_n, args.io_threads, args.shard_size, args.repeats, *args.mem_n]) < 1:
+        raise SystemExit("--n, --studio-n, --real-n, --mem-n, --io-threads, --shard-size and --repeats must be >= 1")
+    if any(side < 32 for side in args.studio_sides):
+        raise SystemExit("--studio-sides must be at least 32 px")
 
 
 def run_benchmark(args: argparse.Namespace, work: Path) -> dict:
@@ -561,6 +588,17 @@ def run_benchmark(args: argparse.Namespace, work: Path) -> dict:
     print(f"measuring synthetic ({len(synth_pairs)} pairs) ...", flush=True)
     results.append(benchmark_dataset(f"synthetic, max_side {args.max_side}", synth_bucket, "synthetic", synth_pairs, args))
     shutil.rmtree(synth_bucket, ignore_errors=True)
+
+    for side in args.studio_sides:
+        print(f"generating {args.studio_n} synthetic pairs at long side {side} (not timed) ...", flush=True)
+        studio = generate_synthetic(work / f"studio-{side}", args.studio_n, args.max_side, args.seed, args.progress,
+                                    long_side=side)
+        studio_bucket = work / f"studio-bucket-{side}"
+        studio_pairs = make_batch(studio_bucket, "studio", studio, link=True)
+        print(f"measuring synthetic at long side {side} ({len(studio_pairs)} pairs) ...", flush=True)
+        results.append(benchmark_dataset(f"synthetic, long side {side}", studio_bucket, "studio", studio_pairs, args))
+        shutil.rmtree(studio_bucket, ignore_errors=True)
+        shutil.rmtree(work / f"studio-{side}", ignore_errors=True)
 
     notes = []
     viton = list_pairs(args.viton_dir) if args.viton_dir.is_dir() else []

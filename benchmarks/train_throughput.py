@@ -42,8 +42,9 @@ the project's 2-core CPU machine (DESIGN.md: 0.61 img/s for U2-NetP and 0.40 img
 is 1.5x that with the same architecture: 0.92 img/s (U2-NetP) and 0.60 img/s (U2-Net); the
 report ends with the fastest combination per model and whether it reaches the target.
 "peak RSS" is the sum over workers of each process's peak resident memory
-(``getrusage().ru_maxrss``; compilation in the process included, inductor's compile-worker
-subprocesses not). "load" is the machine's 1-minute load
+(``VmHWM``, ``prep_throughput.peak_rss_self_mib``; compilation in the process included, inductor's
+compile-worker subprocesses not; ``getrusage``'s ``ru_maxrss`` would be at least the resident memory
+of the process that started the worker). "load" is the machine's 1-minute load
 average when the measurement started: other work on the machine shows up in the numbers.
 
 The grid. ``--configs`` names combinations as ``fp32`` or ``+``-joined flags from ``cl``
@@ -81,7 +82,6 @@ import itertools
 import json
 import os
 import platform
-import resource
 import shutil
 import statistics
 import subprocess
@@ -101,6 +101,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from torch import nn  # noqa: E402
 
+from prep_throughput import peak_rss_self_mib  # noqa: E402
 from tasks.core.heap import keep_freed_memory  # noqa: E402
 from tasks.model.config import MODEL_NAMES  # noqa: E402
 from tasks.model.u2net import build_model, count_parameters  # noqa: E402
@@ -231,11 +232,6 @@ def gpu_names() -> list[str]:
     except (OSError, subprocess.SubprocessError):
         return []
     return [line.strip() for line in out.splitlines() if line.strip()]
-
-
-def peak_rss_mib() -> float:
-    """This process's peak resident set size so far, in MiB (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 # --------------------------------------------------------------------------------------- worker
@@ -402,7 +398,7 @@ def _measure(spec: dict, device: torch.device, rank: int, world_size: int, out_p
         "warmup_s": warmup_s,
         "step_s": timed_s,
         "elapsed_s": sum(timed_s),
-        "peak_rss_mib": peak_rss_mib(),
+        "peak_rss_mib": peak_rss_self_mib(),
         "peak_gpu_mib": torch.cuda.max_memory_allocated(device) / MIB if device.type == "cuda" else None,
         "loss": loss_value,
     }

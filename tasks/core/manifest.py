@@ -65,15 +65,27 @@ _FLOAT_COLUMNS = ("fg_fraction", "ambiguous_fraction")
 
 def to_frame(rows: list[dict], columns: tuple[str, ...]) -> pd.DataFrame:
     """Build a DataFrame with exactly ``columns`` (missing values as nulls, stable dtypes)."""
-    frame = pd.DataFrame([{col: row.get(col) for col in columns} for row in rows], columns=list(columns))
+    return conform(pd.DataFrame([{col: row.get(col) for col in columns} for row in rows], columns=list(columns)),
+                   columns)
+
+
+def conform(frame: pd.DataFrame, columns: tuple[str, ...]) -> pd.DataFrame:
+    """``frame`` with exactly ``columns``, in that order (one it lacks is all null), each in its
+    stable dtype (``Int64``, ``Float64`` or ``string``), on a fresh 0..n-1 index: what
+    :func:`to_frame` gives for the frame's rows, converted column by column instead of through
+    a dict per row (a batch's manifest holds a row per pair)."""
+    index = pd.RangeIndex(len(frame))
+    out = {}
     for col in columns:
+        values = pd.Series(frame[col].to_numpy(), index=index) if col in frame else pd.Series(None, index=index,
+                                                                                               dtype=object)
         if col in _INT_COLUMNS:
-            frame[col] = frame[col].astype("Int64")
+            out[col] = values.astype("Int64")
         elif col in _FLOAT_COLUMNS:
-            frame[col] = frame[col].astype("Float64")
+            out[col] = values.astype("Float64")
         else:
-            frame[col] = frame[col].astype("string")
-    return frame
+            out[col] = values.astype("string")
+    return pd.DataFrame(out, index=index)
 
 
 def audit_flagged(frame: pd.DataFrame) -> pd.Series:

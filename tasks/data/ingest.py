@@ -43,6 +43,7 @@ from tasks.core.manifest import (
     STATUS_OK,
     STATUS_QUARANTINED,
     dataset_version,
+    conform,
     read_table,
     to_frame,
     write_table,
@@ -355,7 +356,7 @@ def finalize_dataset(
     manifest = pd.concat(frames, ignore_index=True) if frames else to_frame([], MANIFEST_COLUMNS)
     manifest = _collapse_duplicates(manifest, dataset_url, storage_options)
     manifest = _keep_later_stages(manifest, layout.manifest(dataset_url), storage_options)
-    manifest = to_frame(manifest.astype(object).where(manifest.notna(), None).to_dict("records"), MANIFEST_COLUMNS)
+    manifest = conform(manifest, MANIFEST_COLUMNS)
     quarantine = manifest.loc[manifest["status"] == STATUS_QUARANTINED, list(QUARANTINE_COLUMNS)].reset_index(drop=True)
 
     manifest_url = write_table(manifest, layout.manifest(dataset_url), storage_options)

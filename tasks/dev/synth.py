@@ -87,19 +87,27 @@ _DENIM_STITCH = (214, 160, 70)
 
 @dataclass(frozen=True)
 class SynthConfig:
-    """What to generate: ``n`` good products, ``bad`` bad inputs, the seed and the image limits."""
+    """What to generate: ``n`` good products, ``bad`` bad inputs, the seed and the image limits.
+
+    Canvas sizes come from web-catalogue families (long sides 480-1333 px) capped at ``max_side``;
+    with ``long_side`` every canvas is scaled, up or down, so that its long side is exactly that
+    (a photo studio's camera exports are 2,000-6,000 px).
+    """
 
     n: int
     seed: int = 0
     bad: int = 0
     max_side: int = 1333
     jpeg_quality: int = 92
+    long_side: int | None = None
 
     def __post_init__(self) -> None:
         if self.n < 0 or self.bad < 0:
             raise ValueError("n and bad must be >= 0")
         if self.max_side < 32:
             raise ValueError("max_side must be at least 32 pixels")
+        if self.long_side is not None and self.long_side < 32:
+            raise ValueError("long_side must be at least 32 pixels")
         if not 1 <= self.jpeg_quality <= 100:
             raise ValueError("jpeg_quality must be between 1 and 100")
 
@@ -981,12 +989,13 @@ def stem_for(index: int, seed: int) -> str:
     return f"sku-{seed}-{index:05d}"
 
 
-def pick_size(rng: np.random.Generator, max_side: int) -> tuple[int, int]:
-    """A catalogue canvas size ``(width, height)``, scaled down so the long side <= ``max_side``."""
+def pick_size(rng: np.random.Generator, max_side: int, long_side: int | None = None) -> tuple[int, int]:
+    """A catalogue canvas size ``(width, height)``, scaled down so the long side <= ``max_side``,
+    or scaled so that it is exactly ``long_side`` when given."""
     weights = np.array([w for w, _ in _SIZE_FAMILIES])
     family = _SIZE_FAMILIES[int(rng.choice(len(weights), p=weights / weights.sum()))][1]
     width, height = family[int(rng.integers(len(family)))]
-    factor = min(1.0, max_side / max(width, height))
+    factor = long_side / max(width, height) if long_side else min(1.0, max_side / max(width, height))
     return max(16, int(round(width * factor))), max(16, int(round(height * factor)))
 
 
@@ -1000,7 +1009,7 @@ def render_item(index: int, config: SynthConfig) -> SynthItem:
     rng = np.random.default_rng([config.seed, index])
     product_type = product_type_for(index, config.seed)
     light = product_type == "light_coloured"
-    width, height = pick_size(rng, config.max_side)
+    width, height = pick_size(rng, config.max_side, config.long_side)
     shape = _shape_for(product_type, rng)
     matrix, scale = _place(shape, rng, width, height)
     box = _box(shape, matrix, width, height)

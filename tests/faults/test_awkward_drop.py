@@ -20,6 +20,16 @@ from tasks.feedback.queue import list_queue
 
 pytestmark = pytest.mark.integration
 AIRFLOW = str(Path(sys.executable).parent / "airflow")
+#: Runs ``argv[2:]`` and writes its peak RSS in KiB to ``argv[1]``. The measured process is the
+#: child of this small interpreter, not of pytest: ``ru_maxrss`` counts what a child held between
+#: ``fork`` and ``exec``, which from pytest would be pytest's own resident memory.
+PEAK_RSS_OF = (
+    "import os, subprocess, sys\n"
+    "process = subprocess.Popen(sys.argv[2:])\n"
+    "_, status, usage = os.wait4(process.pid, 0)\n"
+    "open(sys.argv[1], 'w').write(str(usage.ru_maxrss))\n"
+    "sys.exit(os.waitstatus_to_exitcode(status))\n"
+)
 
 
 def test_an_awkward_drop_completes_through_the_inference_dag(airflow_db, s3_bucket, write_model_folder, tmp_path,
@@ -33,16 +43,15 @@ def test_an_awkward_drop_completes_through_the_inference_dag(airflow_db, s3_buck
     model = write_model_folder(tmp_path / "model")
     conf = {"batch": "awkward-1", "bucket": bucket, "model_uri": model, "quality_threshold": 0.01,
             "photos_per_shard": 5}
-    log = tmp_path / "inference.log"
+    log, peak = tmp_path / "inference.log", tmp_path / "peak-rss-kib"
     with open(log, "wb") as out:
-        process = subprocess.Popen([AIRFLOW, "dags", "test", "bgremoval_inference", "--conf", json.dumps(conf)],
-                                   stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ))
-        _, status, usage = os.wait4(process.pid, 0)  # the child's own peak RSS, which subprocess does not keep
-        process.returncode = os.waitstatus_to_exitcode(status)
+        process = subprocess.run([sys.executable, "-c", PEAK_RSS_OF, str(peak), AIRFLOW, "dags", "test",
+                                  "bgremoval_inference", "--conf", json.dumps(conf)],
+                                 stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ), check=False)
     assert process.returncode == 0, log.read_text()[-5000:]
     with capsys.disabled():
         print(f"\nawkward drop through bgremoval_inference: peak RSS of `airflow dags test` "
-              f"{usage.ru_maxrss / 1024:.0f} MiB (Airflow, the tasks and the model in one process)")
+              f"{int(peak.read_text()) / 1024:.0f} MiB (Airflow, the tasks and the model in one process)")
 
     failed = {entry["stem"]: entry["reason"]
               for o in storage.list_objects(f"{bucket_url}/production/awkward-1/failed", options)

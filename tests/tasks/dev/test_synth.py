@@ -164,6 +164,18 @@ def test_sizes_and_aspect_ratios_vary(catalogue_items: list[synth.SynthItem]) ->
     assert any(w > h for w, h in full)
 
 
+def test_long_side_scales_every_canvas_up_or_down_to_it() -> None:
+    for long_side in (2000, 400):
+        sizes = [synth.pick_size(np.random.default_rng([1, i]), 1333, long_side) for i in range(50)]
+        assert {max(size) for size in sizes} == {long_side}
+        assert len({round(w / h, 2) for w, h in sizes}) >= 3  # the catalogue's aspects are kept
+    item = render_item(3, SynthConfig(n=4, seed=2, long_side=1600))
+    assert max(item.image.shape[:2]) == 1600 and item.mask.shape == item.image.shape[:2]
+    assert 0 < np.count_nonzero(item.mask) < item.mask.size
+    with pytest.raises(ValueError, match="long_side"):
+        SynthConfig(n=1, long_side=16)
+
+
 def test_backgrounds_and_patterns_vary(catalogue_items: list[synth.SynthItem]) -> None:
     assert len({item.background for item in catalogue_items}) >= 4
     assert len({item.pattern for item in catalogue_items}) >= 5
