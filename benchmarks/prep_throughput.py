@@ -18,8 +18,9 @@ What it measures, on local storage in a temporary folder (nothing is written to 
    Cleaning is timed at 1 thread, at one thread per core, and at ``--io-threads`` (default 4,
    clean_shard's default), all in one process; and with one spawned worker process per core, each
    cleaning whole shards with one thread, which is how Airflow runs the DAG's mapped ``clean_shard``
-   tasks side by side (the workers are started before the clock runs, as task processes are; a
-   data set with fewer shards than cores, such as the studio sizes' 100 pairs, has no such row).
+   tasks side by side (the workers are started before the clock runs, as task processes are; no
+   more processes than the data set has shards, and no such row for a single shard, such as the
+   studio sizes' 100 pairs).
 2. **The decode floor**: reading the same files and decoding image (JPEG) + mask (PNG), nothing
    else, with Pillow (``Image.open(...).load()``) and with OpenCV (``cv2.imdecode``), at the same
    thread counts. Cleaning cannot beat full-resolution decoding, so
@@ -31,8 +32,8 @@ What it measures, on local storage in a temporary folder (nothing is written to 
    distinct synthetic products at ``--max-side``) is cleaned in a fresh child process each
    (``prep_throughput.py --child ...``), which reports its own peak RSS (``VmHWM``: the high-water
    mark of its address space since ``exec``; ``os.wait4``'s ``ru_maxrss`` is the larger of that
-   and the parent's resident memory, which the child holds between ``fork`` and ``exec``: earlier
-   versions of this script printed the parent's size for both batches). The peak must not grow
+   and the parent's peak, which the kernel carries over at ``exec``: earlier versions of this
+   script printed the parent's peak for both batches). The peak must not grow
    with the batch size; the ratio is printed.
 
 All inputs come from the page cache (they were just written), so the numbers are CPU-bound; with
@@ -151,8 +152,8 @@ def rss_now_mib() -> float:
 def peak_rss_self_mib() -> float:
     """This process's peak resident set size so far, in MiB: ``VmHWM``, the high-water mark of its
     own address space. ``getrusage``'s ``ru_maxrss`` (the fallback where ``/proc`` is missing) is,
-    in a process started by ``fork`` + ``exec``, at least the parent's resident memory, which the
-    child held before its ``exec``: from a parent holding 600 MiB it reads 611 MiB for a bare
+    in a process started by ``fork`` + ``exec``, at least the parent's peak until then, which the
+    kernel carries over at ``exec``: from a parent holding 600 MiB it reads 611 MiB for a bare
     interpreter whose ``VmHWM`` is 11."""
     peak = _proc_status_mib("VmHWM")
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 if peak is None else peak
@@ -362,15 +363,14 @@ DECODERS: tuple[tuple[str, str, Callable[[Pair], None]], ...] = (
 
 def benchmark_dataset(name: str, bucket: Path, batch: str, pairs: list[Pair], args: argparse.Namespace) -> dict:
     """Cleaning and every decoder at 1 thread, one thread per core, and ``io_threads`` threads."""
-    thread_counts = sorted({1, os.cpu_count() or 1, args.io_threads})
+    cores = os.cpu_count() or 1
+    processes = min(cores, -(-len(pairs) // args.shard_size))  # no more processes than shards to clean
+    thread_counts = sorted({1, cores, args.io_threads} | ({processes} if processes > 1 else set()))
     result: dict = {"dataset": name, "pairs": len(pairs), "profile": profile_pairs(pairs), "cleaning": {}, "decode": {}}
     for threads in thread_counts:
         result["cleaning"][threads] = measure_cleaning(bucket, batch, threads, args.shard_size, args.repeats, args.progress)
-    cores = os.cpu_count() or 1
-    shards = -(-len(pairs) // args.shard_size)
-    # With fewer shards than processes some processes would have nothing to clean: no such row.
-    result["processes"] = {cores: measure_cleaning(bucket, batch, 1, args.shard_size, args.repeats, args.progress,
-                                                   processes=cores)} if 1 < cores <= shards else {}
+    result["processes"] = {processes: measure_cleaning(bucket, batch, 1, args.shard_size, args.repeats, args.progress,
+                                                       processes=processes)} if processes > 1 else {}
     for key, _, decode in DECODERS:
         result["decode"][key] = {
             threads: measure_decode(pairs, decode, threads, args.repeats, args.progress, f"{key} x{threads}")

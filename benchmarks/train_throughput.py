@@ -43,8 +43,8 @@ is 1.5x that with the same architecture: 0.92 img/s (U2-NetP) and 0.60 img/s (U2
 report ends with the fastest combination per model and whether it reaches the target.
 "peak RSS" is the sum over workers of each process's peak resident memory
 (``VmHWM``, ``prep_throughput.peak_rss_self_mib``; compilation in the process included, inductor's
-compile-worker subprocesses not; ``getrusage``'s ``ru_maxrss`` would be at least the resident memory
-of the process that started the worker). "load" is the machine's 1-minute load
+compile-worker subprocesses not; ``getrusage``'s ``ru_maxrss`` would be at least the peak of the
+process that started the worker). "load" is the machine's 1-minute load
 average when the measurement started: other work on the machine shows up in the numbers.
 
 The grid. ``--configs`` names combinations as ``fp32`` or ``+``-joined flags from ``cl``

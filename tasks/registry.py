@@ -42,6 +42,7 @@ __all__ = [
     "list_versions",
     "model_uri",
     "choose_start",
+    "default_artifact_location",
     "promote",
     "register_model",
     "rollback",
@@ -64,6 +65,20 @@ def _client(tracking_uri: str | None = None):
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
     return mlflow.MlflowClient()
+
+
+def default_artifact_location(tracking_uri: str) -> str | None:
+    """Where a new experiment's artifacts go when nobody said: ``$BGREMOVAL_MLFLOW_ARTIFACTS``, else,
+    for a SQLite store, a folder beside the database named after it (``runs.db`` ->
+    ``runs-artifacts``; a store in a shared folder such as /tmp gets a folder of its own), else None
+    (the tracking server's default root). MLflow's own default for a SQLite store is ``./mlruns``
+    under whatever folder the process runs in, which scatters one store's artifacts over every
+    working directory that ever created an experiment in it."""
+    if os.environ.get("BGREMOVAL_MLFLOW_ARTIFACTS"):
+        return os.environ["BGREMOVAL_MLFLOW_ARTIFACTS"]
+    if tracking_uri.startswith("sqlite:///"):
+        return os.path.splitext(os.path.abspath(tracking_uri[len("sqlite:///"):]))[0] + "-artifacts"
+    return None
 
 
 def model_uri(name: str = DEFAULT_MODEL_NAME, alias: str | None = CHAMPION, version: str | int | None = None) -> str:
@@ -154,7 +169,8 @@ def register_model(model_url: str, name: str = DEFAULT_MODEL_NAME, run_id: str |
         onnx_sha = _sha256(onnx_info["path"])
         if run_id is None:
             experiment_id = (client.get_experiment_by_name(experiment) or None)
-            experiment_id = experiment_id.experiment_id if experiment_id else mlflow.create_experiment(experiment)
+            experiment_id = experiment_id.experiment_id if experiment_id else mlflow.create_experiment(
+                experiment, artifact_location=default_artifact_location(mlflow.get_tracking_uri()))
             active = mlflow.start_run(experiment_id=experiment_id, run_name=f"register-{name}")
         else:
             active = mlflow.start_run(run_id=run_id)

@@ -21,13 +21,16 @@ def storage_options(url: str) -> dict | None:
 
 
 def mlflow_environment() -> None:
-    """Point MLflow at the embedded stack's store when no MLFLOW_TRACKING_URI is set."""
+    """Point MLflow at the embedded stack's store when no MLFLOW_TRACKING_URI is set, with the stack's
+    artifact root for the experiments a command creates there (as the stack's own runs have)."""
     from tasks.dev.stack_env import read_env_file
 
     if not os.environ.get("MLFLOW_TRACKING_URI"):
-        uri = read_env_file().get("MLFLOW_TRACKING_URI")
-        if uri:
-            os.environ["MLFLOW_TRACKING_URI"] = uri
+        stack = read_env_file()
+        if stack.get("MLFLOW_TRACKING_URI"):
+            os.environ["MLFLOW_TRACKING_URI"] = stack["MLFLOW_TRACKING_URI"]
+            if stack.get("BGREMOVAL_MLFLOW_ARTIFACTS") and not os.environ.get("BGREMOVAL_MLFLOW_ARTIFACTS"):
+                os.environ["BGREMOVAL_MLFLOW_ARTIFACTS"] = stack["BGREMOVAL_MLFLOW_ARTIFACTS"]
 
 
 def registry_missing() -> str | None:

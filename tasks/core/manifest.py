@@ -72,8 +72,13 @@ def to_frame(rows: list[dict], columns: tuple[str, ...]) -> pd.DataFrame:
 def conform(frame: pd.DataFrame, columns: tuple[str, ...]) -> pd.DataFrame:
     """``frame`` with exactly ``columns``, in that order (one it lacks is all null), each in its
     stable dtype (``Int64``, ``Float64`` or ``string``), on a fresh 0..n-1 index: what
-    :func:`to_frame` gives for the frame's rows, converted column by column instead of through
-    a dict per row (a batch's manifest holds a row per pair)."""
+    :func:`to_frame` gives for the frame's rows (for manifest and shard tables, which hold those
+    dtypes already, the same frame), converted column by column instead of through a dict per row
+    (a batch's manifest holds a row per pair). One difference: numbers in a text column are written
+    as they are held (an object column's ``1`` as ``"1"``, where the rows' frame would have made it
+    ``1.0`` first). Raises ValueError on duplicate column names."""
+    if frame.columns.has_duplicates:
+        raise ValueError(f"duplicate columns: {sorted(set(frame.columns[frame.columns.duplicated()]))}")
     index = pd.RangeIndex(len(frame))
     out = {}
     for col in columns:

@@ -342,16 +342,9 @@ class _Tracker:
         self.experiment_id = run.info.experiment_id
 
     def _artifact_location(self) -> str | None:
-        if self.config.mlflow_artifact_location:
-            return self.config.mlflow_artifact_location
-        if os.environ.get("BGREMOVAL_MLFLOW_ARTIFACTS"):
-            return os.environ["BGREMOVAL_MLFLOW_ARTIFACTS"]
-        uri = self._mlflow.get_tracking_uri()
-        if uri.startswith("sqlite:///"):
-            # MLflow's default would be ./mlruns under the current directory; keep it by the DB, named
-            # after it (a store in a shared folder such as /tmp gets a folder of its own).
-            return os.path.splitext(os.path.abspath(uri[len("sqlite:///"):]))[0] + "-artifacts"
-        return None
+        from tasks.registry import default_artifact_location
+
+        return self.config.mlflow_artifact_location or default_artifact_location(self._mlflow.get_tracking_uri())
 
     def _start_tensorboard(self) -> None:
         if not self.config.tensorboard:

@@ -21,8 +21,8 @@ from tasks.feedback.queue import list_queue
 pytestmark = pytest.mark.integration
 AIRFLOW = str(Path(sys.executable).parent / "airflow")
 #: Runs ``argv[2:]`` and writes its peak RSS in KiB to ``argv[1]``. The measured process is the
-#: child of this small interpreter, not of pytest: ``ru_maxrss`` counts what a child held between
-#: ``fork`` and ``exec``, which from pytest would be pytest's own resident memory.
+#: child of this small interpreter, not of pytest: a child's ``ru_maxrss`` is at least its parent's
+#: peak until the ``exec`` (the kernel carries it over), which from pytest would be pytest's.
 PEAK_RSS_OF = (
     "import os, subprocess, sys\n"
     "process = subprocess.Popen(sys.argv[2:])\n"

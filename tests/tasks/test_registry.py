@@ -228,16 +228,25 @@ def test_auto_start_skips_a_champion_of_another_architecture(tracking, write_mod
     assert registry.choose_start("champion", "u2netp", "arch") == "champion"  # asked for by name: as it is
 
 
-def test_cli_registers_a_training_run_with_its_test_figures(tmp_path, tracking, write_model_folder, capsys):
+def test_cli_registers_a_training_run_with_its_test_figures(tmp_path, tracking, write_model_folder, capsys,
+                                                            monkeypatch):
     """`bgremoval model register`: a run trained from the command line becomes a version, scored on the
-    dataset's test split first so that `model list` shows its figure, then promotes by its number."""
+    dataset's test split first so that `model list` shows its figure, then promotes by its number. Its
+    files go beside the SQLite store, not into the folder the command runs in (MLflow's ./mlruns)."""
     from tasks.cli.main import main
     from tasks.dev.synthetic import write_synthetic_dataset
 
     dataset = tmp_path / "datasets" / "v9"
     write_synthetic_dataset(str(dataset), 4, seed=1, max_side=48, split_for=lambda i: "test")
     run = write_model_folder(tmp_path / "cli-run")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.delenv("BGREMOVAL_MLFLOW_ARTIFACTS", raising=False)
     assert main(["model", "register", "--name", "cli", "--run", run, "--dataset", str(dataset)]) == 0
+    assert not any(elsewhere.iterdir())
+    _, folder = tracking
+    assert list((folder / "mlflow-artifacts").rglob("model.onnx"))
     out = capsys.readouterr().out
     assert "cli: registered version 1" in out and "next: bgremoval model promote --name cli --version 1" in out
     tags = registry.version_tags("cli", "1")

@@ -175,8 +175,9 @@ def training_params() -> dict[str, Param]:
             type="string",
             pattern=MODEL_REFERENCE_PATTERN,
             title="Initial weights",
-            description="'auto' (default): the registered model's champion when there is one, else the published "
-            "U2-NetP weights ('pretrained'; U2-NetP only). Or 'pretrained', 'champion', 'scratch' (random weights), "
+            description="'auto' (default): the registered model's champion when there is one (of the same "
+            "architecture), else the published weights of the chosen model ('pretrained'; U2-Net's once fetched with "
+            "bgremoval pretrained fetch --model u2net). Or 'pretrained', 'champion', 'scratch' (random weights), "
             "a models:/ URI, or the URL of a model.pt / checkpoint. Retraining starts from the champion.",
             section=TRAINING,
         ),

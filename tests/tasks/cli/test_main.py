@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import torch
@@ -144,6 +145,27 @@ def test_model_commands_need_a_configured_registry_and_name_what_is_missing(tmp_
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert main(["model", "promote", "--version", "7"]) == 2
     assert "bgremoval model promote: Model Version (name=bgremoval-u2net, version=7) not found" in capsys.readouterr().err
+
+
+def test_commands_use_a_stopped_or_running_stacks_store_and_artifact_root(tmp_path, monkeypatch):
+    """With no MLFLOW_TRACKING_URI, the command line takes the embedded stack's store and also its
+    artifact root: an experiment a command creates there keeps its files where the stack's do."""
+    from tasks.cli.environment import mlflow_environment
+
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "stack.env").write_text(f"export MLFLOW_TRACKING_URI=sqlite:///{state}/mlflow/mlflow.db\n"
+                                     f"export BGREMOVAL_MLFLOW_ARTIFACTS={state}/mlflow/artifacts\n")
+    monkeypatch.setenv("BGREMOVAL_STATE", str(state))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("BGREMOVAL_MLFLOW_ARTIFACTS", raising=False)
+    mlflow_environment()
+    assert os.environ["MLFLOW_TRACKING_URI"] == f"sqlite:///{state}/mlflow/mlflow.db"
+    assert os.environ["BGREMOVAL_MLFLOW_ARTIFACTS"] == f"{state}/mlflow/artifacts"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")  # a store of one's own: left alone
+    monkeypatch.delenv("BGREMOVAL_MLFLOW_ARTIFACTS")
+    mlflow_environment()
+    assert "BGREMOVAL_MLFLOW_ARTIFACTS" not in os.environ
 
 
 def test_serve_defaults_to_what_remove_uses_and_says_which(monkeypatch, capsys):

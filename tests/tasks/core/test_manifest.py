@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from tasks.core.manifest import MANIFEST_COLUMNS, conform, to_frame
 
@@ -38,3 +39,10 @@ def test_conform_equals_to_frame_of_the_frames_records() -> None:
 def test_conform_of_an_empty_frame_has_every_column() -> None:
     got = conform(_mixed_frame().iloc[:0], MANIFEST_COLUMNS)
     pd.testing.assert_frame_equal(got, to_frame([], MANIFEST_COLUMNS))
+
+
+def test_conform_writes_numbers_in_a_text_column_as_held_and_refuses_duplicate_columns() -> None:
+    frame = pd.DataFrame({"stem": pd.Series([1, None], dtype=object), "status": ["ok", "ok"]})
+    assert conform(frame, MANIFEST_COLUMNS)["stem"].tolist() == ["1", pd.NA]
+    with pytest.raises(ValueError, match="duplicate columns: \\['stem'\\]"):
+        conform(pd.DataFrame([[1, 2]], columns=["stem", "stem"]), MANIFEST_COLUMNS)
