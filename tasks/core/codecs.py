@@ -20,7 +20,7 @@ import cv2
 import numpy as np
 
 from tasks.core import storage
-from tasks.core.limits import MAX_PIXELS
+from tasks.core.limits import ASPECT_TOLERANCE, MAX_PIXELS, aspect_mismatch
 
 __all__ = [
     "area_average",
@@ -199,8 +199,9 @@ def decode_mask_file(data: bytes, size: tuple[int, int], max_bytes: int, referen
                      shrink_to_fit: bool = False) -> np.ndarray:
     """Decode an uploaded mask PNG to an ``H×W`` ``uint8`` array of 0/255, checking first, from the
     header, that it is at most ``max_bytes``, a PNG and exactly ``size`` (``(width, height)``), or,
-    with ``shrink_to_fit``, larger with the same aspect ratio (within 1 %; a mask drawn on the full-size
-    photo of a pair cleaning shrank): it is then shrunk by coverage (area averaging) to ``size``.
+    with ``shrink_to_fit``, larger with the same aspect ratio (within ``ASPECT_TOLERANCE``; a mask
+    drawn on the full-size photo of a pair cleaning shrank): it is then shrunk by coverage (area
+    averaging) to ``size``.
 
     Greyscale, RGB (its grey value) and 16-bit (the top byte) masks are accepted; a not fully
     opaque alpha channel is the mask (a cut-out). Pixels at or above half intensity become 255.
@@ -225,11 +226,9 @@ def decode_mask_file(data: bytes, size: tuple[int, int], max_bytes: int, referen
     return shrink_mask(_binary_mask(data), tuple(size))
 
 
-def _larger_same_aspect(found: tuple[int, int], size: tuple[int, int], tolerance: float = 0.01) -> bool:
-    """True when ``found`` is larger than ``size`` and has its aspect ratio within ``tolerance``."""
-    (width, height), (want_w, want_h) = found, size
-    return (width >= want_w and height >= want_h
-            and abs(width / height - want_w / want_h) <= tolerance * (want_w / want_h))
+def _larger_same_aspect(found: tuple[int, int], size: tuple[int, int]) -> bool:
+    """True when ``found`` is larger than ``size`` and has its aspect ratio within :data:`ASPECT_TOLERANCE`."""
+    return found[0] >= size[0] and found[1] >= size[1] and aspect_mismatch(found, size) <= ASPECT_TOLERANCE
 
 
 def _binary_mask(data: bytes) -> np.ndarray:

@@ -5,3 +5,13 @@ photos for the same reason."""
 #: file's header before any pixel is decoded; decoding one costs 150 MB as RGB, several times that
 #: through preprocessing, so this bounds a task's memory per image in flight.
 MAX_PIXELS = 50_000_000
+
+#: How far a mask's aspect ratio may be from its photo's (relative) and still be that photo's mask: a
+#: mask exported at another size rounds its sides. Cleaning, the correction page and publishing share it.
+ASPECT_TOLERANCE = 0.01
+
+
+def aspect_mismatch(found: tuple[int, int], size: tuple[int, int]) -> float:
+    """How far the aspect ratio of ``found`` (width, height) is from that of ``size``, relative to the latter."""
+    (width, height), (want_w, want_h) = found, size
+    return abs(width / height - want_w / want_h) / (want_w / want_h)

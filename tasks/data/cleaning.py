@@ -49,6 +49,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from tasks.core.codecs import area_average, on_white, shrink_mask
+from tasks.core.limits import aspect_mismatch
 from tasks.data.config import CleaningConfig
 
 #: Changes whenever the same raw pair and config would clean to other bytes (2: never enlarged; 3: 0/1
@@ -164,10 +165,14 @@ def pair_files(relpaths: list[str]) -> PairingResult:
     Takes paths relative to the batch folder. Files outside ``images/`` and ``masks/`` at the batch
     root (``_READY``, notes) are metadata and ignored; anything deeper is ``unexpected_location``.
     Returns pairs ``{"stem", "image_relpath", "mask_relpath"}`` sorted by stem, and reject rows
-    ``{"stem", "image_relpath", "mask_relpath", "reason", "detail"}``.
+    ``{"stem", "image_relpath", "mask_relpath", "reason", "detail"}``. A photo whose only mask is in a
+    refused format (``masks/x.jpg``), or the other way round, is one ``unsupported_format`` row naming
+    both files, not two rows for one stem.
     """
     images: dict[str, list[str]] = {}
     masks: dict[str, list[str]] = {}
+    unusable_images: dict[str, list[tuple[str, str]]] = {}  # stem -> (path, why), files of a refused format
+    unusable_masks: dict[str, list[tuple[str, str]]] = {}
     rejects: list[dict] = []
 
     def reject(stem: str, reason: Reason, detail: str, image: str | None = None, mask: str | None = None) -> None:
@@ -192,23 +197,35 @@ def pair_files(relpaths: list[str]) -> PairingResult:
             continue
         allowed = IMAGE_EXTENSIONS if role_image else MASK_EXTENSIONS
         if not dot or f".{ext.lower()}" not in allowed:
-            reject(stem, Reason.UNSUPPORTED_FORMAT, f"extension {('.' + ext) if dot else '(none)'} not in {allowed}", **kw)
+            detail = f"{rel}: extension {('.' + ext) if dot else '(none)'} not in {allowed}"
+            (unusable_images if role_image else unusable_masks).setdefault(stem, []).append((rel, detail))
             continue
         (images if role_image else masks).setdefault(stem, []).append(rel)
 
     pairs = []
-    for stem in sorted(set(images) | set(masks)):
+    for stem in sorted(set(images) | set(masks) | set(unusable_images) | set(unusable_masks)):
         image_list, mask_list = images.get(stem, []), masks.get(stem, [])
+        odd_images, odd_masks = list(unusable_images.get(stem, [])), list(unusable_masks.get(stem, []))
         for extra in image_list[1:]:
             reject(stem, Reason.DUPLICATE_STEM, f"another image has stem {stem!r}: kept {image_list[0]}", image=extra)
         for extra in mask_list[1:]:
             reject(stem, Reason.DUPLICATE_STEM, f"another mask has stem {stem!r}: kept {mask_list[0]}", mask=extra)
-        if not mask_list:
-            reject(stem, Reason.MISSING_MASK, "no masks/<stem>.png for this image", image=image_list[0])
-        elif not image_list:
-            reject(stem, Reason.MISSING_IMAGE, "no images/<stem>.* for this mask", mask=mask_list[0])
-        else:
+        if image_list and mask_list:
             pairs.append({"stem": stem, "image_relpath": image_list[0], "mask_relpath": mask_list[0]})
+        elif image_list and odd_masks:  # one entry for the stem: its mask is there, in a format cleaning refuses
+            mask, detail = odd_masks.pop(0)
+            reject(stem, Reason.UNSUPPORTED_FORMAT, detail, image=image_list[0], mask=mask)
+        elif mask_list and odd_images:
+            image, detail = odd_images.pop(0)
+            reject(stem, Reason.UNSUPPORTED_FORMAT, detail, image=image, mask=mask_list[0])
+        elif image_list:
+            reject(stem, Reason.MISSING_MASK, "no masks/<stem>.png for this image", image=image_list[0])
+        elif mask_list:
+            reject(stem, Reason.MISSING_IMAGE, "no images/<stem>.* for this mask", mask=mask_list[0])
+        for image, detail in odd_images:
+            reject(stem, Reason.UNSUPPORTED_FORMAT, detail, image=image)
+        for mask, detail in odd_masks:
+            reject(stem, Reason.UNSUPPORTED_FORMAT, detail, mask=mask)
     return PairingResult(pairs=pairs, rejects=rejects)
 
 
@@ -354,7 +371,7 @@ def clean_pair(image_bytes: bytes, mask_bytes: bytes, config: CleaningConfig) ->
 
     if grey.shape != (height, width):
         mask_h, mask_w = grey.shape
-        mismatch = abs((mask_w / mask_h) - (width / height)) / (width / height)
+        mismatch = aspect_mismatch((mask_w, mask_h), (width, height))
         if mismatch > config.max_aspect_mismatch:
             raise Rejected(
                 Reason.SIZE_MISMATCH,

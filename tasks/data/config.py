@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from tasks.core.limits import MAX_PIXELS
+from tasks.core.limits import ASPECT_TOLERANCE, MAX_PIXELS
 
 #: The largest corrected mask a reviewer may upload for a flagged pair.
 MAX_FIXED_MASK_BYTES = 20 * 2**20
@@ -36,7 +36,7 @@ class CleaningConfig:
     max_ambiguous_fraction: float = 0.05
     min_foreground: float = 0.001
     max_foreground: float = 0.995
-    max_aspect_mismatch: float = 0.01
+    max_aspect_mismatch: float = ASPECT_TOLERANCE
     jpeg_quality: int = 95
     audit_masks: bool = True
 

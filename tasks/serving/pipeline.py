@@ -44,7 +44,7 @@ import numpy as np
 from tasks.core import storage
 from tasks.core.alpha import decontaminated_foreground
 from tasks.core.codecs import ImageTooLarge, decode_image, encode
-from tasks.core.limits import MAX_PIXELS
+from tasks.core.limits import ASPECT_TOLERANCE, MAX_PIXELS, aspect_mismatch
 from tasks.model.preprocess import prepare_input
 from tasks.model.refine import RefineConfig, map_at_photo
 from tasks.serving.engines import Engine, available_cores, unletterboxed
@@ -336,7 +336,7 @@ def cutout_with_mask(stem: str, source_url: str, data: bytes, mask: np.ndarray,
     try:
         rgb = decode_image(data, max_pixels=config.max_pixels)
         height, width = rgb.shape[:2]
-        if abs(mask.shape[1] / mask.shape[0] - width / height) > 0.01 * width / height:
+        if aspect_mismatch((mask.shape[1], mask.shape[0]), (width, height)) > ASPECT_TOLERANCE:
             raise ValueError(f"the mask is {mask.shape[1]}x{mask.shape[0]}, not of the photo's aspect ({width}x{height})")
         scaled = mask if mask.shape == (height, width) else cv2.resize(mask, (width, height),
                                                                        interpolation=cv2.INTER_LINEAR)

@@ -295,6 +295,22 @@ def test_pairing_rules():
     assert len(result.rejects) == 7
 
 
+def test_pairing_names_a_photo_with_a_refused_mask_once():
+    """A photo whose mask came as JPEG is one quarantine row naming both files, not a missing mask
+    plus an unsupported file for the same stem; a lone refused file is still its own row."""
+    result = pair_files(["images/x.jpg", "masks/x.jpg", "images/y.gif", "masks/y.png", "masks/z.jpg",
+                         "images/w.jpg", "images/w.gif", "masks/w.png"])
+    assert [p["stem"] for p in result.pairs] == ["w"]
+    rows = {(r["stem"], r["reason"], r["image_relpath"], r["mask_relpath"]) for r in result.rejects}
+    assert rows == {
+        ("x", "unsupported_format", "images/x.jpg", "masks/x.jpg"),
+        ("y", "unsupported_format", "images/y.gif", "masks/y.png"),
+        ("z", "unsupported_format", None, "masks/z.jpg"),
+        ("w", "unsupported_format", "images/w.gif", None),
+    }
+    assert next(r["detail"] for r in result.rejects if r["stem"] == "x").startswith("masks/x.jpg: extension .jpg")
+
+
 def test_safe_stem():
     assert safe_stem("sku-1_a.b") == "sku-1_a.b"
     odd = safe_stem("Sommerkleid (1) – blå")
