@@ -81,6 +81,24 @@ def default_artifact_location(tracking_uri: str) -> str | None:
     return None
 
 
+def absolute_tracking_uri(uri: str) -> str:
+    """``uri`` with a relative local store made absolute against the current folder: ``sqlite:///x.db``
+    -> ``sqlite:////<cwd>/x.db``, a bare path or ``file:x`` -> ``file:///<cwd>/x``. Other URIs
+    (servers, ``databricks``) are returned as given. The training workers run in the project's
+    folder, where a relative store would name another database, or none."""
+    if uri.startswith("sqlite:///"):
+        path = uri[len("sqlite:///"):]
+        if path and not path.startswith("/") and not path.startswith(":memory:"):
+            return "sqlite:///" + os.path.abspath(path)
+        return uri
+    if uri.startswith("file:"):
+        path = uri[len("file:"):]
+        return uri if path.startswith("/") else "file://" + os.path.abspath(path)
+    if uri and "://" not in uri and not os.path.isabs(uri) and uri not in ("databricks", "databricks-uc"):
+        return "file://" + os.path.abspath(uri)
+    return uri
+
+
 def model_uri(name: str = DEFAULT_MODEL_NAME, alias: str | None = CHAMPION, version: str | int | None = None) -> str:
     """Return ``models:/<name>@<alias>`` or, with ``version``, ``models:/<name>/<version>``."""
     return f"models:/{name}/{version}" if version is not None else f"models:/{name}@{alias}"

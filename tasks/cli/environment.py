@@ -22,8 +22,11 @@ def storage_options(url: str) -> dict | None:
 
 def mlflow_environment() -> None:
     """Point MLflow at the embedded stack's store when no MLFLOW_TRACKING_URI is set, with the stack's
-    artifact root for the experiments a command creates there (as the stack's own runs have)."""
+    artifact root for the experiments a command creates there (as the stack's own runs have). A
+    relative local store (``sqlite:///mlflow.db``) is made absolute here, against the folder the
+    command was started in: the training workers run in the project folder."""
     from tasks.dev.stack_env import read_env_file
+    from tasks.registry import absolute_tracking_uri
 
     if not os.environ.get("MLFLOW_TRACKING_URI"):
         stack = read_env_file()
@@ -31,6 +34,8 @@ def mlflow_environment() -> None:
             os.environ["MLFLOW_TRACKING_URI"] = stack["MLFLOW_TRACKING_URI"]
             if stack.get("BGREMOVAL_MLFLOW_ARTIFACTS") and not os.environ.get("BGREMOVAL_MLFLOW_ARTIFACTS"):
                 os.environ["BGREMOVAL_MLFLOW_ARTIFACTS"] = stack["BGREMOVAL_MLFLOW_ARTIFACTS"]
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        os.environ["MLFLOW_TRACKING_URI"] = absolute_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
 
 
 def registry_missing() -> str | None:

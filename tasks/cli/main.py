@@ -84,16 +84,22 @@ def cmd_split(args: argparse.Namespace) -> int:
     try:
         require_manifest(args.dataset, options)
         config = SplitConfig(train=1.0 - args.val - args.test, val=args.val, test=args.test, seed=args.seed)
-        result = split_dataset(args.dataset, config, args.keep_from, options)
+        sources = ([args.keep_from] if args.keep_from else []) + (
+            ["the version's own splits"] if not args.fresh and _split_counts(args.dataset, options) else [])
+        result = split_dataset(args.dataset, config, args.keep_from, options, keep_own=not args.fresh)
     except (ValueError, FileNotFoundError) as exc:
         print(f"bgremoval split: {first_line(exc)}", file=sys.stderr)
         return 2
-    print(f"splits written into {result['manifest_url']} (hash of each stem, seed {args.seed}; per cluster):")
+    print(f"splits written into {result['manifest_url']} (per cluster):")
     for cluster, counts in result["counts"].items():
         print(f"  {cluster:<16} " + "  ".join(f"{split} {n:>5}" for split, n in counts.items()))
     print("  total            " + "  ".join(f"{split} {n:>5}" for split, n in result["totals"].items()))
-    if args.keep_from:
-        print(f"  kept from {args.keep_from}: {result['kept_from_previous']}")
+    if sources:
+        print(f"  {result['kept_from_previous']} pairs kept the split they had ({' and '.join(sources)}: a test "
+              f"split must not move into training); the others by a hash of their stem, seed {args.seed}"
+              + ("" if args.fresh else "; --fresh splits every pair anew"))
+    else:
+        print(f"  every pair by a hash of its stem, seed {args.seed}")
     return 0
 
 
@@ -501,7 +507,10 @@ def build_parser() -> argparse.ArgumentParser:
     split.add_argument("--val", type=float, default=SplitConfig.val, help="share of each cluster for val")
     split.add_argument("--test", type=float, default=SplitConfig.test, help="share of each cluster for test")
     split.add_argument("--seed", type=int, default=SplitConfig.seed, help="hash seed")
-    split.add_argument("--keep-from", help="an earlier version's manifest.parquet whose pairs keep their split")
+    split.add_argument("--keep-from", help="an earlier version's manifest.parquet whose pairs keep their split "
+                                           "(the version's own splits are kept too, for the pairs it does not place)")
+    split.add_argument("--fresh", action="store_true",
+                       help="forget the version's own splits: split every pair anew (but --keep-from's)")
     split.set_defaults(func=cmd_split)
 
     evaluate = sub.add_parser("evaluate", help="score a trained model on any labelled folder (the seed's IoU table)")

@@ -160,21 +160,39 @@ def format_split_summary(summary: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def _with_own_splits(manifest: pd.DataFrame, previous: pd.DataFrame | None) -> pd.DataFrame | None:
+    """``previous`` (stem, split) plus the manifest's own assigned splits for the stems it lacks."""
+    if "split" not in manifest.columns:
+        return previous
+    own = manifest.loc[manifest["split"].isin(SPLITS), ["stem", "split"]]
+    if previous is None:
+        return own if len(own) else None
+    given = previous.loc[previous["split"].isin(SPLITS), ["stem", "split"]]
+    return pd.concat([given, own[~own["stem"].isin(given["stem"])]], ignore_index=True)
+
+
 def split_dataset(
     dataset_url: str,
     config: SplitConfig,
     previous_url: str | None = None,
     storage_options: dict | None = None,
+    keep_own: bool = True,
 ) -> dict:
     """Write the splits into ``<dataset_url>/manifest.parquet`` (its ``split`` column).
 
     Takes the dataset URL, the config, and optionally the URL of an earlier version's manifest
-    whose assignments are kept. Returns ``{"manifest_url", "counts": {cluster: {split: n}},
-    "totals": {split: n}, "kept_from_previous": n}``.
+    whose assignments are kept. With ``keep_own`` (the default) the version's own assignments are
+    kept too, for the pairs the earlier manifest does not place: splitting a version again never
+    moves a pair, so a test split (perhaps carried from an earlier version) never leaks into
+    training; only unassigned pairs are split by the hash. ``keep_own=False`` splits anew.
+    Returns ``{"manifest_url", "counts": {cluster: {split: n}}, "totals": {split: n},
+    "kept_from_previous": n}`` (``n``: clean pairs that kept a split, from either source).
     """
     manifest_url = layout.manifest(dataset_url)
     manifest = read_table(manifest_url, storage_options)
     previous = read_table(previous_url, storage_options) if previous_url else None
+    if keep_own:
+        previous = _with_own_splits(manifest, previous)
     manifest["split"] = assign_splits(manifest, config, previous)
     write_table(manifest, manifest_url, storage_options)
     summary = split_summary(manifest)

@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 
 from tasks.core import layout, storage
+from tasks.registry import absolute_tracking_uri
 from tasks.train.collectives import RankInfo, TorchCollectives
 from tasks.train.config import TrainConfig
 from tasks.train.loop import TrainResult, resolve_device, train
@@ -126,13 +127,15 @@ def stop_process_group(process: subprocess.Popen) -> None:
 
 
 def _absolute_local_paths(config: TrainConfig) -> TrainConfig:
-    """``config`` with its relative local paths made absolute: the workers run in the project's
-    folder, where a relative path would name another file or none."""
+    """``config`` with its relative local paths (the MLflow store's included) made absolute: the
+    workers run in the project's folder, where a relative path would name another file or none."""
     def absolute(url: str | None) -> str | None:
         return url if not url or "://" in url or os.path.isabs(url) else os.path.abspath(url)
 
+    tracking = absolute_tracking_uri(config.mlflow_tracking_uri) if config.mlflow_tracking_uri else None
     return replace(config, dataset_url=absolute(config.dataset_url), output_url=absolute(config.output_url),
-                   init_from=absolute(config.init_from), cache_dir=absolute(config.cache_dir))
+                   init_from=absolute(config.init_from), cache_dir=absolute(config.cache_dir),
+                   mlflow_tracking_uri=tracking, mlflow_artifact_location=absolute(config.mlflow_artifact_location))
 
 
 def _copy_output(source, log_file, echo: bool) -> None:
@@ -189,6 +192,10 @@ def run_launcher(name: str, nproc: int, command: Callable[[str], list[str]], con
     log_file = log_path or os.path.join(workdir, f"{name}.log")
     child_env = dict(os.environ)
     child_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_PROJECT_ROOT), child_env.get("PYTHONPATH")) if p)
+    if child_env.get("MLFLOW_TRACKING_URI"):  # relative to here, not to the workers' folder
+        child_env["MLFLOW_TRACKING_URI"] = absolute_tracking_uri(child_env["MLFLOW_TRACKING_URI"])
+    if child_env.get("BGREMOVAL_MLFLOW_ARTIFACTS") and "://" not in child_env["BGREMOVAL_MLFLOW_ARTIFACTS"]:
+        child_env["BGREMOVAL_MLFLOW_ARTIFACTS"] = os.path.abspath(child_env["BGREMOVAL_MLFLOW_ARTIFACTS"])
     if not _uses_cuda(config):
         child_env["OMP_NUM_THREADS"] = "1"
     if echo_progress and sys.stderr.isatty():
@@ -216,6 +223,8 @@ def run_launcher(name: str, nproc: int, command: Callable[[str], list[str]], con
     if returncode != 0:
         with open(log_file, "rb") as handle:
             tail = handle.read()[-6000:].decode("utf-8", "replace")
+        if log_path:
+            shutil.rmtree(workdir, ignore_errors=True)  # the log is where the caller asked; nothing else is left
         what = f"timed out after {timeout_s} s" if returncode is None else f"exited with status {returncode}"
         raise RuntimeError(f"{name} ({nproc} workers) {what}; full log: {log_file}\n--- log tail ---\n{tail}")
     result_url = layout.train_result(config.output_url)

@@ -41,6 +41,22 @@ def test_synth_then_clean_prints_the_summary(tmp_path, capsys):
     assert main(["split", "--dataset", dataset, "--val", "0.7", "--test", "0.7"]) == 2  # fractions over one
     assert main(["split", "--dataset", str(tmp_path / "nowhere")]) == 2
 
+    from tasks.core.manifest import write_table
+
+    ok = manifest["status"] == "ok"
+    first = manifest.loc[ok, "split"].copy()
+    carried = first.index[first != "test"][0]
+    manifest.loc[carried, "split"] = "test"  # as if its test split had come from an earlier version
+    write_table(manifest, f"{dataset}/manifest.parquet")
+    capsys.readouterr()
+    assert main(["split", "--dataset", dataset, "--val", "0.1", "--test", "0.1"]) == 0  # splits again: none move
+    assert f"{int(ok.sum())} pairs kept the split they had" in capsys.readouterr().out
+    again = read_table(f"{dataset}/manifest.parquet")
+    assert again.loc[carried, "split"] == "test"
+    assert (again.loc[ok, "split"] == manifest.loc[ok, "split"]).all()
+    assert main(["split", "--dataset", dataset, "--fresh", "--val", "0.25", "--test", "0.25"]) == 0
+    assert (read_table(f"{dataset}/manifest.parquet").loc[ok, "split"] == first).all()  # the hash's own split
+
 
 def test_evaluate_scores_a_dataset_split_as_the_gate_does(tmp_path, capsys, write_model_folder, monkeypatch):
     from tasks.dev.synthetic import write_synthetic_dataset
@@ -166,6 +182,25 @@ def test_commands_use_a_stopped_or_running_stacks_store_and_artifact_root(tmp_pa
     monkeypatch.delenv("BGREMOVAL_MLFLOW_ARTIFACTS")
     mlflow_environment()
     assert "BGREMOVAL_MLFLOW_ARTIFACTS" not in os.environ
+
+
+def test_a_relative_store_is_made_absolute_where_the_command_starts(tmp_path, monkeypatch):
+    """`train` hands the store to workers that run in the project folder: a relative SQLite path
+    must name the database in the folder the user ran the command from."""
+    from tasks.cli.environment import mlflow_environment
+    from tasks.registry import absolute_tracking_uri
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///runs/mlflow.db")
+    mlflow_environment()
+    assert os.environ["MLFLOW_TRACKING_URI"] == f"sqlite:///{tmp_path}/runs/mlflow.db"
+    assert absolute_tracking_uri("sqlite:////srv/mlflow.db") == "sqlite:////srv/mlflow.db"
+    assert absolute_tracking_uri("sqlite:///:memory:") == "sqlite:///:memory:"
+    assert absolute_tracking_uri("file:mlruns") == f"file://{tmp_path}/mlruns"
+    assert absolute_tracking_uri("mlruns") == f"file://{tmp_path}/mlruns"
+    assert absolute_tracking_uri("/srv/mlruns") == "/srv/mlruns"
+    assert absolute_tracking_uri("http://mlflow.example:5000") == "http://mlflow.example:5000"
+    assert absolute_tracking_uri("databricks") == "databricks"
 
 
 def test_serve_defaults_to_what_remove_uses_and_says_which(monkeypatch, capsys):

@@ -158,3 +158,22 @@ def test_split_dataset_writes_the_manifest_and_keeps_previous(tmp_path):
     v2 = read_table(second["manifest_url"]).set_index("stem")
     old = v1[v1["status"] == "ok"].set_index("stem")["split"]
     assert (v2.loc[old.index, "split"] == old).all()
+
+
+def test_splitting_again_moves_no_pair_unless_asked(tmp_path):
+    """A version split again (other fractions, an earlier version to keep) keeps its own assignments:
+    a pair once in test never lands in train. keep_own=False splits anew."""
+    first_url, second_url = str(tmp_path / "v1"), str(tmp_path / "v2")
+    write_table(_manifest(SIZES), f"{first_url}/manifest.parquet")
+    v1 = read_table(splits.split_dataset(first_url, SplitConfig())["manifest_url"])
+    later = pd.concat([v1.drop(columns="split"), _manifest({"shorts": 30}, prefix="new")], ignore_index=True)
+    write_table(to_frame(later.astype(object).where(later.notna(), None).to_dict("records"), MANIFEST_COLUMNS),
+                f"{second_url}/manifest.parquet")
+    v2 = read_table(splits.split_dataset(second_url, SplitConfig(), previous_url=f"{first_url}/manifest.parquet")
+                    ["manifest_url"]).set_index("stem")
+    others = SplitConfig(train=0.5, val=0.25, test=0.25, seed=9)
+    again = splits.split_dataset(second_url, others, previous_url=f"{first_url}/manifest.parquet")
+    assert again["kept_from_previous"] == len(v2)  # v1's pairs from v1, the new ones from v2 itself
+    assert (read_table(again["manifest_url"]).set_index("stem").loc[v2.index, "split"] == v2["split"]).all()
+    fresh = read_table(splits.split_dataset(second_url, others, keep_own=False)["manifest_url"]).set_index("stem")
+    assert (fresh.loc[v2.index, "split"] != v2["split"]).any()

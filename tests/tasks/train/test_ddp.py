@@ -55,8 +55,10 @@ def test_a_killed_worker_fails_the_run_and_the_next_launch_resumes(
         two_split_dataset, tiny_config, val_iou_of, tmp_path) -> None:
     # amp="auto": bf16 autocast on a CPU with native bf16, float32 elsewhere.
     with pytest.raises(RuntimeError, match=r"torchrun \(2 workers\) exited with status") as failure:
-        launch_local(tiny_config("ddp-test", epochs=3), nproc=2, timeout_s=240, env=kill_env(after_epoch=1, rank=1))
-    assert "log tail" in str(failure.value)
+        launch_local(tiny_config("ddp-test", epochs=3), nproc=2, timeout_s=240, env=kill_env(after_epoch=1, rank=1),
+                     log_path=str(tmp_path / "torchrun.log"))  # kept after a failure: in the test's folder, not /tmp
+    assert "log tail" in str(failure.value) and f"full log: {tmp_path / 'torchrun.log'}" in str(failure.value)
+    assert (tmp_path / "torchrun.log").stat().st_size > 0
     checkpoint = load_checkpoint(str(tmp_path / "run" / "checkpoint.pt"))
     assert checkpoint["epoch"] == 1
     assert not (tmp_path / "run" / "result.json").exists()
@@ -88,7 +90,11 @@ def test_relative_local_paths_reach_the_workers_as_absolute_ones(tmp_path, monke
 
     monkeypatch.chdir(tmp_path)
     config = _absolute_local_paths(TrainConfig(dataset_url="datasets/v1", output_url="runs/r1",
-                                               init_from="runs/r1/init/model.pt", cache_dir="s3://b/cache"))
+                                               init_from="runs/r1/init/model.pt", cache_dir="s3://b/cache",
+                                               mlflow_tracking_uri="sqlite:///mlflow.db",
+                                               mlflow_artifact_location="mlflow-artifacts"))
+    assert config.mlflow_tracking_uri == f"sqlite:///{tmp_path}/mlflow.db"
+    assert config.mlflow_artifact_location == str(tmp_path / "mlflow-artifacts")
     assert config.dataset_url == str(tmp_path / "datasets" / "v1")
     assert config.output_url == str(tmp_path / "runs" / "r1")
     assert config.init_from == str(tmp_path / "runs" / "r1" / "init" / "model.pt")
