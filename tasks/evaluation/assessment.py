@@ -58,11 +58,25 @@ def metrics_for_mlflow(summary: dict, prefix: str) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items()}
 
 
-def _history(model_url: str, storage_options: dict | None) -> list[dict]:
+def _training_result(model_url: str, storage_options: dict | None) -> dict:
+    """The training run's ``result.json`` beside the model ({} when there is none)."""
     url = layout.train_result(model_url)
     if not storage.exists(url, storage_options):
-        return []
-    return list(json.loads(storage.read_bytes(url, storage_options)).get("history") or [])
+        return {}
+    return json.loads(storage.read_bytes(url, storage_options))
+
+
+def training_facts(result: dict) -> dict[str, str]:
+    """The report's line on what training did to val IoU, from a training ``result.json``: the starting
+    weights' figure (measured before the first step) beside the trained model's, with a warning when
+    training lowered it. {} when the run measured no start (random weights)."""
+    start, end = result.get("start_val_iou"), (result.get("metrics") or {}).get("val_iou")
+    if start is None or end is None:
+        return {}
+    line = f"{start * 100:.2f} % for the starting weights, {end * 100:.2f} % after training"
+    if end < start:
+        line += " (training lowered it: a lower learning rate, more pairs or more epochs may help)"
+    return {"val IoU": line}
 
 
 def _gallery(model, meta: dict, dataset_url: str, split: str, worst: list[dict],
@@ -123,6 +137,7 @@ def assess_challenger(model_url: str, dataset_url: str, report_url: str, config:
     ``report_html`` and ``mlflow_run_id``.
     """
     model, meta = load_model(model_url, storage_options=storage_options)
+    trained = _training_result(model_url, storage_options)
     scores = score_split(model, meta, dataset_url, config.split, storage_options, config.threshold)
     summary = summarise(scores, worst=config.worst)
     audited = _audited_pairs(model, meta, dataset_url, config, scores, storage_options)
@@ -148,11 +163,12 @@ def assess_challenger(model_url: str, dataset_url: str, report_url: str, config:
               "input size": meta["input_size"], "threshold": config.threshold,
               "champion": f"{champion_uri} (version {champion_version})" if champion_uri else "none yet",
               **({"MLflow run": mlflow_run_id} if mlflow_run_id else {}),
-              **({"mask audit": audited["text"].removeprefix("mask audit: ")} if audited else {}), **(facts or {})}
+              **({"mask audit": audited["text"].removeprefix("mask audit: ")} if audited else {}),
+              **training_facts(trained), **(facts or {})}
     with tempfile.TemporaryDirectory(prefix="bgremoval-report-") as tmp:
         gallery = _gallery(model, meta, dataset_url, config.split, summary["worst"], storage_options)
         files = write_report(tmp, summary, [s.iou for s in scores], gallery, decision.to_dict(), champion_summary,
-                             _history(model_url, storage_options), config.gate.cluster_iou_gate,
+                             list(trained.get("history") or []), config.gate.cluster_iou_gate,
                              title="bgremoval: challenger evaluation", facts=header)
         result = {"summary": summary, "gate": decision.to_dict(), "table": table, "verdict": verdict,
                   "champion": None if champion_summary is None else {

@@ -68,6 +68,7 @@ __all__ = [
     "EpochMetrics",
     "TrainResult",
     "build_scheduler",
+    "resumed_phase",
     "cpu_supports_bf16",
     "deep_supervision_loss",
     "resolve_amp",
@@ -239,30 +240,75 @@ def deep_supervision_loss(output: U2NetOutput, target: torch.Tensor, fused_weigh
     return total
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig,
-                    steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler:
+def _warmup_cosine(steps: int, warmup: int, floor: float):
+    """The factor of step ``k`` (0-based) of ``steps`` steps: linear up to 1 over ``warmup`` steps,
+    then half a cosine from 1 down to ``floor``."""
+
+    def factor(k: int) -> float:
+        if k < warmup:
+            return (k + 1) / warmup
+        progress = min(1.0, (k - warmup) / max(1, steps - warmup))
+        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def _ramp_then_cosine(steps: int, warmup: int, floor: float, start: float):
+    """:func:`_warmup_cosine` whose warm-up begins at ``start`` (step 0 keeps it) instead of near 0."""
+    cosine = _warmup_cosine(steps, warmup, floor)
+    return lambda k: start + (1.0 - start) * k / warmup if k < warmup else cosine(k)
+
+
+def _warmup_steps(config: TrainConfig, steps_per_epoch: int, steps: int) -> int:
+    """``warmup_epochs`` in steps, at most :data:`MAX_WARMUP_SHARE` of ``steps``."""
+    return min(int(round(config.warmup_epochs * steps_per_epoch)), int(MAX_WARMUP_SHARE * steps))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int,
+                    phase: tuple[int, float] | None = None) -> torch.optim.lr_scheduler.LRScheduler:
     """Return the per-iteration LR scheduler of ``config.schedule`` for ``config.epochs`` epochs.
 
     ``"cosine"``: linear warm-up over ``warmup_epochs`` (at most :data:`MAX_WARMUP_SHARE` of the run,
     so that a short fine-tune still decays) then half a cosine from ``lr`` down to
     ``min_lr_ratio · lr``; ``"onecycle"``: ``OneCycleLR`` with ``max_lr = lr``;
     ``"constant"``: ``lr`` throughout. Call ``scheduler.step()`` after every optimiser step.
+
+    ``phase``: ``(step, factor)`` where a checkpoint resumed with more epochs than it planned stopped,
+    and the factor of ``lr`` its schedule had reached there (:func:`resumed_phase`). The cosine
+    schedule's steps from there are a phase of their own: a linear warm-up from that factor back to
+    1 (at most :data:`MAX_WARMUP_SHARE` of the steps left), then the cosine down to the floor at the
+    new end. The longer run's schedule from the start would jump at the resume instead, e.g. from
+    the floor of a finished one-epoch run straight to ``lr``.
     """
     total = max(1, config.epochs * steps_per_epoch)
     if config.schedule == "onecycle":
         return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=config.lr, total_steps=total)
     if config.schedule == "constant":
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
-    warmup = min(int(round(config.warmup_epochs * steps_per_epoch)), int(MAX_WARMUP_SHARE * total))
     floor = config.min_lr_ratio
+    whole = _warmup_cosine(total, _warmup_steps(config, steps_per_epoch, total), floor)
+    if phase is None or phase[0] >= total:
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, whole)
+    begin, start = phase
+    left = total - begin
+    later = _ramp_then_cosine(left, max(1, _warmup_steps(config, steps_per_epoch, left)), floor, start)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: whole(step) if step < begin else later(step - begin))
 
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+def resumed_phase(checkpoint: dict, config: TrainConfig) -> tuple[int, float] | None:
+    """The ``phase`` of :func:`build_scheduler` for resuming ``checkpoint`` under ``config``: where it
+    stopped and the factor its rate had reached, when it planned fewer epochs; the phase it was
+    already in, when it was itself an extended run; else None (and for the schedules other than
+    cosine, which have no phases)."""
+    if config.schedule != "cosine":
+        return None
+    epochs = config.epochs
+    planned = int((checkpoint.get("config") or {}).get("epochs") or epochs)
+    if planned < epochs:
+        state = checkpoint["scheduler"]
+        return int(state["last_epoch"]), float(state["_last_lr"][0]) / float(state["base_lrs"][0])
+    phase = checkpoint.get("lr_phase")
+    return (int(phase[0]), float(phase[1])) if phase else None
 
 
 #: Training images whose statistics the batch-norms of published weights start from.
@@ -582,7 +628,8 @@ def train(config: TrainConfig, rank_info: RankInfo | None = None) -> TrainResult
 
     net = coll.wrap_model(model, device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = build_scheduler(optimizer, config, steps_per_epoch)
+    phase = resumed_phase(checkpoint, config) if checkpoint is not None else None
+    scheduler = build_scheduler(optimizer, config, steps_per_epoch, phase)
     scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
 
     start_epoch, history, run_id = 1, [], None
@@ -698,6 +745,7 @@ def train(config: TrainConfig, rank_info: RankInfo | None = None) -> TrainResult
                     "batch_size": batch_size, "rng": rng_states, "history": history,
                     "mlflow_run_id": tracker.run_id, "config": _public_config(config),
                     "world_size": info.world_size, "start_val_iou": start_val_iou,
+                    "lr_phase": list(phase) if phase else None,
                 }, opts)
                 tracker.log_epoch(metrics)
                 log.info("epoch %d/%d: train loss %.4f, val loss %s, val IoU %s, lr %.2e, %.1f img/s, "

@@ -55,6 +55,17 @@ def test_first_challenger_passes_is_registered_and_becomes_champion(write_model_
     assert tags["dataset_version"] == "v1" and float(tags["test_mean_iou"]) == pytest.approx(result["summary"]["mean_iou"], abs=1e-6)
 
 
+def test_the_report_says_what_training_did_to_val_iou():
+    from tasks.evaluation.assessment import training_facts
+
+    assert training_facts({"start_val_iou": 0.9701, "metrics": {"val_iou": 0.9812}}) == {
+        "val IoU": "97.01 % for the starting weights, 98.12 % after training"}
+    lowered = training_facts({"start_val_iou": 0.97, "metrics": {"val_iou": 0.91}})["val IoU"]
+    assert lowered.startswith("97.00 % for the starting weights, 91.00 % after training (training lowered it")
+    assert training_facts({"start_val_iou": None, "metrics": {"val_iou": 0.9}}) == {}  # from random weights
+    assert training_facts({}) == {}
+
+
 def test_second_challenger_is_compared_with_the_champion_on_the_same_split(write_model_folder, setting):
     root, dataset, run_id = setting
     strict = AssessmentConfig(gate=GateConfig(iou_gate=0.0, cluster_iou_gate=0.0, tolerance=0.0), registered_model="assess-m")

@@ -192,6 +192,45 @@ def test_cosine_schedule_warms_up_then_decays_per_iteration() -> None:
     assert isinstance(onecycle, torch.optim.lr_scheduler.OneCycleLR) and onecycle.total_steps == 50
 
 
+def test_a_finished_run_resumed_with_more_epochs_warms_up_again_instead_of_jumping() -> None:
+    """A one-epoch fine-tune ends at the floor; resumed to five epochs, its rate climbs back to lr
+    over a warm-up and decays to the floor at the new end, with no step larger than the warm-up's."""
+    from tasks.train.loop import resumed_phase
+
+    short = TrainConfig(dataset_url="d", output_url="o", epochs=1, lr=1.0, warmup_epochs=1, min_lr_ratio=0.1)
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = build_scheduler(optimizer, short, steps_per_epoch=10)
+    for _ in range(10):
+        optimizer.step()
+        scheduler.step()
+    checkpoint = {"config": short.to_dict(), "scheduler": scheduler.state_dict(), "optimizer": optimizer.state_dict()}
+    stopped_at = optimizer.param_groups[0]["lr"]
+    assert stopped_at == pytest.approx(0.1)
+
+    longer = TrainConfig(dataset_url="d", output_url="o", epochs=5, lr=1.0, warmup_epochs=1, min_lr_ratio=0.1)
+    phase = resumed_phase(checkpoint, longer)
+    assert phase == (10, pytest.approx(0.1))
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    resumed = build_scheduler(optimizer, longer, 10, phase)
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    resumed.load_state_dict(checkpoint["scheduler"])
+    lrs = []
+    for _ in range(40):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        resumed.step()
+    peak = lrs.index(max(lrs))
+    assert lrs[0] == pytest.approx(stopped_at) and max(lrs) == pytest.approx(1.0) and peak == 10
+    assert all(a < b for a, b in zip(lrs[:peak], lrs[1:peak + 1]))  # the warm-up: 10 steps, 0.09 each
+    assert all(a >= b for a, b in zip(lrs[peak:], lrs[peak + 1:]))  # then the decay
+    assert max(abs(a - b) for a, b in zip(lrs, lrs[1:])) < 0.1
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.1)  # the floor at the new end
+    # resumed again at five epochs (interrupted during the extension), the same phase goes on
+    assert resumed_phase({**checkpoint, "config": longer.to_dict(), "lr_phase": list(phase)}, longer) == phase
+    assert resumed_phase({**checkpoint, "config": longer.to_dict()}, longer) is None  # an interrupted run: as planned
+    assert resumed_phase(checkpoint, TrainConfig(dataset_url="d", output_url="o", epochs=5, schedule="constant")) is None
+
+
 def test_precision_choices() -> None:
     cpu = torch.device("cpu")
     assert resolve_amp("off", cpu) == (None, False)
