@@ -147,7 +147,8 @@ def write_state(bucket_url: str, state: dict, storage_options: dict | None = Non
 def advance_state(state: dict, result: dict, at: str | None = None, **extra) -> dict:
     """The state after a run that built ``result`` (from :func:`build_retraining_dataset`).
 
-    Returns a new dict: ``last_pair_at`` and ``last_dataset_version`` from ``result``, and a
+    Returns a new dict: ``last_pair_at`` and ``last_dataset_version`` from ``result``, ``consumed``
+    and ``quarantined`` (pair id → ``at``) merged with the run's, and a
     history entry ``{"at", "version", "base_version", "n_new", "n_new_ok", "n_quarantined",
     "last_pair_at", **extra}`` appended (``extra``: e.g. the triggered training run id).
     ``state`` itself is not changed.
@@ -167,6 +168,7 @@ def advance_state(state: dict, result: dict, at: str | None = None, **extra) -> 
     return {
         **state,
         "consumed": {**state.get("consumed", {}), **result.get("consumed", {})},
+        "quarantined": {**state.get("quarantined", {}), **result.get("quarantined", {})},
         "last_pair_at": newest,
         "last_dataset_version": result["version"],
         "history": [*state.get("history", []), entry],
@@ -200,7 +202,9 @@ def pool_pairs_missing_from(bucket_url: str, base_version: str, state: dict,
     """The pool pairs an earlier run used (``state["consumed"]`` at their current ``at``) that the
     base version does not hold, or holds with another mask (a person corrected the pair since): that
     run's dataset was never promoted (its training failed the gate or never ran), so the champion's
-    dataset lacks them. Without them they would be lost for good.
+    dataset lacks them. Without them they would be lost for good. A pair that run quarantined
+    (``state["quarantined"]`` at the same ``at``) is not brought back: the same bytes would be
+    quarantined again by every later run; a person's new version of it (a new ``at``) is new anyway.
     Returns :func:`tasks.feedback.queue.list_pool` records, oldest first; none when the base has no
     manifest (the run then stops on that). ``pool``: the pool as already listed."""
     manifest_url = layout.manifest(layout.dataset(bucket_url, base_version))
@@ -210,9 +214,10 @@ def pool_pairs_missing_from(bucket_url: str, base_version: str, state: dict,
     pool_rows = manifest[manifest["batch"] == POOL_BATCH] if "batch" in manifest else manifest.iloc[:0]
     digests = pool_rows["mask_sha256"] if "mask_sha256" in pool_rows else [None] * len(pool_rows)
     held = dict(zip(pool_rows["stem"].astype(str), digests))
-    consumed = state.get("consumed") or {}
+    consumed, quarantined = state.get("consumed") or {}, state.get("quarantined") or {}
     listed = list_pool(bucket_url, storage_options) if pool is None else pool
-    used = [p for p in listed if consumed.get(str(p["pair_id"])) == str(p.get("at") or "")]
+    used = [p for p in listed if consumed.get(str(p["pair_id"])) == str(p.get("at") or "")
+            and quarantined.get(str(p["pair_id"])) != str(p.get("at") or "")]
     # The base holds a pair only in the version it was cleaned from: a correction made since (the same
     # id, another mask) that a failed run used is missing from it too.
     masks = storage.read_many([p["mask_url"] for p in used if str(p["pair_id"]) in held], storage_options)
@@ -445,7 +450,9 @@ def build_retraining_dataset(
     Returns ``{"version", "dataset_url", "base_version", "n_base", "n_superseded", "n_new",
     "n_new_ok", "n_quarantined", "reasons": {reason: n}, "splits": {split: n} (all clean rows),
     "new_splits": {split: n}, "new_clusters": {cluster: n}, "centroids": "features" | "pairs" |
-    None, "last_pair_at", "consumed": {pair id: at}, "manifest_url", "quarantine_url"}``. Raises ``ValueError`` when
+    None, "last_pair_at", "consumed": {pair id: at}, "quarantined": {pair id: at} (the pool pairs this
+    version quarantined for what their bytes are: not those it could not read, which may be readable
+    next time), "manifest_url", "quarantine_url"}``. Raises ``ValueError`` when
     ``pairs`` is empty or the base version has no manifest.
     """
     config = config or RetrainingConfig()
@@ -564,6 +571,8 @@ def build_retraining_dataset(
         "centroids": centroids.source if centroids is not None else None,
         "last_pair_at": max(stamps, key=_instant) if stamps else None,
         "consumed": {str(p["pair_id"]): str(p.get("at") or "") for p in ordered},
+        "quarantined": {str(p["pair_id"]): str(p.get("at") or "") for p, row in zip(ordered, rows)
+                        if row["status"] == STATUS_QUARANTINED and row["reason"] != Reason.READ_ERROR.value},
         "manifest_url": manifest_url,
         "quarantine_url": quarantine_url,
     }

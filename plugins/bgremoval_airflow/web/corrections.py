@@ -11,7 +11,7 @@ Routes (all below ``/bgremoval``):
 * ``GET  /corrections/{item_id}?bucket=B``            the editor: photo + mask overlay, brush, upload
 * ``GET  /api/corrections?bucket=B[&include_done=1][&offset=0&limit=100]`` a page of the queue as JSON
 * ``GET  /api/corrections/{item_id}?bucket=B``        one item (+ its decision, the next open item)
-* ``GET  /api/corrections/{item_id}/image|mask|final-mask|thumbnail?bucket=B``  JPEG / PNG bytes
+* ``GET  /api/corrections/{item_id}/image|mask|final-mask|thumbnail?bucket=B[&decided=true]``  JPEG / PNG bytes
 * ``POST /api/corrections/{item_id}/decision?bucket=B`` JSON ``{"decision": "accepted" | "rejected" |
   "corrected", "mask_png_base64"?, "mask_source"?: "brush" | "upload", "note"?}``
 * ``POST /api/corrections/{item_id}/upload?bucket=B``   multipart ``file`` (a mask PNG) and ``note``:
@@ -85,15 +85,21 @@ def _decide(bucket: str, item_id: str, user: str, **kwargs) -> dict:
     return {**record, "published": published["files"] if published else None}
 
 
-def _links(item_id: str, bucket: str) -> dict:
-    """Relative URLs (from ``/bgremoval/``) of an item's page and bytes."""
+#: Decisions that keep a mask of their own: a decided item's thumbnail shows that mask.
+DECISIONS_WITH_MASK = ("accepted", "corrected")
+
+
+def _links(item_id: str, bucket: str, status: str) -> dict:
+    """Relative URLs (from ``/bgremoval/``) of an item's page and bytes. Once a mask is decided the
+    thumbnail link changes (``&decided=true``), so a browser's cached copy of the predicted one is not reused."""
     api = f"api/corrections/{item_id}"
+    decided = "&decided=true" if status in DECISIONS_WITH_MASK else ""
     return {
         "page": f"corrections/{item_id}?bucket={bucket}",
         "image": f"{api}/image?bucket={bucket}",
         "mask": f"{api}/mask?bucket={bucket}",
         "final_mask": f"{api}/final-mask?bucket={bucket}",
-        "thumbnail": f"{api}/thumbnail?bucket={bucket}",
+        "thumbnail": f"{api}/thumbnail?bucket={bucket}{decided}",
     }
 
 
@@ -106,7 +112,7 @@ def _page(bucket: str, include_done: bool, offset: int, limit: int):
     from tasks.feedback.queue import queue_page
 
     page = queue_page(bucket_url(bucket), current_storage_options(), include_done, offset, limit)
-    return page, [{**item, "links": _links(item["item_id"], bucket)} for item in page.items]
+    return page, [{**item, "links": _links(item["item_id"], bucket, item["status"])} for item in page.items]
 
 
 def _item_bytes(bucket: str, item_id: str, name: str) -> bytes:
@@ -146,7 +152,7 @@ def correction_router() -> APIRouter:
         if item_id in open_ids:
             position = open_ids.index(item_id)
             later = open_ids[position + 1:] + open_ids[:position]
-        return {**item, "links": _links(item_id, bucket), "next_open": later[0] if later else None, "open": len(open_ids)}
+        return {**item, "links": _links(item_id, bucket, item["status"]), "next_open": later[0] if later else None, "open": len(open_ids)}
 
     @router.get("/api/corrections/{item_id}/image", dependencies=[can_read])
     def get_image(item_id: str, bucket: str = Query(bucket_default)) -> Response:
@@ -164,11 +170,13 @@ def correction_router() -> APIRouter:
         return Response(_item_bytes(bucket, item_id, "final_mask"), media_type="image/png", headers={"Cache-Control": "no-store"})
 
     @router.get("/api/corrections/{item_id}/thumbnail", dependencies=[can_read])
-    def get_thumbnail(item_id: str, bucket: str = Query(bucket_default)) -> Response:
-        """The photo with the predicted mask, as a small JPEG for the queue page."""
+    def get_thumbnail(item_id: str, bucket: str = Query(bucket_default), decided: bool = Query(False)) -> Response:
+        """The photo with the predicted mask (with ``decided``, the mask the decision kept), as a small
+        JPEG for the queue page."""
         from tasks.data.review import thumbnail_jpeg
 
-        data = thumbnail_jpeg(_item_bytes(bucket, item_id, "image"), _item_bytes(bucket, item_id, "mask"), size=200)
+        mask = _item_bytes(bucket, item_id, "final_mask" if decided else "mask")
+        data = thumbnail_jpeg(_item_bytes(bucket, item_id, "image"), mask, size=200)
         return Response(data, media_type="image/jpeg", headers=_IMMUTABLE)
 
     @router.post("/api/corrections/{item_id}/decision", dependencies=[can_decide])

@@ -123,6 +123,15 @@ def test_queue_then_accept_correct_reject_over_http_fills_the_retraining_pool(ap
         ("accept-me", "accepted", "reviewer"), ("upload-me", "corrected", "reviewer"),
         ("paint-me", "corrected", "reviewer"), ("reject-me", "rejected", "reviewer")]
     assert np.array_equal(decode(reviewer.request("GET", f"/bgremoval/api/corrections/{upload_id}/final-mask{q}")), upload_truth)
+    # The queue's thumbnail of a corrected item shows the mask the reviewer kept, under a new link.
+    thumbs = {i["stem"]: i["links"]["thumbnail"] for i in everything}
+    assert thumbs["upload-me"].endswith("&decided=true") and "decided" not in thumbs["reject-me"]
+    kept, predicted_thumb = (reviewer.request("GET", f"/bgremoval/{link}")
+                             for link in (thumbs["upload-me"], thumbs["upload-me"].replace("&decided=true", "")))
+    assert kept[:2] == b"\xff\xd8" and kept != predicted_thumb
+    with pytest.raises(AirflowHTTPError) as undecided:
+        reviewer.request("GET", f"/bgremoval/api/corrections/{reject_id}/thumbnail{q}&decided=true")
+    assert undecided.value.status == 404
 
     # What the retraining DAG will read: the pool, with who and when.
     pool = {p["pair_id"]: p for p in corrections.list_pool(bucket_url, options)}

@@ -163,6 +163,8 @@ def test_build_retraining_dataset(bucket):
     assert result["base_version"] == BASE
     assert (result["n_base"], result["n_new"], result["n_new_ok"], result["n_quarantined"]) == (N_BASE, 20, 16, 4)
     assert result["reasons"] == {"duplicate": 2, "mask_full": 1, "undecodable": 1}
+    assert result["quarantined"] == {"b--dup-base": stamp(20), "b--dup-pool": stamp(21),
+                                     "b--full-mask": stamp(22), "b--broken": stamp(23)}
     assert result["last_pair_at"] == stamp(23)
     assert result["centroids"] == "pairs"
     assert sum(result["splits"].values()) == N_BASE + 16 and result["splits"]["test"] == N_BASE // 4
@@ -329,3 +331,16 @@ def test_clear_errors(tmp_path):
     storage.write_text(r.state_url(bucket_url), "[1, 2]")
     with pytest.raises(ValueError, match="JSON object"):
         r.read_state(bucket_url)
+
+
+def test_a_pool_pair_that_could_not_be_read_is_not_recorded_as_quarantined(tmp_path):
+    """A pair quarantined for its bytes is not carried into every later run; one the run could not read
+    (a storage error that may pass) is: it is left out of the result's ``quarantined``."""
+    bucket_url = str(tmp_path / "bucket")
+    write_base(bucket_url, None)
+    add_item(bucket_url, None, "b--p0", pool_item(0), stamp(0))
+    (pair,) = r.new_pool_pairs(bucket_url, r.read_state(bucket_url))
+    gone = {**pair, "pair_id": "b--gone", "at": stamp(1), "mask_url": str(tmp_path / "nowhere" / "mask.png")}
+    result = r.build_retraining_dataset(bucket_url, BASE, [pair, gone], r.RetrainingConfig(working_size=SIDE))
+    assert result["reasons"] == {"read_error": 1} and result["quarantined"] == {}
+    assert result["consumed"] == {"b--p0": stamp(0), "b--gone": stamp(1)}

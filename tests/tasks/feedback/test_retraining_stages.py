@@ -84,6 +84,13 @@ def test_pairs_of_a_run_whose_model_never_became_champion_come_again(tmp_path):
     assert [p["pair_id"] for p in pool_pairs_missing_from(bucket_url, "base-v1", read_state(bucket_url))] == ["p2", "p3"]
     assert pool_pairs_missing_from(bucket_url, "no-such-version", read_state(bucket_url)) == []
 
+    # The next run quarantined p3 (its mask, say, is broken) and failed too: p3 is not carried into
+    # every run after it, to be quarantined again; a person's new version of p3 would be new.
+    p3_at = next(p["at"] for p in queue.list_pool(bucket_url) if p["pair_id"] == "p3")
+    stages.record_state(bucket_url, {**used, "version": "retrain-v3", "consumed": {"p3": p3_at},
+                                     "quarantined": {"p3": p3_at}}, "retraining-run-2", "training-run-2")
+    assert [p["pair_id"] for p in pool_pairs_missing_from(bucket_url, "base-v1", read_state(bucket_url))] == ["p2"]
+
 
 def test_a_correction_that_a_failed_run_used_comes_again_though_the_base_holds_the_pair(tmp_path):
     """p1 is in the champion's dataset as published; a person corrects it (same id, new mask); a run
