@@ -16,12 +16,12 @@ their pairs join the retraining pool too.
 from __future__ import annotations
 
 import pendulum
-from airflow.providers.amazon.aws.sensors.s3 import S3KeySensor
 from airflow.sdk import dag, task
 from bgremoval_airflow.assets import retraining_pool
-from bgremoval_airflow.connections import AWS_CONN_ID, s3_storage_options
+from bgremoval_airflow.connections import s3_storage_options
 from bgremoval_airflow.operations import task_defaults
 from bgremoval_airflow.params.inference import dag_params, production_config
+from bgremoval_airflow.sensors import ready_marker_sensor
 from bgremoval_airflow.settings import max_map_length
 
 from tasks.core import layout
@@ -39,15 +39,7 @@ from tasks.core import layout
     doc_md=__doc__,
 )
 def bgremoval_inference():
-    wait_for_drop = S3KeySensor(
-        task_id="wait_for_drop",
-        aws_conn_id=AWS_CONN_ID,
-        bucket_name="{{ params.bucket }}",
-        bucket_key=layout.ready_key("{{ params.batch }}", area=layout.INCOMING),
-        poke_interval=10,
-        timeout=6 * 60 * 60,
-        deferrable=True,
-    )
+    wait_for_drop = ready_marker_sensor("wait_for_drop", layout.ready_key("{{ params.batch }}", area=layout.INCOMING))
 
     @task
     def plan_drop(params=None, run_id=None) -> dict:

@@ -25,14 +25,14 @@ ends the run without training. The evaluation report's address is printed in the
 from __future__ import annotations
 
 import pendulum
-from airflow.providers.amazon.aws.sensors.s3 import S3KeySensor
 from airflow.providers.databricks.operators.databricks import DatabricksSubmitRunOperator
 from airflow.providers.standard.operators.hitl import ApprovalOperator
 from airflow.sdk import dag, task
-from bgremoval_airflow.connections import AWS_CONN_ID, s3_storage_options
+from bgremoval_airflow.connections import s3_storage_options
 from bgremoval_airflow.databricks import DATABRICKS_CONN_ID, databricks_params, idempotency_token, submit_run_json
 from bgremoval_airflow.links import mask_review_page_url, report_page_url, review_page_url
 from bgremoval_airflow.operations import TRAINING_TIMEOUT, review_gate, task_defaults, training_deadline
+from bgremoval_airflow.sensors import ready_marker_sensor
 from bgremoval_airflow.settings import PROMOTION_POOL, max_map_length
 from bgremoval_airflow.params.training import (
     assessment_config,
@@ -74,15 +74,7 @@ def bgremoval_training():
     def training_set(fresh: dict | None, splits: dict | None, reused: dict | None) -> dict:
         return reused or fresh
 
-    wait_for_batch = S3KeySensor(
-        task_id="wait_for_batch",
-        aws_conn_id=AWS_CONN_ID,
-        bucket_name="{{ params.bucket }}",
-        bucket_key=layout.ready_key("{{ params.batch }}"),
-        poke_interval=10,
-        timeout=6 * 60 * 60,
-        deferrable=True,
-    )
+    wait_for_batch = ready_marker_sensor("wait_for_batch", layout.ready_key("{{ params.batch }}"))
 
     @task
     def plan_shards(params=None) -> dict:
@@ -215,14 +207,12 @@ def bgremoval_training():
         return "train_model" if params["compute"] == "local" else "databricks_run"
 
     def _start_weights(params: dict, output_url: str, options: dict) -> str | None:
-        from tasks.registry import choose_start, stage_weights
+        from tasks.registry import start_weights
 
-        reference = choose_start(params["init_from"], params["model"], params["registered_model"])
+        reference, staged = start_weights(params["init_from"], params["model"], params["registered_model"],
+                                          output_url, options)
         print(f"initial weights: {reference or 'random'} (init_from={params['init_from']!r})")
-        if not reference:
-            return None
-        return stage_weights(reference, layout.initial_weights(output_url), params["registered_model"], options,
-                             model=params["model"])
+        return staged
 
     @task(retries=2, execution_timeout=TRAINING_TIMEOUT)
     def train_model(dataset: dict, params=None, run_id=None) -> dict:

@@ -457,6 +457,18 @@ def choose_start(reference: str, model: str, name: str = DEFAULT_MODEL_NAME, reg
     return reference
 
 
+def start_weights(init_from: str, model: str, name: str, run_url: str, storage_options: dict | None = None,
+                  registry: bool = True) -> tuple[str | None, str | None]:
+    """The weights a training run starts from: ``(reference, url)``, where ``reference`` is what
+    ``init_from`` resolved to (:func:`choose_start`) and ``url`` the ``model.pt`` its workers read,
+    staged under ``run_url``'s ``init/`` when it comes from the registry or the published weights
+    (:func:`stage_weights`); ``(None, None)`` for random weights."""
+    reference = choose_start(init_from, model, name, registry=registry)
+    if not reference:
+        return None, None
+    return reference, stage_weights(reference, layout.initial_weights(run_url), name, storage_options, model=model)
+
+
 def list_versions(name: str = DEFAULT_MODEL_NAME, tracking_uri: str | None = None) -> list[dict[str, Any]]:
     """Every version of ``name``, newest first: ``{"version", "aliases", "tags", "created", "run_id"}``.
     Raises ``ValueError`` when the registered model does not exist."""

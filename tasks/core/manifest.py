@@ -46,9 +46,6 @@ MANIFEST_COLUMNS = (
 #: Columns of ``quarantine.parquet``.
 QUARANTINE_COLUMNS = ("stem", "batch", "image_source", "mask_source", "reason", "detail")
 
-#: Pairs one mapped task takes when a dataset version is cleaned or featurised (the training
-#: DAG's ``shard_size``): big enough to amortise a task's start, small enough to spread.
-PAIRS_PER_SHARD = 250
 STATUS_OK = "ok"
 STATUS_QUARANTINED = "quarantined"
 

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import math
 
+#: Pairs one mapped task takes when a dataset version is cleaned or featurised (the training
+#: DAG's ``shard_size``): big enough to amortise a task's start, small enough to spread.
+PAIRS_PER_SHARD = 250
+
 
 def shard_ranges(n: int, shard_size: int, max_shards: int | None = None) -> list[tuple[int, int]]:
     """``[(start, stop), ...]`` covering ``range(n)`` in shards of ``shard_size`` items.

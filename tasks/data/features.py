@@ -23,7 +23,8 @@ import pandas as pd
 from tasks.core.shards import check_shard_size, shard_ranges
 from tasks.core import layout, storage
 from tasks.core.codecs import decode_pair
-from tasks.core.manifest import PAIRS_PER_SHARD, STATUS_OK, read_table, write_table
+from tasks.core.manifest import STATUS_OK, read_table, write_table
+from tasks.core.shards import PAIRS_PER_SHARD
 
 log = logging.getLogger(__name__)
 

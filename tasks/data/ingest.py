@@ -31,13 +31,12 @@ import pandas as pd
 from tasks.data.mask_audit import audit_pair
 from tasks.core import layout, storage
 from tasks.core.heap import keep_freed_memory
-from tasks.core.shards import check_shard_size, shard_ranges
+from tasks.core.shards import PAIRS_PER_SHARD, check_shard_size, shard_ranges
 from tasks.data.cleaning import (
     CLEANING_REVISION, CleanPair, CleaningConfig, Reason, Rejected, clean_pair, encode_clean_pair, pair_files, safe_stem, sha256,
 )
 from tasks.core.manifest import (
     AUDIT_FIXED,
-    PAIRS_PER_SHARD,
     MANIFEST_COLUMNS,
     QUARANTINE_COLUMNS,
     STATUS_OK,

@@ -19,12 +19,12 @@ import re
 import subprocess
 import time
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 
 from tasks import registry
 from tasks.core import layout, storage
 from tasks.dev import stack, stack_env
+from tasks.dev.config import DemoConfig
 from tasks.dev.airflow_client import AirflowClient
 from tasks.model.refine_choice import load_refine_choice
 
@@ -35,29 +35,6 @@ INFERENCE_DAG_ID = "bgremoval_inference"
 #: name its champion would cut out a user's real photos after ``make demo``, worse than the
 #: published weights it started from.
 REGISTERED_MODEL = f"{registry.DEFAULT_MODEL_NAME}-demo"
-
-
-@dataclass(frozen=True)
-class DemoConfig:
-    """What the demo generates, how much it augments, and whether it leaves the stack running."""
-
-    n: int = 120
-    bad: int = 26
-    seed: int = 7
-    max_side: int = 800
-    target_per_cluster: int = 40
-    epochs: int = 1
-    #: Optimiser steps per epoch (2 workers x 8 images each), few enough to keep the demo under 10
-    #: minutes on 2 CPU cores. Until the re-learnt batch-norm settles the model is below the gate:
-    #: on a fresh state (2026-12-04, bf16 at 2.2 images/s) six steps gave val IoU 0.904 and one test
-    #: photo of light_coloured at 94.28 % (its cluster failed the 95 % gate); twelve gave val IoU
-    #: 0.987, every cluster above 96.7 % and 98.82 % mean, 214 s for the whole demo.
-    max_steps_per_epoch: int = 12
-    train_input_size: int = 320
-    learning_rate: float = 3e-4
-    max_moves: int = 12
-    drop: int = 24
-    keep: bool = False
 
 
 def _start_dag_run(conf: dict, env: dict[str, str], log_path: Path, dag_id: str = DAG_ID) -> subprocess.Popen:

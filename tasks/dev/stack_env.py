@@ -28,26 +28,32 @@ class StackPaths:
 
     @property
     def pids(self) -> Path:
+        """The services' pid files."""
         return self.root / "pids"
 
     @property
     def logs(self) -> Path:
+        """The services' logs."""
         return self.root / "logs"
 
     @property
     def airflow_home(self) -> Path:
+        """``AIRFLOW_HOME``: Airflow's config and database."""
         return self.root / "airflow"
 
     @property
     def mlflow(self) -> Path:
+        """MLflow's SQLite store and artifacts."""
         return self.root / "mlflow"
 
     @property
     def env_file(self) -> Path:
+        """The environment a shell sources to use the stack (``stack.env``)."""
         return self.root / "stack.env"
 
     @property
     def info_file(self) -> Path:
+        """What ``stack up`` started: endpoints, logins (``stack.json``)."""
         return self.root / "stack.json"
 
 

@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import base64
-import html
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,6 +27,7 @@ __all__ = ["GalleryItem", "overlay", "write_report"]
 _FALSE_POSITIVE = np.array([230, 40, 40], np.float32)   # predicted, not in the truth: red
 _FALSE_NEGATIVE = np.array([40, 90, 240], np.float32)   # in the truth, missed: blue
 _OUTLINE = (20, 200, 60)                                # the true outline: green
+_TEMPLATES = os.path.join(os.path.dirname(__file__), "templates")
 
 
 @dataclass
@@ -158,33 +158,30 @@ def _num(value: Any) -> str:
     return "–" if value is None else f"{float(value):.4f}"
 
 
-def _table(summary: dict, champion: dict | None) -> str:
-    """The seed's table (challenger beside champion) and the per-cluster table, as HTML."""
+def _seed_rows(summary: dict, champion: dict | None) -> list[tuple[str, str, str]]:
+    """The seed's table: (measure, challenger, champion) rows."""
     other = champion or {}
     rows = [("mean IoU", _pct(summary["mean_iou"]), _pct(other.get("mean_iou")))]
     rows += [(f"images ≥ {float(th) * 100:g} % IoU", _pct(share), _pct(other.get("share_at_least", {}).get(th)))
              for th, share in summary["share_at_least"].items()]
     rows += [("mean MAE", _num(summary["mean_mae"]), _num(other.get("mean_mae"))),
              ("mean boundary F", _num(summary["mean_boundary_f"]), _num(other.get("mean_boundary_f")))]
-    extra = "<th>champion</th>" if champion else ""
-    body = "".join(f"<tr><td>{html.escape(name)}</td><td>{a}</td>{f'<td>{b}</td>' if champion else ''}</tr>"
-                   for name, a, b in rows)
-    clusters = "".join(
-        f"<tr><td>{html.escape(str(c))}</td><td>{row['n']}</td><td>{_pct(row['mean_iou'])}</td>"
-        + (f"<td>{_pct(other.get('clusters', {}).get(c, {}).get('mean_iou'))}</td>" if champion else "") + "</tr>"
-        for c, row in summary["clusters"].items()
-    )
-    return (f"<table><tr><th></th><th>challenger</th>{extra}</tr>{body}</table><h2>Per product cluster</h2>"
-            f"<table><tr><th>cluster</th><th>n</th><th>challenger</th>{extra}</tr>{clusters}</table>")
+    return rows
 
 
-_STYLE = """
-body{font-family:system-ui,sans-serif;margin:2rem;max-width:70rem;color:#222}
-table{border-collapse:collapse;margin:.5rem 0 1.5rem}td,th{border:1px solid #ccc;padding:.3rem .7rem;text-align:right}
-td:first-child,th:first-child{text-align:left}.pass{background:#e6f4ea;border:1px solid #34a853}
-.fail{background:#fce8e6;border:1px solid #d93025}.verdict{padding:.7rem 1rem;border-radius:6px;margin:1rem 0}
-img{max-width:100%;border:1px solid #ddd;margin:.3rem 0}.meta{color:#666;font-size:.9rem}
-"""
+def _cluster_rows(summary: dict, champion: dict | None) -> list[tuple[str, int, str, str]]:
+    """(cluster, images, challenger's mean IoU, champion's) rows."""
+    other = (champion or {}).get("clusters", {})
+    return [(str(c), row["n"], _pct(row["mean_iou"]), _pct(other.get(c, {}).get("mean_iou")))
+            for c, row in summary["clusters"].items()]
+
+
+def _render_page(**context: Any) -> str:
+    """``templates/report.html`` filled in (autoescaped)."""
+    import jinja2
+
+    environment = jinja2.Environment(loader=jinja2.FileSystemLoader(_TEMPLATES), autoescape=True)
+    return environment.get_template("report.html").render(**context)
 
 
 def write_report(out_dir: str, summary: dict, ious: Sequence[float], gallery: Sequence[GalleryItem],
@@ -212,29 +209,18 @@ def write_report(out_dir: str, summary: dict, ious: Sequence[float], gallery: Se
         cv2.imwrite(os.path.join(out_dir, "worst_gallery.jpg"), cv2.cvtColor(sheet, cv2.COLOR_RGB2BGR),
                     [cv2.IMWRITE_JPEG_QUALITY, 88])
         written.append("worst_gallery.jpg")
-    verdict = ""
-    if decision is not None:
-        checks = "".join(f"<li>{'✓' if c['passed'] else '✗'} {html.escape(c['detail'])}</li>" for c in decision["checks"])
-        word = "PASSED: the challenger may be promoted" if decision["passed"] else "FAILED: promotion skipped"
-        verdict = f"<div class='verdict {'pass' if decision['passed'] else 'fail'}'><b>Gate {word}</b><ul>{checks}</ul></div>"
-    fact_lines = "".join(f"<div>{html.escape(str(k))}: <code>{html.escape(str(v))}</code></div>"
-                         for k, v in (facts or {}).items())
     pictures = {name: _data_uri(os.path.join(out_dir, name)) for name in written}
-    figures = "".join(
-        f"<h2>{heading}</h2><img src='{pictures[name]}' alt='{name}'>"
-        for name, heading in (("iou_histogram.png", "IoU distribution"), ("cluster_iou.png", "IoU per cluster"),
-                              ("training_curves.png", "Training curves"),
-                              ("worst_gallery.jpg", f"The {len(gallery)} worst images "
-                                                    "(red: predicted but background, blue: missed, green: true outline)"))
-        if name in pictures
+    headings = (("iou_histogram.png", "IoU distribution"), ("cluster_iou.png", "IoU per cluster"),
+                ("training_curves.png", "Training curves"),
+                ("worst_gallery.jpg", f"The {len(gallery)} worst images "
+                                      "(red: predicted but background, blue: missed, green: true outline)"))
+    page = _render_page(
+        title=title, facts=[(str(k), str(v)) for k, v in (facts or {}).items()], decision=decision,
+        n=summary["n"], has_champion=champion is not None, seed_rows=_seed_rows(summary, champion),
+        cluster_rows=_cluster_rows(summary, champion),
+        figures=[(heading, name, pictures[name]) for name, heading in headings if name in pictures],
+        worst=[(w["stem"], str(w["cluster"]), f"{w['iou'] * 100:.3f} %") for w in summary.get("worst", [])],
     )
-    worst = "".join(f"<tr><td>{html.escape(w['stem'])}</td><td>{html.escape(str(w['cluster']))}</td>"
-                    f"<td>{w['iou'] * 100:.3f} %</td></tr>" for w in summary.get("worst", []))
-    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<style>{_STYLE}</style></head><body><h1>{html.escape(title)}</h1><div class='meta'>{fact_lines}</div>"
-            f"{verdict}<h2>Test split: {summary['n']} images</h2>{_table(summary, champion)}{figures}"
-            f"<h2>Worst images</h2><table><tr><th>stem</th><th>cluster</th><th>IoU</th></tr>{worst}</table>"
-            "</body></html>")
     with open(os.path.join(out_dir, "report.html"), "w", encoding="utf-8") as fh:
         fh.write(page)
     written.append("report.html")

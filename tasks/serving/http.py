@@ -25,15 +25,14 @@ import asyncio
 import logging
 import threading
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 
 from fastapi import FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from tasks import registry
-from tasks.core.limits import MAX_PIXELS
 from tasks.model.refine_choice import REFINE_MODES
+from tasks.serving.config import ServeConfig
 from tasks.serving.engines import Engine, load_engine, refinement_for
 from tasks.serving.pipeline import SINGLE_OUTPUTS, cut_out_bytes, single_output_config
 
@@ -44,27 +43,6 @@ log = logging.getLogger(__name__)
 #: ``refine``'s values: the modes, and true/false for on/off.
 REFINE_PATTERN = f"^(?i:{'|'.join((*REFINE_MODES, 'true', 'false'))})$"
 
-
-
-@dataclass(frozen=True)
-class ServeConfig:
-    """How ``bgremoval serve`` runs: the model (anything :func:`load_engine` takes), its ONNX
-    Runtime threads and sessions, the body and pixel caps, the number of images in the model at
-    once, how long a request may wait for a slot, and how often a ``models:/`` alias is re-read
-    (0: never)."""
-
-    model: str = "pretrained"
-    threads: int | None = None
-    sessions: int = 1
-    max_bytes: int = 20 * 2**20
-    max_pixels: int = MAX_PIXELS
-    concurrency: int = 2
-    queue_timeout: float = 30.0
-    reload_interval: float = 60.0
-
-    def __post_init__(self) -> None:
-        if self.max_bytes < 1 or self.max_pixels < 1 or self.concurrency < 1 or self.queue_timeout <= 0:
-            raise ValueError("max_bytes, max_pixels and concurrency must be >= 1 and queue_timeout > 0")
 
 
 class ModelHolder:

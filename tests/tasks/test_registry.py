@@ -187,6 +187,11 @@ def test_stage_weights_writes_the_champions_state_dict(tmp_path, three_versions)
     assert registry.stage_weights("s3://b/x/model.pt", str(tmp_path / "unused")) == "s3://b/x/model.pt"
     with pytest.raises(ValueError, match="no 'nope' alias"):
         registry.stage_weights("@nope", str(tmp_path / "x"), name="m")
+    # What a run starts from: the champion staged under the run's init/, a file as given, or nothing.
+    run = str(tmp_path / "run")
+    assert registry.start_weights("champion", "u2netp", "m", run) == ("champion", f"{run}/init/model.pt")
+    assert registry.start_weights("s3://b/x/model.pt", "u2netp", "m", run) == ("s3://b/x/model.pt", "s3://b/x/model.pt")
+    assert registry.start_weights("scratch", "u2netp", "m", run) == (None, None)
 
 
 def test_cli_evaluates_and_lists_registered_models(tmp_path, three_versions, capsys):

@@ -23,7 +23,7 @@ from bgremoval_airflow.params.common import (
 )
 
 from tasks.core.limits import MAX_PIXELS
-from tasks.core.manifest import PAIRS_PER_SHARD
+from tasks.core.shards import PAIRS_PER_SHARD
 from tasks.data.config import AugmentConfig, CleaningConfig, ClusteringConfig, SplitConfig
 from tasks.evaluation.gate import GateConfig
 from tasks.model.config import MODEL_NAMES
