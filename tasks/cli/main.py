@@ -12,18 +12,24 @@ from pathlib import Path
 
 from tasks.cli.environment import first_line, registry_missing, registry_missing_for, storage_options
 from tasks.cli.remove import cmd_remove
-from tasks.data.config import SplitConfig
+from tasks.core.shards import PAIRS_PER_SHARD
+from tasks.data.config import CleaningConfig, SplitConfig
+from tasks.dev.config import DemoConfig
 from tasks.train.config import FINE_TUNE_LR, TrainConfig, default_lr
 from tasks.model.published import DEFAULT as PUBLISHED_DEFAULT
 from tasks.model.published import PUBLISHED
 from tasks.model.refine_choice import REFINE_MODES
 from tasks.registry import DEFAULT_MODEL_NAME
+from tasks.serving.config import ServeConfig
 from tasks.serving.engines import BACKENDS
+from tasks.serving.pipeline import InferenceConfig
 from tasks.serving.quality import TARGET_IOU
 from tasks.serving.quantize import DEFAULT_DOMINANCE
 
 
 def cmd_synth(args: argparse.Namespace) -> int:
+    """``bgremoval synth``: write a synthetic labelled batch (and bad inputs) with its ``_READY``; 0, or 2
+    when the folder holds a finished batch."""
     from tasks.core import layout, storage
     from tasks.dev.synth import SynthConfig, generate_catalogue
 
@@ -38,15 +44,17 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_clean(args: argparse.Namespace) -> int:
+    """``bgremoval clean``: clean a batch into a dataset version and print its summary; 0, or 2 for a missing
+    batch or unreachable storage."""
     from tqdm import tqdm
 
     from tasks.data import ingest
-    from tasks.data.cleaning import CleaningConfig
 
-    options = storage_options(args.bucket)
-    config = CleaningConfig(working_size=args.working_size)
+    bucket = args.bucket if "://" in args.bucket else os.path.abspath(args.bucket)  # the manifest's URLs are absolute
+    options = storage_options(bucket)
     try:
-        plan = ingest.plan_batch(args.bucket, args.batch, config, shard_size=args.shard_size, storage_options=options)
+        config = CleaningConfig(working_size=args.working_size, max_pixels=round(args.max_megapixels * 1e6))
+        plan = ingest.plan_batch(bucket, args.batch, config, shard_size=args.shard_size, storage_options=options)
     except (ValueError, FileNotFoundError) as exc:
         print(f"bgremoval clean: {first_line(exc)}", file=sys.stderr)
         return 2
@@ -76,6 +84,8 @@ def _print_quarantine(quarantine_url: str, options: dict | None, limit: int = 20
 
 
 def cmd_split(args: argparse.Namespace) -> int:
+    """``bgremoval split``: assign train / val / test to a version's clean pairs, keeping the splits pairs
+    already have; 0, or 2 for bad fractions or a missing manifest."""
     from tasks.data.config import SplitConfig
     from tasks.data.splits import split_dataset
     from tasks.train.data import require_manifest
@@ -104,6 +114,8 @@ def cmd_split(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    """``bgremoval evaluate``: the seed's IoU table of a model on a labelled folder or a dataset's split; 0, 1
+    when pairs were left out, 2 for bad arguments."""
     import tempfile
 
     from mlflow.exceptions import MlflowException
@@ -149,6 +161,7 @@ def _evaluation(args: argparse.Namespace, model: str, options: dict | None) -> t
         print(f"edge refinement: {why}")
         summary = evaluate_dataset(model, args.dataset, args.split, storage_options(args.dataset) or options,
                                    threshold=args.threshold)
+        _say_audit_left_out(args.dataset, storage_options(args.dataset) or options, "evaluate")
         return {**summary, "unreadable": []}, why
     if args.refine is None:
         refine, why = None, "off (the default: the network's own map, as the training DAG's gate scores it)"
@@ -174,36 +187,52 @@ def _local_model_source(model: str, tmp: str) -> str:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    """``bgremoval train``: train on this machine with torch.distributed workers and print each epoch's val
+    IoU; 0, or 2 when the run cannot start."""
     from tasks import registry
     from tasks.train.data import require_manifest
     from tasks.train.ddp import launch_local
+    from tasks.train.loop import resume_conflicts
 
     options = storage_options(args.dataset) or storage_options(args.out) or {}
     missing = registry_missing()
     if missing and (args.init_from == registry.CHAMPION or args.init_from.startswith(("@", "models:/"))):
         print(f"bgremoval train: --init-from {args.init_from}: {missing}", file=sys.stderr)
         return 2
+    dataset, out = (url if "://" in url else os.path.abspath(url) for url in (args.dataset, args.out))
     try:
-        require_manifest(args.dataset, options or None)  # before any worker starts: their logs would bury it
-        reference = registry.choose_start(args.init_from, args.model, args.registered_model, registry=not missing)
-        init = (registry.stage_weights(reference, f"{args.out.rstrip('/')}/init", args.registered_model, options,
-                                       model=args.model) if reference else None)
+        require_manifest(dataset, options or None)  # before any worker starts: their logs would bury it
+        earlier = _run_to_resume(out, options or None)
+        if earlier is None:
+            reference, init = registry.start_weights(args.init_from, args.model, args.registered_model, out,
+                                                     options, registry=not missing)
+        else:  # the checkpoint's weights: the start is the one the run had, not --init-from's today
+            reference, init = "the run's starting weights", earlier.get("init_from")
         lr = args.lr if args.lr is not None else default_lr(init is not None)
-        config = TrainConfig(dataset_url=args.dataset, output_url=args.out, model=args.model, epochs=args.epochs,
+        config = TrainConfig(dataset_url=dataset, output_url=out, model=args.model, epochs=args.epochs,
                              batch_size=args.batch_size, lr=lr, input_size=args.input_size, loss=args.loss,
                              init_from=init, storage_options=options,
                              mlflow_enabled=bool(os.environ.get("MLFLOW_TRACKING_URI")), device=args.device)
+        if earlier and (conflicts := resume_conflicts(earlier, config)):
+            raise ValueError(f"{out} holds a checkpoint of a run started with other settings "
+                             f"({'; '.join(conflicts)}): give the same ones to resume it, or another --out "
+                             "to start anew")
     except (ValueError, FileNotFoundError) as exc:
         print(f"bgremoval train: {exc}", file=sys.stderr)
         return 2
     splits = _split_counts(args.dataset, options or None)
+    _say_audit_left_out(dataset, options or None, "train")
     if not splits.get("val"):
         print("bgremoval train: warning: the dataset has no val split, so every clean pair trains (test pairs "
               f"included) and nothing measures the model; run `bgremoval split --dataset {args.dataset}` first",
               file=sys.stderr)
-    print(f"training {config.model} from {reference or 'random weights'} (init_from={args.init_from!r}), "
-          f"{args.workers} torch.distributed workers, lr {config.lr:g}, {config.epochs} epoch(s); "
-          f"outputs in {args.out}")
+    if earlier is None:
+        print(f"training {config.model} from {reference or 'random weights'} (init_from={args.init_from!r}), "
+              f"{args.workers} torch.distributed workers, lr {config.lr:g}, {config.epochs} epoch(s); "
+              f"outputs in {args.out}")
+    else:
+        print(f"resuming the run in {args.out} from its checkpoint, to {config.epochs} epoch(s) in all "
+              f"({args.workers} workers; --init-from is not read: the run keeps the weights it started from)")
     result = launch_local(config, nproc=args.workers, echo_progress=True)
     if result.start_val_iou is not None:
         print(f"  start ({reference}): val IoU {result.start_val_iou * 100:.2f} %")
@@ -221,6 +250,43 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_to_resume(out: str, options: dict | None) -> dict | None:
+    """The settings the run in ``out`` was started with (its ``config.json``) when it left a checkpoint
+    that ``train`` will resume; None when there is nothing to resume."""
+    from tasks.core import layout, storage
+
+    if not storage.exists(layout.checkpoint(out), options):
+        return None
+    try:
+        return json.loads(storage.read_bytes(layout.model_config(out), options))
+    except FileNotFoundError:
+        return {}
+
+
+def _audit_left_out(dataset_url: str, options: dict | None) -> dict[str, int]:
+    """Clean pairs per split that the mask audit flagged and no reviewer kept or fixed: training and
+    the scores leave them out (:func:`tasks.core.manifest.audit_excluded`)."""
+    import pandas as pd
+
+    from tasks.core import layout
+    from tasks.core.manifest import STATUS_OK, audit_excluded, read_table
+
+    manifest = read_table(layout.manifest(dataset_url), options)
+    left_out = manifest[(manifest["status"] == STATUS_OK) & audit_excluded(manifest)]
+    splits = (left_out["split"].astype("string").fillna("unsplit") if "split" in left_out.columns
+              else pd.Series("unsplit", index=left_out.index))
+    return {str(k): int(v) for k, v in splits.value_counts().sort_index().items()}
+
+
+def _say_audit_left_out(dataset_url: str, options: dict | None, command: str) -> None:
+    """One line on stderr when the mask audit keeps pairs of ``dataset_url`` out, per split."""
+    counts = _audit_left_out(dataset_url, options)
+    if counts:
+        print(f"bgremoval {command}: {sum(counts.values())} pairs whose mask the audit flagged are left out ("
+              + ", ".join(f"{split} {n}" for split, n in counts.items())
+              + ") until a reviewer keeps or fixes them (the masks page: README, \"The mask audit\")", file=sys.stderr)
+
+
 def _split_counts(dataset_url: str, options: dict | None) -> dict[str, int]:
     """Clean pairs per split of a dataset version (unsplit pairs are not counted)."""
     from tasks.core import layout
@@ -233,6 +299,8 @@ def _split_counts(dataset_url: str, options: dict | None) -> dict[str, int]:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
+    """``bgremoval calibrate``: write the quality threshold and the edge-refinement choice beside a model; 0,
+    or 2 when it cannot."""
     from tasks.core import layout
     from tasks.evaluation.calibration import calibrate_model
 
@@ -248,6 +316,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
+    """``bgremoval quantize``: an int8 copy of an ONNX model, calibrated on real photos; 0, or 2 when it
+    cannot."""
     import numpy as np
     from tqdm import tqdm
 
@@ -298,9 +368,11 @@ def cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    """``bgremoval serve``: the HTTP cut-out service on a model (the champion or the published weights by
+    default); runs until stopped."""
     from tasks.cli.environment import mlflow_environment
     from tasks.serving.engines import default_model
-    from tasks.serving.http import ServeConfig, serve
+    from tasks.serving.http import serve
 
     if args.model is None:  # as `remove`: the champion (re-read as the alias moves), else the published weights
         mlflow_environment()
@@ -339,6 +411,8 @@ def _say_project_logs() -> None:
 
 
 def cmd_pretrained(args: argparse.Namespace) -> int:
+    """``bgremoval pretrained fetch | path | export``: fetch the published weights, say where they are, or
+    convert them into a model folder of the project's; 0, or 2 when they cannot be had."""
     from tasks.model import published
 
     try:
@@ -363,6 +437,8 @@ def cmd_pretrained(args: argparse.Namespace) -> int:
 
 
 def cmd_model(args: argparse.Namespace) -> int:
+    """``bgremoval model``: list, register, promote or roll back the registered model's versions; 0, or 2 for
+    a missing registry or version."""
     from mlflow.exceptions import MlflowException
 
     from tasks import registry
@@ -433,6 +509,8 @@ def _register(args: argparse.Namespace) -> int:
 
 
 def cmd_stack(args: argparse.Namespace) -> int:
+    """``bgremoval stack up | down | status``: start, stop or describe the embedded stack (S3, MLflow,
+    Airflow); 0."""
     from tasks.dev import stack
 
     state = Path(args.state).resolve() if args.state else None
@@ -455,7 +533,9 @@ def cmd_stack(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from tasks.dev.demo import DemoConfig, run_demo
+    """``bgremoval demo``: the whole pipeline on generated data on the embedded stack, with the results
+    printed; :func:`tasks.dev.demo.run_demo`'s exit status."""
+    from tasks.dev.demo import run_demo
 
     return run_demo(
         DemoConfig(
@@ -475,6 +555,17 @@ def _version() -> str:
         return "(not installed as a package)"
 
 
+class DefaultsShown(argparse.ArgumentDefaultsHelpFormatter):
+    """Help that ends an option's text with its default, unless it has none (None, False) or the
+    text already says it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default is None or action.default is False or "default" in text.lower():
+            return text
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser of the ``bgremoval`` command."""
     parser = argparse.ArgumentParser(prog="bgremoval", description=__doc__)
@@ -491,18 +582,20 @@ def build_parser() -> argparse.ArgumentParser:
     synth.set_defaults(func=cmd_synth)
 
     clean = sub.add_parser("clean", help="clean a batch without Airflow (same stage functions as the DAG)",
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                           formatter_class=DefaultsShown)
     clean.add_argument("--bucket", required=True, help="bucket URL or local folder holding raw/<batch>/images and "
                                                        "raw/<batch>/masks, e.g. s3://bgremoval or ./data")
     clean.add_argument("--batch", required=True, help="the batch's folder name under raw/")
-    clean.add_argument("--working-size", type=int, default=320,
+    clean.add_argument("--working-size", type=int, default=CleaningConfig.working_size,
                        help="longest side of the clean pairs; larger photos are shrunk, smaller ones kept as they are")
-    clean.add_argument("--shard-size", type=int, default=250, help="pairs per shard (one task each in the DAG)")
+    clean.add_argument("--max-megapixels", type=float, default=CleaningConfig.max_pixels / 1e6,
+                       help="largest photo or mask, megapixels (larger ones are quarantined as image_too_large)")
+    clean.add_argument("--shard-size", type=int, default=PAIRS_PER_SHARD, help="pairs per shard (one task each in the DAG)")
     clean.set_defaults(func=cmd_clean)
 
     split = sub.add_parser("split", help="assign a dataset version's clean pairs to train / val / test (a hash of "
                                          "each stem, per cluster: the same pair always lands in the same split)",
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                           formatter_class=DefaultsShown)
     split.add_argument("--dataset", required=True, help="dataset version folder or URL (what `clean` printed)")
     split.add_argument("--val", type=float, default=SplitConfig.val, help="share of each cluster for val")
     split.add_argument("--test", type=float, default=SplitConfig.test, help="share of each cluster for test")
@@ -533,7 +626,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", help="also write the summary as JSON to this file")
     evaluate.set_defaults(func=cmd_evaluate)
 
-    remove = sub.add_parser("remove", help="cut out products: RGBA PNG + JPEG on a background (+ mask) per image")
+    remove = sub.add_parser("remove", help="cut out products: RGBA PNG + JPEG on a background (+ mask) per image",
+                            formatter_class=DefaultsShown)
     remove.add_argument("inputs", nargs="+", metavar="INPUT",
                         help="image files, folders or s3:// prefixes; '-' reads one image from stdin")
     remove.add_argument("-o", "--out", required=True,
@@ -547,9 +641,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "and has one, else 'pretrained'")
     remove.add_argument("--registered-model", default=DEFAULT_MODEL_NAME,
                         help="registered model whose champion is the default")
-    remove.add_argument("--background", default="#ffffff", help="JPEG background colour, '#rrggbb'")
+    remove.add_argument("--background", default=InferenceConfig.background, help="JPEG background colour, '#rrggbb'")
     remove.add_argument("--canvas", help="crop to the product, centred on a WIDTHxHEIGHT canvas (e.g. 1000x1333)")
-    remove.add_argument("--margin", type=float, default=0.05, help="free border on the canvas, share of each side")
+    remove.add_argument("--margin", type=float, default=InferenceConfig.margin, help="free border on the canvas, share of each side")
     remove.add_argument("--mask", action="store_true", help="also write the mask (masks/<stem>.png)")
     remove.add_argument("--decontaminate", action="store_true",
                         help="edge colours from the product, not the old background (no rim on a new background)")
@@ -560,7 +654,7 @@ def build_parser() -> argparse.ArgumentParser:
     remove.add_argument("--no-refine", dest="refine", action="store_const", const="off", help="--refine off")
     remove.add_argument("--only-mask", action="store_true",
                         help="write only the mask (8-bit PNG at the photo's size) as <stem>.png")
-    remove.add_argument("--batch-size", type=int, default=4, help="photos per model call (default 4)")
+    remove.add_argument("--batch-size", type=int, default=InferenceConfig.batch_size, help="photos per model call")
     remove.add_argument("--threads", type=int, help="the model's threads (default: all cores)")
     remove.add_argument("--sessions", type=int, default=1,
                         help="model sessions (OpenVINO: streams) sharing --threads, each running part of a batch (2 on 2 cores "
@@ -574,9 +668,12 @@ def build_parser() -> argparse.ArgumentParser:
                              "CPU), onnx (ONNX Runtime), openvino or torch")
     remove.add_argument("--flip", action="store_true",
                         help="test-time flip: average with the mirrored photo's prediction (twice the model time)")
-    remove.add_argument("--jpeg-quality", type=int, default=92, help="quality of the JPEG on the background, 1-100 "
+    remove.add_argument("--jpeg-quality", type=int, default=InferenceConfig.jpeg_quality, help="quality of the JPEG on the background, 1-100 "
                                                                      "(default 92)")
-    remove.add_argument("--png-compression", type=int, default=1, help="zlib level 0-9 (6 = smaller, slower)")
+    remove.add_argument("--png-compression", type=int, default=InferenceConfig.png_compression, help="zlib level 0-9 (6 = smaller, slower)")
+    remove.add_argument("--max-megapixels", type=float, default=InferenceConfig.max_pixels / 1e6,
+                        help="largest photo, megapixels (larger ones fail with a reason; the limit bounds "
+                             "the memory a photo in flight takes)")
     remove.add_argument("--quiet", action="store_true", help="no progress bar")
     remove.add_argument("--watch", action="store_true",
                         help="keep polling the inputs and cut out each new photo once it is fully written "
@@ -597,24 +694,24 @@ def build_parser() -> argparse.ArgumentParser:
     model.set_defaults(func=cmd_model)
 
     train = sub.add_parser("train", help="train or fine-tune on a dataset version here (torch.distributed workers)",
-                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                           formatter_class=DefaultsShown)
     train.add_argument("--dataset", required=True, help="dataset version folder or URL (manifest.parquet with splits)")
     train.add_argument("--out", required=True, help="run folder or URL for checkpoint.pt, model.pt, result.json")
     train.add_argument("--init-from", default="auto",
                        help="'auto' (the champion when the registry has one, else the published weights), "
                             "'pretrained', 'champion', 'scratch', a models:/ URI or a model.pt URL")
     train.add_argument("--registered-model", default=DEFAULT_MODEL_NAME, help="whose champion 'auto'/'champion' use")
-    train.add_argument("--model", default="u2netp", choices=["u2netp", "u2net"])
-    train.add_argument("--epochs", type=int, default=10, help="passes over the train split")
-    train.add_argument("--batch-size", type=int, default=8, help="per worker")
+    train.add_argument("--model", default=TrainConfig.model, choices=["u2netp", "u2net"])
+    train.add_argument("--epochs", type=int, default=TrainConfig.epochs, help="passes over the train split")
+    train.add_argument("--batch-size", type=int, default=TrainConfig.batch_size, help="per worker")
     train.add_argument("--lr", type=float, default=None,
                        help=f"peak learning rate (cosine schedule; warm-up at most 30 %% of the run). Default: "
                             f"{FINE_TUNE_LR:g} when starting from trained weights (a higher rate undoes them on a "
                             f"few hundred pairs: benchmarks/README.md), {TrainConfig.lr:g} from scratch")
-    train.add_argument("--input-size", type=int, default=320, help="network input size in pixels")
-    train.add_argument("--loss", default="bce", help="bce, bce+iou or bce+iou+ssim (tasks.train.losses)")
+    train.add_argument("--input-size", type=int, default=TrainConfig.input_size, help="network input size in pixels")
+    train.add_argument("--loss", default=TrainConfig.loss, help="bce, bce+iou or bce+iou+ssim (tasks.train.losses)")
     train.add_argument("--workers", type=int, default=2, help="torch.distributed worker processes")
-    train.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    train.add_argument("--device", default=TrainConfig.device, choices=["auto", "cpu", "cuda"])
     train.set_defaults(func=cmd_train)
 
     calibrate = sub.add_parser("calibrate", help="measure a trained model on its dataset's val split for production: "
@@ -640,7 +737,8 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--quiet", action="store_true", help="no progress bar")
     quant.set_defaults(func=cmd_quantize)
 
-    srv = sub.add_parser("serve", help="background removal over HTTP: POST /api/remove (rembg's `rembg s`)")
+    srv = sub.add_parser("serve", help="background removal over HTTP: POST /api/remove (rembg's `rembg s`)",
+                         formatter_class=DefaultsShown)
     srv.add_argument("--model",
                      help="'pretrained', a .onnx file, a model folder/URL, or models:/<name>@<alias> (re-read "
                           "every --reload-interval seconds and swapped in when the alias moves). Default, as "
@@ -651,12 +749,12 @@ def build_parser() -> argparse.ArgumentParser:
                                                          "or behind an authenticating proxy)")
     srv.add_argument("--port", type=int, default=7000)
     srv.add_argument("--threads", type=int, help="the model's threads (default: all cores)")
-    srv.add_argument("--sessions", type=int, default=1, help="model sessions (OpenVINO: streams) sharing the threads")
-    srv.add_argument("--concurrency", type=int, default=2, help="images in the model at once")
-    srv.add_argument("--queue-timeout", type=float, default=30.0, help="seconds a request waits for a slot (then 503)")
-    srv.add_argument("--max-mb", type=float, default=20.0, help="largest request body, MiB (then 413)")
-    srv.add_argument("--max-megapixels", type=float, default=50.0, help="largest photo, megapixels (then 413)")
-    srv.add_argument("--reload-interval", type=float, default=60.0, help="seconds between alias checks (0: never)")
+    srv.add_argument("--sessions", type=int, default=ServeConfig.sessions, help="model sessions (OpenVINO: streams) sharing the threads")
+    srv.add_argument("--concurrency", type=int, default=ServeConfig.concurrency, help="images in the model at once")
+    srv.add_argument("--queue-timeout", type=float, default=ServeConfig.queue_timeout, help="seconds a request waits for a slot (then 503)")
+    srv.add_argument("--max-mb", type=float, default=ServeConfig.max_bytes / 2**20, help="largest request body, MiB (then 413)")
+    srv.add_argument("--max-megapixels", type=float, default=ServeConfig.max_pixels / 1e6, help="largest photo, megapixels (then 413)")
+    srv.add_argument("--reload-interval", type=float, default=ServeConfig.reload_interval, help="seconds between alias checks (0: never)")
     srv.set_defaults(func=cmd_serve)
 
     pre = sub.add_parser("pretrained", help="the published U2-NetP or U2-Net weights: fetch them, show where they "
@@ -679,13 +777,14 @@ def build_parser() -> argparse.ArgumentParser:
     stack_parser.add_argument("--state", help="state folder (default: .bgremoval in the project)")
     stack_parser.set_defaults(func=cmd_stack)
 
-    demo = sub.add_parser("demo", help="start the stack, generate a catalogue, run the training DAG, print results")
-    demo.add_argument("--n", type=int, default=120, help="generated products (default 120)")
-    demo.add_argument("--bad", type=int, default=26, help="bad inputs among them, one per kind, for cleaning to quarantine (default 26)")
-    demo.add_argument("--seed", type=int, default=7, help="the catalogue's seed (default 7)")
-    demo.add_argument("--max-side", type=int, default=800, help="longest side of the generated photos in pixels (default 800)")
-    demo.add_argument("--target-per-cluster", type=int, default=40, help="augmentation target per product cluster")
-    demo.add_argument("--drop", type=int, default=24, help="new photos for the production pass at the end")
+    demo = sub.add_parser("demo", help="start the stack, generate a catalogue, run the training DAG, print results",
+                          formatter_class=DefaultsShown)
+    demo.add_argument("--n", type=int, default=DemoConfig.n, help="generated products")
+    demo.add_argument("--bad", type=int, default=DemoConfig.bad, help="bad inputs among them, one per kind, for cleaning to quarantine")
+    demo.add_argument("--seed", type=int, default=DemoConfig.seed, help="the catalogue's seed")
+    demo.add_argument("--max-side", type=int, default=DemoConfig.max_side, help="longest side of the generated photos in pixels")
+    demo.add_argument("--target-per-cluster", type=int, default=DemoConfig.target_per_cluster, help="augmentation target per product cluster")
+    demo.add_argument("--drop", type=int, default=DemoConfig.drop, help="new photos for the production pass at the end")
     demo.add_argument("--keep", action="store_true", help="leave the stack running afterwards")
     demo.add_argument("--steps", type=int, default=None,
                       help="fine-tuning steps (2 workers x 8 images each; default: the demo's short fine-tune)")

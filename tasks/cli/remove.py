@@ -72,7 +72,8 @@ def _inference_config(args: argparse.Namespace, to_file: bool):
                            mask=args.mask or args.only_mask, cutout=not args.only_mask,
                            composite=not (args.only_mask or png_only), decontaminate=args.decontaminate,
                            refine=None, batch_size=args.batch_size, io_threads=args.io_threads,
-                           jpeg_quality=args.jpeg_quality, png_compression=args.png_compression)
+                           jpeg_quality=args.jpeg_quality, png_compression=args.png_compression,
+                           max_pixels=round(args.max_megapixels * 1e6))
 
 
 def _open_engine(args: argparse.Namespace, options: dict | None, say: Callable[[str], None]):
@@ -105,6 +106,11 @@ def cmd_remove(args: argparse.Namespace) -> int:
     if refusal:
         print(f"bgremoval remove: {refusal}", file=sys.stderr)
         return 2
+    missing = [url for url in args.inputs if url != STREAM and "://" not in url and not os.path.exists(url)]
+    if missing and len(missing) == len(args.inputs):  # nothing to do: say so before loading a model
+        for url in missing:
+            print(f"bgremoval remove: {url}: no such file or folder", file=sys.stderr)
+        return 1
     say = functools.partial(print, file=sys.stderr if args.out == STREAM else sys.stdout)
     if args.quiet:  # MLflow's own bar, when a registered model is downloaded
         os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"

@@ -616,14 +616,20 @@ def _is_file(url: str, storage_options: dict | None) -> bool:
     return fs.isfile(path)
 
 
+#: What ``bgremoval remove`` writes into every output folder: a folder holding one is an earlier run's output.
+RESULTS_FILE = "results.jsonl"
+
+
 @dataclass(frozen=True)
 class InputListing:
     """What :func:`list_inputs` found: the photos to take (``(url, stem)``), the inputs left out and why,
-    and every photo listed, those left out included (what no output may replace)."""
+    every photo listed, those left out included (what no output may replace), and the folders
+    below an input folder left out as earlier outputs (``earlier_outputs``)."""
 
     items: list[tuple[str, str]]
     problems: list[str]
     listed: frozenset[str]
+    earlier_outputs: tuple[str, ...] = ()
 
 
 def list_images(inputs: Sequence[str], storage_options: dict | None = None,
@@ -642,13 +648,15 @@ def list_inputs(inputs: Sequence[str], storage_options: dict | None = None,
     A file or object is taken whatever its extension; a folder or prefix contributes the files
     below it (recursively) with an image extension, the stem being the path relative to it
     without extension, except those under ``exclude`` when it lies inside that folder (the run's
-    output location). ``problems`` lists inputs that do not exist and names two inputs would share
-    (the later one is left out).
+    output location) and those in a subfolder holding a :data:`RESULTS_FILE` (an earlier run's
+    output location: its cut-outs are not photos to cut out again). ``problems`` lists inputs that
+    do not exist and names two inputs would share (the later one is left out).
     """
     items: list[tuple[str, str]] = []
     problems: list[str] = []
     listed: set[str] = set()
     seen: dict[str, str] = {}
+    earlier: list[str] = []
     allowed = tuple(e.lower() for e in extensions)
 
     def add(url: str, stem: str) -> None:
@@ -666,14 +674,19 @@ def list_inputs(inputs: Sequence[str], storage_options: dict | None = None,
             add(entry, _stem_of(entry))
             continue
         skip = relative_inside(exclude, entry) if exclude else None  # the output folder inside this one
-        found = [o for o in storage.list_objects(entry, options)
+        objects = list(storage.list_objects(entry, options))
+        outputs = sorted({posixpath.dirname(o.relpath) for o in objects
+                          if posixpath.basename(o.relpath) == RESULTS_FILE and "/" in o.relpath})
+        earlier += [storage.join(entry, folder) for folder in outputs if folder != skip]
+        found = [o for o in objects
                  if posixpath.splitext(o.relpath)[1].lower() in allowed
-                 and not (skip and o.relpath.startswith(skip + "/"))]
+                 and not (skip and o.relpath.startswith(skip + "/"))
+                 and not any(o.relpath.startswith(folder + "/") for folder in outputs)]
         if not found and not fs.exists(path):
             problems.append(f"{entry}: no such file, folder or prefix")
         for obj in found:
             add(obj.url, posixpath.splitext(obj.relpath)[0])
-    return InputListing(items, problems, frozenset(listed))
+    return InputListing(items, problems, frozenset(listed), tuple(earlier))
 
 
 def results_line(result: CutoutResult, written: dict[str, str] | None = None, threshold: float | None = None) -> str:
@@ -718,6 +731,8 @@ def remove_to(inputs: Sequence[str], out_url: str, engine: Engine, config: Infer
     listing = list_inputs(inputs, storage_options, exclude=out_url)
     for problem in listing.problems:
         log(f"skipped: {problem}")
+    for folder in listing.earlier_outputs:
+        log(f"left out: {folder} (an earlier run's output: it holds {RESULTS_FILE})")
     started = time.perf_counter()
     ok, failed, empty, below, lines, interrupted = 0, 0, 0, 0, [], False
     results = iter_remove_backgrounds(listing.items, engine, config, storage_options)
@@ -736,7 +751,7 @@ def remove_to(inputs: Sequence[str], out_url: str, engine: Engine, config: Infer
     except KeyboardInterrupt:
         interrupted = True
     seconds = time.perf_counter() - started
-    results_url = storage.join(out_url, "results.jsonl")
+    results_url = storage.join(out_url, RESULTS_FILE)
     if lines:
         storage.write_text(results_url, "\n".join(lines) + "\n", options_for(out_url, storage_options))
     done = ok + failed

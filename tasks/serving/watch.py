@@ -17,6 +17,7 @@ from tasks.core import storage
 from tasks.serving.engines import Engine
 from tasks.serving.pipeline import (
     OUTPUT_KINDS,
+    RESULTS_FILE,
     InferenceConfig,
     iter_remove_backgrounds,
     list_inputs,
@@ -85,7 +86,7 @@ def poll_once(inputs: Sequence[str], out_url: str, engine: Engine, config: Infer
             log(f"failed: {result.source_url}: {result.error}")
         state.lines.append(results_line(result, written, threshold))
     if ready:
-        storage.write_text(storage.join(out_url, "results.jsonl"), "\n".join(state.lines) + "\n",
+        storage.write_text(storage.join(out_url, RESULTS_FILE), "\n".join(state.lines) + "\n",
                            options_for(out_url, storage_options))
     return len(ready)
 

@@ -73,6 +73,7 @@ __all__ = [
     "deep_supervision_loss",
     "resolve_amp",
     "resolve_device",
+    "resume_conflicts",
     "train",
 ]
 
@@ -529,11 +530,17 @@ def _validate(model: nn.Module, loader: DataLoader, device: torch.device, amp_dt
     return float(loss_sum), float(iou_sum), count
 
 
-def _check_resumable(checkpoint: dict[str, Any], config: TrainConfig, url: str) -> None:
-    before = checkpoint.get("config", {})
+def resume_conflicts(saved: dict[str, Any], config: TrainConfig) -> list[str]:
+    """The settings ``config`` changes from ``saved`` (those a checkpoint, or its run's ``config.json``,
+    was written with), ``"name: before → now"`` each; resuming needs none. Those in
+    :data:`RESUME_FREE_FIELDS` (epochs, logging, workers) may change."""
     now = _public_config(config)
-    changed = [f"{k}: {before.get(k)!r} → {now.get(k)!r}" for k in sorted(now)
-               if k not in RESUME_FREE_FIELDS and before.get(k) != now.get(k)]
+    return [f"{k}: {saved.get(k)!r} → {now.get(k)!r}" for k in sorted(now)
+            if k not in RESUME_FREE_FIELDS and saved.get(k) != now.get(k)]
+
+
+def _check_resumable(checkpoint: dict[str, Any], config: TrainConfig, url: str) -> None:
+    changed = resume_conflicts(checkpoint.get("config", {}), config)
     if changed:
         raise ValueError(f"the checkpoint at {url} was written with other settings ({'; '.join(changed)}): "
                          "restore them to resume, or use a new output_url to start a new run")

@@ -58,6 +58,24 @@ def test_synth_then_clean_prints_the_summary(tmp_path, capsys):
     assert (read_table(f"{dataset}/manifest.parquet").loc[ok, "split"] == first).all()  # the hash's own split
 
 
+def test_clean_takes_a_relative_bucket_and_a_pixel_limit(tmp_path, monkeypatch, capsys):
+    """`clean --bucket ./data` writes a manifest whose URLs work from anywhere (it used to store
+    './datasets/...', which every later command joined onto the dataset folder), and
+    --max-megapixels sets the limit a studio's larger frames need."""
+    from tasks.core.manifest import read_table
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["synth", "--n", "4", "--max-side", "200", "--out", "data/raw/b"]) == 0
+    assert main(["clean", "--bucket", "./data", "--batch", "b", "--working-size", "96",
+                 "--max-megapixels", "0.01"]) == 0
+    out = capsys.readouterr().out
+    dataset = next(line.split(": ", 1)[1] for line in out.splitlines() if line.startswith("dataset: "))
+    assert dataset.startswith(str(tmp_path / "data" / "datasets"))
+    manifest = read_table(f"{dataset}/manifest.parquet")
+    assert set(manifest["reason"].dropna()) == {"image_too_large"}  # every photo is over 10,000 pixels
+    assert all(url.startswith(str(tmp_path)) for url in manifest["image_source"])
+
+
 def test_evaluate_scores_a_dataset_split_as_the_gate_does(tmp_path, capsys, write_model_folder, monkeypatch):
     from tasks.dev.synthetic import write_synthetic_dataset
 
@@ -73,6 +91,15 @@ def test_evaluate_scores_a_dataset_split_as_the_gate_does(tmp_path, capsys, writ
     assert main(["evaluate", "--model", model]) == 2
     assert main(["evaluate", "--model", model, "--dataset", str(dataset), "--refine"]) == 2
     assert "give --images and --masks" in capsys.readouterr().err
+
+    from tasks.core.manifest import read_table, write_table
+
+    manifest = read_table(f"{dataset}/manifest.parquet")
+    manifest.loc[manifest.index[0], "audit_reasons"] = "speckle"  # a test pair's mask, flagged, not reviewed
+    write_table(manifest, f"{dataset}/manifest.parquet")
+    assert main(["evaluate", "--model", model, "--dataset", "datasets/v1", "--json", str(out_json)]) == 0
+    assert json.loads(out_json.read_text())["n"] == 3  # the gate leaves it out too; the command says so
+    assert "1 pairs whose mask the audit flagged are left out (test 1)" in capsys.readouterr().err
 
 
 def test_evaluate_prints_the_seed_table_and_writes_json(tmp_path, capsys):
@@ -143,6 +170,45 @@ def test_train_without_a_dataset_says_so_before_starting_workers(tmp_path, capsy
     out = tmp_path / "run"
     assert main(["train", "--dataset", str(tmp_path / "nowhere"), "--out", str(out), "--init-from", "scratch"]) == 2
     assert "no manifest at" in capsys.readouterr().err and not out.exists()
+
+
+def test_train_resumes_a_checkpoint_with_the_start_it_had_and_names_changed_settings_in_one_line(
+        tmp_path, capsys, monkeypatch):
+    """A run folder holding a checkpoint is resumed: --init-from is not resolved again (a champion
+    promoted since would replace the staged start), and a changed setting is one line, not the
+    workers' traceback."""
+    from types import SimpleNamespace
+
+    import tasks.train.ddp as ddp
+    from tasks.dev.synthetic import write_synthetic_dataset
+    from tasks.train.config import default_lr
+    from tasks.train.loop import _public_config
+
+    monkeypatch.setenv("BGREMOVAL_STATE", str(tmp_path / "no-stack"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    dataset, out = tmp_path / "datasets" / "v1", tmp_path / "run"
+    write_synthetic_dataset(str(dataset), 4, seed=3, max_side=48, split_for=lambda i: "val" if i < 1 else "train")
+    out.mkdir()
+    (out / "checkpoint.pt").write_bytes(b"an epoch's checkpoint")
+    started = TrainConfig(dataset_url=str(dataset), output_url=str(out), epochs=1, lr=default_lr(True), input_size=192,
+                          init_from=str(out / "init" / "model.pt"))
+    (out / "config.json").write_text(json.dumps(_public_config(started)))
+
+    assert main(["train", "--dataset", str(dataset), "--out", str(out), "--input-size", "320"]) == 2
+    err = capsys.readouterr().err
+    assert "holds a checkpoint of a run started with other settings (input_size: 192 → 320)" in err
+    assert len(err.strip().splitlines()) == 1
+
+    launched = {}
+    monkeypatch.setattr(ddp, "launch_local", lambda config, **kw: launched.update(config=config) or SimpleNamespace(
+        start_val_iou=0.97, history=[], metrics={"val_iou": 0.98}, model_url=str(out / "model.pt")))
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "--dataset", "datasets/v1", "--out", "run", "--input-size", "192", "--epochs", "3"]) == 0
+    assert launched["config"].init_from == str(out / "init" / "model.pt") and launched["config"].epochs == 3
+    assert not (out / "init").exists()  # nothing staged again
+    printed = capsys.readouterr().out
+    assert "resuming the run in run from its checkpoint, to 3 epoch(s)" in printed
+    assert "start (the run's starting weights): val IoU 97.00 %" in printed
 
 
 def test_model_commands_need_a_configured_registry_and_name_what_is_missing(tmp_path, capsys, monkeypatch):

@@ -76,6 +76,23 @@ def test_remove_files_and_folders(model_dir, tmp_path, capsys):
     assert all(0 <= line["score"] <= 1 for line in lines if line["error"] is None)
 
 
+def test_an_earlier_runs_output_folder_among_the_photos_is_not_cut_out_again(model_dir, tmp_path, capsys):
+    """`remove photos/ -o photos/out/` (as the README suggests), then `remove photos/ -o elsewhere/`:
+    the cut-outs in photos/out (it holds results.jsonl) are not photos, and the run says so."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    products = _products(2)
+    for stem, data, _ in products:
+        (folder / f"{stem}.jpg").write_bytes(data)
+    assert main(["remove", str(folder), "-o", str(folder / "out"), "--model", model_dir, "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["remove", str(folder), "-o", str(tmp_path / "again"), "--model", model_dir, "--quiet"]) == 0
+    captured = capsys.readouterr()
+    assert f"left out: {folder / 'out'} (an earlier run's output" in captured.err
+    assert "2 of 2 images done" in captured.out and "0 inputs skipped" in captured.out
+    assert sorted(p.name for p in (tmp_path / "again").glob("*.png")) == sorted(f"{s}.png" for s, _, _ in products)
+
+
 def test_remove_with_test_time_flip(model_dir, tmp_path, capsys):
     stem, data, size = _products(1)[0]
     (tmp_path / f"{stem}.jpg").write_bytes(data)
@@ -161,6 +178,13 @@ def test_a_model_folder_on_s3_brings_its_refinement_choice(model_dir, s3_bucket,
     save_refine_choice(choose_refinement([0.99], [0.98], "val"), folder, options)
     assert main(run) == 0
     assert "edge refinement: off (measured for this model on 1 val pairs" in capsys.readouterr().out
+
+
+def test_remove_of_inputs_that_do_not_exist_says_so_without_loading_a_model(tmp_path, capsys):
+    assert main(["remove", str(tmp_path / "nope.jpg"), "-o", str(tmp_path / "out"), "--model", "no-such-model"]) == 1
+    captured = capsys.readouterr()
+    assert f"{tmp_path / 'nope.jpg'}: no such file or folder" in captured.err and "model" not in captured.err
+    assert not (tmp_path / "out").exists()
 
 
 def test_remove_refuses_a_missing_model(tmp_path, capsys):
@@ -258,10 +282,12 @@ def test_remove_refuses_an_output_it_cannot_use_before_loading_the_model(model_d
         assert main(["remove", str(tmp_path / "in"), "-o", str(out), "--model", str(tmp_path / "no-model")]) == 2
     err = capsys.readouterr().err
     assert "is an input folder" in err and "is a file" in err and "no-model" not in err
-    # a mistyped input is a failed run, and finding no photo says so
+    # a mistyped input is a failed run, said before any model loads; an empty folder says it has no photo
     assert main(["remove", str(tmp_path / "missing"), "-o", str(tmp_path / "o"), "--model", model_dir, "--quiet"]) == 1
-    captured = capsys.readouterr()
-    assert "no such file" in captured.err and f"no photos found in {tmp_path / 'missing'}" in captured.err
+    assert f"{tmp_path / 'missing'}: no such file or folder" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["remove", str(tmp_path / "empty"), "-o", str(tmp_path / "o"), "--model", model_dir, "--quiet"]) == 1
+    assert f"no photos found in {tmp_path / 'empty'}" in capsys.readouterr().err
     # a registered model needs a registry: said up front, no mlflow.db appears in the working folder
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("BGREMOVAL_STATE", str(tmp_path / "no-stack"))
