@@ -161,7 +161,7 @@ def _evaluation(args: argparse.Namespace, model: str, options: dict | None) -> t
         print(f"edge refinement: {why}")
         summary = evaluate_dataset(model, args.dataset, args.split, storage_options(args.dataset) or options,
                                    threshold=args.threshold)
-        _say_audit_left_out(args.dataset, storage_options(args.dataset) or options, "evaluate")
+        _say_audit_left_out(args.dataset, storage_options(args.dataset) or options, "evaluate", (args.split,))
         return {**summary, "unreadable": []}, why
     if args.refine is None:
         refine, why = None, "off (the default: the network's own map, as the training DAG's gate scores it)"
@@ -195,14 +195,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     from tasks.train.loop import resume_conflicts
 
     options = storage_options(args.dataset) or storage_options(args.out) or {}
-    missing = registry_missing()
-    if missing and (args.init_from == registry.CHAMPION or args.init_from.startswith(("@", "models:/"))):
-        print(f"bgremoval train: --init-from {args.init_from}: {missing}", file=sys.stderr)
-        return 2
     dataset, out = (url if "://" in url else os.path.abspath(url) for url in (args.dataset, args.out))
+    missing = registry_missing()
     try:
-        require_manifest(dataset, options or None)  # before any worker starts: their logs would bury it
         earlier = _run_to_resume(out, options or None)
+        if missing and earlier is None and (args.init_from == registry.CHAMPION
+                                            or args.init_from.startswith(("@", "models:/"))):
+            raise ValueError(f"--init-from {args.init_from}: {missing}")
+        require_manifest(dataset, options or None)  # before any worker starts: their logs would bury it
         if earlier is None:
             reference, init = registry.start_weights(args.init_from, args.model, args.registered_model, out,
                                                      options, registry=not missing)
@@ -213,7 +213,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                              batch_size=args.batch_size, lr=lr, input_size=args.input_size, loss=args.loss,
                              init_from=init, storage_options=options,
                              mlflow_enabled=bool(os.environ.get("MLFLOW_TRACKING_URI")), device=args.device)
-        if earlier and (conflicts := resume_conflicts(earlier, config)):
+        if earlier is not None and (conflicts := resume_conflicts(earlier, config)):
             raise ValueError(f"{out} holds a checkpoint of a run started with other settings "
                              f"({'; '.join(conflicts)}): give the same ones to resume it, or another --out "
                              "to start anew")
@@ -221,7 +221,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"bgremoval train: {exc}", file=sys.stderr)
         return 2
     splits = _split_counts(args.dataset, options or None)
-    _say_audit_left_out(dataset, options or None, "train")
+    _say_audit_left_out(dataset, options or None, "train", ("train", "val", "unsplit"))  # unsplit pairs train
     if not splits.get("val"):
         print("bgremoval train: warning: the dataset has no val split, so every clean pair trains (test pairs "
               f"included) and nothing measures the model; run `bgremoval split --dataset {args.dataset}` first",
@@ -251,21 +251,19 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _run_to_resume(out: str, options: dict | None) -> dict | None:
-    """The settings the run in ``out`` was started with (its ``config.json``) when it left a checkpoint
-    that ``train`` will resume; None when there is nothing to resume."""
-    from tasks.core import layout, storage
+    """The settings of the checkpoint in ``out`` that ``train`` will resume (what its workers compare
+    with theirs); None when there is nothing to resume."""
+    from tasks.core import layout
+    from tasks.train.checkpoint import load_checkpoint
 
-    if not storage.exists(layout.checkpoint(out), options):
-        return None
-    try:
-        return json.loads(storage.read_bytes(layout.model_config(out), options))
-    except FileNotFoundError:
-        return {}
+    checkpoint = load_checkpoint(layout.checkpoint(out), options)
+    return None if checkpoint is None else dict(checkpoint.get("config") or {})
 
 
-def _audit_left_out(dataset_url: str, options: dict | None) -> dict[str, int]:
-    """Clean pairs per split that the mask audit flagged and no reviewer kept or fixed: training and
-    the scores leave them out (:func:`tasks.core.manifest.audit_excluded`)."""
+def _audit_left_out(dataset_url: str, options: dict | None, splits: tuple[str, ...]) -> dict[str, int]:
+    """Clean pairs of ``splits`` ("unsplit" for pairs without one) that the mask audit flagged and no
+    reviewer kept or fixed: training and the scores leave them out
+    (:func:`tasks.core.manifest.audit_excluded`)."""
     import pandas as pd
 
     from tasks.core import layout
@@ -273,14 +271,15 @@ def _audit_left_out(dataset_url: str, options: dict | None) -> dict[str, int]:
 
     manifest = read_table(layout.manifest(dataset_url), options)
     left_out = manifest[(manifest["status"] == STATUS_OK) & audit_excluded(manifest)]
+    wanted = splits
     splits = (left_out["split"].astype("string").fillna("unsplit") if "split" in left_out.columns
               else pd.Series("unsplit", index=left_out.index))
-    return {str(k): int(v) for k, v in splits.value_counts().sort_index().items()}
+    return {str(k): int(v) for k, v in splits.value_counts().sort_index().items() if str(k) in wanted}
 
 
-def _say_audit_left_out(dataset_url: str, options: dict | None, command: str) -> None:
-    """One line on stderr when the mask audit keeps pairs of ``dataset_url`` out, per split."""
-    counts = _audit_left_out(dataset_url, options)
+def _say_audit_left_out(dataset_url: str, options: dict | None, command: str, splits: tuple[str, ...]) -> None:
+    """One line on stderr when the mask audit keeps pairs of ``dataset_url``'s ``splits`` out, per split."""
+    counts = _audit_left_out(dataset_url, options, splits)
     if counts:
         print(f"bgremoval {command}: {sum(counts.values())} pairs whose mask the audit flagged are left out ("
               + ", ".join(f"{split} {n}" for split, n in counts.items())
@@ -555,6 +554,14 @@ def _version() -> str:
         return "(not installed as a package)"
 
 
+def positive(text: str) -> float:
+    """An argparse type: a number above 0."""
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be above 0, not {text}")
+    return value
+
+
 class DefaultsShown(argparse.ArgumentDefaultsHelpFormatter):
     """Help that ends an option's text with its default, unless it has none (None, False) or the
     text already says it."""
@@ -588,7 +595,7 @@ def build_parser() -> argparse.ArgumentParser:
     clean.add_argument("--batch", required=True, help="the batch's folder name under raw/")
     clean.add_argument("--working-size", type=int, default=CleaningConfig.working_size,
                        help="longest side of the clean pairs; larger photos are shrunk, smaller ones kept as they are")
-    clean.add_argument("--max-megapixels", type=float, default=CleaningConfig.max_pixels / 1e6,
+    clean.add_argument("--max-megapixels", type=positive, default=CleaningConfig.max_pixels / 1e6,
                        help="largest photo or mask, megapixels (larger ones are quarantined as image_too_large)")
     clean.add_argument("--shard-size", type=int, default=PAIRS_PER_SHARD, help="pairs per shard (one task each in the DAG)")
     clean.set_defaults(func=cmd_clean)
@@ -668,10 +675,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "CPU), onnx (ONNX Runtime), openvino or torch")
     remove.add_argument("--flip", action="store_true",
                         help="test-time flip: average with the mirrored photo's prediction (twice the model time)")
-    remove.add_argument("--jpeg-quality", type=int, default=InferenceConfig.jpeg_quality, help="quality of the JPEG on the background, 1-100 "
-                                                                     "(default 92)")
+    remove.add_argument("--jpeg-quality", type=int, default=InferenceConfig.jpeg_quality,
+                        help="quality of the JPEG on the background, 1-100")
     remove.add_argument("--png-compression", type=int, default=InferenceConfig.png_compression, help="zlib level 0-9 (6 = smaller, slower)")
-    remove.add_argument("--max-megapixels", type=float, default=InferenceConfig.max_pixels / 1e6,
+    remove.add_argument("--max-megapixels", type=positive, default=InferenceConfig.max_pixels / 1e6,
                         help="largest photo, megapixels (larger ones fail with a reason; the limit bounds "
                              "the memory a photo in flight takes)")
     remove.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -753,7 +760,7 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--concurrency", type=int, default=ServeConfig.concurrency, help="images in the model at once")
     srv.add_argument("--queue-timeout", type=float, default=ServeConfig.queue_timeout, help="seconds a request waits for a slot (then 503)")
     srv.add_argument("--max-mb", type=float, default=ServeConfig.max_bytes / 2**20, help="largest request body, MiB (then 413)")
-    srv.add_argument("--max-megapixels", type=float, default=ServeConfig.max_pixels / 1e6, help="largest photo, megapixels (then 413)")
+    srv.add_argument("--max-megapixels", type=positive, default=ServeConfig.max_pixels / 1e6, help="largest photo, megapixels (then 413)")
     srv.add_argument("--reload-interval", type=float, default=ServeConfig.reload_interval, help="seconds between alias checks (0: never)")
     srv.set_defaults(func=cmd_serve)
 

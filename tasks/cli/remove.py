@@ -107,7 +107,7 @@ def cmd_remove(args: argparse.Namespace) -> int:
         print(f"bgremoval remove: {refusal}", file=sys.stderr)
         return 2
     missing = [url for url in args.inputs if url != STREAM and "://" not in url and not os.path.exists(url)]
-    if missing and len(missing) == len(args.inputs):  # nothing to do: say so before loading a model
+    if missing and len(missing) == len(args.inputs) and not args.watch:  # nothing to do: say so before loading a model
         for url in missing:
             print(f"bgremoval remove: {url}: no such file or folder", file=sys.stderr)
         return 1

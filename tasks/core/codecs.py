@@ -15,6 +15,7 @@ shrink cleaning applies to a pair, and the masks page to a mask drawn on the ful
 from __future__ import annotations
 
 import io
+import warnings
 
 import cv2
 import numpy as np
@@ -100,6 +101,16 @@ def shrink_mask(binary: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return cv2.threshold(coverage, 127, 255, cv2.THRESH_BINARY)[1]
 
 
+def bomb_warning_action(max_pixels: int | None) -> str:
+    """What to do with Pillow's ``DecompressionBombWarning`` (a header over ``Image.MAX_IMAGE_PIXELS``,
+    89.5 MP) under our own limit ``max_pixels``: ``"ignore"`` when that limit is higher (it is checked
+    from the same header next, so a 100 MP studio frame passes when allowed), else ``"error"``. Over
+    twice Pillow's limit (179 MP) Pillow refuses to open the file whatever the limit."""
+    from PIL import Image
+
+    return "ignore" if max_pixels is not None and max_pixels > Image.MAX_IMAGE_PIXELS else "error"
+
+
 def decode_image(data: bytes, max_pixels: int | None = None) -> np.ndarray:
     """Decode image bytes to an upright ``H×W×3`` RGB ``uint8`` array.
 
@@ -116,7 +127,11 @@ def decode_image(data: bytes, max_pixels: int | None = None) -> np.ndarray:
     if not data:
         raise ValueError("empty file")
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with warnings.catch_warnings():
+            if bomb_warning_action(max_pixels) == "ignore":
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            opened = Image.open(io.BytesIO(data))
+        with opened as im:
             if max_pixels is not None and im.width * im.height > max_pixels:
                 raise ImageTooLarge(f"image too large: {im.width}x{im.height} is {im.width * im.height / 1e6:.1f} "
                                  f"megapixels, over the limit of {max_pixels / 1e6:g}")

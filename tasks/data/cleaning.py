@@ -48,7 +48,7 @@ import cv2
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from tasks.core.codecs import area_average, on_white, shrink_mask
+from tasks.core.codecs import area_average, bomb_warning_action, on_white, shrink_mask
 from tasks.core.limits import aspect_mismatch
 from tasks.data.config import CleaningConfig
 
@@ -242,7 +242,7 @@ def _open(data: bytes, what: str, formats: tuple[str, ...], config: CleaningConf
         raise Rejected(Reason.EMPTY_FILE, f"{what} file has zero bytes")
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            warnings.simplefilter(bomb_warning_action(config.max_pixels), Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise Rejected(Reason.IMAGE_TOO_LARGE, f"{what}: {exc}") from None

@@ -180,7 +180,8 @@ def _render_page(**context: Any) -> str:
     """``templates/report.html`` filled in (autoescaped)."""
     import jinja2
 
-    environment = jinja2.Environment(loader=jinja2.FileSystemLoader(_TEMPLATES), autoescape=True)
+    environment = jinja2.Environment(loader=jinja2.FileSystemLoader(_TEMPLATES), autoescape=True,
+                                     undefined=jinja2.StrictUndefined)
     return environment.get_template("report.html").render(**context)
 
 
@@ -216,7 +217,7 @@ def write_report(out_dir: str, summary: dict, ious: Sequence[float], gallery: Se
                                       "(red: predicted but background, blue: missed, green: true outline)"))
     page = _render_page(
         title=title, facts=[(str(k), str(v)) for k, v in (facts or {}).items()], decision=decision,
-        n=summary["n"], has_champion=champion is not None, seed_rows=_seed_rows(summary, champion),
+        n=summary["n"], has_champion=bool(champion), seed_rows=_seed_rows(summary, champion),
         cluster_rows=_cluster_rows(summary, champion),
         figures=[(heading, name, pictures[name]) for name, heading in headings if name in pictures],
         worst=[(w["stem"], str(w["cluster"]), f"{w['iou'] * 100:.3f} %") for w in summary.get("worst", [])],

@@ -642,15 +642,17 @@ def list_images(inputs: Sequence[str], storage_options: dict | None = None,
 
 def list_inputs(inputs: Sequence[str], storage_options: dict | None = None,
                 extensions: Sequence[str] = IMAGE_EXTENSIONS,
-                exclude: str | None = None) -> InputListing:
+                exclude: str | None = None, skip_earlier_outputs: bool = False) -> InputListing:
     """Expand files, folders and ``s3://`` prefixes into ``(url, stem)`` pairs.
 
     A file or object is taken whatever its extension; a folder or prefix contributes the files
     below it (recursively) with an image extension, the stem being the path relative to it
     without extension, except those under ``exclude`` when it lies inside that folder (the run's
-    output location) and those in a subfolder holding a :data:`RESULTS_FILE` (an earlier run's
-    output location: its cut-outs are not photos to cut out again). ``problems`` lists inputs that
-    do not exist and names two inputs would share (the later one is left out).
+    output location) and, with ``skip_earlier_outputs`` (``bgremoval remove``), those in a
+    subfolder holding a :data:`RESULTS_FILE` (an earlier run's output location: its cut-outs are
+    not photos to cut out again; the input folder itself is listed whatever it holds).
+    ``problems`` lists inputs that do not exist and names two inputs would share (the later one is
+    left out).
     """
     items: list[tuple[str, str]] = []
     problems: list[str] = []
@@ -675,8 +677,8 @@ def list_inputs(inputs: Sequence[str], storage_options: dict | None = None,
             continue
         skip = relative_inside(exclude, entry) if exclude else None  # the output folder inside this one
         objects = list(storage.list_objects(entry, options))
-        outputs = sorted({posixpath.dirname(o.relpath) for o in objects
-                          if posixpath.basename(o.relpath) == RESULTS_FILE and "/" in o.relpath})
+        outputs = sorted({posixpath.dirname(o.relpath) for o in objects if skip_earlier_outputs
+                          and posixpath.basename(o.relpath) == RESULTS_FILE and "/" in o.relpath})
         earlier += [storage.join(entry, folder) for folder in outputs if folder != skip]
         found = [o for o in objects
                  if posixpath.splitext(o.relpath)[1].lower() in allowed
@@ -728,7 +730,7 @@ def remove_to(inputs: Sequence[str], out_url: str, engine: Engine, config: Infer
     from tqdm import tqdm
 
     log = log or (lambda line: tqdm.write(line, file=sys.stderr))
-    listing = list_inputs(inputs, storage_options, exclude=out_url)
+    listing = list_inputs(inputs, storage_options, exclude=out_url, skip_earlier_outputs=True)
     for problem in listing.problems:
         log(f"skipped: {problem}")
     for folder in listing.earlier_outputs:

@@ -33,13 +33,15 @@ __all__ = ["WatchState", "watch"]
 
 @dataclass
 class WatchState:
-    """What a watch has done so far: images cut out, images failed, and their results lines."""
+    """What a watch has done so far: images cut out, images failed, their results lines, and the
+    earlier output folders it has said it leaves out."""
 
     ok: int = 0
     failed: int = 0
     lines: list[str] = field(default_factory=list)
     done: set[str] = field(default_factory=set)
     sizes: dict[str, int] = field(default_factory=dict)
+    left_out: set[str] = field(default_factory=set)
 
 
 def _size(url: str, storage_options: dict | None) -> int | None:
@@ -62,7 +64,10 @@ def poll_once(inputs: Sequence[str], out_url: str, engine: Engine, config: Infer
     """One round of :func:`watch`: cut out every photo that has become ready since the last round.
     Returns how many were taken. The output location is left out of the inputs, and no output is
     written over a photo of the inputs."""
-    listing = list_inputs(inputs, storage_options, exclude=out_url)
+    listing = list_inputs(inputs, storage_options, exclude=out_url, skip_earlier_outputs=True)
+    for folder in set(listing.earlier_outputs) - state.left_out:  # said once per watch
+        log(f"left out: {folder} (an earlier run's output: it holds {RESULTS_FILE})")
+        state.left_out.add(folder)
     ready = []
     for url, stem in listing.items:
         if url in state.done:

@@ -189,10 +189,10 @@ def test_train_resumes_a_checkpoint_with_the_start_it_had_and_names_changed_sett
     dataset, out = tmp_path / "datasets" / "v1", tmp_path / "run"
     write_synthetic_dataset(str(dataset), 4, seed=3, max_side=48, split_for=lambda i: "val" if i < 1 else "train")
     out.mkdir()
-    (out / "checkpoint.pt").write_bytes(b"an epoch's checkpoint")
     started = TrainConfig(dataset_url=str(dataset), output_url=str(out), epochs=1, lr=default_lr(True), input_size=192,
                           init_from=str(out / "init" / "model.pt"))
-    (out / "config.json").write_text(json.dumps(_public_config(started)))
+    torch.save({"epoch": 1, "model": {}, "config": _public_config(started)}, out / "checkpoint.pt")  # what workers read
+    (out / "config.json").write_text(json.dumps({**_public_config(started), "input_size": 320}))  # a stale one: unread
 
     assert main(["train", "--dataset", str(dataset), "--out", str(out), "--input-size", "320"]) == 2
     err = capsys.readouterr().err

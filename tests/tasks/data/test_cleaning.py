@@ -96,6 +96,11 @@ def test_decompression_bomb_is_rejected_from_the_header_without_decoding():
     assert time.perf_counter() - started < 1.0
     # Under PIL's own bomb limit but over ours: our header check catches it.
     assert _reject_reason(png_header_only(9000, 8000), _png(mask), CleaningConfig(max_pixels=50_000_000)) == "image_too_large"
+    # A 96 MP studio frame, over Pillow's warning level (89.5 MP): allowed when our limit is raised
+    # (this header-only file then fails at decoding, past every size check), refused under ours.
+    big = png_header_only(12_000, 8_000)
+    assert _reject_reason(big, _png(mask), CleaningConfig(max_pixels=100_000_000)) in ("truncated", "undecodable")
+    assert _reject_reason(big, _png(mask), CleaningConfig(max_pixels=95_000_000)) == "image_too_large"
 
 
 def test_mask_must_be_png():

@@ -503,3 +503,19 @@ def test_a_downloaded_models_folder_is_removed_when_the_process_ends(tmp_path):
                           cwd=Path(__file__).resolve().parents[3])
     folder = Path(done.stdout.strip())
     assert done.returncode == 0 and folder.name.startswith("bgremoval-model-") and not folder.exists()
+
+
+def test_only_remove_leaves_out_an_earlier_runs_output_folder(tmp_path):
+    """A subfolder holding results.jsonl is an earlier `remove` output: `remove` and its watch leave it
+    out (and name it); the production DAG's listing of a drop takes every photo whatever lies beside it."""
+    from tasks.serving.pipeline import list_inputs
+
+    (tmp_path / "out" / "nested").mkdir(parents=True)
+    for name in ("a.jpg", "out/a.jpg", "out/nested/b.jpg"):
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "out" / "results.jsonl").write_text("{}\n")
+    (tmp_path / "results.jsonl").write_text("{}\n")  # the input folder itself is listed whatever it holds
+    remove = list_inputs([str(tmp_path)], skip_earlier_outputs=True)
+    assert [stem for _, stem in remove.items] == ["a"] and remove.earlier_outputs == (f"{tmp_path}/out",)
+    everything = list_inputs([str(tmp_path)])
+    assert [stem for _, stem in everything.items] == ["a", "out/a", "out/nested/b"] and everything.earlier_outputs == ()
