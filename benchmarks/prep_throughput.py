@@ -54,7 +54,6 @@ import io
 import json
 import os
 import platform
-import resource
 import shutil
 import statistics
 import subprocess
@@ -81,6 +80,8 @@ from tasks.core import layout  # noqa: E402
 from tasks.data.cleaning import CleaningConfig, working_size_for  # noqa: E402
 from tasks.data.ingest import clean_shard, finalize_dataset, plan_batch  # noqa: E402
 from tasks.dev.synth import SynthConfig, generate_catalogue  # noqa: E402
+
+from process_memory import peak_rss_self_mib, rss_now_mib  # noqa: E402
 
 VITON_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "viton-garments"
 SHARD_SIZE = 250
@@ -130,33 +131,6 @@ def machine_facts() -> dict:
         "numpy": np.__version__,
         "load_average_at_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
     }
-
-
-def _proc_status_mib(field: str) -> float | None:
-    """A ``kB`` field of ``/proc/self/status`` in MiB; None where there is no such file."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(f"{field}:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
-
-
-def rss_now_mib() -> float:
-    """This process's current resident set size in MiB (``VmRSS`` from ``/proc/self/status``)."""
-    now = _proc_status_mib("VmRSS")
-    return float("nan") if now is None else now
-
-
-def peak_rss_self_mib() -> float:
-    """This process's peak resident set size so far, in MiB: ``VmHWM``, the high-water mark of its
-    own address space. ``getrusage``'s ``ru_maxrss`` (the fallback where ``/proc`` is missing) is,
-    in a process started by ``fork`` + ``exec``, at least the parent's peak until then, which the
-    kernel carries over at ``exec``: from a parent holding 600 MiB it reads 611 MiB for a bare
-    interpreter whose ``VmHWM`` is 11."""
-    peak = _proc_status_mib("VmHWM")
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 if peak is None else peak
 
 
 # --------------------------------------------------------------------------------------- inputs

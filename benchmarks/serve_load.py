@@ -22,6 +22,8 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from process_memory import proc_status_mib
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import cv2  # noqa: E402
@@ -37,11 +39,7 @@ def _free_port() -> int:
 
 
 def _rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as fh:
-        for line in fh:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
+    return proc_status_mib("VmRSS", pid) or 0.0
 
 
 def photos(n: int, width: int, height: int) -> list[bytes]:

@@ -42,7 +42,7 @@ the project's 2-core CPU machine (DESIGN.md: 0.61 img/s for U2-NetP and 0.40 img
 is 1.5x that with the same architecture: 0.92 img/s (U2-NetP) and 0.60 img/s (U2-Net); the
 report ends with the fastest combination per model and whether it reaches the target.
 "peak RSS" is the sum over workers of each process's peak resident memory
-(``VmHWM``, ``prep_throughput.peak_rss_self_mib``; compilation in the process included, inductor's
+(``VmHWM``, ``process_memory.peak_rss_self_mib``; compilation in the process included, inductor's
 compile-worker subprocesses not; ``getrusage``'s ``ru_maxrss`` would be at least the peak of the
 process that started the worker). "load" is the machine's 1-minute load
 average when the measurement started: other work on the machine shows up in the numbers.
@@ -101,7 +101,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from torch import nn  # noqa: E402
 
-from prep_throughput import peak_rss_self_mib  # noqa: E402
+from process_memory import peak_rss_self_mib  # noqa: E402
 from tasks.core.heap import keep_freed_memory  # noqa: E402
 from tasks.model.config import MODEL_NAMES  # noqa: E402
 from tasks.model.u2net import build_model, count_parameters  # noqa: E402

@@ -36,6 +36,7 @@ __all__ = [
     "ChampionMoved",
     "DEFAULT_MODEL_NAME",
     "PREVIOUS",
+    "absolute_tracking_uri",
     "alias_version",
     "download_model",
     "is_model_uri",
@@ -47,6 +48,7 @@ __all__ = [
     "register_model",
     "rollback",
     "stage_weights",
+    "start_weights",
     "version_tags",
 ]
 

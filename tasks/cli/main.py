@@ -50,7 +50,9 @@ def cmd_clean(args: argparse.Namespace) -> int:
 
     from tasks.data import ingest
 
-    bucket = args.bucket if "://" in args.bucket else os.path.abspath(args.bucket)  # the manifest's URLs are absolute
+    from tasks.core.storage import absolute_local
+
+    bucket = absolute_local(args.bucket)  # the manifest's URLs are then absolute
     options = storage_options(bucket)
     try:
         config = CleaningConfig(working_size=args.working_size, max_pixels=round(args.max_megapixels * 1e6))
@@ -94,9 +96,8 @@ def cmd_split(args: argparse.Namespace) -> int:
     try:
         require_manifest(args.dataset, options)
         config = SplitConfig(train=1.0 - args.val - args.test, val=args.val, test=args.test, seed=args.seed)
-        sources = ([args.keep_from] if args.keep_from else []) + (
-            ["the version's own splits"] if not args.fresh and _split_counts(args.dataset, options) else [])
         result = split_dataset(args.dataset, config, args.keep_from, options, keep_own=not args.fresh)
+        sources = ([args.keep_from] if args.keep_from else []) + (["the version's own splits"] if result["kept_own"] else [])
     except (ValueError, FileNotFoundError) as exc:
         print(f"bgremoval split: {first_line(exc)}", file=sys.stderr)
         return 2
@@ -159,9 +160,9 @@ def _evaluation(args: argparse.Namespace, model: str, options: dict | None) -> t
     if args.dataset:
         why = "off (a dataset's split is scored as the gate scores it)"
         print(f"edge refinement: {why}")
-        summary = evaluate_dataset(model, args.dataset, args.split, storage_options(args.dataset) or options,
-                                   threshold=args.threshold)
-        _say_audit_left_out(args.dataset, storage_options(args.dataset) or options, "evaluate", (args.split,))
+        options = storage_options(args.dataset) or options
+        summary = evaluate_dataset(model, args.dataset, args.split, options, threshold=args.threshold)
+        _say_audit_left_out(_manifest(args.dataset, options), "evaluate", (args.split,))
         return {**summary, "unreadable": []}, why
     if args.refine is None:
         refine, why = None, "off (the default: the network's own map, as the training DAG's gate scores it)"
@@ -192,10 +193,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     from tasks import registry
     from tasks.train.data import require_manifest
     from tasks.train.ddp import launch_local
+    from tasks.core.storage import absolute_local
     from tasks.train.loop import resume_conflicts
 
     options = storage_options(args.dataset) or storage_options(args.out) or {}
-    dataset, out = (url if "://" in url else os.path.abspath(url) for url in (args.dataset, args.out))
+    dataset, out = absolute_local(args.dataset), absolute_local(args.out)
     missing = registry_missing()
     try:
         earlier = _run_to_resume(out, options or None)
@@ -220,8 +222,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     except (ValueError, FileNotFoundError) as exc:
         print(f"bgremoval train: {exc}", file=sys.stderr)
         return 2
-    splits = _split_counts(args.dataset, options or None)
-    _say_audit_left_out(dataset, options or None, "train", ("train", "val", "unsplit"))  # unsplit pairs train
+    manifest = _manifest(dataset, options or None)
+    splits = _split_counts(manifest)
+    _say_audit_left_out(manifest, "train", ("train", "val"))
     if not splits.get("val"):
         print("bgremoval train: warning: the dataset has no val split, so every clean pair trains (test pairs "
               f"included) and nothing measures the model; run `bgremoval split --dataset {args.dataset}` first",
@@ -260,38 +263,40 @@ def _run_to_resume(out: str, options: dict | None) -> dict | None:
     return None if checkpoint is None else dict(checkpoint.get("config") or {})
 
 
-def _audit_left_out(dataset_url: str, options: dict | None, splits: tuple[str, ...]) -> dict[str, int]:
-    """Clean pairs of ``splits`` ("unsplit" for pairs without one) that the mask audit flagged and no
-    reviewer kept or fixed: training and the scores leave them out
-    (:func:`tasks.core.manifest.audit_excluded`)."""
-    import pandas as pd
-
+def _manifest(dataset_url: str, options: dict | None):
+    """A dataset version's manifest (a DataFrame)."""
     from tasks.core import layout
-    from tasks.core.manifest import STATUS_OK, audit_excluded, read_table
+    from tasks.core.manifest import read_table
 
-    manifest = read_table(layout.manifest(dataset_url), options)
+    return read_table(layout.manifest(dataset_url), options)
+
+
+def _audit_left_out(manifest, splits: tuple[str, ...]) -> dict[str, int]:
+    """Clean pairs of ``splits`` in ``manifest`` that the mask audit flagged and no reviewer kept or
+    fixed: training and the scores leave them out (:func:`tasks.core.manifest.audit_excluded`); a
+    pair without a split counts as train, as the training data loader takes it."""
+    from tasks.core.manifest import STATUS_OK, audit_excluded
+
     left_out = manifest[(manifest["status"] == STATUS_OK) & audit_excluded(manifest)]
-    wanted = splits
-    splits = (left_out["split"].astype("string").fillna("unsplit") if "split" in left_out.columns
-              else pd.Series("unsplit", index=left_out.index))
-    return {str(k): int(v) for k, v in splits.value_counts().sort_index().items() if str(k) in wanted}
+    if "split" not in left_out.columns:
+        return {"train": len(left_out)} if len(left_out) and "train" in splits else {}
+    per_split = left_out["split"].astype("string").fillna("train").value_counts().sort_index()
+    return {str(k): int(v) for k, v in per_split.items() if str(k) in splits}
 
 
-def _say_audit_left_out(dataset_url: str, options: dict | None, command: str, splits: tuple[str, ...]) -> None:
-    """One line on stderr when the mask audit keeps pairs of ``dataset_url``'s ``splits`` out, per split."""
-    counts = _audit_left_out(dataset_url, options, splits)
+def _say_audit_left_out(manifest, command: str, splits: tuple[str, ...]) -> None:
+    """One line on stderr when the mask audit keeps pairs of ``manifest``'s ``splits`` out, per split."""
+    counts = _audit_left_out(manifest, splits)
     if counts:
         print(f"bgremoval {command}: {sum(counts.values())} pairs whose mask the audit flagged are left out ("
               + ", ".join(f"{split} {n}" for split, n in counts.items())
               + ") until a reviewer keeps or fixes them (the masks page: README, \"The mask audit\")", file=sys.stderr)
 
 
-def _split_counts(dataset_url: str, options: dict | None) -> dict[str, int]:
-    """Clean pairs per split of a dataset version (unsplit pairs are not counted)."""
-    from tasks.core import layout
-    from tasks.core.manifest import STATUS_OK, read_table
+def _split_counts(manifest) -> dict[str, int]:
+    """Clean pairs per split of a dataset version's manifest (unsplit pairs are not counted)."""
+    from tasks.core.manifest import STATUS_OK
 
-    manifest = read_table(layout.manifest(dataset_url), options)
     if "split" not in manifest:
         return {}
     return {str(k): int(v) for k, v in manifest.loc[manifest["status"] == STATUS_OK, "split"].value_counts().items()}

@@ -42,6 +42,19 @@ def filesystem(url: str, storage_options: dict | None = None) -> tuple[fsspec.Ab
     return fs, path
 
 
+def absolute_local(url: str | None) -> str | None:
+    """``url`` with a relative local path made absolute against the current folder; URLs
+    (``s3://``, ``file://``), absolute paths and None as given. What a path names must not change
+    when another process, in another folder, reads it (training workers, later commands)."""
+    return url if not url or "://" in url or os.path.isabs(url) else os.path.abspath(url)
+
+
+def is_file(url: str, storage_options: dict | None = None) -> bool:
+    """True when ``url`` is a file or an object (not a folder, prefix or nothing)."""
+    fs, path = filesystem(url, storage_options)
+    return fs.isfile(path)
+
+
 def join(base: str, *parts: str) -> str:
     """Join URL parts with ``/`` whatever the protocol (``join("s3://b/raw", "x.jpg")``)."""
     out = base.rstrip("/")

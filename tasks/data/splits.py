@@ -162,11 +162,9 @@ def format_split_summary(summary: pd.DataFrame) -> str:
 
 def _with_own_splits(manifest: pd.DataFrame, previous: pd.DataFrame | None) -> pd.DataFrame | None:
     """``previous`` (stem, split) plus the manifest's own assigned splits for the stems it lacks."""
-    if "split" not in manifest.columns:
-        return previous
     own = manifest.loc[manifest["split"].isin(SPLITS), ["stem", "split"]]
     if previous is None:
-        return own if len(own) else None
+        return own
     given = previous.loc[previous["split"].isin(SPLITS), ["stem", "split"]]
     return pd.concat([given, own[~own["stem"].isin(given["stem"])]], ignore_index=True)
 
@@ -186,12 +184,14 @@ def split_dataset(
     moves a pair, so a test split (perhaps carried from an earlier version) never leaks into
     training; only unassigned pairs are split by the hash. ``keep_own=False`` splits anew.
     Returns ``{"manifest_url", "counts": {cluster: {split: n}}, "totals": {split: n},
-    "kept_from_previous": n}`` (``n``: clean pairs that kept a split, from either source).
+    "kept_from_previous": n, "kept_own": bool}`` (``n``: clean pairs that kept a split, from either
+    source; ``kept_own``: the version had splits of its own and they were kept).
     """
     manifest_url = layout.manifest(dataset_url)
     manifest = read_table(manifest_url, storage_options)
     previous = read_table(previous_url, storage_options) if previous_url else None
-    if keep_own:
+    kept_own = keep_own and "split" in manifest.columns and bool(manifest["split"].isin(SPLITS).any())
+    if kept_own:
         previous = _with_own_splits(manifest, previous)
     manifest["split"] = assign_splits(manifest, config, previous)
     write_table(manifest, manifest_url, storage_options)
@@ -205,4 +205,5 @@ def split_dataset(
         "counts": {str(c): {s: int(row[s]) for s in SPLITS} for c, row in summary.iterrows()},
         "totals": {s: int(summary[s].sum()) for s in SPLITS},
         "kept_from_previous": kept,
+        "kept_own": kept_own,
     }

@@ -10,7 +10,10 @@ from tasks.data.config import CleaningConfig
 #: photo is far smaller); the web pages refuse larger uploads with this figure too.
 MAX_MASK_BYTES = 25 * 2**20
 
-__all__ = ["RetrainingConfig"]
+#: Decisions on a queued photo that keep a mask of their own (the one it is published with).
+PUBLISHED_DECISIONS = ("accepted", "corrected")
+
+__all__ = ["MAX_MASK_BYTES", "PUBLISHED_DECISIONS", "RetrainingConfig"]
 
 
 def _is_int(value) -> bool:

@@ -21,13 +21,12 @@ import cv2
 import numpy as np
 
 from tasks.core import layout, storage
+from tasks.feedback.config import PUBLISHED_DECISIONS
 from tasks.feedback.queue import done_url, list_queue, now_iso, read_item
 from tasks.serving.pipeline import InferenceConfig, cutout_with_mask, write_outputs
 
 log = logging.getLogger(__name__)
 
-#: Decisions whose photo is published.
-PUBLISHED_DECISIONS = ("accepted", "corrected")
 
 
 def published_marker(bucket_url: str, item_id: str) -> str:

@@ -106,8 +106,7 @@ def load_model(model_url: str, model_name: str | None = None,
     candidate = layout.model_weights(model_url)
     if storage.exists(candidate, storage_options):  # model_url is the run folder
         model_url = candidate
-    fs, path = storage.filesystem(model_url, storage_options)
-    if not fs.exists(path) or fs.isdir(path):  # a folder without model.pt is no model either
+    if not storage.is_file(model_url, storage_options):  # a folder without model.pt is no model either
         raise FileNotFoundError(f"no model at {model_url}: pass a model.pt written by training or its run folder")
     state = load_state_dict_from_url(model_url, storage_options)
     config, source = read_run_config(_parent(model_url), storage_options)

@@ -612,12 +612,16 @@ def _parent(url: str) -> str:
 
 
 def _is_file(url: str, storage_options: dict | None) -> bool:
-    fs, path = storage.filesystem(url, options_for(url, storage_options))
-    return fs.isfile(path)
+    return storage.is_file(url, options_for(url, storage_options))
 
 
 #: What ``bgremoval remove`` writes into every output folder: a folder holding one is an earlier run's output.
 RESULTS_FILE = "results.jsonl"
+
+
+def left_out_line(folder: str) -> str:
+    """What ``remove`` says of an earlier run's output folder among its inputs."""
+    return f"left out: {folder} (an earlier run's output: it holds {RESULTS_FILE})"
 
 
 @dataclass(frozen=True)
@@ -734,7 +738,7 @@ def remove_to(inputs: Sequence[str], out_url: str, engine: Engine, config: Infer
     for problem in listing.problems:
         log(f"skipped: {problem}")
     for folder in listing.earlier_outputs:
-        log(f"left out: {folder} (an earlier run's output: it holds {RESULTS_FILE})")
+        log(left_out_line(folder))
     started = time.perf_counter()
     ok, failed, empty, below, lines, interrupted = 0, 0, 0, 0, [], False
     results = iter_remove_backgrounds(listing.items, engine, config, storage_options)

@@ -20,6 +20,7 @@ from tasks.serving.pipeline import (
     RESULTS_FILE,
     InferenceConfig,
     iter_remove_backgrounds,
+    left_out_line,
     list_inputs,
     mask_dir_for,
     options_for,
@@ -66,7 +67,7 @@ def poll_once(inputs: Sequence[str], out_url: str, engine: Engine, config: Infer
     written over a photo of the inputs."""
     listing = list_inputs(inputs, storage_options, exclude=out_url, skip_earlier_outputs=True)
     for folder in set(listing.earlier_outputs) - state.left_out:  # said once per watch
-        log(f"left out: {folder} (an earlier run's output: it holds {RESULTS_FILE})")
+        log(left_out_line(folder))
         state.left_out.add(folder)
     ready = []
     for url, stem in listing.items:

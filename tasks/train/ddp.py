@@ -129,9 +129,7 @@ def stop_process_group(process: subprocess.Popen) -> None:
 def _absolute_local_paths(config: TrainConfig) -> TrainConfig:
     """``config`` with its relative local paths (the MLflow store's included) made absolute: the
     workers run in the project's folder, where a relative path would name another file or none."""
-    def absolute(url: str | None) -> str | None:
-        return url if not url or "://" in url or os.path.isabs(url) else os.path.abspath(url)
-
+    absolute = storage.absolute_local
     tracking = absolute_tracking_uri(config.mlflow_tracking_uri) if config.mlflow_tracking_uri else None
     return replace(config, dataset_url=absolute(config.dataset_url), output_url=absolute(config.output_url),
                    init_from=absolute(config.init_from), cache_dir=absolute(config.cache_dir),
@@ -194,8 +192,8 @@ def run_launcher(name: str, nproc: int, command: Callable[[str], list[str]], con
     child_env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_PROJECT_ROOT), child_env.get("PYTHONPATH")) if p)
     if child_env.get("MLFLOW_TRACKING_URI"):  # relative to here, not to the workers' folder
         child_env["MLFLOW_TRACKING_URI"] = absolute_tracking_uri(child_env["MLFLOW_TRACKING_URI"])
-    if child_env.get("BGREMOVAL_MLFLOW_ARTIFACTS") and "://" not in child_env["BGREMOVAL_MLFLOW_ARTIFACTS"]:
-        child_env["BGREMOVAL_MLFLOW_ARTIFACTS"] = os.path.abspath(child_env["BGREMOVAL_MLFLOW_ARTIFACTS"])
+    if child_env.get("BGREMOVAL_MLFLOW_ARTIFACTS"):
+        child_env["BGREMOVAL_MLFLOW_ARTIFACTS"] = storage.absolute_local(child_env["BGREMOVAL_MLFLOW_ARTIFACTS"])
     if not _uses_cuda(config):
         child_env["OMP_NUM_THREADS"] = "1"
     if echo_progress and sys.stderr.isatty():

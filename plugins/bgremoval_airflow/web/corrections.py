@@ -37,7 +37,7 @@ from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessE
 from airflow.api_fastapi.core_api.security import GetUserDep, requires_access_dag
 from bgremoval_airflow.web.common import (answer_errors, bucket_url, current_storage_options, default_bucket, page_count,
                                           render_page)
-from tasks.feedback.config import MAX_MASK_BYTES
+from tasks.feedback.config import MAX_MASK_BYTES, PUBLISHED_DECISIONS
 
 log = logging.getLogger(__name__)
 
@@ -85,15 +85,11 @@ def _decide(bucket: str, item_id: str, user: str, **kwargs) -> dict:
     return {**record, "published": published["files"] if published else None}
 
 
-#: Decisions that keep a mask of their own: a decided item's thumbnail shows that mask.
-DECISIONS_WITH_MASK = ("accepted", "corrected")
-
-
 def _links(item_id: str, bucket: str, status: str) -> dict:
     """Relative URLs (from ``/bgremoval/``) of an item's page and bytes. Once a mask is decided the
     thumbnail link changes (``&decided=true``), so a browser's cached copy of the predicted one is not reused."""
     api = f"api/corrections/{item_id}"
-    decided = "&decided=true" if status in DECISIONS_WITH_MASK else ""
+    decided = "&decided=true" if status in PUBLISHED_DECISIONS else ""
     return {
         "page": f"corrections/{item_id}?bucket={bucket}",
         "image": f"{api}/image?bucket={bucket}",

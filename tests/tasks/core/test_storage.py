@@ -101,3 +101,12 @@ def test_names_after_a_name_list_only_the_later_objects_of_the_folder(root):
     assert storage.list_names_after(folder, "001.json", options) == ["002.json", "003.json"]
     assert storage.list_names_after(folder, "003.json", options) == []
     assert storage.list_names_after(folder, "", options, page_size=2) == ["001.json", "002.json", "003.json"]
+
+
+def test_absolute_local_and_is_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert storage.absolute_local("data/x") == str(tmp_path / "data" / "x")
+    assert [storage.absolute_local(u) for u in ("s3://b/x", "/srv/x", None, "")] == ["s3://b/x", "/srv/x", None, ""]
+    (tmp_path / "f").write_bytes(b"1")
+    assert storage.is_file(str(tmp_path / "f")) and not storage.is_file(str(tmp_path))
+    assert not storage.is_file(str(tmp_path / "nothing"))
