@@ -41,10 +41,12 @@ __all__ = [
     "download_model",
     "is_model_uri",
     "list_versions",
+    "missing_store",
     "model_uri",
     "choose_start",
     "default_artifact_location",
     "promote",
+    "promotion_concerns",
     "register_model",
     "rollback",
     "stage_weights",
@@ -99,6 +101,16 @@ def absolute_tracking_uri(uri: str) -> str:
     if uri and "://" not in uri and not os.path.isabs(uri) and uri not in ("databricks", "databricks-uc"):
         return "file://" + os.path.abspath(uri)
     return uri
+
+
+def missing_store(uri: str) -> str | None:
+    """The database file of a local SQLite store (``sqlite:///path``) that does not exist, else None.
+    Reading a registry there would make MLflow create an empty database; a relative store named from
+    another folder is the usual cause."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri[len("sqlite:///"):].split("?", 1)[0]
+    return path if path and not path.startswith(":memory:") and not os.path.exists(path) else None
 
 
 def model_uri(name: str = DEFAULT_MODEL_NAME, alias: str | None = CHAMPION, version: str | int | None = None) -> str:
@@ -201,7 +213,8 @@ def register_model(model_url: str, name: str = DEFAULT_MODEL_NAME, run_id: str |
             )
             run_id = run.info.run_id
     version = str(info.registered_model_version)
-    version_tags = {"dataset_version": None, **(tags or {}), "onnx_sha256": onnx_sha, "input_size": size,
+    version_tags = {"dataset_version": None, **_training_figures(model_url, storage_options), **(tags or {}),
+                    "onnx_sha256": onnx_sha, "input_size": size,
                     "model": meta["model"], "model_widths": meta["model_widths"], "source": model_url}
     for key, value in version_tags.items():
         if value is not None:
@@ -210,6 +223,38 @@ def register_model(model_url: str, name: str = DEFAULT_MODEL_NAME, run_id: str |
         client.update_model_version(name, version, description=description)
     return {"name": name, "version": version, "model_uri": model_uri(name, version=version), "run_id": run_id,
             "onnx_sha256": onnx_sha, "input_size": size}
+
+
+def _training_figures(model_url: str, storage_options: dict | None) -> dict[str, float]:
+    """``start_val_iou`` (the starting weights, before the first step) and ``val_iou`` (after training)
+    from the run's ``result.json`` beside the model, where it has them."""
+    url = layout.train_result(layout.model_folder(model_url))
+    if not storage.exists(url, storage_options):
+        return {}
+    result = json.loads(storage.read_bytes(url, storage_options))
+    figures = {"start_val_iou": result.get("start_val_iou"), "val_iou": (result.get("metrics") or {}).get("val_iou")}
+    return {key: float(value) for key, value in figures.items() if value is not None}
+
+
+def promotion_concerns(name: str, version: str | int, tracking_uri: str | None = None) -> list[str]:
+    """Why making ``version`` the champion by hand may make production worse, read from the versions'
+    tags: training lowered its val IoU below its starting weights' (the published weights or the
+    champion it started from), or it scores below the champion on the test split of the same dataset
+    version. [] when neither is known to be so."""
+    tags = version_tags(name, version, tracking_uri)
+    concerns = []
+    if "start_val_iou" in tags and "val_iou" in tags and float(tags["val_iou"]) < float(tags["start_val_iou"]):
+        concerns.append(f"training lowered its val IoU below its starting weights' "
+                        f"({float(tags['val_iou']) * 100:.2f} % < {float(tags['start_val_iou']) * 100:.2f} %)")
+    champion = alias_version(name, CHAMPION, tracking_uri)
+    if champion is not None and champion != str(version) and "test_mean_iou" in tags:
+        held = version_tags(name, champion, tracking_uri)
+        same_data = tags.get("dataset_version") is not None and held.get("dataset_version") == tags["dataset_version"]
+        if same_data and "test_mean_iou" in held and float(tags["test_mean_iou"]) < float(held["test_mean_iou"]):
+            concerns.append(f"it scores below the champion (version {champion}) on the test split of dataset "
+                            f"{tags.get('dataset_version')}: {float(tags['test_mean_iou']) * 100:.3f} % < "
+                            f"{float(held['test_mean_iou']) * 100:.3f} %")
+    return concerns
 
 
 class ChampionMoved(RuntimeError):

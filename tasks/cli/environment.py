@@ -7,7 +7,8 @@ import os
 
 from tasks.core.errors import first_line
 
-__all__ = ["first_line", "mlflow_environment", "registry_missing", "registry_missing_for", "storage_options"]
+__all__ = ["first_line", "mlflow_environment", "registry_missing", "registry_missing_for", "storage_options",
+           "store_missing"]
 
 
 def storage_options(url: str) -> dict | None:
@@ -48,7 +49,20 @@ def registry_missing() -> str | None:
 
 
 def registry_missing_for(model: str) -> str | None:
-    """:func:`registry_missing` for a registered model (``models:/...``); None for any other model source."""
+    """:func:`registry_missing` for a registered model (``models:/...``), or :func:`store_missing`; None for
+    any other model source."""
     from tasks.registry import is_model_uri
 
-    return registry_missing() if is_model_uri(model) else None
+    return (registry_missing() or store_missing()) if is_model_uri(model) else None
+
+
+def store_missing() -> str | None:
+    """Why a command that only reads the registry finds nothing to read: its local SQLite store does not
+    exist (reading would create an empty one, often in the wrong folder); None otherwise."""
+    from tasks.registry import missing_store
+
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if store := missing_store(uri):
+        return f"the MLflow store {store} does not exist (MLFLOW_TRACKING_URI={uri}; a relative path is read " \
+               f"from the folder the command runs in)"
+    return None

@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from tasks.cli.environment import first_line, registry_missing, registry_missing_for, storage_options
+from tasks.cli.environment import first_line, registry_missing, registry_missing_for, storage_options, store_missing
 from tasks.cli.remove import cmd_remove
 from tasks.core.shards import PAIRS_PER_SHARD
 from tasks.data.config import CleaningConfig, SplitConfig
@@ -143,7 +143,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if summary.get("skipped"):
         print(f"images without a mask (not scored): {len(summary['skipped'])}")
     for bad in summary["unreadable"]:
-        print(f"not scored, unreadable: {bad['stem']}: {bad['reason']}")
+        print(f"not scored: {bad['stem']}: {bad['reason']}")
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2, default=str))
         print(f"written to {args.json}")
@@ -258,9 +258,10 @@ def _run_to_resume(out: str, options: dict | None) -> dict | None:
     with theirs); None when there is nothing to resume."""
     from tasks.core import layout
     from tasks.train.checkpoint import load_checkpoint
+    from tasks.train.loop import settings_in
 
     checkpoint = load_checkpoint(layout.checkpoint(out), options)
-    return None if checkpoint is None else dict(checkpoint.get("config") or {})
+    return None if checkpoint is None else settings_in(checkpoint.get("config") or {}, out)
 
 
 def _manifest(dataset_url: str, options: dict | None):
@@ -447,7 +448,7 @@ def cmd_model(args: argparse.Namespace) -> int:
 
     from tasks import registry
 
-    missing = registry_missing()
+    missing = registry_missing() or (None if args.action == "register" else store_missing())
     if missing:
         print(f"bgremoval model {args.action}: {missing}", file=sys.stderr)
         return 2
@@ -462,7 +463,14 @@ def cmd_model(args: argparse.Namespace) -> int:
             if not args.version:
                 print("bgremoval model promote needs --version", file=sys.stderr)
                 return 2
-            moved = registry.promote(args.name, args.version, user=args.user, reason="promoted by hand")
+            concerns = registry.promotion_concerns(args.name, args.version)
+            for concern in concerns:
+                print(f"bgremoval model promote: version {args.version}: {concern}", file=sys.stderr)
+            if concerns and not args.force:
+                print("bgremoval model promote: not promoted; --force promotes it anyway", file=sys.stderr)
+                return 2
+            moved = registry.promote(args.name, args.version, user=args.user,
+                                     reason="promoted by hand" + (" despite: " + "; ".join(concerns) if concerns else ""))
             print(f"{args.name}: champion is version {moved['champion']}; previous: {moved['previous'] or 'none'}")
         else:
             for row in registry.list_versions(args.name):
@@ -698,6 +706,9 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("action", choices=["list", "register", "promote", "rollback"])
     model.add_argument("--name", default=DEFAULT_MODEL_NAME, help="registered model name")
     model.add_argument("--version", help="the version to promote (promote only)")
+    model.add_argument("--force", action="store_true",
+                       help="promote: even a version known to be worse (training lowered its val IoU below its "
+                            "start's, or it scores below the champion on the same dataset's test split)")
     model.add_argument("--run", help="register: the training run folder or URL (model.pt, config.json)")
     model.add_argument("--dataset", help="register: score the run on this dataset version's test split first and "
                                          "record the figures on the version (as the training DAG's gate does)")

@@ -28,10 +28,12 @@ from tasks.evaluation.metrics import ImageScore, boundary_f, iou, mae, summarise
 from tasks.model.io import load_model as load_torch_model
 from tasks.model.preprocess import check_image, letterbox_box, preprocess
 from tasks.model.refine import RefineConfig, map_at_photo
+from tasks.serving.pipeline import IMAGE_EXTENSIONS
 from tasks.train.data import DEFAULT_CLUSTER, load_samples
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "MASK_EXTENSIONS",
     "evaluate_dataset",
     "evaluate_folder",
     "evaluate_pairs",
@@ -43,8 +45,8 @@ __all__ = [
     "score_split",
 ]
 
-#: Image file extensions :func:`evaluate_folder` pairs with masks (case-insensitive).
-IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png")
+#: Mask file extensions :func:`evaluate_folder` scores against: lossless PNG only, as cleaning takes them.
+MASK_EXTENSIONS: tuple[str, ...] = (".png",)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -230,10 +232,12 @@ def evaluate_dataset(model_url: str, dataset_url: str, split: str = "test", stor
     return summary
 
 
-def _by_stem(folder_url: str, extensions: tuple[str, ...], storage_options: dict | None,
+def _by_stem(objects: Iterable[storage.ObjectInfo], folder_url: str, extensions: Iterable[str],
              what: str) -> dict[str, str]:
+    """``{stem: url}`` of the top-level files among ``objects`` (a listing of ``folder_url``) with one
+    of ``extensions``; ``ValueError`` when two share a stem."""
     found: dict[str, str] = {}
-    for obj in storage.list_objects(folder_url, storage_options):
+    for obj in objects:
         if "/" in obj.relpath:
             continue
         stem, ext = posixpath.splitext(obj.relpath)
@@ -249,8 +253,9 @@ def _by_stem(folder_url: str, extensions: tuple[str, ...], storage_options: dict
 def evaluate_folder(model_url: str, images_dir_or_url: str, masks_dir_or_url: str,
                     storage_options: dict | None = None, threshold: float = 0.5,
                     model_name: str | None = None, refine: RefineConfig | None = None) -> dict[str, Any]:
-    """Evaluate the model on any labelled folder: ``images/<stem>.{jpg,jpeg,png}`` with
-    ``masks/<stem>.png``, paired by stem, all in cluster ``"all"``.
+    """Evaluate the model on any labelled folder: ``images/<stem>.<ext>`` (the formats ``bgremoval
+    remove`` reads, :data:`IMAGE_EXTENSIONS`) with ``masks/<stem>.png``, paired by stem, all in cluster
+    ``"all"``.
 
     Masks may be at another resolution than their images (e.g. the original full-size masks);
     each score is then measured at the mask's resolution (see :func:`evaluate_pairs`). Only the
@@ -258,18 +263,26 @@ def evaluate_folder(model_url: str, images_dir_or_url: str, masks_dir_or_url: st
     remove`` publishes them. Returns :func:`tasks.evaluation.metrics.summarise` of the scores plus
     ``model_url``, ``images_url``, ``masks_url``, ``threshold``, ``input_size``, ``refined``, ``skipped`` (stems
     of images without a mask, sorted), ``unmatched_masks`` (stems of masks without an image) and
-    ``unreadable`` (``{"stem", "reason"}`` of the pairs whose image or mask could not be read or decoded:
-    left out, the rest is scored). Raises ``ValueError`` when no image has a mask, none can be read,
-    or two images share a stem.
+    ``unreadable`` (``{"stem", "reason"}`` of the pairs whose image or mask could not be read or decoded,
+    or whose mask is in another format than PNG: left out, the rest is scored). Raises ``ValueError``
+    when no image has a PNG mask, none can be read, or two images share a stem.
     """
-    images = _by_stem(images_dir_or_url, IMAGE_EXTENSIONS, storage_options, "images")
-    masks = _by_stem(masks_dir_or_url, (".png",), storage_options, "masks")
+    images = _by_stem(storage.list_objects(images_dir_or_url, storage_options), images_dir_or_url,
+                      IMAGE_EXTENSIONS, "images")
+    mask_files = list(storage.list_objects(masks_dir_or_url, storage_options))
+    masks = _by_stem(mask_files, masks_dir_or_url, MASK_EXTENSIONS, "masks")
+    other_masks = {stem: url for stem, url in _by_stem(mask_files, masks_dir_or_url,
+                                                         set(IMAGE_EXTENSIONS) - set(MASK_EXTENSIONS),
+                                                         "masks").items() if stem in images and stem not in masks}
     stems = sorted(set(images) & set(masks))
     if not stems:
         raise ValueError(f"no image in {images_dir_or_url} has a mask <stem>.png in {masks_dir_or_url} "
-                         f"({len(images)} images, {len(masks)} masks)")
+                         f"({len(images)} images, {len(masks)} PNG masks"
+                         + (f", {len(other_masks)} masks in other formats" if other_masks else "") + ")")
     model, meta = load_model(model_url, model_name, storage_options)
-    unreadable: list[dict[str, str]] = []
+    unreadable = [{"stem": stem, "reason": f"mask {url} is not a PNG (masks are PNG only, as cleaning "
+                                           f"takes them: a JPEG's blocks blur the edges the IoU measures)"}
+                  for stem, url in sorted(other_masks.items())]
     pairs = _readable_pairs(stems, images, masks, storage_options, unreadable)
     scores = evaluate_pairs(model, pairs, meta["input_size"], threshold, meta["resize"], refine)
     if not scores:
@@ -278,8 +291,9 @@ def evaluate_folder(model_url: str, images_dir_or_url: str, masks_dir_or_url: st
     summary = summarise(scores)
     summary.update(model_url=model_url, images_url=images_dir_or_url, masks_url=masks_dir_or_url,
                    threshold=float(threshold), input_size=meta["input_size"], refined=refine is not None,
-                   skipped=sorted(set(images) - set(masks)), unmatched_masks=sorted(set(masks) - set(images)),
-                   unreadable=unreadable)
+                   skipped=sorted(set(images) - set(masks) - set(other_masks)),
+                   unmatched_masks=sorted(set(masks) - set(images)),
+                   unreadable=sorted(unreadable, key=lambda bad: bad["stem"]))
     return summary
 
 

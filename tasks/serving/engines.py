@@ -418,7 +418,9 @@ def default_model(registered_name: str = registry.DEFAULT_MODEL_NAME) -> tuple[s
     """
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     why = "no MLflow registry is configured (MLFLOW_TRACKING_URI)"
-    if uri:
+    if uri and (store := registry.missing_store(uri)):
+        why = f"the MLflow store {store} does not exist"
+    elif uri:
         try:
             version = registry.alias_version(registered_name, registry.CHAMPION, tracking_uri=uri)
         except Exception as exc:  # noqa: BLE001 - an unreachable or empty registry means: no champion

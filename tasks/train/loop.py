@@ -74,6 +74,7 @@ __all__ = [
     "resolve_amp",
     "resolve_device",
     "resume_conflicts",
+    "settings_in",
     "train",
 ]
 
@@ -420,6 +421,11 @@ class _Tracker:
         self._mlflow.log_params({k: (json.dumps(v) if isinstance(v, (dict, list)) else v)
                                  for k, v in params.items()})
 
+    def set_tags(self, tags: dict[str, str]) -> None:
+        """Set tags on the MLflow run (they can change; params cannot)."""
+        if self._mlflow is not None:
+            self._mlflow.set_tags(tags)
+
     def log_dataset(self, dataset_url: str, storage_options: dict | None) -> None:
         """Log the dataset version as the run's training input (``mlflow.log_input``): its name,
         its location and a digest of its manifest, so that a run says which data made it. A
@@ -530,10 +536,28 @@ def _validate(model: nn.Module, loader: DataLoader, device: torch.device, amp_dt
     return float(loss_sum), float(iou_sum), count
 
 
+def settings_in(saved: dict[str, Any], output_url: str) -> dict[str, Any]:
+    """``saved`` (the settings a checkpoint was written with) as they read in the run folder
+    ``output_url``: the folder, and the paths inside it (the staged starting weights), moved with it.
+    A run folder that was moved or copied resumes; its data set must still be where it was."""
+    before = str(saved.get("output_url") or "").rstrip("/")
+    if not before:
+        return dict(saved)
+    now = output_url.rstrip("/")
+
+    def moved(value: Any) -> Any:
+        if isinstance(value, str) and (value.rstrip("/") == before or value.startswith(before + "/")):
+            return now + value.rstrip("/")[len(before):]
+        return value
+
+    return {key: moved(value) for key, value in saved.items()}
+
+
 def resume_conflicts(saved: dict[str, Any], config: TrainConfig) -> list[str]:
     """The settings ``config`` changes from ``saved`` (those a checkpoint, or its run's ``config.json``,
-    was written with), ``"name: before → now"`` each; resuming needs none. Those in
-    :data:`RESUME_FREE_FIELDS` (epochs, logging, workers) may change."""
+    was written with, read in ``config``'s run folder: :func:`settings_in`), ``"name: before → now"``
+    each; resuming needs none. Those in :data:`RESUME_FREE_FIELDS` (epochs, logging, workers) may change."""
+    saved = settings_in(saved, config.output_url)
     now = _public_config(config)
     return [f"{k}: {saved.get(k)!r} → {now.get(k)!r}" for k in sorted(now)
             if k not in RESUME_FREE_FIELDS and saved.get(k) != now.get(k)]
@@ -677,6 +701,12 @@ def train(config: TrainConfig, rank_info: RankInfo | None = None) -> TrainResult
                               n_parameters=count_parameters(model))
                 tracker.log_params(params)
                 tracker.log_dataset(config.dataset_url, opts)
+            elif checkpoint is not None and checkpoint.get("config", {}).get("epochs", config.epochs) != config.epochs:
+                # A finished run extended: MLflow's params are write-once (``epochs`` keeps the first plan),
+                # so the plan now is a tag; config.json says what the run trains to.
+                tracker.set_tags({"epochs_planned": str(config.epochs)})
+                storage.write_text(layout.model_config(out),
+                                   json.dumps(_public_config(config), indent=2, sort_keys=True), opts)
             # Epochs checkpointed but not logged (a crash between the two) are logged now, once.
             logged = tracker.logged_steps()
             for entry in history:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import cv2
 import mlflow
@@ -262,3 +263,35 @@ def test_cli_registers_a_training_run_with_its_test_figures(tmp_path, tracking, 
     assert "champion" in listing and "test mean IoU" in listing and "dataset v9" in listing
     assert main(["model", "register", "--name", "cli"]) == 2  # --run is needed
     assert main(["model", "register", "--name", "cli", "--run", str(tmp_path / "nothing")]) == 2
+
+
+def test_promoting_a_version_known_to_be_worse_by_hand_needs_force(tmp_path, tracking, write_model_folder, capsys):
+    """`bgremoval model promote` refuses, with the reasons, a version whose training lowered its val IoU
+    below its start's (the figures come from the run's result.json at registration) or that scores below
+    the champion on the same dataset's test split; --force promotes it and records why."""
+    from tasks.cli.main import main
+
+    run_id, _ = tracking
+    good = write_model_folder(tmp_path / "good")
+    worse = write_model_folder(tmp_path / "worse", seed=1)
+    (Path(worse) / "result.json").write_text(json.dumps({"start_val_iou": 0.93, "metrics": {"val_iou": 0.91}}))
+    first = registry.register_model(good, "guarded", run_id=run_id, pyfunc_model=pyfunc_model(),
+                                    tags={"dataset_version": "v1", "test_mean_iou": 0.95})
+    registry.promote("guarded", first["version"])
+    second = registry.register_model(worse, "guarded", run_id=run_id, pyfunc_model=pyfunc_model(),
+                                     tags={"dataset_version": "v1", "test_mean_iou": 0.94})
+    assert registry.version_tags("guarded", second["version"])["start_val_iou"] == "0.930000"
+    concerns = registry.promotion_concerns("guarded", second["version"])
+    assert concerns == ["training lowered its val IoU below its starting weights' (91.00 % < 93.00 %)",
+                        "it scores below the champion (version 1) on the test split of dataset v1: 94.000 % < 95.000 %"]
+    assert registry.promotion_concerns("guarded", first["version"]) == []
+    assert main(["model", "promote", "--name", "guarded", "--version", second["version"]]) == 2
+    err = capsys.readouterr().err
+    assert "94.000 % < 95.000 %" in err and "--force promotes it anyway" in err
+    assert registry.alias_version("guarded", registry.CHAMPION) == first["version"]
+    assert main(["model", "promote", "--name", "guarded", "--version", second["version"], "--force"]) == 0
+    assert registry.alias_version("guarded", registry.CHAMPION) == second["version"]
+    reason = registry.version_tags("guarded", second["version"])["promotion_reason"]
+    assert reason.startswith("promoted by hand despite: training lowered its val IoU")
+    # the old champion, scored on the same data, is not worse than the one now holding the alias
+    assert registry.promotion_concerns("guarded", first["version"]) == []

@@ -224,7 +224,17 @@ def test_model_commands_need_a_configured_registry_and_name_what_is_missing(tmp_
                  "-o", str(tmp_path / "q.onnx")]) == 2
     assert capsys.readouterr().err.count("no MLflow registry is configured") == 3
     assert list(tmp_path.iterdir()) == []  # no mlflow.db left in the working folder
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")  # relative: read here, and not here yet
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert main(["model", "list"]) == 2
+    assert main(["remove", str(tmp_path), "-o", str(tmp_path / "out"), "--model", "models:/m@champion"]) == 2
+    err = capsys.readouterr().err
+    assert err.count(f"the MLflow store {elsewhere / 'mlflow.db'} does not exist") == 2, err
+    assert list(elsewhere.iterdir()) == []  # reading a registry creates no empty store
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (tmp_path / "mlflow.db").touch()
     assert main(["model", "promote", "--version", "7"]) == 2
     assert "bgremoval model promote: Model Version (name=bgremoval-u2net, version=7) not found" in capsys.readouterr().err
 
@@ -269,7 +279,7 @@ def test_a_relative_store_is_made_absolute_where_the_command_starts(tmp_path, mo
     assert absolute_tracking_uri("databricks") == "databricks"
 
 
-def test_serve_defaults_to_what_remove_uses_and_says_which(monkeypatch, capsys):
+def test_serve_defaults_to_what_remove_uses_and_says_which(monkeypatch, capsys, tmp_path):
     """`serve` with no --model serves the champion (the alias, so that it follows promotions) or the
     published weights, as `remove` does, and says which."""
     import tasks.serving.engines as engines
@@ -278,7 +288,8 @@ def test_serve_defaults_to_what_remove_uses_and_says_which(monkeypatch, capsys):
     served = {}
     monkeypatch.setattr(http, "serve", lambda config, host, port: served.update(model=config.model))
     monkeypatch.setattr(engines, "default_model", lambda name: (f"models:/{name}@champion", f"the champion of {name!r}"))
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:////nonexistent/mlflow.db")
+    (tmp_path / "mlflow.db").touch()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
     assert main(["serve", "--registered-model", "shop"]) == 0
     assert served["model"] == "models:/shop@champion"
     assert "no --model given: serving the champion of 'shop'" in capsys.readouterr().err

@@ -194,6 +194,27 @@ def test_evaluate_folder_pairs_by_stem_and_reports_skipped(tmp_path):
         {"stem": "empty", "reason": f"image {images / 'empty.jpg'} is an empty file"}]
 
 
+def test_evaluate_folder_names_a_mask_that_is_not_a_png_and_reads_webp_photos(tmp_path):
+    """A JPEG mask is left out with its reason (not counted as a missing mask); a WebP photo, which
+    ``bgremoval remove`` reads, is scored."""
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    image = np.random.default_rng(2).integers(0, 256, (60, 90, 3), dtype=np.uint8)
+    mask = np.zeros((60, 90), np.uint8)
+    mask[15:45, 20:70] = 255
+    storage.write_bytes(str(images / "shot.webp"), cv2.imencode(".webp", image)[1].tobytes())
+    storage.write_bytes(str(images / "lossy.jpg"), encode_jpeg(image))
+    storage.write_bytes(str(masks / "shot.png"), encode_png(mask))
+    storage.write_bytes(str(masks / "lossy.jpg"), encode_jpeg(np.dstack([mask] * 3)))
+    summary = evaluate_folder(_write_run(tmp_path / "run"), str(images), str(masks))
+    assert summary["n"] == 1 and [w["stem"] for w in summary["worst"]] == ["shot"]
+    assert summary["skipped"] == [] and summary["unmatched_masks"] == []
+    assert summary["unreadable"] == [{"stem": "lossy", "reason": f"mask {masks / 'lossy.jpg'} is not a PNG (masks are "
+                                      "PNG only, as cleaning takes them: a JPEG's blocks blur the edges the IoU measures)"}]
+    storage.write_bytes(str(tmp_path / "only-jpeg" / "shot.jpg"), encode_jpeg(np.dstack([mask] * 3)))
+    with pytest.raises(ValueError, match=r"0 PNG masks, 1 masks in other formats"):
+        evaluate_folder(_write_run(tmp_path / "run"), str(images), str(tmp_path / "only-jpeg"))
+
+
 def test_refined_scores_follow_the_photos_edges_as_remove_publishes_them():
     """The model's square lands on photo pixels [64:192]; the product (and its mask) is [60:196].
     Scored refined, as ``bgremoval remove`` publishes, the IoU rises; also at a mask's larger size."""

@@ -79,6 +79,10 @@ def test_remove_with_no_model_uses_the_published_weights(published, photos, tmp_
 
 def test_default_model_prefers_the_champion(published, monkeypatch, tmp_path):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/empty.db")
+    source, why = default_model("no-such-model")  # a store that does not exist is read as none, not created
+    assert source == str(published) and f"the MLflow store {tmp_path}/empty.db does not exist" in why
+    assert not (tmp_path / "empty.db").exists()
+    (tmp_path / "empty.db").touch()
     source, why = default_model("no-such-model")
     assert source == str(published) and "no champion" in why
     monkeypatch.setattr("tasks.registry.alias_version", lambda name, alias, tracking_uri=None: "3")

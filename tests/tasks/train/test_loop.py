@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from tasks.core import storage
-from tasks.model.u2net import U2NetOutput, build_model
+from tasks.model.u2net import U2Net, U2NetOutput, build_model
 from tasks.train import loop
 from tasks.train.batch_size import training_step_probe
 from tasks.train.checkpoint import load_checkpoint, load_state_dict_from_url, state_dict_sha256
@@ -91,6 +91,9 @@ def test_resume_continues_the_same_run_and_matches_an_uninterrupted_one(dataset,
     run = client.get_run(second.mlflow_run_id)
     assert run.info.status == "FINISHED"
     assert run.data.params["batch_size_per_worker"] == "3" and "storage_options" not in run.data.params
+    # params are write-once: the first plan stays there, the extended one is a tag and in config.json
+    assert run.data.params["epochs"] == "1" and run.data.tags["epochs_planned"] == "3"
+    assert json.loads((tmp_path / "resumed" / "config.json").read_text())["epochs"] == 3
     assert run.data.tags["model_url"] == str(tmp_path / "resumed" / "model.pt")
     inputs = run.inputs.dataset_inputs
     assert len(inputs) == 1 and inputs[0].dataset.name == Path(dataset).name and inputs[0].dataset.digest
@@ -114,6 +117,27 @@ def test_resume_refuses_a_checkpoint_from_other_settings(dataset, tmp_path) -> N
     train(_config(dataset, tmp_path, epochs=1, max_steps_per_epoch=1))
     with pytest.raises(ValueError, match=r"other settings \(lr: 0.003 → 0.01\).*new output_url"):
         train(_config(dataset, tmp_path, epochs=2, lr=1e-2))
+
+
+def test_a_moved_run_folder_resumes_with_its_staged_start(dataset, tmp_path) -> None:
+    """The run folder (and the starting weights staged inside it) moved to another place: the checkpoint's
+    paths are read in the new folder, so it resumes instead of reporting changed settings."""
+    import shutil
+
+    first = tmp_path / "first" / "run"
+    init = first / "init" / "model.pt"
+    init.parent.mkdir(parents=True)
+    torch.save(U2Net(_config(dataset, tmp_path).model_config()).state_dict(), init)
+    train(_config(dataset, tmp_path, output_url=str(first), init_from=str(init), epochs=1, max_steps_per_epoch=1))
+    moved = tmp_path / "elsewhere" / "run"
+    moved.parent.mkdir()
+    shutil.move(first, moved)
+    resumed = train(_config(dataset, tmp_path, output_url=str(moved), init_from=str(moved / "init" / "model.pt"),
+                            epochs=2, max_steps_per_epoch=1))
+    assert (resumed.start_epoch, resumed.epochs_completed, resumed.resumed) == (2, 2, True)
+    with pytest.raises(ValueError, match=r"init_from: '.*/elsewhere/run/init/model.pt' → '/somewhere/else.pt'"):
+        train(_config(dataset, tmp_path, output_url=str(moved), init_from="/somewhere/else.pt", epochs=3,
+                      max_steps_per_epoch=1))
 
 
 def test_auto_batch_size_uses_the_finder_under_a_memory_limit(dataset, tmp_path, monkeypatch) -> None:
