@@ -28,12 +28,15 @@ from fsspec.implementations.local import LocalFileSystem
 
 @dataclass(frozen=True)
 class ObjectInfo:
-    """One listed object: its full URL, its path relative to the listed prefix, size and ETag."""
+    """One listed object: its full URL, its path relative to the listed prefix, size, ETag and when it
+    was last written (``modified``, as the store gives it: a local file's mtime, an object's
+    LastModified; what changes when the object is written again)."""
 
     url: str
     relpath: str
     size: int
     etag: str = ""
+    modified: str = ""
 
 
 def filesystem(url: str, storage_options: dict | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -171,7 +174,8 @@ def write_text(url: str, text: str, storage_options: dict | None = None) -> str:
 def list_objects(prefix_url: str, storage_options: dict | None = None) -> Iterator[ObjectInfo]:
     """Yield every object below ``prefix_url`` (recursively), sorted by relative path.
 
-    Temporary keys left by an interrupted atomic write are skipped.
+    Temporary keys left by an interrupted atomic write are skipped, and so are the empty keys ending in
+    ``/`` that S3 consoles write for "Create folder" (folders, not objects).
     """
     fs, root = filesystem(prefix_url, storage_options)
     root = root.rstrip("/")
@@ -181,10 +185,17 @@ def list_objects(prefix_url: str, storage_options: dict | None = None) -> Iterat
         if info.get("type") == "directory":
             continue
         rel = path[len(root):].lstrip("/")
-        if posixpath.basename(rel).startswith(".tmp-"):
+        if posixpath.basename(rel).startswith(".tmp-") or path.endswith("/"):
             continue
-        etag = str(info.get("ETag") or info.get("etag") or "").strip('"')
-        yield ObjectInfo(url=_url_for(fs, path), relpath=rel, size=int(info.get("size") or 0), etag=etag)
+        yield object_info(fs, path, rel, info)
+
+
+def object_info(fs: fsspec.AbstractFileSystem, path: str, relpath: str, info: dict) -> ObjectInfo:
+    """The :class:`ObjectInfo` of ``path`` from the filesystem's ``info`` of it."""
+    etag = str(info.get("ETag") or info.get("etag") or "").strip('"')
+    modified = info.get("mtime") or info.get("LastModified") or info.get("last_modified") or ""
+    return ObjectInfo(url=_url_for(fs, path), relpath=relpath, size=int(info.get("size") or 0), etag=etag,
+                      modified=str(modified))
 
 
 def list_names_after(folder_url: str, after: str = "", storage_options: dict | None = None, *,

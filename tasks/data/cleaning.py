@@ -53,9 +53,9 @@ from tasks.core.limits import aspect_mismatch
 from tasks.data.config import CleaningConfig
 
 #: Changes whenever the same raw pair and config would clean to other bytes (2: never enlarged; 3: 0/1
-#: label masks kept, no longer quarantined as empty), so
-#: the dataset version (:func:`tasks.core.manifest.dataset_version`) moves with it.
-CLEANING_REVISION = 3
+#: label masks kept, no longer quarantined as empty; 4: a mask's transparency is the mask, 0/1 labels in
+#: any mode), so the dataset version (:func:`tasks.core.manifest.dataset_version`) moves with it.
+CLEANING_REVISION = 4
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
 MASK_EXTENSIONS = (".png",)
 IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "MPO")
@@ -203,6 +203,7 @@ def pair_files(relpaths: list[str]) -> PairingResult:
         (images if role_image else masks).setdefault(stem, []).append(rel)
 
     pairs = []
+    images_folded, masks_folded = _by_casefold(images), _by_casefold(masks)
     for stem in sorted(set(images) | set(masks) | set(unusable_images) | set(unusable_masks)):
         image_list, mask_list = images.get(stem, []), masks.get(stem, [])
         odd_images, odd_masks = list(unusable_images.get(stem, [])), list(unusable_masks.get(stem, []))
@@ -219,14 +220,31 @@ def pair_files(relpaths: list[str]) -> PairingResult:
             image, detail = odd_images.pop(0)
             reject(stem, Reason.UNSUPPORTED_FORMAT, detail, image=image, mask=mask_list[0])
         elif image_list:
-            reject(stem, Reason.MISSING_MASK, "no masks/<stem>.png for this image", image=image_list[0])
+            reject(stem, Reason.MISSING_MASK, "no masks/<stem>.png for this image" + _case_hint(stem, masks_folded),
+                   image=image_list[0])
         elif mask_list:
-            reject(stem, Reason.MISSING_IMAGE, "no images/<stem>.* for this mask", mask=mask_list[0])
+            reject(stem, Reason.MISSING_IMAGE, "no images/<stem>.* for this mask" + _case_hint(stem, images_folded),
+                   mask=mask_list[0])
         for image, detail in odd_images:
             reject(stem, Reason.UNSUPPORTED_FORMAT, detail, image=image)
         for mask, detail in odd_masks:
             reject(stem, Reason.UNSUPPORTED_FORMAT, detail, mask=mask)
     return PairingResult(pairs=pairs, rejects=rejects)
+
+
+def _by_casefold(files: dict[str, list[str]]) -> dict[str, list[tuple[str, str]]]:
+    """``{stem.casefold(): [(stem, relpath), ...]}`` of a stem → files map."""
+    folded: dict[str, list[tuple[str, str]]] = {}
+    for stem, rels in files.items():
+        folded.setdefault(stem.casefold(), []).extend((stem, rel) for rel in rels)
+    return folded
+
+
+def _case_hint(stem: str, folded: dict[str, list[tuple[str, str]]]) -> str:
+    """``" (X differs only in case: ...)"`` when a file of the other folder (``folded``, by
+    :func:`_by_casefold`) has ``stem`` in other letter cases: stems are matched exactly, as S3 keys are."""
+    near = sorted(rel for other, rel in folded.get(stem.casefold(), []) if other != stem)
+    return f" ({', '.join(near)} differs only in case: rename one of them)" if near else ""
 
 
 # --------------------------------------------------------------------------------------- decoding
@@ -248,6 +266,9 @@ def _open(data: bytes, what: str, formats: tuple[str, ...], config: CleaningConf
         raise Rejected(Reason.IMAGE_TOO_LARGE, f"{what}: {exc}") from None
     except UnidentifiedImageError:
         raise Rejected(Reason.UNDECODABLE, f"{what}: bytes are not a recognised image") from None
+    except OSError as exc:  # the header itself is cut short or damaged
+        reason = Reason.TRUNCATED if "truncated" in str(exc).lower() else Reason.UNDECODABLE
+        raise Rejected(reason, f"{what}: {exc}") from None
     if img.format not in formats:
         raise Rejected(Reason.UNSUPPORTED_FORMAT, f"{what} is {img.format}, expected one of {formats}")
     width, height = img.size
@@ -303,14 +324,25 @@ def _to_rgb(img: Image.Image, conversions: list[str]) -> Image.Image:
 
 
 def _to_grey(img: Image.Image, conversions: list[str]) -> np.ndarray:
-    """Convert a mask of any supported mode to a uint8 greyscale array."""
+    """Convert a mask of any supported mode to a uint8 greyscale array. A mask with transparency is its
+    alpha channel (a cut-out saved as the mask), unless that is opaque throughout; a label image of
+    0 and 1 (many tools write masks so), in any mode, is scaled to 0 and 255, not read as almost black."""
+    grey = _grey_values(img, conversions)
+    if grey.max() == 1:
+        conversions.append("mask_0_1->0_255")
+        return grey * np.uint8(255)
+    return grey
+
+
+def _grey_values(img: Image.Image, conversions: list[str]) -> np.ndarray:
     mode = img.mode
+    if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in img.info):
+        alpha = np.asarray(img.convert("RGBA").getchannel("A") if mode in ("PA", "P") else img.getchannel("A"))
+        if alpha.min() < 255 and alpha.max() > 0:  # transparency that says something
+            conversions.append("mask_alpha->l")
+            return alpha
     if mode == "L":
-        grey = np.asarray(img)
-        if grey.max() == 1:  # a label image of 0 and 1 (many tools write masks so), not an almost-black mask
-            conversions.append("mask_0_1->0_255")
-            return grey * np.uint8(255)
-        return grey
+        return np.asarray(img)
     if mode == "1":
         return np.asarray(img.convert("L"))
     if mode in ("I;16", "I;16B", "I;16L", "I"):

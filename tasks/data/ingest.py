@@ -330,7 +330,7 @@ def _keep_later_stages(manifest: pd.DataFrame, manifest_url: str, storage_option
         values = merged[column].to_numpy()
         manifest.loc[ok, column] = [None if pd.isna(v) else v for v in values]
     if "audit_decision" in columns:  # a reviewer's fixed mask stays the pair's mask
-        fixed = (merged["audit_decision"] == AUDIT_FIXED).to_numpy()
+        fixed = merged["audit_decision"].eq(AUDIT_FIXED).fillna(False).to_numpy(dtype=bool)  # NA: new bytes
         rows = manifest.index[ok][fixed]
         manifest.loc[rows, "mask_url"] = merged.loc[fixed, "mask_url"].to_numpy()
     return manifest

@@ -28,6 +28,7 @@ which is the same affine map); the probability map goes back to the photo's size
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import posixpath
@@ -52,6 +53,8 @@ from tasks.serving.quality import QualityConfig, QualityScore, quality_score
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "RESULTS_FILE",
+    "UNREAD_IMAGE_EXTENSIONS",
     "CutoutResult",
     "InferenceConfig",
     "OUTPUT_KINDS",
@@ -62,11 +65,14 @@ __all__ = [
     "InputListing",
     "list_images",
     "list_inputs",
+    "mark_output_folder",
     "mask_dir_for",
     "options_for",
     "output_urls",
+    "planned_outputs",
     "parse_background",
     "parse_canvas",
+    "without_output_clashes",
     "remove_backgrounds",
     "remove_to",
     "results_line",
@@ -624,16 +630,24 @@ def left_out_line(folder: str) -> str:
     return f"left out: {folder} (an earlier run's output: it holds {RESULTS_FILE})"
 
 
+#: Photo formats a studio or a phone writes that ``remove`` does not read: in a folder they are named
+#: as left out (exit status 1), not passed over in silence.
+UNREAD_IMAGE_EXTENSIONS: tuple[str, ...] = (".gif", ".heic", ".heif", ".avif", ".jxl", ".psd", ".dng", ".cr2",
+                                            ".cr3", ".nef", ".arw", ".raf", ".orf", ".rw2")
+
+
 @dataclass(frozen=True)
 class InputListing:
     """What :func:`list_inputs` found: the photos to take (``(url, stem)``), the inputs left out and why,
-    every photo listed, those left out included (what no output may replace), and the folders
-    below an input folder left out as earlier outputs (``earlier_outputs``)."""
+    every photo listed, those left out included (what no output may replace), the folders below an
+    input folder left out as earlier outputs (``earlier_outputs``), and each photo's ``(size, ETag,
+    modified)`` as listed (``versions``: what changes when a photo is written again)."""
 
     items: list[tuple[str, str]]
     problems: list[str]
     listed: frozenset[str]
     earlier_outputs: tuple[str, ...] = ()
+    versions: dict[str, tuple[int, str, str]] = field(default_factory=dict)
 
 
 def list_images(inputs: Sequence[str], storage_options: dict | None = None,
@@ -654,45 +668,94 @@ def list_inputs(inputs: Sequence[str], storage_options: dict | None = None,
     without extension, except those under ``exclude`` when it lies inside that folder (the run's
     output location) and, with ``skip_earlier_outputs`` (``bgremoval remove``), those in a
     subfolder holding a :data:`RESULTS_FILE` (an earlier run's output location: its cut-outs are
-    not photos to cut out again; the input folder itself is listed whatever it holds).
-    ``problems`` lists inputs that do not exist and names two inputs would share (the later one is
-    left out).
+    not photos to cut out again; the input folder itself is listed whatever it holds). The photos in
+    an output folder inside an input folder that holds no :data:`RESULTS_FILE` (photos someone put
+    there, not a run's outputs) are not taken but are ``listed``: no output replaces them.
+    ``problems`` lists inputs that do not exist, names two inputs would share (the later one is
+    left out) and photos in a format ``remove`` does not read (:data:`UNREAD_IMAGE_EXTENSIONS`).
     """
     items: list[tuple[str, str]] = []
     problems: list[str] = []
     listed: set[str] = set()
+    versions: dict[str, tuple[int, str, str]] = {}
     seen: dict[str, str] = {}
     earlier: list[str] = []
     allowed = tuple(e.lower() for e in extensions)
 
-    def add(url: str, stem: str) -> None:
-        listed.add(path_key(url))
+    def add(obj: storage.ObjectInfo, stem: str) -> None:
+        listed.add(path_key(obj.url))
         if stem in seen:
-            problems.append(f"{url}: left out, its output name {stem!r} is taken by {seen[stem]}")
+            problems.append(f"{obj.url}: left out, its output name {stem!r} is taken by {seen[stem]}")
             return
-        seen[stem] = url
-        items.append((url, stem))
+        seen[stem] = obj.url
+        items.append((obj.url, stem))
+        versions[obj.url] = (obj.size, obj.etag, obj.modified)
 
     for entry in inputs:
         options = options_for(entry, storage_options)
         fs, path = storage.filesystem(entry, options)
         if fs.isfile(path):
-            add(entry, _stem_of(entry))
+            info = storage.object_info(fs, path, posixpath.basename(path), fs.info(path))
+            add(dataclasses.replace(info, url=entry), _stem_of(entry))
             continue
         skip = relative_inside(exclude, entry) if exclude else None  # the output folder inside this one
         objects = list(storage.list_objects(entry, options))
         outputs = sorted({posixpath.dirname(o.relpath) for o in objects if skip_earlier_outputs
                           and posixpath.basename(o.relpath) == RESULTS_FILE and "/" in o.relpath})
         earlier += [storage.join(entry, folder) for folder in outputs if folder != skip]
-        found = [o for o in objects
-                 if posixpath.splitext(o.relpath)[1].lower() in allowed
-                 and not (skip and o.relpath.startswith(skip + "/"))
-                 and not any(o.relpath.startswith(folder + "/") for folder in outputs)]
-        if not found and not fs.exists(path):
+
+        def kind(obj: storage.ObjectInfo) -> str:
+            """"photo", "output" (in the output folder or an earlier one), "unread" or "other"."""
+            ext = posixpath.splitext(obj.relpath)[1].lower()
+            if skip and obj.relpath.startswith(skip + "/") or any(obj.relpath.startswith(f + "/") for f in outputs):
+                return "output" if ext in allowed else "other"
+            return "photo" if ext in allowed else "unread" if ext in UNREAD_IMAGE_EXTENSIONS else "other"
+
+        kinds = [(obj, kind(obj)) for obj in objects]
+        if not any(k == "photo" for _, k in kinds) and not fs.exists(path):
             problems.append(f"{entry}: no such file, folder or prefix")
-        for obj in found:
-            add(obj.url, posixpath.splitext(obj.relpath)[0])
-    return InputListing(items, problems, frozenset(listed), tuple(earlier))
+        out_is_ours = skip in outputs or any(o.relpath == f"{skip}/{RESULTS_FILE}" for o in objects)
+        for obj, what in kinds:
+            if what == "photo":
+                add(obj, posixpath.splitext(obj.relpath)[0])
+            elif what == "unread":
+                problems.append(f"{obj.url}: left out, {posixpath.splitext(obj.relpath)[1]} photos are not read "
+                                f"(convert it to JPEG, PNG or WebP)")
+            elif what == "output" and skip and obj.relpath.startswith(skip + "/") and not out_is_ours:
+                listed.add(path_key(obj.url))  # a photo someone put in the output folder: never replaced
+    return InputListing(items, problems, frozenset(listed), tuple(earlier), versions)
+
+
+def mark_output_folder(out_url: str, storage_options: dict | None = None) -> None:
+    """Write an empty :data:`RESULTS_FILE` into ``out_url`` unless it holds one: the folder is a run's
+    output from its first file on, so that a run killed half-way leaves cut-outs a later run on the
+    folder around it leaves out, not photos to cut out again."""
+    url, options = storage.join(out_url, RESULTS_FILE), options_for(out_url, storage_options)
+    if not storage.exists(url, options):
+        storage.write_text(url, "", options)
+
+
+def planned_outputs(stem: str, out_url: str, config: InferenceConfig) -> list[str]:
+    """The files :func:`save_result` writes for a photo of ``stem`` under ``config``."""
+    urls = output_urls(stem, out_url, mask_dir_for(config))
+    return [urls[kind.field] for kind in OUTPUT_KINDS.values() if getattr(config, kind.flag)]
+
+
+def without_output_clashes(items: Sequence[tuple[str, str]], out_url: str,
+                           config: InferenceConfig) -> tuple[list[tuple[str, str]], list[str]]:
+    """``items`` (``(url, stem)``) less those whose files would land on an earlier item's (``x.jpg`` and
+    ``masks/x.jpg`` with ``--mask``: both would write ``masks/x.png``), and a line naming each."""
+    taken: dict[str, str] = {}
+    kept, problems = [], []
+    for url, stem in items:
+        planned = planned_outputs(stem, out_url, config)
+        clash = next((u for u in planned if path_key(u) in taken), None)
+        if clash is not None:
+            problems.append(f"{url}: left out, its output {clash} would replace one of {taken[path_key(clash)]}'s")
+            continue
+        taken.update((path_key(u), url) for u in planned)
+        kept.append((url, stem))
+    return kept, problems
 
 
 def results_line(result: CutoutResult, written: dict[str, str] | None = None, threshold: float | None = None) -> str:
@@ -735,15 +798,21 @@ def remove_to(inputs: Sequence[str], out_url: str, engine: Engine, config: Infer
 
     log = log or (lambda line: tqdm.write(line, file=sys.stderr))
     listing = list_inputs(inputs, storage_options, exclude=out_url, skip_earlier_outputs=True)
-    for problem in listing.problems:
+    items, clashes = without_output_clashes(listing.items, out_url, config)
+    problems = [*listing.problems, *clashes]
+    for problem in problems:
         log(f"skipped: {problem}")
     for folder in listing.earlier_outputs:
         log(left_out_line(folder))
+    results_url = storage.join(out_url, RESULTS_FILE)
+    out_options = options_for(out_url, storage_options)
+    if items:
+        mark_output_folder(out_url, storage_options)
     started = time.perf_counter()
     ok, failed, empty, below, lines, interrupted = 0, 0, 0, 0, [], False
-    results = iter_remove_backgrounds(listing.items, engine, config, storage_options)
+    results = iter_remove_backgrounds(items, engine, config, storage_options)
     try:
-        for result in tqdm(results, total=len(listing.items), desc="removing backgrounds", unit="img",
+        for result in tqdm(results, total=len(items), desc="removing backgrounds", unit="img",
                            disable=not progress):
             written = save_result(result, out_url, config, storage_options, protected=listing.listed)
             if result.ok:
@@ -757,11 +826,10 @@ def remove_to(inputs: Sequence[str], out_url: str, engine: Engine, config: Infer
     except KeyboardInterrupt:
         interrupted = True
     seconds = time.perf_counter() - started
-    results_url = storage.join(out_url, RESULTS_FILE)
     if lines:
-        storage.write_text(results_url, "\n".join(lines) + "\n", options_for(out_url, storage_options))
+        storage.write_text(results_url, "\n".join(lines) + "\n", out_options)
     done = ok + failed
-    return {"images": len(listing.items), "ok": ok, "failed": failed, "empty": empty, "below_threshold": below,
-            "threshold": threshold, "problems": listing.problems, "interrupted": interrupted,
+    return {"images": len(items), "ok": ok, "failed": failed, "empty": empty, "below_threshold": below,
+            "threshold": threshold, "problems": problems, "interrupted": interrupted,
             "seconds": round(seconds, 3), "images_per_s": round(done / seconds, 3) if seconds > 0 and done else 0.0,
             "out_url": out_url, "results_url": results_url if lines else None}

@@ -1,10 +1,12 @@
 """``bgremoval remove --watch``: cut out photos as they arrive in a folder or prefix.
 
 Polling rather than file-system events, so that the same loop serves local folders, network
-mounts and ``s3://`` prefixes. A photo is taken once its size has stayed the same over two polls
-(a file still being copied is not read half-written) and is never taken twice; photos whose
-outputs already exist are skipped, so a restarted watch resumes where it stopped. Inputs are only
-read.
+mounts and ``s3://`` prefixes. A photo is taken once its listing (size, ETag, time written) has
+stayed the same over two polls (a file still being copied is not read half-written), and taken
+again only when it is written again (a re-shoot under the same name, or a copy that stalled and
+was finished); photos whose outputs already exist when a watch starts are skipped, so a restarted
+watch resumes where it stopped, and its ``results.jsonl`` goes on from the earlier watch's lines.
+Inputs are only read.
 """
 
 from __future__ import annotations
@@ -16,47 +18,52 @@ from dataclasses import dataclass, field
 from tasks.core import storage
 from tasks.serving.engines import Engine
 from tasks.serving.pipeline import (
-    OUTPUT_KINDS,
     RESULTS_FILE,
     InferenceConfig,
     iter_remove_backgrounds,
     left_out_line,
     list_inputs,
-    mask_dir_for,
+    mark_output_folder,
     options_for,
-    output_urls,
+    planned_outputs,
     results_line,
     save_result,
+    without_output_clashes,
 )
 
-__all__ = ["WatchState", "watch"]
+__all__ = ["WatchState", "earlier_lines", "poll_once", "watch"]
+
+
+#: A photo's listing as :class:`tasks.serving.pipeline.InputListing` gives it: ``(size, ETag, modified)``.
+Version = tuple[int, str, str]
 
 
 @dataclass
 class WatchState:
-    """What a watch has done so far: images cut out, images failed, their results lines, and the
-    earlier output folders it has said it leaves out."""
+    """What a watch has done so far: images cut out, images failed, the results lines, each photo's
+    version when it was taken (``done``) and when last seen (``seen``), and what it has said it
+    leaves out (said once)."""
 
     ok: int = 0
     failed: int = 0
     lines: list[str] = field(default_factory=list)
-    done: set[str] = field(default_factory=set)
-    sizes: dict[str, int] = field(default_factory=dict)
+    done: dict[str, Version] = field(default_factory=dict)
+    seen: dict[str, Version] = field(default_factory=dict)
     left_out: set[str] = field(default_factory=set)
 
 
-def _size(url: str, storage_options: dict | None) -> int | None:
-    fs, path = storage.filesystem(url, options_for(url, storage_options))
-    try:
-        return int(fs.size(path))
-    except (OSError, FileNotFoundError):
-        return None
-
-
 def _has_outputs(stem: str, out_url: str, config: InferenceConfig, storage_options: dict | None) -> bool:
-    urls = output_urls(stem, out_url, mask_dir_for(config))
     options = options_for(out_url, storage_options)
-    return all(storage.exists(urls[kind.field], options) for kind in OUTPUT_KINDS.values() if getattr(config, kind.flag))
+    return all(storage.exists(url, options) for url in planned_outputs(stem, out_url, config))
+
+
+def earlier_lines(out_url: str, storage_options: dict | None = None) -> list[str]:
+    """The lines of the ``results.jsonl`` an earlier run or watch left in ``out_url`` ([] when none)."""
+    url = storage.join(out_url, RESULTS_FILE)
+    options = options_for(out_url, storage_options)
+    if not storage.exists(url, options):
+        return []
+    return [line for line in storage.read_bytes(url, options).decode().splitlines() if line.strip()]
 
 
 def poll_once(inputs: Sequence[str], out_url: str, engine: Engine, config: InferenceConfig, state: WatchState,
@@ -66,24 +73,26 @@ def poll_once(inputs: Sequence[str], out_url: str, engine: Engine, config: Infer
     Returns how many were taken. The output location is left out of the inputs, and no output is
     written over a photo of the inputs."""
     listing = list_inputs(inputs, storage_options, exclude=out_url, skip_earlier_outputs=True)
-    for folder in set(listing.earlier_outputs) - state.left_out:  # said once per watch
-        log(left_out_line(folder))
-        state.left_out.add(folder)
+    items, clashes = without_output_clashes(listing.items, out_url, config)
+    said = [left_out_line(folder) for folder in listing.earlier_outputs]
+    for line in [*said, *(f"skipped: {problem}" for problem in [*listing.problems, *clashes])]:
+        if line not in state.left_out:  # said once per watch
+            log(line)
+            state.left_out.add(line)
     ready = []
-    for url, stem in listing.items:
-        if url in state.done:
+    for url, stem in items:
+        version = listing.versions.get(url)
+        if version is None or state.done.get(url) == version:
             continue
-        if url not in state.sizes and _has_outputs(stem, out_url, config, storage_options):
-            state.done.add(url)  # cut out before this watch started
+        if url not in state.seen and url not in state.done and _has_outputs(stem, out_url, config, storage_options):
+            state.done[url] = state.seen[url] = version  # cut out before this watch started
             continue
-        size = _size(url, storage_options)
-        if size and state.sizes.get(url) == size:
+        if version[0] and state.seen.get(url) == version:
             ready.append((url, stem))
-        if size is not None:
-            state.sizes[url] = size
+        state.seen[url] = version
     for result in iter_remove_backgrounds(ready, engine, config, storage_options):
         written = save_result(result, out_url, config, storage_options, protected=listing.listed)
-        state.done.add(result.source_url)
+        state.done[result.source_url] = state.seen[result.source_url]
         if result.ok:
             state.ok += 1
             log(f"done: {result.source_url} (quality score {result.score:.3f})")
@@ -107,6 +116,9 @@ def watch(inputs: Sequence[str], out_url: str, engine: Engine, config: Inference
     (``state`` when given, so a caller still has the counts after a ``KeyboardInterrupt``)."""
     stop = stop or threading.Event()
     state = state if state is not None else WatchState()
+    if not state.lines:
+        state.lines = earlier_lines(out_url, storage_options)
+    mark_output_folder(out_url, storage_options)
     while not stop.is_set():
         poll_once(inputs, out_url, engine, config, state, storage_options, log, threshold)
         stop.wait(interval)

@@ -37,6 +37,7 @@ from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessE
 from airflow.api_fastapi.core_api.security import GetUserDep, requires_access_dag
 from bgremoval_airflow.web.common import (answer_errors, bucket_url, current_storage_options, default_bucket, page_count,
                                           render_page)
+from tasks.core.limits import ASPECT_TOLERANCE
 from tasks.feedback.config import MAX_MASK_BYTES, PUBLISHED_DECISIONS
 
 log = logging.getLogger(__name__)
@@ -216,6 +217,7 @@ def correction_router() -> APIRouter:
     def item_page(item_id: str, user: GetUserDep, bucket: str = Query(bucket_default)) -> str:
         """The editor of one item (the script loads the item from the API)."""
         bucket_url(bucket)
-        return render_page("correction_editor.html", item_id=_item_id(item_id), bucket=bucket, user=user.get_name())
+        return render_page("correction_editor.html", item_id=_item_id(item_id), bucket=bucket, user=user.get_name(),
+                           aspect_tolerance=ASPECT_TOLERANCE)
 
     return router

@@ -118,10 +118,12 @@ def test_correction_queue_page_has_one_card_per_item_and_a_toggle():
 
 
 def test_correction_editor_page_hands_the_item_to_the_script_in_body_data():
-    page = common.render_page("correction_editor.html", item_id="i1", bucket="b", user="ann")
+    page = common.render_page("correction_editor.html", item_id="i1", bucket="b", user="ann",
+                              aspect_tolerance=0.01)
     assert '<body data-item="i1" data-bucket="b">' in page
     assert '<canvas id="editor"' in page and "Save correction" in page
     assert "const itemId = document.body.dataset.item, bucket = document.body.dataset.bucket;" in page
+    assert "const ASPECT_TOLERANCE = 0.01;" in page
 
 
 def test_dataset_index_links_each_version_with_clusters_and_pages():

@@ -119,7 +119,9 @@ def test_log_in_open_an_item_paint_with_the_brush_and_save_the_correction(
     upload.set_input_files({"name": "small.png", "mimeType": "image/png", "buffer": encode_png(items[1][1][:50, :50])})
     expect(page.get_by_role("status")).to_contain_text("not used")
     expect(page.get_by_role("button", name="Save correction")).to_be_disabled()
-    upload.set_input_files({"name": "mask.png", "mimeType": "image/png", "buffer": encode_png(items[1][1])})
+    height, width = items[1][1].shape  # the original photo's size, twice the page's copy: scaled to it
+    original_size = cv2.resize(items[1][1], (2 * width, 2 * height), interpolation=cv2.INTER_NEAREST)
+    upload.set_input_files({"name": "mask.png", "mimeType": "image/png", "buffer": encode_png(original_size)})
     expect(page.get_by_role("status")).to_contain_text("mask file loaded")
     page.get_by_role("button", name="Save correction").click()
     expect(page.get_by_role("note")).to_contain_text("mask: upload", timeout=30_000)

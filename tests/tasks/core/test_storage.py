@@ -110,3 +110,19 @@ def test_absolute_local_and_is_file(tmp_path, monkeypatch):
     (tmp_path / "f").write_bytes(b"1")
     assert storage.is_file(str(tmp_path / "f")) and not storage.is_file(str(tmp_path))
     assert not storage.is_file(str(tmp_path / "nothing"))
+
+
+def test_listing_skips_the_folder_markers_a_console_writes(s3_bucket):
+    """The AWS console's "Create folder" writes an empty key ending in '/': a folder, not an object."""
+    import boto3
+
+    bucket_url, options = s3_bucket
+    storage.write_bytes(storage.join(bucket_url, "m", "images", "p.jpg"), b"x", options)
+    client = boto3.client("s3", aws_access_key_id=options["key"], aws_secret_access_key=options["secret"],
+                          **options["client_kwargs"])
+    bucket = bucket_url.removeprefix("s3://").split("/", 1)[0]
+    prefix = bucket_url.removeprefix(f"s3://{bucket}").strip("/")
+    for marker in ("m/images/", "m/masks/", "m/"):
+        client.put_object(Bucket=bucket, Key="/".join(filter(None, [prefix, marker])).rstrip("/") + "/", Body=b"")
+    storage.filesystem(bucket_url, options)[0].invalidate_cache()
+    assert [o.relpath for o in storage.list_objects(storage.join(bucket_url, "m"), options)] == ["images/p.jpg"]

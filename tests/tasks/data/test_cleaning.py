@@ -211,6 +211,33 @@ def test_a_mask_of_zeros_and_ones_is_read_as_a_label_image():
     assert np.array_equal(pair.mask, reference.mask)
 
 
+def test_a_mask_saved_with_transparency_is_its_alpha_and_labels_are_read_in_any_mode():
+    """A cut-out saved as the mask (RGBA or LA, the product opaque on a transparent ground) is read from
+    its alpha channel, not from its white or black colour; an opaque RGBA mask by its grey; a 0/1 label
+    image in RGB or 16-bit is scaled as a grey one is."""
+    image, mask = _product()
+    reference = clean_pair(_jpeg(image), _png(mask), CONFIG).mask
+    white = np.full_like(mask, 255)
+    cases = {
+        "rgba": Image.fromarray(np.dstack([white, white, white, mask]), "RGBA"),
+        "la": Image.fromarray(np.dstack([np.zeros_like(mask), mask]), "LA"),
+        "opaque rgba": Image.fromarray(np.dstack([mask, mask, mask, white]), "RGBA"),
+        "rgb 0/1": Image.fromarray(np.dstack([(mask > 0).astype(np.uint8)] * 3), "RGB"),
+        "16-bit 0/1": Image.fromarray((mask > 0).astype(np.uint16)),
+    }
+    for name, picture in cases.items():
+        buffer = io.BytesIO()
+        picture.save(buffer, format="PNG")
+        pair = clean_pair(_jpeg(image), buffer.getvalue(), CONFIG)
+        assert np.array_equal(pair.mask, reference), name
+    assert "mask_alpha->l" in clean_pair(_jpeg(image), _png(np.dstack([white, white, white, mask])), CONFIG).conversions
+
+
+def test_a_jpeg_cut_short_in_its_header_is_truncated_not_an_internal_error():
+    image, mask = _product()
+    assert _reject_reason(_jpeg(image)[:300], _png(mask)) in ("truncated", "undecodable")
+
+
 def test_empty_and_full_mask_limits():
     image, mask = _product()
     tiny = np.zeros_like(mask)
@@ -298,6 +325,14 @@ def test_pairing_rules():
     assert ("notes", "unsupported_format") in reasons
     assert ("a2", "unsupported_format") in reasons
     assert len(result.rejects) == 7
+
+
+def test_pairing_says_when_a_photo_and_a_mask_differ_only_in_case():
+    result = pair_files(["images/IMG_2.JPG", "masks/img_2.png"])
+    details = {r["stem"]: r["detail"] for r in result.rejects}
+    assert result.pairs == [] and details == {
+        "IMG_2": "no masks/<stem>.png for this image (masks/img_2.png differs only in case: rename one of them)",
+        "img_2": "no images/<stem>.* for this mask (images/IMG_2.JPG differs only in case: rename one of them)"}
 
 
 def test_pairing_names_a_photo_with_a_refused_mask_once():

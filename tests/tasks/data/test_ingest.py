@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pandas as pd
 import pytest
 
 from tasks.data import ingest
@@ -127,6 +128,14 @@ def test_cleaning_a_version_again_keeps_its_clusters_splits_and_review_answers(c
     before = manifest.set_index("key")
     columns = ["cluster", "split", "audit_decision", "mask_url"]
     assert (again.loc[before.index[ok], columns].fillna("") == before.loc[before.index[ok], columns].fillna("")).all().all()
+    # a pair whose bytes changed since (its answers no longer apply): cleaned again without them, no crash
+    manifest.loc[ok[2], "mask_sha256"] = "0" * 64
+    write_table(manifest, first["manifest_url"])
+    again = read_table(_run(bucket, "b1")["manifest_url"])
+    again = again[again["status"] == STATUS_OK].set_index("key")
+    changed = before.index[ok[2]]
+    assert again.loc[changed, "status"] == STATUS_OK and pd.isna(again.loc[changed, "cluster"])
+    assert again.loc[before.index[ok[1]], "mask_url"] == "review/masks/fixed.png"
 
 
 def test_an_unreachable_store_fails_the_shard_instead_of_quarantining_pairs():

@@ -519,3 +519,64 @@ def test_only_remove_leaves_out_an_earlier_runs_output_folder(tmp_path):
     assert [stem for _, stem in remove.items] == ["a"] and remove.earlier_outputs == (f"{tmp_path}/out",)
     everything = list_inputs([str(tmp_path)])
     assert [stem for _, stem in everything.items] == ["a", "out/a", "out/nested/b"] and everything.earlier_outputs == ()
+
+
+def test_photos_someone_put_in_the_output_folder_are_never_replaced(tmp_path):
+    """`remove R -o R/edits` where R/edits/ holds a retoucher's sku1.jpg (no results.jsonl: not a run's
+    output): R/sku1.jpg's composite would replace it, so that photo fails, named, and the file stays."""
+    (tmp_path / "R" / "edits").mkdir(parents=True)
+    (tmp_path / "R" / "sku1.jpg").write_bytes(_jpeg(_photo(seed=1)))
+    (tmp_path / "R" / "sku2.jpg").write_bytes(_jpeg(_photo(seed=2)))
+    retouched = _jpeg(_photo(seed=3))
+    (tmp_path / "R" / "edits" / "sku1.jpg").write_bytes(retouched)
+    failures = []
+    summary = remove_to([str(tmp_path / "R")], str(tmp_path / "R" / "edits"), SquareEngine(), InferenceConfig(),
+                        progress=False, log=failures.append)
+    assert (summary["ok"], summary["failed"]) == (1, 1) and "overwrite the input" in failures[0]
+    assert (tmp_path / "R" / "edits" / "sku1.jpg").read_bytes() == retouched
+    assert (tmp_path / "R" / "edits" / "sku2.png").exists()
+    # once it holds results.jsonl the folder is this tool's output: a run again replaces its own files
+    again = remove_to([str(tmp_path / "R")], str(tmp_path / "R" / "edits"), SquareEngine(), InferenceConfig(),
+                      progress=False, log=failures.append)
+    assert (again["ok"], again["failed"]) == (2, 0)
+
+
+def test_two_photos_whose_outputs_would_land_on_the_same_file_are_not_both_cut_out(tmp_path):
+    """x.jpg's mask and masks/x.jpg's cut-out are both out/masks/x.png with --mask: the second is left
+    out and named, instead of one silently replacing the other."""
+    (tmp_path / "Q" / "masks").mkdir(parents=True)
+    (tmp_path / "Q" / "x.jpg").write_bytes(_jpeg(_photo(seed=1)))
+    (tmp_path / "Q" / "masks" / "x.jpg").write_bytes(_jpeg(_photo(seed=2)))
+    summary = remove_to([str(tmp_path / "Q")], str(tmp_path / "out"), SquareEngine(), InferenceConfig(mask=True),
+                        progress=False, log=lambda line: None)
+    assert (summary["images"], summary["ok"]) == (1, 1)
+    assert summary["problems"] == [f"{tmp_path}/Q/x.jpg: left out, its output {tmp_path}/out/masks/x.png would "
+                                   f"replace one of {tmp_path}/Q/masks/x.jpg's"]
+    assert _open((tmp_path / "out" / "masks" / "x.png").read_bytes()).mode == "RGBA"  # masks/x.jpg's cut-out
+
+
+def test_photos_in_formats_remove_cannot_read_are_named_not_passed_over(tmp_path):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "x.jpg").write_bytes(_jpeg(_photo()))
+    (tmp_path / "d" / "IMG_0001.HEIC").write_bytes(b"ftypheic")
+    items, problems = list_images([str(tmp_path / "d")])
+    assert [stem for _, stem in items] == ["x"]
+    assert problems == [f"{tmp_path}/d/IMG_0001.HEIC: left out, .HEIC photos are not read (convert it to JPEG, PNG "
+                        "or WebP)"]
+
+
+def test_the_output_folder_is_marked_as_a_runs_output_before_the_first_photo(tmp_path):
+    """A run killed half-way leaves a folder a later run on the parent leaves out, not cut-outs to cut out."""
+    (tmp_path / "P").mkdir()
+    for i in range(3):
+        (tmp_path / "P" / f"p{i}.jpg").write_bytes(_jpeg(_photo(seed=i)))
+    marked = []
+
+    class Watching(SquareEngine):
+        def predict(self, batch):
+            marked.append((tmp_path / "P" / "run1" / "results.jsonl").exists())
+            return super().predict(batch)
+
+    remove_to([str(tmp_path / "P")], str(tmp_path / "P" / "run1"), Watching(), InferenceConfig(batch_size=1),
+              progress=False)
+    assert marked == [True, True, True]

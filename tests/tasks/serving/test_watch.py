@@ -115,3 +115,38 @@ def test_cli_watch_stops_on_sigterm(model_dir, tmp_path):
     assert proc.returncode == 0, stderr
     assert "stopped: 1 images done, 0 failed" in stdout
     assert np.asarray(cv2.imread(str(out / "d.png"), cv2.IMREAD_UNCHANGED)).shape[2] == 4
+
+
+def test_a_photo_written_again_is_cut_out_again_and_a_restart_keeps_the_log(engine, tmp_path):
+    """A re-shoot under the same name, and a copy that stalled (read half-written, failed) and was then
+    finished, are taken again; a restarted watch's results.jsonl goes on from the earlier lines."""
+    incoming, out = tmp_path / "in", tmp_path / "out"
+    incoming.mkdir()
+    (incoming / "a.jpg").write_bytes(_jpeg(_photo()))
+    whole = _jpeg(_photo(seed=5))
+    (incoming / "c.jpg").write_bytes(whole[:300])  # a copy that stalls past two polls
+    state, said = WatchState(), []
+
+    def poll() -> int:
+        return poll_once([str(incoming)], str(out), engine, InferenceConfig(), state, log=said.append)
+
+    poll()
+    assert poll() == 2 and (state.ok, state.failed) == (1, 1)
+    first = (out / "a.png").read_bytes()
+    (incoming / "a.jpg").write_bytes(_jpeg(_photo(seed=9)))  # the re-shoot
+    (incoming / "c.jpg").write_bytes(whole)  # the copy finishes
+    os.utime(incoming / "a.jpg", (time.time() + 5, time.time() + 5))  # written again, whatever the clock's grain
+    poll()
+    assert poll() == 2 and (state.ok, state.failed) == (3, 1)
+    assert (out / "a.png").read_bytes() != first and (out / "c.png").exists()
+    assert poll() == 0
+    restarted = watch([str(incoming)], str(out), engine, InferenceConfig(), interval=0.01,
+                      stop=_stopping_after(0.3), log=said.append)
+    assert restarted.ok == 0 and len(restarted.lines) == 4
+    assert len((out / "results.jsonl").read_text().splitlines()) == 4
+
+
+def _stopping_after(seconds: float) -> threading.Event:
+    stop = threading.Event()
+    threading.Timer(seconds, stop.set).start()
+    return stop
