@@ -26,12 +26,12 @@ from __future__ import annotations
 
 import pendulum
 from airflow.providers.databricks.operators.databricks import DatabricksSubmitRunOperator
-from airflow.providers.standard.operators.hitl import ApprovalOperator
 from airflow.sdk import dag, task
 from bgremoval_airflow.connections import s3_storage_options
 from bgremoval_airflow.databricks import DATABRICKS_CONN_ID, databricks_params, idempotency_token, submit_run_json
 from bgremoval_airflow.links import mask_review_page_url, report_page_url, review_page_url
 from bgremoval_airflow.operations import TRAINING_TIMEOUT, review_gate, task_defaults, training_deadline
+from bgremoval_airflow.operators import ClusterReviewGate
 from bgremoval_airflow.sensors import ready_marker_sensor
 from bgremoval_airflow.settings import PROMOTION_POOL, max_map_length
 from bgremoval_airflow.params.training import (
@@ -154,10 +154,11 @@ def bgremoval_training():
         print(summary["table"])
         return summary
 
-    review_clusters = ApprovalOperator(
+    review_clusters = ClusterReviewGate(
         task_id="review_clusters",
         subject="Review the product clusters of batch {{ params.batch }}",
         body="{{ ti.xcom_pull(task_ids='cluster_products')['review_markdown'] }}",
+        dataset_url="{{ ti.xcom_pull(task_ids='finalize_dataset')['dataset_url'] }}",
         ignore_downstream_trigger_rules=True,
         **review_gate(),
     )

@@ -9,7 +9,8 @@ cannot lose each other's work, and clustering the version again starts a new, em
 review state is the proposal with its corrections replayed in name order. Approval closes the
 review: :func:`apply_review` first writes ``review/<clustering>/closed.json``, after which
 :func:`record_correction` refuses (:class:`ReviewClosed`, a 409 on the pages), then writes the
-final product type of every clean pair into the manifest's ``cluster`` column. (A log from before
+final product type of every clean pair into the manifest's ``cluster`` column. A Reject is recorded
+(:func:`record_rejection`, ``rejected.json``) and leaves the review open for a new run. (A log from before
 this layout, ``review/corrections.jsonl``, is replayed first.)
 
 The mask audit flags implausible masks (the manifest's ``audit_reasons``). Reviewers answer each
@@ -50,6 +51,8 @@ from tasks.core.manifest import (
 
 LEGACY_CORRECTIONS_PATH = "review/corrections.jsonl"
 ASSIGNMENTS_PATH = "clusters/assignments.parquet"
+#: In ``review/<clustering>/``: the last Reject of the review's gate (:func:`record_rejection`).
+REJECTED_FILE = "rejected.json"
 FINAL_PATH = "clusters/final.parquet"
 FIXED_MASKS_PATH = "review/masks"
 #: A reviewer's answers to a flagged mask (the ``decision`` of a ``mask`` correction).
@@ -129,12 +132,16 @@ class ReviewState:
     read_objects: list[str] = field(default_factory=list)
     #: The review was approved and applied (:func:`is_closed`): the pages show it and take no change.
     closed: bool = False
+    #: The last Reject of this proposal's gate (:func:`record_rejection`: ``{"by", "at"}``), or None. The
+    #: review stays open: a new run of the batch asks again.
+    rejected: dict | None = None
 
     def proposal(self) -> "ReviewState":
         """The same proposal with no correction applied (nothing read again)."""
         return ReviewState(cluster_of=dict(self.proposed), names=dict(self.proposed_names), stems=self.stems,
                            proposed=self.proposed, proposed_names=self.proposed_names, flagged=self.flagged,
-                           sizes_of=self.sizes_of, clustering=self.clustering, closed=self.closed)
+                           sizes_of=self.sizes_of, clustering=self.clustering, closed=self.closed,
+                           rejected=self.rejected)
 
     def members(self, cluster: int) -> list[str]:
         """Keys in ``cluster``, sorted."""
@@ -330,6 +337,7 @@ def _state_of(dataset_url: str, assignments: bytes, storage_options: dict | None
         sizes_of=sizes_of,
         clustering=clustering,
         closed=is_closed(dataset_url, clustering, storage_options) if closed is None else closed,
+        rejected=read_rejection(dataset_url, clustering, storage_options),
     )
     return _replayed(dataset_url, proposal, storage_options)
 
@@ -419,6 +427,38 @@ def _was_applied(dataset_url: str, clustering: str, name: str, storage_options: 
 def is_closed(dataset_url: str, clustering: str, storage_options: dict | None = None) -> bool:
     """Whether the review of this proposal was approved and applied (:func:`apply_review`)."""
     return storage.exists(storage.join(review_log_url(dataset_url, clustering), "closed.json"), storage_options)
+
+
+def record_rejection(dataset_url: str, by: str | None, storage_options: dict | None = None) -> dict:
+    """Record that the gate of the current proposal's review was answered Reject (by a reviewer, or
+    by its timeout when ``by`` is None): ``review/<clustering>/rejected.json``, the last one kept.
+    The review stays open for a new run of the batch. Returns what was written (``{"by", "at"}``)."""
+    clustering = _clustering_id(_read_assignments(dataset_url, storage_options))
+    answer = {"by": by or "the review's timeout", "at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    storage.write_text(storage.join(review_log_url(dataset_url, clustering), REJECTED_FILE), json.dumps(answer),
+                       storage_options)
+    return answer
+
+
+def read_rejection(dataset_url: str, clustering: str, storage_options: dict | None = None) -> dict | None:
+    """The last :func:`record_rejection` of this proposal, or None."""
+    url = storage.join(review_log_url(dataset_url, clustering), REJECTED_FILE)
+    try:
+        return json.loads(storage.read_bytes(url, storage_options))
+    except FileNotFoundError:
+        return None
+
+
+def review_status(dataset_url: str, storage_options: dict | None = None) -> str:
+    """Where a dataset version's review stands: ``"no clusters"`` (not clustered yet), ``"approved"``,
+    ``"rejected"`` (its gate's last answer; a new run asks again) or ``"waiting"``."""
+    try:
+        clustering = _clustering_id(_read_assignments(dataset_url, storage_options))
+    except FileNotFoundError:
+        return "no clusters"
+    if is_closed(dataset_url, clustering, storage_options):
+        return "approved"
+    return "rejected" if read_rejection(dataset_url, clustering, storage_options) else "waiting"
 
 
 def _mask_array(png_bytes: bytes, size: tuple[int, int]) -> np.ndarray:

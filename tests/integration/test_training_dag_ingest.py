@@ -87,6 +87,14 @@ def test_sensor_waits_then_cleaning_runs_mapped_and_reads_back(run_dag, s3_bucke
     ok = manifest[manifest["status"] == "ok"]
     assert len(ok) >= 10 and (ok[["width", "height"]].max(axis=1) == 160).all()
 
+    # the reviewer's Reject is recorded with the review: the pages say the run ended there
+    from tasks.data.review import load_review_state, review_status
+
+    dataset_url = storage.join(bucket_url, "datasets", version)
+    assert review_status(dataset_url, options) == "rejected"
+    rejected = load_review_state(dataset_url, options).rejected
+    assert rejected["by"] and rejected["by"] != "the review's timeout" and rejected["at"]
+
     raw_after = _snapshot(storage.join(bucket_url, "raw"), options)
     assert raw_after.pop("shoot-1/_READY")
     assert raw_after == raw_before  # raw/ is never modified

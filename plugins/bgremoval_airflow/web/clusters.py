@@ -1,13 +1,13 @@
 """The cluster review page: reviewers look at the proposed product clusters, move images, rename clusters.
 
 Reading needs read access to the training DAG, saving a correction needs the right to answer its
-human-in-the-loop tasks. Every change goes to ``datasets/<version>/review/corrections.jsonl``
-through :mod:`tasks.data.review`, with who and when. Pages are rendered from
+human-in-the-loop tasks. Every change is one object under
+``datasets/<version>/review/<clustering>/corrections/`` through :mod:`tasks.data.review`, with who and when. Pages are rendered from
 ``templates/dataset_index.html`` and ``templates/cluster_review.html``.
 
 Routes (all below ``/bgremoval``):
 
-* ``GET  /?bucket=B``                                        the dataset versions with proposed clusters
+* ``GET  /?bucket=B``                                        the dataset versions, with where each review stands
 * ``GET  /review/{version}?bucket=B``                        the page
 * ``GET  /api/datasets/{version}/clusters?bucket=B``         clusters, names, members, corrections
 * ``GET  /api/datasets/{version}/thumbnails/{key}?bucket=B`` JPEG thumbnail with the mask outline
@@ -86,6 +86,7 @@ def state_json(state, version: str, bucket: str) -> dict:
         "masks_flagged": len(state.flagged),
         "masks_undecided": len(state.flagged) - len(state.mask_decisions),
         "closed": state.closed,
+        "rejected": state.rejected,
     }
 
 
@@ -101,17 +102,17 @@ def cluster_router() -> APIRouter:
     @router.get("/", response_class=HTMLResponse, dependencies=[can_read_training])
     def index(bucket: str = Query(bucket_default), page: int = Query(1, ge=1)) -> str:
         """The start page: the bucket's dataset versions, :data:`INDEX_PAGE_SIZE` per page, each
-        linking to its review page once clusters are proposed (one listing of ``datasets/``, then
-        one existence check per version on the page)."""
-        from tasks.data.review import ASSIGNMENTS_PATH
+        linking to its review page once clusters are proposed, with where its review stands
+        (:func:`tasks.data.review.review_status`: one listing of ``datasets/``, then a few reads
+        per version on the page)."""
+        from tasks.data.review import review_status
 
         root = storage.join(bucket_url(bucket), layout.DATASETS)
         options = current_storage_options()
         names = [v for v in storage.list_folders(root, options) if DATASET_VERSION.match(v)]
         pages = page_count(len(names), INDEX_PAGE_SIZE)
         shown = names[(page - 1) * INDEX_PAGE_SIZE:page * INDEX_PAGE_SIZE]
-        versions = [{"name": v, "clusters": storage.exists(storage.join(root, v, ASSIGNMENTS_PATH), options)}
-                    for v in shown]
+        versions = [{"name": v, "status": review_status(storage.join(root, v), options)} for v in shown]
         return render_page("dataset_index.html", bucket=bucket, versions=versions, page=page, pages=pages,
                            total=len(names))
 

@@ -1,8 +1,9 @@
 """The "Masks to check" page: reviewers keep, exclude or fix the masks the mask audit flagged.
 
 Reading needs read access to the training DAG, answering needs the right to answer its
-human-in-the-loop tasks. Every answer goes to ``datasets/<version>/review/corrections.jsonl``
-through :mod:`tasks.data.review` (a fixed mask next to it), with who and when. The page is
+human-in-the-loop tasks. Every answer is one object under
+``datasets/<version>/review/<clustering>/corrections/`` through :mod:`tasks.data.review` (a fixed mask under
+``review/masks/``), with who and when. The page is
 rendered from ``templates/mask_review.html``.
 
 Routes (all below ``/bgremoval``):

@@ -102,7 +102,7 @@ def test_correction_queue_page_has_one_card_per_item_and_a_toggle():
     page = common.render_page("correction_queue.html", items=[item, opened], n_open=1, total=2, page=1, pages=1,
                               include_done=True, bucket="b", user="ann")
     assert '<a class="card accepted" href="corrections/i1?bucket=b" data-item="i1">' in page
-    assert 'data-item="i2"' in page and "score <b>0.512</b> (threshold 0.80)" in page
+    assert 'data-item="i2"' in page and "score <b>0.512</b> (threshold 0.800)" in page
     assert "accepted by bob" in page and "dress&lt;1&gt;" in page
     assert '<span id="status" role="status">1 open · 1 decided</span>' in page
     assert '<a href="corrections?bucket=b">show open items only</a>' in page
@@ -127,10 +127,12 @@ def test_correction_editor_page_hands_the_item_to_the_script_in_body_data():
 
 
 def test_dataset_index_links_each_version_with_clusters_and_pages():
-    versions = [{"name": "v1", "clusters": True}, {"name": "v2", "clusters": True}, {"name": "v3", "clusters": False}]
+    versions = [{"name": "v1", "status": "waiting"}, {"name": "v2", "status": "rejected"},
+                {"name": "v3", "status": "no clusters"}, {"name": "v4", "status": "approved"}]
     page = common.render_page("dataset_index.html", bucket="b", versions=versions, page=1, pages=2, total=53)
     assert '<a href="review/v1?bucket=b">v1</a>' in page and '<a href="review/v2?bucket=b">v2</a>' in page
-    assert "v3 (no clusters proposed yet)" in page and "53 dataset versions" in page
+    assert "v3 (no clusters proposed yet)" in page and "53 dataset\nversions" in page
+    assert ">waiting for review<" in page and ">rejected: a new run asks again<" in page and ">approved<" in page
     assert '<a rel="next" href="?bucket=b&amp;page=2">' in page and 'rel="prev"' not in page
     assert "none yet" in common.render_page("dataset_index.html", bucket="b", versions=[], page=1, pages=1, total=0)
 

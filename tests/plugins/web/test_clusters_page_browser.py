@@ -14,7 +14,7 @@ from tasks.core import layout
 from tasks.data.cleaning import CleaningConfig
 from tasks.data.clustering import ClusteringConfig, cluster_dataset
 from tasks.data.features import extract_shard_features, plan_feature_shards
-from tasks.data.review import apply_review, load_review_state
+from tasks.data.review import apply_review, load_review_state, record_rejection
 from tasks.dev.synth import SynthConfig, generate_catalogue
 
 pytestmark = pytest.mark.integration
@@ -76,8 +76,16 @@ def test_log_in_open_review_page_move_one_image_and_see_it_saved(
     expect(page.get_by_role("status")).to_contain_text("not saved", timeout=30_000)
     expect(page.get_by_label("name of cluster 0")).to_have_value(saved_name)
 
-    apply_review(dataset_url, options)  # Approve: the page now says the review is closed and offers no control
+    record_rejection(dataset_url, "lead", options)  # the gate's Reject: said on the page; the review stays open
     page.reload()
-    expect(page.locator("#closed")).to_be_visible(timeout=30_000)
+    expect(page.locator("#rejected")).to_contain_text("Rejected by lead", timeout=30_000)
+    expect(page.get_by_label("name of cluster 0")).to_be_enabled()
+
+    apply_review(dataset_url, options)  # Approve, from another tab: this one learns it from its next change
+    page.get_by_label("name of cluster 0").fill("renamed too late")
+    page.locator('section[data-cluster="0"]').get_by_role("button", name="Rename").click()
+    expect(page.get_by_role("status")).to_contain_text("not saved", timeout=30_000)
+    expect(page.locator("#closed")).to_be_visible(timeout=30_000)  # read again: closed, no control offered
+    expect(page.locator("#rejected")).to_be_hidden()
     expect(page.locator(f'select[data-key="{key}"]')).to_be_disabled()
     expect(page.get_by_role("button", name="Rename").first).to_be_disabled()

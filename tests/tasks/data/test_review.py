@@ -103,6 +103,20 @@ def test_apply_review_writes_final_labels_into_the_manifest(clustered):
     assert final.loc["k4", "proposed_cluster"] == 1 and final.loc["k4", "cluster"] == 0
 
 
+def test_a_reject_is_recorded_and_leaves_the_review_open_until_an_approval(clustered, tmp_path):
+    from tasks.data.review import record_rejection, review_status
+
+    assert review_status(str(tmp_path / "nothing")) == "no clusters" and review_status(clustered) == "waiting"
+    record_rejection(clustered, None, None)  # the gate's timeout answered
+    assert load_review_state(clustered).rejected["by"] == "the review's timeout"
+    record_rejection(clustered, "lead", None)
+    state = load_review_state(clustered)
+    assert state.rejected["by"] == "lead" and not state.closed and review_status(clustered) == "rejected"
+    record_correction(clustered, "move", "alice", key="k0", to_cluster=1)  # still taken, for the next run
+    apply_review(clustered)
+    assert review_status(clustered) == "approved"
+
+
 def test_unclustered_dataset_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="not been clustered"):
         load_review_state(str(tmp_path))

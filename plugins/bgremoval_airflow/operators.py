@@ -1,0 +1,39 @@
+"""The operators the DAGs use beyond the providers': the cluster review's gate."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from airflow.providers.standard.operators.hitl import ApprovalOperator
+
+from bgremoval_airflow.connections import s3_storage_options
+
+
+class ClusterReviewGate(ApprovalOperator):
+    """The cluster review's Approve / Reject in Required Actions. A Reject (a reviewer's, or the
+    timeout's default) is also recorded with the review (:func:`tasks.data.review.record_rejection`),
+    so that the review page and the start page say the run ended there instead of still asking for
+    an answer. ``dataset_url`` (templated) is the reviewed dataset version."""
+
+    template_fields = (*ApprovalOperator.template_fields, "dataset_url")
+
+    def __init__(self, *, dataset_url: str, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.dataset_url = dataset_url
+
+    def execute_complete(self, context: Any, event: dict[str, Any]) -> Any:
+        """Record a Reject, then skip what follows as :class:`ApprovalOperator` does (its skip ends the
+        task by raising, so the record comes first)."""
+        if "error" not in event and event.get("chosen_options") == [self.REJECT]:
+            self._record_rejection(event.get("responded_by_user") or {})
+        return super().execute_complete(context=context, event=event)
+
+    def _record_rejection(self, user: dict[str, Any]) -> None:
+        from tasks.data.review import record_rejection
+
+        try:
+            recorded = record_rejection(self.dataset_url, user.get("name") or user.get("id"), s3_storage_options())
+        except Exception:  # noqa: BLE001 - the answer stands; the pages only miss its record
+            self.log.exception("the Reject could not be recorded with the review of %s", self.dataset_url)
+        else:
+            self.log.info("Reject recorded with the review of %s: %s", self.dataset_url, recorded)
