@@ -21,6 +21,16 @@ class ClusterReviewGate(ApprovalOperator):
         super().__init__(**kwargs)
         self.dataset_url = dataset_url
 
+    def execute(self, context: Any) -> Any:
+        """Ask again: a Reject of an earlier run is forgotten (the pages show the review as waiting)."""
+        from tasks.data.review import clear_rejection
+
+        try:
+            clear_rejection(self.dataset_url, s3_storage_options())
+        except Exception:  # noqa: BLE001 - the question stands; the pages only show the old answer
+            self.log.exception("the earlier Reject of the review of %s could not be cleared", self.dataset_url)
+        return super().execute(context)
+
     def execute_complete(self, context: Any, event: dict[str, Any]) -> Any:
         """Record a Reject, then skip what follows as :class:`ApprovalOperator` does (its skip ends the
         task by raising, so the record comes first)."""

@@ -15,6 +15,7 @@ shrink cleaning applies to a pair, and the masks page to a mask drawn on the ful
 from __future__ import annotations
 
 import io
+import threading
 import warnings
 
 import cv2
@@ -24,6 +25,7 @@ from tasks.core import storage
 from tasks.core.limits import ASPECT_TOLERANCE, MAX_PIXELS, aspect_mismatch
 
 __all__ = [
+    "MASK_EXTENSIONS",
     "area_average",
     "decode_image",
     "decode_mask_file",
@@ -38,6 +40,11 @@ __all__ = [
     "read_mask",
     "shrink_mask",
 ]
+
+
+#: File extensions of a mask file, in cleaning and in evaluation: lossless PNG only (a JPEG's blocks blur
+#: the edges that training learns and the IoU measures).
+MASK_EXTENSIONS: tuple[str, ...] = (".png",)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -246,25 +253,31 @@ def _larger_same_aspect(found: tuple[int, int], size: tuple[int, int]) -> bool:
     return found[0] >= size[0] and found[1] >= size[1] and aspect_mismatch(found, size) <= ASPECT_TOLERANCE
 
 
+#: Uploaded masks decoded at once in one process: a small PNG can hold a 50 MP mask, so each decode may
+#: take a few hundred MB; more uploads wait their turn instead of running the server out of memory.
+_MASK_DECODES = threading.BoundedSemaphore(2)
+
+
 def _binary_mask(data: bytes) -> np.ndarray:
     """A mask PNG's pixels as 0/255: its alpha when not fully opaque, else its grey value (16-bit: the
-    top byte), at or above half intensity."""
+    top byte), at or above half intensity. Works in the file's own 8 or 16 bits (no wider copy)."""
     from PIL import Image
 
-    try:
-        with Image.open(io.BytesIO(data), formats=["PNG"]) as image:
-            image.load()
-            if image.mode in ("LA", "RGBA", "PA") or "transparency" in image.info:
-                alpha = np.asarray(image.convert("RGBA"))[..., 3]
-                if alpha.min() < 255:
-                    return np.where(alpha >= 128, 255, 0).astype(np.uint8)
-            if image.mode.startswith("I"):
-                grey = (np.asarray(image).astype(np.int64) >> 8).clip(0, 255)
-            else:
+    with _MASK_DECODES:
+        try:
+            with Image.open(io.BytesIO(data), formats=["PNG"]) as image:
+                image.load()
+                if image.mode in ("LA", "RGBA", "PA") or "transparency" in image.info:
+                    alpha = np.asarray(image.getchannel("A") if image.mode in ("LA", "RGBA")
+                                       else image.convert("RGBA").getchannel("A"))
+                    if alpha.min() < 255:
+                        return (alpha >= 128).astype(np.uint8) * np.uint8(255)
+                if image.mode.startswith("I"):
+                    return (np.asarray(image) >= 128 << 8).astype(np.uint8) * np.uint8(255)  # top byte >= 128
                 grey = np.asarray(image.convert("L"))
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise ValueError(f"the PNG does not decode: {exc}") from None
-    return np.where(grey >= 128, 255, 0).astype(np.uint8)
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise ValueError(f"the PNG does not decode: {exc}") from None
+    return (grey >= 128).astype(np.uint8) * np.uint8(255)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -12,7 +12,9 @@ Policies (documented in the README as well):
   recorded in the manifest's ``conversions`` column. Other modes are ``unsupported_mode``.
 * **EXIF orientation.** The image is turned upright. A mask that carries its own orientation tag is
   turned upright too. A mask whose size matches the image's *stored* (un-rotated) size and not the
-  upright size was drawn on the stored pixels, so it receives the image's rotation.
+  upright size was drawn on the stored pixels, so it receives the image's rotation. Where the size
+  cannot tell (a half turn, a mirror, a square photo), the mask receives the rotation when, turned,
+  it follows the photo's edges clearly better (:data:`EDGE_AGREEMENT_MARGIN`) than as it is.
 * **Size mismatch.** A mask with the image's aspect ratio (within ``max_aspect_mismatch``) but another
   size is rescaled to the image (``mask_resized``); any other mismatch is ``size_mismatch``.
 * **Binarisation.** Mask values ``>= mask_threshold`` are foreground. Values strictly inside
@@ -48,16 +50,16 @@ import cv2
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from tasks.core.codecs import area_average, bomb_warning_action, on_white, shrink_mask
+from tasks.core.codecs import MASK_EXTENSIONS, area_average, bomb_warning_action, on_white, shrink_mask
 from tasks.core.limits import aspect_mismatch
 from tasks.data.config import CleaningConfig
 
 #: Changes whenever the same raw pair and config would clean to other bytes (2: never enlarged; 3: 0/1
 #: label masks kept, no longer quarantined as empty; 4: a mask's transparency is the mask, 0/1 labels in
-#: any mode), so the dataset version (:func:`tasks.core.manifest.dataset_version`) moves with it.
+#: any mode, the mask of a photo stored turned by half or mirrored turned by the photo's edges), so the
+#: dataset version (:func:`tasks.core.manifest.dataset_version`) moves with it.
 CLEANING_REVISION = 4
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp")
-MASK_EXTENSIONS = (".png",)
 IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "MPO")
 MASK_FORMATS = ("PNG",)
 SYSTEM_FILE_NAMES = ("thumbs.db", "desktop.ini")
@@ -163,7 +165,8 @@ def pair_files(relpaths: list[str]) -> PairingResult:
     """Pair ``images/<stem>.<ext>`` with ``masks/<stem>.png`` from a batch listing.
 
     Takes paths relative to the batch folder. Files outside ``images/`` and ``masks/`` at the batch
-    root (``_READY``, notes) are metadata and ignored; anything deeper is ``unexpected_location``.
+    root (``_READY``, notes) are metadata and ignored; anything deeper, and the files of a folder
+    named so in other letter cases (``Images/``), are ``unexpected_location``.
     Returns pairs ``{"stem", "image_relpath", "mask_relpath"}`` sorted by stem, and reject rows
     ``{"stem", "image_relpath", "mask_relpath", "reason", "detail"}``. A photo whose only mask is in a
     refused format (``masks/x.jpg``), or the other way round, is one ``unsupported_format`` row naming
@@ -184,6 +187,11 @@ def pair_files(relpaths: list[str]) -> PairingResult:
             continue
         folder, basename = parts[0], parts[-1]
         if folder not in ("images", "masks"):
+            if folder.casefold() in ("images", "masks"):  # a mis-cased folder would vanish without a word
+                stem_raw, dot, _ = basename.rpartition(".")
+                reject(normalise_stem(stem_raw if dot and stem_raw else basename), Reason.UNEXPECTED_LOCATION,
+                       f"folder {folder!r}: the folders are images/ and masks/, in lower case",
+                       **({"image": rel} if folder.casefold() == "images" else {"mask": rel}))
             continue
         role_image = folder == "images"
         stem_raw, dot, ext = basename.rpartition(".")
@@ -286,6 +294,30 @@ def _open(data: bytes, what: str, formats: tuple[str, ...], config: CleaningConf
     except (ValueError, SyntaxError, struct.error) as exc:
         raise Rejected(Reason.UNDECODABLE, f"{what}: {exc}") from None
     return img, (width, height)
+
+
+#: How much better a mask turned like the photo must follow the photo's edges than the mask as it is,
+#: when its size cannot tell whether it was drawn on the stored or on the upright pixels.
+EDGE_AGREEMENT_MARGIN = 1.25
+
+
+def _fits_both(mask_size: tuple[int, int], stored: tuple[int, int], upright: tuple[int, int],
+               config: CleaningConfig) -> bool:
+    """Whether a mask of ``mask_size`` has the shape of the photo both as stored and upright (a turn by
+    half, a mirror, or a quarter turn of a square photo): its size cannot tell which it was drawn on."""
+    return (aspect_mismatch(mask_size, stored) <= config.max_aspect_mismatch
+            and aspect_mismatch(mask_size, upright) <= config.max_aspect_mismatch)
+
+
+def _edge_agreement(mask_img: Image.Image, rgb: Image.Image, config: CleaningConfig) -> float:
+    """The mean gradient of the photo along the mask's outline, at the working size: high where the
+    outline runs on the product's edges."""
+    size = working_size_for(*rgb.size, config.working_size)
+    photo = np.asarray(rgb.convert("L").resize(size, Image.Resampling.BOX), np.float32)
+    gradient = cv2.magnitude(cv2.Sobel(photo, cv2.CV_32F, 1, 0), cv2.Sobel(photo, cv2.CV_32F, 0, 1))
+    mask = cv2.resize(_to_grey(mask_img, []), size, interpolation=cv2.INTER_AREA) >= 128
+    outline = cv2.morphologyEx(mask.astype(np.uint8), cv2.MORPH_GRADIENT, np.ones((3, 3), np.uint8)) > 0
+    return float(gradient[outline].mean()) if outline.any() else 0.0
 
 
 def _orientation(img: Image.Image) -> int:
@@ -399,6 +431,11 @@ def clean_pair(image_bytes: bytes, mask_bytes: bytes, config: CleaningConfig) ->
     elif orientation in _TRANSPOSE_FOR_ORIENTATION and mask_img.size == stored_size and mask_img.size != (width, height):
         mask_img = mask_img.transpose(_TRANSPOSE_FOR_ORIENTATION[orientation])
         conversions.append("mask_rotated_like_image")
+    elif orientation in _TRANSPOSE_FOR_ORIENTATION and _fits_both(mask_img.size, stored_size, (width, height), config):
+        turned = mask_img.transpose(_TRANSPOSE_FOR_ORIENTATION[orientation])  # drawn on the stored pixels?
+        if _edge_agreement(turned, rgb, config) > EDGE_AGREEMENT_MARGIN * _edge_agreement(mask_img, rgb, config):
+            mask_img = turned
+            conversions.append("mask_rotated_like_image_by_edges")
     grey = _to_grey(mask_img, conversions)
 
     if grey.shape != (height, width):

@@ -94,7 +94,8 @@ def plan_batch(
         raise FileNotFoundError(f"no images/ or masks/ files under {raw_url}")
     by_relpath = {o.relpath: o for o in objects}
     pairing = pair_files(list(by_relpath))
-    version = dataset_version(batch, [(o.relpath, o.size, o.etag) for o in objects],
+    # A local file has no ETag: its time written stands in, so a file changed at the same size is a new version.
+    version = dataset_version(batch, [(o.relpath, o.size, o.etag or o.modified) for o in objects],
                               {**config.to_dict(), "cleaning_revision": CLEANING_REVISION})
     dataset_url = layout.dataset(bucket_url, version)
     work_url = storage.join(dataset_url, "_work")

@@ -16,7 +16,7 @@ this layout, ``review/corrections.jsonl``, is replayed first.)
 The mask audit flags implausible masks (the manifest's ``audit_reasons``). Reviewers answer each
 flagged pair with a ``mask`` correction in the same log: ``keep`` (the mask is fine), ``exclude``
 (leave the pair out of training and of the test split) or ``fix`` (a corrected mask uploaded with
-:func:`save_fixed_mask`, stored as ``review/masks/<key>.png``). The last answer for a pair wins;
+:func:`save_fixed_mask`, stored as a file of its own under ``review/masks/``). The last answer for a pair wins;
 :func:`apply_review` writes it into the manifest's ``audit_decision`` (and ``mask_url`` for a fix).
 """
 
@@ -97,6 +97,8 @@ class Correction:
     cluster: int | None = None
     name: str | None = None
     decision: str | None = None
+    #: A ``fix``'s uploaded mask: its file name under ``review/masks/`` (each upload a file of its own).
+    mask_file: str | None = None
 
     def to_json(self) -> str:
         """The correction as one line of JSON (its stored object)."""
@@ -123,6 +125,8 @@ class ReviewState:
     flagged: dict[str, tuple[str, ...]] = field(default_factory=dict)
     sizes_of: dict[str, tuple[int, int]] = field(default_factory=dict)
     mask_decisions: dict[str, str] = field(default_factory=dict)
+    #: A fixed key -> the file name (under ``review/masks/``) of the upload its last ``fix`` chose.
+    fixed_masks: dict[str, str] = field(default_factory=dict)
     #: The proposal the corrections belong to (see the module docstring).
     clustering: str = ""
     #: Stored corrections that no longer fit when replayed, with the reason: two reviewers changed
@@ -161,7 +165,8 @@ class ReviewState:
     def flagged_pairs(self) -> list[dict]:
         """The flagged pairs for the masks page, sorted by key: ``key``, ``stem``, ``reasons``,
         ``cluster``, ``cluster_name``, ``size`` (the clean pair's ``"W×H"``, "" when unknown),
-        ``decision`` ("" while undecided) and who decided when."""
+        ``decision`` ("" while undecided), ``fixed_file`` (a fix's chosen upload under ``review/masks/``,
+        else "") and who decided when."""
         last = {c.key: c for c in self.corrections if c.action == "mask"}
         pairs = []
         for key in sorted(self.flagged):
@@ -175,6 +180,7 @@ class ReviewState:
                 "cluster_name": self.names.get(cluster, "") if cluster is not None else "",
                 "size": "{}×{}".format(*self.sizes_of[key]) if key in self.sizes_of else "",
                 "decision": self.mask_decisions.get(key, ""),
+                "fixed_file": self.fixed_masks.get(key, "") if self.mask_decisions.get(key) == "fix" else "",
                 "decided_by": decided.user if decided else "",
                 "decided_at": decided.at if decided else "",
             })
@@ -194,6 +200,8 @@ class ReviewState:
             if correction.decision not in MASK_DECISIONS:
                 raise CorrectionError(f"mask decision {correction.decision!r} must be one of {list(MASK_DECISIONS)}")
             self.mask_decisions[correction.key] = correction.decision
+            if correction.decision == "fix":  # a log from before one file per upload names none
+                self.fixed_masks[correction.key] = correction.mask_file or f"{correction.key}.png"
         elif correction.action == "move":
             if correction.key not in self.cluster_of:
                 raise CorrectionError(f"unknown image key {correction.key!r}")
@@ -305,9 +313,10 @@ def _read_flags(dataset_url: str, storage_options: dict | None) -> tuple[dict, d
     return flagged, sizes
 
 
-def fixed_mask_url(dataset_url: str, key: str) -> str:
-    """Where a reviewer's corrected mask of ``key`` is stored: ``review/masks/<key>.png``."""
-    return storage.join(dataset_url, FIXED_MASKS_PATH, f"{key}.png")
+def fixed_mask_url(dataset_url: str, key: str, file_name: str | None = None) -> str:
+    """Where a reviewer's corrected mask of ``key`` is stored: ``review/masks/<file_name>`` (an upload's
+    own file, :func:`save_fixed_mask`), or ``review/masks/<key>.png`` (a fix saved before that)."""
+    return storage.join(dataset_url, FIXED_MASKS_PATH, file_name or f"{key}.png")
 
 
 def load_review_state(dataset_url: str, storage_options: dict | None = None) -> ReviewState:
@@ -386,7 +395,8 @@ def _store_correction(
     now = datetime.now(timezone.utc)
     correction = Correction(action=action, user=user, at=now.isoformat(timespec="seconds"), **fields)
     state.apply(correction)
-    if correction.decision == "fix" and not storage.exists(fixed_mask_url(dataset_url, correction.key), storage_options):
+    if correction.decision == "fix" and not storage.exists(
+            fixed_mask_url(dataset_url, correction.key, correction.mask_file), storage_options):
         raise CorrectionError(f"no corrected mask was uploaded for {correction.key!r}: upload one to fix it")
     name = f"{now.strftime(_NAME_TIME_FORMAT)}-{uuid.uuid4().hex[:12]}.json"
     url = storage.join(review_log_url(dataset_url, state.clustering), "corrections", name)
@@ -440,6 +450,14 @@ def record_rejection(dataset_url: str, by: str | None, storage_options: dict | N
     return answer
 
 
+def clear_rejection(dataset_url: str, storage_options: dict | None = None) -> None:
+    """Forget the last Reject of the current proposal's review (a new run's gate asks again)."""
+    clustering = _clustering_id(_read_assignments(dataset_url, storage_options))
+    url = storage.join(review_log_url(dataset_url, clustering), REJECTED_FILE)
+    if storage.exists(url, storage_options):
+        storage.remove(url, storage_options)
+
+
 def read_rejection(dataset_url: str, clustering: str, storage_options: dict | None = None) -> dict | None:
     """The last :func:`record_rejection` of this proposal, or None."""
     url = storage.join(review_log_url(dataset_url, clustering), REJECTED_FILE)
@@ -478,9 +496,11 @@ def save_fixed_mask(
     height from the manifest, or of the full-size photo's (larger, the same aspect ratio: it is
     shrunk by coverage as cleaning shrank the pair); both are checked from the file's header before
     any pixel is decoded. It is decoded as greyscale (a not fully opaque alpha channel is the mask), thresholded
-    at 128 to 0/255 and written to ``review/masks/<key>.png``: the clean mask and the inputs are
-    never touched. Returns the new state; raises :class:`CorrectionError` for an unknown or
-    unflagged key and for a file that does not fit (nothing is written then).
+    at 128 to 0/255 and written to a file of its own, ``review/masks/<key>-<upload id>.png``, that the
+    ``fix`` correction names: an upload refused after it was written (the review closed meanwhile),
+    or one made against a later clustering, never replaces the mask an approved review chose. The
+    clean mask and the inputs are never touched. Returns the new state; raises :class:`CorrectionError`
+    for an unknown or unflagged key and for a file that does not fit (nothing is written then).
     """
     import cv2
 
@@ -496,8 +516,10 @@ def save_fixed_mask(
     ok, encoded = cv2.imencode(".png", mask)
     if not ok:
         raise CorrectionError("PNG encoding failed")
-    storage.write_bytes(fixed_mask_url(dataset_url, key), encoded.tobytes(), storage_options)
-    return _store_correction(dataset_url, state, "mask", user, storage_options, key=key, decision="fix")
+    file_name = f"{key}-{uuid.uuid4().hex[:12]}.png"
+    storage.create_exclusive(fixed_mask_url(dataset_url, key, file_name), encoded.tobytes(), storage_options)
+    return _store_correction(dataset_url, state, "mask", user, storage_options, key=key, decision="fix",
+                             mask_file=file_name)
 
 
 def _apply_mask_decisions(manifest: pd.DataFrame, state: ReviewState, dataset_url: str) -> dict:
@@ -514,11 +536,10 @@ def _apply_mask_decisions(manifest: pd.DataFrame, state: ReviewState, dataset_ur
         decision = state.mask_decisions.get(key, "")
         manifest.at[index, "audit_decision"] = _AUDIT_DECISION.get(decision, "")
         counts[label.get(decision, "undecided")] += 1
-        fixed_url = fixed_mask_url(dataset_url, key)
         if decision == "fix":
-            manifest.at[index, "mask_url"] = fixed_url
-        elif str(manifest.at[index, "mask_url"]) == fixed_url:  # an earlier fix was taken back
-            from tasks.data.ingest import clean_urls
+            manifest.at[index, "mask_url"] = fixed_mask_url(dataset_url, key, state.fixed_masks.get(key))
+        elif str(manifest.at[index, "mask_url"]).startswith(storage.join(dataset_url, FIXED_MASKS_PATH) + "/"):
+            from tasks.data.ingest import clean_urls  # an earlier fix was taken back
 
             manifest.at[index, "mask_url"] = clean_urls(dataset_url, key)[1]
     return {"flagged": int(flagged.sum()), **counts}
@@ -528,7 +549,7 @@ def apply_review(dataset_url: str, storage_options: dict | None = None) -> dict:
     """Write the reviewed product type of every clean pair into ``manifest.parquet``.
 
     Also writes the reviewers' answer to every flagged mask into ``audit_decision`` (``keep``,
-    ``exclude``, ``fixed`` with ``mask_url`` pointing at ``review/masks/<key>.png``, or "" while
+    ``exclude``, ``fixed`` with ``mask_url`` pointing at the chosen upload under ``review/masks/``, or "" while
     undecided: such pairs stay out of training) and ``clusters/final.parquet`` (stem, key,
     proposed cluster, final cluster, final name). Manifests without the audit columns get no
     ``audit_decision`` column. Returns ``{"sizes": {name: n}, "moved": n, "renamed": n,

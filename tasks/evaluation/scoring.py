@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from tasks.core import storage
-from tasks.core.codecs import read_image, read_mask
+from tasks.core.codecs import MASK_EXTENSIONS, read_image, read_mask
 from tasks.core.errors import first_line
 from tasks.core.heap import keep_freed_memory
 from tasks.evaluation.metrics import ImageScore, boundary_f, iou, mae, summarise
@@ -33,7 +33,6 @@ from tasks.train.data import DEFAULT_CLUSTER, load_samples
 
 __all__ = [
     "IMAGE_EXTENSIONS",
-    "MASK_EXTENSIONS",
     "evaluate_dataset",
     "evaluate_folder",
     "evaluate_pairs",
@@ -45,8 +44,6 @@ __all__ = [
     "score_split",
 ]
 
-#: Mask file extensions :func:`evaluate_folder` scores against: lossless PNG only, as cleaning takes them.
-MASK_EXTENSIONS: tuple[str, ...] = (".png",)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -271,9 +268,11 @@ def evaluate_folder(model_url: str, images_dir_or_url: str, masks_dir_or_url: st
                       IMAGE_EXTENSIONS, "images")
     mask_files = list(storage.list_objects(masks_dir_or_url, storage_options))
     masks = _by_stem(mask_files, masks_dir_or_url, MASK_EXTENSIONS, "masks")
-    other_masks = {stem: url for stem, url in _by_stem(mask_files, masks_dir_or_url,
-                                                         set(IMAGE_EXTENSIONS) - set(MASK_EXTENSIONS),
-                                                         "masks").items() if stem in images and stem not in masks}
+    other_masks: dict[str, str] = {}  # an image's only mask, in another format: named, not scored
+    for obj in mask_files:
+        stem, ext = posixpath.splitext(obj.relpath)
+        if "/" not in obj.relpath and ext.lower() in IMAGE_EXTENSIONS and stem in images and stem not in masks:
+            other_masks.setdefault(stem, obj.url)
     stems = sorted(set(images) & set(masks))
     if not stems:
         raise ValueError(f"no image in {images_dir_or_url} has a mask <stem>.png in {masks_dir_or_url} "

@@ -65,7 +65,10 @@ __all__ = [
     "InputListing",
     "list_images",
     "list_inputs",
+    "earlier_lines",
+    "logged_sources",
     "mark_output_folder",
+    "merged_results",
     "mask_dir_for",
     "options_for",
     "output_urls",
@@ -73,6 +76,7 @@ __all__ = [
     "parse_background",
     "parse_canvas",
     "without_output_clashes",
+    "written_by",
     "remove_backgrounds",
     "remove_to",
     "results_line",
@@ -658,9 +662,49 @@ def list_images(inputs: Sequence[str], storage_options: dict | None = None,
     return listing.items, listing.problems
 
 
+def earlier_lines(out_url: str, storage_options: dict | None = None) -> list[str]:
+    """The lines of the :data:`RESULTS_FILE` earlier runs left in ``out_url`` ([] when none)."""
+    url, options = storage.join(out_url, RESULTS_FILE), options_for(out_url, storage_options)
+    if not storage.exists(url, options):
+        return []
+    return [line for line in storage.read_bytes(url, options).decode().splitlines() if line.strip()]
+
+
+def written_by(lines: Iterable[str]) -> set[str]:
+    """The files (as :func:`path_key` gives them) that the runs logged in ``lines`` (results lines) wrote."""
+    written = set()
+    for line in lines:
+        try:
+            outputs = json.loads(line).get("outputs") or {}
+        except (ValueError, AttributeError):
+            continue
+        written.update(path_key(url) for url in outputs.values())
+    return written
+
+
+def _source(line: str) -> str | None:
+    try:
+        return json.loads(line).get("source_url")
+    except (ValueError, AttributeError):
+        return None
+
+
+def logged_sources(lines: Iterable[str]) -> set[str]:
+    """The photos that results lines were written for."""
+    return {source for source in map(_source, lines) if source}
+
+
+def merged_results(earlier: Sequence[str], lines: Sequence[str]) -> list[str]:
+    """``earlier`` results lines, less those of photos ``lines`` has again, then ``lines``: one line per
+    photo, the latest, so that the log still names every file the runs wrote into the folder."""
+    redone = logged_sources(lines)
+    return [line for line in earlier if _source(line) not in redone] + list(lines)
+
+
 def list_inputs(inputs: Sequence[str], storage_options: dict | None = None,
                 extensions: Sequence[str] = IMAGE_EXTENSIONS,
-                exclude: str | None = None, skip_earlier_outputs: bool = False) -> InputListing:
+                exclude: str | None = None, skip_earlier_outputs: bool = False,
+                written: Collection[str] | None = None) -> InputListing:
     """Expand files, folders and ``s3://`` prefixes into ``(url, stem)`` pairs.
 
     A file or object is taken whatever its extension; a folder or prefix contributes the files
@@ -669,8 +713,9 @@ def list_inputs(inputs: Sequence[str], storage_options: dict | None = None,
     output location) and, with ``skip_earlier_outputs`` (``bgremoval remove``), those in a
     subfolder holding a :data:`RESULTS_FILE` (an earlier run's output location: its cut-outs are
     not photos to cut out again; the input folder itself is listed whatever it holds). The photos in
-    an output folder inside an input folder that holds no :data:`RESULTS_FILE` (photos someone put
-    there, not a run's outputs) are not taken but are ``listed``: no output replaces them.
+    an output folder inside an input folder are not taken, and those no run wrote there (``written``:
+    the :func:`path_key` of the files earlier runs wrote, by default read from its
+    :data:`RESULTS_FILE`) are ``listed``: photos someone put there, which no output replaces.
     ``problems`` lists inputs that do not exist, names two inputs would share (the later one is
     left out) and photos in a format ``remove`` does not read (:data:`UNREAD_IMAGE_EXTENSIONS`).
     """
@@ -714,14 +759,15 @@ def list_inputs(inputs: Sequence[str], storage_options: dict | None = None,
         kinds = [(obj, kind(obj)) for obj in objects]
         if not any(k == "photo" for _, k in kinds) and not fs.exists(path):
             problems.append(f"{entry}: no such file, folder or prefix")
-        out_is_ours = skip in outputs or any(o.relpath == f"{skip}/{RESULTS_FILE}" for o in objects)
+        if skip and written is None:
+            written = written_by(earlier_lines(exclude, storage_options))
         for obj, what in kinds:
             if what == "photo":
                 add(obj, posixpath.splitext(obj.relpath)[0])
             elif what == "unread":
                 problems.append(f"{obj.url}: left out, {posixpath.splitext(obj.relpath)[1]} photos are not read "
                                 f"(convert it to JPEG, PNG or WebP)")
-            elif what == "output" and skip and obj.relpath.startswith(skip + "/") and not out_is_ours:
+            elif what == "output" and skip and obj.relpath.startswith(skip + "/") and path_key(obj.url) not in written:
                 listed.add(path_key(obj.url))  # a photo someone put in the output folder: never replaced
     return InputListing(items, problems, frozenset(listed), tuple(earlier), versions)
 
@@ -741,13 +787,14 @@ def planned_outputs(stem: str, out_url: str, config: InferenceConfig) -> list[st
     return [urls[kind.field] for kind in OUTPUT_KINDS.values() if getattr(config, kind.flag)]
 
 
-def without_output_clashes(items: Sequence[tuple[str, str]], out_url: str,
-                           config: InferenceConfig) -> tuple[list[tuple[str, str]], list[str]]:
+def without_output_clashes(items: Sequence[tuple[str, str]], out_url: str, config: InferenceConfig,
+                           first: Collection[str] = ()) -> tuple[list[tuple[str, str]], list[str]]:
     """``items`` (``(url, stem)``) less those whose files would land on an earlier item's (``x.jpg`` and
-    ``masks/x.jpg`` with ``--mask``: both would write ``masks/x.png``), and a line naming each."""
+    ``masks/x.jpg`` with ``--mask``: both would write ``masks/x.png``), and a line naming each. The
+    photos in ``first`` (a watch's photos already cut out) come before the others, whatever their names."""
     taken: dict[str, str] = {}
     kept, problems = [], []
-    for url, stem in items:
+    for url, stem in sorted(items, key=lambda item: item[0] not in first):  # stable: the listing's order
         planned = planned_outputs(stem, out_url, config)
         clash = next((u for u in planned if path_key(u) in taken), None)
         if clash is not None:
@@ -781,7 +828,8 @@ def remove_to(inputs: Sequence[str], out_url: str, engine: Engine, config: Infer
     """What ``bgremoval remove`` does: list ``inputs`` (:func:`list_inputs`; an output location
     inside an input folder is left out), remove the backgrounds (:func:`iter_remove_backgrounds`)
     with a tqdm progress bar, write each result's files under ``out_url`` as it comes
-    (:func:`write_outputs`; never over any listed photo) and a ``results.jsonl`` line per image, and
+    (:func:`write_outputs`; never over any listed photo) and a ``results.jsonl`` line per image (after
+    the earlier runs' lines of the other photos: :func:`merged_results`), and
     report every failure through ``log`` (default: a line on stderr that keeps the progress bar
     intact). ``storage_options`` apply to remote URLs. Interrupted (Ctrl-C), it stops, writes
     ``results.jsonl`` for the images done so far and returns with ``interrupted`` set.
@@ -798,7 +846,8 @@ def remove_to(inputs: Sequence[str], out_url: str, engine: Engine, config: Infer
 
     log = log or (lambda line: tqdm.write(line, file=sys.stderr))
     listing = list_inputs(inputs, storage_options, exclude=out_url, skip_earlier_outputs=True)
-    items, clashes = without_output_clashes(listing.items, out_url, config)
+    earlier = earlier_lines(out_url, storage_options)
+    items, clashes = without_output_clashes(listing.items, out_url, config, first=logged_sources(earlier))
     problems = [*listing.problems, *clashes]
     for problem in problems:
         log(f"skipped: {problem}")
@@ -827,7 +876,7 @@ def remove_to(inputs: Sequence[str], out_url: str, engine: Engine, config: Infer
         interrupted = True
     seconds = time.perf_counter() - started
     if lines:
-        storage.write_text(results_url, "\n".join(lines) + "\n", out_options)
+        storage.write_text(results_url, "\n".join(merged_results(earlier, lines)) + "\n", out_options)
     done = ok + failed
     return {"images": len(items), "ok": ok, "failed": failed, "empty": empty, "below_threshold": below,
             "threshold": threshold, "problems": problems, "interrupted": interrupted,

@@ -20,18 +20,21 @@ from tasks.serving.engines import Engine
 from tasks.serving.pipeline import (
     RESULTS_FILE,
     InferenceConfig,
+    earlier_lines,
     iter_remove_backgrounds,
     left_out_line,
     list_inputs,
     mark_output_folder,
     options_for,
+    path_key,
     planned_outputs,
     results_line,
     save_result,
     without_output_clashes,
+    written_by,
 )
 
-__all__ = ["WatchState", "earlier_lines", "poll_once", "watch"]
+__all__ = ["WatchState", "poll_once", "watch"]
 
 
 #: A photo's listing as :class:`tasks.serving.pipeline.InputListing` gives it: ``(size, ETag, modified)``.
@@ -41,8 +44,8 @@ Version = tuple[int, str, str]
 @dataclass
 class WatchState:
     """What a watch has done so far: images cut out, images failed, the results lines, each photo's
-    version when it was taken (``done``) and when last seen (``seen``), and what it has said it
-    leaves out (said once)."""
+    version when it was taken (``done``) and when last seen (``seen``), what it has said it leaves out
+    (said once) and the files written into the output folder."""
 
     ok: int = 0
     failed: int = 0
@@ -50,6 +53,8 @@ class WatchState:
     done: dict[str, Version] = field(default_factory=dict)
     seen: dict[str, Version] = field(default_factory=dict)
     left_out: set[str] = field(default_factory=set)
+    #: The files written into the output folder, by this watch and the runs before it (:func:`written_by`).
+    written: set[str] = field(default_factory=set)
 
 
 def _has_outputs(stem: str, out_url: str, config: InferenceConfig, storage_options: dict | None) -> bool:
@@ -57,13 +62,6 @@ def _has_outputs(stem: str, out_url: str, config: InferenceConfig, storage_optio
     return all(storage.exists(url, options) for url in planned_outputs(stem, out_url, config))
 
 
-def earlier_lines(out_url: str, storage_options: dict | None = None) -> list[str]:
-    """The lines of the ``results.jsonl`` an earlier run or watch left in ``out_url`` ([] when none)."""
-    url = storage.join(out_url, RESULTS_FILE)
-    options = options_for(out_url, storage_options)
-    if not storage.exists(url, options):
-        return []
-    return [line for line in storage.read_bytes(url, options).decode().splitlines() if line.strip()]
 
 
 def poll_once(inputs: Sequence[str], out_url: str, engine: Engine, config: InferenceConfig, state: WatchState,
@@ -72,8 +70,11 @@ def poll_once(inputs: Sequence[str], out_url: str, engine: Engine, config: Infer
     """One round of :func:`watch`: cut out every photo that has become ready since the last round.
     Returns how many were taken. The output location is left out of the inputs, and no output is
     written over a photo of the inputs."""
-    listing = list_inputs(inputs, storage_options, exclude=out_url, skip_earlier_outputs=True)
-    items, clashes = without_output_clashes(listing.items, out_url, config)
+    listing = list_inputs(inputs, storage_options, exclude=out_url, skip_earlier_outputs=True, written=state.written)
+    for url, stem in listing.items:  # cut out before this watch started: taken as done, and first in clashes
+        if url not in state.seen and url not in state.done and _has_outputs(stem, out_url, config, storage_options):
+            state.done[url] = state.seen[url] = listing.versions[url]
+    items, clashes = without_output_clashes(listing.items, out_url, config, first=state.done)
     said = [left_out_line(folder) for folder in listing.earlier_outputs]
     for line in [*said, *(f"skipped: {problem}" for problem in [*listing.problems, *clashes])]:
         if line not in state.left_out:  # said once per watch
@@ -84,14 +85,12 @@ def poll_once(inputs: Sequence[str], out_url: str, engine: Engine, config: Infer
         version = listing.versions.get(url)
         if version is None or state.done.get(url) == version:
             continue
-        if url not in state.seen and url not in state.done and _has_outputs(stem, out_url, config, storage_options):
-            state.done[url] = state.seen[url] = version  # cut out before this watch started
-            continue
         if version[0] and state.seen.get(url) == version:
             ready.append((url, stem))
         state.seen[url] = version
     for result in iter_remove_backgrounds(ready, engine, config, storage_options):
         written = save_result(result, out_url, config, storage_options, protected=listing.listed)
+        state.written.update(path_key(url) for url in written.values())
         state.done[result.source_url] = state.seen[result.source_url]
         if result.ok:
             state.ok += 1
@@ -118,6 +117,7 @@ def watch(inputs: Sequence[str], out_url: str, engine: Engine, config: Inference
     state = state if state is not None else WatchState()
     if not state.lines:
         state.lines = earlier_lines(out_url, storage_options)
+        state.written = written_by(state.lines)
     mark_output_folder(out_url, storage_options)
     while not stop.is_set():
         poll_once(inputs, out_url, engine, config, state, storage_options, log, threshold)

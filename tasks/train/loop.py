@@ -353,8 +353,9 @@ class _Tracker:
         self._tb: Any = None
         self._tb_dir: str | None = None
 
-    def start(self, run_id: str | None) -> None:
-        """Start a new MLflow run, or reopen ``run_id`` (a resumed run); store the id for resumes."""
+    def start(self, run_id: str | None, fresh: bool = False) -> None:
+        """Start a new MLflow run, or reopen ``run_id`` (a resumed run); store the id for resumes.
+        Without ``run_id`` the run recorded in the output folder is reopened, unless ``fresh``."""
         if not self.enabled:
             return
         self._start_tensorboard()
@@ -366,7 +367,7 @@ class _Tracker:
         config = self.config
         if config.mlflow_tracking_uri:
             mlflow.set_tracking_uri(config.mlflow_tracking_uri)
-        if run_id is None and storage.exists(self.run_id_url, config.storage_options):
+        if run_id is None and not fresh and storage.exists(self.run_id_url, config.storage_options):
             # A run that died before its first checkpoint: continue its MLflow run.
             run_id = storage.read_bytes(self.run_id_url, config.storage_options).decode().strip() or None
         if run_id is not None:
@@ -553,6 +554,18 @@ def settings_in(saved: dict[str, Any], output_url: str) -> dict[str, Any]:
     return {key: moved(value) for key, value in saved.items()}
 
 
+def _copied_from(checkpoint: dict | None, config: TrainConfig) -> str | None:
+    """The run folder ``config``'s was copied from, when the checkpoint was written in another folder
+    that still holds its own checkpoint (a moved folder goes on in its MLflow run, a copy in a new one)."""
+    before = str(((checkpoint or {}).get("config") or {}).get("output_url") or "")
+    if not before or before.rstrip("/") == config.output_url.rstrip("/"):
+        return None
+    try:
+        return before if storage.exists(layout.checkpoint(before), config.storage_options) else None
+    except Exception:  # noqa: BLE001 - another store, unreachable from here: not a copy we can see
+        return None
+
+
 def resume_conflicts(saved: dict[str, Any], config: TrainConfig) -> list[str]:
     """The settings ``config`` changes from ``saved`` (those a checkpoint, or its run's ``config.json``,
     was written with, read in ``config``'s run folder: :func:`settings_in`), ``"name: before → now"``
@@ -686,12 +699,15 @@ def train(config: TrainConfig, rank_info: RankInfo | None = None) -> TrainResult
         raise RuntimeError(f"workers disagree on the resume epoch: the checkpoint at {checkpoint_url} "
                            "changed while they started; restart the run")
 
+    copied_from = _copied_from(checkpoint, config)
     tracker = _Tracker(config, info.is_main, storage.join(out, "mlflow_run_id"))
     status = "FAILED"
     try:
-        tracker.start(run_id)
+        tracker.start(None if copied_from else run_id, fresh=bool(copied_from))
         if info.is_main:
-            if checkpoint is None and not tracker.has_params():
+            if (checkpoint is None or copied_from) and not tracker.has_params():
+                if copied_from:  # a copy goes on in a run of its own; the original's run is left as it is
+                    tracker.set_tags({"copied_from": copied_from, "copied_from_run": str(run_id)})
                 storage.write_text(layout.model_config(out),
                                    json.dumps(_public_config(config), indent=2, sort_keys=True), opts)
                 params = {k: v for k, v in _public_config(config).items() if v is not None}

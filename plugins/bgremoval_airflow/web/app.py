@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse, RedirectResponse
 
 from bgremoval_airflow.web.clusters import cluster_router
 from bgremoval_airflow.web.corrections import correction_router
-from bgremoval_airflow.web.limits import BodySizeLimit
+from bgremoval_airflow.web.limits import BodySizeLimit, CrossSiteRefusal
 from bgremoval_airflow.web.masks import mask_router
 from bgremoval_airflow.web.reports import report_router
 
@@ -26,7 +26,8 @@ def create_app() -> FastAPI:
     A page (not an ``/api/`` path) asked for without a login redirects to the Airflow login page and
     back; every other error answers JSON ``{"detail": ...}``. There are no docs or OpenAPI pages (they
     would answer without a login); a body over :data:`bgremoval_airflow.web.limits.MAX_BODY_BYTES`
-    is refused with 413 before it is read.
+    is refused with 413 before it is read, and a change a browser sent from another origin with 403
+    (:class:`bgremoval_airflow.web.limits.CrossSiteRefusal`).
     """
     app = FastAPI(title="bgremoval review", description=__doc__, docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -40,6 +41,7 @@ def create_app() -> FastAPI:
         return JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
 
     app.add_middleware(BodySizeLimit)  # before routing, so before the login check reads a body
+    app.add_middleware(CrossSiteRefusal)  # added last, so it runs first: no other site's form gets in
     app.include_router(correction_router())  # the mask-correction pages and their API
     app.include_router(report_router())  # evaluation reports, linked from evaluate_model's log
     app.include_router(cluster_router())  # the start page, the cluster review page and its API

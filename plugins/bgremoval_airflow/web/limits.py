@@ -1,4 +1,5 @@
-"""A cap on request bodies, enforced before any route (and so before the login check) reads one.
+"""Guards enforced before any route (and so before the login check) reads a request: a cap on request
+bodies, and no state-changing request from another site.
 
 FastAPI reads a body before a route's dependencies run, and Starlette spools uploads to disk
 without a limit: without this, anyone could send gigabytes to an upload route. The cap answers
@@ -68,6 +69,38 @@ class BodySizeLimit:
 
     def _too_large(self) -> str:
         return f"request body larger than {self.max_bytes / 2**20:.0f} MiB"
+
+
+#: Methods that change state: refused when a browser says another site sent them.
+_WRITES = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
+class CrossSiteRefusal:
+    """ASGI middleware: 403 for a state-changing request that a browser sent from another origin.
+
+    The pages log in with Airflow's cookie, and a plain HTML form (``multipart/form-data``) from any
+    page of the same site (another port or subdomain) would be sent with it, without a preflight.
+    Browsers say where a request comes from: ``Sec-Fetch-Site`` (``same-origin`` for the pages' own
+    ``fetch`` calls, ``none`` when typed by the user) or, from older ones, ``Origin``. A request with
+    neither (a script, ``curl``) carries no browser cookie it did not set itself and passes.
+    """
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["method"] in _WRITES:
+            headers = dict(scope.get("headers") or [])
+            site = headers.get(b"sec-fetch-site")
+            origin = headers.get(b"origin")
+            if site is not None and site not in (b"same-origin", b"none"):
+                await _answer(send, 403, f"refused: a {site.decode(errors='replace')} request may not change anything")
+                return
+            hosts = {headers.get(b"host"), headers.get(b"x-forwarded-host")}  # behind a proxy: the name it was called by
+            if site is None and origin is not None and origin.split(b"://", 1)[-1] not in hosts:
+                await _answer(send, 403, "refused: a request from another origin may not change anything")
+                return
+        await self.app(scope, receive, send)
 
 
 async def _answer(send, status: int, detail: str) -> None:

@@ -50,7 +50,7 @@ def masks_json(state, version: str, bucket: str) -> dict:
     pairs = state.flagged_pairs()
     for pair in pairs:
         thumbnail = f"api/datasets/{version}/masks/{pair['key']}/thumbnail?bucket={bucket}"
-        pair["thumbnail"] = thumbnail + ("&fixed=true" if pair["decision"] == "fix" else "")
+        pair["thumbnail"] = thumbnail + (f"&fixed={pair['fixed_file']}" if pair["decision"] == "fix" else "")
     counts = {d: sum(p["decision"] == d for p in pairs) for d in ("keep", "exclude", "fix")}
     return {
         "version": version,
@@ -75,18 +75,21 @@ def mask_router() -> APIRouter:
 
     @router.get("/api/datasets/{version}/masks/{key}/thumbnail", dependencies=[can_read_training])
     def get_mask_thumbnail(
-        version: str, key: str, bucket: str = Query(bucket_default), fixed: bool = Query(False)
+        version: str, key: str, bucket: str = Query(bucket_default), fixed: str = Query("")
     ) -> Response:
-        """A flagged pair's JPEG with its mask (or the uploaded fix) overlaid."""
+        """A flagged pair's JPEG with its mask (or, with ``fixed``, the upload of that file name) overlaid."""
         from tasks.data.ingest import clean_urls
         from tasks.data.review import fixed_mask_url, thumbnail_jpeg
 
         check_key(key)
+        if fixed and fixed != "true":  # "true": a fix saved before each upload had a file of its own
+            check_key(fixed.removesuffix(".png"))
         url = dataset_url(version, bucket)
         image_url, mask_url = clean_urls(url, key)
         options = current_storage_options()
         try:
-            mask = storage.read_bytes(fixed_mask_url(url, key) if fixed else mask_url, options)
+            chosen = fixed_mask_url(url, key, None if fixed == "true" else fixed) if fixed else mask_url
+            mask = storage.read_bytes(chosen, options)
             data = thumbnail_jpeg(storage.read_bytes(image_url, options), mask, size=240, overlay=True)
         except FileNotFoundError:
             raise HTTPException(status_code=404, detail=f"no {'fixed mask' if fixed else 'clean pair'} {key!r}") from None

@@ -47,3 +47,18 @@ def test_bodies_at_the_cap_pass_and_chunked_bodies_over_it_stop():
     streamed = client.post("/echo", content=chunks())  # no Content-Length: Transfer-Encoding chunked
     assert streamed.status_code == 413
     assert client.post("/echo", headers={"Content-Length": "many"}, content=b"").status_code == 400
+
+
+def test_a_change_a_browser_sends_from_another_origin_is_refused_before_login():
+    """A form on another page of the same site (another port or subdomain) would carry the login cookie:
+    browsers say so in Sec-Fetch-Site (or, older ones, Origin) and the request is refused; the pages' own
+    fetch calls (same-origin), reads and scripts without those headers go on to the login check."""
+    client = TestClient(create_app())
+    upload = "/api/corrections/i1/upload"
+    for headers in ({"Sec-Fetch-Site": "same-site"}, {"Sec-Fetch-Site": "cross-site"},
+                    {"Origin": "http://other.example:8080"}):
+        refused = client.post(upload, headers=headers, files={"file": ("m.png", b"x", "image/png")})
+        assert refused.status_code == 403 and "refused" in refused.json()["detail"], headers
+    for headers in ({"Sec-Fetch-Site": "same-origin"}, {"Origin": "http://testserver"}, {}):
+        assert client.post(upload, headers=headers, files={"file": ("m.png", b"x", "image/png")}).status_code == 401
+    assert client.get("/api/corrections", headers={"Sec-Fetch-Site": "cross-site"}).status_code == 401

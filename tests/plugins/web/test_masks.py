@@ -107,13 +107,15 @@ def test_list_keep_exclude_and_fix_over_http_then_apply(api_server, reviewer, fl
     assert not_png.status_code == 422 and "not a PNG" in not_png.json()["detail"]
     huge = httpx.post(fix_url, headers=headers, files={"file": ("m.png", b"\x89PNG" + b"\0" * (20 * 2**20), "image/png")})
     assert huge.status_code == 413
-    assert not storage.exists(fixed_mask_url(url, fix), options)
+    assert list(storage.list_objects(storage.join(url, "review", "masks"), options)) == []  # nothing written
     fixed = httpx.post(fix_url, headers=headers, files={"file": ("m.png", mask_png(rows[4]), "image/png")})
     assert fixed.status_code == 200, fixed.text
     pair = {p["key"]: p for p in fixed.json()["pairs"]}[fix]
-    assert (pair["decision"], pair["decided_by"]) == ("fix", "reviewer") and "fixed=true" in pair["thumbnail"]
+    assert (pair["decision"], pair["decided_by"]) == ("fix", "reviewer")
+    assert pair["thumbnail"].endswith(f"&fixed={pair['fixed_file']}") and pair["fixed_file"].startswith(f"{fix}-")
     assert reviewer.request("GET", f"/bgremoval/{pair['thumbnail']}")[:2] == b"\xff\xd8"
-    stored = cv2.imdecode(np.frombuffer(storage.read_bytes(fixed_mask_url(url, fix), options), np.uint8), cv2.IMREAD_UNCHANGED)
+    fixed_url = fixed_mask_url(url, fix, pair["fixed_file"])
+    stored = cv2.imdecode(np.frombuffer(storage.read_bytes(fixed_url, options), np.uint8), cv2.IMREAD_UNCHANGED)
     assert np.array_equal(stored, cv2.imdecode(np.frombuffer(mask_png(rows[4]), np.uint8), cv2.IMREAD_UNCHANGED))
 
     page = reviewer.request("GET", f"/bgremoval/review/{VERSION}/masks{q}").decode()
@@ -132,7 +134,7 @@ def test_list_keep_exclude_and_fix_over_http_then_apply(api_server, reviewer, fl
     assert reviewer.status("POST", f"{api}/{keep}{q}", {"decision": "exclude"}) == 409
     manifest = read_table(layout.manifest(url), options).set_index("key")
     assert manifest.loc[[keep, exclude, fix], "audit_decision"].tolist() == ["keep", "exclude", "fixed"]
-    assert manifest.loc[fix, "mask_url"] == fixed_mask_url(url, fix)
+    assert manifest.loc[fix, "mask_url"] == fixed_url
     assert manifest.loc[keep, "mask_url"] == rows[1]["mask_url"]
 
 
@@ -172,7 +174,7 @@ def test_masks_page_in_a_browser_exclude_and_fix(browser, save_screenshot, api_s
         fix_tile.get_by_role("button", name="Fix").click()
     chooser.value.set_files(str(mask_file))
     expect(fix_tile.locator(".decision")).to_have_text("fixed by reviewer", timeout=30_000)
-    expect(fix_tile.locator("img")).to_have_attribute("src", re.compile("fixed=true"))
+    expect(fix_tile.locator("img")).to_have_attribute("src", re.compile(rf"fixed={re.escape(fix)}-[0-9a-f]{{12}}\.png"))
     save_screenshot(page, "mask-review-page.png")
 
     page.reload()  # what was saved is what the server now serves

@@ -158,6 +158,27 @@ def test_exif_orientation_applied_to_image_and_mask_consistently(kind):
     assert _aligned(pair) > 60
 
 
+@pytest.mark.parametrize("orientation", [2, 3, 4])
+def test_where_the_size_cannot_tell_the_mask_turns_with_the_photo_only_when_it_then_follows_its_edges(orientation):
+    """A photo stored turned by half (or mirrored) with EXIF orientation 2-4: a mask drawn on the stored
+    pixels and one drawn on the upright photo have the same size. The one on the stored pixels is turned
+    like the photo, because turned it follows the photo's edges; the upright one is kept as it is."""
+    image = np.full((320, 240, 3), 245, np.uint8)
+    mask = np.zeros((320, 240), np.uint8)
+    mask[20:150, 30:120] = 255  # off-centre: turning it moves it off the product
+    image[mask > 0] = (30, 60, 120)
+    turn = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM}[orientation]
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    Image.fromarray(image).transpose(turn).save(buf, format="JPEG", quality=95, exif=exif.tobytes())
+    stored_photo = buf.getvalue()
+    on_stored = clean_pair(stored_photo, _png(np.asarray(Image.fromarray(mask).transpose(turn))), CONFIG)
+    upright = clean_pair(stored_photo, _png(mask), CONFIG)
+    assert "mask_rotated_like_image_by_edges" in on_stored.conversions and _aligned(on_stored) > 60
+    assert "mask_rotated_like_image_by_edges" not in upright.conversions and _aligned(upright) > 60
+
+
 def test_mask_with_own_orientation_tag_is_turned_upright():
     image, mask = _product(200, 300)
     stored_mask = np.ascontiguousarray(np.rot90(mask, k=1))
@@ -328,6 +349,10 @@ def test_pairing_rules():
 
 
 def test_pairing_says_when_a_photo_and_a_mask_differ_only_in_case():
+    misplaced = pair_files(["Images/caps.jpg", "Masks/caps.png", "notes/x.txt"]).rejects
+    assert [(r["stem"], r["reason"], r["image_relpath"] or r["mask_relpath"]) for r in misplaced] == [
+        ("caps", "unexpected_location", "Images/caps.jpg"), ("caps", "unexpected_location", "Masks/caps.png")]
+    assert "in lower case" in misplaced[0]["detail"]
     result = pair_files(["images/IMG_2.JPG", "masks/img_2.png"])
     details = {r["stem"]: r["detail"] for r in result.rejects}
     assert result.pairs == [] and details == {

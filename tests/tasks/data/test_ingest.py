@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import time
 
 import pandas as pd
 import pytest
@@ -103,7 +105,13 @@ def test_rerun_gives_same_version_and_no_duplicates_and_raw_is_untouched(corpus_
     assert len(manifest) == first["pairs_in"]
     # a changed file is a new version
     storage.write_bytes(storage.join(bucket, "raw", "b1", "masks", "extra.png"), b"not really a png")
-    assert _run(bucket, "b1")["version"] != first["version"]
+    changed = _run(bucket, "b1")["version"]
+    assert changed != first["version"]
+    # also when it keeps its size: a local file has no ETag, the time it was written tells
+    extra = storage.join(bucket, "raw", "b1", "masks", "extra.png")
+    storage.write_bytes(extra, b"not really a PNG")
+    os.utime(extra, (time.time() + 10, time.time() + 10))
+    assert _run(bucket, "b1")["version"] not in (changed, first["version"])
 
 
 def test_cleaning_a_version_again_keeps_its_clusters_splits_and_review_answers(corpus_batch):

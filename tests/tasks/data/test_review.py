@@ -104,7 +104,7 @@ def test_apply_review_writes_final_labels_into_the_manifest(clustered):
 
 
 def test_a_reject_is_recorded_and_leaves_the_review_open_until_an_approval(clustered, tmp_path):
-    from tasks.data.review import record_rejection, review_status
+    from tasks.data.review import clear_rejection, record_rejection, review_status
 
     assert review_status(str(tmp_path / "nothing")) == "no clusters" and review_status(clustered) == "waiting"
     record_rejection(clustered, None, None)  # the gate's timeout answered
@@ -113,6 +113,8 @@ def test_a_reject_is_recorded_and_leaves_the_review_open_until_an_approval(clust
     state = load_review_state(clustered)
     assert state.rejected["by"] == "lead" and not state.closed and review_status(clustered) == "rejected"
     record_correction(clustered, "move", "alice", key="k0", to_cluster=1)  # still taken, for the next run
+    clear_rejection(clustered)  # the next run's gate asks again
+    assert review_status(clustered) == "waiting" and load_review_state(clustered).rejected is None
     apply_review(clustered)
     assert review_status(clustered) == "approved"
 
@@ -172,7 +174,7 @@ def test_flagged_pairs_come_from_the_manifest(audited):
     assert state.mask_decisions == {}
     assert state.flagged_pairs()[0] == {
         "key": "k1", "stem": "s1", "reasons": ["speckle", "ragged"], "cluster": 0, "cluster_name": "long_pants",
-        "size": f"{W}×{H}", "decision": "", "decided_by": "", "decided_at": "",
+        "size": f"{W}×{H}", "decision": "", "fixed_file": "", "decided_by": "", "decided_at": "",
     }
 
 
@@ -208,6 +210,15 @@ def test_invalid_mask_decisions_are_refused_and_not_written(audited, key, decisi
     assert read_corrections(audited) == []
 
 
+def _fixed(dataset_url: str, key: str) -> str:
+    """The URL of the upload the review's last fix of ``key`` chose."""
+    return fixed_mask_url(dataset_url, key, load_review_state(dataset_url).fixed_masks[key])
+
+
+def _uploads(dataset_url: str) -> list[str]:
+    return [o.relpath for o in storage.list_objects(storage.join(dataset_url, "review", "masks"))]
+
+
 @pytest.mark.parametrize("sixteen_bit", [False, True])
 def test_fixed_mask_is_thresholded_stored_apart_and_recorded(audited, sixteen_bit):
     clean_mask_url = clean_urls(audited, "k1")[1]
@@ -217,11 +228,11 @@ def test_fixed_mask_is_thresholded_stored_apart_and_recorded(audited, sixteen_bi
     upload = png(grey.astype(np.uint16) * 257) if sixteen_bit else png(grey)
     state = save_fixed_mask(audited, "k1", upload, "carol")
     assert state.mask_decisions == {"k1": "fix"}
-    stored = cv2.imdecode(np.frombuffer(storage.read_bytes(fixed_mask_url(audited, "k1")), np.uint8), cv2.IMREAD_UNCHANGED)
+    stored = cv2.imdecode(np.frombuffer(storage.read_bytes(_fixed(audited, "k1")), np.uint8), cv2.IMREAD_UNCHANGED)
     assert stored.dtype == np.uint8 and stored.shape == (H, W)
     assert set(np.unique(stored)) == {0, 255}
     assert (stored[:, :20] == 0).all() and (stored[:, 20:] == 255).all()
-    assert fixed_mask_url(audited, "k1") == storage.join(audited, "review", "masks", "k1.png")
+    assert _fixed(audited, "k1").startswith(storage.join(audited, "review", "masks", "k1-"))  # a file per upload
     assert not cv2.imdecode(np.frombuffer(storage.read_bytes(clean_mask_url), np.uint8), 0).any()  # clean mask untouched
     [entry] = [json.loads(c.to_json()) for c in read_corrections(audited)]
     assert (entry["action"], entry["key"], entry["decision"], entry["user"]) == ("mask", "k1", "fix", "carol")
@@ -231,14 +242,14 @@ def test_cut_out_with_transparency_uses_its_alpha(audited):
     rgba = np.zeros((H, W, 4), np.uint8)  # black pixels everywhere: only the alpha says where the product is
     rgba[..., 3] = good_mask()
     save_fixed_mask(audited, "k4", png(rgba), "carol")
-    stored = cv2.imdecode(np.frombuffer(storage.read_bytes(fixed_mask_url(audited, "k4")), np.uint8), cv2.IMREAD_UNCHANGED)
+    stored = cv2.imdecode(np.frombuffer(storage.read_bytes(_fixed(audited, "k4")), np.uint8), cv2.IMREAD_UNCHANGED)
     assert np.array_equal(stored, good_mask())
 
 
 def test_a_mask_drawn_on_the_full_size_photo_is_shrunk_to_the_clean_pair(audited):
     full = cv2.resize(good_mask(), (W * 3, H * 3), interpolation=cv2.INTER_NEAREST)  # the photo before cleaning
     save_fixed_mask(audited, "k4", png(full), "carol")
-    stored = cv2.imdecode(np.frombuffer(storage.read_bytes(fixed_mask_url(audited, "k4")), np.uint8), cv2.IMREAD_UNCHANGED)
+    stored = cv2.imdecode(np.frombuffer(storage.read_bytes(_fixed(audited, "k4")), np.uint8), cv2.IMREAD_UNCHANGED)
     assert np.array_equal(stored, good_mask())
     with pytest.raises(CorrectionError, match="is 123x90 pixels .* same size or larger with the same aspect ratio"):
         save_fixed_mask(audited, "k1", png(np.full((90, 123), 255, np.uint8)), "carol")  # 2.5 % wider
@@ -262,7 +273,7 @@ def test_a_mask_drawn_on_the_full_size_photo_is_shrunk_to_the_clean_pair(audited
 def test_unfit_uploads_are_refused_and_nothing_is_written(audited, upload, message):
     with pytest.raises(CorrectionError, match=message):
         save_fixed_mask(audited, "k1", upload, "mallory")
-    assert not storage.exists(fixed_mask_url(audited, "k1"))
+    assert _uploads(audited) == []
     assert read_corrections(audited) == []
 
 
@@ -282,7 +293,7 @@ def test_apply_review_writes_audit_decisions_and_fixed_mask_urls(audited):
     assert summary["corrections"] == 2
     manifest = read_table(storage.join(audited, "manifest.parquet")).set_index("key")
     assert manifest.loc[["k1", "k4", "k5"], "audit_decision"].tolist() == ["exclude", "fixed", ""]
-    assert manifest.loc["k4", "mask_url"] == fixed_mask_url(audited, "k4")
+    assert manifest.loc["k4", "mask_url"] == _fixed(audited, "k4")
     assert manifest.loc["k1", "mask_url"] == before.loc["k1", "mask_url"]
     untouched = ["k0", "k2", "k3", "bad"]
     pd.testing.assert_frame_equal(
@@ -296,7 +307,7 @@ def test_apply_review_writes_audit_decisions_and_fixed_mask_urls(audited):
         record_correction(audited, "mask", "bob", key="k4", decision="keep")
     with pytest.raises(ReviewClosed):
         save_fixed_mask(audited, "k5", png(good_mask()), "bob")
-    assert not storage.exists(fixed_mask_url(audited, "k5"))
+    assert [name for name in _uploads(audited) if name.startswith("k5")] == []
     assert apply_review(audited)["masks"] == summary["masks"]
 
 
@@ -444,3 +455,26 @@ def test_a_correction_whose_save_outlasts_the_listing_window_is_withdrawn(cluste
         record_correction(clustered, "move", "ann", key="k0", to_cluster=1)
     monkeypatch.undo()
     assert read_corrections(clustered) == []
+
+
+def test_an_upload_refused_as_the_review_closed_never_replaces_the_approved_fix(audited, monkeypatch):
+    """Alice fixes k4; Bob's upload for k4 is being decoded when Approve is applied: Bob is told it was
+    not kept, and the approved manifest points at Alice's mask, unchanged (each upload has its own file)."""
+    import tasks.data.review as review
+
+    save_fixed_mask(audited, "k4", png(good_mask()), "alice")
+    alice = _fixed(audited, "k4")
+    alices_bytes = storage.read_bytes(alice)
+    decode = review._mask_array
+
+    def approved_meanwhile(png_bytes, size):
+        apply_review(audited)
+        return decode(png_bytes, size)
+
+    monkeypatch.setattr(review, "_mask_array", approved_meanwhile)
+    bobs = good_mask().copy()
+    bobs[:, :5] = 255
+    with pytest.raises(ReviewClosed):
+        save_fixed_mask(audited, "k4", png(bobs), "bob")
+    manifest = read_table(storage.join(audited, "manifest.parquet")).set_index("key")
+    assert manifest.loc["k4", "mask_url"] == alice and storage.read_bytes(alice) == alices_bytes

@@ -232,3 +232,16 @@ def test_refined_scores_follow_the_photos_edges_as_remove_publishes_them():
     assert refined.iou > plain.iou + 0.02 and big.iou > plain.iou + 0.02
     prob = predict_probabilities(model, photo, SIZE, output_size=(512, 512), refine=RefineConfig())
     assert prob.shape == (512, 512) and prob.dtype == np.float32
+
+
+def test_a_png_mask_is_scored_whatever_other_masks_share_its_stem(tmp_path):
+    images, masks = tmp_path / "images", tmp_path / "masks"
+    image = np.random.default_rng(3).integers(0, 256, (60, 90, 3), dtype=np.uint8)
+    mask = np.zeros((60, 90), np.uint8)
+    mask[15:45, 20:70] = 255
+    storage.write_bytes(str(images / "x.jpg"), encode_jpeg(image))
+    storage.write_bytes(str(masks / "x.png"), encode_png(mask))
+    storage.write_bytes(str(masks / "x.jpg"), encode_jpeg(np.dstack([mask] * 3)))
+    storage.write_bytes(str(masks / "x.tif"), cv2.imencode(".tif", mask)[1].tobytes())
+    summary = evaluate_folder(_write_run(tmp_path / "run"), str(images), str(masks))
+    assert summary["n"] == 1 and summary["unreadable"] == []

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -535,10 +536,16 @@ def test_photos_someone_put_in_the_output_folder_are_never_replaced(tmp_path):
     assert (summary["ok"], summary["failed"]) == (1, 1) and "overwrite the input" in failures[0]
     assert (tmp_path / "R" / "edits" / "sku1.jpg").read_bytes() == retouched
     assert (tmp_path / "R" / "edits" / "sku2.png").exists()
-    # once it holds results.jsonl the folder is this tool's output: a run again replaces its own files
-    again = remove_to([str(tmp_path / "R")], str(tmp_path / "R" / "edits"), SquareEngine(), InferenceConfig(),
-                      progress=False, log=failures.append)
-    assert (again["ok"], again["failed"]) == (2, 0)
+    # a run again replaces the files runs wrote (results.jsonl names them), never the retoucher's
+    sku2 = (tmp_path / "R" / "edits" / "sku2.png").stat().st_mtime_ns
+    for _ in range(2):
+        again = remove_to([str(tmp_path / "R")], str(tmp_path / "R" / "edits"), SquareEngine(), InferenceConfig(),
+                          progress=False, log=failures.append)
+        assert (again["ok"], again["failed"]) == (1, 1)
+    assert (tmp_path / "R" / "edits" / "sku1.jpg").read_bytes() == retouched
+    assert (tmp_path / "R" / "edits" / "sku2.png").stat().st_mtime_ns != sku2
+    lines = [json.loads(line) for line in (tmp_path / "R" / "edits" / "results.jsonl").read_text().splitlines()]
+    assert sorted(Path(line["source_url"]).name for line in lines) == ["sku1.jpg", "sku2.jpg"]  # one line a photo
 
 
 def test_two_photos_whose_outputs_would_land_on_the_same_file_are_not_both_cut_out(tmp_path):

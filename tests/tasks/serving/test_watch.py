@@ -150,3 +150,25 @@ def _stopping_after(seconds: float) -> threading.Event:
     stop = threading.Event()
     threading.Timer(seconds, stop.set).start()
     return stop
+
+
+def test_a_watch_keeps_what_it_cut_out_first_and_never_replaces_someones_photo(engine, tmp_path):
+    """masks/a.jpg arrives and is cut out to out/masks/a.png; a.jpg, arriving later, would write its mask
+    there: it is the one left out, whatever the names' order. A photo someone put in the output folder
+    inside the hot folder is never replaced, on the first watch or a later one."""
+    incoming = tmp_path / "in"
+    (incoming / "masks").mkdir(parents=True)
+    (incoming / "out").mkdir()
+    theirs = _jpeg(_photo(seed=7))
+    (incoming / "out" / "b.jpg").write_bytes(theirs)
+    (incoming / "masks" / "a.jpg").write_bytes(_jpeg(_photo(seed=1)))
+    (incoming / "b.jpg").write_bytes(_jpeg(_photo(seed=2)))
+    said: list[str] = []
+    for _ in range(2):
+        watch([str(incoming)], str(incoming / "out"), engine, InferenceConfig(mask=True), interval=0.01,
+              stop=_stopping_after(0.6), log=said.append)
+        (incoming / "a.jpg").write_bytes(_jpeg(_photo(seed=3)))
+    out = incoming / "out"
+    assert cv2.imread(str(out / "masks" / "a.png"), cv2.IMREAD_UNCHANGED).shape[2] == 4  # still masks/a.jpg's cut-out
+    assert any("a.jpg: left out, its output" in line for line in said)
+    assert (out / "b.jpg").read_bytes() == theirs and any("b.jpg" in line and "overwrite the input" in line for line in said)

@@ -140,6 +140,27 @@ def test_a_moved_run_folder_resumes_with_its_staged_start(dataset, tmp_path) -> 
                       max_steps_per_epoch=1))
 
 
+def test_a_copied_run_folder_goes_on_in_an_mlflow_run_of_its_own(dataset, tmp_path) -> None:
+    """A copy of a run folder (its original still there) resumes into a new MLflow run that names the
+    original; the original's run is left as it was. A moved folder goes on in its own run (above)."""
+    import shutil
+
+    from mlflow.tracking import MlflowClient
+
+    tracking = f"sqlite:///{tmp_path}/mlflow.db"
+    common = dict(mlflow_enabled=True, mlflow_tracking_uri=tracking, mlflow_experiment="copies", max_steps_per_epoch=1)
+    original = train(_config(dataset, tmp_path, output_url=str(tmp_path / "a"), epochs=1, **common))
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    copy = train(_config(dataset, tmp_path, output_url=str(tmp_path / "b"), epochs=2, **common))
+    assert copy.resumed and copy.mlflow_run_id != original.mlflow_run_id
+    client = MlflowClient(tracking)
+    run = client.get_run(copy.mlflow_run_id)
+    assert run.data.tags["copied_from_run"] == original.mlflow_run_id and run.data.params["epochs"] == "2"
+    assert [m.step for m in client.get_metric_history(original.mlflow_run_id, "val_iou")] == [1]
+    assert sorted(m.step for m in client.get_metric_history(copy.mlflow_run_id, "val_iou")) == [1, 2]
+    assert (tmp_path / "b" / "mlflow_run_id").read_text().strip() == copy.mlflow_run_id
+
+
 def test_auto_batch_size_uses_the_finder_under_a_memory_limit(dataset, tmp_path, monkeypatch) -> None:
     tried: list[int] = []
 
