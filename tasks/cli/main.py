@@ -393,7 +393,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         config = ServeConfig(model=args.model, threads=args.threads, sessions=args.sessions,
                              max_bytes=int(args.max_mb * 2**20), max_pixels=int(args.max_megapixels * 1e6),
-                             concurrency=args.concurrency, queue_timeout=args.queue_timeout,
+                             concurrency=args.concurrency, max_waiting=args.max_waiting,
+                             queue_timeout=args.queue_timeout,
                              reload_interval=args.reload_interval)
     except ValueError as exc:
         print(f"bgremoval serve: {exc}", file=sys.stderr)
@@ -774,6 +775,8 @@ def build_parser() -> argparse.ArgumentParser:
     srv.add_argument("--threads", type=int, help="the model's threads (default: all cores)")
     srv.add_argument("--sessions", type=int, default=ServeConfig.sessions, help="model sessions (OpenVINO: streams) sharing the threads")
     srv.add_argument("--concurrency", type=int, default=ServeConfig.concurrency, help="images in the model at once")
+    srv.add_argument("--max-waiting", type=int, default=ServeConfig.max_waiting,
+                     help="requests that may wait for a slot; more are answered 503 before their body is read")
     srv.add_argument("--queue-timeout", type=float, default=ServeConfig.queue_timeout, help="seconds a request waits for a slot (then 503)")
     srv.add_argument("--max-mb", type=float, default=ServeConfig.max_bytes / 2**20, help="largest request body, MiB (then 413)")
     srv.add_argument("--max-megapixels", type=positive, default=ServeConfig.max_pixels / 1e6, help="largest photo, megapixels (then 413)")

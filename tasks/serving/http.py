@@ -90,6 +90,10 @@ class ModelHolder:
         return True
 
 
+#: Connections ``serve`` keeps for the health and readiness probes beside the requests in hand.
+HEALTH_CONNECTIONS = 8
+
+
 async def _read_body(request, limit: int) -> bytes | None:
     """The request body, or None as soon as it is longer than ``limit``."""
     declared = request.headers.get("content-length")
@@ -108,6 +112,7 @@ def create_app(config: ServeConfig, holder: ModelHolder | None = None):
     """The FastAPI application of ``bgremoval serve`` (the model is loaded at startup)."""
     holder = holder or ModelHolder(config)
     slots = asyncio.Semaphore(config.concurrency)
+    in_hand = asyncio.Semaphore(config.concurrency + config.max_waiting)  # requests whose bodies are held
 
     async def reload_loop() -> None:
         while True:
@@ -144,7 +149,14 @@ def create_app(config: ServeConfig, holder: ModelHolder | None = None):
     async def remove(request: Request, output: str = Query("cutout", pattern=f"^({'|'.join(SINGLE_OUTPUTS)})$"),
                      background: str = Query("#ffffff", pattern="^#[0-9a-fA-F]{6}$"),
                      decontaminate: bool = False, refine: str = Query("auto", pattern=REFINE_PATTERN)):
-        """Cut out one image: the raw body or the multipart field ``file``."""
+        """Cut out one image: the raw body or the multipart field ``file``. Past ``concurrency +
+        max_waiting`` requests in hand, 503 before the body is read."""
+        if in_hand.locked():
+            return error(503, f"busy: {config.concurrency + config.max_waiting} requests in hand", **{"Retry-After": "5"})
+        async with in_hand:
+            return await _remove(request, output, background, decontaminate, refine)
+
+    async def _remove(request: Request, output: str, background: str, decontaminate: bool, refine: str):
         data = await _read_body(request, config.max_bytes)
         if data is None:
             return error(413, f"the body is larger than {config.max_bytes} bytes")
@@ -183,5 +195,7 @@ def serve(config: ServeConfig, host: str = "127.0.0.1", port: int = 7000) -> Non
     """Run the service with uvicorn until interrupted."""
     import uvicorn
 
-    uvicorn.run(create_app(config), host=host, port=port, log_level="info")
+    # Connections beyond those in hand and a few for /healthz and /readyz are answered 503 by uvicorn itself.
+    uvicorn.run(create_app(config), host=host, port=port, log_level="info",
+                limit_concurrency=config.concurrency + config.max_waiting + HEALTH_CONNECTIONS)
 

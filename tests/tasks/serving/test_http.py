@@ -113,6 +113,23 @@ def test_requests_beyond_the_concurrency_wait_then_get_503():
     assert codes[0] == 200 and 503 in codes
 
 
+def test_requests_past_those_in_hand_get_503_before_their_body_is_read():
+    """With one slot and one waiting place, a third request at once is answered 503 at once (its body,
+    up to max_bytes, is never held), while the second waits its turn."""
+    holder = ModelHolder(ServeConfig(model="unused"))
+    holder.engine = _SlowEngine()
+    data, _ = _photo_bytes()
+    with Server(ServeConfig(model="unused", concurrency=1, max_waiting=1, queue_timeout=10), holder) as url:
+        with ThreadPoolExecutor(3) as pool:
+            answers = list(pool.map(lambda _: httpx.post(f"{url}/api/remove", content=data, timeout=30), range(3)))
+    codes = sorted(a.status_code for a in answers)
+    assert codes == [200, 200, 503], codes
+    busy = next(a for a in answers if a.status_code == 503)
+    assert "2 requests in hand" in busy.json()["detail"] and busy.elapsed.total_seconds() < 0.9
+    with pytest.raises(ValueError, match="max_waiting"):
+        ServeConfig(max_waiting=-1)
+
+
 def _rss_kb() -> int:
     for line in open("/proc/self/status"):
         if line.startswith("VmRSS:"):
