@@ -347,8 +347,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         print(f"skipped: {problem}", file=sys.stderr)
     wanted = args.n + args.check
     if len(items) < args.n + 1:
-        print(f"bgremoval quantize: {len(items)} photos found; calibration needs more than --n {args.n}",
-              file=sys.stderr)
+        print(f"bgremoval quantize: {len(items)} photos found; calibration needs at least {args.n + 1} (--n {args.n} "
+              f"and one to check the masks on); give more photos, or a smaller --n", file=sys.stderr)
         return 2
     picked = items if len(items) <= wanted else [items[i * len(items) // wanted] for i in range(wanted)]
     photos = []
@@ -379,6 +379,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from tasks.serving.engines import default_model
     from tasks.serving.http import serve
 
+    if not sys.stderr.isatty():  # a service's log: MLflow's download bar would be a hundred updates on one line
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     if args.model is None:  # as `remove`: the champion (re-read as the alias moves), else the published weights
         mlflow_environment()
         try:
@@ -747,13 +749,15 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.set_defaults(func=cmd_calibrate)
 
     quant = sub.add_parser("quantize", help="an int8 copy of an ONNX model for faster CPU inference, calibrated on "
-                                            "your photos (the layers that cannot take it stay float)")
+                                            "your photos (the layers that cannot take it stay float; at least "
+                                            "--n + 1 photos)", formatter_class=DefaultsShown)
     quant.add_argument("--model", default="pretrained",
-                       help="'pretrained', a .onnx file or a model folder/URL with model.onnx (default: pretrained)")
+                       help="'pretrained', a .onnx file or a model folder/URL with model.onnx")
     quant.add_argument("--calibrate", nargs="+", required=True, metavar="PHOTOS",
                        help="image files, folders or s3:// prefixes like the ones the model will see")
     quant.add_argument("-o", "--out", required=True, help="the int8 .onnx file to write")
-    quant.add_argument("--n", type=int, default=48, help="calibration photos (spread over the inputs)")
+    quant.add_argument("--n", type=int, default=48, help="calibration photos (spread over the inputs; the inputs "
+                                                           "must hold more)")
     quant.add_argument("--check", type=int, default=16,
                        help="other photos on which the int8 masks are compared with the original's")
     quant.add_argument("--dominance", type=float, default=DEFAULT_DOMINANCE,
@@ -771,7 +775,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="registered model whose champion is the default")
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on (no login: keep it on loopback "
                                                          "or behind an authenticating proxy)")
-    srv.add_argument("--port", type=int, default=7000)
+    srv.add_argument("--port", type=int, default=7000, help="port to listen on")
     srv.add_argument("--threads", type=int, help="the model's threads (default: all cores)")
     srv.add_argument("--sessions", type=int, default=ServeConfig.sessions, help="model sessions (OpenVINO: streams) sharing the threads")
     srv.add_argument("--concurrency", type=int, default=ServeConfig.concurrency, help="images in the model at once")
