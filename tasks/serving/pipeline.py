@@ -696,9 +696,22 @@ def logged_sources(lines: Iterable[str]) -> set[str]:
 
 def merged_results(earlier: Sequence[str], lines: Sequence[str]) -> list[str]:
     """``earlier`` results lines, less those of photos ``lines`` has again, then ``lines``: one line per
-    photo, the latest, so that the log still names every file the runs wrote into the folder."""
+    photo, the latest, whose ``outputs`` also keep the files earlier runs wrote for it (a run with
+    fewer outputs, or a failed one, writes none of them again), so that the log names every file the
+    runs wrote into the folder and a later run may replace them."""
     redone = logged_sources(lines)
-    return [line for line in earlier if _source(line) not in redone] + list(lines)
+    before: dict[str, dict] = {}
+    for line in earlier:
+        if _source(line) in redone:
+            before.setdefault(_source(line), {}).update(json.loads(line).get("outputs") or {})
+    merged = [line for line in earlier if _source(line) not in redone]
+    for line in lines:
+        entry = json.loads(line)
+        if before.get(entry.get("source_url")):
+            entry["outputs"] = {**before[entry["source_url"]], **(entry.get("outputs") or {})}
+            line = json.dumps(entry)
+        merged.append(line)
+    return merged
 
 
 def list_inputs(inputs: Sequence[str], storage_options: dict | None = None,

@@ -70,7 +70,8 @@ def poll_once(inputs: Sequence[str], out_url: str, engine: Engine, config: Infer
     """One round of :func:`watch`: cut out every photo that has become ready since the last round.
     Returns how many were taken. The output location is left out of the inputs, and no output is
     written over a photo of the inputs."""
-    listing = list_inputs(inputs, storage_options, exclude=out_url, skip_earlier_outputs=True, written=state.written)
+    listing = list_inputs(inputs, storage_options, exclude=out_url, skip_earlier_outputs=True,
+                          written=state.written or None)  # none yet: results.jsonl says what earlier runs wrote
     for url, stem in listing.items:  # cut out before this watch started: taken as done, and first in clashes
         if url not in state.seen and url not in state.done and _has_outputs(stem, out_url, config, storage_options):
             state.done[url] = state.seen[url] = listing.versions[url]

@@ -40,6 +40,7 @@ RESUME_FREE_FIELDS: frozenset[str] = frozenset(
         "epochs", "num_workers", "mlflow_enabled", "mlflow_tracking_uri", "mlflow_experiment",
         "mlflow_run_name", "mlflow_artifact_location", "log_system_metrics", "tensorboard", "cache_dir",
         "storage_options", "max_steps_per_epoch", "batch_size_start", "device",
+        "output_url",  # the folder the checkpoint is read from, wherever it was written (a moved folder)
     }
 )
 

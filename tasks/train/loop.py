@@ -390,6 +390,12 @@ class _Tracker:
         self.run_id = run.info.run_id
         self.experiment_id = run.info.experiment_id
 
+    def recorded_run_id(self) -> str | None:
+        """The MLflow run id the output folder records (``mlflow_run_id``), or None."""
+        if not storage.exists(self.run_id_url, self.config.storage_options):
+            return None
+        return storage.read_bytes(self.run_id_url, self.config.storage_options).decode().strip() or None
+
     def _artifact_location(self) -> str | None:
         from tasks.registry import default_artifact_location
 
@@ -554,11 +560,18 @@ def settings_in(saved: dict[str, Any], output_url: str) -> dict[str, Any]:
     return {key: moved(value) for key, value in saved.items()}
 
 
+def _place(url: str) -> str:
+    """``url`` in the form two spellings of one folder share: a local path absolute and through its links."""
+    if "://" in url and not url.startswith("file://"):
+        return url.rstrip("/")
+    return os.path.realpath(url.removeprefix("file://"))
+
+
 def _copied_from(checkpoint: dict | None, config: TrainConfig) -> str | None:
     """The run folder ``config``'s was copied from, when the checkpoint was written in another folder
     that still holds its own checkpoint (a moved folder goes on in its MLflow run, a copy in a new one)."""
     before = str(((checkpoint or {}).get("config") or {}).get("output_url") or "")
-    if not before or before.rstrip("/") == config.output_url.rstrip("/"):
+    if not before or _place(before) == _place(config.output_url):
         return None
     try:
         return before if storage.exists(layout.checkpoint(before), config.storage_options) else None
@@ -703,7 +716,11 @@ def train(config: TrainConfig, rank_info: RankInfo | None = None) -> TrainResult
     tracker = _Tracker(config, info.is_main, storage.join(out, "mlflow_run_id"))
     status = "FAILED"
     try:
-        tracker.start(None if copied_from else run_id, fresh=bool(copied_from))
+        # A copy goes on in a run of its own: the one it started already when it was stopped before its
+        # first checkpoint (its folder records it), else a new one.
+        own = tracker.recorded_run_id() if copied_from else None
+        tracker.start(own if own and own != run_id else (None if copied_from else run_id),
+                      fresh=bool(copied_from) and not (own and own != run_id))
         if info.is_main:
             if (checkpoint is None or copied_from) and not tracker.has_params():
                 if copied_from:  # a copy goes on in a run of its own; the original's run is left as it is

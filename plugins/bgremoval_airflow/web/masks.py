@@ -10,13 +10,14 @@ Routes (all below ``/bgremoval``):
 
 * ``GET  /review/{version}/masks?bucket=B``                 the page
 * ``GET  /api/datasets/{version}/masks?bucket=B``           flagged pairs, reasons, decisions, counts
-* ``GET  /api/datasets/{version}/masks/{key}/thumbnail?bucket=B[&fixed=true]`` JPEG, mask overlaid
+* ``GET  /api/datasets/{version}/masks/{key}/thumbnail?bucket=B[&fixed=<key>-<id>.png]`` JPEG, mask (or fix) overlaid
 * ``POST /api/datasets/{version}/masks/{key}?bucket=B``     ``{"decision": "keep" | "exclude"}``
 * ``POST /api/datasets/{version}/masks/{key}/fix?bucket=B`` multipart ``file``: the corrected mask PNG
 """
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from fastapi import APIRouter, File, HTTPException, Query, UploadFile
@@ -82,8 +83,8 @@ def mask_router() -> APIRouter:
         from tasks.data.review import fixed_mask_url, thumbnail_jpeg
 
         check_key(key)
-        if fixed and fixed != "true":  # "true": a fix saved before each upload had a file of its own
-            check_key(fixed.removesuffix(".png"))
+        if fixed and fixed != "true" and not re.fullmatch(rf"{re.escape(key)}-[0-9a-f]{{12}}\.png", fixed):
+            raise HTTPException(status_code=400, detail="invalid fixed mask name")  # "true": a fix from before
         url = dataset_url(version, bucket)
         image_url, mask_url = clean_urls(url, key)
         options = current_storage_options()

@@ -114,6 +114,8 @@ def test_list_keep_exclude_and_fix_over_http_then_apply(api_server, reviewer, fl
     assert (pair["decision"], pair["decided_by"]) == ("fix", "reviewer")
     assert pair["thumbnail"].endswith(f"&fixed={pair['fixed_file']}") and pair["fixed_file"].startswith(f"{fix}-")
     assert reviewer.request("GET", f"/bgremoval/{pair['thumbnail']}")[:2] == b"\xff\xd8"
+    for name in ("..", ".", f"{keep}-0123456789ab.png"):  # only this pair's own uploads are named
+        assert reviewer.status("GET", f"{api}/{fix}/thumbnail{q}&fixed={name}") == 400, name
     fixed_url = fixed_mask_url(url, fix, pair["fixed_file"])
     stored = cv2.imdecode(np.frombuffer(storage.read_bytes(fixed_url, options), np.uint8), cv2.IMREAD_UNCHANGED)
     assert np.array_equal(stored, cv2.imdecode(np.frombuffer(mask_png(rows[4]), np.uint8), cv2.IMREAD_UNCHANGED))

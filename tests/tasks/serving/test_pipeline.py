@@ -587,3 +587,27 @@ def test_the_output_folder_is_marked_as_a_runs_output_before_the_first_photo(tmp
     remove_to([str(tmp_path / "P")], str(tmp_path / "P" / "run1"), Watching(), InferenceConfig(batch_size=1),
               progress=False)
     assert marked == [True, True, True]
+
+
+def test_a_run_with_fewer_outputs_or_a_failure_keeps_the_earlier_files_replaceable(tmp_path):
+    """The log keeps, per photo, every file the runs wrote: after a run with the cut-out only (or one
+    that failed), a run with the mask again may replace the mask written two runs before."""
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "x.jpg").write_bytes(_jpeg(_photo()))
+    out = str(tmp_path / "photos" / "out")
+    for config in (InferenceConfig(mask=True), InferenceConfig(), InferenceConfig(mask=True)):
+        summary = remove_to([str(tmp_path / "photos")], out, SquareEngine(), config, progress=False,
+                            log=lambda line: None)
+        assert (summary["ok"], summary["failed"]) == (1, 0)
+
+    class Failing(SquareEngine):
+        def predict(self, batch):
+            raise RuntimeError("the model failed")
+
+    assert remove_to([str(tmp_path / "photos")], out, Failing(), InferenceConfig(), progress=False,
+                     log=lambda line: None)["failed"] == 1
+    again = remove_to([str(tmp_path / "photos")], out, SquareEngine(), InferenceConfig(mask=True), progress=False,
+                      log=lambda line: None)
+    assert (again["ok"], again["failed"]) == (1, 0)
+    [line] = (tmp_path / "photos" / "out" / "results.jsonl").read_text().splitlines()
+    assert set(json.loads(line)["outputs"]) == {"cutout_png", "composite_jpeg", "mask_png"}

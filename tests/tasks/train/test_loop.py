@@ -159,6 +159,9 @@ def test_a_copied_run_folder_goes_on_in_an_mlflow_run_of_its_own(dataset, tmp_pa
     assert [m.step for m in client.get_metric_history(original.mlflow_run_id, "val_iou")] == [1]
     assert sorted(m.step for m in client.get_metric_history(copy.mlflow_run_id, "val_iou")) == [1, 2]
     assert (tmp_path / "b" / "mlflow_run_id").read_text().strip() == copy.mlflow_run_id
+    # the original folder spelled another way is the same folder, not a copy: it goes on in its own run
+    same = train(_config(dataset, tmp_path, output_url=f"file://{tmp_path}/a/", epochs=2, **common))
+    assert same.resumed and same.mlflow_run_id == original.mlflow_run_id
 
 
 def test_auto_batch_size_uses_the_finder_under_a_memory_limit(dataset, tmp_path, monkeypatch) -> None:
