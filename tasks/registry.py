@@ -228,10 +228,9 @@ def register_model(model_url: str, name: str = DEFAULT_MODEL_NAME, run_id: str |
 def _training_figures(model_url: str, storage_options: dict | None) -> dict[str, float]:
     """``start_val_iou`` (the starting weights, before the first step) and ``val_iou`` (after training)
     from the run's ``result.json`` beside the model, where it has them."""
-    url = layout.train_result(layout.model_folder(model_url))
-    if not storage.exists(url, storage_options):
-        return {}
-    result = json.loads(storage.read_bytes(url, storage_options))
+    from tasks.model.io import read_train_result
+
+    result = read_train_result(model_url, storage_options)
     figures = {"start_val_iou": result.get("start_val_iou"), "val_iou": (result.get("metrics") or {}).get("val_iou")}
     return {key: float(value) for key, value in figures.items() if value is not None}
 

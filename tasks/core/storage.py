@@ -52,6 +52,14 @@ def absolute_local(url: str | None) -> str | None:
     return url if not url or "://" in url or os.path.isabs(url) else os.path.abspath(url)
 
 
+def place_key(url: str) -> str:
+    """A URL or local path in the form two names of the same file or folder share: a local path (or
+    ``file://`` URL) absolute and through its symbolic links, any other URL without a trailing slash."""
+    if "://" in url and not url.startswith("file://"):
+        return url.rstrip("/")
+    return os.path.realpath(url.removeprefix("file://"))
+
+
 def is_file(url: str, storage_options: dict | None = None) -> bool:
     """True when ``url`` is a file or an object (not a folder, prefix or nothing)."""
     fs, path = filesystem(url, storage_options)

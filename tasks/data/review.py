@@ -246,7 +246,7 @@ def review_log_url(dataset_url: str, clustering: str) -> str:
 
 def read_corrections(dataset_url: str, storage_options: dict | None = None) -> list[Correction]:
     """The corrections of the current proposal, in the order they are replayed."""
-    clustering = _clustering_id(_read_assignments(dataset_url, storage_options))
+    clustering = _current_clustering(dataset_url, storage_options)
     return [c for _, c in _read_corrections(dataset_url, clustering, storage_options)]
 
 
@@ -439,11 +439,16 @@ def is_closed(dataset_url: str, clustering: str, storage_options: dict | None = 
     return storage.exists(storage.join(review_log_url(dataset_url, clustering), "closed.json"), storage_options)
 
 
+def _current_clustering(dataset_url: str, storage_options: dict | None) -> str:
+    """The id of the proposal under review (a digest of its assignments); ``FileNotFoundError`` before clustering."""
+    return _clustering_id(_read_assignments(dataset_url, storage_options))
+
+
 def record_rejection(dataset_url: str, by: str | None, storage_options: dict | None = None) -> dict:
     """Record that the gate of the current proposal's review was answered Reject (by a reviewer, or
     by its timeout when ``by`` is None): ``review/<clustering>/rejected.json``, the last one kept.
     The review stays open for a new run of the batch. Returns what was written (``{"by", "at"}``)."""
-    clustering = _clustering_id(_read_assignments(dataset_url, storage_options))
+    clustering = _current_clustering(dataset_url, storage_options)
     answer = {"by": by or "the review's timeout", "at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     storage.write_text(storage.join(review_log_url(dataset_url, clustering), REJECTED_FILE), json.dumps(answer),
                        storage_options)
@@ -452,7 +457,7 @@ def record_rejection(dataset_url: str, by: str | None, storage_options: dict | N
 
 def clear_rejection(dataset_url: str, storage_options: dict | None = None) -> None:
     """Forget the last Reject of the current proposal's review (a new run's gate asks again)."""
-    clustering = _clustering_id(_read_assignments(dataset_url, storage_options))
+    clustering = _current_clustering(dataset_url, storage_options)
     url = storage.join(review_log_url(dataset_url, clustering), REJECTED_FILE)
     if storage.exists(url, storage_options):
         storage.remove(url, storage_options)
@@ -471,7 +476,7 @@ def review_status(dataset_url: str, storage_options: dict | None = None) -> str:
     """Where a dataset version's review stands: ``"no clusters"`` (not clustered yet), ``"approved"``,
     ``"rejected"`` (its gate's last answer; a new run asks again) or ``"waiting"``."""
     try:
-        clustering = _clustering_id(_read_assignments(dataset_url, storage_options))
+        clustering = _current_clustering(dataset_url, storage_options)
     except FileNotFoundError:
         return "no clusters"
     if is_closed(dataset_url, clustering, storage_options):

@@ -17,13 +17,14 @@ from typing import Any
 import cv2
 
 from tasks import registry
-from tasks.core import layout, storage
+from tasks.core import storage
 from tasks.core.codecs import read_image, read_mask
 from tasks.evaluation.calibration import calibrate_model
 from tasks.evaluation.scoring import load_model, predict_probabilities, score_dataset, score_split
 from tasks.evaluation.gate import GateConfig, decide, format_decision
 from tasks.evaluation.metrics import format_summary, summarise
 from tasks.evaluation.report import GalleryItem, write_report
+from tasks.model.io import read_train_result
 from tasks.train.data import load_samples
 
 __all__ = ["AssessmentConfig", "assess_challenger", "register_and_promote"]
@@ -56,14 +57,6 @@ def metrics_for_mlflow(summary: dict, prefix: str) -> dict[str, float]:
         # cluster names are the reviewers' words; MLflow keys allow only [A-Za-z0-9_.\-/: ]
         metrics[f"{prefix}iou_{re.sub(r'[^A-Za-z0-9_.-]+', '_', str(cluster)).strip('_')}"] = row["mean_iou"]
     return {k: float(v) for k, v in metrics.items()}
-
-
-def _training_result(model_url: str, storage_options: dict | None) -> dict:
-    """The training run's ``result.json`` beside the model ({} when there is none)."""
-    url = layout.train_result(model_url)
-    if not storage.exists(url, storage_options):
-        return {}
-    return json.loads(storage.read_bytes(url, storage_options))
 
 
 def training_facts(result: dict) -> dict[str, str]:
@@ -137,7 +130,7 @@ def assess_challenger(model_url: str, dataset_url: str, report_url: str, config:
     ``report_html`` and ``mlflow_run_id``.
     """
     model, meta = load_model(model_url, storage_options=storage_options)
-    trained = _training_result(model_url, storage_options)
+    trained = read_train_result(model_url, storage_options)
     scores = score_split(model, meta, dataset_url, config.split, storage_options, config.threshold)
     summary = summarise(scores, worst=config.worst)
     audited = _audited_pairs(model, meta, dataset_url, config, scores, storage_options)

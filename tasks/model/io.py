@@ -23,7 +23,17 @@ __all__ = [
     "load_model",
     "load_state_dict_from_url",
     "read_run_config",
+    "read_train_result",
 ]
+
+
+def read_train_result(model_url: str, storage_options: dict | None = None) -> dict:
+    """The ``result.json`` of the training run a model reference belongs to (its folder, or the folder
+    of its ``model.pt``); {} when there is none."""
+    url = layout.train_result(layout.model_folder(model_url))
+    if not storage.exists(url, storage_options):
+        return {}
+    return json.loads(storage.read_bytes(url, storage_options))
 
 
 def _parent(url: str) -> str:

@@ -567,12 +567,8 @@ def save_result(result: CutoutResult, out_url: str, config: InferenceConfig,
         return {}
 
 
-def path_key(url: str) -> str:
-    """A URL or local path in the form two names of the same file share (a local path absolute,
-    through its symbolic links; a URL without a trailing slash)."""
-    if "://" in url:
-        return url.rstrip("/")
-    return os.path.realpath(url)
+#: A URL or local path in the form two names of the same file share (:func:`tasks.core.storage.place_key`).
+path_key = storage.place_key
 
 
 def relative_inside(url: str, folder: str) -> str | None:
@@ -670,28 +666,25 @@ def earlier_lines(out_url: str, storage_options: dict | None = None) -> list[str
     return [line for line in storage.read_bytes(url, options).decode().splitlines() if line.strip()]
 
 
-def written_by(lines: Iterable[str]) -> set[str]:
-    """The files (as :func:`path_key` gives them) that the runs logged in ``lines`` (results lines) wrote."""
-    written = set()
+def _logged(lines: Iterable[str]) -> Iterator[tuple[str, dict]]:
+    """``(line, its JSON)`` of the results lines that parse as an object."""
     for line in lines:
         try:
-            outputs = json.loads(line).get("outputs") or {}
-        except (ValueError, AttributeError):
+            entry = json.loads(line)
+        except ValueError:
             continue
-        written.update(path_key(url) for url in outputs.values())
-    return written
+        if isinstance(entry, dict):
+            yield line, entry
 
 
-def _source(line: str) -> str | None:
-    try:
-        return json.loads(line).get("source_url")
-    except (ValueError, AttributeError):
-        return None
+def written_by(lines: Iterable[str]) -> set[str]:
+    """The files (as :func:`path_key` gives them) that the runs logged in ``lines`` (results lines) wrote."""
+    return {path_key(url) for _, entry in _logged(lines) for url in (entry.get("outputs") or {}).values()}
 
 
 def logged_sources(lines: Iterable[str]) -> set[str]:
     """The photos that results lines were written for."""
-    return {source for source in map(_source, lines) if source}
+    return {entry["source_url"] for _, entry in _logged(lines) if entry.get("source_url")}
 
 
 def merged_results(earlier: Sequence[str], lines: Sequence[str]) -> list[str]:
@@ -700,18 +693,26 @@ def merged_results(earlier: Sequence[str], lines: Sequence[str]) -> list[str]:
     fewer outputs, or a failed one, writes none of them again), so that the log names every file the
     runs wrote into the folder and a later run may replace them."""
     redone = logged_sources(lines)
-    before: dict[str, dict] = {}
-    for line in earlier:
-        if _source(line) in redone:
-            before.setdefault(_source(line), {}).update(json.loads(line).get("outputs") or {})
-    merged = [line for line in earlier if _source(line) not in redone]
-    for line in lines:
-        entry = json.loads(line)
+    kept, before = [], {}
+    for line, entry in _logged(earlier):
+        if entry.get("source_url") in redone:
+            before.setdefault(entry["source_url"], {}).update(entry.get("outputs") or {})
+        else:
+            kept.append(line)
+    for line, entry in _logged(lines):
         if before.get(entry.get("source_url")):
-            entry["outputs"] = {**before[entry["source_url"]], **(entry.get("outputs") or {})}
-            line = json.dumps(entry)
-        merged.append(line)
-    return merged
+            line = json.dumps({**entry, "outputs": {**before[entry["source_url"]], **(entry.get("outputs") or {})}})
+        kept.append(line)
+    return kept
+
+
+def _kind(relpath: str, allowed: Sequence[str], skip: str | None, outputs: Sequence[str]) -> str:
+    """What a file below an input folder is to :func:`list_inputs`: ``"photo"``, ``"output"`` (a photo
+    in the output folder or an earlier one), ``"unread"`` (:data:`UNREAD_IMAGE_EXTENSIONS`) or ``"other"``."""
+    ext = posixpath.splitext(relpath)[1].lower()
+    if skip and relpath.startswith(skip + "/") or any(relpath.startswith(folder + "/") for folder in outputs):
+        return "output" if ext in allowed else "other"
+    return "photo" if ext in allowed else "unread" if ext in UNREAD_IMAGE_EXTENSIONS else "other"
 
 
 def list_inputs(inputs: Sequence[str], storage_options: dict | None = None,
@@ -761,15 +762,7 @@ def list_inputs(inputs: Sequence[str], storage_options: dict | None = None,
         outputs = sorted({posixpath.dirname(o.relpath) for o in objects if skip_earlier_outputs
                           and posixpath.basename(o.relpath) == RESULTS_FILE and "/" in o.relpath})
         earlier += [storage.join(entry, folder) for folder in outputs if folder != skip]
-
-        def kind(obj: storage.ObjectInfo) -> str:
-            """"photo", "output" (in the output folder or an earlier one), "unread" or "other"."""
-            ext = posixpath.splitext(obj.relpath)[1].lower()
-            if skip and obj.relpath.startswith(skip + "/") or any(obj.relpath.startswith(f + "/") for f in outputs):
-                return "output" if ext in allowed else "other"
-            return "photo" if ext in allowed else "unread" if ext in UNREAD_IMAGE_EXTENSIONS else "other"
-
-        kinds = [(obj, kind(obj)) for obj in objects]
+        kinds = [(obj, _kind(obj.relpath, allowed, skip, outputs)) for obj in objects]
         if not any(k == "photo" for _, k in kinds) and not fs.exists(path):
             problems.append(f"{entry}: no such file, folder or prefix")
         if skip and written is None:
@@ -858,8 +851,9 @@ def remove_to(inputs: Sequence[str], out_url: str, engine: Engine, config: Infer
     from tqdm import tqdm
 
     log = log or (lambda line: tqdm.write(line, file=sys.stderr))
-    listing = list_inputs(inputs, storage_options, exclude=out_url, skip_earlier_outputs=True)
     earlier = earlier_lines(out_url, storage_options)
+    listing = list_inputs(inputs, storage_options, exclude=out_url, skip_earlier_outputs=True,
+                          written=written_by(earlier))
     items, clashes = without_output_clashes(listing.items, out_url, config, first=logged_sources(earlier))
     problems = [*listing.problems, *clashes]
     for problem in problems:

@@ -62,8 +62,6 @@ def _has_outputs(stem: str, out_url: str, config: InferenceConfig, storage_optio
     return all(storage.exists(url, options) for url in planned_outputs(stem, out_url, config))
 
 
-
-
 def poll_once(inputs: Sequence[str], out_url: str, engine: Engine, config: InferenceConfig, state: WatchState,
               storage_options: dict | None = None, log: Callable[[str], None] = print,
               threshold: float | None = None) -> int:

@@ -329,6 +329,12 @@ def _build(config: TrainConfig) -> U2Net:
     return U2Net(widths) if widths is not None else build_model(config.model)
 
 
+def _write_run_config(config: TrainConfig, storage_options: dict | None) -> None:
+    """The run's settings as ``config.json`` in its folder."""
+    storage.write_text(layout.model_config(config.output_url),
+                       json.dumps(_public_config(config), indent=2, sort_keys=True), storage_options)
+
+
 def _public_config(config: TrainConfig) -> dict[str, Any]:
     data = config.to_dict()
     for name in _PRIVATE_FIELDS:
@@ -367,9 +373,8 @@ class _Tracker:
         config = self.config
         if config.mlflow_tracking_uri:
             mlflow.set_tracking_uri(config.mlflow_tracking_uri)
-        if run_id is None and not fresh and storage.exists(self.run_id_url, config.storage_options):
-            # A run that died before its first checkpoint: continue its MLflow run.
-            run_id = storage.read_bytes(self.run_id_url, config.storage_options).decode().strip() or None
+        if run_id is None and not fresh:  # a run that died before its first checkpoint: continue its MLflow run
+            run_id = self.recorded_run_id()
         if run_id is not None:
             try:
                 run = mlflow.start_run(run_id=run_id, log_system_metrics=config.log_system_metrics)
@@ -560,18 +565,11 @@ def settings_in(saved: dict[str, Any], output_url: str) -> dict[str, Any]:
     return {key: moved(value) for key, value in saved.items()}
 
 
-def _place(url: str) -> str:
-    """``url`` in the form two spellings of one folder share: a local path absolute and through its links."""
-    if "://" in url and not url.startswith("file://"):
-        return url.rstrip("/")
-    return os.path.realpath(url.removeprefix("file://"))
-
-
 def _copied_from(checkpoint: dict | None, config: TrainConfig) -> str | None:
     """The run folder ``config``'s was copied from, when the checkpoint was written in another folder
     that still holds its own checkpoint (a moved folder goes on in its MLflow run, a copy in a new one)."""
     before = str(((checkpoint or {}).get("config") or {}).get("output_url") or "")
-    if not before or _place(before) == _place(config.output_url):
+    if not before or storage.place_key(before) == storage.place_key(config.output_url):
         return None
     try:
         return before if storage.exists(layout.checkpoint(before), config.storage_options) else None
@@ -716,17 +714,15 @@ def train(config: TrainConfig, rank_info: RankInfo | None = None) -> TrainResult
     tracker = _Tracker(config, info.is_main, storage.join(out, "mlflow_run_id"))
     status = "FAILED"
     try:
-        # A copy goes on in a run of its own: the one it started already when it was stopped before its
-        # first checkpoint (its folder records it), else a new one.
-        own = tracker.recorded_run_id() if copied_from else None
-        tracker.start(own if own and own != run_id else (None if copied_from else run_id),
-                      fresh=bool(copied_from) and not (own and own != run_id))
+        # A copy goes on in a run of its own: the one its folder records when it started one before its first
+        # checkpoint, else a new one (the folder still records the original's).
+        tracker.start(None if copied_from else run_id,
+                      fresh=copied_from is not None and tracker.recorded_run_id() == run_id)
         if info.is_main:
             if (checkpoint is None or copied_from) and not tracker.has_params():
                 if copied_from:  # a copy goes on in a run of its own; the original's run is left as it is
                     tracker.set_tags({"copied_from": copied_from, "copied_from_run": str(run_id)})
-                storage.write_text(layout.model_config(out),
-                                   json.dumps(_public_config(config), indent=2, sort_keys=True), opts)
+                _write_run_config(config, opts)
                 params = {k: v for k, v in _public_config(config).items() if v is not None}
                 params.update(batch_size_per_worker=batch_size, world_size=info.world_size, device=device.type,
                               amp_dtype=str(amp_dtype).replace("torch.", "") if amp_dtype else "float32",
@@ -738,8 +734,7 @@ def train(config: TrainConfig, rank_info: RankInfo | None = None) -> TrainResult
                 # A finished run extended: MLflow's params are write-once (``epochs`` keeps the first plan),
                 # so the plan now is a tag; config.json says what the run trains to.
                 tracker.set_tags({"epochs_planned": str(config.epochs)})
-                storage.write_text(layout.model_config(out),
-                                   json.dumps(_public_config(config), indent=2, sort_keys=True), opts)
+                _write_run_config(config, opts)
             # Epochs checkpointed but not logged (a crash between the two) are logged now, once.
             logged = tracker.logged_steps()
             for entry in history:
