@@ -52,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     rows = [r for r in rows if not args.clusters or r.cluster in args.clusters]
 
+    from tasks.evaluation.metrics import MASK_THRESHOLD
     from tasks.evaluation.scoring import predict_probabilities
 
     model, resize = _torch_model(args.model)
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         truth = mask >= 128
         for size in args.sizes:
             started = time.process_time()
-            pred = predict_probabilities(model, image, size, resize, (width, height)) >= 0.5
+            pred = predict_probabilities(model, image, size, resize, (width, height)) > MASK_THRESHOLD
             seconds[f"{size} px"] += time.process_time() - started
             table.add(row, f"{size} px", pred, truth)
     load_end = os.getloadavg()

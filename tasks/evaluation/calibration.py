@@ -25,7 +25,7 @@ import numpy as np
 from tasks.core import layout
 from tasks.core.heap import keep_freed_memory
 from tasks.core.codecs import read_image, read_mask
-from tasks.evaluation.metrics import iou, resize_to_original
+from tasks.evaluation.metrics import MASK_THRESHOLD, iou, resize_to_original
 from tasks.model.refine import RefineConfig, map_at_photo
 from tasks.model.refine_choice import RefineChoice, choose_refinement, save_refine_choice
 from tasks.serving.quality import (
@@ -64,7 +64,7 @@ class QualityPoint:
 
 
 def score_quality(model_url: str, dataset_url: str, split: str, storage_options: dict | None = None,
-                  batch_size: int = 8, threshold: float = 0.5,
+                  batch_size: int = 8, threshold: float = MASK_THRESHOLD,
                   refine: RefineConfig | None = None) -> list[QualityPoint]:
     """Score every clean pair of ``split``: the quality score from the prediction (with the side
     outputs, on the photo's own box when the model letterboxes, as production scores it) and the IoU

@@ -24,7 +24,9 @@ from tasks.model.preprocess import as_probability, resize_to_original, squeeze_c
 
 __all__ = [
     "DEFAULT_THRESHOLDS",
+    "MASK_THRESHOLD",
     "DAVIS_TOLERANCE_FRACTION",
+    "as_binary",
     "ImageScore",
     "boundary_f",
     "boundary_tolerance",
@@ -34,6 +36,10 @@ __all__ = [
     "resize_to_original",
     "summarise",
 ]
+
+#: Probability at or below which a map's pixel counts as background: every scorer, report and
+#: calibration cuts the model's map here unless told otherwise.
+MASK_THRESHOLD = 0.5
 
 #: IoU thresholds reported by :func:`summarise` by default.
 DEFAULT_THRESHOLDS: tuple[float, ...] = (0.95, 0.97, 0.99)
@@ -47,7 +53,7 @@ def _check_same_shape(a: np.ndarray, b: np.ndarray, what: str) -> None:
         raise ValueError(f"{what}: shapes differ: prediction {a.shape} vs truth {b.shape}")
 
 
-def _binary(mask: np.ndarray) -> np.ndarray:
+def as_binary(mask: np.ndarray) -> np.ndarray:
     """Return ``mask`` as a bool array (see the module docstring for the convention)."""
     arr = np.asarray(mask)
     if arr.dtype == np.bool_:
@@ -56,7 +62,7 @@ def _binary(mask: np.ndarray) -> np.ndarray:
         return arr.astype(bool)
     if not np.issubdtype(arr.dtype, np.number):
         raise ValueError(f"mask must be bool or numeric, got dtype {arr.dtype}")
-    threshold = 0.5 if float(arr.max()) <= 1.0 else 127.5
+    threshold = MASK_THRESHOLD if float(arr.max()) <= 1.0 else MASK_THRESHOLD * 255
     return arr > threshold
 
 
@@ -68,7 +74,7 @@ def iou(pred: np.ndarray, truth: np.ndarray) -> float:
     """
     p, t = np.asarray(pred), np.asarray(truth)
     _check_same_shape(p, t, "iou")
-    p, t = _binary(p), _binary(t)
+    p, t = as_binary(p), as_binary(t)
     union = int(np.count_nonzero(p | t))
     if union == 0:
         return 1.0
@@ -86,7 +92,7 @@ def mae(prob: np.ndarray, truth: np.ndarray) -> float:
     _check_same_shape(p, t, "mae")
     if p.size == 0:
         return 0.0
-    diff = np.abs(as_probability(p).astype(np.float64) - _binary(t))
+    diff = np.abs(as_probability(p).astype(np.float64) - as_binary(t))
     return float(diff.mean())
 
 
@@ -138,7 +144,7 @@ def boundary_f(pred: np.ndarray, truth: np.ndarray, tolerance_px: int | None = N
         tolerance_px = boundary_tolerance(p.shape)
     if tolerance_px < 0:
         raise ValueError(f"tolerance_px must be >= 0, got {tolerance_px}")
-    p, t = _binary(p), _binary(t)
+    p, t = as_binary(p), as_binary(t)
     pb, tb = _boundary(p), _boundary(t)
     n_pred, n_truth = int(np.count_nonzero(pb)), int(np.count_nonzero(tb))
     if n_pred == 0 and n_truth == 0:

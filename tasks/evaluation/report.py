@@ -22,6 +22,8 @@ from typing import Any
 import cv2
 import numpy as np
 
+from tasks.evaluation.metrics import MASK_THRESHOLD, as_binary
+
 __all__ = ["GalleryItem", "overlay", "write_report"]
 
 _FALSE_POSITIVE = np.array([230, 40, 40], np.float32)   # predicted, not in the truth: red
@@ -43,7 +45,7 @@ class GalleryItem:
     probability: np.ndarray
 
 
-def overlay(image: np.ndarray, truth: np.ndarray, probability: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+def overlay(image: np.ndarray, truth: np.ndarray, probability: np.ndarray, threshold: float = MASK_THRESHOLD) -> np.ndarray:
     """Draw a prediction's errors on the image: false positives tinted red, missed foreground
     tinted blue, the true outline in green. Returns RGB uint8 of the image's size.
     Raises ``ValueError`` when the three arrays do not share height and width."""
@@ -51,7 +53,7 @@ def overlay(image: np.ndarray, truth: np.ndarray, probability: np.ndarray, thres
         raise ValueError(f"image {image.shape[:2]}, truth {truth.shape[:2]} and probability "
                          f"{probability.shape[:2]} must have the same size")
     out = image.astype(np.float32).copy()
-    t = truth > (127 if truth.dtype == np.uint8 else 0.5)
+    t = as_binary(truth)
     p = probability > threshold
     for region, colour in ((p & ~t, _FALSE_POSITIVE), (t & ~p, _FALSE_NEGATIVE)):
         out[region] = 0.35 * out[region] + 0.65 * colour

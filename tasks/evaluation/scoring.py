@@ -24,7 +24,7 @@ from tasks.core import storage
 from tasks.core.codecs import MASK_EXTENSIONS, read_image, read_mask
 from tasks.core.errors import first_line
 from tasks.core.heap import keep_freed_memory
-from tasks.evaluation.metrics import ImageScore, boundary_f, iou, mae, summarise
+from tasks.evaluation.metrics import MASK_THRESHOLD, ImageScore, boundary_f, iou, mae, summarise
 from tasks.model.io import load_model as load_torch_model
 from tasks.model.preprocess import check_image, letterbox_box, preprocess
 from tasks.model.refine import RefineConfig, map_at_photo
@@ -153,7 +153,7 @@ def _mask_2d(mask: np.ndarray) -> np.ndarray:
 
 
 def evaluate_pairs(model: nn.Module, pairs: Iterable[tuple[str, str | None, np.ndarray, np.ndarray]],
-                   input_size: int, threshold: float = 0.5, resize: str = "stretch",
+                   input_size: int, threshold: float = MASK_THRESHOLD, resize: str = "stretch",
                    refine: RefineConfig | None = None) -> list[ImageScore]:
     """Score the model on ``(stem, cluster, image_rgb, mask)`` pairs.
 
@@ -180,7 +180,7 @@ def evaluate_pairs(model: nn.Module, pairs: Iterable[tuple[str, str | None, np.n
 
 
 def score_split(model: nn.Module, meta: dict[str, Any], dataset_url: str, split: str = "test",
-                storage_options: dict | None = None, threshold: float = 0.5,
+                storage_options: dict | None = None, threshold: float = MASK_THRESHOLD,
                 audit: str = "exclude") -> list[ImageScore]:
     """Score a loaded model (``(model, meta)`` from :func:`load_model`) on every ``status == "ok"``
     row of ``split`` of a dataset.
@@ -204,7 +204,7 @@ def score_split(model: nn.Module, meta: dict[str, Any], dataset_url: str, split:
 
 
 def score_dataset(model_url: str, dataset_url: str, split: str = "test", storage_options: dict | None = None,
-                  threshold: float = 0.5, model_name: str | None = None,
+                  threshold: float = MASK_THRESHOLD, model_name: str | None = None,
                   model_storage_options: dict | None = None) -> tuple[list[ImageScore], dict[str, Any]]:
     """Load the model at ``model_url`` (:func:`load_model`; ``model_storage_options`` for it when it
     lives elsewhere than the data, default ``storage_options``) and :func:`score_split` it.
@@ -215,7 +215,7 @@ def score_dataset(model_url: str, dataset_url: str, split: str = "test", storage
 
 
 def evaluate_dataset(model_url: str, dataset_url: str, split: str = "test", storage_options: dict | None = None,
-                     threshold: float = 0.5, model_name: str | None = None) -> dict[str, Any]:
+                     threshold: float = MASK_THRESHOLD, model_name: str | None = None) -> dict[str, Any]:
     """Evaluate the model at ``model_url`` on the ``status == "ok"`` rows of ``split`` of a dataset.
 
     Returns :func:`tasks.evaluation.metrics.summarise` of :func:`score_dataset`'s scores plus ``split``,
@@ -248,7 +248,7 @@ def _by_stem(objects: Iterable[storage.ObjectInfo], folder_url: str, extensions:
 
 
 def evaluate_folder(model_url: str, images_dir_or_url: str, masks_dir_or_url: str,
-                    storage_options: dict | None = None, threshold: float = 0.5,
+                    storage_options: dict | None = None, threshold: float = MASK_THRESHOLD,
                     model_name: str | None = None, refine: RefineConfig | None = None) -> dict[str, Any]:
     """Evaluate the model on any labelled folder: ``images/<stem>.<ext>`` (the formats ``bgremoval
     remove`` reads, :data:`IMAGE_EXTENSIONS`) with ``masks/<stem>.png``, paired by stem, all in cluster

@@ -31,6 +31,9 @@ MAX_WARMUP_SHARE: float = 0.3
 #: scratch). One epoch on 148 real pairs from the published U2-NetP: test IoU 91.1 % at 1e-3, 97.1 %
 #: at 5e-4 against 97.0 % for the start (benchmarks/README.md).
 FINE_TUNE_LR: float = 5e-4
+#: Seconds a worker waits in one collective for its peers before it fails instead of hanging
+#: (torch.distributed, Horovod and the Spark distributor's workers).
+COLLECTIVE_TIMEOUT_S: float = 1800.0
 #: Accepted values of ``TrainConfig.device``.
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
 

@@ -35,7 +35,7 @@ import torch.distributed as dist
 from tasks.core import layout, storage
 from tasks.registry import absolute_tracking_uri
 from tasks.train.collectives import RankInfo, TorchCollectives
-from tasks.train.config import TrainConfig
+from tasks.train.config import COLLECTIVE_TIMEOUT_S, TrainConfig
 from tasks.train.loop import TrainResult, resolve_device, train
 
 __all__ = ["launch_local", "main", "run_worker", "torchrun_executable"]
@@ -49,7 +49,7 @@ def _uses_cuda(config: TrainConfig) -> bool:
     return config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
 
 
-def run_worker(config: TrainConfig, timeout_s: float = 1800.0) -> TrainResult:
+def run_worker(config: TrainConfig, timeout_s: float = COLLECTIVE_TIMEOUT_S) -> TrainResult:
     """Train as one ``torchrun`` worker: initialise the process group from the environment, run
     :func:`~tasks.train.loop.train` with DDP collectives, and always destroy the group.
 
@@ -84,7 +84,8 @@ def worker_main(prog: str, description: str, run: Callable[[TrainConfig, float],
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--config", help="path or URL of a TrainConfig JSON file")
     source.add_argument("--config-json", help="the TrainConfig as JSON text")
-    parser.add_argument("--timeout", type=float, default=1800.0, help="seconds a collective may wait")
+    parser.add_argument("--timeout", type=float, default=COLLECTIVE_TIMEOUT_S,
+                        help="seconds a collective may wait (default %(default)s)")
     args = parser.parse_args(argv)
     text = args.config_json if args.config_json is not None else storage.read_bytes(args.config).decode("utf-8")
     config = TrainConfig.from_json(text)

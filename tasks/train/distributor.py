@@ -33,7 +33,7 @@ import sys
 from typing import Any
 
 from tasks.core import layout, storage
-from tasks.train.config import TrainConfig
+from tasks.train.config import COLLECTIVE_TIMEOUT_S, TrainConfig
 from tasks.train.loop import TrainResult
 
 __all__ = [
@@ -106,7 +106,7 @@ def spark_unavailable_reason() -> str | None:
     return None
 
 
-def distributor_worker(config_json: str, timeout_s: float = 1800.0) -> str:
+def distributor_worker(config_json: str, timeout_s: float = COLLECTIVE_TIMEOUT_S) -> str:
     """Train as one process of a ``TorchDistributor`` run; the function every Spark task runs.
 
     ``torchrun`` (started by TorchDistributor) has set ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` and
@@ -130,7 +130,7 @@ def distributor_worker(config_json: str, timeout_s: float = 1800.0) -> str:
 
 
 def train_with_distributor(config: TrainConfig, num_processes: int, use_gpu: bool, local_mode: bool = False,
-                           timeout_s: float = 1800.0) -> TrainResult:
+                           timeout_s: float = COLLECTIVE_TIMEOUT_S) -> TrainResult:
     """Train ``config`` on ``num_processes`` workers with Spark's ``TorchDistributor``; return rank 0's result.
 
     Args:
@@ -204,7 +204,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--local-mode", action="store_true", help="run every process on the driver")
     parser.add_argument("--master", help="Spark master for a session created here, e.g. local[2] "
                                          "(default: the cluster's session, or Spark's default)")
-    parser.add_argument("--timeout", type=float, default=1800.0, help="seconds a collective may wait")
+    parser.add_argument("--timeout", type=float, default=COLLECTIVE_TIMEOUT_S,
+                        help="seconds a collective may wait (default %(default)s)")
     return parser
 
 

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from tasks.train.collectives import Collectives, RankInfo
-from tasks.train.config import TrainConfig
+from tasks.train.config import COLLECTIVE_TIMEOUT_S, TrainConfig
 from tasks.train.ddp import run_launcher, worker_main
 from tasks.train.loop import TrainResult, train
 
@@ -173,7 +173,7 @@ class HorovodCollectives(Collectives):
 # Worker
 # ----------------------------------------------------------------------------------------------
 
-def run_worker(config: TrainConfig, timeout_s: float = 1800.0) -> TrainResult:
+def run_worker(config: TrainConfig, timeout_s: float = COLLECTIVE_TIMEOUT_S) -> TrainResult:
     """Train as one ``horovodrun`` worker: ``hvd.init()``, :func:`~tasks.train.loop.train` with
     :class:`HorovodCollectives`, and always ``hvd.shutdown()``.
 

@@ -35,6 +35,7 @@ import pytest
 
 from tasks.dev import stack
 from tasks.core import storage
+from tasks.data import review
 from tasks.dev.airflow_client import AirflowClient, AirflowHTTPError
 from tasks.dev.synth import SynthConfig, generate_catalogue
 
@@ -371,5 +372,8 @@ def test_training_dag_runs_on_celery_workers_against_postgres_and_redis(celery_s
     assert final["state"] == "success", (states, _log_tails(paths))
     assert states[("review_clusters", -1)] == "success"
     assert states[("apply_review", -1)] == "skipped" and states[("train_model", -1)] == "skipped", states
+    # The gate's worker recorded the answer with the review, so the review page says who rejected it.
+    assert review.review_status(dataset, options) == "rejected"
+    assert review.load_review_state(dataset, options).rejected["by"] == "reviewer"
     assert postgres.query(deadlines) == []  # a run that finished in time leaves no deadline behind
     print(f"{len(executed)} task instances before the gate ran as Celery tasks on {worker_host}")

@@ -1,5 +1,6 @@
 """Fixtures shared by the multi-worker training tests (DDP, Horovod): a tiny model and data set,
-and the validation IoU of a saved model recomputed in the test process."""
+the validation IoU of a saved model recomputed in the test process, and the checks every
+two-worker run of the tiny configuration must pass."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import pytest
 import torch
 
 from tasks.model.u2net import U2Net
+from tasks.train.checkpoint import state_dict_sha256
 from tasks.train.config import TrainConfig
 from tasks.train.data import SegmentationDataset, prepare_split
 from tasks.dev.synthetic import write_synthetic_dataset
@@ -59,3 +61,36 @@ def tiny_config(two_split_dataset, tmp_path):
         return TrainConfig(**values)
 
     return build
+
+
+@pytest.fixture()
+def check_two_worker_run(two_split_dataset, val_iou_of, tmp_path):
+    """``check_two_worker_run(result, experiment)``: the checks every two-worker run of
+    :func:`tiny_config` passes, whatever launched it: both workers ended with the weights saved in
+    ``model.pt``, each epoch saw the eight train samples (4 + 4, two steps of two per worker), and
+    MLflow holds one finished run whose val IoU (logged once an epoch, averaged over both workers'
+    val images) is the saved model's, recomputed here."""
+
+    def check(result, experiment: str) -> None:
+        from mlflow.tracking import MlflowClient
+
+        assert (result.world_size, result.epochs_run, result.start_epoch) == (2, 2, 1)
+        hashes = [(tmp_path / "run" / f"weights-rank{r}.sha256").read_text().strip() for r in range(2)]
+        assert hashes[0] == hashes[1] == result.weights_sha256
+        assert state_dict_sha256(torch.load(tmp_path / "run" / "model.pt", weights_only=True)) == hashes[0]
+        assert [h["images"] for h in result.history] == [8, 8]
+
+        client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+        runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+        assert [r.info.run_id for r in runs] == [result.mlflow_run_id]
+        assert runs[0].info.status == "FINISHED" and runs[0].data.params["world_size"] == "2"
+        history = client.get_metric_history(result.mlflow_run_id, "val_iou")
+        assert sorted(m.step for m in history) == [1, 2]
+        for metric in ("train_loss", "val_loss", "lr"):
+            assert len(client.get_metric_history(result.mlflow_run_id, metric)) == 2
+        logged = {m.step: m.value for m in history}
+        assert logged[2] == pytest.approx(result.metrics["val_iou"])
+        expected = val_iou_of(tmp_path / "run" / "model.pt", two_split_dataset, str(tmp_path / "cache"))
+        assert logged[2] == pytest.approx(expected, abs=1e-6)
+
+    return check

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tasks.train.checkpoint import load_checkpoint, state_dict_sha256
+from tasks.train.checkpoint import load_checkpoint
 from tasks.train.ddp import launch_local
 from tasks.train.faults import kill_env
 
@@ -23,36 +23,12 @@ def _weights_hashes(tmp_path) -> list[str]:
 
 
 def test_two_workers_end_with_identical_weights_and_log_averaged_metrics_once(
-        two_split_dataset, tiny_config, val_iou_of, tmp_path) -> None:
-    result = launch_local(tiny_config("ddp-test", amp="off"), nproc=2, timeout_s=240)
-
-    assert (result.world_size, result.epochs_run, result.start_epoch) == (2, 2, 1)
-    hashes = _weights_hashes(tmp_path)
-    assert hashes[0] == hashes[1] == result.weights_sha256
-    assert state_dict_sha256(torch.load(tmp_path / "run" / "model.pt", weights_only=True)) == hashes[0]
-    # Each epoch: eight samples split 4 + 4 over the two workers, two steps of two on each.
-    assert [h["images"] for h in result.history] == [8, 8]
-
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
-    experiment = client.get_experiment_by_name("ddp-test")
-    runs = client.search_runs([experiment.experiment_id])
-    assert [r.info.run_id for r in runs] == [result.mlflow_run_id]
-    assert runs[0].info.status == "FINISHED" and runs[0].data.params["world_size"] == "2"
-    history = client.get_metric_history(result.mlflow_run_id, "val_iou")
-    assert sorted(m.step for m in history) == [1, 2]
-    for metric in ("train_loss", "val_loss", "lr"):
-        assert len(client.get_metric_history(result.mlflow_run_id, metric)) == 2
-    # The logged IoU covers both val images although each worker validated only one of them.
-    logged = {m.step: m.value for m in history}
-    assert logged[2] == pytest.approx(result.metrics["val_iou"])
-    expected = val_iou_of(tmp_path / "run" / "model.pt", two_split_dataset, str(tmp_path / "cache"))
-    assert logged[2] == pytest.approx(expected, abs=1e-6)
+        tiny_config, check_two_worker_run) -> None:
+    check_two_worker_run(launch_local(tiny_config("ddp-test", amp="off"), nproc=2, timeout_s=240), "ddp-test")
 
 
 def test_a_killed_worker_fails_the_run_and_the_next_launch_resumes(
-        two_split_dataset, tiny_config, val_iou_of, tmp_path) -> None:
+        tiny_config, tmp_path) -> None:
     # amp="auto": bf16 autocast on a CPU with native bf16, float32 elsewhere.
     with pytest.raises(RuntimeError, match=r"torchrun \(2 workers\) exited with status") as failure:
         launch_local(tiny_config("ddp-test", epochs=3), nproc=2, timeout_s=240, env=kill_env(after_epoch=1, rank=1),
