@@ -67,14 +67,15 @@ def bgremoval_inference():
         return resolve(params["model_uri"], params["registered_model"])
 
     @task(max_active_tis_per_dagrun=4, retries=1)
-    def cut_out_shard(shard_url: str, model: dict, params=None) -> dict:
+    def cut_out_shard(shard_url: str, model: dict, params=None, run_id=None) -> dict:
         from tasks.feedback.production import process_shard
 
         result = process_shard(layout.bucket_url(params["bucket"]), params["batch"], shard_url, model["model_uri"],
                                production_config(params), model_version=model["version"],
-                               storage_options=s3_storage_options())
-        print(f"published {result['published']}, queued for correction {result['queued']}, failed {result['failed']} "
-              f"(threshold {result['threshold']:.3f} from {result['threshold_source']}; edge refinement {result['refine']})")
+                               storage_options=s3_storage_options(), run_id=run_id)
+        print(f"published {result['published']}, queued for correction {result['queued']}, failed {result['failed']}, "
+              f"handled before {result['earlier']} (threshold {result['threshold']:.3f} from "
+              f"{result['threshold_source']}; edge refinement {result['refine']})")
         return result
 
     @task(outlets=[retraining_pool])
@@ -83,7 +84,8 @@ def bgremoval_inference():
 
         summary = summarise_production(params["batch"], list(results))
         print(f"batch {summary['batch']}: {summary['images']} photos → published {summary['published']}, "
-              f"queued for correction {summary['queued']}, failed {summary['failed']}")
+              f"queued for correction {summary['queued']}, failed {summary['failed']}, left as an earlier run "
+              f"handled them {summary['earlier']}")
         outlet_events[retraining_pool].extra = {"bucket": params["bucket"], "batch": params["batch"],
                                                 "new_pairs": summary["published"]}
         return summary

@@ -5,7 +5,8 @@
       ─► build_dataset (champion's dataset + new pairs + earlier runs' pairs it lacks, cleaned, de-duplicated,
                        clustered; test split unchanged)
       ─► training_conf ─► trigger_training (bgremoval_training with dataset_version, init_from=champion,
-                                            fewer epochs: the same gate decides about promotion)
+                                            fewer epochs: the same gate decides about promotion; run id
+                                            retrain__<this run's id>: cleared or retried, it starts no second run)
       ─► record_state (retraining/state.json: which pairs were used)
 """
 
@@ -53,31 +54,34 @@ def bgremoval_retraining():
 
         return build(layout.bucket_url(params["bucket"]), found, retraining_config(params), s3_storage_options())
 
-    @task
-    def training_conf(dataset: dict, params=None) -> dict:
+    @task(multiple_outputs=True)
+    def training_conf(dataset: dict, params=None, run_id=None) -> dict:
         from tasks.feedback.retraining_stages import training_request
 
         return training_request(params["training_conf"], params["bucket"], dataset["version"],
-                                int(params["retrain_epochs"]), params["registered_model"], int(params["working_size"]))
+                                int(params["retrain_epochs"]), params["registered_model"], int(params["working_size"]),
+                                run_id)
 
-    @task
-    def record_state(dataset: dict, params=None, run_id=None, ti=None) -> dict:
+    @task(trigger_rule="none_failed")  # also after a cleared trigger_training found its run (skipped)
+    def record_state(dataset: dict, training_run: str, params=None, run_id=None) -> dict:
         from tasks.core import layout
         from tasks.feedback.retraining_stages import record_state as record
 
-        triggered = ti.xcom_pull(task_ids="trigger_training", key="trigger_run_id")
-        return record(layout.bucket_url(params["bucket"]), dataset, run_id, triggered, s3_storage_options())
+        return record(layout.bucket_url(params["bucket"]), dataset, run_id, training_run, s3_storage_options())
 
     found = find_new_pairs()
     dataset = build_dataset(found)
     enough_new_pairs(found) >> dataset
+    request = training_conf(dataset)
     trigger_training = TriggerDagRunOperator(
         task_id="trigger_training",
         trigger_dag_id="bgremoval_training",
-        conf=training_conf(dataset),
+        trigger_run_id=request["run_id"],
+        conf=request["conf"],
+        skip_when_already_exists=True,
         wait_for_completion=False,
     )
-    trigger_training >> record_state(dataset)
+    trigger_training >> record_state(dataset, request["run_id"])
 
 
 bgremoval_retraining()

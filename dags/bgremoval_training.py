@@ -10,7 +10,8 @@
                          └► databricks_run ─► train_on_databricks (GPU job cluster, TorchDistributor)
                                            ─► databricks_result (MLflow run id back to Airflow)
       ─► evaluate_model (challenger and champion on the same test split; HTML report to S3 and MLflow)
-      ─► check_gate (mean IoU, every cluster, not worse than the champion; a failure skips promotion)
+      ─► check_gate (mean IoU, every cluster, not worse than the champion; a failure fails the run, or
+                     with gate_failure=skip only skips promotion)
       ─► calibrate_quality (the production quality threshold and whether cut-outs are edge-refined, on the
                             val split; both measured on test)
       ─► promote_model (registers PyTorch + ONNX; alias champion, the former one becomes previous)
@@ -19,13 +20,15 @@ Trigger it from the UI with the parameter form (batch name, bucket, working reso
 split shares, augmentation target). The run stops at ``review_clusters`` until a reviewer has
 corrected the clusters on the review page and chosen Approve or Reject in Required Actions; Reject
 ends the run without training. The evaluation report's address is printed in the log of
-``evaluate_model``; a failing gate prints its reasons in ``check_gate`` and skips promotion.
+``evaluate_model``; a challenger that fails the gate fails ``check_gate`` with its reasons (the run
+ends failed, so the failure notices fire; ``gate_failure=skip`` skips promotion in a successful run).
 """
 
 from __future__ import annotations
 
 import pendulum
 from airflow.providers.databricks.operators.databricks import DatabricksSubmitRunOperator
+from airflow.sdk.exceptions import AirflowFailException
 from airflow.sdk import dag, task
 from bgremoval_airflow.connections import s3_storage_options
 from bgremoval_airflow.databricks import DATABRICKS_CONN_ID, databricks_params, idempotency_token, submit_run_json
@@ -217,14 +220,15 @@ def bgremoval_training():
 
     @task(retries=2, execution_timeout=TRAINING_TIMEOUT)
     def train_model(dataset: dict, params=None, run_id=None) -> dict:
+        from tasks.model.io import train_result_lines
         from tasks.train.ddp import launch_local
 
         options, output_url = s3_storage_options(), _output_url(params, dataset, run_id)
         config = train_config(params, dataset["dataset_url"], output_url, options,
                               init_from=_start_weights(params, output_url, options))
-        result = launch_local(config, nproc=int(params["workers"]))
-        print(f"trained {result.model}: val IoU {result.metrics.get('val_iou')}, MLflow run {result.mlflow_run_id}")
-        return {k: v for k, v in result.to_dict().items() if k not in ("history", "config")}
+        result = launch_local(config, nproc=int(params["workers"])).to_dict()
+        print("\n".join(train_result_lines(result)))
+        return {k: v for k, v in result.items() if k not in ("history", "config")}
 
     @task
     def databricks_run(dataset: dict, params=None, run_id=None, dag=None) -> dict:
@@ -241,9 +245,11 @@ def bgremoval_training():
     @task
     def databricks_result(dataset: dict, params=None, run_id=None) -> dict:
         from bgremoval_airflow.databricks import mlflow_run_id_from_result, read_train_result
+        from tasks.model.io import train_result_lines
 
         result = read_train_result(_output_url(params, dataset, run_id), s3_storage_options())
-        print(f"trained on Databricks: val IoU {result['metrics'].get('val_iou')}, MLflow run {mlflow_run_id_from_result(result)}")
+        mlflow_run_id_from_result(result)  # a run that logged nothing to MLflow cannot be evaluated and registered
+        print("on Databricks: " + "\n".join(train_result_lines(result)))
         return {k: v for k, v in result.items() if k not in ("history", "config")}
 
     @task(trigger_rule="none_failed_min_one_success")
@@ -268,10 +274,14 @@ def bgremoval_training():
         return assessment
 
     @task.short_circuit
-    def check_gate(assessment: dict) -> bool:
-        if not assessment["gate"]["passed"]:
-            print("gate FAILED, promotion skipped:\n  " + "\n  ".join(assessment["gate"]["reasons"]))
-        return bool(assessment["gate"]["passed"])
+    def check_gate(assessment: dict, params=None) -> bool:
+        if assessment["gate"]["passed"]:
+            return True
+        reasons = "gate FAILED, promotion skipped:\n  " + "\n  ".join(assessment["gate"]["reasons"])
+        if params["gate_failure"] == "fail":
+            raise AirflowFailException(reasons)
+        print(reasons)
+        return False
 
     @task
     def calibrate_quality(dataset: dict, assessment: dict, params=None) -> dict:

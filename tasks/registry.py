@@ -38,11 +38,14 @@ __all__ = [
     "PREVIOUS",
     "absolute_tracking_uri",
     "alias_version",
+    "best_champion",
     "download_model",
     "is_model_uri",
     "list_versions",
     "missing_store",
     "model_uri",
+    "pinned_uri",
+    "rolled_back_versions",
     "choose_start",
     "default_artifact_location",
     "promote",
@@ -116,6 +119,22 @@ def missing_store(uri: str) -> str | None:
 def model_uri(name: str = DEFAULT_MODEL_NAME, alias: str | None = CHAMPION, version: str | int | None = None) -> str:
     """Return ``models:/<name>@<alias>`` or, with ``version``, ``models:/<name>/<version>``."""
     return f"models:/{name}/{version}" if version is not None else f"models:/{name}@{alias}"
+
+
+def pinned_uri(uri: str, tracking_uri: str | None = None) -> str:
+    """``models:/<name>/<version>`` of the version an alias URI (``models:/<name>@<alias>``) points at
+    now, so what is loaded and what is recorded are the same version even if the alias moves
+    meanwhile; any other URI as it is. Raises ``FileNotFoundError`` for an alias that does not exist."""
+    if not uri.startswith("models:/") or "@" not in uri:
+        return uri
+    name, alias = uri.removeprefix("models:/").rsplit("@", 1)
+    version = alias_version(name, alias, tracking_uri)
+    if version is None:
+        import mlflow
+
+        raise FileNotFoundError(f"{uri} is not in the registry at {tracking_uri or mlflow.get_tracking_uri()}: "
+                                f"no registered model {name!r} with the alias {alias!r}")
+    return model_uri(name, version=version)
 
 
 def alias_version(name: str = DEFAULT_MODEL_NAME, alias: str = CHAMPION, tracking_uri: str | None = None) -> str | None:
@@ -260,6 +279,9 @@ class ChampionMoved(RuntimeError):
     """The champion alias is not on the version a promotion was decided against."""
 
 
+#: Tags a rolled-back champion carries (when, by whom) until it is promoted again.
+ROLLBACK_TAGS = ("rolled_back_at", "rolled_back_by")
+
 _ANY = object()  # promote(): do not check the current champion
 
 
@@ -320,6 +342,8 @@ def promote(name: str, version: str | int, user: str | None = None, reason: str 
              "promoted_by": user or "bgremoval", "promotion_reason": reason or "passed the gate"}
     for key, value in stamp.items():
         client.set_model_version_tag(name, version, key, value)
+    for key in set(ROLLBACK_TAGS) & set(client.get_model_version(name, version).tags or {}):
+        client.delete_model_version_tag(name, version, key)  # champion again: the history log keeps the rollback
     return {"champion": version, "previous": current}
 
 
@@ -354,8 +378,9 @@ def rollback(name: str = DEFAULT_MODEL_NAME, user: str | None = None,
     else:
         client.delete_registered_model_alias(name, PREVIOUS)
     _log_history(client, name, "reset", None, user, stack=earlier)  # the champion and the ones before it
-    client.set_model_version_tag(name, current, "rolled_back_at", datetime.now(timezone.utc).isoformat(timespec="seconds"))
-    client.set_model_version_tag(name, current, "rolled_back_by", user or "bgremoval")
+    at_tag, by_tag = ROLLBACK_TAGS
+    client.set_model_version_tag(name, current, at_tag, datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    client.set_model_version_tag(name, current, by_tag, user or "bgremoval")
     return {"champion": restored, "demoted": current, "previous": before}
 
 
@@ -537,6 +562,37 @@ def list_versions(name: str = DEFAULT_MODEL_NAME, tracking_uri: str | None = Non
         rows.append({"version": str(v.version), "aliases": aliases.get(str(v.version), []), "tags": dict(v.tags or {}),
                      "created": created, "run_id": v.run_id})
     return sorted(rows, key=lambda r: int(r["version"]), reverse=True)
+
+
+#: Version tag: digest of the test photos a version's ``test_*`` figures were measured on.
+TEST_SPLIT_TAG = "test_split_sha256"
+
+
+def best_champion(name: str, test_split_sha256: str, tracking_uri: str | None = None) -> dict[str, Any] | None:
+    """``{"version", "mean_iou"}`` of the version that scored best on these test photos (its
+    :data:`TEST_SPLIT_TAG`) among those that were champion (``promoted_at``) and are not rolled back;
+    None when there is none."""
+    try:
+        rows = list_versions(name, tracking_uri)
+    except ValueError:
+        return None
+    held = [(float(r["tags"]["test_mean_iou"]), r["version"]) for r in rows
+            if r["tags"].get(TEST_SPLIT_TAG) == test_split_sha256 and "test_mean_iou" in r["tags"]
+            and "promoted_at" in r["tags"] and ROLLBACK_TAGS[0] not in r["tags"]]
+    if not held:
+        return None
+    mean_iou, version = max(held)
+    return {"version": version, "mean_iou": mean_iou}
+
+
+def rolled_back_versions(name: str = DEFAULT_MODEL_NAME, tracking_uri: str | None = None) -> list[str]:
+    """The versions of ``name`` that were rolled back and not promoted again (they carry
+    :data:`ROLLBACK_TAGS`); [] when the registered model does not exist."""
+    try:
+        rows = list_versions(name, tracking_uri)
+    except ValueError:
+        return []
+    return [row["version"] for row in rows if ROLLBACK_TAGS[0] in row["tags"]]
 
 
 def version_tags(name: str, version: str | int, tracking_uri: str | None = None) -> dict[str, str]:

@@ -15,6 +15,7 @@ from tasks.cli.remove import cmd_remove
 from tasks.core.shards import PAIRS_PER_SHARD
 from tasks.data.config import CleaningConfig, SplitConfig
 from tasks.dev.config import DemoConfig
+from tasks.evaluation.metrics import MASK_THRESHOLD
 from tasks.train.config import FINE_TUNE_LR, TrainConfig, default_lr
 from tasks.model.published import DEFAULT as PUBLISHED_DEFAULT
 from tasks.model.published import PUBLISHED
@@ -479,8 +480,10 @@ def cmd_model(args: argparse.Namespace) -> int:
             for row in registry.list_versions(args.name):
                 aliases = ",".join(row["aliases"]) or "-"
                 iou = f"{float(row['tags']['test_mean_iou']) * 100:.3f} %" if "test_mean_iou" in row["tags"] else "-"
+                at, by = (row["tags"].get(tag) for tag in registry.ROLLBACK_TAGS)
                 print(f"version {row['version']:>4}  {aliases:<18} test mean IoU {iou:>10}  "
-                      f"dataset {row['tags'].get('dataset_version', '-')}  created {row['created']}")
+                      f"dataset {row['tags'].get('dataset_version', '-')}  created {row['created']}"
+                      + (f"  rolled back {at} by {by}" if at else ""))
     except (ValueError, MlflowException) as exc:
         print(f"bgremoval model {args.action}: {first_line(exc)}", file=sys.stderr)
         return 2
@@ -641,7 +644,8 @@ def build_parser() -> argparse.ArgumentParser:
                                             "pairs, audit-flagged masks left out)")
     evaluate.add_argument("--split", default="test", choices=["train", "val", "test"],
                           help="the dataset's split to score (default test)")
-    evaluate.add_argument("--threshold", type=float, default=0.5, help="probability threshold for the masks")
+    evaluate.add_argument("--threshold", type=float, default=MASK_THRESHOLD,
+                          help="probability at which the map counts as product (default %(default)s)")
     evaluate.add_argument("--refine", choices=REFINE_MODES, nargs="?", const="on", default=None,
                           help="off (default): the network's own map, as the training DAG's gate scores it; auto: "
                                "the map as `bgremoval remove` publishes it (the model's measured choice, "

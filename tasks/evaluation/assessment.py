@@ -7,6 +7,7 @@ test split, judge the gate, write the report, log it all to the training run in 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -22,7 +23,7 @@ from tasks.core.codecs import read_image, read_mask
 from tasks.evaluation.calibration import calibrate_model
 from tasks.evaluation.scoring import load_model, predict_probabilities, score_dataset, score_split
 from tasks.evaluation.gate import GateConfig, decide, format_decision
-from tasks.evaluation.metrics import format_summary, summarise
+from tasks.evaluation.metrics import MASK_THRESHOLD, format_summary, summarise
 from tasks.evaluation.report import GalleryItem, write_report
 from tasks.model.io import read_train_result
 from tasks.train.data import load_samples
@@ -40,7 +41,7 @@ class AssessmentConfig:
     """
 
     split: str = "test"
-    threshold: float = 0.5
+    threshold: float = MASK_THRESHOLD
     gate: GateConfig = field(default_factory=GateConfig)
     registered_model: str = registry.DEFAULT_MODEL_NAME
     worst: int = 16
@@ -106,6 +107,12 @@ def _audited_pairs(model, meta: dict, dataset_url: str, config: AssessmentConfig
             "n_with": both["n"], "text": text}
 
 
+def split_sha256(scores) -> str:
+    """Digest of the photos a split's figures were measured on (their stems): the same for every
+    dataset version that keeps the test split, as retraining does."""
+    return hashlib.sha256("\n".join(sorted(s.stem for s in scores)).encode()).hexdigest()
+
+
 def assess_challenger(model_url: str, dataset_url: str, report_url: str, config: AssessmentConfig,
                       storage_options: dict | None = None, mlflow_run_id: str | None = None,
                       champion_uri: str | None = None, facts: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -148,7 +155,9 @@ def assess_challenger(model_url: str, dataset_url: str, report_url: str, config:
             champion_scores, _ = score_dataset(folder, dataset_url, config.split, storage_options, config.threshold,
                                                model_storage_options=champion_options)
         champion_summary = summarise(champion_scores, worst=0)
-    decision = decide(summary, champion_summary, config.gate)
+    split_digest = split_sha256(scores)
+    record = registry.best_champion(config.registered_model, split_digest)
+    decision = decide(summary, champion_summary, config.gate, record)
     table = format_summary(summary) + (f"\n{audited['text']}" if audited else "")
     verdict = format_decision(decision)
 
@@ -169,7 +178,7 @@ def assess_challenger(model_url: str, dataset_url: str, report_url: str, config:
                       "clusters": champion_summary["clusters"], "share_at_least": champion_summary["share_at_least"]},
                   "report_url": report_url, "report_html": storage.join(report_url, "report.html"),
                   "mlflow_run_id": mlflow_run_id, "model_url": model_url, "input_size": meta["input_size"],
-                  "audit": audited}
+                  "audit": audited, "test_split_sha256": split_digest, "best_champion": record}
         with open(os.path.join(tmp, "assessment.json"), "w") as fh:
             json.dump(result, fh, indent=2, default=str)
         files["assessment.json"] = os.path.join(tmp, "assessment.json")
@@ -208,7 +217,8 @@ def register_and_promote(assessment: dict[str, Any], dataset_version: str, confi
         raise ValueError("the gate did not pass: " + "; ".join(assessment["gate"]["reasons"]))
     summary = assessment["summary"]
     tags = {**metrics_for_mlflow(summary, "test_"), "dataset_version": dataset_version,
-            "gate": "passed", "report": assessment["report_html"]}
+            "gate": "passed", "report": assessment["report_html"],
+            registry.TEST_SPLIT_TAG: assessment["test_split_sha256"]}
     from tasks.serving.mlflow_model import pyfunc_model  # MLflow and pandas: only when registering
 
     registered = registry.register_model(assessment["model_url"], config.registered_model,

@@ -7,7 +7,10 @@ same task, see :func:`tasks.evaluation.assessment.assess_challenger`):
 2. ``cluster_iou``: every product cluster's mean IoU is at least ``cluster_iou_gate``
    (clusters with fewer than ``min_cluster_images`` test images are reported, not judged);
 3. ``champion``: the challenger's mean IoU is not below the champion's by more than
-   ``tolerance`` (skipped, and passed, when there is no champion yet).
+   ``tolerance`` (skipped, and passed, when there is no champion yet);
+4. ``best_champion``: nor below the best mean IoU any earlier champion (not rolled back) had on the
+   same test photos by more than ``tolerance``, so that the tolerance bounds the whole decline over
+   many promotions, not each step of it (checked only when that record is above the champion's).
 """
 
 from __future__ import annotations
@@ -63,7 +66,8 @@ def _pct(value: float) -> str:
     return f"{value * 100:.3f} %"
 
 
-def decide(challenger: dict[str, Any], champion: dict[str, Any] | None, config: GateConfig) -> GateDecision:
+def decide(challenger: dict[str, Any], champion: dict[str, Any] | None, config: GateConfig,
+           record: dict[str, Any] | None = None) -> GateDecision:
     """Judge a challenger against the thresholds and the champion.
 
     Args:
@@ -72,6 +76,8 @@ def decide(challenger: dict[str, Any], champion: dict[str, Any] | None, config: 
         champion: the same for the current champion on the same split, or None when there is no
             champion yet.
         config: the thresholds.
+        record: ``{"version", "mean_iou"}`` of the earlier champion that scored best on the same test
+            photos (:func:`tasks.registry.best_champion`), or None.
 
     Returns a :class:`GateDecision`. Raises ``ValueError`` when the two summaries were measured
     on different numbers of images (they must share the test split).
@@ -99,6 +105,13 @@ def decide(challenger: dict[str, Any], champion: dict[str, Any] | None, config: 
         checks.append({"name": "champion", "passed": mean >= limit, "value": mean, "limit": limit,
                        "detail": f"challenger {_pct(mean)} vs champion {_pct(best)} "
                                  f"(tolerance {config.tolerance * 100:.3f} points)"})
+    held = None if champion is None else float(champion["mean_iou"])
+    if record is not None and (held is None or float(record["mean_iou"]) > held):
+        limit = float(record["mean_iou"]) - config.tolerance
+        checks.append({"name": "best_champion", "passed": mean >= limit, "value": mean, "limit": limit,
+                       "detail": f"challenger {_pct(mean)} vs {_pct(float(record['mean_iou']))} of version "
+                                 f"{record['version']}, the best champion so far on these test photos (tolerance "
+                                 f"{config.tolerance * 100:.3f} points in all, not per promotion)"})
     reasons = [c["detail"] for c in checks if not c["passed"]]
     return GateDecision(passed=not reasons, reasons=reasons, checks=checks)
 

@@ -7,9 +7,12 @@ route each result by its quality score.
 * score < threshold → ``corrections/queue/<batch>--<stem>/`` for a person (the correction page);
 * an image that cannot be processed → ``production/<batch>/failed/<shard>.json`` with the reason.
 
-Queue items and pool pairs record the photo's SHA-256: a retried shard skips what it already did,
-while the same name dropped again with new content is processed under its own id
-(:func:`tasks.feedback.queue.photo_id`), the earlier photo's item and pair kept.
+Queue items and pool pairs record the photo's SHA-256. A photo that an earlier run of the batch (a
+``_READY`` written again) or an earlier try of the shard queued or published, with the same bytes, is
+left alone before the model runs: a person's decision, the published cut-out and the pool pair stay
+as they are, and no second queue item is made (counted as ``earlier``). The same name dropped again
+with new content is processed under its own id (:func:`tasks.feedback.queue.photo_id`), the earlier
+photo's item and pair kept.
 
 Inputs are only read. The stage functions are :func:`plan_production` (list and shard the drop),
 :func:`process_shard` (one mapped task) and :func:`summarise_production`.
@@ -33,7 +36,8 @@ log = logging.getLogger(__name__)
 #: Photos one mapped task of the inference DAG cuts out (its ``photos_per_shard``).
 PHOTOS_PER_SHARD = 200
 
-__all__ = ["ProductionConfig", "plan_production", "process_shard", "resolve_model", "resolve_threshold", "summarise_production"]
+__all__ = ["ProductionConfig", "handled_before", "plan_production", "process_shard", "resolve_model", "resolve_threshold",
+           "summarise_production"]
 
 
 @dataclass(frozen=True)
@@ -128,7 +132,7 @@ def resolve_threshold(config: ProductionConfig, model_dir: str | None, model: st
 
 
 def process_shard(bucket_url: str, batch: str, shard_url: str, model_uri: str, config: ProductionConfig,
-                  model_version: str = "", storage_options: dict | None = None) -> dict[str, Any]:
+                  model_version: str = "", storage_options: dict | None = None, run_id: str = "") -> dict[str, Any]:
     """Cut out one shard of a drop and route every image.
 
     Args:
@@ -137,9 +141,12 @@ def process_shard(bucket_url: str, batch: str, shard_url: str, model_uri: str, c
         model_uri: what :func:`tasks.serving.engines.load_engine` opens (``models:/name/<version>``, so
             every shard uses the same version even if the champion moves meanwhile).
         config: threshold and output options; model_version: recorded with queued and pooled pairs.
+        run_id: the production run (recorded too): the photos an earlier try of this run's shard
+            routed are counted as this run's, those of another run as ``earlier``.
 
-    Returns ``{"shard", "images", "published", "queued", "failed", "threshold", "threshold_source", "refine",
-    "scores": [...], "failed_url"}`` (scores rounded; no pixels).
+    Returns ``{"shard", "images", "published", "queued", "failed", "earlier", "threshold", "threshold_source",
+    "refine", "scores": [...], "failed_url"}`` (scores rounded; no pixels); ``earlier``: photos left alone
+    because an earlier run or try handled the same bytes (:func:`handled_before`).
     """
     from tasks.feedback.queue import (
         CorrectionsError, PoolMeta, QueueItem, add_to_pool, enqueue, photo_id, prepare_pair,
@@ -147,16 +154,20 @@ def process_shard(bucket_url: str, batch: str, shard_url: str, model_uri: str, c
     from tasks.serving.engines import load_engine, refinement_for
     from tasks.serving.pipeline import InferenceConfig, iter_remove_backgrounds, write_outputs
 
-    items = [tuple(pair) for pair in json.loads(storage.read_bytes(shard_url, storage_options))]
+    listed = [tuple(pair) for pair in json.loads(storage.read_bytes(shard_url, storage_options))]
+    items, earlier, this_run = handled_before(bucket_url, batch, listed, run_id, storage_options)
     engine = load_engine(model_uri, storage_options)
-    log.info("shard %s: %d photos, model %s", shard_url, len(items), engine.describe())
+    log.info("shard %s: %d photos, model %s", shard_url, len(listed), engine.describe())
+    if earlier:
+        log.info("%d photos left as they are: an earlier run of the batch or try of the shard handled the same "
+                 "bytes (%s)", len(earlier), ", ".join(earlier[:10]) + (" …" if len(earlier) > 10 else ""))
     threshold, source = resolve_threshold(config, engine.model_dir, model_uri)
     refine, why = refinement_for(engine, config.refine)
     log.info("edge refinement: %s", why)
     options = InferenceConfig(background=config.background, canvas=config.canvas, margin=config.margin,
                               mask=True, keep_source=True, batch_size=config.batch_size, refine=refine)
     published_url = layout.published(bucket_url, batch)
-    counts = {"published": 0, "queued": 0, "failed": 0}
+    counts = {"failed": 0, "earlier": len(earlier), **this_run}
     failed, scores = [], []
     for result in iter_remove_backgrounds(items, engine, options, storage_options):
         if not result.ok:
@@ -186,13 +197,14 @@ def process_shard(bucket_url: str, batch: str, shard_url: str, model_uri: str, c
                 write_outputs(result, published_url, storage_options)
                 add_to_pool(bucket_url, item_id, image_jpeg, mask_png,
                             PoolMeta(origin="published", source_url=result.source_url, score=score,
-                                     model_version=model_version, item_id=item_id, source_sha256=digest),
+                                     model_version=model_version, item_id=item_id, source_sha256=digest,
+                                     run_id=run_id),
                             storage_options)
             else:
                 enqueue(bucket_url, QueueItem(stem=result.stem, batch=batch, source_url=result.source_url,
                                               score=score, threshold=threshold, model_uri=model_uri,
                                               model_version=model_version, item_id=item_id,
-                                              source_sha256=digest,
+                                              source_sha256=digest, run_id=run_id,
                                               outputs={"background": config.background, "canvas": config.canvas,
                                                        "margin": config.margin}),
                         image_jpeg, mask_png, storage_options)
@@ -206,14 +218,45 @@ def process_shard(bucket_url: str, batch: str, shard_url: str, model_uri: str, c
         name = shard_url.rsplit("/", 1)[-1]
         failed_url = storage.join(layout.production(bucket_url, batch), "failed", name)
         storage.write_bytes(failed_url, json.dumps(failed, indent=2).encode(), storage_options)
-    return {"shard": shard_url, "images": len(items), **counts, "threshold": threshold,
+    return {"shard": shard_url, "images": len(listed), **counts, "threshold": threshold,
             "threshold_source": source, "refine": why, "scores": scores, "failed_url": failed_url}
 
 
+def handled_before(bucket_url: str, batch: str, items: list[tuple[str, str]], run_id: str = "",
+                   storage_options: dict | None = None) -> tuple[list[tuple[str, str]], list[str], dict[str, int]]:
+    """Split a shard's ``(url, stem)`` photos into those to cut out and those already queued or
+    published with the same bytes: by another run of the batch (their stems: left as they are) or by
+    an earlier try of this run's shard (``run_id``; counted ``{"published", "queued"}`` as this run's).
+
+    Only a photo whose name already has a queue item or pool pair is read and hashed here; a photo
+    that cannot be read is left to the cut-out, which reports it."""
+    from tasks.feedback.queue import handled_as, has_record, make_item_id, photo_id
+
+    todo, earlier, this_run = [], [], {"published": 0, "queued": 0}
+    for url, stem in items:
+        if not has_record(bucket_url, make_item_id(batch, stem), storage_options):
+            todo.append((url, stem))
+            continue
+        try:
+            digest = hashlib.sha256(storage.read_bytes(url, storage_options)).hexdigest()
+        except (OSError, ValueError):
+            todo.append((url, stem))
+            continue
+        record = handled_as(bucket_url, photo_id(bucket_url, batch, stem, digest, storage_options), digest,
+                            storage_options)
+        if record is None:
+            todo.append((url, stem))
+        elif record.get("run_id", "") == run_id and (record["kind"] == "queued" or record.get("origin") == "published"):
+            this_run["queued" if record["kind"] == "queued" else "published"] += 1
+        else:
+            earlier.append(stem)
+    return todo, earlier, this_run
+
+
 def summarise_production(batch: str, shard_results: list[dict[str, Any]]) -> dict[str, Any]:
-    """Add up the shards' counts: ``{"batch", "images", "published", "queued", "failed",
+    """Add up the shards' counts: ``{"batch", "images", "published", "queued", "failed", "earlier",
     "threshold", "published_share"}``."""
-    total = {k: sum(int(r[k]) for r in shard_results) for k in ("images", "published", "queued", "failed")}
+    total = {k: sum(int(r[k]) for r in shard_results) for k in ("images", "published", "queued", "failed", "earlier")}
     thresholds = sorted({r["threshold"] for r in shard_results})
     done = total["published"] + total["queued"]
     return {"batch": batch, **total, "threshold": thresholds[0] if len(thresholds) == 1 else thresholds,

@@ -92,6 +92,28 @@ def photo_id(bucket_url: str, batch: str, stem: str, source_sha256: str,
     return base_id
 
 
+def handled_as(bucket_url: str, item_id: str, source_sha256: str, storage_options: dict | None = None) -> dict | None:
+    """What became of this photo (these bytes, under this id) before: its queue item's ``item.json``
+    (open or decided) with ``"kind": "queued"``, else its pool pair's ``meta.json`` (published, or a
+    person's pair) with ``"kind": "pooled"``; None when neither exists or they record another photo."""
+    for kind, url in (("queued", storage.join(queue_url(bucket_url, item_id), "item.json")),
+                      ("pooled", storage.join(pool_url(bucket_url, item_id), "meta.json"))):
+        storage.forget_listings(url, storage_options)
+        try:
+            record = _read_json(url, storage_options)
+        except FileNotFoundError:
+            continue
+        if record.get("source_sha256") == source_sha256:
+            return {**record, "kind": kind}
+    return None
+
+
+def has_record(bucket_url: str, item_id: str, storage_options: dict | None = None) -> bool:
+    """Whether a queue item or a pool pair exists under ``item_id`` (any photo's)."""
+    return (_exists(storage.join(queue_url(bucket_url, item_id), "item.json"), storage_options)
+            or _exists(storage.join(pool_url(bucket_url, item_id), "meta.json"), storage_options))
+
+
 def check_id(value: str, what: str = "item id") -> str:
     """Return ``value`` when it is a safe id (``[A-Za-z0-9._-]``, 1-200, no leading dot); else raise."""
     if not isinstance(value, str) or not _SAFE_ID.match(value):
@@ -118,6 +140,8 @@ class QueueItem:
     created_at: str = ""
     item_id: str = ""
     source_sha256: str = ""
+    #: The production run that queued it (a retry of that run's shard finds its own items).
+    run_id: str = ""
     #: How the run would have published it (``background``, ``canvas``, ``margin``): a decided item
     #: is published the same way (:mod:`tasks.feedback.publishing`).
     outputs: dict = field(default_factory=dict)
@@ -152,6 +176,8 @@ class PoolMeta:
     at: str = ""
     item_id: str | None = None
     source_sha256: str = ""
+    #: The production run that published it ("" for a person's pair).
+    run_id: str = ""
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:

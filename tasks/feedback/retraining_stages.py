@@ -41,25 +41,40 @@ def find_new_pairs(bucket_url: str, requested_base: str, registered_model: str,
     the pairs an earlier run used that the base lacks (:func:`pool_pairs_missing_from`: they go into
     the new version again, but only new pairs count towards ``min_new_pairs``).
 
+    Pairs that a rolled-back version published without a person's look are left out (``n_left_out``):
+    their masks are that version's, which was rolled back. A person's decision on one (accepted or
+    corrected) replaces the pair and brings it back.
+
     Returns ``{"n_new", "until" (the newest pair's time, the cut-off the next stages use),
-    "base_version", "origins": {origin: n}, "n_carried"}``.
+    "base_version", "rolled_back" (versions), "origins": {origin: n}, "n_carried", "n_left_out"}``.
     """
     state = read_state(bucket_url, storage_options)
     base = base_dataset(requested_base, registered_model, state)
-    pairs, carried = _pairs_for(bucket_url, base, state, storage_options)
+    rolled_back = registry.rolled_back_versions(registered_model)
+    pairs, carried, left_out = _pairs_for(bucket_url, base, state, rolled_back, storage_options)
     newest = max((p["at"] for p in pairs), default=None)
     print(f"{len(pairs)} new pairs in the retraining pool since {state.get('last_pair_at') or 'the beginning'}; "
           f"base dataset: {base or 'none'}"
           + (f"; {len(carried)} pairs of an earlier run that the base lacks come again" if carried else ""))
-    return {"n_new": len(pairs), "until": newest, "base_version": base,
-            "origins": {o: sum(p.get("origin") == o for p in pairs) for o in POOL_ORIGINS}, "n_carried": len(carried)}
+    if left_out:
+        print(f"{len(left_out)} pairs left out: published unreviewed by a version that was rolled back "
+              f"({', '.join(rolled_back)}); a person's decision on one brings it back")
+    return {"n_new": len(pairs), "until": newest, "base_version": base, "rolled_back": rolled_back,
+            "origins": {o: sum(p.get("origin") == o for p in pairs) for o in POOL_ORIGINS}, "n_carried": len(carried),
+            "n_left_out": len(left_out)}
 
 
-def _pairs_for(bucket_url: str, base: str, state: dict, storage_options: dict | None) -> tuple[list[dict], list[dict]]:
-    """The pool, listed once: its new pairs and the used pairs ``base`` lacks."""
+def _pairs_for(bucket_url: str, base: str, state: dict, rolled_back: list[str],
+               storage_options: dict | None) -> tuple[list[dict], list[dict], list[dict]]:
+    """The pool, listed once: its new pairs and the used pairs ``base`` lacks, less the pairs a
+    rolled-back version published without a person's look (its masks are what was rolled back), and
+    those pairs."""
     pool = list_pool(bucket_url, storage_options)
-    return (new_pool_pairs(bucket_url, state, storage_options, pool=pool),
-            pool_pairs_missing_from(bucket_url, base, state, storage_options, pool=pool))
+    distrusted = {p["pair_id"] for p in pool if p.get("origin") == "published" and str(p.get("model_version")) in rolled_back}
+    new = new_pool_pairs(bucket_url, state, storage_options, pool=pool)
+    carried = pool_pairs_missing_from(bucket_url, base, state, storage_options, pool=pool)
+    return ([p for p in new if p["pair_id"] not in distrusted], [p for p in carried if p["pair_id"] not in distrusted],
+            [p for p in pool if p["pair_id"] in distrusted])
 
 
 def worth_retraining(found: dict[str, Any], min_new_pairs: int) -> bool:
@@ -78,22 +93,30 @@ def build_dataset(bucket_url: str, found: dict[str, Any], config: RetrainingConf
     """The ``build_dataset`` stage: the base version plus the pool pairs up to ``found["until"]``
     (pairs that arrived while the run was going wait for the next one) and the earlier runs' pairs
     the base lacks."""
-    new, carried = _pairs_for(bucket_url, found["base_version"], read_state(bucket_url, storage_options),
-                              storage_options)
+    new, carried, _ = _pairs_for(bucket_url, found["base_version"], read_state(bucket_url, storage_options),
+                                 found.get("rolled_back", []), storage_options)
     pairs = [p for p in new if found["until"] is None or p["at"] <= found["until"]] + carried
     result = build_retraining_dataset(bucket_url, found["base_version"], pairs, config, storage_options)
     print(format_result(result))
     return result
 
 
+def training_run_id(retraining_run_id: str) -> str:
+    """The run id of the training run a retraining run starts: one per retraining run, so a cleared or
+    retried ``trigger_training`` finds that run instead of starting a second training."""
+    return f"retrain__{retraining_run_id}"
+
+
 def training_request(base_conf: dict[str, Any], bucket: str, dataset_version: str, epochs: int,
-                     registered_model: str, working_size: int) -> dict[str, Any]:
-    """The ``training_conf`` stage: the training DAG's conf for a retraining run (the operator's
-    ``base_conf`` plus the new dataset version, starting from the champion, fewer epochs)."""
+                     registered_model: str, working_size: int, retraining_run_id: str) -> dict[str, Any]:
+    """The ``training_conf`` stage: ``{"conf", "run_id"}`` of the training run to start: the operator's
+    ``base_conf`` plus the new dataset version, starting from the champion, fewer epochs; its run id
+    from :func:`training_run_id`."""
     conf = {**base_conf, "bucket": bucket, "dataset_version": dataset_version, "init_from": "champion",
             "epochs": epochs, "registered_model": registered_model, "working_size": working_size}
-    print(f"triggering bgremoval_training with {conf}")
-    return conf
+    run_id = training_run_id(retraining_run_id)
+    print(f"triggering bgremoval_training run {run_id} with {conf}")
+    return {"conf": conf, "run_id": run_id}
 
 
 def record_state(bucket_url: str, dataset: dict[str, Any], retraining_run: str, training_run: str | None,

@@ -24,6 +24,7 @@ __all__ = [
     "load_state_dict_from_url",
     "read_run_config",
     "read_train_result",
+    "train_result_lines",
 ]
 
 
@@ -34,6 +35,20 @@ def read_train_result(model_url: str, storage_options: dict | None = None) -> di
     if not storage.exists(url, storage_options):
         return {}
     return json.loads(storage.read_bytes(url, storage_options))
+
+
+def train_result_lines(result: dict) -> list[str]:
+    """What a log says of a training run's result (``result.json``'s fields): its val IoU beside its
+    starting weights', and a warning when training lowered it (the gate then decides, on test)."""
+    final, start = (result.get("metrics") or {}).get("val_iou"), result.get("start_val_iou")
+    line = f"trained {result.get('model', 'the model')}: val IoU " + ("-" if final is None else f"{final * 100:.2f} %")
+    if start is not None:
+        line += f" (starting weights: {start * 100:.2f} %)"
+    lines = [line + f", MLflow run {result.get('mlflow_run_id') or '-'}"]
+    if final is not None and start is not None and final < start:
+        lines.append(f"warning: training lowered the val IoU below its starting weights' ({final * 100:.2f} % < "
+                     f"{start * 100:.2f} %); a lower learning_rate, more pairs or more epochs may help")
+    return lines
 
 
 def _parent(url: str) -> str:

@@ -363,7 +363,10 @@ def load_engine(source: str, storage_options: dict | None = None, device: str = 
     if resolved != source:
         original, source = f"{source} ({resolved})", resolved
     if source.startswith("models:/"):
-        source = registry.download_model(source, _process_temp_dir("bgremoval-model-"))
+        pinned = registry.pinned_uri(source)
+        if pinned != source:
+            original = f"{source} (version {pinned.rsplit('/', 1)[1]})"
+        source = registry.download_model(pinned, _process_temp_dir("bgremoval-model-"))
         storage_options = None
     onnx_url = pt_url = None
     if source.endswith(".onnx"):

@@ -811,10 +811,14 @@ def without_output_clashes(items: Sequence[tuple[str, str]], out_url: str, confi
     return kept, problems
 
 
-def results_line(result: CutoutResult, written: dict[str, str] | None = None, threshold: float | None = None) -> str:
-    """One JSON line for a results log: :meth:`CutoutResult.summary` plus the files written, and with
+def results_line(result: CutoutResult, written: dict[str, str] | None = None, threshold: float | None = None,
+                 model: str | None = None) -> str:
+    """One JSON line for a results log: :meth:`CutoutResult.summary` plus the files written and the
+    ``model`` that made them (an engine's ``source``: a registered model's version, a file), and with
     the model's calibrated ``threshold``, ``below_threshold`` (production would send the photo to a person)."""
     line = {**result.summary(), "outputs": written or {}}
+    if model is not None:
+        line["model"] = model
     if threshold is not None and result.ok:
         line["below_threshold"] = bool(result.score < threshold)
     return json.dumps(line)
@@ -878,7 +882,7 @@ def remove_to(inputs: Sequence[str], out_url: str, engine: Engine, config: Infer
             else:
                 failed += 1
                 log(f"failed: {result.source_url}: {result.error}")
-            lines.append(results_line(result, written, threshold))
+            lines.append(results_line(result, written, threshold, engine.source))
     except KeyboardInterrupt:
         interrupted = True
     seconds = time.perf_counter() - started

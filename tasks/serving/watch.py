@@ -97,7 +97,7 @@ def poll_once(inputs: Sequence[str], out_url: str, engine: Engine, config: Infer
         else:
             state.failed += 1
             log(f"failed: {result.source_url}: {result.error}")
-        state.lines.append(results_line(result, written, threshold))
+        state.lines.append(results_line(result, written, threshold, engine.source))
     if ready:
         storage.write_text(storage.join(out_url, RESULTS_FILE), "\n".join(state.lines) + "\n",
                            options_for(out_url, storage_options))

@@ -109,6 +109,7 @@ def test_production_and_retraining_dags_shape(dagbag):
     assert retraining.get_task("enough_new_pairs").downstream_task_ids == {"build_dataset"}
     trigger = retraining.get_task("trigger_training")
     assert trigger.trigger_dag_id == "bgremoval_training" and trigger.downstream_task_ids == {"record_state"}
+    assert trigger.skip_when_already_exists  # with a run id per retraining run: a cleared task starts no 2nd training
     assert set(retraining.params.keys()) >= {"min_new_pairs", "retrain_epochs", "registered_model"}
 
 

@@ -97,6 +97,8 @@ def test_publish_correct_retrain_promote(s3_bucket, reviewer, client_for, tmp_pa
     runs = client_for("admin").request("GET", "/api/v2/dags/bgremoval_training/dagRuns?limit=100")["dag_runs"]
     triggered = [r for r in runs if (r.get("conf") or {}).get("dataset_version") == version]
     assert len(triggered) == 1
+    # its run id comes from the retraining run's: a cleared trigger_training finds it, starts no other
+    assert triggered[0]["dag_run_id"] == state["history"][-1]["training_run"] == f"retrain__{retraining.run_id}"
     conf = triggered[0]["conf"]
     assert conf["init_from"] == "champion" and conf["epochs"] == 1 and conf["registered_model"] == name
 
@@ -110,3 +112,11 @@ def test_publish_correct_retrain_promote(s3_bucket, reviewer, client_for, tmp_pa
     staged = [o for o in storage.list_objects(f"{bucket_url}/training/{version}", options) if o.relpath.endswith("init/model.pt")]
     assert len(staged) == 1  # the champion's weights were the starting point
     assert "quality.json" in os.listdir(registry.download_model(registry.model_uri(name), str(tmp_path / "dl2")))
+
+    # A challenger that fails the gate fails the run, so a loop whose models stop passing is seen (the
+    # failure notices fire); the champion stays.
+    rejected = run_dag("bgremoval_training", {**conf, "iou_gate": 1.0})
+    states = {ti.task_id: ti.state for ti in rejected.get_task_instances()}
+    assert rejected.state == "failed", states
+    assert states["check_gate"] == "failed" and states["promote_model"] == "upstream_failed", states
+    assert registry.alias_version(name, "champion") == "2"

@@ -104,7 +104,7 @@ def test_the_measured_refinement_choice_travels_with_the_model(tmp_path, three_v
     assert load_refine_choice(registry.download_model("models:/m/1", str(tmp_path / "dl1"))) is None
 
 
-def test_promotion_moves_champion_and_previous_then_rollback_walks_back(three_versions):
+def test_promotion_moves_champion_and_previous_then_rollback_walks_back(three_versions, capsys):
     assert registry.alias_version("m", registry.CHAMPION) is None
     assert registry.promote("m", "1") == {"champion": "1", "previous": None}
     assert registry.promote("m", "2", user="ana") == {"champion": "2", "previous": "1"}
@@ -123,6 +123,17 @@ def test_promotion_moves_champion_and_previous_then_rollback_walks_back(three_ve
     assert registry.alias_version("m", registry.PREVIOUS) is None
     with pytest.raises(ValueError, match="no 'previous' version"):
         registry.rollback("m")
+    # `model list` says which versions were rolled back; promoted again, a version loses the mark
+    from tasks.cli.main import main
+
+    capsys.readouterr()
+    assert main(["model", "list", "--name", "m"]) == 0
+    listing = {line.split()[1]: line for line in capsys.readouterr().out.splitlines() if line.startswith("version")}
+    assert "rolled back" in listing["3"] and "by ops" in listing["3"] and "rolled back" not in listing["1"]
+    registry.promote("m", "3", user="ops")
+    assert not set(registry.ROLLBACK_TAGS) & set(registry.version_tags("m", "3"))
+    registry.rollback("m")  # the next tests start from version 1 as the champion
+    assert registry.alias_version("m", registry.CHAMPION) == "1"
     # never the deprecated stages
     assert all(v.current_stage in ("None", None) for v in mlflow.MlflowClient().search_model_versions("name='m'"))
 

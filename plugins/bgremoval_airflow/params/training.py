@@ -265,6 +265,16 @@ def evaluation_params() -> dict[str, Param]:
             "(both are evaluated on the same test split in the same task).",
             section=GATE,
         ),
+        "gate_failure": Param(
+            "fail",
+            type="string",
+            enum=["fail", "skip"],
+            title="Gate: when the new model fails it",
+            description="fail: check_gate fails with the gate's reasons and the run ends failed (red in the UI; the "
+            "failure notices fire), so a retraining loop whose models stop passing is seen; skip: promotion is "
+            "skipped and the run ends successful.",
+            section=GATE,
+        ),
         "routing_target_iou": Param(
             TARGET_IOU,
             type="number",

@@ -53,6 +53,11 @@ def test_first_challenger_passes_is_registered_and_becomes_champion(write_model_
     assert promoted["champion"] == promoted["version"] == "1" and promoted["previous"] is None
     tags = mlflow.MlflowClient().get_model_version("assess-m", "1").tags
     assert tags["dataset_version"] == "v1" and float(tags["test_mean_iou"]) == pytest.approx(result["summary"]["mean_iou"], abs=1e-6)
+    # the test photos' digest: a later challenger on the same photos meets this champion's record
+    assert tags[registry.TEST_SPLIT_TAG] == result["test_split_sha256"] and result["best_champion"] is None
+    assert registry.best_champion("assess-m", result["test_split_sha256"]) == {
+        "version": "1", "mean_iou": pytest.approx(result["summary"]["mean_iou"], abs=1e-6)}
+    assert registry.best_champion("assess-m", "other photos") is None
 
 
 def test_the_report_says_what_training_did_to_val_iou():

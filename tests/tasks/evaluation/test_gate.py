@@ -52,6 +52,19 @@ def test_fails_against_the_champion():
     assert "gate FAILED" in format_decision(decision) and "✗ challenger" in format_decision(decision)
 
 
+def test_the_tolerance_bounds_the_decline_over_many_promotions():
+    # Each champion 0.15 point below the one before passes against the champion alone; the best
+    # champion so far on these test photos (97.4 %) bounds the whole decline.
+    within_step = decide(GOOD, _summary(0.9715, {}), CONFIG, {"version": "3", "mean_iou": 0.974})
+    assert not within_step.passed
+    assert within_step.reasons == ["challenger 97.000 % vs 97.400 % of version 3, the best champion so far on these "
+                                   "test photos (tolerance 0.200 points in all, not per promotion)"]
+    assert decide(GOOD, _summary(0.9715, {}), CONFIG, {"version": "3", "mean_iou": 0.9719}).passed
+    # a record no higher than the champion's adds no check; nor does one without a champion to beat it
+    assert [c["name"] for c in decide(GOOD, _summary(0.97, {}), CONFIG, {"version": "3", "mean_iou": 0.97}).checks][-1] == "champion"
+    assert not decide(GOOD, None, CONFIG, {"version": "1", "mean_iou": 0.98}).passed
+
+
 def test_summaries_of_different_splits_cannot_be_compared():
     with pytest.raises(ValueError, match="same test split"):
         decide(GOOD, _summary(0.9, {}, n=11), CONFIG)

@@ -90,12 +90,24 @@ def test_shard_routes_by_score_and_reports_failures(drop, tmp_path, write_model_
         cutout = cv2.imdecode(np.frombuffer(storage.read_bytes(f"{bucket_url}/published/drop-1/{stem}.png", options), np.uint8),
                               cv2.IMREAD_UNCHANGED)
         assert cutout.shape[2] == 4
-    # inputs untouched; a retried shard adds nothing to the queue or the pool
+    # inputs untouched; a retried shard (the same run), or the same photos dropped again (a _READY
+    # written again: another run) and cut out by a champion that would publish them all, leaves every
+    # photo as the first try routed it: nothing more in the queue or the pool, no queued photo
+    # published, no published file rewritten. The retry counts them as its run's, the other run as
+    # handled before.
     assert {o.relpath: o.etag for o in storage.list_objects(f"{bucket_url}/incoming", options)} == before
-    process_shard(bucket_url, "drop-1", plan["shard_urls"][0], model, ProductionConfig(threshold=threshold), "v7", options)
+    outputs = {o.relpath: o.etag for o in storage.list_objects(f"{bucket_url}/published/drop-1", options)}
+    retried = process_shard(bucket_url, "drop-1", plan["shard_urls"][0], model, ProductionConfig(threshold=0.0), "v9",
+                            options)
+    assert (retried["published"], retried["queued"], retried["failed"], retried["earlier"]) == (3, 3, 1, 0)
+    redropped = process_shard(bucket_url, "drop-1", plan["shard_urls"][0], model, ProductionConfig(threshold=0.0), "v9",
+                              options, run_id="drop__drop-1__5e1f0c2a")
+    assert (redropped["published"], redropped["queued"], redropped["failed"], redropped["earlier"]) == (0, 0, 1, 6)
     assert len([q for q in list_queue(bucket_url, options) if q["batch"] == "drop-1"]) == 3
+    assert {o.relpath: o.etag for o in storage.list_objects(f"{bucket_url}/published/drop-1", options)} == outputs
     total = summarise_production("drop-1", [result])
-    assert total["published"] == 3 and total["queued"] == 3 and total["published_share"] == 0.5
+    assert total["published"] == 3 and total["queued"] == 3 and total["earlier"] == 0 and total["published_share"] == 0.5
+    assert summarise_production("drop-1", [redropped])["earlier"] == 6
 
     # The studio drops p0-p5 again under the same batch, with new photos: none is skipped, each gets
     # its own item or pair next to the earlier photo's, which is kept.

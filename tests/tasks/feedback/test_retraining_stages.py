@@ -8,9 +8,10 @@ from tasks.feedback import retraining_stages as stages
 from tasks.feedback.retraining import empty_state, read_state
 
 
-def _add(bucket_url: str, pair_id: str, at: str, origin: str = "published") -> None:
+def _add(bucket_url: str, pair_id: str, at: str, origin: str = "published", model_version: str = "") -> None:
     item = render_item(0, SynthConfig(n=1, seed=3, max_side=96))
-    meta = queue.PoolMeta(origin=origin, source_url=f"{bucket_url}/incoming/b/{pair_id}.jpg", at=at)
+    meta = queue.PoolMeta(origin=origin, source_url=f"{bucket_url}/incoming/b/{pair_id}.jpg", at=at,
+                          model_version=model_version)
     queue.add_to_pool(bucket_url, pair_id, encode_jpeg(item.image), encode_png(item.mask), meta)
 
 
@@ -27,16 +28,20 @@ def test_new_pairs_are_counted_by_origin_and_a_run_needs_a_base_and_enough_of_th
     _add(bucket_url, "p2", "2026-03-01T10:00:02.000000+00:00", origin="corrected")
     found = stages.find_new_pairs(bucket_url, "base-v1", "no-such-model")
     assert found == {"n_new": 2, "until": "2026-03-01T10:00:02.000000+00:00", "base_version": "base-v1",
-                     "origins": {"published": 1, "accepted": 0, "corrected": 1}, "n_carried": 0}
+                     "rolled_back": [], "origins": {"published": 1, "accepted": 0, "corrected": 1}, "n_carried": 0,
+                     "n_left_out": 0}
     assert stages.worth_retraining(found, min_new_pairs=2)
     assert not stages.worth_retraining(found, min_new_pairs=3)
     assert not stages.worth_retraining({**found, "base_version": ""}, min_new_pairs=1)
 
 
 def test_the_training_request_starts_from_the_champion_on_the_new_version():
-    conf = stages.training_request({"workers": 4, "epochs": 9}, "shop", "retrain-v4", 3, "m", 320)
-    assert conf == {"workers": 4, "epochs": 3, "bucket": "shop", "dataset_version": "retrain-v4",
-                    "init_from": "champion", "registered_model": "m", "working_size": 320}
+    request = stages.training_request({"workers": 4, "epochs": 9}, "shop", "retrain-v4", 3, "m", 320,
+                                      "scheduled__2026-03-02T04:00:00+00:00")
+    assert request["conf"] == {"workers": 4, "epochs": 3, "bucket": "shop", "dataset_version": "retrain-v4",
+                               "init_from": "champion", "registered_model": "m", "working_size": 320}
+    # one training run per retraining run: a cleared trigger_training finds it instead of starting another
+    assert request["run_id"] == "retrain__scheduled__2026-03-02T04:00:00+00:00"
 
 
 def test_recording_a_run_moves_the_pool_cursor(tmp_path):
@@ -118,3 +123,27 @@ def test_a_correction_that_a_failed_run_used_comes_again_though_the_base_holds_t
             "last_pair_at": corrected["at"], "consumed": {"p1": corrected["at"]}}
     stages.record_state(bucket_url, used, "retraining-run", "training-run")  # its model failed the gate
     assert [p["pair_id"] for p in pool_pairs_missing_from(bucket_url, "base-v1", read_state(bucket_url))] == ["p1"]
+
+
+def test_pairs_a_rolled_back_version_published_unreviewed_are_left_out(tmp_path):
+    """Version 2 was rolled back: the cut-outs it published without a person's look do not train the
+    next model (its masks are what was rolled back); a person's decision on one of its photos does."""
+    from mlflow import MlflowClient
+
+    from tasks import registry
+
+    client = MlflowClient()
+    client.create_registered_model("rolled-m")
+    for _ in range(2):
+        client.create_model_version("rolled-m", str(tmp_path))
+    for tag, value in zip(registry.ROLLBACK_TAGS, ("2026-03-01T12:00:00+00:00", "ops")):
+        client.set_model_version_tag("rolled-m", "2", tag, value)
+    assert registry.rolled_back_versions("rolled-m") == ["2"] and registry.rolled_back_versions("no-such-model") == []
+
+    bucket_url = str(tmp_path / "bucket")
+    _add(bucket_url, "by-v1", "2026-03-01T10:00:01.000000+00:00", model_version="1")
+    _add(bucket_url, "by-v2", "2026-03-01T10:00:02.000000+00:00", model_version="2")
+    _add(bucket_url, "fixed", "2026-03-01T10:00:03.000000+00:00", origin="corrected", model_version="2")
+    found = stages.find_new_pairs(bucket_url, "base-v1", "rolled-m")
+    assert (found["n_new"], found["n_left_out"], found["rolled_back"]) == (2, 1, ["2"])
+    assert found["origins"] == {"published": 1, "accepted": 0, "corrected": 1}

@@ -68,7 +68,7 @@ class SquareEngine(Engine):
     """A "perfect" stand-in: probability 1 inside ``[lo:hi, lo:hi]`` of the S×S map, 0 outside
     (and sides that agree), whatever the image."""
 
-    backend, input_size, resize = "fake", SIZE, "stretch"
+    backend, input_size, resize, source = "fake", SIZE, "stretch", "fake:square"
     mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
     def __init__(self, lo: int = 16, hi: int = 48) -> None:
@@ -340,7 +340,9 @@ def test_remove_to_counts_empty_and_below_threshold_cut_outs_and_keeps_its_log_w
     summary = remove_to([str(folder)], str(tmp_path / "out"), SquareEngine(lo=0, hi=0), InferenceConfig(),
                         progress=False, threshold=0.5)
     assert (summary["ok"], summary["empty"], summary["below_threshold"], summary["threshold"]) == (4, 4, 4, 0.5)
-    assert all(json.loads(line)["below_threshold"] for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines())
+    lines = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
+    assert all(line["below_threshold"] for line in lines)
+    assert {line["model"] for line in lines} == {"fake:square"}  # which model made each file
 
     class Interrupting(SquareEngine):
         def predict(self, batch):
@@ -393,7 +395,8 @@ def test_registry_uris_are_downloaded_first(model_dir, private_mlflow, tmp_path)
         version = registry.register_model(model_dir, "engines-m", run_id=run_id, pyfunc_model=pyfunc_model())["version"]
         registry.promote("engines-m", version)
         engine = load_engine("models:/engines-m@champion")
-    assert engine.backend in ONNX_RUNTIMES and engine.source == "models:/engines-m@champion"
+    # the alias is read once and the version it names is loaded and recorded (results.jsonl's "model")
+    assert engine.backend in ONNX_RUNTIMES and engine.source == f"models:/engines-m@champion (version {version})"
     assert engine.input_size == SIZE
 
 
