@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import pendulum
 from airflow.sdk import dag, task
+from airflow.sdk.exceptions import AirflowFailException
 from bgremoval_airflow.assets import retraining_pool
 from bgremoval_airflow.connections import s3_storage_options
 from bgremoval_airflow.operations import task_defaults
@@ -62,9 +63,13 @@ def bgremoval_inference():
 
     @task
     def resolve_model(params=None) -> dict:
+        from tasks.feedback.production import NoChampion
         from tasks.feedback.production import resolve_model as resolve
 
-        return resolve(params["model_uri"], params["registered_model"])
+        try:
+            return resolve(params["model_uri"], params["registered_model"])
+        except NoChampion as exc:  # not retried: no champion appears by waiting minutes
+            raise AirflowFailException(str(exc)) from exc
 
     @task(max_active_tis_per_dagrun=4, retries=1)
     def cut_out_shard(shard_url: str, model: dict, params=None, run_id=None) -> dict:

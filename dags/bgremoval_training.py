@@ -27,14 +27,12 @@ ends failed, so the failure notices fire; ``gate_failure=skip`` skips promotion 
 from __future__ import annotations
 
 import pendulum
-from airflow.providers.databricks.operators.databricks import DatabricksSubmitRunOperator
-from airflow.sdk.exceptions import AirflowFailException
 from airflow.sdk import dag, task
 from bgremoval_airflow.connections import s3_storage_options
 from bgremoval_airflow.databricks import DATABRICKS_CONN_ID, databricks_params, idempotency_token, submit_run_json
 from bgremoval_airflow.links import mask_review_page_url, report_page_url, review_page_url
-from bgremoval_airflow.operations import TRAINING_TIMEOUT, review_gate, task_defaults, training_deadline
-from bgremoval_airflow.operators import ClusterReviewGate
+from bgremoval_airflow.operations import TRAINING_TIMEOUT, gate_passed, review_gate, task_defaults, training_deadline
+from bgremoval_airflow.operators import ClusterReviewGate, TrainOnDatabricks
 from bgremoval_airflow.sensors import ready_marker_sensor
 from bgremoval_airflow.settings import PROMOTION_POOL, max_map_length
 from bgremoval_airflow.params.training import (
@@ -65,6 +63,7 @@ from tasks.core import layout
 def bgremoval_training():
     @task.branch
     def choose_start(params=None) -> str:
+        split_config(params)  # a form whose splits leave no training pairs fails here, not after the review
         return "reuse_dataset" if params["dataset_version"].strip() else "wait_for_batch"
 
     @task
@@ -240,7 +239,7 @@ def bgremoval_training():
         config = train_config(params, dataset["dataset_url"], output_url, {},
                               init_from=_start_weights(params, output_url, s3_storage_options()))
         return submit_run_json(params, replace(config, mlflow_tracking_uri=None).to_json(),
-                               idempotency_token(dag.dag_id, run_id))  # a retried submission gets the same run
+                               idempotency_token(dag.dag_id, run_id))  # train_on_databricks adds its try
 
     @task
     def databricks_result(dataset: dict, params=None, run_id=None) -> dict:
@@ -275,13 +274,7 @@ def bgremoval_training():
 
     @task.short_circuit
     def check_gate(assessment: dict, params=None) -> bool:
-        if assessment["gate"]["passed"]:
-            return True
-        reasons = "gate FAILED, promotion skipped:\n  " + "\n  ".join(assessment["gate"]["reasons"])
-        if params["gate_failure"] == "fail":
-            raise AirflowFailException(reasons)
-        print(reasons)
-        return False
+        return gate_passed(assessment["gate"], params["gate_failure"])
 
     @task
     def calibrate_quality(dataset: dict, assessment: dict, params=None) -> dict:
@@ -298,7 +291,8 @@ def bgremoval_training():
 
         promoted = register_and_promote(assessment, dataset["version"], assessment_config(params),
                                         s3_storage_options(), user=f"airflow:{run_id}")
-        print(f"{promoted['name']} version {promoted['version']} is the champion; previous: {promoted['previous']}")
+        print(f"{promoted['name']} version {promoted['version']} is the champion; previous: {promoted['previous']}"
+              + (" (registered by an earlier try of this task)" if promoted["registered_before"] else ""))
         return promoted
 
     start = choose_start()
@@ -324,7 +318,7 @@ def bgremoval_training():
     payload = databricks_run(training)
     # While it waits in the triggerer, Airflow 3.3 does not apply execution_timeout (apache/airflow#69679):
     # the run's own timeout_seconds (the form's databricks_timeout_minutes) is what stops it.
-    train_on_databricks = DatabricksSubmitRunOperator(
+    train_on_databricks = TrainOnDatabricks(
         task_id="train_on_databricks", json=payload, databricks_conn_id=DATABRICKS_CONN_ID, deferrable=True,
         execution_timeout=TRAINING_TIMEOUT,
     )

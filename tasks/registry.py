@@ -124,17 +124,24 @@ def model_uri(name: str = DEFAULT_MODEL_NAME, alias: str | None = CHAMPION, vers
 def pinned_uri(uri: str, tracking_uri: str | None = None) -> str:
     """``models:/<name>/<version>`` of the version an alias URI (``models:/<name>@<alias>``) points at
     now, so what is loaded and what is recorded are the same version even if the alias moves
-    meanwhile; any other URI as it is. Raises ``FileNotFoundError`` for an alias that does not exist."""
-    if not uri.startswith("models:/") or "@" not in uri:
+    meanwhile; any other URI as it is (``models:/team@shop/3`` is version 3 of ``team@shop``, as
+    MLflow reads it). Raises ``FileNotFoundError`` for an alias that does not exist; other registry
+    errors (unreachable, refused) as MLflow raises them."""
+    from mlflow.exceptions import MlflowException
+
+    name, at, alias = uri.removeprefix("models:/").rpartition("@")
+    if not uri.startswith("models:/") or not at or "/" in alias:
         return uri
-    name, alias = uri.removeprefix("models:/").rsplit("@", 1)
-    version = alias_version(name, alias, tracking_uri)
-    if version is None:
+    try:
+        version = _client(tracking_uri).get_model_version_by_alias(name, alias).version
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST" and "not found" not in str(exc):
+            raise
         import mlflow
 
         raise FileNotFoundError(f"{uri} is not in the registry at {tracking_uri or mlflow.get_tracking_uri()}: "
-                                f"no registered model {name!r} with the alias {alias!r}")
-    return model_uri(name, version=version)
+                                f"no registered model {name!r} with the alias {alias!r}") from None
+    return model_uri(name, version=str(version))
 
 
 def alias_version(name: str = DEFAULT_MODEL_NAME, alias: str = CHAMPION, tracking_uri: str | None = None) -> str | None:
@@ -197,8 +204,10 @@ def register_model(model_url: str, name: str = DEFAULT_MODEL_NAME, run_id: str |
         tracking_uri: MLflow tracking URI (None: ``MLFLOW_TRACKING_URI``).
         description: the version's description.
 
-    Returns ``{"name", "version", "model_uri", "run_id", "onnx_sha256", "input_size"}``.
-    The ONNX export is checked against PyTorch before anything is logged.
+    Returns ``{"name", "version", "model_uri", "run_id", "onnx_sha256", "input_size",
+    "registered_before"}``. The ONNX export is checked against PyTorch before anything is logged.
+    Registering the same run folder's same weights again (a retried or cleared task) registers
+    nothing: the earlier version's tags are completed and it is returned (``registered_before``).
     """
     import mlflow
     import torch
@@ -218,30 +227,55 @@ def register_model(model_url: str, name: str = DEFAULT_MODEL_NAME, run_id: str |
         onnx_info = export_onnx(model, os.path.join(tmp, "model.onnx"), size, meta["resize"], meta["model"])
         files = [os.path.join(tmp, f) for f in _EXTRA_FILES] + copy_sidecars(model_url, tmp, storage_options)
         onnx_sha = _sha256(onnx_info["path"])
-        if run_id is None:
-            experiment_id = (client.get_experiment_by_name(experiment) or None)
-            experiment_id = experiment_id.experiment_id if experiment_id else mlflow.create_experiment(
-                experiment, artifact_location=default_artifact_location(mlflow.get_tracking_uri()))
-            active = mlflow.start_run(experiment_id=experiment_id, run_name=f"register-{name}")
+        earlier = _registered_before(client, name, model_url, onnx_sha)
+        if earlier is not None:  # a retried or cleared task: these weights of this run are a version already
+            version, run_id = str(earlier.version), earlier.run_id
         else:
-            active = mlflow.start_run(run_id=run_id)
-        with active as run:
-            info = mlflow.pyfunc.log_model(
-                name="model", artifacts={os.path.basename(f): f for f in files}, registered_model_name=name,
-                await_registration_for=60, **pyfunc_model,
-            )
-            run_id = run.info.run_id
-    version = str(info.registered_model_version)
-    version_tags = {"dataset_version": None, **_training_figures(model_url, storage_options), **(tags or {}),
-                    "onnx_sha256": onnx_sha, "input_size": size,
-                    "model": meta["model"], "model_widths": meta["model_widths"], "source": model_url}
+            version, run_id = _log_version(client, name, files, run_id, experiment, pyfunc_model)
+    version_tags = {"source": model_url, "onnx_sha256": onnx_sha, "dataset_version": None,
+                    **_training_figures(model_url, storage_options), **(tags or {}), "input_size": size,
+                    "model": meta["model"], "model_widths": meta["model_widths"]}
     for key, value in version_tags.items():
         if value is not None:
             client.set_model_version_tag(name, version, key, _tag_value(value))
     if description:
         client.update_model_version(name, version, description=description)
     return {"name": name, "version": version, "model_uri": model_uri(name, version=version), "run_id": run_id,
-            "onnx_sha256": onnx_sha, "input_size": size}
+            "onnx_sha256": onnx_sha, "input_size": size, "registered_before": earlier is not None}
+
+
+def _registered_before(client, name: str, model_url: str, onnx_sha: str):
+    """The version an earlier call registered from the same run folder with the same weights (its
+    ``source`` and ``onnx_sha256`` tags, set first), or None."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        versions = client.search_model_versions(f"name = '{name}'")
+    except MlflowException:
+        return None
+    return next((v for v in versions if (v.tags or {}).get("source") == model_url
+                 and (v.tags or {}).get("onnx_sha256") == onnx_sha), None)
+
+
+def _log_version(client, name: str, files: list[str], run_id: str | None, experiment: str,
+                 pyfunc_model: dict[str, Any]) -> tuple[str, str]:
+    """Log the model's files as a pyfunc into ``run_id`` (or a new run of ``experiment``) and register
+    them as a new version of ``name``; returns the version and the run id."""
+    import mlflow
+
+    if run_id is None:
+        experiment_id = (client.get_experiment_by_name(experiment) or None)
+        experiment_id = experiment_id.experiment_id if experiment_id else mlflow.create_experiment(
+            experiment, artifact_location=default_artifact_location(mlflow.get_tracking_uri()))
+        active = mlflow.start_run(experiment_id=experiment_id, run_name=f"register-{name}")
+    else:
+        active = mlflow.start_run(run_id=run_id)
+    with active as run:
+        info = mlflow.pyfunc.log_model(
+            name="model", artifacts={os.path.basename(f): f for f in files}, registered_model_name=name,
+            await_registration_for=60, **pyfunc_model,
+        )
+        return str(info.registered_model_version), run.info.run_id
 
 
 def _training_figures(model_url: str, storage_options: dict | None) -> dict[str, float]:
@@ -342,8 +376,7 @@ def promote(name: str, version: str | int, user: str | None = None, reason: str 
              "promoted_by": user or "bgremoval", "promotion_reason": reason or "passed the gate"}
     for key, value in stamp.items():
         client.set_model_version_tag(name, version, key, value)
-    for key in set(ROLLBACK_TAGS) & set(client.get_model_version(name, version).tags or {}):
-        client.delete_model_version_tag(name, version, key)  # champion again: the history log keeps the rollback
+    _clear_rollback(client, name, version)
     return {"champion": version, "previous": current}
 
 
@@ -381,7 +414,15 @@ def rollback(name: str = DEFAULT_MODEL_NAME, user: str | None = None,
     at_tag, by_tag = ROLLBACK_TAGS
     client.set_model_version_tag(name, current, at_tag, datetime.now(timezone.utc).isoformat(timespec="seconds"))
     client.set_model_version_tag(name, current, by_tag, user or "bgremoval")
+    _clear_rollback(client, name, restored)
     return {"champion": restored, "demoted": current, "previous": before}
+
+
+def _clear_rollback(client, name: str, version: str) -> None:
+    """Champion again (promoted, or restored by a rollback): the version loses its rollback tags; the
+    champion history keeps the rollback."""
+    for key in set(ROLLBACK_TAGS) & set(client.get_model_version(name, version).tags or {}):
+        client.delete_model_version_tag(name, version, key)
 
 
 def _download_registered(uri: str, dst: str) -> str:
@@ -564,21 +605,27 @@ def list_versions(name: str = DEFAULT_MODEL_NAME, tracking_uri: str | None = Non
     return sorted(rows, key=lambda r: int(r["version"]), reverse=True)
 
 
+#: How a promotion by hand starts its ``promotion_reason`` (``bgremoval model promote``).
+BY_HAND = "promoted by hand"
 #: Version tag: digest of the test photos a version's ``test_*`` figures were measured on.
 TEST_SPLIT_TAG = "test_split_sha256"
 
 
 def best_champion(name: str, test_split_sha256: str, tracking_uri: str | None = None) -> dict[str, Any] | None:
     """``{"version", "mean_iou"}`` of the version that scored best on these test photos (its
-    :data:`TEST_SPLIT_TAG`) among those that were champion (``promoted_at``) and are not rolled back;
-    None when there is none."""
+    :data:`TEST_SPLIT_TAG`) among the champions since the last intervention by hand (a rollback, or a
+    promotion by hand: a person chose a new baseline), rolled-back ones left out; None when there is none."""
     try:
         rows = list_versions(name, tracking_uri)
     except ValueError:
         return None
+    by_hand = [r["tags"]["promoted_at"] for r in rows if "promoted_at" in r["tags"]
+               and r["tags"].get("promotion_reason", "").startswith(BY_HAND)]
+    since = max([*by_hand, *(r["tags"][ROLLBACK_TAGS[0]] for r in rows if ROLLBACK_TAGS[0] in r["tags"])], default="")
     held = [(float(r["tags"]["test_mean_iou"]), r["version"]) for r in rows
             if r["tags"].get(TEST_SPLIT_TAG) == test_split_sha256 and "test_mean_iou" in r["tags"]
-            and "promoted_at" in r["tags"] and ROLLBACK_TAGS[0] not in r["tags"]]
+            and r["tags"].get("promoted_at", "") >= since and "promoted_at" in r["tags"]
+            and ROLLBACK_TAGS[0] not in r["tags"]]
     if not held:
         return None
     mean_iou, version = max(held)

@@ -36,6 +36,7 @@ __all__ = [
     "num_processes",
     "read_train_result",
     "submit_run_json",
+    "try_token",
 ]
 
 #: Where the deploy step uploads :data:`tasks.train.distributor.LAUNCHER_SOURCE`: a Unity Catalog
@@ -175,9 +176,16 @@ def _check_config(config_json: str) -> None:
 
 def idempotency_token(dag_id: str, run_id: str) -> str:
     """The ``idempotency_token`` of a DAG run's training submission (at most 64 characters, the
-    Jobs API's limit): the same for every try of the run's task, so a retried submission gets the
-    run the first try started instead of a second GPU cluster."""
+    Jobs API's limit, with :func:`try_token`'s suffix): a submission sent twice (the hook's own
+    retries) gets the run the first one started instead of a second GPU cluster."""
     return "bgremoval-" + hashlib.sha256(f"{dag_id}\n{run_id}".encode()).hexdigest()[:48]
+
+
+def try_token(token: str, try_number: int) -> str:
+    """The token one try of ``train_on_databricks`` submits with: a retry, or the task cleared after a
+    failed cluster run, is a new try and starts a new run (Databricks answers a token it has seen
+    with that run, ended or not)."""
+    return f"{token}-{int(try_number)}"
 
 
 def submit_run_json(params: dict, config_json: str, idempotency_token: str | None = None) -> dict[str, Any]:

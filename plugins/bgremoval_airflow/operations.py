@@ -43,8 +43,15 @@ class FailureLog(BaseNotifier):
         ti = context.get("ti") or context.get("task_instance")
         log.error("task failed: dag=%s task=%s map_index=%s run=%s try=%s reason=%s",
                   getattr(ti, "dag_id", "?"), getattr(ti, "task_id", "?"), getattr(ti, "map_index", -1),
-                  getattr(ti, "run_id", "?"), getattr(ti, "try_number", "?"),
-                  str(context.get("exception") or "")[:500])
+                  getattr(ti, "run_id", "?"), getattr(ti, "try_number", "?"), failure_reason(context.get("exception"))[:500])
+
+
+def failure_reason(exception: BaseException | str | None) -> str:
+    """What failed, in a line: the exception's text, and the server's ``detail`` behind an API error
+    (the execution API answers "Server returned error" and puts the reason there)."""
+    reason = str(exception or "")
+    detail = getattr(exception, "detail", None)
+    return f"{reason}: {detail}" if detail and str(detail) not in reason else reason
 
 
 def failure_notifiers() -> list[BaseNotifier]:
@@ -134,3 +141,18 @@ def training_deadline(dag_id: str):
     return DeadlineAlert(reference=DeadlineReference.DAGRUN_QUEUED_AT, interval=timedelta(hours=hours),
                          callback=AsyncCallback(run_overdue, kwargs={"dag_id": dag_id, "hours": hours}),
                          name="training run overdue")
+
+
+def gate_passed(gate: dict[str, Any], on_failure: str) -> bool:
+    """The ``check_gate`` task's answer to an assessment's ``gate``: True when it passed; when it
+    failed, its reasons either fail the task (``on_failure="fail"``: the run ends failed and the
+    failure notices fire, without retries) or are printed and promotion is skipped (``"skip"``)."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    if gate["passed"]:
+        return True
+    reasons = "gate FAILED, promotion skipped:\n  " + "\n  ".join(gate["reasons"])
+    if on_failure == "fail":
+        raise AirflowFailException(reasons)
+    print(reasons)
+    return False

@@ -1,12 +1,28 @@
-"""The operators the DAGs use beyond the providers': the cluster review's gate."""
+"""The operators the DAGs use beyond the providers': the cluster review's gate, and the Databricks
+submission whose token changes with each try."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from airflow.providers.databricks.operators.databricks import DatabricksSubmitRunOperator
 from airflow.providers.standard.operators.hitl import ApprovalOperator
 
 from bgremoval_airflow.connections import s3_storage_options
+from bgremoval_airflow.databricks import try_token
+
+
+class TrainOnDatabricks(DatabricksSubmitRunOperator):
+    """``runs/submit`` of the training payload (``json``, from :func:`bgremoval_airflow.databricks.submit_run_json`)
+    with the payload's idempotency token made the try's (:func:`bgremoval_airflow.databricks.try_token`):
+    the same submission sent twice within a try gets one run, and a retry or a cleared task after a
+    failed cluster run starts a new one instead of being answered with the failed run."""
+
+    def execute(self, context: Any) -> Any:
+        token = (self.json or {}).get("idempotency_token") if isinstance(self.json, dict) else None
+        if token:
+            self.idempotency_token = try_token(token, context["ti"].try_number)  # overrides the payload's
+        return super().execute(context)
 
 
 class ClusterReviewGate(ApprovalOperator):

@@ -474,7 +474,7 @@ def cmd_model(args: argparse.Namespace) -> int:
                 print("bgremoval model promote: not promoted; --force promotes it anyway", file=sys.stderr)
                 return 2
             moved = registry.promote(args.name, args.version, user=args.user,
-                                     reason="promoted by hand" + (" despite: " + "; ".join(concerns) if concerns else ""))
+                                     reason=registry.BY_HAND + (" despite: " + "; ".join(concerns) if concerns else ""))
             print(f"{args.name}: champion is version {moved['champion']}; previous: {moved['previous'] or 'none'}")
         else:
             for row in registry.list_versions(args.name):

@@ -18,7 +18,8 @@ from typing import Any
 import cv2
 
 from tasks import registry
-from tasks.core import storage
+from tasks.core import layout, storage
+from tasks.core.manifest import read_table
 from tasks.core.codecs import read_image, read_mask
 from tasks.evaluation.calibration import calibrate_model
 from tasks.evaluation.scoring import load_model, predict_probabilities, score_dataset, score_split
@@ -107,10 +108,15 @@ def _audited_pairs(model, meta: dict, dataset_url: str, config: AssessmentConfig
             "n_with": both["n"], "text": text}
 
 
-def split_sha256(scores) -> str:
-    """Digest of the photos a split's figures were measured on (their stems): the same for every
-    dataset version that keeps the test split, as retraining does."""
-    return hashlib.sha256("\n".join(sorted(s.stem for s in scores)).encode()).hexdigest()
+def split_sha256(dataset_url: str, scores, storage_options: dict | None = None) -> str:
+    """Digest of the pairs a split's figures were measured on (each pair's key and its mask's SHA-256
+    from the manifest): the same for every dataset version that keeps the test split, as retraining
+    does, and another one when a mask of it changed."""
+    manifest = read_table(layout.manifest(dataset_url), storage_options)
+    masks = (dict(zip(manifest["key"].astype(str), manifest["mask_sha256"].astype(str)))
+             if {"key", "mask_sha256"} <= set(manifest.columns) else {})
+    lines = sorted(f"{s.stem}\t{masks.get(s.stem, '')}" for s in scores)
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 
 def assess_challenger(model_url: str, dataset_url: str, report_url: str, config: AssessmentConfig,
@@ -155,7 +161,7 @@ def assess_challenger(model_url: str, dataset_url: str, report_url: str, config:
             champion_scores, _ = score_dataset(folder, dataset_url, config.split, storage_options, config.threshold,
                                                model_storage_options=champion_options)
         champion_summary = summarise(champion_scores, worst=0)
-    split_digest = split_sha256(scores)
+    split_digest = split_sha256(dataset_url, scores, storage_options)
     record = registry.best_champion(config.registered_model, split_digest)
     decision = decide(summary, champion_summary, config.gate, record)
     table = format_summary(summary) + (f"\n{audited['text']}" if audited else "")

@@ -13,9 +13,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import re
 from datetime import datetime, timezone
 
 from tasks.core import layout, storage
+
+log = logging.getLogger(__name__)
 
 __all__ = ["claim_drop", "drop_run_id", "mark_started", "new_drops", "ready_written_at"]
 
@@ -41,11 +45,17 @@ def ready_written_at(bucket_url: str, batch: str, storage_options: dict | None =
 def new_drops(bucket_url: str, storage_options: dict | None = None) -> list[dict[str, str]]:
     """The drops to start, sorted by batch: ``{"batch", "run_id", "ready"}`` for each batch under
     ``incoming/`` with a ``_READY`` marker and either no ``_STARTED`` marker (its first drop) or one
-    recorded for an earlier ``_READY`` (dropped again). ``ready`` is when the ``_READY`` this drop is
+    recorded for an earlier ``_READY`` (dropped again); a folder whose name is no batch name
+    (:data:`tasks.core.layout.BATCH_NAME_PATTERN`, e.g. ``Shoot 12``) is left out with a warning
+    instead of failing every poll on its run id. ``ready`` is when the ``_READY`` this drop is
     for was written: hand it to :func:`mark_started`, so that a ``_READY`` written again after this
     listing is a drop of its own."""
     found = []
     for batch in storage.list_folders(storage.join(bucket_url, layout.INCOMING), storage_options):
+        if not re.match(layout.BATCH_NAME_PATTERN, batch):
+            log.warning("incoming/%s/: left alone, not a batch name (letters, digits, '.', '_' and '-', starting "
+                        "with a letter or digit): copy its photos under a folder so named", batch)
+            continue
         try:
             ready = ready_written_at(bucket_url, batch, storage_options)
         except FileNotFoundError:

@@ -7,10 +7,11 @@ route each result by its quality score.
 * score < threshold → ``corrections/queue/<batch>--<stem>/`` for a person (the correction page);
 * an image that cannot be processed → ``production/<batch>/failed/<shard>.json`` with the reason.
 
-Queue items and pool pairs record the photo's SHA-256. A photo that an earlier run of the batch (a
-``_READY`` written again) or an earlier try of the shard queued or published, with the same bytes, is
-left alone before the model runs: a person's decision, the published cut-out and the pool pair stay
-as they are, and no second queue item is made (counted as ``earlier``). The same name dropped again
+Queue items and pool pairs record the photo's SHA-256 and the run. A photo that an earlier run of
+the batch (a ``_READY`` written again) or an earlier try of the shard queued or published, with the
+same bytes, is left alone before the model runs: a person's decision, the published cut-out and the
+pool pair stay as they are, and no second queue item is made. Another run's photos are counted as
+``earlier``; an earlier try's as this run's (published or queued), as if it had not been interrupted. The same name dropped again
 with new content is processed under its own id (:func:`tasks.feedback.queue.photo_id`), the earlier
 photo's item and pair kept.
 
@@ -36,7 +37,7 @@ log = logging.getLogger(__name__)
 #: Photos one mapped task of the inference DAG cuts out (its ``photos_per_shard``).
 PHOTOS_PER_SHARD = 200
 
-__all__ = ["ProductionConfig", "handled_before", "plan_production", "process_shard", "resolve_model", "resolve_threshold",
+__all__ = ["NoChampion", "ProductionConfig", "handled_before", "plan_production", "process_shard", "resolve_model", "resolve_threshold",
            "summarise_production"]
 
 
@@ -96,22 +97,32 @@ def plan_production(bucket_url: str, batch: str, shard_size: int = PHOTOS_PER_SH
     return {"batch": batch, "n_images": len(items), "shard_urls": shard_urls, "problems": problems}
 
 
+class NoChampion(ValueError):
+    """The run names no model and the registered model has no champion: trying again cannot help."""
+
+
 def resolve_model(model_uri: str, registered_model: str) -> dict[str, str]:
     """The ``resolve_model`` stage: the model the whole run uses, fixed before the first shard.
 
-    ``model_uri`` when one is given (any URI :func:`tasks.serving.engines.load_engine` opens), else the current
-    champion of ``registered_model``. Returns ``{"model_uri", "version"}``; raises ``ValueError``
-    when there is no champion yet.
+    ``model_uri`` when one is given (any URI :func:`tasks.serving.engines.load_engine` opens; a registry
+    alias pinned to the version it names now), else the current champion of ``registered_model``.
+    Returns ``{"model_uri", "version"}``: ``version`` is the version number for a version of
+    ``registered_model`` (what queue items and pool pairs record, and what a rollback is matched
+    with), else the model's URI. Raises :class:`NoChampion` when there is no champion yet.
     """
     from tasks import registry
 
     chosen = model_uri.strip()
     if chosen:
-        return {"model_uri": chosen, "version": chosen}
+        pinned = registry.pinned_uri(chosen) if chosen.startswith("models:/") else chosen
+        name, _, number = pinned.removeprefix("models:/").rpartition("/")
+        own = pinned.startswith("models:/") and name == registered_model and number.isdigit()
+        return {"model_uri": pinned, "version": number if own else pinned}
     version = registry.alias_version(registered_model, registry.CHAMPION)
     if version is None:
-        raise ValueError(f"registered model {registered_model!r} has no champion yet: "
-                         "run bgremoval_training first, or set the model parameter")
+        raise NoChampion(f"registered model {registered_model!r} has no champion yet: run bgremoval_training "
+                         "first, then clear this task (the drop stays with this run), or set the model and "
+                         "threshold parameters in a new run")
     print(f"champion: {registered_model} version {version}")
     return {"model_uri": registry.model_uri(registered_model, version=version), "version": version}
 
@@ -229,7 +240,7 @@ def handled_before(bucket_url: str, batch: str, items: list[tuple[str, str]], ru
     an earlier try of this run's shard (``run_id``; counted ``{"published", "queued"}`` as this run's).
 
     Only a photo whose name already has a queue item or pool pair is read and hashed here; a photo
-    that cannot be read is left to the cut-out, which reports it."""
+    that is gone or forbidden is left to the cut-out, which reports it."""
     from tasks.feedback.queue import handled_as, has_record, make_item_id, photo_id
 
     todo, earlier, this_run = [], [], {"published": 0, "queued": 0}
@@ -239,7 +250,7 @@ def handled_before(bucket_url: str, batch: str, items: list[tuple[str, str]], ru
             continue
         try:
             digest = hashlib.sha256(storage.read_bytes(url, storage_options)).hexdigest()
-        except (OSError, ValueError):
+        except storage.OBJECT_ERRORS:  # gone or forbidden: the cut-out reports it; any other error fails the task
             todo.append((url, stem))
             continue
         record = handled_as(bucket_url, photo_id(bucket_url, batch, stem, digest, storage_options), digest,

@@ -42,8 +42,8 @@ def find_new_pairs(bucket_url: str, requested_base: str, registered_model: str,
     the new version again, but only new pairs count towards ``min_new_pairs``).
 
     Pairs that a rolled-back version published without a person's look are left out (``n_left_out``):
-    their masks are that version's, which was rolled back. A person's decision on one (accepted or
-    corrected) replaces the pair and brings it back.
+    their masks are that version's, which was rolled back. The pairs of its doubtful photos, which a
+    person decided on, are a person's and stay.
 
     Returns ``{"n_new", "until" (the newest pair's time, the cut-off the next stages use),
     "base_version", "rolled_back" (versions), "origins": {origin: n}, "n_carried", "n_left_out"}``.
@@ -58,7 +58,8 @@ def find_new_pairs(bucket_url: str, requested_base: str, registered_model: str,
           + (f"; {len(carried)} pairs of an earlier run that the base lacks come again" if carried else ""))
     if left_out:
         print(f"{len(left_out)} pairs left out: published unreviewed by a version that was rolled back "
-              f"({', '.join(rolled_back)}); a person's decision on one brings it back")
+              f"({', '.join(rolled_back)}); their cut-outs stay published (drop those photos under a new batch "
+              "name to cut them out again with the champion)")
     return {"n_new": len(pairs), "until": newest, "base_version": base, "rolled_back": rolled_back,
             "origins": {o: sum(p.get("origin") == o for p in pairs) for o in POOL_ORIGINS}, "n_carried": len(carried),
             "n_left_out": len(left_out)}

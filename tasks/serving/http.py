@@ -57,16 +57,17 @@ class ModelHolder:
     def alias(self) -> tuple[str, str] | None:
         """``(name, alias)`` of a ``models:/<name>@<alias>`` model, else None."""
         ref = self.config.model
-        if not ref.startswith("models:/") or "@" not in ref:
+        name, at, alias = ref.removeprefix("models:/").rpartition("@")
+        if not ref.startswith("models:/") or not at or "/" in alias:  # models:/team@shop/3 is a version
             return None
-        name, alias = ref[len("models:/"):].split("@", 1)
         return name, alias
 
     def load(self) -> Engine:
         """Load the model (for an alias: the version it points at now) and make it current."""
         alias = self.alias()
-        version = registry.alias_version(*alias) if alias else None
-        engine = load_engine(self.config.model, threads=self.config.threads, sessions=self.config.sessions)
+        pinned = registry.pinned_uri(self.config.model) if alias else self.config.model
+        version = pinned.rsplit("/", 1)[1] if alias else None  # the alias read once: what loads is what is named
+        engine = load_engine(pinned, threads=self.config.threads, sessions=self.config.sessions)
         with self._lock:
             self.engine, self.version = engine, version
         log.info("serving %s%s; edge refinement with refine=auto: %s", engine.describe(),

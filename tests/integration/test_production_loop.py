@@ -120,3 +120,10 @@ def test_publish_correct_retrain_promote(s3_bucket, reviewer, client_for, tmp_pa
     assert rejected.state == "failed", states
     assert states["check_gate"] == "failed" and states["promote_model"] == "upstream_failed", states
     assert registry.alias_version(name, "champion") == "2"
+    # With gate_failure=skip (runs by hand that only explore) the same challenger skips promotion in a
+    # successful run.
+    explored = run_dag("bgremoval_training", {**conf, "iou_gate": 1.0, "gate_failure": "skip"})
+    states = {ti.task_id: ti.state for ti in explored.get_task_instances()}
+    assert explored.state == "success", states
+    assert states["check_gate"] == "success" and states["promote_model"] == "skipped", states
+    assert registry.alias_version(name, "champion") == "2"

@@ -31,6 +31,7 @@ from bgremoval_airflow.databricks import (
     num_processes,
     read_train_result,
     submit_run_json,
+    try_token,
 )
 from tasks.train.config import TrainConfig
 from tasks.train.distributor import spark_unavailable_reason
@@ -181,11 +182,12 @@ def jobs_server(tmp_path_factory, cluster_runtime, project_wheel, uv):
         yield server
 
 
-def _run_submit_dag(dag_id: str, payload: dict, output_url: str):
-    """Run a DAG of the deferrable operator and a task that reads the result back; return
-    ``(dag_run, exceptions the operator failed with)``."""
-    from airflow.providers.databricks.operators.databricks import DatabricksSubmitRunOperator
+def _run_submit_dag(dag_id: str, payload: dict, output_url: str, retries: int = 0):
+    """Run a DAG of the training DAG's deferrable submit operator and a task that reads the result
+    back; return ``(dag_run, exceptions the operator failed with)``."""
     from airflow.sdk import DAG, task
+
+    from bgremoval_airflow.operators import TrainOnDatabricks
 
     failures: list[BaseException] = []
 
@@ -195,10 +197,10 @@ def _run_submit_dag(dag_id: str, payload: dict, output_url: str):
         return {"mlflow_run_id": mlflow_run_id_from_result(result), "val_iou": result["metrics"]["val_iou"]}
 
     with DAG(dag_id, schedule=None, start_date=pendulum.datetime(2026, 1, 1, tz="UTC"), catchup=False) as dag:
-        train = DatabricksSubmitRunOperator(
+        train = TrainOnDatabricks(
             task_id="train", json=payload, deferrable=True, databricks_conn_id="databricks_default",
             polling_period_seconds=1, databricks_retry_limit=2, databricks_retry_delay=1,
-            execution_timeout=timedelta(minutes=5),
+            execution_timeout=timedelta(minutes=5), retries=retries, retry_delay=timedelta(0),
             on_failure_callback=lambda context: failures.append(context.get("exception")),
         )
         train >> read_result()
@@ -313,12 +315,19 @@ def test_a_failing_entry_point_fails_the_task_with_the_run_state_message(
         airflow_db, jobs_server, tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("AIRFLOW_CONN_DATABRICKS_DEFAULT", jobs_server.connection_uri_json())
     params = {**_defaults(), "databricks_spark_version": "16.4.x-cpu-ml-scala2.12", "databricks_num_workers": 2}
-    payload = submit_run_json(params, _config_json(tmp_path, mlflow_run_name="skewed"))
+    token = idempotency_token("databricks_submit_failing", "manual__1")
+    payload = submit_run_json(params, _config_json(tmp_path, mlflow_run_name="skewed"), token)
     # The cluster's wheel is older than the DAG's code: it does not know a field the DAG sends.
     arguments = payload["tasks"][0]["spark_python_task"]["parameters"]
     arguments[1] = json.dumps({**json.loads(arguments[1]), "dropout": 0.1})
 
-    run, failures = _run_submit_dag("databricks_submit_failing", payload, str(tmp_path / "run"))
+    run, failures = _run_submit_dag("databricks_submit_failing", payload, str(tmp_path / "run"), retries=1)
+
+    # The retry started a run of its own: with the DAG run's token alone Databricks would have answered
+    # it with the failed run, and no retry or clear of the task could ever train again.
+    tokens = [s.get("idempotency_token") for s in jobs_server.submissions if s["run_name"] == payload["run_name"]]
+    assert tokens == [try_token(token, 1), try_token(token, 2)]
+    assert len([r for r in jobs_server.runs.values() if r.payload["run_name"] == payload["run_name"]]) == 2
 
     assert run.state == "failed"
     states = {ti.task_id: ti.state for ti in run.get_task_instances()}

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 from types import SimpleNamespace
 
+import pytest
+
 from bgremoval_airflow.operations import TASK_TIMEOUT, FailureLog, failure_notifiers, task_defaults
 
 
@@ -17,6 +19,15 @@ def test_a_failure_is_logged_with_where_and_why(caplog):
     for part in ("dag=bgremoval_inference", "task=cut_out_shard", "map_index=3", "run=drop__a", "try=2",
                  "reason=S3 said 503"):
         assert part in line
+    # an execution API error says "Server returned error" and keeps the reason in its detail
+    from airflow.sdk.api.client import ServerResponseError
+
+    refused = ServerResponseError.__new__(ServerResponseError)
+    Exception.__init__(refused, "Server returned error")
+    refused.detail = {"reason": "Invalid input for param workers: 999 is greater than the maximum of 64"}
+    with caplog.at_level(logging.ERROR, logger="bgremoval.operations"):
+        FailureLog().notify({"ti": ti, "exception": refused})
+    assert "reason=Server returned error: {'reason': 'Invalid input for param workers" in caplog.records[-1].getMessage()
 
 
 def test_failures_are_mailed_only_when_addresses_are_configured(monkeypatch):
@@ -65,3 +76,14 @@ def test_an_overdue_training_run_is_logged_by_the_deadline_callback(monkeypatch,
         line = asyncio.run(run_overdue(**alert.callback.kwargs, context={"dag_run": {"run_id": "manual__7"}}))
     assert line == "run overdue: dag=bgremoval_training run=manual__7 not finished 30 h after it was queued"
     assert caplog.records[-1].getMessage() == line
+
+
+def test_a_failed_gate_fails_the_task_unless_told_to_skip(capsys):
+    from airflow.sdk.exceptions import AirflowFailException
+    from bgremoval_airflow.operations import gate_passed
+
+    failed = {"passed": False, "reasons": ["mean IoU 96.000 % vs gate 97.000 %"]}
+    assert gate_passed({"passed": True, "reasons": []}, "fail")
+    with pytest.raises(AirflowFailException, match="mean IoU 96.000 % vs gate 97.000 %"):
+        gate_passed(failed, "fail")
+    assert not gate_passed(failed, "skip") and "gate FAILED" in capsys.readouterr().out

@@ -134,6 +134,12 @@ def test_promotion_moves_champion_and_previous_then_rollback_walks_back(three_ve
     assert not set(registry.ROLLBACK_TAGS) & set(registry.version_tags("m", "3"))
     registry.rollback("m")  # the next tests start from version 1 as the champion
     assert registry.alias_version("m", registry.CHAMPION) == "1"
+    # a rollback that gives the alias back to a version rolled back before clears its mark too
+    registry.promote("m", "2")
+    registry.promote("m", "1")
+    registry.rollback("m")  # 1 demoted (marked), 2 restored
+    registry.rollback("m")  # 2 demoted, 1 restored: the champion is not "rolled back"
+    assert registry.alias_version("m", registry.CHAMPION) == "1" and registry.rolled_back_versions("m") == ["3", "2"]
     # never the deprecated stages
     assert all(v.current_stage in ("None", None) for v in mlflow.MlflowClient().search_model_versions("name='m'"))
 
@@ -306,3 +312,38 @@ def test_promoting_a_version_known_to_be_worse_by_hand_needs_force(tmp_path, tra
     assert reason.startswith("promoted by hand despite: training lowered its val IoU")
     # the old champion, scored on the same data, is not worse than the one now holding the alias
     assert registry.promotion_concerns("guarded", first["version"]) == []
+
+
+def test_an_alias_is_pinned_to_its_version_and_a_name_may_hold_an_at(three_versions):
+    registry.promote("m", "1")
+    assert registry.pinned_uri("models:/m@champion") == "models:/m/1"
+    assert registry.pinned_uri("models:/m/2") == "models:/m/2"
+    assert registry.pinned_uri("models:/team@shop/3") == "models:/team@shop/3"  # version 3 of "team@shop"
+    assert registry.pinned_uri("/runs/r1/model.onnx") == "/runs/r1/model.onnx"
+    with pytest.raises(FileNotFoundError, match="no registered model 'm' with the alias 'nope'"):
+        registry.pinned_uri("models:/m@nope")
+
+
+def test_the_best_champion_counts_since_the_last_intervention_by_hand(tracking, tmp_path):
+    """The gate's record: the best champion on the same test photos; a rollback or a promotion by hand
+    sets a new baseline, and a rolled-back version never counts."""
+    client = mlflow.MlflowClient()
+    client.create_registered_model("rec")
+    figures = {"1": ("0.980000", "2026-03-01T10:00:00+00:00", "gate passed"),
+               "2": ("0.978000", "2026-03-02T10:00:00+00:00", "gate passed"),
+               "3": ("0.990000", None, None)}  # never champion
+    for version, (iou, at, reason) in figures.items():
+        client.create_model_version("rec", str(tmp_path))
+        client.set_model_version_tag("rec", version, "test_mean_iou", iou)
+        client.set_model_version_tag("rec", version, registry.TEST_SPLIT_TAG, "photos-a")
+        if at:
+            client.set_model_version_tag("rec", version, "promoted_at", at)
+            client.set_model_version_tag("rec", version, "promotion_reason", reason)
+    assert registry.best_champion("rec", "photos-a") == {"version": "1", "mean_iou": 0.98}
+    assert registry.best_champion("rec", "photos-b") is None and registry.best_champion("no-such", "x") is None
+    # version 2 chosen by hand: the baseline is what the person chose, not version 1 before it
+    client.set_model_version_tag("rec", "2", "promoted_at", "2026-03-03T10:00:00+00:00")
+    client.set_model_version_tag("rec", "2", "promotion_reason", registry.BY_HAND)
+    assert registry.best_champion("rec", "photos-a") == {"version": "2", "mean_iou": 0.978}
+    client.set_model_version_tag("rec", "2", registry.ROLLBACK_TAGS[0], "2026-03-04T10:00:00+00:00")
+    assert registry.best_champion("rec", "photos-a") is None

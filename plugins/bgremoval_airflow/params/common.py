@@ -49,7 +49,7 @@ def batch_params(area: str = layout.RAW) -> dict[str, Param]:
             "demo",
             type="string",
             minLength=1,
-            pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+            pattern=layout.BATCH_NAME_PATTERN,
             title="Batch",
             description=f"Name of the folder under {area}/ that was uploaded, e.g. 2026-11-27-shoot-a. "
             f"The run waits until {layout.ready_key('<batch>', area)} exists.",

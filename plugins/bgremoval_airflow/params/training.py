@@ -309,9 +309,14 @@ def clustering_config(params: dict) -> ClusteringConfig:
 
 
 def split_config(params: dict) -> SplitConfig:
-    """``SplitConfig`` from a run's params (train is what val and test leave)."""
+    """``SplitConfig`` from a run's params (train is what val and test leave). Raises ``ValueError``
+    when they leave none: a dataset without training pairs cannot train."""
     val, test = float(params["val_fraction"]), float(params["test_fraction"])
-    return SplitConfig(train=round(1.0 - val - test, 10), val=val, test=test, seed=int(params["seed"]))
+    train = round(1.0 - val - test, 10)
+    if train <= 0:
+        raise ValueError(f"val_fraction {val:g} + test_fraction {test:g} leave no training pairs: together they must "
+                         "stay below 1 (0.1 + 0.1 is the default)")
+    return SplitConfig(train=train, val=val, test=test, seed=int(params["seed"]))
 
 
 def augment_config(params: dict) -> AugmentConfig:

@@ -49,6 +49,8 @@ def test_the_defaults_are_the_configs_defaults():
     assert training.cleaning_config(form) == CleaningConfig()
     split = training.split_config(form)
     assert (split.val, split.test, split.seed) == (SplitConfig().val, SplitConfig().test, SplitConfig().seed)
+    with pytest.raises(ValueError, match="leave no training pairs"):  # each field is valid, together they are not
+        training.split_config({**form, "val_fraction": 0.5, "test_fraction": 0.5})
     assert training.assessment_config(form).gate == GateConfig()
     assert form["registered_model"] == registry.DEFAULT_MODEL_NAME
     assert form["routing_target_iou"] == TARGET_IOU

@@ -58,6 +58,10 @@ def test_first_challenger_passes_is_registered_and_becomes_champion(write_model_
     assert registry.best_champion("assess-m", result["test_split_sha256"]) == {
         "version": "1", "mean_iou": pytest.approx(result["summary"]["mean_iou"], abs=1e-6)}
     assert registry.best_champion("assess-m", "other photos") is None
+    # promote_model retried or cleared after it registered: no second version, the champion stays
+    again = register_and_promote(result, "v1", LENIENT)
+    assert (again["version"], again["champion"], again["registered_before"]) == ("1", "1", True)
+    assert [str(v.version) for v in mlflow.MlflowClient().search_model_versions("name = 'assess-m'")] == ["1"]
 
 
 def test_the_report_says_what_training_did_to_val_iou():

@@ -78,3 +78,13 @@ def test_a_run_started_by_hand_claims_its_drop_so_that_no_second_run_starts(buck
     time.sleep(1.1)  # a new _READY (the batch dropped again) is a drop of its own
     drop(bucket_url, options, "shop-1", photo=b"other")
     assert [d["batch"] for d in new_drops(bucket_url, options)] == ["shop-1"]
+
+
+def test_a_folder_whose_name_is_no_batch_name_is_left_out_with_a_warning(bucket, caplog):
+    # "Shoot 12" would be the run id drop__Shoot 12, which Airflow refuses: every poll would fail.
+    bucket_url, options = bucket
+    drop(bucket_url, options, "Shoot 12")
+    drop(bucket_url, options, "shoot-12")
+    with caplog.at_level("WARNING", logger="tasks.feedback.drops"):
+        assert [d["batch"] for d in new_drops(bucket_url, options)] == ["shoot-12"]
+    assert "incoming/Shoot 12/: left alone, not a batch name" in caplog.text

@@ -20,6 +20,7 @@ from tasks.feedback.queue import list_pool, list_queue
 from tasks.model.refine import RefineConfig
 from tasks.model.refine_choice import choose_refinement, load_refine_choice
 from tasks.feedback.production import (
+    NoChampion,
     ProductionConfig,
     plan_production,
     process_shard,
@@ -192,8 +193,12 @@ def test_calibration_measures_the_edge_refinement_and_production_follows_it(tmp_
 
 
 def test_the_run_uses_the_given_model_or_the_champion_and_says_when_there_is_none():
-    assert resolve_model(" models:/m/3 ", "m") == {"model_uri": "models:/m/3", "version": "models:/m/3"}
-    with pytest.raises(ValueError, match="has no champion yet"):
+    # a version of the registered model is recorded by its number (what a rollback is matched with)
+    assert resolve_model(" models:/m/3 ", "m") == {"model_uri": "models:/m/3", "version": "3"}
+    assert resolve_model("models:/other/3", "m") == {"model_uri": "models:/other/3", "version": "models:/other/3"}
+    assert resolve_model("s3://b/run/model.onnx", "m") == {"model_uri": "s3://b/run/model.onnx",
+                                                           "version": "s3://b/run/model.onnx"}
+    with pytest.raises(NoChampion, match="has no champion yet"):  # the DAG fails it without retries
         resolve_model("", "no-such-registered-model")
 
 
