@@ -17,10 +17,9 @@ from __future__ import annotations
 
 import pendulum
 from airflow.sdk import dag, task
-from airflow.sdk.exceptions import AirflowFailException
 from bgremoval_airflow.assets import retraining_pool
 from bgremoval_airflow.connections import s3_storage_options
-from bgremoval_airflow.operations import task_defaults
+from bgremoval_airflow.operations import fail_at_once, task_defaults
 from bgremoval_airflow.params.inference import dag_params, production_config
 from bgremoval_airflow.sensors import ready_marker_sensor
 from bgremoval_airflow.settings import max_map_length
@@ -66,10 +65,8 @@ def bgremoval_inference():
         from tasks.feedback.production import NoChampion
         from tasks.feedback.production import resolve_model as resolve
 
-        try:
+        with fail_at_once(NoChampion):  # no champion appears by waiting minutes
             return resolve(params["model_uri"], params["registered_model"])
-        except NoChampion as exc:  # not retried: no champion appears by waiting minutes
-            raise AirflowFailException(str(exc)) from exc
 
     @task(max_active_tis_per_dagrun=4, retries=1)
     def cut_out_shard(shard_url: str, model: dict, params=None, run_id=None) -> dict:

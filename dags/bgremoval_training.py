@@ -31,7 +31,14 @@ from airflow.sdk import dag, task
 from bgremoval_airflow.connections import s3_storage_options
 from bgremoval_airflow.databricks import DATABRICKS_CONN_ID, databricks_params, idempotency_token, submit_run_json
 from bgremoval_airflow.links import mask_review_page_url, report_page_url, review_page_url
-from bgremoval_airflow.operations import TRAINING_TIMEOUT, gate_passed, review_gate, task_defaults, training_deadline
+from bgremoval_airflow.operations import (
+    TRAINING_TIMEOUT,
+    fail_at_once,
+    gate_passed,
+    review_gate,
+    task_defaults,
+    training_deadline,
+)
 from bgremoval_airflow.operators import ClusterReviewGate, TrainOnDatabricks
 from bgremoval_airflow.sensors import ready_marker_sensor
 from bgremoval_airflow.settings import PROMOTION_POOL, max_map_length
@@ -63,8 +70,11 @@ from tasks.core import layout
 def bgremoval_training():
     @task.branch
     def choose_start(params=None) -> str:
-        split_config(params)  # a form whose splits leave no training pairs fails here, not after the review
-        return "reuse_dataset" if params["dataset_version"].strip() else "wait_for_batch"
+        if params["dataset_version"].strip():
+            return "reuse_dataset"
+        with fail_at_once(ValueError):  # splits that leave no training pairs: here, not after the review
+            split_config(params)
+        return "wait_for_batch"
 
     @task
     def reuse_dataset(params=None) -> dict:

@@ -207,7 +207,8 @@ def register_model(model_url: str, name: str = DEFAULT_MODEL_NAME, run_id: str |
     Returns ``{"name", "version", "model_uri", "run_id", "onnx_sha256", "input_size",
     "registered_before"}``. The ONNX export is checked against PyTorch before anything is logged.
     Registering the same run folder's same weights again (a retried or cleared task) registers
-    nothing: the earlier version's tags are completed and it is returned (``registered_before``).
+    nothing: the tags the earlier version lacks are added (none it has is replaced) and it is
+    returned (``registered_before``).
     """
     import mlflow
     import torch
@@ -232,13 +233,15 @@ def register_model(model_url: str, name: str = DEFAULT_MODEL_NAME, run_id: str |
             version, run_id = str(earlier.version), earlier.run_id
         else:
             version, run_id = _log_version(client, name, files, run_id, experiment, pyfunc_model)
-    version_tags = {"source": model_url, "onnx_sha256": onnx_sha, "dataset_version": None,
-                    **_training_figures(model_url, storage_options), **(tags or {}), "input_size": size,
-                    "model": meta["model"], "model_widths": meta["model_widths"]}
+    identity = {"source": model_url, "onnx_sha256": onnx_sha}  # first, and no caller's tag replaces them
+    version_tags = {**identity, **{k: v for k, v in {
+        "dataset_version": None, **_training_figures(model_url, storage_options), **(tags or {}), "input_size": size,
+        "model": meta["model"], "model_widths": meta["model_widths"]}.items() if k not in identity}}
+    held = dict(earlier.tags or {}) if earlier is not None else {}
     for key, value in version_tags.items():
-        if value is not None:
+        if value is not None and key not in held:  # an earlier registration's figures are not replaced
             client.set_model_version_tag(name, version, key, _tag_value(value))
-    if description:
+    if description and earlier is None:
         client.update_model_version(name, version, description=description)
     return {"name": name, "version": version, "model_uri": model_uri(name, version=version), "run_id": run_id,
             "onnx_sha256": onnx_sha, "input_size": size, "registered_before": earlier is not None}
@@ -412,9 +415,12 @@ def rollback(name: str = DEFAULT_MODEL_NAME, user: str | None = None,
         client.delete_registered_model_alias(name, PREVIOUS)
     _log_history(client, name, "reset", None, user, stack=earlier)  # the champion and the ones before it
     at_tag, by_tag = ROLLBACK_TAGS
-    client.set_model_version_tag(name, current, at_tag, datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    client.set_model_version_tag(name, current, at_tag, now)
     client.set_model_version_tag(name, current, by_tag, user or "bgremoval")
     _clear_rollback(client, name, restored)
+    client.set_model_version_tag(name, restored, "promoted_at", now)  # champion again from now: the gate's new baseline
+    client.set_model_version_tag(name, restored, "promotion_reason", f"restored by the rollback of version {current}")
     return {"champion": restored, "demoted": current, "previous": before}
 
 
@@ -612,24 +618,36 @@ TEST_SPLIT_TAG = "test_split_sha256"
 
 
 def best_champion(name: str, test_split_sha256: str, tracking_uri: str | None = None) -> dict[str, Any] | None:
-    """``{"version", "mean_iou"}`` of the version that scored best on these test photos (its
-    :data:`TEST_SPLIT_TAG`) among the champions since the last intervention by hand (a rollback, or a
-    promotion by hand: a person chose a new baseline), rolled-back ones left out; None when there is none."""
+    """``{"version", "mean_iou"}`` of the version that scored best on these test pairs (its
+    :data:`TEST_SPLIT_TAG`) among the champions since the last intervention by hand, rolled-back ones
+    left out; None when there is none. An intervention sets a new baseline: a promotion by hand, a
+    rollback (the version it restores counts from then), or the alias moved outside :func:`promote`
+    (the champion is then not the last version promoted: only it counts)."""
     try:
         rows = list_versions(name, tracking_uri)
     except ValueError:
         return None
-    by_hand = [r["tags"]["promoted_at"] for r in rows if "promoted_at" in r["tags"]
+    promoted = {r["version"]: _instant(r["tags"]["promoted_at"]) for r in rows if "promoted_at" in r["tags"]}
+    champion = next((r["version"] for r in rows if CHAMPION in r["aliases"]), None)
+    by_hand = [promoted[r["version"]] for r in rows if r["version"] in promoted
                and r["tags"].get("promotion_reason", "").startswith(BY_HAND)]
-    since = max([*by_hand, *(r["tags"][ROLLBACK_TAGS[0]] for r in rows if ROLLBACK_TAGS[0] in r["tags"])], default="")
+    rollbacks = [_instant(r["tags"][ROLLBACK_TAGS[0]]) for r in rows if ROLLBACK_TAGS[0] in r["tags"]]
+    since = max([*by_hand, *rollbacks], default=datetime.min.replace(tzinfo=timezone.utc))
+    moved_by_hand = champion is not None and promoted and promoted.get(champion) != max(promoted.values())
     held = [(float(r["tags"]["test_mean_iou"]), r["version"]) for r in rows
             if r["tags"].get(TEST_SPLIT_TAG) == test_split_sha256 and "test_mean_iou" in r["tags"]
-            and r["tags"].get("promoted_at", "") >= since and "promoted_at" in r["tags"]
-            and ROLLBACK_TAGS[0] not in r["tags"]]
+            and r["version"] in promoted and promoted[r["version"]] >= since and ROLLBACK_TAGS[0] not in r["tags"]
+            and (not moved_by_hand or r["version"] == champion)]
     if not held:
         return None
     mean_iou, version = max(held)
     return {"version": version, "mean_iou": mean_iou}
+
+
+def _instant(stamp: str) -> datetime:
+    """A tag's ISO time as an aware UTC datetime (a trailing ``Z`` or another offset read too)."""
+    parsed = datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
 
 
 def rolled_back_versions(name: str = DEFAULT_MODEL_NAME, tracking_uri: str | None = None) -> list[str]:

@@ -12,7 +12,9 @@ failure_email`` names addresses, also mailed through the SMTP connection ``[bgre
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -156,3 +158,15 @@ def gate_passed(gate: dict[str, Any], on_failure: str) -> bool:
         raise AirflowFailException(reasons)
     print(reasons)
     return False
+
+
+@contextlib.contextmanager
+def fail_at_once(*errors: type[BaseException]) -> Iterator[None]:
+    """Turn ``errors`` raised inside into a task failure without retries: what waiting cannot mend (a
+    form whose values do not go together, a registered model without a champion)."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    try:
+        yield
+    except errors as exc:
+        raise AirflowFailException(str(exc)) from exc

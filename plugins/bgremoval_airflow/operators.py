@@ -14,15 +14,33 @@ from bgremoval_airflow.databricks import try_token
 
 class TrainOnDatabricks(DatabricksSubmitRunOperator):
     """``runs/submit`` of the training payload (``json``, from :func:`bgremoval_airflow.databricks.submit_run_json`)
-    with the payload's idempotency token made the try's (:func:`bgremoval_airflow.databricks.try_token`):
-    the same submission sent twice within a try gets one run, and a retry or a cleared task after a
-    failed cluster run starts a new one instead of being answered with the failed run."""
+    with the payload's idempotency token made a try's (:func:`bgremoval_airflow.databricks.try_token`):
+    a retry, or the task cleared, follows the run the previous try started while that run still goes
+    or has succeeded (the try was lost, not the run: no second cluster), and starts a new run when it
+    ended otherwise (a lost spot instance, a crashed driver) instead of being answered with it."""
 
     def execute(self, context: Any) -> Any:
-        token = (self.json or {}).get("idempotency_token") if isinstance(self.json, dict) else None
+        token = self.json.get("idempotency_token") if isinstance(self.json, dict) else None
         if token:
-            self.idempotency_token = try_token(token, context["ti"].try_number)  # overrides the payload's
+            self.idempotency_token = self.token_for_try(token, context["ti"].try_number, context)
         return super().execute(context)
+
+    def token_for_try(self, token: str, try_number: int, context: Any) -> str:
+        """The token try ``try_number`` submits with: the previous try's while its run is not over or
+        has succeeded, else its own. Asking Databricks for the previous try's run is that try's
+        submission again (the same token answers with the same run; a try that never submitted gets
+        its run now, which this one follows)."""
+        if try_number <= 1:
+            return try_token(token, 1)
+        previous = try_token(token, try_number - 1)
+        self.idempotency_token = previous  # named parameters override the payload's
+        run_id = self._hook.submit_run(self._prepare_submit_json(context))
+        state = self._hook.get_run_state(run_id)
+        if not state.is_terminal or state.is_successful:
+            self.log.info("following run %s of the previous try (%s)", run_id, state)
+            return previous
+        self.log.info("the previous try's run %s ended %s: this try starts a new one", run_id, state)
+        return try_token(token, try_number)
 
 
 class ClusterReviewGate(ApprovalOperator):

@@ -520,7 +520,11 @@ def _register(args: argparse.Namespace) -> int:
     except FileNotFoundError as exc:
         print(f"bgremoval model register: {first_line(exc)}", file=sys.stderr)
         return 2
-    print(f"{args.name}: registered version {registered['version']} ({registered['model_uri']})")
+    if registered["registered_before"]:
+        print(f"{args.name}: these weights of {args.run} are version {registered['version']} already "
+              f"({registered['model_uri']}); its tags are brought up to date, no new version")
+    else:
+        print(f"{args.name}: registered version {registered['version']} ({registered['model_uri']})")
     print(f"next: bgremoval model promote --name {args.name} --version {registered['version']}  "
           "(makes it the champion `remove` and the production DAG use)")
     return 0

@@ -37,8 +37,8 @@ DATASETS = "datasets"
 #: A valid S3 bucket name (3-63 lower-case letters, digits, dots and hyphens).
 BUCKET_NAME_PATTERN = r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$"
 #: What a batch (a folder under ``raw/`` or ``incoming/``) may be called: it becomes part of Airflow
-#: run ids, S3 keys and queue item ids.
-BATCH_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"
+#: run ids (at most 250 characters with their prefix), S3 keys and queue item ids.
+BATCH_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$"
 
 TRAINING = "training"
 INCOMING = "incoming"

@@ -18,8 +18,7 @@ from typing import Any
 import cv2
 
 from tasks import registry
-from tasks.core import layout, storage
-from tasks.core.manifest import read_table
+from tasks.core import storage
 from tasks.core.codecs import read_image, read_mask
 from tasks.evaluation.calibration import calibrate_model
 from tasks.evaluation.scoring import load_model, predict_probabilities, score_dataset, score_split
@@ -108,14 +107,15 @@ def _audited_pairs(model, meta: dict, dataset_url: str, config: AssessmentConfig
             "n_with": both["n"], "text": text}
 
 
-def split_sha256(dataset_url: str, scores, storage_options: dict | None = None) -> str:
-    """Digest of the pairs a split's figures were measured on (each pair's key and its mask's SHA-256
-    from the manifest): the same for every dataset version that keeps the test split, as retraining
-    does, and another one when a mask of it changed."""
-    manifest = read_table(layout.manifest(dataset_url), storage_options)
-    masks = (dict(zip(manifest["key"].astype(str), manifest["mask_sha256"].astype(str)))
-             if {"key", "mask_sha256"} <= set(manifest.columns) else {})
-    lines = sorted(f"{s.stem}\t{masks.get(s.stem, '')}" for s in scores)
+def split_sha256(dataset_url: str, split: str, scores, storage_options: dict | None = None) -> str:
+    """Digest of the pairs a split's figures were measured on: each scored pair's key and the SHA-256
+    of the mask it was scored against (a reviewer's fixed mask, a re-cleaned one, count). The same for
+    every dataset version that keeps the split, as retraining does."""
+    scored = {s.stem for s in scores}
+    masks = {key: mask_url for key, _, mask_url, _ in load_samples(dataset_url, split, storage_options,
+                                                                   include_augmented=False) if key in scored}
+    data = storage.read_many(list(masks.values()), storage_options)
+    lines = sorted(f"{key}\t{hashlib.sha256(data.get(url, b'')).hexdigest()}" for key, url in masks.items())
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
 
@@ -161,7 +161,7 @@ def assess_challenger(model_url: str, dataset_url: str, report_url: str, config:
             champion_scores, _ = score_dataset(folder, dataset_url, config.split, storage_options, config.threshold,
                                                model_storage_options=champion_options)
         champion_summary = summarise(champion_scores, worst=0)
-    split_digest = split_sha256(dataset_url, scores, storage_options)
+    split_digest = split_sha256(dataset_url, config.split, scores, storage_options)
     record = registry.best_champion(config.registered_model, split_digest)
     decision = decide(summary, champion_summary, config.gate, record)
     table = format_summary(summary) + (f"\n{audited['text']}" if audited else "")
@@ -232,6 +232,10 @@ def register_and_promote(assessment: dict[str, Any], dataset_version: str, confi
                                          storage_options=storage_options, pyfunc_model=pyfunc_model(),
                                          description=f"mean IoU {summary['mean_iou'] * 100:.3f} % on "
                                                      f"{summary['n']} test images of {dataset_version}")
+    rolled_back = registry.version_tags(config.registered_model, registered["version"]).get(registry.ROLLBACK_TAGS[0])
+    if registered["registered_before"] and rolled_back:  # a cleared promote_model must not undo a rollback
+        raise ValueError(f"version {registered['version']} of {config.registered_model} (this run's model) was rolled "
+                         f"back at {rolled_back}: not promoted again (`bgremoval model promote` does it by hand)")
     champion = assessment.get("champion")
     if champion is None:  # there was no champion: promote only if there still is none
         check = {"expected_champion": None}

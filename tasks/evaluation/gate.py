@@ -8,9 +8,10 @@ same task, see :func:`tasks.evaluation.assessment.assess_challenger`):
    (clusters with fewer than ``min_cluster_images`` test images are reported, not judged);
 3. ``champion``: the challenger's mean IoU is not below the champion's by more than
    ``tolerance`` (skipped, and passed, when there is no champion yet);
-4. ``best_champion``: nor below the best mean IoU any earlier champion (not rolled back) had on the
-   same test photos by more than ``tolerance``, so that the tolerance bounds the whole decline over
-   many promotions, not each step of it (checked only when that record is above the champion's).
+4. ``best_champion``: nor below the best mean IoU a champion since the last intervention by hand
+   had on the same test pairs (:func:`tasks.registry.best_champion`) by more than ``tolerance``, so
+   that the tolerance bounds the whole decline over many promotions, not each step of it (checked
+   only when that record is above the champion's).
 """
 
 from __future__ import annotations

@@ -52,7 +52,7 @@ def new_drops(bucket_url: str, storage_options: dict | None = None) -> list[dict
     listing is a drop of its own."""
     found = []
     for batch in storage.list_folders(storage.join(bucket_url, layout.INCOMING), storage_options):
-        if not re.match(layout.BATCH_NAME_PATTERN, batch):
+        if not re.fullmatch(layout.BATCH_NAME_PATTERN, batch):
             log.warning("incoming/%s/: left alone, not a batch name (letters, digits, '.', '_' and '-', starting "
                         "with a letter or digit): copy its photos under a folder so named", batch)
             continue

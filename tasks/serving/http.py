@@ -87,7 +87,12 @@ class ModelHolder:
             return False
         if version is None or version == self.version:
             return False
-        self.load()
+        try:
+            self.load()
+        except Exception as exc:  # noqa: BLE001 - a registry or download failure: keep serving what is loaded
+            log.warning("cannot load %s (version %s): %s; still serving version %s", self.config.model, version,
+                        exc, self.version)
+            return False
         return True
 
 

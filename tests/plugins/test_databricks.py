@@ -238,6 +238,30 @@ def test_a_retried_submission_with_the_run_token_gets_the_first_run(jobs_server,
     assert sum(s.get("idempotency_token") == token for s in jobs_server.submissions) == 1
 
 
+@pytest.mark.process
+def test_a_retry_follows_the_run_still_going_and_starts_anew_after_a_failed_one(tmp_path, monkeypatch) -> None:
+    from airflow.providers.databricks.hooks.databricks import DatabricksHook
+
+    from bgremoval_airflow.operators import TrainOnDatabricks
+
+    entry = tmp_path / "entry.py"
+    entry.write_text("import sys, time\ntime.sleep(3)\nsys.exit(1)\n")  # a cluster run that fails after a while
+    with jobs_api.FakeJobsServer(python_files={"dbfs:/FileStore/t/entry.py": str(entry)}, token="dapi-test") as server:
+        monkeypatch.setenv("AIRFLOW_CONN_DATABRICKS_DEFAULT", server.connection_uri_json())
+        token = idempotency_token("bgremoval_training", "manual__1")
+        payload = submit_run_json({**_defaults(), "databricks_python_file": "dbfs:/FileStore/t/entry.py"},
+                                  _config_json(tmp_path), token)
+        train = TrainOnDatabricks(task_id="train", json=payload, databricks_conn_id="databricks_default",
+                                  deferrable=True, databricks_retry_limit=1, databricks_retry_delay=1)
+        # try 1 submitted, then its worker was lost: try 2 follows that run while it goes
+        first = DatabricksHook("databricks_default").submit_run({**payload, "idempotency_token": try_token(token, 1)})
+        assert train.token_for_try(token, 1, {}) == try_token(token, 1)
+        assert train.token_for_try(token, 2, {}) == try_token(token, 1) and len(server.submissions) == 1
+        assert server.wait_for_run(first, 30).result_state == "FAILED"
+        assert train.token_for_try(token, 2, {}) == try_token(token, 2)  # it failed: a new run
+        assert len(server.submissions) == 1  # asking about try 1's run started nothing
+
+
 @pytest.mark.integration
 def test_deferrable_operator_trains_on_the_cluster_and_the_mlflow_run_id_comes_back(
         airflow_db, jobs_server, cluster_runtime, project_wheel, tmp_path, monkeypatch) -> None:

@@ -87,3 +87,15 @@ def test_a_failed_gate_fails_the_task_unless_told_to_skip(capsys):
     with pytest.raises(AirflowFailException, match="mean IoU 96.000 % vs gate 97.000 %"):
         gate_passed(failed, "fail")
     assert not gate_passed(failed, "skip") and "gate FAILED" in capsys.readouterr().out
+
+
+def test_errors_that_waiting_cannot_mend_fail_without_retries():
+    from airflow.sdk.exceptions import AirflowFailException
+    from bgremoval_airflow.operations import fail_at_once
+
+    with pytest.raises(AirflowFailException, match="no training pairs"):
+        with fail_at_once(ValueError):
+            raise ValueError("val_fraction 0.5 + test_fraction 0.5 leave no training pairs")
+    with pytest.raises(KeyError):  # others go on to Airflow's retries
+        with fail_at_once(ValueError):
+            raise KeyError("bucket")

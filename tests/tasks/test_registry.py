@@ -278,6 +278,12 @@ def test_cli_registers_a_training_run_with_its_test_figures(tmp_path, tracking, 
     assert main(["model", "list", "--name", "cli"]) == 0
     listing = capsys.readouterr().out
     assert "champion" in listing and "test mean IoU" in listing and "dataset v9" in listing
+    assert main(["model", "register", "--name", "cli", "--run", run]) == 0  # the same weights again
+    assert "are version 1 already" in capsys.readouterr().out and registry.list_versions("cli")[0]["version"] == "1"
+    again = registry.register_model(run, "cli", tags={"test_mean_iou": 0.5, "dataset_version": "v10", "source": "x"},
+                                    pyfunc_model=pyfunc_model())
+    tags = registry.version_tags("cli", "1")  # the earlier figures stand; the identity cannot be overridden
+    assert again["registered_before"] and tags["dataset_version"] == "v9" and tags["source"] == run
     assert main(["model", "register", "--name", "cli"]) == 2  # --run is needed
     assert main(["model", "register", "--name", "cli", "--run", str(tmp_path / "nothing")]) == 2
 
@@ -345,5 +351,15 @@ def test_the_best_champion_counts_since_the_last_intervention_by_hand(tracking, 
     client.set_model_version_tag("rec", "2", "promoted_at", "2026-03-03T10:00:00+00:00")
     client.set_model_version_tag("rec", "2", "promotion_reason", registry.BY_HAND)
     assert registry.best_champion("rec", "photos-a") == {"version": "2", "mean_iou": 0.978}
-    client.set_model_version_tag("rec", "2", registry.ROLLBACK_TAGS[0], "2026-03-04T10:00:00+00:00")
+    client.set_model_version_tag("rec", "2", registry.ROLLBACK_TAGS[0], "2026-03-04T10:00:00Z")  # "Z" read too
     assert registry.best_champion("rec", "photos-a") is None
+    # the version a rollback restores is champion from then on: it counts
+    client.set_model_version_tag("rec", "1", "promoted_at", "2026-03-04T10:00:00+00:00")
+    assert registry.best_champion("rec", "photos-a") == {"version": "1", "mean_iou": 0.98}
+    # the alias moved outside promote() (the MLflow UI) to a version promoted earlier: only it counts
+    client.set_model_version_tag("rec", "3", "promoted_at", "2026-03-05T10:00:00+00:00")
+    client.set_model_version_tag("rec", "3", "promotion_reason", "gate passed")
+    client.set_registered_model_alias("rec", registry.CHAMPION, "1")
+    assert registry.best_champion("rec", "photos-a") == {"version": "1", "mean_iou": 0.98}
+    client.set_registered_model_alias("rec", registry.CHAMPION, "3")
+    assert registry.best_champion("rec", "photos-a") == {"version": "3", "mean_iou": 0.99}

@@ -155,3 +155,37 @@ def test_the_calibration_stage_logs_the_threshold_and_refinement_to_the_challeng
     assert metrics["routing_test_recall"] == pytest.approx(calibration["test"]["recall"])
     assert metrics["routing_val_precision"] == pytest.approx(calibration["val"]["precision"])
     assert "quality threshold" in calibration["text"]
+
+
+def test_the_test_pairs_digest_changes_with_a_mask_and_not_with_the_version(tmp_path):
+    from tasks.evaluation.assessment import split_sha256
+    from tasks.evaluation.metrics import ImageScore
+    from tasks.core.manifest import read_table
+
+    digests = []
+    for version in ("v1", "v2"):  # a retraining's version keeps the test pairs as they were
+        dataset = str(tmp_path / "datasets" / version)
+        write_synthetic_dataset(dataset, 4, seed=7, max_side=48, split_for=lambda i: "test")
+        manifest = read_table(f"{dataset}/manifest.parquet")
+        scores = [ImageScore(str(key), "c", 0.9, 0.1, 0.9) for key in manifest["key"]]
+        digests.append(split_sha256(dataset, "test", scores))
+    assert digests[0] == digests[1]
+    fixed = manifest["mask_url"][0]  # a reviewer's fix of one test mask: another record
+    with open(fixed, "rb") as fh:
+        data = fh.read()
+    with open(fixed, "wb") as fh:
+        fh.write(data + b"\0")
+    assert split_sha256(dataset, "test", scores) != digests[0]
+
+
+def test_a_cleared_promotion_does_not_undo_a_rollback(write_model_folder, setting, tmp_path):
+    root, dataset, _ = setting
+    config = AssessmentConfig(gate=GateConfig(iou_gate=0.0, cluster_iou_gate=0.0, tolerance=1.0), registered_model="rb-m")
+    first = assess_challenger(write_model_folder(tmp_path / "a", seed=1), dataset, str(tmp_path / "ra"), config)
+    register_and_promote(first, "v1", config)
+    second = assess_challenger(write_model_folder(tmp_path / "b", seed=2), dataset, str(tmp_path / "rb"), config)
+    register_and_promote(second, "v1", config)
+    registry.rollback("rb-m", user="ops")
+    with pytest.raises(ValueError, match="was rolled back at .*not promoted again"):
+        register_and_promote(second, "v1", config)  # promote_model cleared after the rollback
+    assert registry.alias_version("rb-m") == "1"

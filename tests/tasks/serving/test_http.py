@@ -168,3 +168,10 @@ def test_the_model_is_swapped_when_its_alias_moves(tmp_path, private_mlflow, wri
         first = holder.engine
         registry.promote("served", "2")
         assert holder.reload_if_moved() and holder.version == "2" and holder.engine is not first
+        # an alias moved to a version that cannot be loaded: the service keeps the one it has
+        import mlflow
+
+        mlflow.MlflowClient().create_model_version("served", str(tmp_path / "empty"), run_id=run_id)
+        mlflow.MlflowClient().set_registered_model_alias("served", "champion", "3")
+        second = holder.engine
+        assert not holder.reload_if_moved() and holder.version == "2" and holder.engine is second
