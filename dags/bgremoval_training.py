@@ -297,10 +297,11 @@ def bgremoval_training():
 
     @task(pool=PROMOTION_POOL)
     def promote_model(dataset: dict, assessment: dict, params=None, run_id=None) -> dict:
-        from tasks.evaluation.assessment import register_and_promote
+        from tasks.evaluation.assessment import PromotionRefused, register_and_promote
 
-        promoted = register_and_promote(assessment, dataset["version"], assessment_config(params),
-                                        s3_storage_options(), user=f"airflow:{run_id}")
+        with fail_at_once(PromotionRefused):  # a version rolled back since: promoting it stays a person's call
+            promoted = register_and_promote(assessment, dataset["version"], assessment_config(params),
+                                            s3_storage_options(), user=f"airflow:{run_id}")
         print(f"{promoted['name']} version {promoted['version']} is the champion; previous: {promoted['previous']}"
               + (" (registered by an earlier try of this task)" if promoted["registered_before"] else ""))
         return promoted

@@ -620,33 +620,47 @@ TEST_SPLIT_TAG = "test_split_sha256"
 def best_champion(name: str, test_split_sha256: str, tracking_uri: str | None = None) -> dict[str, Any] | None:
     """``{"version", "mean_iou"}`` of the version that scored best on these test pairs (its
     :data:`TEST_SPLIT_TAG`) among the champions since the last intervention by hand, rolled-back ones
-    left out; None when there is none. An intervention sets a new baseline: a promotion by hand, a
-    rollback (the version it restores counts from then), or the alias moved outside :func:`promote`
-    (the champion is then not the last version promoted: only it counts)."""
+    left out; None when there is none. An intervention sets a new baseline: a promotion by hand; a
+    rollback, or the alias moved outside :func:`promote` (the champion history's resets: the version
+    they left as champion counts, and those promoted after it); the alias moved and not yet seen by
+    :func:`promote` (the champion is not the last version promoted: only it counts)."""
     try:
         rows = list_versions(name, tracking_uri)
     except ValueError:
         return None
-    promoted = {r["version"]: _instant(r["tags"]["promoted_at"]) for r in rows if "promoted_at" in r["tags"]}
+    promoted = {r["version"]: at for r in rows if (at := _instant(r["tags"].get("promoted_at"))) is not None}
     champion = next((r["version"] for r in rows if CHAMPION in r["aliases"]), None)
-    by_hand = [promoted[r["version"]] for r in rows if r["version"] in promoted
-               and r["tags"].get("promotion_reason", "").startswith(BY_HAND)]
-    rollbacks = [_instant(r["tags"][ROLLBACK_TAGS[0]]) for r in rows if ROLLBACK_TAGS[0] in r["tags"]]
-    since = max([*by_hand, *rollbacks], default=datetime.min.replace(tzinfo=timezone.utc))
+    interventions = [(promoted[r["version"]], r["version"]) for r in rows if r["version"] in promoted
+                     and r["tags"].get("promotion_reason", "").startswith(BY_HAND)]
+    interventions += [(at, stack[-1] if stack else None) for at, stack in _resets(name, tracking_uri)]
+    since, baseline = max(interventions, key=lambda i: i[0], default=(datetime.min.replace(tzinfo=timezone.utc), None))
     moved_by_hand = champion is not None and promoted and promoted.get(champion) != max(promoted.values())
     held = [(float(r["tags"]["test_mean_iou"]), r["version"]) for r in rows
             if r["tags"].get(TEST_SPLIT_TAG) == test_split_sha256 and "test_mean_iou" in r["tags"]
-            and r["version"] in promoted and promoted[r["version"]] >= since and ROLLBACK_TAGS[0] not in r["tags"]
-            and (not moved_by_hand or r["version"] == champion)]
+            and r["version"] in promoted and (promoted[r["version"]] >= since or r["version"] == baseline)
+            and ROLLBACK_TAGS[0] not in r["tags"] and (not moved_by_hand or r["version"] == champion)]
     if not held:
         return None
     mean_iou, version = max(held)
     return {"version": version, "mean_iou": mean_iou}
 
 
-def _instant(stamp: str) -> datetime:
-    """A tag's ISO time as an aware UTC datetime (a trailing ``Z`` or another offset read too)."""
-    parsed = datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+def _resets(name: str, tracking_uri: str | None) -> list[tuple[datetime, list[str]]]:
+    """``(when, the champion stack it left)`` of each reset in the champion history (a rollback, or a
+    champion found set by hand)."""
+    tags = _client(tracking_uri).get_registered_model(name).tags or {}
+    events = [json.loads(value) for key, value in tags.items() if key.startswith(_HISTORY_TAG + ".")]
+    return [(at.replace(microsecond=0), [str(v) for v in e.get("stack") or []]) for e in events  # as promoted_at
+            if e.get("event") == "reset" and (at := _instant(e.get("at"))) is not None]
+
+
+def _instant(stamp: str | None) -> datetime | None:
+    """A tag's ISO time as an aware UTC datetime (a trailing ``Z`` or another offset read too); None
+    for a missing or unreadable one (a tag edited by hand)."""
+    try:
+        parsed = datetime.fromisoformat(str(stamp).replace("Z", "+00:00"))
+    except ValueError:
+        return None
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
 
 

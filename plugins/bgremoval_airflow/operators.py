@@ -26,21 +26,27 @@ class TrainOnDatabricks(DatabricksSubmitRunOperator):
         return super().execute(context)
 
     def token_for_try(self, token: str, try_number: int, context: Any) -> str:
-        """The token try ``try_number`` submits with: the previous try's while its run is not over or
-        has succeeded, else its own. Asking Databricks for the previous try's run is that try's
-        submission again (the same token answers with the same run; a try that never submitted gets
-        its run now, which this one follows)."""
-        if try_number <= 1:
-            return try_token(token, 1)
-        previous = try_token(token, try_number - 1)
-        self.idempotency_token = previous  # named parameters override the payload's
-        run_id = self._hook.submit_run(self._prepare_submit_json(context))
-        state = self._hook.get_run_state(run_id)
-        if not state.is_terminal or state.is_successful:
-            self.log.info("following run %s of the previous try (%s)", run_id, state)
-            return previous
-        self.log.info("the previous try's run %s ended %s: this try starts a new one", run_id, state)
-        return try_token(token, try_number)
+        """The token try ``try_number`` submits with: the first of the tries' tokens (``try_token(token,
+        k)``, k = 1, 2, ...) whose run has not ended unsuccessfully, so that the run an earlier try
+        started, and a later try followed, is followed again while it goes or once it succeeded.
+        Asking for a token's run is its submission again (a used token answers with its run); the
+        first unused token starts the one new run, which is then followed."""
+        for k in range(1, max(1, try_number)):
+            self.idempotency_token = try_token(token, k)  # named parameters override the payload's
+            run_id = self._hook.submit_run(self._prepare_submit_json(context))
+            state = self._hook.get_run_state(run_id)
+            if not _ended_unsuccessfully(state):
+                self.log.info("following run %s (token of try %d): %s", run_id, k, state)
+                return self.idempotency_token
+            self.log.info("run %s (token of try %d) ended %s", run_id, k, state)
+        return try_token(token, max(1, try_number))
+
+
+def _ended_unsuccessfully(state: Any) -> bool:
+    """Whether a Databricks run is over without success (a run still TERMINATING counts once its
+    result is known to be other than SUCCESS)."""
+    result = getattr(state, "result_state", "") or ""
+    return (state.is_terminal and not state.is_successful) or (bool(result) and result != "SUCCESS")
 
 
 class ClusterReviewGate(ApprovalOperator):

@@ -115,6 +115,9 @@ def split_sha256(dataset_url: str, split: str, scores, storage_options: dict | N
     masks = {key: mask_url for key, _, mask_url, _ in load_samples(dataset_url, split, storage_options,
                                                                    include_augmented=False) if key in scored}
     data = storage.read_many(list(masks.values()), storage_options)
+    if len(data) != len(set(masks.values())):  # a mask that cannot be read would give another record silently
+        raise OSError(f"{len(set(masks.values())) - len(data)} of the {split} masks could not be read for the gate's "
+                      "record of these pairs")
     lines = sorted(f"{key}\t{hashlib.sha256(data.get(url, b'')).hexdigest()}" for key, url in masks.items())
     return hashlib.sha256("\n".join(lines).encode()).hexdigest()
 
@@ -209,6 +212,10 @@ def _log_to_mlflow(run_id: str, summary: dict, champion: dict | None, passed: bo
     client.log_artifacts(run_id, folder, artifact_path="report")
 
 
+class PromotionRefused(ValueError):
+    """The challenger is not promoted, and trying again cannot change that (it was rolled back)."""
+
+
 def register_and_promote(assessment: dict[str, Any], dataset_version: str, config: AssessmentConfig,
                          storage_options: dict | None = None, user: str | None = None) -> dict[str, Any]:
     """Register the assessed challenger and make it the champion.
@@ -234,7 +241,7 @@ def register_and_promote(assessment: dict[str, Any], dataset_version: str, confi
                                                      f"{summary['n']} test images of {dataset_version}")
     rolled_back = registry.version_tags(config.registered_model, registered["version"]).get(registry.ROLLBACK_TAGS[0])
     if registered["registered_before"] and rolled_back:  # a cleared promote_model must not undo a rollback
-        raise ValueError(f"version {registered['version']} of {config.registered_model} (this run's model) was rolled "
+        raise PromotionRefused(f"version {registered['version']} of {config.registered_model} (this run's model) was rolled "
                          f"back at {rolled_back}: not promoted again (`bgremoval model promote` does it by hand)")
     champion = assessment.get("champion")
     if champion is None:  # there was no champion: promote only if there still is none

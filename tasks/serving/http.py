@@ -52,6 +52,7 @@ class ModelHolder:
         self.config = config
         self.version: str | None = None
         self.engine: Engine | None = None
+        self._unloadable: str | None = None  # a version that failed to load: not downloaded again each minute
         self._lock = threading.Lock()
 
     def alias(self) -> tuple[str, str] | None:
@@ -85,13 +86,14 @@ class ModelHolder:
         except Exception as exc:  # noqa: BLE001 - keep serving what is loaded
             log.warning("cannot read %s: %s", self.config.model, exc)
             return False
-        if version is None or version == self.version:
+        if version is None or version in (self.version, self._unloadable):
             return False
         try:
             self.load()
         except Exception as exc:  # noqa: BLE001 - a registry or download failure: keep serving what is loaded
-            log.warning("cannot load %s (version %s): %s; still serving version %s", self.config.model, version,
-                        exc, self.version)
+            self._unloadable = version
+            log.warning("cannot load %s (version %s): %s; still serving version %s (tried again when the alias "
+                        "moves once more, or after a restart)", self.config.model, version, exc, self.version)
             return False
         return True
 

@@ -257,9 +257,14 @@ def test_a_retry_follows_the_run_still_going_and_starts_anew_after_a_failed_one(
         first = DatabricksHook("databricks_default").submit_run({**payload, "idempotency_token": try_token(token, 1)})
         assert train.token_for_try(token, 1, {}) == try_token(token, 1)
         assert train.token_for_try(token, 2, {}) == try_token(token, 1) and len(server.submissions) == 1
+        # try 2 followed it and was lost too: try 3 still follows the same run, starts no second one
+        assert train.token_for_try(token, 3, {}) == try_token(token, 1) and len(server.submissions) == 1
         assert server.wait_for_run(first, 30).result_state == "FAILED"
-        assert train.token_for_try(token, 2, {}) == try_token(token, 2)  # it failed: a new run
+        assert train.token_for_try(token, 2, {}) == try_token(token, 2)  # it failed: try 2 starts anew
         assert len(server.submissions) == 1  # asking about try 1's run started nothing
+        # try 3 after try 2 had followed the failed run: the one new run, under try 2's unused token
+        assert train.token_for_try(token, 3, {}) == try_token(token, 2) and len(server.submissions) == 2
+        assert train.token_for_try(token, 3, {}) == try_token(token, 2) and len(server.submissions) == 2
 
 
 @pytest.mark.integration

@@ -363,3 +363,20 @@ def test_the_best_champion_counts_since_the_last_intervention_by_hand(tracking, 
     assert registry.best_champion("rec", "photos-a") == {"version": "1", "mean_iou": 0.98}
     client.set_registered_model_alias("rec", registry.CHAMPION, "3")
     assert registry.best_champion("rec", "photos-a") == {"version": "3", "mean_iou": 0.99}
+
+
+def test_a_champion_moved_in_the_mlflow_ui_stays_the_baseline_after_the_next_promotion(tracking, tmp_path):
+    client = mlflow.MlflowClient()
+    client.create_registered_model("ui")
+    for version, iou in (("1", "0.900000"), ("2", "0.950000"), ("3", "0.910000")):
+        client.create_model_version("ui", str(tmp_path))
+        client.set_model_version_tag("ui", version, "test_mean_iou", iou)
+        client.set_model_version_tag("ui", version, registry.TEST_SPLIT_TAG, "pairs")
+    registry.promote("ui", "1")
+    client.set_model_version_tag("ui", "1", "promoted_at", "2026-01-01T00:00:00+00:00")  # long before version 2
+    registry.promote("ui", "2")
+    client.set_model_version_tag("ui", "2", "promoted_at", "2026-01-02T00:00:00+00:00")  # a day before the move
+    client.set_registered_model_alias("ui", registry.CHAMPION, "1")  # by hand, outside promote()
+    assert registry.best_champion("ui", "pairs") == {"version": "1", "mean_iou": 0.9}
+    registry.promote("ui", "3", expected_champion="1")  # the gate's next promotion sees the move
+    assert registry.best_champion("ui", "pairs") == {"version": "3", "mean_iou": 0.91}  # not version 2's 0.95

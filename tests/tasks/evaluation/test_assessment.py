@@ -8,7 +8,13 @@ import mlflow
 import pytest
 
 from tasks import registry
-from tasks.evaluation.assessment import AssessmentConfig, assess_challenger, calibrate_challenger, register_and_promote
+from tasks.evaluation.assessment import (
+    AssessmentConfig,
+    PromotionRefused,
+    assess_challenger,
+    calibrate_challenger,
+    register_and_promote,
+)
 from tasks.evaluation.gate import GateConfig
 from tasks.dev.synthetic import write_synthetic_dataset
 
@@ -186,6 +192,6 @@ def test_a_cleared_promotion_does_not_undo_a_rollback(write_model_folder, settin
     second = assess_challenger(write_model_folder(tmp_path / "b", seed=2), dataset, str(tmp_path / "rb"), config)
     register_and_promote(second, "v1", config)
     registry.rollback("rb-m", user="ops")
-    with pytest.raises(ValueError, match="was rolled back at .*not promoted again"):
+    with pytest.raises(PromotionRefused, match="was rolled back at .*not promoted again"):
         register_and_promote(second, "v1", config)  # promote_model cleared after the rollback
     assert registry.alias_version("rb-m") == "1"

@@ -175,3 +175,6 @@ def test_the_model_is_swapped_when_its_alias_moves(tmp_path, private_mlflow, wri
         mlflow.MlflowClient().set_registered_model_alias("served", "champion", "3")
         second = holder.engine
         assert not holder.reload_if_moved() and holder.version == "2" and holder.engine is second
+        loads = []  # the next poll does not download it again
+        holder.load = lambda: loads.append(1)
+        assert not holder.reload_if_moved() and loads == []
