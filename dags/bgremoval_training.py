@@ -249,7 +249,7 @@ def bgremoval_training():
         config = train_config(params, dataset["dataset_url"], output_url, {},
                               init_from=_start_weights(params, output_url, s3_storage_options()))
         return submit_run_json(params, replace(config, mlflow_tracking_uri=None).to_json(),
-                               idempotency_token(dag.dag_id, run_id))  # train_on_databricks adds its try
+                               idempotency_token(dag.dag_id, run_id, output_url))  # train_on_databricks adds its try
 
     @task
     def databricks_result(dataset: dict, params=None, run_id=None) -> dict:

@@ -174,11 +174,13 @@ def _check_config(config_json: str) -> None:
             "profile (databricks_instance_profile_arn) or Databricks secrets instead")
 
 
-def idempotency_token(dag_id: str, run_id: str) -> str:
+def idempotency_token(dag_id: str, run_id: str, output_url: str = "") -> str:
     """The ``idempotency_token`` of a DAG run's training submission (at most 64 characters, the
     Jobs API's limit, with :func:`try_token`'s suffix): a submission sent twice (the hook's own
-    retries) gets the run the first one started instead of a second GPU cluster."""
-    return "bgremoval-" + hashlib.sha256(f"{dag_id}\n{run_id}".encode()).hexdigest()[:48]
+    retries) gets the run the first one started instead of a second GPU cluster. ``output_url`` (the
+    training run's folder, which names the dataset version) is part of it: the DAG run cleared with
+    new raw files trains the new version instead of following the old version's run."""
+    return "bgremoval-" + hashlib.sha256(f"{dag_id}\n{run_id}\n{output_url}".encode()).hexdigest()[:48]
 
 
 def try_token(token: str, try_number: int) -> str:

@@ -229,6 +229,10 @@ def test_a_retried_submission_with_the_run_token_gets_the_first_run(jobs_server,
     params = {**_defaults(), "databricks_python_file": "dbfs:/FileStore/nowhere/train_entry.py"}  # starts no process
     token = idempotency_token("bgremoval_training", "manual__2026-12-03T10:00:00+00:00")
     assert token == idempotency_token("bgremoval_training", "manual__2026-12-03T10:00:00+00:00") and len(token) <= 64
+    assert len(try_token(token, 99)) <= 64
+    # the same DAG run cleared with new raw files trains the new dataset version: another token
+    assert (idempotency_token("bgremoval_training", "r", "s3://b/training/v1/r")
+            != idempotency_token("bgremoval_training", "r", "s3://b/training/v2/r"))
     payload = submit_run_json(params, _config_json(tmp_path), token)
     assert payload["idempotency_token"] == token and "idempotency_token" not in submit_run_json(params, _config_json(tmp_path))
     hook = DatabricksHook("databricks_default", retry_limit=1, retry_delay=1)
