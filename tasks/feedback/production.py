@@ -166,21 +166,29 @@ def process_shard(bucket_url: str, batch: str, shard_url: str, model_uri: str, c
     from tasks.serving.pipeline import InferenceConfig, iter_remove_backgrounds, write_outputs
 
     listed = [tuple(pair) for pair in json.loads(storage.read_bytes(shard_url, storage_options))]
-    items, earlier, this_run = handled_before(bucket_url, batch, listed, run_id, storage_options)
+    earlier, mine = handled_before(bucket_url, batch, listed, run_id, storage_options)
+    # An earlier try's photos go through the model again, unwritten: the batches stay those of an
+    # uninterrupted run, whose numbers can depend on a photo's batch neighbours.
+    items = [(url, stem) for url, stem in listed if url not in earlier]
     engine = load_engine(model_uri, storage_options)
     log.info("shard %s: %d photos, model %s", shard_url, len(listed), engine.describe())
     if earlier:
-        log.info("%d photos left as they are: an earlier run of the batch or try of the shard handled the same "
-                 "bytes (%s)", len(earlier), ", ".join(earlier[:10]) + (" …" if len(earlier) > 10 else ""))
+        stems = list(earlier.values())
+        log.info("%d photos left as they are: an earlier run of the batch handled the same bytes (%s)",
+                 len(stems), ", ".join(stems[:10]) + (" …" if len(stems) > 10 else ""))
     threshold, source = resolve_threshold(config, engine.model_dir, model_uri)
     refine, why = refinement_for(engine, config.refine)
     log.info("edge refinement: %s", why)
     options = InferenceConfig(background=config.background, canvas=config.canvas, margin=config.margin,
                               mask=True, keep_source=True, batch_size=config.batch_size, refine=refine)
     published_url = layout.published(bucket_url, batch)
-    counts = {"failed": 0, "earlier": len(earlier), **this_run}
+    counts = {"published": 0, "queued": 0, "failed": 0, "earlier": len(earlier)}
     failed, scores = [], []
     for result in iter_remove_backgrounds(items, engine, options, storage_options):
+        if result.source_url in mine:  # routed by this run's earlier try: counted, left as it is
+            counts[mine[result.source_url]] += 1
+            scores.extend([round(float(result.score), 4)] if result.ok else [])
+            continue
         if not result.ok:
             counts["failed"] += 1
             failed.append({"stem": result.stem, "source_url": result.source_url, "reason": result.error})
@@ -234,34 +242,32 @@ def process_shard(bucket_url: str, batch: str, shard_url: str, model_uri: str, c
 
 
 def handled_before(bucket_url: str, batch: str, items: list[tuple[str, str]], run_id: str = "",
-                   storage_options: dict | None = None) -> tuple[list[tuple[str, str]], list[str], dict[str, int]]:
-    """Split a shard's ``(url, stem)`` photos into those to cut out and those already queued or
-    published with the same bytes: by another run of the batch (their stems: left as they are) or by
-    an earlier try of this run's shard (``run_id``; counted ``{"published", "queued"}`` as this run's).
+                   storage_options: dict | None = None) -> tuple[dict[str, str], dict[str, str]]:
+    """The shard's ``(url, stem)`` photos already queued or published with the same bytes: by another
+    run of the batch (``{url: stem}``: left as they are) and by an earlier try of this run's shard
+    (``run_id``; ``{url: "published" | "queued"}``, counted as this run's).
 
     Only a photo whose name already has a queue item or pool pair is read and hashed here; a photo
     that is gone or forbidden is left to the cut-out, which reports it."""
     from tasks.feedback.queue import handled_as, has_record, make_item_id, photo_id
 
-    todo, earlier, this_run = [], [], {"published": 0, "queued": 0}
+    earlier, mine = {}, {}
     for url, stem in items:
         if not has_record(bucket_url, make_item_id(batch, stem), storage_options):
-            todo.append((url, stem))
             continue
         try:
             digest = hashlib.sha256(storage.read_bytes(url, storage_options)).hexdigest()
         except storage.OBJECT_ERRORS:  # gone or forbidden: the cut-out reports it; any other error fails the task
-            todo.append((url, stem))
             continue
         record = handled_as(bucket_url, photo_id(bucket_url, batch, stem, digest, storage_options), digest,
                             storage_options)
         if record is None:
-            todo.append((url, stem))
-        elif record.get("run_id", "") == run_id and (record["kind"] == "queued" or record.get("origin") == "published"):
-            this_run["queued" if record["kind"] == "queued" else "published"] += 1
+            continue
+        if record.get("run_id", "") == run_id and (record["kind"] == "queued" or record.get("origin") == "published"):
+            mine[url] = "queued" if record["kind"] == "queued" else "published"
         else:
-            earlier.append(stem)
-    return todo, earlier, this_run
+            earlier[url] = stem
+    return earlier, mine
 
 
 def summarise_production(batch: str, shard_results: list[dict[str, Any]]) -> dict[str, Any]:
