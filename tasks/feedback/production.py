@@ -249,18 +249,15 @@ def handled_before(bucket_url: str, batch: str, items: list[tuple[str, str]], ru
 
     Only a photo whose name already has a queue item or pool pair is read and hashed here; a photo
     that is gone or forbidden is left to the cut-out, which reports it."""
-    from tasks.feedback.queue import handled_as, has_record, make_item_id, photo_id
+    from tasks.feedback.queue import handled_record
 
     earlier, mine = {}, {}
     for url, stem in items:
-        if not has_record(bucket_url, make_item_id(batch, stem), storage_options):
-            continue
         try:
-            digest = hashlib.sha256(storage.read_bytes(url, storage_options)).hexdigest()
+            record = handled_record(bucket_url, batch, stem, lambda: storage.read_bytes(url, storage_options),
+                                    storage_options)
         except storage.OBJECT_ERRORS:  # gone or forbidden: the cut-out reports it; any other error fails the task
             continue
-        record = handled_as(bucket_url, photo_id(bucket_url, batch, stem, digest, storage_options), digest,
-                            storage_options)
         if record is None:
             continue
         if record.get("run_id", "") == run_id and (record["kind"] == "queued" or record.get("origin") == "published"):

@@ -24,6 +24,7 @@ import io
 import json
 import re
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta, timezone
 
@@ -92,26 +93,34 @@ def photo_id(bucket_url: str, batch: str, stem: str, source_sha256: str,
     return base_id
 
 
-def handled_as(bucket_url: str, item_id: str, source_sha256: str, storage_options: dict | None = None) -> dict | None:
-    """What became of this photo (these bytes, under this id) before: its queue item's ``item.json``
-    (open or decided) with ``"kind": "queued"``, else its pool pair's ``meta.json`` (published, or a
-    person's pair) with ``"kind": "pooled"``; None when neither exists or they record another photo."""
+def _records(bucket_url: str, item_id: str, storage_options: dict | None) -> list[dict]:
+    """The queue item's ``item.json`` (``kind`` queued) and the pool pair's ``meta.json`` (``kind``
+    pooled) under ``item_id``, those that exist, each read once."""
+    found = []
     for kind, url in (("queued", storage.join(queue_url(bucket_url, item_id), "item.json")),
                       ("pooled", storage.join(pool_url(bucket_url, item_id), "meta.json"))):
         storage.forget_listings(url, storage_options)
         try:
-            record = _read_json(url, storage_options)
+            found.append({**_read_json(url, storage_options), "kind": kind})
         except FileNotFoundError:
             continue
-        if record.get("source_sha256") == source_sha256:
-            return {**record, "kind": kind}
-    return None
+    return found
 
 
-def has_record(bucket_url: str, item_id: str, storage_options: dict | None = None) -> bool:
-    """Whether a queue item or a pool pair exists under ``item_id`` (any photo's)."""
-    return (_exists(storage.join(queue_url(bucket_url, item_id), "item.json"), storage_options)
-            or _exists(storage.join(pool_url(bucket_url, item_id), "meta.json"), storage_options))
+def handled_record(bucket_url: str, batch: str, stem: str, read_photo: Callable[[], bytes],
+                   storage_options: dict | None = None) -> dict | None:
+    """What became of this photo before: the record (``item.json`` or ``meta.json``, with ``kind``
+    queued or pooled) of a queue item or pool pair holding these bytes under the id
+    :func:`photo_id` gives them; None when there is none. ``read_photo`` is called only when the
+    photo's name has a record at all (a new photo is not read twice)."""
+    base_id = make_item_id(batch, stem)
+    records = _records(bucket_url, base_id, storage_options)
+    if not records:
+        return None
+    digest = hashlib.sha256(read_photo()).hexdigest()
+    if any(r.get("source_sha256") not in (None, "", digest) for r in records):  # another photo: its own id
+        records = _records(bucket_url, check_id(f"{base_id[:180]}--{digest[:12]}"), storage_options)
+    return next((r for r in records if r.get("source_sha256") == digest), None)
 
 
 def check_id(value: str, what: str = "item id") -> str:
