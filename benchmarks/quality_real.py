@@ -295,6 +295,21 @@ class VariantTable:
                       f"| {np.mean(bfs):.3f} | {cost:>6} |")
 
 
+    def print_paired(self, first: str, second: str) -> None:
+        """The per-photo difference ``second − first`` of IoU on the same rows, per set and rows kind:
+        its mean ± one standard error (points), and how many photos each variant scores higher."""
+        import numpy as np
+
+        print(f"| rows | n | {second} − {first}: mean IoU (points) | photos higher: {second} / {first} |")
+        print("|---|---|---|---|")
+        for (cluster, rows_kind), per_variant in sorted(self.scores.items()):
+            a, b = (np.asarray(per_variant[v][0]) for v in (first, second))
+            gain = (b - a) * 100
+            se = gain.std(ddof=1) / np.sqrt(len(gain)) if len(gain) > 1 else float("nan")
+            print(f"| {cluster} {rows_kind} | {len(gain)} | {gain.mean():+.3f} ± {se:.3f} "
+                  f"| {int((gain > 0).sum())} / {int((gain < 0).sum())} |")
+
+
 def _audit_counts(manifest, clusters: list[str]) -> str:
     """Per set and split: how many clean pairs the cleaning's mask audit flagged."""
     from collections import Counter
@@ -576,6 +591,8 @@ def _contact_sheet(model_url: str, rows: list[TestRow], worst: list[dict], path:
 # ----------------------------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> int:
+    from tasks.train.config import LOSSES
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", default=DEFAULT_WORK, help="working folder (dataset, runs, MLflow, sheets)")
     parser.add_argument("--sets", nargs="+", default=list(SETS), choices=list(SETS), help="which sets of ../shared/data")
@@ -587,7 +604,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--input-size", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=8, help="per worker")
     parser.add_argument("--lr", type=float, help="peak learning rate (default 5e-4 from pretrained, 2e-3 from scratch)")
-    parser.add_argument("--loss", default="bce", choices=["bce", "bce+iou", "bce+iou+ssim"])
+    parser.add_argument("--loss", default="bce", choices=LOSSES)
     parser.add_argument("--workers", type=int, default=2, help="torch.distributed worker processes")
     parser.add_argument("--train-retries", type=int, default=2,
                         help="relaunch training this many times when it fails (e.g. killed from outside)")

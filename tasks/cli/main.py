@@ -16,7 +16,7 @@ from tasks.core.shards import PAIRS_PER_SHARD
 from tasks.data.config import CleaningConfig, SplitConfig
 from tasks.dev.config import DemoConfig
 from tasks.evaluation.metrics import MASK_THRESHOLD
-from tasks.train.config import FINE_TUNE_LR, TrainConfig, default_lr
+from tasks.train.config import FINE_TUNE_LR, LOSSES, TrainConfig, default_lr
 from tasks.model.published import DEFAULT as PUBLISHED_DEFAULT
 from tasks.model.published import PUBLISHED
 from tasks.model.refine_choice import REFINE_MODES
@@ -743,7 +743,7 @@ def build_parser() -> argparse.ArgumentParser:
                             f"{FINE_TUNE_LR:g} when starting from trained weights (a higher rate undoes them on a "
                             f"few hundred pairs: benchmarks/README.md), {TrainConfig.lr:g} from scratch")
     train.add_argument("--input-size", type=int, default=TrainConfig.input_size, help="network input size in pixels")
-    train.add_argument("--loss", default=TrainConfig.loss, help="bce, bce+iou or bce+iou+ssim (tasks.train.losses)")
+    train.add_argument("--loss", default=TrainConfig.loss, choices=LOSSES, help="the loss of each output (tasks.train.losses)")
     train.add_argument("--workers", type=int, default=2, help="torch.distributed worker processes")
     train.add_argument("--device", default=TrainConfig.device, choices=["auto", "cpu", "cuda"])
     train.set_defaults(func=cmd_train)

@@ -18,7 +18,7 @@ from tasks.model.config import MIN_INPUT_SIZE, MODEL_NAMES, RESIZE_MODES, TRAINI
 __all__ = ["AMP_MODES", "LOSSES", "RESIZE_MODES", "SCHEDULES", "TrainConfig"]
 
 #: Accepted values of ``TrainConfig.loss`` (implemented in :mod:`tasks.train.losses`).
-LOSSES: tuple[str, ...] = ("bce", "bce+iou", "bce+iou+ssim")
+LOSSES: tuple[str, ...] = ("bce", "bce+iou", "bce+iou+ssim", "wbce+wiou")
 #: Accepted values of ``TrainConfig.amp``.
 AMP_MODES: tuple[str, ...] = ("auto", "bf16", "fp16", "off")
 #: Accepted values of ``TrainConfig.schedule``.
@@ -86,7 +86,8 @@ class TrainConfig:
         fused_weight: weight of the fused output's loss; the six side losses weigh 1 each (the
             original sums all seven with weight 1).
         loss: the loss of each output, one of :data:`LOSSES`: ``"bce"`` (the
-            original), ``"bce+iou"`` or ``"bce+iou+ssim"`` (BASNet's hybrid loss).
+            original), ``"bce+iou"``, ``"bce+iou+ssim"`` (BASNet's hybrid loss) or ``"wbce+wiou"`` (F3Net's
+            boundary-weighted loss).
         input_size: the square network input (320 as in the paper); ``resize`` is
             ``"stretch"`` (the default, as U2-Net and rembg) or ``"letterbox"``.
         amp: ``"auto"`` (bf16 on a CPU with native bf16, fp16 with a gradient scaler on CUDA,

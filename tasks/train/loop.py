@@ -62,7 +62,7 @@ from tasks.train.collectives import Collectives, RankInfo, default_collectives
 from tasks.train.config import MAX_WARMUP_SHARE, RESUME_FREE_FIELDS, TrainConfig
 from tasks.train.faults import exit_if_asked
 from tasks.train.data import ClusterBalancedDistributedSampler, SegmentationDataset, ShardSampler, prepare_split
-from tasks.train.losses import segmentation_loss
+from tasks.train.losses import segmentation_losses
 
 __all__ = [
     "EpochMetrics",
@@ -231,14 +231,15 @@ def resolve_amp(mode: str, device: torch.device) -> tuple[torch.dtype | None, bo
 def deep_supervision_loss(output: U2NetOutput, target: torch.Tensor, fused_weight: float = 1.0,
                           loss: str = "bce") -> torch.Tensor:
     """Return ``fused_weight · L(fused) + Σ L(side_k)`` over the six side maps (float32), where
-    ``L`` is :func:`tasks.train.losses.segmentation_loss` ``loss`` (BCE by default).
+    ``L`` is the loss ``loss`` (:func:`tasks.train.losses.segmentation_losses`; BCE by default).
 
     ``output`` holds logits; ``target`` is B×1×H×W in [0, 1]. Each term is a mean over pixels
     (the original U2-Net sums the seven BCE means with weight 1).
     """
-    total = fused_weight * segmentation_loss(output.fused, target, loss)
-    for side in output.sides:
-        total = total + segmentation_loss(side, target, loss)
+    fused, *sides = segmentation_losses([output.fused, *output.sides], target, loss)
+    total = fused_weight * fused
+    for side in sides:
+        total = total + side
     return total
 
 

@@ -13,7 +13,7 @@ import torch
 from tasks.model.pretrained import write_pretrained_folder
 from tasks.train.config import TrainConfig
 from tasks.train.loop import train
-from tasks.train.losses import LOSSES, segmentation_loss, soft_iou_loss, ssim_loss
+from tasks.train.losses import LOSSES, boundary_weights, segmentation_loss, segmentation_losses, soft_iou_loss, ssim_loss
 from tasks.dev.synthetic import write_synthetic_dataset
 
 pytestmark = pytest.mark.process  # trains, exports or registers real models: tens of seconds
@@ -33,6 +33,24 @@ def test_losses_are_zero_for_a_perfect_prediction_and_grow_with_errors():
         segmentation_loss(perfect, target, "dice")
     with pytest.raises(ValueError, match="loss must be one of"):
         TrainConfig(dataset_url="d", output_url="o", loss="focal")
+
+
+def test_the_structure_loss_counts_an_error_on_the_outline_more_than_one_inside():
+    target = torch.zeros(1, 1, 64, 64)
+    target[:, :, 16:48, 16:48] = 1
+    perfect = (target * 2 - 1) * 10
+    on_outline, inside = perfect.clone(), perfect.clone()
+    on_outline[:, :, 16:20, 30:34] *= -1
+    inside[:, :, 30:34, 30:34] *= -1
+    assert torch.isclose(segmentation_loss(on_outline, target, "bce"), segmentation_loss(inside, target, "bce"))
+    assert float(segmentation_loss(on_outline, target, "wbce+wiou")) > 1.5 * float(segmentation_loss(inside, target, "wbce+wiou"))
+    weights = boundary_weights(target)
+    assert float(weights[0, 0, 0, 0]) == 1.0 and float(weights[0, 0, 16, 32]) > 3.0
+    # deep supervision computes the weights once for the seven maps: the same losses as map by map
+    maps = [on_outline, inside, perfect]
+    for name in LOSSES:
+        together = segmentation_losses(maps, target, name)
+        assert all(torch.isclose(a, segmentation_loss(m, target, name)) for a, m in zip(together, maps)), name
 
 
 def test_fine_tuning_starts_from_the_published_weights(tmp_path, published):
