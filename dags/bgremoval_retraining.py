@@ -6,7 +6,8 @@
                        clustered; test split unchanged)
       ─► training_conf ─► trigger_training (bgremoval_training with dataset_version, init_from=champion,
                                             fewer epochs: the same gate decides about promotion; run id
-                                            retrain__<this run's id>: cleared or retried, it starts no second run)
+                                            retrain__<dataset version>__<this run's id>: cleared or retried,
+                                            it starts no second run on the same version)
       ─► record_state (retraining/state.json: which pairs were used)
 """
 

@@ -228,16 +228,16 @@ def register_model(model_url: str, name: str = DEFAULT_MODEL_NAME, run_id: str |
         onnx_info = export_onnx(model, os.path.join(tmp, "model.onnx"), size, meta["resize"], meta["model"])
         files = [os.path.join(tmp, f) for f in _EXTRA_FILES] + copy_sidecars(model_url, tmp, storage_options)
         onnx_sha = _sha256(onnx_info["path"])
+        identity = {"source": model_url, "onnx_sha256": onnx_sha}  # no caller's tag replaces them
         earlier = _registered_before(client, name, model_url, onnx_sha)
         if earlier is not None:  # a retried or cleared task: these weights of this run are a version already
             version, run_id = str(earlier.version), earlier.run_id
         else:
-            version, run_id = _log_version(client, name, files, run_id, experiment, pyfunc_model)
-    identity = {"source": model_url, "onnx_sha256": onnx_sha}  # first, and no caller's tag replaces them
+            version, run_id = _log_version(client, name, files, run_id, experiment, pyfunc_model, identity)
     version_tags = {**identity, **{k: v for k, v in {
         "dataset_version": None, **_training_figures(model_url, storage_options), **(tags or {}), "input_size": size,
         "model": meta["model"], "model_widths": meta["model_widths"]}.items() if k not in identity}}
-    held = dict(earlier.tags or {}) if earlier is not None else {}
+    held = dict(earlier.tags or {}) if earlier is not None else dict(identity)
     for key, value in version_tags.items():
         if value is not None and key not in held:  # an earlier registration's figures are not replaced
             client.set_model_version_tag(name, version, key, _tag_value(value))
@@ -249,7 +249,7 @@ def register_model(model_url: str, name: str = DEFAULT_MODEL_NAME, run_id: str |
 
 def _registered_before(client, name: str, model_url: str, onnx_sha: str):
     """The version an earlier call registered from the same run folder with the same weights (its
-    ``source`` and ``onnx_sha256`` tags, set first), or None."""
+    ``source`` and ``onnx_sha256`` tags, given to the version when it is created), or None."""
     from mlflow.exceptions import MlflowException
 
     try:
@@ -261,9 +261,10 @@ def _registered_before(client, name: str, model_url: str, onnx_sha: str):
 
 
 def _log_version(client, name: str, files: list[str], run_id: str | None, experiment: str,
-                 pyfunc_model: dict[str, Any]) -> tuple[str, str]:
+                 pyfunc_model: dict[str, Any], identity: dict[str, str]) -> tuple[str, str]:
     """Log the model's files as a pyfunc into ``run_id`` (or a new run of ``experiment``) and register
-    them as a new version of ``name``; returns the version and the run id."""
+    them as a new version of ``name`` carrying the ``identity`` tags from its creation (a task killed
+    just after leaves a version its retry finds); returns the version and the run id."""
     import mlflow
 
     if run_id is None:
@@ -274,11 +275,9 @@ def _log_version(client, name: str, files: list[str], run_id: str | None, experi
     else:
         active = mlflow.start_run(run_id=run_id)
     with active as run:
-        info = mlflow.pyfunc.log_model(
-            name="model", artifacts={os.path.basename(f): f for f in files}, registered_model_name=name,
-            await_registration_for=60, **pyfunc_model,
-        )
-        return str(info.registered_model_version), run.info.run_id
+        info = mlflow.pyfunc.log_model(name="model", artifacts={os.path.basename(f): f for f in files}, **pyfunc_model)
+        version = mlflow.register_model(info.model_uri, name, await_registration_for=60, tags=identity)
+        return str(version.version), run.info.run_id
 
 
 def _training_figures(model_url: str, storage_options: dict | None) -> dict[str, float]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import difflib
 import logging
 from collections.abc import Iterator
 from datetime import timedelta
@@ -70,8 +71,10 @@ def failure_notifiers() -> list[BaseNotifier]:
 
 def task_defaults(retries: int = 2) -> dict[str, Any]:
     """``default_args`` for a bgremoval DAG: :data:`TASK_TIMEOUT`, ``retries`` with exponential
-    backoff from one minute up to twenty, and :func:`failure_notifiers` on failure."""
+    backoff from one minute up to twenty, :func:`failure_notifiers` on failure, and
+    :func:`refuse_unknown_conf` before each task."""
     return {
+        "pre_execute": refuse_unknown_conf,
         "execution_timeout": TASK_TIMEOUT,
         "retries": retries,
         "retry_delay": timedelta(minutes=1),
@@ -79,6 +82,35 @@ def task_defaults(retries: int = 2) -> dict[str, Any]:
         "max_retry_delay": timedelta(minutes=20),
         "on_failure_callback": failure_notifiers(),
     }
+
+
+def unknown_conf_keys(conf: dict[str, Any] | None, params: Any) -> list[str]:
+    """The keys of a run's ``conf`` that name none of the DAG's ``params``, each with the closest
+    Param's name when one is close (``"epoch (did you mean epochs?)"``)."""
+    known = list(params.keys()) if params is not None else []
+    unknown = []
+    for key in sorted(set(conf or {}) - set(known)):
+        close = difflib.get_close_matches(key, known, n=1)
+        unknown.append(f"{key} (did you mean {close[0]}?)" if close else key)
+    return unknown
+
+
+def refuse_unknown_conf(context: dict[str, Any]) -> None:
+    """Each task's ``pre_execute``: a run triggered with a conf key the DAG has no Param for (a typo
+    such as ``epoch``) fails in its first tasks, without retries, instead of running with that
+    setting's default. Tasks with upstream tasks do not check again: a run in flight when a new
+    release renames a Param goes on."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    task = context.get("task")
+    if task is not None and task.upstream_task_ids:
+        return
+    dag_run, dag = context.get("dag_run"), context.get("dag")
+    unknown = unknown_conf_keys(getattr(dag_run, "conf", None), getattr(dag, "params", None))
+    if unknown:
+        raise AirflowFailException(
+            f"the run's conf has keys {getattr(dag, 'dag_id', 'this DAG')} does not know: {', '.join(unknown)}; "
+            "trigger it again with the Params' names (the trigger form lists them)")
 
 
 class ReviewRequested(BaseNotifier):

@@ -102,10 +102,12 @@ def build_dataset(bucket_url: str, found: dict[str, Any], config: RetrainingConf
     return result
 
 
-def training_run_id(retraining_run_id: str) -> str:
-    """The run id of the training run a retraining run starts: one per retraining run, so a cleared or
-    retried ``trigger_training`` finds that run instead of starting a second training."""
-    return f"retrain__{retraining_run_id}"
+def training_run_id(retraining_run_id: str, dataset_version: str) -> str:
+    """The run id of the training run a retraining run starts on ``dataset_version``: one per
+    retraining run and dataset version, so a retried or cleared ``trigger_training`` finds that run
+    instead of starting a second training, while a run cleared from ``build_dataset`` after more pairs
+    came in (another version) trains that version."""
+    return f"retrain__{dataset_version}__{retraining_run_id}"
 
 
 def training_request(base_conf: dict[str, Any], bucket: str, dataset_version: str, epochs: int,
@@ -115,7 +117,7 @@ def training_request(base_conf: dict[str, Any], bucket: str, dataset_version: st
     from :func:`training_run_id`."""
     conf = {**base_conf, "bucket": bucket, "dataset_version": dataset_version, "init_from": "champion",
             "epochs": epochs, "registered_model": registered_model, "working_size": working_size}
-    run_id = training_run_id(retraining_run_id)
+    run_id = training_run_id(retraining_run_id, dataset_version)
     print(f"triggering bgremoval_training run {run_id} with {conf}")
     return {"conf": conf, "run_id": run_id}
 

@@ -114,12 +114,14 @@ def test_production_and_retraining_dags_shape(dagbag):
 
 
 def test_every_task_has_a_time_limit_retries_and_a_failure_notice(dagbag):
-    from bgremoval_airflow.operations import TASK_TIMEOUT, TRAINING_TIMEOUT, FailureLog
+    from bgremoval_airflow.operations import TASK_TIMEOUT, TRAINING_TIMEOUT, FailureLog, refuse_unknown_conf
 
     for dag_id, dag in dagbag.dags.items():
         for task in dag.tasks:
             where = f"{dag_id}.{task.task_id}"
             assert any(isinstance(n, FailureLog) for n in task.on_failure_callback or []), where
+            hook = task.partial_kwargs.get("pre_execute") if hasattr(task, "partial_kwargs") else task._pre_execute_hook
+            assert hook is refuse_unknown_conf, where  # a typo in a run's conf fails the run at once
             if task.task_id == "review_clusters":  # waits for people; their decision is not retried
                 assert task.execution_timeout is None and task.retries == 0, where
                 continue

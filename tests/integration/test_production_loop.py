@@ -97,8 +97,8 @@ def test_publish_correct_retrain_promote(s3_bucket, reviewer, client_for, tmp_pa
     runs = client_for("admin").request("GET", "/api/v2/dags/bgremoval_training/dagRuns?limit=100")["dag_runs"]
     triggered = [r for r in runs if (r.get("conf") or {}).get("dataset_version") == version]
     assert len(triggered) == 1
-    # its run id comes from the retraining run's: a cleared trigger_training finds it, starts no other
-    assert triggered[0]["dag_run_id"] == state["history"][-1]["training_run"] == f"retrain__{retraining.run_id}"
+    # its run id comes from the version and the retraining run's: a cleared trigger_training finds it
+    assert triggered[0]["dag_run_id"] == state["history"][-1]["training_run"] == f"retrain__{version}__{retraining.run_id}"
     conf = triggered[0]["conf"]
     assert conf["init_from"] == "champion" and conf["epochs"] == 1 and conf["registered_model"] == name
 

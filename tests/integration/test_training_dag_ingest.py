@@ -110,3 +110,14 @@ def test_sensor_waits_then_cleaning_runs_mapped_and_reads_back(run_dag, s3_bucke
     assert states[("apply_review", -1)] == "skipped" and states[("train_model", -1)] == "skipped"
     assert versions == {version}
     assert len(read_table(storage.join(bucket_url, "datasets", version, "manifest.parquet"), options)) == len(manifest)
+
+
+def test_a_run_with_a_conf_key_the_dag_does_not_know_fails_at_once(run_dag, s3_bucket, capfd):
+    """``epoch`` for ``epochs``: the first task fails without retries, naming the key and the Param
+    meant, instead of training with the default number of epochs."""
+    bucket = s3_bucket[0].removeprefix("s3://")
+    run = run_dag("bgremoval_training", {"batch": "shoot-typo", "bucket": bucket, "epoch": 3})
+    assert run.state == "failed"
+    first = {ti.task_id: ti for ti in run.get_task_instances()}["choose_start"]
+    assert first.state == "failed" and first.try_number == 1
+    assert "epoch (did you mean epochs?)" in "".join(capfd.readouterr())

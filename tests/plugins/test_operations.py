@@ -99,3 +99,22 @@ def test_errors_that_waiting_cannot_mend_fail_without_retries():
     with pytest.raises(KeyError):  # others go on to Airflow's retries
         with fail_at_once(ValueError):
             raise KeyError("bucket")
+
+
+def test_a_conf_key_without_a_param_fails_the_task_at_once_with_the_closest_name():
+    from airflow.sdk.exceptions import AirflowFailException
+    from bgremoval_airflow.operations import refuse_unknown_conf, unknown_conf_keys
+
+    params = {"epochs": 1, "batch": "a", "bucket": "b"}
+    assert unknown_conf_keys({"epochs": 3, "batch": "x"}, params) == []
+    assert unknown_conf_keys(None, params) == []
+    assert unknown_conf_keys({"epoch": 3, "zzz": 1}, params) == ["epoch (did you mean epochs?)", "zzz"]
+    context = {"dag_run": SimpleNamespace(conf={"epoch": 3}), "dag": SimpleNamespace(dag_id="d", params=params)}
+    with pytest.raises(AirflowFailException, match=r"d does not know: epoch \(did you mean epochs\?\)"):
+        refuse_unknown_conf(context)
+    refuse_unknown_conf({"dag_run": SimpleNamespace(conf={}), "dag": SimpleNamespace(dag_id="d", params=params)})
+    # only the run's first tasks check: a run in flight when a release renames a Param goes on
+    refuse_unknown_conf({**context, "task": SimpleNamespace(upstream_task_ids={"choose_start"})})
+    with pytest.raises(AirflowFailException):
+        refuse_unknown_conf({**context, "task": SimpleNamespace(upstream_task_ids=set())})
+    assert task_defaults()["pre_execute"] is refuse_unknown_conf

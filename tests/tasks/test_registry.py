@@ -288,6 +288,28 @@ def test_cli_registers_a_training_run_with_its_test_figures(tmp_path, tracking, 
     assert main(["model", "register", "--name", "cli", "--run", str(tmp_path / "nothing")]) == 2
 
 
+def test_a_registration_killed_before_its_tags_is_found_again(tmp_path, tracking, write_model_folder, monkeypatch):
+    """The version is created with its identity (source, ONNX SHA-256): a promote task killed right
+    after the version exists, before any other tag, registers nothing new when retried."""
+    from mlflow import MlflowClient
+
+    run_id, _ = tracking
+    run = write_model_folder(tmp_path / "killed")
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt("the task was killed")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(MlflowClient, "set_model_version_tag", killed)
+        with pytest.raises(KeyboardInterrupt):
+            registry.register_model(run, "killed", run_id=run_id, pyfunc_model=pyfunc_model(), tags={"dataset_version": "v1"})
+    assert [v["version"] for v in registry.list_versions("killed")] == ["1"]
+    again = registry.register_model(run, "killed", run_id=run_id, pyfunc_model=pyfunc_model(), tags={"dataset_version": "v1"})
+    assert again["registered_before"] and again["version"] == "1"
+    assert [v["version"] for v in registry.list_versions("killed")] == ["1"]
+    assert registry.version_tags("killed", "1")["dataset_version"] == "v1"
+
+
 def test_promoting_a_version_known_to_be_worse_by_hand_needs_force(tmp_path, tracking, write_model_folder, capsys):
     """`bgremoval model promote` refuses, with the reasons, a version whose training lowered its val IoU
     below its start's (the figures come from the run's result.json at registration) or that scores below

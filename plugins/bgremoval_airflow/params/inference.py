@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from airflow.sdk import Param
 from bgremoval_airflow.params.common import (
+    BATCH,
     MODEL_REFERENCE_PATTERN,
     PRODUCTION,
     batch_params,
@@ -76,9 +77,22 @@ def production_params() -> dict[str, Param]:
     }
 
 
+def drop_marker_param() -> Param:
+    """Which ``_READY`` of the batch a run is for (set by ``bgremoval_drops``, which records it)."""
+    return Param(
+        "",
+        type="string",
+        pattern=r"^[0-9A-Za-z :.+_-]{0,64}$",
+        title="Drop marker",
+        description=f"When {layout.ready_key('<batch>', layout.INCOMING)} was written, for a run that bgremoval_drops "
+        "started (a batch dropped again starts a run of its own). Empty for a run started by hand.",
+        section=BATCH,
+    )
+
+
 def dag_params() -> dict[str, Param]:
     """The whole form of ``bgremoval_inference``."""
-    return {**batch_params(layout.INCOMING), **production_params()}
+    return {**batch_params(layout.INCOMING), "ready": drop_marker_param(), **production_params()}
 
 
 def production_config(params: dict) -> ProductionConfig:

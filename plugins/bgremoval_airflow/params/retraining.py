@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from airflow.sdk import Param
+from bgremoval_airflow.databricks import databricks_params
+from bgremoval_airflow.params import training
 from bgremoval_airflow.params.common import (
     OPTIONAL_VERSION_PATTERN,
     RETRAINING,
@@ -58,11 +60,18 @@ def retraining_params() -> dict[str, Param]:
         "training_conf": Param(
             {},
             type="object",
+            propertyNames={"enum": training_param_names()},
             title="Other training parameters",
-            description="Passed to bgremoval_training as they are, e.g. {\"workers\": 4, \"iou_gate\": 0.98}.",
+            description="Passed to bgremoval_training as they are, e.g. {\"workers\": 4, \"iou_gate\": 0.98}; "
+            "each key one of its Params (a typo is refused when the run is triggered).",
             section=RETRAINING,
         ),
     }
+
+
+def training_param_names() -> list[str]:
+    """The Params of ``bgremoval_training``: the keys ``training_conf`` may hold."""
+    return sorted({**training.dag_params(), **databricks_params()})
 
 
 def dag_params() -> dict[str, Param]:

@@ -28,7 +28,7 @@ from tasks.data.config import AugmentConfig, CleaningConfig, ClusteringConfig, S
 from tasks.evaluation.gate import GateConfig
 from tasks.model.config import MODEL_NAMES
 from tasks.serving.quality import TARGET_IOU
-from tasks.train.config import FINE_TUNE_LR, TrainConfig, default_lr
+from tasks.train.config import FINE_TUNE_LR, LOSSES, TrainConfig, default_lr
 
 #: k-means restarts in the DAG: more than ``ClusteringConfig``'s quick default, as a reviewer waits on it.
 CLUSTERING_RESTARTS = 30
@@ -203,6 +203,16 @@ def training_params() -> dict[str, Param]:
             f"a higher rate undoes them on a few hundred pairs), {TrainConfig.lr:g} from scratch.",
             section=TRAINING,
         ),
+        "loss": Param(
+            default(TrainConfig, "loss"),
+            type="string",
+            enum=list(LOSSES),
+            title="Loss",
+            description="Of each of the seven outputs: bce (U2-Net's own), bce+iou, bce+iou+ssim (BASNet's hybrid) or "
+            "wbce+wiou (F3Net's, weighing the band along the outline; benchmarks/README.md compares them on real "
+            "photos).",
+            section=TRAINING,
+        ),
         "train_input_size": Param(
             default(TrainConfig, "input_size"),
             type="integer",
@@ -342,6 +352,7 @@ def train_config(params: dict, dataset_url: str, output_url: str, storage_option
         batch_size=int(params["batch_size"]),
         lr=float(given) if given is not None else default_lr(init_from is not None),
         input_size=int(params["train_input_size"]),
+        loss=params["loss"],
         seed=int(params["seed"]),
         init_from=init_from,
         max_steps_per_epoch=int(params["max_steps_per_epoch"]) or None,

@@ -56,7 +56,7 @@ def test_the_defaults_are_the_configs_defaults():
     assert form["routing_target_iou"] == TARGET_IOU
     config = training.train_config({**form, "batch": "b"}, "file:///d", "file:///o", {})
     defaults = TrainConfig(dataset_url="file:///d", output_url="file:///o")
-    for field in ("model", "epochs", "batch_size", "lr", "input_size", "seed"):
+    for field in ("model", "epochs", "batch_size", "lr", "input_size", "loss", "seed"):
         assert getattr(config, field) == getattr(defaults, field), field
     # an empty learning rate is the fine-tuning one when the run starts from trained weights
     tuned = training.train_config({**form, "batch": "b"}, "file:///d", "file:///o", {}, init_from="file:///w.pt")
@@ -64,6 +64,7 @@ def test_the_defaults_are_the_configs_defaults():
     given = training.train_config({**form, "batch": "b", "learning_rate": 2e-3}, "file:///d", "file:///o", {},
                                   init_from="file:///w.pt")
     assert given.lr == 2e-3
+    assert training.train_config({**form, "batch": "b", "loss": "wbce+wiou"}, "file:///d", "file:///o", {}).loss == "wbce+wiou"
     assert inference.production_config(_defaults(FORMS["bgremoval_inference"])) == ProductionConfig()
     retrain = _defaults(FORMS["bgremoval_retraining"])
     assert retraining.retraining_config(retrain) == RetrainingConfig()
@@ -73,3 +74,16 @@ def test_the_forms_read_the_deployments_bucket(monkeypatch):
     monkeypatch.setenv("AIRFLOW__BGREMOVAL__BUCKET", "shop-images")
     assert training.dag_params()["bucket"].value == "shop-images"
     assert retraining.dag_params()["bucket"].value == "shop-images"
+
+
+def test_the_retraining_passes_on_only_keys_the_training_form_has():
+    """A typo in ``training_conf`` is refused when the retraining run is triggered, not found when the
+    training run it starts fails (after the pool cursor moved on)."""
+    from airflow.sdk.exceptions import ParamValidationError
+
+    form = retraining.dag_params()["training_conf"]
+    names = set(training.dag_params()) | set(databricks_params())
+    assert set(retraining.training_param_names()) == names
+    assert form.resolve({"workers": 4, "iou_gate": 0.98}) == {"workers": 4, "iou_gate": 0.98}
+    with pytest.raises(ParamValidationError, match="'epoch' is not one of"):
+        form.resolve({"epoch": 3})
