@@ -99,7 +99,8 @@ def refuse_unknown_conf(context: dict[str, Any]) -> None:
     """Each task's ``pre_execute``: a run triggered with a conf key the DAG has no Param for (a typo
     such as ``epoch``) fails in its first tasks, without retries, instead of running with that
     setting's default. Tasks with upstream tasks do not check again: a run in flight when a new
-    release renames a Param goes on."""
+    release renames a Param goes on (Airflow still validates the values of the Params it knows at
+    each task's start)."""
     from airflow.sdk.exceptions import AirflowFailException
 
     task = context.get("task")

@@ -105,8 +105,8 @@ def build_dataset(bucket_url: str, found: dict[str, Any], config: RetrainingConf
 def training_run_id(retraining_run_id: str, dataset_version: str) -> str:
     """The run id of the training run a retraining run starts on ``dataset_version``: one per
     retraining run and dataset version, so a retried or cleared ``trigger_training`` finds that run
-    instead of starting a second training, while a run cleared from ``build_dataset`` after more pairs
-    came in (another version) trains that version."""
+    instead of starting a second training, while a run cleared from ``find_new_pairs`` after more
+    pairs came in (another version) trains that version."""
     return f"retrain__{dataset_version}__{retraining_run_id}"
 
 

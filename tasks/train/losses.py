@@ -83,8 +83,8 @@ def structure_loss(logits: torch.Tensor, target: torch.Tensor, weights: torch.Te
 
 def segmentation_losses(maps: Sequence[torch.Tensor], target: torch.Tensor, name: str = "bce") -> list[torch.Tensor]:
     """The loss ``name`` of each logit map of ``maps`` against the same ``target`` (deep
-    supervision), what depends on the target alone computed once. Raises ``ValueError`` for a name
-    not in :data:`LOSSES`."""
+    supervision); ``wbce+wiou``'s outline weights, which depend on the target alone, are computed
+    once. Raises ``ValueError`` for a name not in :data:`LOSSES`."""
     if name not in LOSSES:
         raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {name!r}")
     if name == "wbce+wiou":

@@ -80,7 +80,7 @@ def test_publish_correct_retrain_promote(s3_bucket, reviewer, client_for, tmp_pa
     published_now = {o.relpath for o in storage.list_objects(f"{bucket_url}/published/drop-1", options)}
     assert len([p for p in published_now if p.endswith(".png") and "/" not in p]) == 6  # both decided photos too
 
-    training_conf = {"epochs": 1, "train_input_size": 64, "batch_size": 4, "workers": 1, "max_steps_per_epoch": 2,
+    training_conf = {"train_input_size": 64, "batch_size": 4, "workers": 1, "max_steps_per_epoch": 2,
                      "target_per_cluster": 6, "iou_gate": 0.0, "cluster_iou_gate": 0.0, "tolerance": 1.0}
     retraining = run_dag("bgremoval_retraining", {"bucket": bucket, "registered_model": name, "min_new_pairs": 6,
                                                   "retrain_epochs": 1, "working_size": 96, "training_conf": training_conf})

@@ -62,16 +62,22 @@ def retraining_params() -> dict[str, Param]:
             type="object",
             propertyNames={"enum": training_param_names()},
             title="Other training parameters",
-            description="Passed to bgremoval_training as they are, e.g. {\"workers\": 4, \"iou_gate\": 0.98}; "
-            "each key one of its Params (a typo is refused when the run is triggered).",
+            description="Passed to bgremoval_training as they are, e.g. {\"workers\": 4, \"iou_gate\": 0.98, "
+            "\"loss\": \"wbce+wiou\"}; each key one of its Params except those this form sets (bucket, dataset_version, "
+            "init_from, epochs, registered_model, working_size). A typo is refused when the run is triggered.",
             section=RETRAINING,
         ),
     }
 
 
+#: The training run's Params that the retraining sets itself (``training_request``): not in ``training_conf``.
+SET_BY_RETRAINING = ("bucket", "dataset_version", "init_from", "epochs", "registered_model", "working_size")
+
+
 def training_param_names() -> list[str]:
-    """The Params of ``bgremoval_training``: the keys ``training_conf`` may hold."""
-    return sorted({**training.dag_params(), **databricks_params()})
+    """The Params of ``bgremoval_training`` that ``training_conf`` may set: all but
+    :data:`SET_BY_RETRAINING` (``retrain_epochs`` is the retraining's own)."""
+    return sorted(set({**training.dag_params(), **databricks_params()}) - set(SET_BY_RETRAINING))
 
 
 def dag_params() -> dict[str, Param]:

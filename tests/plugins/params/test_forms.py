@@ -8,6 +8,7 @@ from bgremoval_airflow.databricks import databricks_params
 from bgremoval_airflow.params import inference, retraining, training
 
 from tasks import registry
+from tasks.feedback import retraining_stages as stages
 from tasks.data.config import CleaningConfig, SplitConfig
 from tasks.evaluation.gate import GateConfig
 from tasks.feedback.production import ProductionConfig
@@ -83,7 +84,12 @@ def test_the_retraining_passes_on_only_keys_the_training_form_has():
 
     form = retraining.dag_params()["training_conf"]
     names = set(training.dag_params()) | set(databricks_params())
-    assert set(retraining.training_param_names()) == names
+    assert set(retraining.training_param_names()) == names - set(retraining.SET_BY_RETRAINING)
+    # what the retraining sets itself would be replaced: refused rather than dropped without a word
+    request = stages.training_request({}, "b", "v", 3, "m", 320, "r")["conf"]
+    assert set(request) == set(retraining.SET_BY_RETRAINING)
+    with pytest.raises(ParamValidationError, match="'epochs' is not one of"):
+        form.resolve({"epochs": 10})
     assert form.resolve({"workers": 4, "iou_gate": 0.98}) == {"workers": 4, "iou_gate": 0.98}
     with pytest.raises(ParamValidationError, match="'epoch' is not one of"):
         form.resolve({"epoch": 3})

@@ -41,7 +41,7 @@ def test_the_training_request_starts_from_the_champion_on_the_new_version():
     assert request["conf"] == {"workers": 4, "epochs": 3, "bucket": "shop", "dataset_version": "retrain-v4",
                                "init_from": "champion", "registered_model": "m", "working_size": 320}
     # one training run per retraining run and version: a cleared trigger_training finds it instead of
-    # starting another; a run cleared from build_dataset after new pairs came in trains the new version
+    # starting another; a run cleared from find_new_pairs after new pairs came in trains the new version
     assert request["run_id"] == "retrain__retrain-v4__scheduled__2026-03-02T04:00:00+00:00"
     again = stages.training_request({}, "shop", "retrain-v5", 3, "m", 320, "scheduled__2026-03-02T04:00:00+00:00")
     assert again["run_id"] == "retrain__retrain-v5__scheduled__2026-03-02T04:00:00+00:00"
