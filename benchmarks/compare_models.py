@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -25,7 +24,7 @@ sys.path.append(str(Path(__file__).resolve().parent))
 
 def main(argv: list[str] | None = None) -> int:
     import quality_real
-    from input_size import _torch_model
+    from input_size import _torch_model, predictor
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     quality_real.add_split_arguments(parser)
@@ -37,25 +36,14 @@ def main(argv: list[str] | None = None) -> int:
     if rows is None:
         return 2
 
-    from tasks.evaluation.metrics import MASK_THRESHOLD
-    from tasks.evaluation.scoring import predict_probabilities
-
     labels = {"first": Path(args.first).name, "second": Path(args.second).name}
     if labels["first"] == labels["second"]:
         labels = {"first": "first", "second": "second"}
-    models = {key: _torch_model(getattr(args, key)) for key in labels}
-    table = quality_real.VariantTable()
-    seconds = dict.fromkeys(labels.values(), 0.0)
-    load_start = os.getloadavg()
-    for row, (_, _, image, mask) in zip(rows, quality_real._pairs(rows)):
-        height, width = mask.shape[:2]
-        truth = mask >= 128
-        for key, (model, resize) in models.items():
-            started = time.process_time()
-            pred = predict_probabilities(model, image, args.size, resize, (width, height)) > MASK_THRESHOLD
-            seconds[labels[key]] += time.process_time() - started
-            table.add(row, labels[key], pred, truth)
-    load_end = os.getloadavg()
+    predictors = {}
+    for key, label in labels.items():
+        model, resize = _torch_model(getattr(args, key))
+        predictors[label] = predictor(model, args.size, resize)
+    table, seconds, load_start, load_end = quality_real.score_interleaved(rows, predictors)
     print(f"\n{labels['first']} = {args.first}, {labels['second']} = {args.second}; {args.size} px, plain maps; "
           f"load {load_start[0]:.2f} at start, {load_end[0]:.2f} at end, {os.cpu_count()} CPUs\n")
     table.print("test rows: model", "CPU ms/photo", lambda label: seconds[label] / len(rows) * 1000)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -37,6 +36,13 @@ def _torch_model(model: str):
     return module.eval(), meta["resize"]
 
 
+def predictor(model, size: int, resize: str):
+    """``predict(image, (width, height))``: the model's probability map of a photo at ``size`` px."""
+    from tasks.evaluation.scoring import predict_probabilities
+
+    return lambda image, output_size: predict_probabilities(model, image, size, resize, output_size)
+
+
 def main(argv: list[str] | None = None) -> int:
     import quality_real
 
@@ -52,22 +58,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     rows = [r for r in rows if not args.clusters or r.cluster in args.clusters]
 
-    from tasks.evaluation.metrics import MASK_THRESHOLD
-    from tasks.evaluation.scoring import predict_probabilities
-
     model, resize = _torch_model(args.model)
-    table = quality_real.VariantTable()
-    seconds = {f"{size} px": 0.0 for size in args.sizes}
-    load_start = os.getloadavg()
-    for row, (_, _, image, mask) in zip(rows, quality_real._pairs(rows)):
-        height, width = mask.shape[:2]
-        truth = mask >= 128
-        for size in args.sizes:
-            started = time.process_time()
-            pred = predict_probabilities(model, image, size, resize, (width, height)) > MASK_THRESHOLD
-            seconds[f"{size} px"] += time.process_time() - started
-            table.add(row, f"{size} px", pred, truth)
-    load_end = os.getloadavg()
+    predictors = {f"{size} px": predictor(model, size, resize) for size in args.sizes}
+    table, seconds, load_start, load_end = quality_real.score_interleaved(rows, predictors)
     print(f"\ninput size, {args.model} ({resize}); load {load_start[0]:.2f} at start, {load_end[0]:.2f} at end, "
           f"{os.cpu_count()} CPUs")
     table.print("test rows, input", "CPU ms/photo", lambda label: seconds[label] / len(rows) * 1000)

@@ -310,6 +310,26 @@ class VariantTable:
                   f"| {int((gain > 0).sum())} / {int((gain < 0).sum())} |")
 
 
+def score_interleaved(rows: list[TestRow], predictors: dict) -> tuple[VariantTable, dict[str, float], tuple, tuple]:
+    """Score each variant of ``predictors`` (label → ``predict(image, (width, height))`` giving the
+    probability map) on every row, the variants interleaved photo by photo so that they share the
+    machine's load. Returns the table, each variant's CPU seconds (this process, all threads), and
+    the load average at start and end."""
+    from tasks.evaluation.metrics import MASK_THRESHOLD
+
+    table, seconds = VariantTable(), dict.fromkeys(predictors, 0.0)
+    load_start = os.getloadavg()
+    for row, (_, _, image, mask) in zip(rows, _pairs(rows)):
+        height, width = mask.shape[:2]
+        truth = mask >= 128
+        for label, predict in predictors.items():
+            started = time.process_time()
+            pred = predict(image, (width, height)) > MASK_THRESHOLD
+            seconds[label] += time.process_time() - started
+            table.add(row, label, pred, truth)
+    return table, seconds, load_start, os.getloadavg()
+
+
 def _audit_counts(manifest, clusters: list[str]) -> str:
     """Per set and split: how many clean pairs the cleaning's mask audit flagged."""
     from collections import Counter

@@ -234,10 +234,9 @@ def register_model(model_url: str, name: str = DEFAULT_MODEL_NAME, run_id: str |
             version, run_id = str(earlier.version), earlier.run_id
         else:
             version, run_id = _log_version(client, name, files, run_id, experiment, pyfunc_model, identity)
-    version_tags = {**identity, **{k: v for k, v in {
-        "dataset_version": None, **_training_figures(model_url, storage_options), **(tags or {}), "input_size": size,
-        "model": meta["model"], "model_widths": meta["model_widths"]}.items() if k not in identity}}
-    held = dict(earlier.tags or {}) if earlier is not None else dict(identity)
+    version_tags = {"dataset_version": None, **_training_figures(model_url, storage_options), **(tags or {}),
+                    "input_size": size, "model": meta["model"], "model_widths": meta["model_widths"]}
+    held = {**((earlier.tags or {}) if earlier is not None else {}), **identity}  # the identity was set at creation
     for key, value in version_tags.items():
         if value is not None and key not in held:  # an earlier registration's figures are not replaced
             client.set_model_version_tag(name, version, key, _tag_value(value))
@@ -321,12 +320,18 @@ ROLLBACK_TAGS = ("rolled_back_at", "rolled_back_by")
 _ANY = object()  # promote(): do not check the current champion
 
 
+def _history_events(client, name: str) -> tuple[list[str], list[dict]]:
+    """The champion history as stored: the legacy JSON tag's stack, and the events logged after it
+    (:func:`_log_history`), oldest first."""
+    tags = client.get_registered_model(name).tags or {}
+    legacy = [str(v) for v in json.loads(tags.get(_HISTORY_TAG, "[]"))]
+    return legacy, [json.loads(tags[key]) for key in sorted(k for k in tags if k.startswith(_HISTORY_TAG + "."))]
+
+
 def _history(client, name: str) -> list[str]:
     """The champions in order, oldest first: the legacy JSON tag, then the event log replayed."""
-    tags = client.get_registered_model(name).tags or {}
-    stack = [str(v) for v in json.loads(tags.get(_HISTORY_TAG, "[]"))]
-    for key in sorted(k for k in tags if k.startswith(_HISTORY_TAG + ".")):
-        event = json.loads(tags[key])
+    stack, events = _history_events(client, name)
+    for event in events:
         if event["event"] == "promote":
             stack.append(str(event["version"]))
         else:  # "reset": a rollback, or champions set by hand outside promote()
@@ -647,8 +652,7 @@ def best_champion(name: str, test_split_sha256: str, tracking_uri: str | None = 
 def _resets(name: str, tracking_uri: str | None) -> list[tuple[datetime, list[str]]]:
     """``(when, the champion stack it left)`` of each reset in the champion history (a rollback, or a
     champion found set by hand)."""
-    tags = _client(tracking_uri).get_registered_model(name).tags or {}
-    events = [json.loads(value) for key, value in tags.items() if key.startswith(_HISTORY_TAG + ".")]
+    _, events = _history_events(_client(tracking_uri), name)
     return [(at.replace(microsecond=0), [str(v) for v in e.get("stack") or []]) for e in events  # as promoted_at
             if e.get("event") == "reset" and (at := _instant(e.get("at"))) is not None]
 

@@ -239,10 +239,12 @@ def register_and_promote(assessment: dict[str, Any], dataset_version: str, confi
                                          storage_options=storage_options, pyfunc_model=pyfunc_model(),
                                          description=f"mean IoU {summary['mean_iou'] * 100:.3f} % on "
                                                      f"{summary['n']} test images of {dataset_version}")
-    rolled_back = registry.version_tags(config.registered_model, registered["version"]).get(registry.ROLLBACK_TAGS[0])
-    if registered["registered_before"] and rolled_back:  # a cleared promote_model must not undo a rollback
-        raise PromotionRefused(f"version {registered['version']} of {config.registered_model} (this run's model) was rolled "
-                         f"back at {rolled_back}: not promoted again (`bgremoval model promote` does it by hand)")
+    # a cleared promote_model must not undo a rollback (only a version registered before can carry one)
+    rolled_back = registered["registered_before"] and registry.version_tags(
+        config.registered_model, registered["version"]).get(registry.ROLLBACK_TAGS[0])
+    if rolled_back:
+        raise PromotionRefused(f"version {registered['version']} of {config.registered_model} (this run's model) was "
+                               f"rolled back at {rolled_back}: not promoted again (`bgremoval model promote` does it by hand)")
     champion = assessment.get("champion")
     if champion is None:  # there was no champion: promote only if there still is none
         check = {"expected_champion": None}

@@ -87,20 +87,21 @@ def segmentation_losses(maps: Sequence[torch.Tensor], target: torch.Tensor, name
     once. Raises ``ValueError`` for a name not in :data:`LOSSES`."""
     if name not in LOSSES:
         raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {name!r}")
+    target = target.float()
     if name == "wbce+wiou":
         weights = boundary_weights(target)
         return [structure_loss(logits, target, weights) for logits in maps]
-    return [segmentation_loss(logits, target, name) for logits in maps]
+    return [_hybrid_loss(logits, target, name) for logits in maps]
 
 
 def segmentation_loss(logits: torch.Tensor, target: torch.Tensor, name: str = "bce") -> torch.Tensor:
     """The loss ``name`` (one of :data:`LOSSES`) of one logit map against ``target``. Raises
     ``ValueError`` for another name."""
-    if name not in LOSSES:
-        raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {name!r}")
-    target = target.float()
-    if name == "wbce+wiou":
-        return structure_loss(logits, target)
+    return segmentation_losses([logits], target, name)[0]
+
+
+def _hybrid_loss(logits: torch.Tensor, target: torch.Tensor, name: str) -> torch.Tensor:
+    """BCE, plus the soft IoU and SSIM terms ``name`` names (``bce``, ``bce+iou``, ``bce+iou+ssim``)."""
     loss = F.binary_cross_entropy_with_logits(logits.float(), target)
     if "iou" in name:
         loss = loss + soft_iou_loss(logits, target)
