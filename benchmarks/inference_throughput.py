@@ -15,6 +15,9 @@ spends more of its time encoding.
   float row without it, interleaved, rows ``no-refine``), quality score, RGBA PNG
   cut-out **and** JPEG on white, both written to disk
   (:func:`tasks.serving.pipeline.iter_remove_backgrounds` + ``write_outputs``);
+* ``model only``: the model alone on the same photos, decoded and preprocessed before the clock
+  starts, in the same batches, runtime and threads; each float bgremoval row's "of model" column is
+  its rate as a share of this one's from the same round (what the rest of the path costs);
 * ``rembg``: rembg 2.0.86, ``new_session("u2net_custom", model_path=<the same .onnx>)`` with the
   file inside ``U2NET_HOME`` and ``OMP_NUM_THREADS`` = the same threads, ``remove(bytes)`` per
   image (decode, EXIF, inference at 320, resize, cut-out, PNG encode), the PNG written to disk.
@@ -65,6 +68,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import cv2  # noqa: E402
+import numpy as np  # noqa: E402
 
 from tasks.serving.engines import ONNX_RUNTIMES, openvino_installed  # noqa: E402
 
@@ -182,6 +186,28 @@ def run_ours(onnx_path: str, paths: list[str], out: Path, threads: int, batch: i
     latencies = once(paths)
     wall = time.perf_counter() - start
     return {"images_per_s": len(paths) / wall, "latencies": latencies}
+
+
+def run_model_only(onnx_path: str, paths: list[str], threads: int, batch: int, warmup: int, runtime: str) -> dict:
+    """Time the model alone on ``paths`` (decoded and preprocessed before the clock starts), in
+    batches of ``batch`` on ``runtime`` with the same threads: the rate the end-to-end rows of the
+    same batch and runtime are read against."""
+    from tasks.core.codecs import decode_image
+    from tasks.model.preprocess import prepare_input
+    from tasks.serving.engines import load_engine
+
+    engine = load_engine(onnx_path, backend=runtime, threads=threads)
+    tensors = [prepare_input(decode_image(Path(path).read_bytes()), engine.input_size, engine.resize,
+                             engine.mean, engine.std) for path in paths]
+
+    def once(chosen: list[np.ndarray]) -> None:
+        for start in range(0, len(chosen), batch):
+            engine.predict(np.stack(chosen[start:start + batch]))
+
+    once(tensors[:warmup])
+    start = time.perf_counter()
+    once(tensors)
+    return {"images_per_s": len(paths) / (time.perf_counter() - start), "latencies": []}
 
 
 def run_rembg(onnx_path: str, paths: list[str], out: Path, threads: int, warmup: int) -> dict | None:
@@ -311,6 +337,9 @@ def main(argv: list[str] | None = None) -> int:
                     if rembg is not None:
                         measured.append(({"model": name, "path": "rembg 2.0.86 (PNG)", "batch": 1}, rembg))
                 for batch, runtime in itertools.product(args.batches, args.runtimes):
+                    alone = run_model_only(onnx_path, paths, args.threads, batch, len(warm), runtime)
+                    measured.append(({"model": name, "path": f"model only {RUNTIME_LABELS[runtime]} fp32",
+                                      "batch": batch}, alone))
                     ours = run_ours(onnx_path, paths, _fresh(tmp / "out-ours"), args.threads, batch, len(warm),
                                     args.png_compression, runtime)
                     label = f"bgremoval {RUNTIME_LABELS[runtime]} fp32"
@@ -340,13 +369,19 @@ def main(argv: list[str] | None = None) -> int:
         return row["model"], row["path"].endswith("(CLI)")
 
     base = {kind(r): r["images_per_s"] for r in rows if r["path"].startswith("rembg")}
-    print(f"\n{'model':<34} {'path':<26} {'batch':>5} {'img/s':>7} {'p50 ms':>8} {'p95 ms':>8} {'vs rembg':>9} {'load':>5}")
+    alone = {(r["model"], r["path"].split()[2], r["batch"]): r["images_per_s"]
+             for r in rows if r["path"].startswith("model only")}
+    print(f"\n{'model':<34} {'path':<30} {'batch':>5} {'img/s':>7} {'p50 ms':>8} {'p95 ms':>8} {'vs rembg':>9} "
+          f"{'of model':>9} {'load':>5}")
     for r in rows:
         p50, p95 = _percentiles(r["latencies"]) if r["latencies"] else (math.nan, math.nan)
         r["p50_ms"], r["p95_ms"] = p50 * 1000, p95 * 1000
-        speedup = f"{r['images_per_s'] / base[kind(r)]:.2f}x" if kind(r) in base else "-"
-        print(f"{r['model']:<34} {r['path']:<26} {r['batch']:>5} {r['images_per_s']:>7.2f} "
-              f"{r['p50_ms']:>8.0f} {r['p95_ms']:>8.0f} {speedup:>9} {r['load']:>5.1f}")
+        speedup = f"{r['images_per_s'] / base[kind(r)]:.2f}x" if kind(r) in base and "model only" not in r["path"] else "-"
+        model_rate = (alone.get((r["model"], r["path"].split()[1], r["batch"]))
+                      if r["path"].startswith("bgremoval") and " fp32" in r["path"] else None)
+        share = f"{r['images_per_s'] / model_rate:.0%}" if model_rate else "-"
+        print(f"{r['model']:<34} {r['path']:<30} {r['batch']:>5} {r['images_per_s']:>7.2f} "
+              f"{r['p50_ms']:>8.0f} {r['p95_ms']:>8.0f} {speedup:>9} {share:>9} {r['load']:>5.1f}")
     for r in rows:
         if "startup_s" in r:
             print(f"{r['path']}: {r['startup_s']:.1f} s for one photo (start-up included, not in img/s)")

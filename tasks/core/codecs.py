@@ -7,7 +7,8 @@ pair's bytes → RGB image and grey mask), :func:`image_size` (width and height 
 pixel decoded) and :func:`decode_mask_file` (an uploaded mask → 0/255, its format and size checked
 from the header before any pixel is decoded). Encoding: :func:`encode_jpeg` (RGB → JPEG at a
 quality), :func:`encode_png` (a single-channel mask → 8-bit grayscale PNG) and :func:`encode`
-(an OpenCV ``imencode`` with explicit params, ``ValueError`` when it fails). Shared pixel steps:
+(an OpenCV ``imencode`` with explicit params, ``ValueError`` when it fails); the cut-outs' own
+PNG writer is :mod:`tasks.core.png`. Shared pixel steps:
 :func:`on_white` (transparency laid on white), :func:`area_average` and :func:`shrink_mask` (the
 shrink cleaning applies to a pair, and the masks page to a mask drawn on the full-size photo).
 """

@@ -45,6 +45,7 @@ import numpy as np
 from tasks.core import storage
 from tasks.core.alpha import decontaminated_foreground
 from tasks.core.codecs import ImageTooLarge, decode_image, encode
+from tasks.core.png import png_bytes
 from tasks.core.limits import ASPECT_TOLERANCE, MAX_PIXELS, aspect_mismatch
 from tasks.model.preprocess import prepare_input
 from tasks.model.refine import RefineConfig, map_at_photo
@@ -164,7 +165,8 @@ class InferenceConfig:
     file's bytes in the result (spares a second read when the original is stored too);
     ``batch_size``: images per model
     call; ``io_threads``: decode/encode threads (None: one per core); ``jpeg_quality``;
-    ``png_compression``: zlib level 0-9 of the PNGs (1 is fast, 6 is PIL's default);
+    ``png_compression``: zlib level 0-9 of the PNGs (1 is fast, 6 is PIL's default; 1-3 deflated by ISA-L,
+    :mod:`tasks.core.png`);
     ``crop_threshold``: alpha level (0-1) that counts as product when cropping;
     ``quality``: how the quality score is computed; ``max_pixels``: photos whose header claims
     more pixels are refused before decoding (:data:`tasks.core.limits.MAX_PIXELS`, as in cleaning).
@@ -296,40 +298,30 @@ def _on_canvas(rgb: np.ndarray, alpha: np.ndarray, config: InferenceConfig) -> t
     return out_rgb, out_alpha
 
 
-def _png_params(level: int) -> list[int]:
-    """zlib ``level`` and the "up" row filter: on cut-outs as small as adaptive filtering and
-    about twice as fast to encode (OpenCV ≥ 4.10 has the flag; older builds use their default)."""
-    params = [cv2.IMWRITE_PNG_COMPRESSION, int(level)]
-    if hasattr(cv2, "IMWRITE_PNG_FILTER"):
-        params += [cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_UP]
-    return params
-
-
 def _render(rgb: np.ndarray, prob: np.ndarray, config: InferenceConfig) -> dict[str, bytes]:
     """Encode the outputs of one image from its RGB pixels and full-size probability map."""
     alpha = cv2.convertScaleAbs(prob, alpha=255.0)  # rounds and saturates to uint8
-    png = _png_params(config.png_compression)
     out: dict[str, bytes] = {}
     if config.mask:
-        out["mask_png"] = encode(".png", alpha, png)
+        out["mask_png"] = png_bytes(alpha, config.png_compression)
     if not (config.cutout or config.composite):
         return out
     if config.decontaminate:
         rgb = decontaminated_foreground(rgb, alpha)
     if config.canvas is not None:
         rgb, alpha = _on_canvas(rgb, alpha, config)
-    bgra = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGRA)
     if config.composite:
         weight = alpha.astype(np.float32) * np.float32(1 / 255)
-        r, g, b = parse_background(config.background)
         backdrop = np.empty_like(rgb)
-        backdrop[...] = (b, g, r)
-        composite = cv2.blendLinear(np.ascontiguousarray(bgra[..., :3]), backdrop, weight, 1.0 - weight)
-        out["composite_jpeg"] = encode(".jpg", composite, [cv2.IMWRITE_JPEG_QUALITY, config.jpeg_quality])
+        backdrop[...] = parse_background(config.background)
+        composite = cv2.blendLinear(np.ascontiguousarray(rgb), backdrop, weight, 1.0 - weight)
+        out["composite_jpeg"] = encode(".jpg", cv2.cvtColor(composite, cv2.COLOR_RGB2BGR),
+                                       [cv2.IMWRITE_JPEG_QUALITY, config.jpeg_quality])
     if config.cutout:
-        bgra[..., 3] = alpha
-        bgra = cv2.bitwise_and(bgra, bgra, mask=alpha)  # transparent pixels carry no colour: smaller files
-        out["cutout_png"] = encode(".png", bgra, png)
+        rgba = cv2.cvtColor(rgb, cv2.COLOR_RGB2RGBA)
+        rgba[..., 3] = alpha
+        rgba = cv2.bitwise_and(rgba, rgba, mask=alpha)  # transparent pixels carry no colour: smaller files
+        out["cutout_png"] = png_bytes(rgba, config.png_compression)
     return out
 
 
