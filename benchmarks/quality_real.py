@@ -611,7 +611,7 @@ def _contact_sheet(model_url: str, rows: list[TestRow], worst: list[dict], path:
 # ----------------------------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> int:
-    from tasks.train.config import LOSSES
+    from tasks.train.config import LOSSES, TrainConfig
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", default=DEFAULT_WORK, help="working folder (dataset, runs, MLflow, sheets)")
@@ -625,6 +625,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=8, help="per worker")
     parser.add_argument("--lr", type=float, help="peak learning rate (default 5e-4 from pretrained, 2e-3 from scratch)")
     parser.add_argument("--loss", default="bce", choices=LOSSES)
+    parser.add_argument("--train-seed", type=int, default=TrainConfig.seed,
+                        help="the training's seed (sampler, augmentation): a second seed tells a change from noise")
     parser.add_argument("--workers", type=int, default=2, help="torch.distributed worker processes")
     parser.add_argument("--train-retries", type=int, default=2,
                         help="relaunch training this many times when it fails (e.g. killed from outside)")
@@ -705,7 +707,6 @@ def main(argv: list[str] | None = None) -> int:
     extra: dict = {}
     run_url = None
     if not args.skip_finetune:
-        from tasks.train.config import TrainConfig
         from tasks.train.ddp import launch_local
 
         train_url, dropped = _train_dataset(dataset, args.max_train, excluded, args.audit)
@@ -721,7 +722,7 @@ def main(argv: list[str] | None = None) -> int:
             batch_size=args.batch_size, lr=lr, input_size=args.input_size, loss=args.loss, init_from=init_url,
             warmup_epochs=0.3, channels_last=True, amp="auto", device=args.device, use_augmented=False,
             cache_dir=str(work / "cache"), mlflow_tracking_uri=tracking, mlflow_experiment="quality-real",
-            mlflow_run_name=run_name, seed=0,
+            mlflow_run_name=run_name, seed=args.train_seed,
         )
         (work / "runs").mkdir(exist_ok=True)
         log_path = work / "runs" / f"{run_name}.log"
