@@ -162,7 +162,7 @@ def test_outputs_have_the_right_sizes_modes_and_pixels(tmp_path):
     (tmp_path / "turned.jpg").write_bytes(_jpeg(rotated, exif=exif))
     engine = SquareEngine()
     results = remove_backgrounds([str(tmp_path / "upright.jpg"), str(tmp_path / "turned.jpg")], engine,
-                                 InferenceConfig(mask=True, background="#00ff00", batch_size=2))
+                                 InferenceConfig(mask=True, background="#ff8000", batch_size=2))
     assert engine.batches == [2]
     for r in results:
         assert r.ok and (r.width, r.height) == (90, 120) and r.score == pytest.approx(1.0)
@@ -176,8 +176,9 @@ def test_outputs_have_the_right_sizes_modes_and_pixels(tmp_path):
         assert np.array_equal(alpha, np.asarray(mask))
         assert np.asarray(cut)[5, 5].tolist() == [0, 0, 0, 0]  # transparent pixels carry no colour
         pixels = np.asarray(jpg).astype(int)
-        assert np.abs(pixels[5, 5] - [0, 255, 0]).max() <= 8     # the background colour
+        assert np.abs(pixels[5, 5] - [255, 128, 0]).max() <= 8   # the background colour, channels in order
         assert np.abs(pixels[60, 45] - [200, 30, 40]).max() <= 8  # the product
+        assert np.abs(np.asarray(cut)[60, 45, :3].astype(int) - [200, 30, 40]).max() <= 8
 
 
 def test_test_time_flip_averages_the_mirrored_prediction(tmp_path):
