@@ -129,8 +129,9 @@ def profile(paths: list[str], engine, out: Path, repeat: int) -> dict[str, list[
             t = clock()
             png_bytes(rgba, config.png_compression)
             times["alt: cut-out PNG, ISA-L"].append(clock() - t)
+            bgra = cv2.cvtColor(rgba, cv2.COLOR_RGBA2BGRA)  # OpenCV's channel order, outside the clock
             t = clock()
-            encode(".png", cv2.cvtColor(rgba, cv2.COLOR_RGBA2BGRA),
+            encode(".png", bgra,
                    [cv2.IMWRITE_PNG_COMPRESSION, config.png_compression, cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_UP])
             times["alt: cut-out PNG, OpenCV"].append(clock() - t)
     return times

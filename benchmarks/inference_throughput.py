@@ -17,7 +17,8 @@ spends more of its time encoding.
   (:func:`tasks.serving.pipeline.iter_remove_backgrounds` + ``write_outputs``);
 * ``model only``: the model alone on the same photos, decoded and preprocessed before the clock
   starts, in the same batches, runtime and threads; each float bgremoval row's "of model" column is
-  its rate as a share of this one's from the same round (what the rest of the path costs);
+  its rate as a share of this one's in the same round (what the rest of the path costs), from the
+  round the bgremoval row keeps;
 * ``rembg``: rembg 2.0.86, ``new_session("u2net_custom", model_path=<the same .onnx>)`` with the
   file inside ``U2NET_HOME`` and ``OMP_NUM_THREADS`` = the same threads, ``remove(bytes)`` per
   image (decode, EXIF, inference at 320, resize, cut-out, PNG encode), the PNG written to disk.
@@ -357,6 +358,7 @@ def main(argv: list[str] | None = None) -> int:
                         measured.append(({"model": name, "path": label, "batch": batch}, ours))
                 if args.rembg_cli:
                     measured += cli_rows(args, onnx_path, paths, tmp)
+                _share_of_model(measured)
                 for key, result in measured:
                     slot = (key["path"], key["batch"])
                     if slot not in best or _faster(result["images_per_s"], best[slot]["images_per_s"]):
@@ -369,17 +371,13 @@ def main(argv: list[str] | None = None) -> int:
         return row["model"], row["path"].endswith("(CLI)")
 
     base = {kind(r): r["images_per_s"] for r in rows if r["path"].startswith("rembg")}
-    alone = {(r["model"], r["path"].split()[2], r["batch"]): r["images_per_s"]
-             for r in rows if r["path"].startswith("model only")}
     print(f"\n{'model':<34} {'path':<30} {'batch':>5} {'img/s':>7} {'p50 ms':>8} {'p95 ms':>8} {'vs rembg':>9} "
           f"{'of model':>9} {'load':>5}")
     for r in rows:
         p50, p95 = _percentiles(r["latencies"]) if r["latencies"] else (math.nan, math.nan)
         r["p50_ms"], r["p95_ms"] = p50 * 1000, p95 * 1000
         speedup = f"{r['images_per_s'] / base[kind(r)]:.2f}x" if kind(r) in base and "model only" not in r["path"] else "-"
-        model_rate = (alone.get((r["model"], r["path"].split()[1], r["batch"]))
-                      if r["path"].startswith("bgremoval") and " fp32" in r["path"] else None)
-        share = f"{r['images_per_s'] / model_rate:.0%}" if model_rate else "-"
+        share = f"{r['of_model']:.0%}" if "of_model" in r else "-"
         print(f"{r['model']:<34} {r['path']:<30} {r['batch']:>5} {r['images_per_s']:>7.2f} "
               f"{r['p50_ms']:>8.0f} {r['p95_ms']:>8.0f} {speedup:>9} {share:>9} {r['load']:>5.1f}")
     for r in rows:
@@ -390,6 +388,16 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.json).write_text(json.dumps([{k: None if isinstance(v, float) and math.isnan(v) else v
                                                 for k, v in r.items() if k != "latencies"} for r in rows], indent=2))
     return 0
+
+
+def _share_of_model(measured: list[tuple[dict, dict]]) -> None:
+    """Give each float bgremoval row of one round its rate as a share of the same round's model-only
+    row of its runtime and batch (``of_model``)."""
+    alone = {(key["path"].split()[2], key["batch"]): result["images_per_s"]
+             for key, result in measured if key["path"].startswith("model only")}
+    for key, result in measured:
+        if key["path"].startswith("bgremoval") and " fp32" in key["path"]:
+            result["of_model"] = result["images_per_s"] / alone[(key["path"].split()[1], key["batch"])]
 
 
 def _faster(rate: float, than: float) -> bool:
