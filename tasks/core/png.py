@@ -21,7 +21,7 @@ try:
 except ImportError:
     isal_zlib = None
 
-_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _COLOUR_TYPE = {1: 0, 3: 2, 4: 6}  # channels -> PNG colour type: grey, RGB, RGBA
 _FILTER_UP = 2
 #: zlib levels ISA-L deflates (its own levels 1-3); 0 (stored) and 4-9 go to zlib.
@@ -42,9 +42,17 @@ def _compressor(level: int):
     return zlib.compressobj(level)
 
 
-def _chunk(kind: bytes, data: bytes) -> bytes:
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    """One PNG chunk: the data's length, the four-letter ``kind``, the data, their CRC-32."""
     return b"".join((struct.pack(">I", len(data)), kind, data,
                      struct.pack(">I", zlib.crc32(data, zlib.crc32(kind)))))
+
+
+def png_header(width: int, height: int, channels: int) -> bytes:
+    """The signature and IHDR chunk of an 8-bit PNG of ``channels`` 1 (grey), 3 (RGB) or 4 (RGBA),
+    with no interlacing."""
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, _COLOUR_TYPE[channels], 0, 0, 0)
+    return PNG_SIGNATURE + png_chunk(b"IHDR", ihdr)
 
 
 def png_bytes(pixels: np.ndarray, level: int = 1) -> bytes:
@@ -66,8 +74,7 @@ def png_bytes(pixels: np.ndarray, level: int = 1) -> bytes:
         raise ValueError(f"PNG compression level must lie in 0..9, got {level}")
     height, width = pixels.shape[:2]
     rows = pixels.reshape(height, width * channels)  # a copy only when a strided view cannot be reshaped
-    header = struct.pack(">IIBBBBB", width, height, 8, _COLOUR_TYPE[channels], 0, 0, 0)
-    parts = [_SIGNATURE, _chunk(b"IHDR", header)]
+    parts = [png_header(width, height, channels)]
     compressor = _compressor(level)
     band = max(1, BAND_BYTES // (width * channels + 1))
     filtered = np.empty((min(band, height), width * channels + 1), np.uint8)
@@ -80,10 +87,10 @@ def png_bytes(pixels: np.ndarray, level: int = 1) -> bytes:
         np.subtract(rows[top + 1:bottom], rows[top:bottom - 1], out=out[1:, 1:])  # modulo 256, as defined
         parts += _idat_chunks(compressor.compress(out))
     parts += _idat_chunks(compressor.flush())
-    parts.append(_chunk(b"IEND", b""))
+    parts.append(png_chunk(b"IEND", b""))
     return b"".join(parts)
 
 
 def _idat_chunks(data: bytes) -> list[bytes]:
     view = memoryview(data)
-    return [_chunk(b"IDAT", view[start:start + IDAT_BYTES]) for start in range(0, len(data), IDAT_BYTES)]
+    return [png_chunk(b"IDAT", view[start:start + IDAT_BYTES]) for start in range(0, len(data), IDAT_BYTES)]

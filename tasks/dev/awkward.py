@@ -10,13 +10,13 @@ with a reason, and the shard must complete.
 
 from __future__ import annotations
 
-import struct
 import zlib
 
 import numpy as np
 from PIL import Image
 
 from tasks.core.codecs import encode_jpeg
+from tasks.core.png import png_chunk, png_header
 from tasks.dev.badinputs import pillow_bytes, png_header_only
 from tasks.dev.synth import SynthConfig, render_item
 
@@ -29,14 +29,9 @@ CONVERTIBLE = ("good", "cmyk", "sixteen", "alpha", "photo", "bad-exif", "rotated
 def png_bomb(side: int) -> bytes:
     """A greyscale ``side``×``side`` PNG of zeros with every row present: a few hundred KB that
     decode to ``side``² bytes (a decompression bomb that is a valid image)."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
     stream, rows = zlib.compressobj(9), b"\0" * (side + 1) * 256  # each row: filter byte + pixels
     idat = b"".join(stream.compress(rows) for _ in range(side // 256)) + stream.compress(b"\0" * (side + 1) * (side % 256))
-    header = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat + stream.flush()) + chunk(b"IEND", b"")
+    return png_header(side, side, 1) + png_chunk(b"IDAT", idat + stream.flush()) + png_chunk(b"IEND", b"")
 
 
 def awkward_drop() -> dict[str, bytes]:

@@ -9,7 +9,6 @@ The synthetic catalogue adds them with ``--bad K`` and the cleaning tests build 
 from __future__ import annotations
 
 import io
-import struct
 import unicodedata
 import zlib
 from collections.abc import Callable
@@ -19,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from tasks.core import storage
+from tasks.core.png import png_chunk, png_header
 
 
 @dataclass
@@ -67,13 +67,7 @@ def png_header_only(width: int, height: int) -> bytes:
 
     This is what a decompression bomb looks like to a reader that trusts the header.
     """
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    idat = zlib.compress(b"\x00" * 1024)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+    return png_header(width, height, 1) + png_chunk(b"IDAT", zlib.compress(b"\x00" * 1024)) + png_chunk(b"IEND", b"")
 
 
 def _pair(stem: str, image: bytes, mask: bytes, image_ext: str = "jpg", mask_ext: str = "png") -> dict[str, bytes]:
