@@ -8,7 +8,8 @@ photo, called one after the other on one photo at a time (batch 1, no overlap be
 * ``preprocess``: :func:`tasks.model.preprocess.prepare_input` (resize to the model's input, normalise);
 * ``model``: the engine's ``predict`` on the 1×3×S×S input (ONNX Runtime, ``--threads`` intra-op threads);
 * ``quality``: :func:`tasks.serving.engines.unletterboxed` and :func:`tasks.serving.quality.quality_score`;
-* ``resize back``: :func:`tasks.model.preprocess.resize_to_original` of the probability map to the photo's size;
+* ``map at photo``: :func:`tasks.model.refine.map_at_photo`, the probability map at the photo's size and
+  refined on its edges (the default :class:`tasks.model.refine.RefineConfig`, as ``bgremoval remove`` runs);
 * ``encode``: the pipeline's rendering of the RGBA PNG cut-out and the JPEG on white;
 * ``write``: both files to disk.
 
@@ -23,7 +24,8 @@ Every stage runs ``--repeat`` rounds over all photos; the table keeps each stage
 photo. "share" is the stage's part of the sum of the pipeline's stages (the alternatives are not
 in the sum). The model is the published U2-NetP (``u2netp.onnx``, the file rembg runs) when it is
 on this machine, else an untrained export of the same architecture (speed does not depend on the
-weights).
+weights). The process keeps freed memory in its heap, as ``bgremoval remove`` does
+(:func:`tasks.core.heap.keep_freed_memory`).
 
 Run from the project root:
 
@@ -50,7 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
-STAGES = ("read", "decode", "preprocess", "model", "quality", "resize back", "encode", "write")
+STAGES = ("read", "decode", "preprocess", "model", "quality", "map at photo", "encode", "write")
 #: Each alternative, timed on the same photos, and the stage it is read against.
 ALTERNATIVES = {"alt: decode with draft": "decode", "alt: cv2.imdecode": "decode",
                 "alt: cut-out PNG, ISA-L": "encode", "alt: cut-out PNG, OpenCV": "encode"}
@@ -82,7 +84,8 @@ def profile(paths: list[str], engine, out: Path, repeat: int) -> dict[str, list[
     ``{stage: [seconds per photo and round]}``."""
     from tasks.core.codecs import decode_image, encode
     from tasks.core.png import png_bytes
-    from tasks.model.preprocess import prepare_input, resize_to_original
+    from tasks.model.preprocess import prepare_input
+    from tasks.model.refine import RefineConfig, map_at_photo
     from tasks.serving.engines import unletterboxed
     from tasks.serving.pipeline import InferenceConfig, _render
     from tasks.serving.quality import quality_score
@@ -110,8 +113,8 @@ def profile(paths: list[str], engine, out: Path, repeat: int) -> dict[str, list[
             quality_score(prob_s, side_s, config.quality)
             times["quality"].append(clock() - t)
             t = clock()
-            prob = resize_to_original(np.ascontiguousarray(prob_s, dtype=np.float32), (width, height))
-            times["resize back"].append(clock() - t)
+            prob = map_at_photo(np.ascontiguousarray(prob_s, dtype=np.float32), rgb, engine.input_size, RefineConfig())
+            times["map at photo"].append(clock() - t)
             t = clock()
             outputs = _render(rgb, prob, config)  # the pipeline's own rendering of the two files
             times["encode"].append(clock() - t)
@@ -149,9 +152,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from inference_throughput import make_images
 
+    from tasks.core.heap import keep_freed_memory
     from tasks.serving.engines import load_engine
 
     cv2.setNumThreads(1)
+    keep_freed_memory()  # as `bgremoval remove` runs (tasks.core.heap)
     tmp = Path(tempfile.mkdtemp(prefix="bgremoval-infer-profile-"))
     try:
         paths = make_images(tmp / "images", args.n, args.width, args.height)

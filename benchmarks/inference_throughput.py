@@ -36,7 +36,10 @@ Images: ``--n`` synthetic product photos (:mod:`tasks.dev.synth`) resized to exa
 ``--height`` (1000×1333 by default, the size DESIGN.md's rembg numbers were taken at), JPEG q92,
 in a temporary folder. One warm-up pass of ``--warmup`` images per row is not timed. All rows run
 ``--repeat`` times, interleaved, and each keeps its fastest round (other work on the machine only
-ever slows a round down); "load" is the 1-minute load average after that round.
+ever slows a round down); "load" is the 1-minute load average after that round. The process keeps
+freed memory in its heap (:func:`tasks.core.heap.keep_freed_memory`), as ``bgremoval remove``
+does, so the in-process rows (ours, the model alone, rembg's API) all run on that allocator;
+the command-line rows run in their own processes.
 
 Columns: img/s over the whole timed run (wall clock); latency p50/p95 per image — for rembg the
 time of one ``remove`` call plus read and write, for bgremoval from the start of an image's read
@@ -71,6 +74,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 
+from tasks.core.heap import keep_freed_memory  # noqa: E402
 from tasks.serving.engines import ONNX_RUNTIMES, openvino_installed  # noqa: E402
 
 RUNTIME_LABELS = {"onnx": "ORT", "openvino": "OV"}
@@ -315,6 +319,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--rembg-cli needs --published (rembg's -m u2netp is the published file)")
 
     cv2.setNumThreads(1)
+    keep_freed_memory()  # as `bgremoval remove` runs (tasks.core.heap); every in-process row shares the setting
     tmp = Path(tempfile.mkdtemp(prefix="bgremoval-infer-bench-"))
     rows = []
     try:

@@ -52,6 +52,10 @@ MASK_EXTENSIONS: tuple[str, ...] = (".png",)
 # Decoding
 # ----------------------------------------------------------------------------------------------
 
+#: OpenCV builds with ``IMREAD_COLOR_RGB`` decode straight to RGB (no BGR copy to convert); older ones to BGR.
+_DECODES_RGB = hasattr(cv2, "IMREAD_COLOR_RGB")
+_DECODE_FLAGS = (cv2.IMREAD_COLOR_RGB if _DECODES_RGB else cv2.IMREAD_COLOR) | cv2.IMREAD_IGNORE_ORIENTATION
+
 _ORIENT = {  # EXIF orientation → numpy op giving the upright image (as PIL.ImageOps.exif_transpose)
     2: lambda a: a[:, ::-1],
     3: lambda a: a[::-1, ::-1],
@@ -146,7 +150,7 @@ def decode_image(data: bytes, max_pixels: int | None = None) -> np.ndarray:
             orientation = _orientation(im)
             if im.mode in _ALPHA_MODES or "transparency" in im.info:
                 return np.asarray(on_white(ImageOps.exif_transpose(im)))
-            image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+            image = cv2.imdecode(np.frombuffer(data, np.uint8), _DECODE_FLAGS)
             if image is None:  # a format OpenCV lacks: let Pillow decode it
                 return np.ascontiguousarray(np.asarray(ImageOps.exif_transpose(im).convert("RGB")))
     except UnidentifiedImageError:
@@ -157,7 +161,7 @@ def decode_image(data: bytes, max_pixels: int | None = None) -> np.ndarray:
         raise ValueError(f"cannot decode image: {exc}") from None
     if image.ndim != 3 or image.shape[0] == 0 or image.shape[1] == 0:
         raise ValueError(f"cannot decode image (shape {image.shape})")
-    rgb = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    rgb = image if _DECODES_RGB else cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
     if orientation in _ORIENT:
         rgb = np.ascontiguousarray(_ORIENT[orientation](rgb))
     return rgb

@@ -27,6 +27,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+from tasks.core.heap import keep_freed_memory
 from tasks.core.shards import check_shard_size, shard_ranges
 from tasks.data.config import CleaningConfig
 from tasks.core import layout, storage
@@ -171,6 +172,7 @@ def process_shard(bucket_url: str, batch: str, shard_url: str, model_uri: str, c
     # uninterrupted run, whose numbers can depend on a photo's batch neighbours.
     items = [(url, stem) for url, stem in listed if url not in earlier]
     engine = load_engine(model_uri, storage_options)
+    keep_freed_memory()  # a task process removing one shard's backgrounds, then ending (tasks.core.heap)
     log.info("shard %s: %d photos, model %s", shard_url, len(listed), engine.describe())
     if earlier:
         stems = list(earlier.values())

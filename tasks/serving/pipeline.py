@@ -43,8 +43,9 @@ import cv2
 import numpy as np
 
 from tasks.core import storage
-from tasks.core.alpha import decontaminated_foreground
+from tasks.core.alpha import decontaminated_foreground, over_colour
 from tasks.core.codecs import ImageTooLarge, decode_image, encode
+from tasks.core.heap import keep_freed_memory
 from tasks.core.png import png_bytes
 from tasks.core.limits import ASPECT_TOLERANCE, MAX_PIXELS, aspect_mismatch
 from tasks.model.preprocess import prepare_input
@@ -311,11 +312,7 @@ def _render(rgb: np.ndarray, prob: np.ndarray, config: InferenceConfig) -> dict[
     if config.canvas is not None:
         rgb, alpha = _on_canvas(rgb, alpha, config)
     if config.composite:
-        weight = alpha.astype(np.float32) * np.float32(1 / 255)
-        backdrop = np.empty_like(rgb)
-        backdrop[0] = parse_background(config.background)
-        backdrop[1:] = backdrop[0]  # row by row: numpy broadcasts a colour over a whole image ~30x slower
-        composite = cv2.blendLinear(np.ascontiguousarray(rgb), backdrop, weight, 1.0 - weight)
+        composite = over_colour(rgb, alpha, parse_background(config.background))
         out["composite_jpeg"] = encode(".jpg", cv2.cvtColor(composite, cv2.COLOR_RGB2BGR),
                                        [cv2.IMWRITE_JPEG_QUALITY, config.jpeg_quality])
     if config.cutout:
@@ -835,7 +832,8 @@ def remove_to(inputs: Sequence[str], out_url: str, engine: Engine, config: Infer
     the earlier runs' lines of the other photos: :func:`merged_results`), and
     report every failure through ``log`` (default: a line on stderr that keeps the progress bar
     intact). ``storage_options`` apply to remote URLs. Interrupted (Ctrl-C), it stops, writes
-    ``results.jsonl`` for the images done so far and returns with ``interrupted`` set.
+    ``results.jsonl`` for the images done so far and returns with ``interrupted`` set. The process
+    keeps freed memory in its heap from then on (:func:`tasks.core.heap.keep_freed_memory`).
 
     Returns ``{"images", "ok", "failed", "empty", "below_threshold", "threshold", "problems",
     "interrupted", "seconds", "images_per_s", "out_url", "results_url"}``: ``empty`` counts cut-outs
@@ -861,6 +859,7 @@ def remove_to(inputs: Sequence[str], out_url: str, engine: Engine, config: Infer
     out_options = options_for(out_url, storage_options)
     if items:
         mark_output_folder(out_url, storage_options)
+    keep_freed_memory()  # every photo allocates the same full-size buffers: no page faults for them (tasks.core.heap)
     started = time.perf_counter()
     ok, failed, empty, below, lines, interrupted = 0, 0, 0, 0, [], False
     results = iter_remove_backgrounds(items, engine, config, storage_options)
