@@ -126,7 +126,7 @@ def profile(paths: list[str], engine, out: Path, repeat: int) -> dict[str, list[
             _draft_decode(data, engine.input_size)
             times["alt: decode with draft"].append(clock() - t)
             t = clock()
-            cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+            cv2.imdecode(np.frombuffer(data, np.uint8), getattr(cv2, "IMREAD_COLOR_RGB", cv2.IMREAD_COLOR))  # as decode_image
             times["alt: cv2.imdecode"].append(clock() - t)
             rgba = np.dstack([rgb, cv2.convertScaleAbs(prob, alpha=255.0)])
             t = clock()

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from tasks.cli.environment import mlflow_environment, registry_missing_for, storage_options
+from tasks.core.heap import keep_freed_memory
 
 __all__ = ["FILE_OUTPUT_EXTENSIONS", "STREAM", "cmd_remove", "single_file_output"]
 
@@ -114,12 +115,15 @@ def cmd_remove(args: argparse.Namespace) -> int:
     say = functools.partial(print, file=sys.stderr if args.out == STREAM else sys.stdout)
     if args.quiet:  # MLflow's own bar, when a registered model is downloaded
         os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    one_photo = STREAM in args.inputs or args.out == STREAM or to_file
     urls = [*args.inputs, args.out, args.model or ""]
     options = next((o for o in map(storage_options, urls) if o is not None), None)
     try:
         if args.out != STREAM and not to_file:
             check_output_location([url for url in args.inputs if url != STREAM], args.out, options)
         config = _inference_config(args, to_file)
+        if not (one_photo or args.watch):  # a batch pass, then the process ends (tasks.core.heap)
+            keep_freed_memory()  # before the engine's threads start: glibc's mallopt is not thread-safe
         engine, (refine, why) = _open_engine(args, options, say)
         config = dataclasses.replace(config, refine=refine)
     except (ValueError, FileNotFoundError) as exc:
@@ -127,7 +131,7 @@ def cmd_remove(args: argparse.Namespace) -> int:
         return 2
     say(f"model: {engine.describe()}")
     say(f"edge refinement: {why}")
-    if STREAM in args.inputs or args.out == STREAM or to_file:
+    if one_photo:
         return _remove_one(args.inputs[0], args.out, to_file, engine, config, options, say)
     calibration = load_calibration(engine.model_dir) if engine.model_dir else None
     threshold = calibration.threshold if calibration else None

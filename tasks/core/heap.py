@@ -12,10 +12,11 @@ The price is memory: the process keeps what its largest batch needed for the res
 what fragmentation adds (18-33 % above glibc's peak in the measurements; a forked data-loader worker
 inherits the setting). That suits training and scoring passes, which run one model over many
 batches and then end, cleaning's shards, whose every pair allocates the same full-size decode
-buffers, and the batch passes of background removal (``bgremoval remove``, a production shard),
-whose every photo does too (there it took the kernel's time from 33-37 to 9 ms a photo at batch 1); it is why
-only they call it (training and scoring only on the CPU). The long-running servers
-(``bgremoval serve``, the folder watcher) leave glibc's defaults alone.
+buffers, and the batch passes of background removal (``bgremoval remove`` on a folder, a
+production shard), whose every photo does too (there it took the kernel's time from 33-37 to 9 ms a
+photo with ONNX Runtime at batch 1); it is why only they call it (training and scoring only on the
+CPU). The long-running servers (``bgremoval serve``, ``remove --watch``) leave glibc's defaults
+alone.
 
 The setting is process-wide and takes effect for allocations made after the call. It applies only
 to glibc (on another C library the call does nothing) and is refused when ``BGREMOVAL_SYSTEM_MALLOC``

@@ -171,8 +171,8 @@ def process_shard(bucket_url: str, batch: str, shard_url: str, model_uri: str, c
     # An earlier try's photos go through the model again, unwritten: the batches stay those of an
     # uninterrupted run, whose numbers can depend on a photo's batch neighbours.
     items = [(url, stem) for url, stem in listed if url not in earlier]
-    engine = load_engine(model_uri, storage_options)
     keep_freed_memory()  # a task process removing one shard's backgrounds, then ending (tasks.core.heap)
+    engine = load_engine(model_uri, storage_options)
     log.info("shard %s: %d photos, model %s", shard_url, len(listed), engine.describe())
     if earlier:
         stems = list(earlier.values())

@@ -5,8 +5,8 @@ Training (:class:`tasks.train.data.SegmentationDataset`), scoring (:mod:`tasks.e
 both serving engines (:mod:`tasks.serving.engines`) and the ONNX export's metadata
 (:mod:`tasks.model.export`) take the ImageNet mean/std, the resize modes, the resize itself and
 the letterbox geometry from here. :func:`preprocess` is the reference (scale to [0, 1],
-normalise, resize to the square input); :func:`prepare_input` is the same map computed faster on
-``uint8`` photos (resized first, in 16-bit integers); :func:`resize_to_original` brings a probability map back.
+normalise, resize to the square input); :func:`prepare_input` is the same map (to 1/512 of a level)
+computed faster on ``uint8`` photos (resized first, in 16-bit integers); :func:`resize_to_original` brings a probability map back.
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ def prepare_input(image_rgb: np.ndarray, input_size: int, resize: str = "stretch
                   mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> np.ndarray:
     """The network input of one RGB ``uint8`` image: float32 ``3×S×S``.
 
-    :func:`preprocess` for the ImageNet mean/std (to 1/512 of a level, 3.4e-5 after normalising),
+    :func:`preprocess` for the ImageNet mean/std (to 1/512 of a level, about 3.5e-5 after normalising),
     computed the other way round: the photo is resized first (both steps are linear) and normalised
     at the input size. A photo larger than the input is shrunk in 16-bit integers, not through a
     full-size float copy (a 1000×1333 photo's took twice the rest of the step, most of it in memory

@@ -45,7 +45,6 @@ import numpy as np
 from tasks.core import storage
 from tasks.core.alpha import decontaminated_foreground, over_colour
 from tasks.core.codecs import ImageTooLarge, decode_image, encode
-from tasks.core.heap import keep_freed_memory
 from tasks.core.png import png_bytes
 from tasks.core.limits import ASPECT_TOLERANCE, MAX_PIXELS, aspect_mismatch
 from tasks.model.preprocess import prepare_input
@@ -832,8 +831,7 @@ def remove_to(inputs: Sequence[str], out_url: str, engine: Engine, config: Infer
     the earlier runs' lines of the other photos: :func:`merged_results`), and
     report every failure through ``log`` (default: a line on stderr that keeps the progress bar
     intact). ``storage_options`` apply to remote URLs. Interrupted (Ctrl-C), it stops, writes
-    ``results.jsonl`` for the images done so far and returns with ``interrupted`` set. The process
-    keeps freed memory in its heap from then on (:func:`tasks.core.heap.keep_freed_memory`).
+    ``results.jsonl`` for the images done so far and returns with ``interrupted`` set.
 
     Returns ``{"images", "ok", "failed", "empty", "below_threshold", "threshold", "problems",
     "interrupted", "seconds", "images_per_s", "out_url", "results_url"}``: ``empty`` counts cut-outs
@@ -859,7 +857,6 @@ def remove_to(inputs: Sequence[str], out_url: str, engine: Engine, config: Infer
     out_options = options_for(out_url, storage_options)
     if items:
         mark_output_folder(out_url, storage_options)
-    keep_freed_memory()  # every photo allocates the same full-size buffers: no page faults for them (tasks.core.heap)
     started = time.perf_counter()
     ok, failed, empty, below, lines, interrupted = 0, 0, 0, 0, [], False
     results = iter_remove_backgrounds(items, engine, config, storage_options)

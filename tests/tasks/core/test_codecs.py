@@ -48,3 +48,30 @@ def test_a_sixteen_bit_mask_is_read_by_its_top_byte_in_its_own_bits():
         "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024, m.shape, int(m.max()))\n")
     grown = subprocess.run([sys.executable, "-c", measure], capture_output=True, text=True, check=True).stdout
     assert float(grown.split()[0]) < 500 and "(700, 700) 255" in grown, grown
+
+
+@pytest.mark.parametrize("fmt, mode, options", [
+    ("PNG", "RGB", {}), ("PNG", "L", {}), ("PNG", "P", {}), ("PNG", "I;16", {}), ("WEBP", "RGB", {"lossless": True}),
+    ("TIFF", "RGB", {}), ("TIFF", "CMYK", {}), ("BMP", "RGB", {}), ("GIF", "P", {}), ("PPM", "RGB", {}),
+])
+def test_every_format_decodes_to_rgb_in_pillows_channel_order(fmt, mode, options):
+    """OpenCV decodes straight to RGB where it can: each lossless format and mode gives Pillow's pixels."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(5)
+    rgb = np.zeros((23, 31, 3), np.uint8)
+    rgb[..., 0], rgb[:, :15, 1], rgb[10:, :, 2] = 250, 120, 30  # three channels that differ everywhere
+    rgb[::4] = rng.integers(0, 256, (6, 31, 3), dtype=np.uint8)
+    image = Image.fromarray(rgb)
+    image = image.convert(mode) if mode != "I;16" else Image.fromarray(rgb[..., 0].astype(np.uint16) * 257)
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **options)
+    expected = np.asarray(Image.open(io.BytesIO(buffer.getvalue())).convert("RGB"))
+    if mode == "I;16":  # Pillow clips 16-bit values to 8 bits where OpenCV keeps the top byte
+        expected = np.repeat(rgb[..., :1], 3, axis=2)
+    decoded = decode_image(buffer.getvalue())
+    assert decoded.dtype == np.uint8 and decoded.shape == rgb.shape
+    np.testing.assert_array_equal(decoded, expected)
