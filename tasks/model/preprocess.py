@@ -37,10 +37,15 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 
+def _shrinks(array: np.ndarray, width: int, height: int) -> bool:
+    """Whether resizing ``array`` to ``width×height`` shrinks it (no side grows)."""
+    return width <= array.shape[1] and height <= array.shape[0]
+
+
 def training_resize(array: np.ndarray, width: int, height: int) -> np.ndarray:
     """Resize as training does: area interpolation when shrinking, bilinear otherwise."""
-    shrink = width <= array.shape[1] and height <= array.shape[0]
-    return cv2.resize(array, (width, height), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+    interpolation = cv2.INTER_AREA if _shrinks(array, width, height) else cv2.INTER_LINEAR
+    return cv2.resize(array, (width, height), interpolation=interpolation)
 
 
 def letterbox_box(height: int, width: int, size: int) -> tuple[int, int, int, int]:
@@ -113,7 +118,7 @@ def _resized(image: np.ndarray, width: int, height: int) -> np.ndarray:
     ``uint16`` pixels holding each level × 256 (half the bytes of a float32 copy to write and read
     again), rounded to 1/256 of a level: within 1/512 of the float resize. Enlarging (a photo
     smaller than the input; OpenCV's bilinear on integers works in fixed point) resizes float32."""
-    if width <= image.shape[1] and height <= image.shape[0]:
+    if _shrinks(image, width, height):
         shrunk = training_resize(np.left_shift(image, 8, dtype=np.uint16), width, height)
         return shrunk.astype(np.float32) * np.float32(1 / 256)
     return training_resize(image.astype(np.float32), width, height)
