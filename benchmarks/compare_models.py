@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     table, seconds, load_start, load_end = quality_real.score_interleaved(rows, predictors)
     print(f"\n{labels['first']} = {args.first}, {labels['second']} = {args.second}; {args.size} px, plain maps; "
           f"load {load_start[0]:.2f} at start, {load_end[0]:.2f} at end, {os.cpu_count()} CPUs\n")
-    table.print("test rows: model", "CPU ms/photo", lambda label: seconds[label] / len(rows) * 1000)
+    table.print(f"{args.split} rows: model", "CPU ms/photo", lambda label: seconds[label] / len(rows) * 1000)
     print()
     table.print_paired(labels["first"], labels["second"])
     return 0

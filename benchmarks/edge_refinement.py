@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     load_end = os.getloadavg()
     print(f"\nedge refinement, {model_url} at {input_size} px{' + test-time flip' if args.flip else ''}; "
           f"load {load_start[0]:.2f} at start, {load_end[0]:.2f} at end, {os.cpu_count()} CPUs")
-    table.print("test rows, method", "refine ms/photo",
+    table.print(f"{args.split} rows, method", "refine ms/photo",
                 lambda name: None if configs[name] is None else seconds[name] / len(rows) * 1000)
     return 0
 

@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     table, seconds, load_start, load_end = quality_real.score_interleaved(rows, predictors)
     print(f"\ninput size, {args.model} ({resize}); load {load_start[0]:.2f} at start, {load_end[0]:.2f} at end, "
           f"{os.cpu_count()} CPUs")
-    table.print("test rows, input", "CPU ms/photo", lambda label: seconds[label] / len(rows) * 1000)
+    table.print(f"{args.split} rows, input", "CPU ms/photo", lambda label: seconds[label] / len(rows) * 1000)
     return 0
 
 

@@ -237,29 +237,33 @@ class TestRow:
     audit: str  # reasons of the cleaning's mask audit ("" when not flagged)
 
 
-def _test_rows(manifest) -> list[TestRow]:
+def _test_rows(manifest, split: str = "test") -> list[TestRow]:
     from tasks.core.manifest import audit_excluded
 
     manifest = manifest.assign(audit_flagged_now=audit_excluded(manifest))
-    rows = manifest[(manifest["status"] == "ok") & (manifest["split"] == "test")].sort_values("key")
+    rows = manifest[(manifest["status"] == "ok") & (manifest["split"] == split)].sort_values("key")
     return [TestRow(str(r.key), str(r.stem), str(r.cluster), str(r.image_source), str(r.mask_source),
                     str(r.audit_reasons or "") if r.audit_flagged_now else "")
             for r in rows.itertuples()]
 
 
 def add_split_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--work`` and ``--sets``: which of this script's test splits another benchmark scores."""
+    """``--work``, ``--sets`` and ``--split``: which of this script's splits another benchmark scores
+    (``val`` to choose between variants, ``test`` to report the chosen one)."""
     parser.add_argument("--work", default=DEFAULT_WORK, help="quality_real.py's working folder")
     parser.add_argument("--sets", nargs="+", default=list(SETS), choices=list(SETS))
+    parser.add_argument("--split", default="test", choices=("test", "val"),
+                        help="the rows scored: val to choose, test to report (default test)")
 
 
 def split_rows(args: argparse.Namespace) -> list[TestRow] | None:
-    """The test rows of the split under ``args.work`` (cleaned there on first use), the rows this
-    script scores; None, saying why, without ``../shared/data``."""
+    """The rows of ``args.split`` (test unless told) of the split under ``args.work`` (cleaned there
+    on first use); None, saying why, without ``../shared/data``."""
     if not all((DATA / s).is_dir() for s in args.sets):
         print(f"{DATA} not here: this benchmark needs ../shared/data", file=sys.stderr)
         return None
-    return _test_rows(_prepare(Path(args.work).resolve(), args.sets, 512)["manifest"])
+    manifest = _prepare(Path(args.work).resolve(), args.sets, 512)["manifest"]
+    return _test_rows(manifest, getattr(args, "split", "test"))
 
 
 class VariantTable:
