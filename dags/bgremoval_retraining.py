@@ -5,7 +5,8 @@
       ─► build_dataset (champion's dataset + new pairs + earlier runs' pairs it lacks, cleaned, de-duplicated,
                        clustered; test split unchanged)
       ─► training_conf ─► trigger_training (bgremoval_training with dataset_version, init_from=champion,
-                                            fewer epochs: the same gate decides about promotion; run id
+                                            the champion's model, input size and loss unless training_conf
+                                            sets them, fewer epochs: the same gate decides about promotion; run id
                                             retrain__<dataset version>__<this run's id>: cleared or retried,
                                             it starts no second run on the same version)
       ─► record_state (retraining/state.json: which pairs were used)
@@ -58,10 +59,11 @@ def bgremoval_retraining():
     @task(multiple_outputs=True)
     def training_conf(dataset: dict, params=None, run_id=None) -> dict:
         from tasks.feedback.retraining_stages import training_request
+        from tasks.registry import training_recipe
 
         return training_request(params["training_conf"], params["bucket"], dataset["version"],
                                 int(params["retrain_epochs"]), params["registered_model"], int(params["working_size"]),
-                                run_id)
+                                run_id, training_recipe(params["registered_model"]))
 
     @task(trigger_rule="none_failed")  # also after a cleared trigger_training found its run (skipped)
     def record_state(dataset: dict, training_run: str, params=None, run_id=None) -> dict:

@@ -234,7 +234,7 @@ def register_model(model_url: str, name: str = DEFAULT_MODEL_NAME, run_id: str |
             version, run_id = str(earlier.version), earlier.run_id
         else:
             version, run_id = _log_version(client, name, files, run_id, experiment, pyfunc_model, identity)
-    version_tags = {"dataset_version": None, **_training_figures(model_url, storage_options), **(tags or {}),
+    version_tags = {"dataset_version": None, **_training_record(model_url, storage_options), **(tags or {}),
                     "input_size": size, "model": meta["model"], "model_widths": meta["model_widths"]}
     held = {**((earlier.tags or {}) if earlier is not None else {}), **identity}  # the identity was set at creation
     for key, value in version_tags.items():
@@ -279,14 +279,39 @@ def _log_version(client, name: str, files: list[str], run_id: str | None, experi
         return str(version.version), run.info.run_id
 
 
-def _training_figures(model_url: str, storage_options: dict | None) -> dict[str, float]:
-    """``start_val_iou`` (the starting weights, before the first step) and ``val_iou`` (after training)
-    from the run's ``result.json`` beside the model, where it has them."""
+def _training_record(model_url: str, storage_options: dict | None) -> dict[str, Any]:
+    """From the run's ``result.json`` beside the model, where it has them: ``start_val_iou`` (the starting
+    weights, before the first step), ``val_iou`` (after training) and the ``loss`` trained with."""
     from tasks.model.io import read_train_result
 
     result = read_train_result(model_url, storage_options)
     figures = {"start_val_iou": result.get("start_val_iou"), "val_iou": (result.get("metrics") or {}).get("val_iou")}
-    return {key: float(value) for key, value in figures.items() if value is not None}
+    record: dict[str, Any] = {key: float(value) for key, value in figures.items() if value is not None}
+    loss = (result.get("config") or {}).get("loss")
+    if loss:
+        record["loss"] = str(loss)
+    return record
+
+
+def training_recipe(name: str = DEFAULT_MODEL_NAME, alias: str = CHAMPION,
+                    tracking_uri: str | None = None) -> dict[str, Any]:
+    """How the version behind ``alias`` of ``name`` was trained, read from its tags: ``{"version",
+    "model", "input_size", "loss", "model_widths"}`` (``loss`` only for versions registered since it is
+    tagged; ``model_widths`` None for the standard widths). {} when there is no such alias."""
+    version = alias_version(name, alias, tracking_uri)
+    if version is None:
+        return {}
+    tags = version_tags(name, version, tracking_uri)
+    recipe: dict[str, Any] = {"version": version}
+    if tags.get("model"):
+        recipe["model"] = tags["model"]
+    if tags.get("input_size"):
+        recipe["input_size"] = int(float(tags["input_size"]))
+    if tags.get("loss"):
+        recipe["loss"] = tags["loss"]
+    widths = tags.get("model_widths")
+    recipe["model_widths"] = None if widths in (None, "", "null") else json.loads(widths)
+    return recipe
 
 
 def promotion_concerns(name: str, version: str | int, tracking_uri: str | None = None) -> list[str]:
@@ -555,8 +580,9 @@ def choose_start(reference: str, model: str, name: str = DEFAULT_MODEL_NAME, reg
     ``"auto"``: ``"champion"`` when ``name`` has one of the same architecture (``model``, standard
     widths; never when ``registry`` is False: no registry is configured), else ``"pretrained"`` when
     the architecture has published weights (U2-NetP, U2-Net) and their file is on this machine, else None. ``""``, ``"scratch"``, ``"none"``: None.
-    ``"pretrained"`` with an architecture without published weights raises ``ValueError``.
-    Anything else is returned as it is.
+    ``"pretrained"`` with an architecture without published weights raises ``ValueError``, and so
+    does ``"champion"`` when the registry's champion is another architecture (its weights would not
+    load into a ``model``). Anything else is returned as it is.
     """
     reference = (reference or "").strip()
     key = _architecture_key(model)
@@ -570,6 +596,11 @@ def choose_start(reference: str, model: str, name: str = DEFAULT_MODEL_NAME, reg
         from tasks.model.published import PUBLISHED, find_pretrained_onnx
 
         return PRETRAINED if key in PUBLISHED and find_pretrained_onnx(model=key) is not None else None
+    if reference == CHAMPION and registry:
+        trained = _architecture_key(training_recipe(name).get("model", ""))
+        if trained and trained != key:
+            raise ValueError(f"init_from=champion: the champion of {name!r} is a {trained}, this run trains a "
+                             f"{key}: set the model to {trained}, or start from pretrained or scratch")
     if reference == PRETRAINED:
         from tasks.model.published import PUBLISHED
 

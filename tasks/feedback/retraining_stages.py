@@ -110,14 +110,32 @@ def training_run_id(retraining_run_id: str, dataset_version: str) -> str:
     return f"retrain__{dataset_version}__{retraining_run_id}"
 
 
+#: The training Params a retraining run takes from the champion's recipe (:func:`tasks.registry.training_recipe`)
+#: unless ``training_conf`` sets them: Param name → recipe key.
+INHERITED_FROM_CHAMPION = {"model": "model", "train_input_size": "input_size", "loss": "loss"}
+
+
 def training_request(base_conf: dict[str, Any], bucket: str, dataset_version: str, epochs: int,
-                     registered_model: str, working_size: int, retraining_run_id: str) -> dict[str, Any]:
+                     registered_model: str, working_size: int, retraining_run_id: str,
+                     champion: dict[str, Any] | None = None) -> dict[str, Any]:
     """The ``training_conf`` stage: ``{"conf", "run_id"}`` of the training run to start: the operator's
     ``base_conf`` plus the new dataset version, starting from the champion, fewer epochs; its run id
-    from :func:`training_run_id`."""
-    conf = {**base_conf, "bucket": bucket, "dataset_version": dataset_version, "init_from": "champion",
+    from :func:`training_run_id`. The run trains the champion's architecture, input size and loss
+    (``champion``: its :func:`tasks.registry.training_recipe`) unless ``base_conf`` sets them. Raises
+    ``ValueError`` when the champion has custom channel widths, which ``bgremoval_training`` cannot set."""
+    champion = champion or {}
+    if champion.get("model_widths"):
+        raise ValueError(f"the champion of {registered_model!r} (version {champion.get('version')}) has custom channel "
+                         f"widths {champion['model_widths']}; bgremoval_training trains the standard widths only: promote a "
+                         "standard-width model, or retrain this one where its widths are set (TrainConfig.model_widths)")
+    inherited = {param: champion[key] for param, key in INHERITED_FROM_CHAMPION.items()
+                 if key in champion and param not in base_conf}
+    conf = {**inherited, **base_conf, "bucket": bucket, "dataset_version": dataset_version, "init_from": "champion",
             "epochs": epochs, "registered_model": registered_model, "working_size": working_size}
     run_id = training_run_id(retraining_run_id, dataset_version)
+    if inherited:
+        print(f"as the champion (version {champion.get('version')}) was trained: "
+              + ", ".join(f"{param}={value}" for param, value in inherited.items()))
     print(f"triggering bgremoval_training run {run_id} with {conf}")
     return {"conf": conf, "run_id": run_id}
 

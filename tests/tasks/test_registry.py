@@ -240,15 +240,25 @@ def test_auto_start_skips_a_champion_of_another_architecture(tracking, write_mod
     monkeypatch.setattr("tasks.model.published.find_pretrained_onnx",
                         lambda path=None, model="u2netp": on_disk.get(model))
     assert registry.choose_start("auto", "u2netp", "arch") == "pretrained"  # no registered model yet
-    tiny = registry.register_model(write_model_folder(folder / "arch"), "arch", run_id=run_id, pyfunc_model=pyfunc_model())
+    assert registry.training_recipe("arch") == {}
+    run_folder = Path(write_model_folder(folder / "arch"))
+    (run_folder / "result.json").write_text(json.dumps({"config": {"loss": "wbce+wiou"}, "metrics": {"val_iou": 0.9}}))
+    tiny = registry.register_model(str(run_folder), "arch", run_id=run_id, pyfunc_model=pyfunc_model())
     registry.promote("arch", tiny["version"])
     client = mlflow.MlflowClient()
     assert json.loads(client.get_model_version("arch", tiny["version"]).tags["model_widths"])["encoder"]
+    recipe = registry.training_recipe("arch")  # what a retraining run inherits
+    assert {k: recipe[k] for k in ("version", "model", "input_size", "loss")} == {
+        "version": tiny["version"], "model": "u2netp", "input_size": 32, "loss": "wbce+wiou"}
+    assert recipe["model_widths"]["encoder"]
     assert registry.choose_start("auto", "u2netp", "arch") == "pretrained"  # custom widths: not a U2-NetP start
     client.delete_model_version_tag("arch", tiny["version"], "model_widths")  # as a standard U2-NetP reads
+    assert registry.training_recipe("arch")["model_widths"] is None
     assert registry.choose_start("auto", "u2netp", "arch") == "champion"
     assert registry.choose_start("auto", "u2net", "arch") is None  # a U2-NetP champion; U2-Net's file not here
     assert registry.choose_start("champion", "u2netp", "arch") == "champion"  # asked for by name: as it is
+    with pytest.raises(ValueError, match="champion of 'arch' is a u2netp, this run trains a u2net"):
+        registry.choose_start("champion", "u2net", "arch")  # its weights would not load: refused before staging
 
 
 def test_cli_registers_a_training_run_with_its_test_figures(tmp_path, tracking, write_model_folder, capsys,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from tasks.dev.synth import SynthConfig, encode_jpeg, encode_png, render_item
 from tasks.feedback import queue
 from tasks.feedback import retraining_stages as stages
@@ -45,6 +47,20 @@ def test_the_training_request_starts_from_the_champion_on_the_new_version():
     assert request["run_id"] == "retrain__retrain-v4__scheduled__2026-03-02T04:00:00+00:00"
     again = stages.training_request({}, "shop", "retrain-v5", 3, "m", 320, "scheduled__2026-03-02T04:00:00+00:00")
     assert again["run_id"] == "retrain__retrain-v5__scheduled__2026-03-02T04:00:00+00:00"
+
+
+def test_the_training_request_trains_the_champions_recipe_unless_told_otherwise():
+    champion = {"version": "7", "model": "u2net", "input_size": 288, "loss": "wbce+wiou", "model_widths": None}
+    request = stages.training_request({"loss": "bce", "workers": 4}, "shop", "retrain-v4", 3, "m", 320, "run",
+                                      champion)
+    assert request["conf"] == {"model": "u2net", "train_input_size": 288, "loss": "bce", "workers": 4, "epochs": 3,
+                               "bucket": "shop", "dataset_version": "retrain-v4", "init_from": "champion",
+                               "registered_model": "m", "working_size": 320}
+    older = {"version": "2", "model": "u2netp", "input_size": 320, "model_widths": None}  # registered before loss tags
+    assert "loss" not in stages.training_request({}, "shop", "v5", 3, "m", 320, "run", older)["conf"]
+    custom = {**champion, "model_widths": {"encoder": [[3, 8, 8]]}}
+    with pytest.raises(ValueError, match="custom channel widths"):  # the training form cannot set them
+        stages.training_request({}, "shop", "v5", 3, "m", 320, "run", custom)
 
 
 def test_recording_a_run_moves_the_pool_cursor(tmp_path):
