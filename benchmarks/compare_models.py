@@ -1,12 +1,13 @@
 """Two models on the same real test photos: is the second better, beyond the noise of the photos?
 
 Scores ``--first`` and ``--second`` (a training run folder, or ``pretrained`` for the published
-U2-NetP) on ``quality_real.py``'s test split (the same dataset version under ``--work``, the same
-rows and audit flags; ``../shared/data`` needed), photo by photo and interleaved so that both share
-the machine's load, at ``--size`` px with the plain maps (no refinement, no flip). Prints the seed's
-columns for each model, then the per-photo difference of IoU (mean ± one standard error, and how many
-photos each scores higher), with the machine load. Differences between two training runs also carry
-the runs' own noise (the seed of each), which one comparison cannot measure.
+U2-NetP) on ``quality_real.py``'s test split (``--split val`` to choose between variants; the same
+dataset version under ``--work``, the same rows and audit flags; ``../shared/data`` needed), photo
+by photo and interleaved so that both share the machine's load, at ``--size`` px with the plain
+maps (no refinement, no flip). Prints the seed's columns for each model, then the per-photo
+difference of IoU (mean ± one standard error, and how many photos each scores higher), with the
+machine load. Differences between two training runs also carry the runs' own noise (the seed of
+each), which one comparison cannot measure.
 
     .venv/bin/python benchmarks/compare_models.py --work /tmp/qr --first /tmp/qr/runs/A --second /tmp/qr/runs/B
 """

@@ -1,8 +1,8 @@
 """Does edge refinement (a guided filter on the photo) improve cut-outs on real photos?
 
 :func:`tasks.model.refine.refine_probability` pulls the probability map, resized to the photo, onto
-the photo's own edges. This script measures it on ``quality_real.py``'s test split (the same dataset
-version under ``--work``, the same rows, the same audit flags; ``../shared/data`` needed): for each
+the photo's own edges. This script measures it on ``quality_real.py``'s test split (``--split val`` to
+choose; the same dataset version under ``--work``, the same rows, the same audit flags; ``../shared/data`` needed): for each
 photo the model's map is computed once, then scored plain and refined with every ``--radius`` ×
 ``--eps``, by the project's metrics (IoU of the map at 0.5, boundary F) against the photo's own mask.
 The refinement's own time per photo is printed beside each row, and the machine load with the table.

@@ -2,8 +2,8 @@
 
 U2-Net is fully convolutional, so a model trained at 320 px also runs at 384, 448 or 512 px, closer
 to the people photos' own 512 px height. This script scores one model at every ``--sizes`` on
-``quality_real.py``'s test split (the same dataset version under ``--work``, the same rows and audit
-flags; ``../shared/data`` needed), the sizes interleaved photo by photo so that they share the
+``quality_real.py``'s test split (``--split val`` to choose; the same dataset version under ``--work``,
+the same rows and audit flags; ``../shared/data`` needed), the sizes interleaved photo by photo so that they share the
 machine's load, and prints mean IoU, ≥ 95/97/99 %, boundary F and the CPU milliseconds of one
 prediction (the process's CPU time: all threads), with the machine load.
 

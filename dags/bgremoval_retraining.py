@@ -19,7 +19,7 @@ from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOpe
 from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, dag, task
 from bgremoval_airflow.assets import retraining_pool
 from bgremoval_airflow.connections import s3_storage_options
-from bgremoval_airflow.operations import task_defaults
+from bgremoval_airflow.operations import fail_at_once, task_defaults
 from bgremoval_airflow.params.retraining import dag_params, retraining_config
 
 
@@ -61,9 +61,10 @@ def bgremoval_retraining():
         from tasks.feedback.retraining_stages import training_request
         from tasks.registry import training_recipe
 
-        return training_request(params["training_conf"], params["bucket"], dataset["version"],
-                                int(params["retrain_epochs"]), params["registered_model"], int(params["working_size"]),
-                                run_id, training_recipe(params["registered_model"]))
+        with fail_at_once(ValueError):  # a champion the training form cannot retrain: waiting does not change it
+            return training_request(params["training_conf"], params["bucket"], dataset["version"],
+                                    int(params["retrain_epochs"]), params["registered_model"],
+                                    int(params["working_size"]), run_id, training_recipe(params["registered_model"]))
 
     @task(trigger_rule="none_failed")  # also after a cleared trigger_training found its run (skipped)
     def record_state(dataset: dict, training_run: str, params=None, run_id=None) -> dict:

@@ -54,6 +54,7 @@ __all__ = [
     "rollback",
     "stage_weights",
     "start_weights",
+    "training_recipe",
     "version_tags",
 ]
 
@@ -582,7 +583,7 @@ def choose_start(reference: str, model: str, name: str = DEFAULT_MODEL_NAME, reg
     the architecture has published weights (U2-NetP, U2-Net) and their file is on this machine, else None. ``""``, ``"scratch"``, ``"none"``: None.
     ``"pretrained"`` with an architecture without published weights raises ``ValueError``, and so
     does ``"champion"`` when the registry's champion is another architecture (its weights would not
-    load into a ``model``). Anything else is returned as it is.
+    load into a ``model``; custom channel widths are the caller's to match). Anything else is returned as it is.
     """
     reference = (reference or "").strip()
     key = _architecture_key(model)

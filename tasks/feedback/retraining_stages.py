@@ -122,8 +122,13 @@ def training_request(base_conf: dict[str, Any], bucket: str, dataset_version: st
     ``base_conf`` plus the new dataset version, starting from the champion, fewer epochs; its run id
     from :func:`training_run_id`. The run trains the champion's architecture, input size and loss
     (``champion``: its :func:`tasks.registry.training_recipe`) unless ``base_conf`` sets them. Raises
-    ``ValueError`` when the champion has custom channel widths, which ``bgremoval_training`` cannot set."""
+    ``ValueError`` when the champion has custom channel widths, which ``bgremoval_training`` cannot set,
+    or when ``base_conf`` asks for another architecture than the champion's, whose weights it starts from."""
     champion = champion or {}
+    if base_conf.get("model") and champion.get("model") and base_conf["model"] != champion["model"]:
+        raise ValueError(f"training_conf asks for a {base_conf['model']}, but retraining starts from the champion of "
+                         f"{registered_model!r}, a {champion['model']} (version {champion.get('version')}): "
+                         "leave model out of training_conf, or train the other architecture with bgremoval_training")
     if champion.get("model_widths"):
         raise ValueError(f"the champion of {registered_model!r} (version {champion.get('version')}) has custom channel "
                          f"widths {champion['model_widths']}; bgremoval_training trains the standard widths only: promote a "

@@ -63,8 +63,10 @@ def retraining_params() -> dict[str, Param]:
             propertyNames={"enum": training_param_names()},
             title="Other training parameters",
             description="Passed to bgremoval_training as they are, e.g. {\"workers\": 4, \"iou_gate\": 0.98, "
-            "\"loss\": \"wbce+wiou\"}; each key one of its Params except those this form sets (bucket, dataset_version, "
-            "init_from, epochs, registered_model, working_size). A typo is refused when the run is triggered.",
+            "\"loss\": \"bce+iou\"}; each key one of its Params except those this form sets (bucket, dataset_version, "
+            "init_from, epochs, registered_model, working_size). The champion's model, train_input_size and loss are "
+            "used unless set here (a model other than the champion's is refused: the run starts from its weights). "
+            "A typo is refused when the run is triggered.",
             section=RETRAINING,
         ),
     }

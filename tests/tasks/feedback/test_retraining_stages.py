@@ -58,6 +58,9 @@ def test_the_training_request_trains_the_champions_recipe_unless_told_otherwise(
                                "registered_model": "m", "working_size": 320}
     older = {"version": "2", "model": "u2netp", "input_size": 320, "model_widths": None}  # registered before loss tags
     assert "loss" not in stages.training_request({}, "shop", "v5", 3, "m", 320, "run", older)["conf"]
+    with pytest.raises(ValueError, match="asks for a u2netp, but retraining starts from .* a u2net "):
+        stages.training_request({"model": "u2netp"}, "shop", "v5", 3, "m", 320, "run", champion)
+    assert stages.training_request({"model": "u2net"}, "shop", "v5", 3, "m", 320, "run", champion)["conf"]["model"] == "u2net"
     custom = {**champion, "model_widths": {"encoder": [[3, 8, 8]]}}
     with pytest.raises(ValueError, match="custom channel widths"):  # the training form cannot set them
         stages.training_request({}, "shop", "v5", 3, "m", 320, "run", custom)
