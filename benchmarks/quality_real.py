@@ -237,7 +237,7 @@ class TestRow:
     audit: str  # reasons of the cleaning's mask audit ("" when not flagged)
 
 
-def _test_rows(manifest, split: str = "test") -> list[TestRow]:
+def _split_rows(manifest, split: str = "test") -> list[TestRow]:
     from tasks.core.manifest import audit_excluded
 
     manifest = manifest.assign(audit_flagged_now=audit_excluded(manifest))
@@ -263,7 +263,7 @@ def split_rows(args: argparse.Namespace) -> list[TestRow] | None:
         print(f"{DATA} not here: this benchmark needs ../shared/data", file=sys.stderr)
         return None
     manifest = _prepare(Path(args.work).resolve(), args.sets, 512)["manifest"]
-    return _test_rows(manifest, getattr(args, "split", "test"))
+    return _split_rows(manifest, args.split)
 
 
 class VariantTable:
@@ -688,7 +688,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     dataset = _prepare(work, args.sets, args.working_size)
     excluded = _read_stems(args.exclude_stems)
-    rows = _test_rows(dataset["manifest"])
+    rows = _split_rows(dataset["manifest"])
     if args.max_test is not None:
         from tasks.data.splits import stem_uniform
 

@@ -560,18 +560,24 @@ def _architecture_key(model: str) -> str:
     return "".join(c for c in (model or "").lower() if c not in "-_ ")
 
 
-def _champion_mismatch(name: str, key: str) -> str | None:
-    """Why the champion of ``name`` cannot be the start of a ``key`` model; None when it can."""
-    version = alias_version(name, CHAMPION)
-    if version is None:
-        return "it has none"
-    tags = _client().get_model_version(name, version).tags or {}
-    champion = _architecture_key(tags.get("model", ""))
-    if champion and champion != key:
-        return f"version {version} is a {tags['model']}, this run trains a {key}"
-    if tags.get("model_widths") not in (None, "", "null"):
-        return f"version {version} has custom channel widths {tags['model_widths']}"
+def _other_architecture(recipe: dict[str, Any], key: str) -> str | None:
+    """Why a version of ``recipe`` (:func:`training_recipe`) is not a ``key`` model; None when it is
+    (or does not say)."""
+    trained = _architecture_key(recipe.get("model", ""))
+    if trained and trained != key:
+        return f"version {recipe['version']} is a {recipe['model']}, this run trains a {key}"
     return None
+
+
+def _champion_mismatch(name: str, key: str) -> str | None:
+    """Why the champion of ``name`` cannot be the start of a standard-width ``key`` model; None when it can."""
+    recipe = training_recipe(name)
+    if not recipe:
+        return "it has none"
+    reason = _other_architecture(recipe, key)
+    if reason is None and recipe["model_widths"] is not None:
+        reason = f"version {recipe['version']} has custom channel widths {json.dumps(recipe['model_widths'])}"
+    return reason
 
 
 def choose_start(reference: str, model: str, name: str = DEFAULT_MODEL_NAME, registry: bool = True) -> str | None:
@@ -598,8 +604,9 @@ def choose_start(reference: str, model: str, name: str = DEFAULT_MODEL_NAME, reg
 
         return PRETRAINED if key in PUBLISHED and find_pretrained_onnx(model=key) is not None else None
     if reference == CHAMPION and registry:
-        trained = _architecture_key(training_recipe(name).get("model", ""))
-        if trained and trained != key:
+        recipe = training_recipe(name)
+        if _other_architecture(recipe, key) is not None:
+            trained = _architecture_key(recipe["model"])
             raise ValueError(f"init_from=champion: the champion of {name!r} is a {trained}, this run trains a "
                              f"{key}: set the model to {trained}, or start from pretrained or scratch")
     if reference == PRETRAINED:
